@@ -1,0 +1,11 @@
+"""ring-attn: Triton flash attention, ring attention over torch.distributed, and fused RoPE.
+
+Public API (import from here; nothing else should import from deep paths):
+"""
+from ring_attn._version import __version__
+
+# --- attention op (ops/attention.py)
+# --- ring attention (ring/)
+# --- RoPE (ops/rope.py, rope_scaling.py)
+
+__all__ = ["__version__"]

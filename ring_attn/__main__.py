@@ -1,0 +1,5 @@
+import sys
+
+from ring_attn.cli import main
+
+sys.exit(main())

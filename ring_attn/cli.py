@@ -1,0 +1,38 @@
+"""The ``ring-attn`` console script (also ``python -m ring_attn``).
+
+Each subcommand lives next to the code it exercises and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up, importing a subcommand's module when it is used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("ring_attn.ring.demo", "ring attention over N ranks (gloo on CPU, NCCL on GPUs), checked against one device"),
+    "rope-plan": ("ring_attn.rope_plan", "plan a RoPE context extension: theta rules, YaRN parameters, wavelengths"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ring-attn", description=__doc__.splitlines()[0])
+    from ring_attn import __version__
+
+    parser.add_argument("--version", action="version", version=f"ring-attn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

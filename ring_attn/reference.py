@@ -1,0 +1,174 @@
+"""Plain-torch implementations of every op: the float64 oracle for tests, and the CPU fallback.
+
+Nothing here is fast. Everything here is meant to be obviously right: it follows the contracts of DESIGN.md
+literally (layouts, GQA mapping, bottom-right causal alignment, LSE in natural log, ``lse = -inf`` and output 0
+for a row that sees no key) so the kernels can be checked against it.
+
+Attention section
+-----------------
+Dense tensors: q ``[b, s_q, h_q, d]``, k/v ``[b, s_k, h_kv, d]``. Varlen tensors: ``[t, h, d]`` with
+per-sequence ``starts``/``lens`` (int) along the token dim: sequence ``i`` of q is rows
+``starts_q[i] : starts_q[i] + lens_q[i]`` and attends to rows ``starts_k[i] : starts_k[i] + lens_k[i]`` of k/v.
+``cu_seqlens`` is the special case ``starts = cu[:-1]``, ``lens = cu[1:] - cu[:-1]``.
+Causal: query ``i`` sees key ``j`` when ``j <= i + causal_offset``; ``causal_offset=None`` means
+``s_k - s_q`` (bottom-right alignment, per sequence in varlen).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "forward_fp32",
+    "backward_fp32",
+]
+
+# Rows of queries processed at once by the fp32 CPU fallback, so [rows, s_k] scores stay bounded.
+_FALLBACK_SCORE_ELEMENTS = 1 << 24
+
+
+def _visible_mask(s_q: int, s_k: int, causal: bool, causal_offset: int | None, device) -> torch.Tensor | None:
+    """Bool ``[s_q, s_k]``, True where query i may see key j; None when everything is visible."""
+    if not causal:
+        return None
+    offset = s_k - s_q if causal_offset is None else causal_offset
+    i = torch.arange(s_q, device=device)[:, None]
+    j = torch.arange(s_k, device=device)[None, :]
+    return j <= i + offset
+
+
+def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row0=0, s_q_total=None):
+    """Scores ``[b, h_q, rows, s_k]`` in ``compute_dtype`` (masked entries are -inf).
+
+    ``row0``/``s_q_total`` let a caller pass a slab of query rows while keeping the causal alignment of the
+    whole query sequence.
+    """
+    b, rows, h_q, d = q.shape
+    s_k, h_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    qf = q.to(compute_dtype).transpose(1, 2)  # [b, h_q, rows, d]
+    kf = k.to(compute_dtype).transpose(1, 2)  # [b, h_kv, s_k, d]
+    kf = kf.repeat_interleave(group, dim=1)  # the oracle may repeat; kernels never do
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale
+    s_q = rows if s_q_total is None else s_q_total
+    mask = _visible_mask(s_q, s_k, causal, causal_offset, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask[row0 : row0 + rows], float("-inf"))
+    return s
+
+
+def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64):
+    """Dense attention. Returns ``(out [b, s_q, h_q, d], lse [b, h_q, s_q])``, both in ``compute_dtype``.
+
+    Differentiable with torch autograd (the oracle's gradients come from here). With ``compute_dtype`` equal
+    to the input dtype this is "plain torch in the same low precision", the baseline of the accuracy rule.
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype)
+    m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: detaching m is exact
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    group = q.shape[2] // k.shape[2]
+    vf = v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    out = torch.matmul(p.to(compute_dtype), vf).transpose(1, 2)
+    lse = (torch.log(denom) + m).squeeze(-1)  # log(0) = -inf for rows that see no key
+    return out, lse
+
+
+def _segments(starts, lens):
+    return [(int(a), int(n)) for a, n in zip(starts.tolist(), lens.tolist())]
+
+
+def attention_varlen(q, k, v, starts_q, lens_q, starts_k, lens_k, softmax_scale=None, causal=False,
+                     causal_offset=None, compute_dtype=torch.float64):
+    """Varlen attention on packed ``[t, h, d]`` tensors, one sequence at a time.
+
+    Returns ``(out [t_q, h_q, d], lse [h_q, t_q])`` in ``compute_dtype``; rows of q outside every sequence get
+    0 and -inf.
+    """
+    t_q, h_q, d = q.shape
+    out = q.new_zeros((t_q, h_q, d), dtype=compute_dtype)
+    lse_t = torch.full((t_q, h_q), float("-inf"), dtype=compute_dtype, device=q.device)
+    pieces_out, pieces_lse, rows = [], [], []
+    for (a_q, n_q), (a_k, n_k) in zip(_segments(starts_q, lens_q), _segments(starts_k, lens_k)):
+        if n_q == 0:
+            continue
+        o, l = attention(q[None, a_q : a_q + n_q], k[None, a_k : a_k + n_k], v[None, a_k : a_k + n_k],
+                         softmax_scale, causal, causal_offset, compute_dtype)
+        pieces_out.append(o[0])
+        pieces_lse.append(l[0].transpose(0, 1))
+        rows.append(torch.arange(a_q, a_q + n_q, device=q.device))
+    if rows:  # index_put (not in-place) keeps autograd through the pieces
+        idx = torch.cat(rows)
+        out = out.index_put((idx,), torch.cat(pieces_out))
+        lse_t = lse_t.index_put((idx,), torch.cat(pieces_lse))
+    return out, lse_t.transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU fallback: the same math as the kernels (fp32, final-LSE backward), bounded memory.
+
+
+def _row_chunks(rows: int, s_k: int, heads: int, batch: int):
+    step = max(1, _FALLBACK_SCORE_ELEMENTS // max(1, s_k * heads * batch))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+@torch.no_grad()
+def forward_fp32(q, k, v, softmax_scale, causal, causal_offset):
+    """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``(out, lse)``."""
+    b, s_q, h_q, d = q.shape
+    s_k = k.shape[1]
+    out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
+    offset = s_k - s_q if causal_offset is None else causal_offset
+    group = h_q // k.shape[2]
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
+        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q)
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        e = torch.exp(s - m)
+        denom = e.sum(dim=-1, keepdim=True)
+        out[:, r0:r1] = (torch.matmul(e, vf) / torch.where(denom == 0, 1.0, denom)).transpose(1, 2)
+        lse[:, :, r0:r1] = (torch.log(denom) + m).squeeze(-1)
+    return out, lse
+
+
+@torch.no_grad()
+def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset):
+    """Dense backward from the *final* ``lse`` and ``delta = rowsum(dout * out)`` (both fp32 ``[b, h_q, s_q]``).
+
+    Returns fp32 ``(dq, dk, dv)`` shaped like q, k, v. Rows with ``lse = -inf`` contribute nothing.
+    Formulas: ``P = exp(S·scale − lse)``, ``dV = Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)``,
+    ``dQ = dS K · scale``, ``dK = dSᵀ Q · scale``; GQA sums dK/dV over the query heads of a group.
+    """
+    b, s_q, h_q, d = q.shape
+    s_k, h_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    offset = s_k - s_q if causal_offset is None else causal_offset
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # [b, h_q, s_k, d]
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    dq = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
+    dk_full = torch.zeros((b, h_q, s_k, d), dtype=torch.float32, device=q.device)
+    dv_full = torch.zeros((b, h_q, s_k, d), dtype=torch.float32, device=q.device)
+    safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+    for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
+        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q)
+        p = torch.exp(s - safe_lse[:, :, r0:r1, None])
+        do = dout[:, r0:r1].float().transpose(1, 2)  # [b, h_q, rows, d]
+        dv_full += torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, vf.transpose(-1, -2))
+        ds = p * (dp - delta[:, :, r0:r1, None])
+        dq[:, r0:r1] = (torch.matmul(ds, kf) * softmax_scale).transpose(1, 2)
+        dk_full += torch.matmul(ds.transpose(-1, -2), q[:, r0:r1].float().transpose(1, 2)) * softmax_scale
+    dk = dk_full.view(b, h_kv, group, s_k, d).sum(2).transpose(1, 2)
+    dv = dv_full.view(b, h_kv, group, s_k, d).sum(2).transpose(1, 2)
+    return dq, dk, dv

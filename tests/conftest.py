@@ -1,0 +1,36 @@
+"""Test configuration shared by every test module.
+
+* Without CUDA, Triton kernels run through the interpreter: ``TRITON_INTERPRET=1`` is set here, before any
+  test imports ``ring_attn`` (Triton reads it when kernels are decorated).
+* Hypothesis profiles: ``ci`` (default, bounded so the suite runs in minutes on 2 cores) and ``thorough``;
+  pick one with ``HYPOTHESIS_PROFILE=thorough``.
+* Markers: ``gpu`` tests are skipped without CUDA (one place decides that, below).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough", max_examples=200, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
