@@ -5,7 +5,8 @@ Public API (import from here; nothing else should import from deep paths):
 from ring_attn._version import __version__
 
 # --- attention op (ops/attention.py)
+from ring_attn.ops.attention import flash_attn_func, flash_attn_varlen_func
 # --- ring attention (ring/)
 # --- RoPE (ops/rope.py, rope_scaling.py)
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func"]
