@@ -7,6 +7,10 @@ from ring_attn._version import __version__
 # --- attention op (ops/attention.py)
 from ring_attn.ops.attention import flash_attn_func, flash_attn_varlen_func
 # --- ring attention (ring/)
+from ring_attn.ring import (ring_attn_func, ring_attn_varlen_func, shard, shard_positions, shard_varlen,
+                            unshard, unshard_varlen, varlen_local_cu_seqlens, varlen_positions)
 # --- RoPE (ops/rope.py, rope_scaling.py)
 
-__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func"]
+__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func",
+           "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions", "shard_varlen",
+           "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions"]
