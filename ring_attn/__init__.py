@@ -10,7 +10,10 @@ from ring_attn.ops.attention import flash_attn_func, flash_attn_varlen_func
 from ring_attn.ring import (ring_attn_func, ring_attn_varlen_func, shard, shard_positions, shard_varlen,
                             unshard, unshard_varlen, varlen_local_cu_seqlens, varlen_positions)
 # --- RoPE (ops/rope.py, rope_scaling.py)
+from ring_attn import rope_scaling
+from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
 
 __all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func",
            "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions", "shard_varlen",
            "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions"]
+__all__ += ["apply_rope", "apply_rope_cos_sin", "rope_scaling"]

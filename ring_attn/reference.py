@@ -172,3 +172,82 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
     dk = dk_full.view(b, h_kv, group, s_k, d).sum(2).transpose(1, 2)
     dv = dv_full.view(b, h_kv, group, s_k, d).sum(2).transpose(1, 2)
     return dq, dk, dv
+
+
+# =========================================================================================================
+# RoPE section (oracle for ring_attn/ops/rope.py, and its CPU fallback)
+# =========================================================================================================
+# q ``[b, s, h, d]`` or packed ``[t, h, d]``; positions ``[s]``, ``[b, s]`` (``[1, s]`` broadcasts) or ``[t]``;
+# ``inv_freq`` ``[r / 2]`` for rotary dim ``r``. Pair ``i`` of a head is ``(x[i], x[i + r/2])`` (half-split,
+# HF / GPT-NeoX) or ``(x[2i], x[2i + 1])`` (interleaved, GPT-J / Meta); it rotates by the angle
+# ``position * inv_freq[i]``: ``y1 = a (x1 cos - x2 sin)``, ``y2 = a (x2 cos + x1 sin)`` with ``a`` the
+# attention scaling. Dims ``r .. d-1`` pass through unchanged.
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Angles ``positions[..., None] * inv_freq`` formed in float64 (exact for integer positions below 2^29
+    and float32 ``inv_freq``). Differentiable with respect to ``inv_freq``."""
+    return positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+
+
+def rope_pairs(x: torch.Tensor, rotary_dim: int, interleaved: bool):
+    """``(x1, x2, x_pass)``: the two members of every rotating pair ``[..., r/2]`` and the pass-through dims."""
+    rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        return rot[..., 0::2], rot[..., 1::2], x_pass
+    return rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :], x_pass
+
+
+def rope_unpairs(y1: torch.Tensor, y2: torch.Tensor, x_pass: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Inverse of :func:`rope_pairs`."""
+    y = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+    return torch.cat((y, x_pass.to(y.dtype)), dim=-1)
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
+                compute_dtype=torch.float64) -> torch.Tensor:
+    """Rotate every pair of ``x`` by the angle whose (scaled) cos/sin are given, ``[..., r/2]`` broadcastable
+    against ``x[..., :r/2]``. Math in ``compute_dtype``; result in ``compute_dtype``."""
+    x1, x2, x_pass = rope_pairs(x.to(compute_dtype), rotary_dim, interleaved)
+    cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
+    return rope_unpairs(x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass, interleaved)
+
+
+def rope(q, k, positions, inv_freq, attention_scaling=1.0, interleaved=False, rotary_dim=None,
+         compute_dtype=torch.float64):
+    """RoPE on q and k. Returns ``(q_rot, k_rot)`` in ``compute_dtype``.
+
+    Angles are formed in float64 and cos/sin taken in float64 (torch's float64 sin/cos reduce large arguments
+    accurately), then rounded to ``compute_dtype``: with ``compute_dtype=float64`` this is the oracle; with
+    ``float32`` it is the CPU fallback of ``ops/rope.py``. Differentiable (also with respect to ``inv_freq``).
+    """
+    rotary_dim = 2 * inv_freq.shape[-1] if rotary_dim is None else rotary_dim
+    ang = rope_angles(positions, inv_freq)[..., None, :]  # [(b,) s, 1, r/2]
+    cos, sin = torch.cos(ang) * attention_scaling, torch.sin(ang) * attention_scaling
+    return (rope_rotate(q, cos, sin, rotary_dim, interleaved, compute_dtype),
+            rope_rotate(k, cos, sin, rotary_dim, interleaved, compute_dtype))
+
+
+def rope_table(positions, inv_freq, attention_scaling=1.0, dtype=torch.float32):
+    """HF-style cos/sin tables ``[..., r]`` (angles in float32, halves duplicated), rounded to ``dtype``: what
+    peers read, and the plain-torch baseline of the accuracy rule."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def rope_cos_sin(q, k, cos, sin, unsqueeze_dim=1, compute_dtype=None):
+    """HF's ``apply_rotary_pos_emb`` (half-split, tables ``[b, s, r]`` covering the first ``r`` dims; the rest
+    pass through), with math in ``compute_dtype`` (default: the promoted dtype of q and cos, as HF)."""
+    compute_dtype = compute_dtype or torch.promote_types(q.dtype, cos.dtype)
+    cos = cos.unsqueeze(unsqueeze_dim).to(compute_dtype)
+    sin = sin.unsqueeze(unsqueeze_dim).to(compute_dtype)
+    r = cos.shape[-1]
+
+    def one(x):
+        x = x.to(compute_dtype)
+        rot, x_pass = x[..., :r], x[..., r:]
+        half = torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), dim=-1)
+        return torch.cat((rot * cos + half * sin, x_pass), dim=-1)
+
+    return one(q), one(k)

@@ -1,0 +1,452 @@
+"""apply_rope / apply_rope_cos_sin: oracle properties, HF equality, sharding, angle accuracy, in-place, errors.
+
+CPU runs the Triton kernel under TRITON_INTERPRET=1 (set by conftest), so shapes here are small.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from accuracy import BACKWARD, FORWARD, assert_within_rule, max_err
+from ring_attn import backend, reference, rope_scaling
+from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
+
+LOW = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def rope_case(draw, dtypes=tuple(LOW)):
+    packed = draw(st.booleans())
+    b = 1 if packed else draw(st.integers(1, 2))
+    s = draw(st.integers(1, 7))
+    hq = draw(st.integers(1, 4))
+    hk = draw(st.sampled_from([1, hq]))
+    d = draw(st.sampled_from([2, 6, 8, 16, 24]))
+    rotary_dim = draw(st.sampled_from(sorted({d, max(2, (d // 2) & ~1)})))
+    dtype = draw(st.sampled_from(dtypes))
+    interleaved = draw(st.booleans())
+    pos_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
+    pos_kind = "t" if packed else draw(st.sampled_from(["s", "bs", "1s"]))
+    max_pos = draw(st.sampled_from([8, 4096, 2**24]))
+    theta = draw(st.sampled_from([1e4, 5e5, 1e6, 2.8e8]))
+    scaling = draw(st.sampled_from([1.0, 1.25, 0.8]))
+    strided = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+
+    def make(h):
+        if strided:  # a view with a padded head dim and heads-major storage (non-contiguous, last dim stride 1)
+            base = torch.randn((b * s, h, d + 2) if packed else (b, h, s, d + 2), generator=g)
+            x = base[..., :d] if packed else base[..., :d].transpose(1, 2)
+        else:
+            x = torch.randn((b * s, h, d) if packed else (b, s, h, d), generator=g)
+        return x.to(dtype) if not strided else x.to(dtype)  # .to keeps the strides of a non-contiguous view
+
+    q, k = make(hq), make(hk)
+    shape = {"t": (b * s,), "s": (s,), "bs": (b, s), "1s": (1, s)}[pos_kind]
+    positions = torch.randint(0, max_pos, shape, generator=g, dtype=torch.int64).to(pos_dtype)
+    inv_freq, _ = rope_scaling.rope_parameters("default", rotary_dim, theta)
+    return dict(q=q, k=k, positions=positions, inv_freq=inv_freq, attention_scaling=scaling,
+                interleaved=interleaved, rotary_dim=rotary_dim)
+
+
+def _oracle(c, dtype=torch.float64):
+    return reference.rope(c["q"], c["k"], c["positions"], c["inv_freq"], c["attention_scaling"], c["interleaved"],
+                          c["rotary_dim"], compute_dtype=dtype)
+
+
+@given(rope_case())
+def test_forward_matches_oracle(c):
+    q_rot, k_rot = apply_rope(**c)
+    want_q, want_k = _oracle(c)
+    base_q, base_k = _oracle(c, c["q"].dtype)  # plain torch in the same low precision (exact angles)
+    dtype = c["q"].dtype
+    assert q_rot.dtype == dtype and k_rot.dtype == dtype
+    assert_within_rule("q", q_rot, want_q, base_q, dtype, FORWARD)
+    assert_within_rule("k", k_rot, want_k, base_k, dtype, FORWARD)
+    # pass-through dims are copied bit for bit
+    r = c["rotary_dim"]
+    assert torch.equal(q_rot[..., r:], c["q"][..., r:]) and torch.equal(k_rot[..., r:], c["k"][..., r:])
+
+
+@given(rope_case(), st.booleans())
+def test_backward_matches_oracle(c, learn_freq):
+    dtype = c["q"].dtype
+    q = c["q"].detach().requires_grad_()
+    k = c["k"].detach().requires_grad_()
+    inv = c["inv_freq"].detach().clone().requires_grad_(learn_freq)
+    args = {**c, "q": q, "k": k, "inv_freq": inv}
+    q_rot, k_rot = apply_rope(**args)
+    g = torch.Generator().manual_seed(1)
+    gq = torch.randn(q_rot.shape, generator=g).to(dtype)
+    gk = torch.randn(k_rot.shape, generator=g).to(dtype)
+    inputs = [q, k] + ([inv] if learn_freq else [])
+    got = torch.autograd.grad((q_rot, k_rot), inputs, (gq, gk))
+
+    def ref_grads(compute):
+        xs = [t.detach().to(torch.float64 if compute == torch.float64 else t.dtype).requires_grad_() for t in inputs]
+        a = {**c, "q": xs[0], "k": xs[1], "inv_freq": xs[2] if learn_freq else c["inv_freq"]}
+        out = reference.rope(a["q"], a["k"], a["positions"], a["inv_freq"], a["attention_scaling"], a["interleaved"],
+                             a["rotary_dim"], compute_dtype=compute)
+        return torch.autograd.grad(out, xs, (gq.to(compute), gk.to(compute)))
+
+    want, base = ref_grads(torch.float64), ref_grads(dtype)
+    for name, a, w, bl in zip(["dq", "dk", "dinv_freq"], got, want, base):
+        if name == "dinv_freq":
+            # dL/dinv_freq = sum over tokens of position * dL/dangle: relative to sum |position * dL/dangle|
+            pos_scale = float(c["positions"].abs().max()) * (q.numel() + k.numel()) * 8
+            assert max_err(a, w) <= 3 * max_err(bl, w) + 1e-6 * max(pos_scale, 1.0), name
+        else:
+            assert_within_rule(name, a, w, bl, dtype, BACKWARD)
+
+
+@pytest.mark.parametrize("interleaved,rotary_dim,packed", [(False, 6, False), (True, 8, True)])
+def test_gradcheck_float64_kernel(interleaved, rotary_dim, packed):
+    """float64 storage runs the kernel with float64 math: gradcheck q, k and the learnable inv_freq."""
+    assert backend.select(torch.device("cpu")) == "triton"  # the kernel path (interpreter), not the fallback
+    g = torch.Generator().manual_seed(0)
+    shape_q, shape_k = ((3, 2, 8), (3, 1, 8)) if packed else ((1, 3, 2, 8), (1, 3, 1, 8))
+    q = torch.randn(shape_q, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(shape_k, generator=g, dtype=torch.float64, requires_grad=True)
+    inv = rope_scaling.rope_parameters("default", rotary_dim, 1e4)[0].double().requires_grad_()
+    pos = torch.tensor([0, 7, 1000])
+    fn = lambda q, k, inv: apply_rope(q, k, pos, inv, 1.1, interleaved, rotary_dim)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, inv), fast_mode=True)
+
+
+def test_reference_backend_gradcheck_and_agreement():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    inv = rope_scaling.rope_parameters("default", 8, 1e4)[0].double().requires_grad_()
+    pos = torch.tensor([[0, 5, 9], [100, 2, 3]])
+    with backend.force("reference"):
+        assert torch.autograd.gradcheck(lambda q, k, inv: apply_rope(q, k, pos, inv, 0.9, True), (q, k, inv))
+        ref = apply_rope(q.float(), k.float(), pos, inv.float(), 0.9, True)
+    ker = apply_rope(q.float(), k.float(), pos, inv.float(), 0.9, True)
+    for a, b in zip(ref, ker):
+        assert (a - b).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Angle accuracy
+
+
+@pytest.mark.parametrize("theta", [1e4, 5e5, 2.8e8])
+def test_angle_accuracy_near_2_pow_24(theta):
+    """Rotating the unit vector (1, 0) gives (cos, sin) of the angle: compare it with float64 at positions near 2^24."""
+    d = 128
+    inv, _ = rope_scaling.rope_parameters("default", d, theta)
+    inv = torch.cat([inv[:-1], torch.tensor([1.0])])  # include inv_freq = 1 (angle ~1.7e7 rad)
+    pos = torch.tensor([2**24 - 1, 2**24 - 2, 2**24 - 1000, 2**23 + 12345, 16_000_000, 0], dtype=torch.int32)
+    q = torch.zeros(1, pos.numel(), 1, d)
+    q[..., : d // 2] = 1.0  # x1 = 1, x2 = 0 for every pair
+    q_rot, _ = apply_rope(q, q.clone(), pos, inv)
+    got = torch.atan2(q_rot[0, :, 0, d // 2 :].double(), q_rot[0, :, 0, : d // 2].double())
+    exact = pos.double()[:, None] * inv.double()
+    err = torch.remainder(got - exact + math.pi, 2 * math.pi) - math.pi
+    assert err.abs().max().item() < 1e-6, err.abs().max().item()
+    # the naive float32 product (what fp32 cos/sin tables are built from) is far off: the test has teeth
+    naive = pos.float()[:, None] * inv
+    naive_err = torch.remainder(naive.double() - exact + math.pi, 2 * math.pi) - math.pi
+    assert naive_err.abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding: rotate-then-shard == shard-then-rotate (global positions)
+
+
+def _layout_index(layout: str, S: int, W: int, r: int) -> torch.Tensor:
+    if layout == "contiguous":
+        n = S // W
+        return torch.arange(r * n, (r + 1) * n)
+    if layout == "zigzag":
+        n = S // (2 * W)
+        return torch.cat([torch.arange(r * n, (r + 1) * n), torch.arange((2 * W - 1 - r) * n, (2 * W - r) * n)])
+    if layout == "striped":
+        return torch.arange(r, S, W)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_positions_equal_sharded_output(layout, world):
+    S = 2 * world * 2
+    g = torch.Generator().manual_seed(world)
+    q = torch.randn(2, S, 3, 16, generator=g).to(torch.float16)
+    k = torch.randn(2, S, 1, 16, generator=g).to(torch.float16)
+    offset = 2**20  # a later window of a long document
+    positions = torch.arange(S) + offset
+    inv, scale = rope_scaling.rope_parameters("yarn", 16, 5e5, factor=8.0, original_max_position_embeddings=1024)
+    full_q, full_k = apply_rope(q, k, positions, inv, scale)
+    seen = []
+    for r in range(world):
+        idx = _layout_index(layout, S, world, r)
+        seen.append(idx)
+        q_r, k_r = apply_rope(q[:, idx], k[:, idx], positions[idx], inv, scale)
+        assert torch.equal(q_r, full_q[:, idx]) and torch.equal(k_r, full_k[:, idx])
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(S))  # the layout covers every token
+
+
+def test_packed_sequences_equal_per_sequence():
+    g = torch.Generator().manual_seed(5)
+    lens = [3, 1, 4]
+    t = sum(lens)
+    q = torch.randn(t, 2, 8, generator=g)
+    k = torch.randn(t, 1, 8, generator=g)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(torch.int32)
+    inv, _ = rope_scaling.rope_parameters("default", 8, 1e4)
+    pq, pk = apply_rope(q, k, positions, inv, interleaved=True)
+    start = 0
+    for n in lens:
+        sq, sk = apply_rope(q[None, start : start + n], k[None, start : start + n], torch.arange(n), inv,
+                            interleaved=True)
+        assert torch.equal(sq[0], pq[start : start + n]) and torch.equal(sk[0], pk[start : start + n])
+        start += n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In place
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_inplace_leaves_no_stale_data(interleaved):
+    g = torch.Generator().manual_seed(7)
+    b, s, hq, hk, d = 2, 5, 4, 2, 16
+    qkv = torch.randn(b, s, hq + 2 * hk, d, generator=g)  # fused projection output; q, k are views
+    before = qkv.clone()
+    q, k = qkv[:, :, :hq], qkv[:, :, hq : hq + hk]
+    positions = torch.randint(0, 10_000, (b, s), generator=g)
+    inv, _ = rope_scaling.rope_parameters("default", 12, 1e6)  # partial: 12 of 16 dims rotate
+    want_q, want_k = apply_rope(q.clone(), k.clone(), positions, inv, 1.1, interleaved)
+    out_q, out_k = apply_rope(q, k, positions, inv, 1.1, interleaved, inplace=True)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    assert torch.equal(qkv[:, :, :hq], want_q) and torch.equal(qkv[:, :, hq : hq + hk], want_k)
+    assert torch.equal(qkv[:, :, hq + hk :], before[:, :, hq + hk :])  # v untouched
+    assert torch.equal(qkv[..., 12:], before[..., 12:])  # pass-through dims untouched
+    assert not torch.equal(qkv[:, :, :hq, :12], before[:, :, :hq, :12])  # and the rotation really happened
+
+
+def test_inplace_autograd_matches_out_of_place():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 4, 3, 8, generator=g, requires_grad=True)
+    y = torch.randn(1, 4, 1, 8, generator=g, requires_grad=True)
+    inv = rope_scaling.rope_parameters("default", 8, 1e4)[0].requires_grad_()
+    pos = torch.arange(4) * 1000
+    grads = []
+    for inplace in (False, True):
+        q, k = x * 1.0, y * 1.0  # non-leaf, so in place is legal
+        qo, ko = apply_rope(q, k, pos, inv, inplace=inplace)
+        (qo.square().sum() + (ko * 3).sum()).backward()
+        grads.append([t.grad.clone() for t in (x, y, inv)])
+        for t in (x, y, inv):
+            t.grad = None
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Equality with HF's LlamaRotaryEmbedding + apply_rotary_pos_emb for every rope type
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+
+HF_TYPES = {
+    "default": {"rope_type": "default", "rope_theta": 500000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0, "original_max_position_embeddings": 64},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                 "long_factor": [1.0 + 0.5 * i for i in range(8)], "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(HF_TYPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equals_hf_llama(rope_type, dtype):
+    """HF path: fp32 angles -> cos/sin tables in the model dtype -> apply_rotary_pos_emb. Positions past the
+    original length exercise dynamic/longrope's own updates; ours reads the same config via from_hf_config."""
+    d, hq, hk, s = 16, 2, 1, 6
+    config = LlamaConfig(hidden_size=d * hq, num_attention_heads=hq, num_key_value_heads=hk, head_dim=d,
+                         max_position_embeddings=128, rope_parameters=dict(HF_TYPES[rope_type]))
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, s, hq, d, generator=g).to(dtype)
+    k = torch.randn(1, s, hk, d, generator=g).to(dtype)
+    position_ids = torch.tensor([[0, 1, 2, 60, 150, 200]])
+    rotary = LlamaRotaryEmbedding(config)
+    cos, sin = rotary(q, position_ids)
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    hf_q, hf_k = hf_q.transpose(1, 2), hf_k.transpose(1, 2)
+
+    seq_len = int(position_ids.max()) + 1
+    inv, scale = rope_scaling.from_hf_config(config, seq_len=seq_len)
+    assert torch.allclose(inv, rotary.inv_freq)  # same frequencies as HF's module after its dynamic update
+    assert scale == pytest.approx(rotary.attention_scaling)
+    q_rot, k_rot = apply_rope(q, k, position_ids, inv, scale)
+    oq, ok = reference.rope(q, k, position_ids, inv, scale)
+    if dtype == torch.float32:  # small positions: HF's fp32 angles are good to ~1e-5 here
+        torch.testing.assert_close(q_rot, hf_q, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(k_rot, hf_k, atol=2e-5, rtol=1e-5)
+    # and never worse than HF against the float64 oracle (HF is the "plain torch" baseline of the rule)
+    assert_within_rule("q vs hf", q_rot, oq, hf_q, dtype, FORWARD)
+    assert_within_rule("k vs hf", k_rot, ok, hf_k, dtype, FORWARD)
+
+    # drop-in: apply_rope_cos_sin reads HF's tables; forward and backward against apply_rotary_pos_emb
+    qh = q.transpose(1, 2).detach().requires_grad_()
+    kh = k.transpose(1, 2).detach().requires_grad_()
+    dq, dk = apply_rope_cos_sin(qh, kh, cos, sin)
+    q2, k2 = qh.detach().clone().requires_grad_(), kh.detach().clone().requires_grad_()
+    rq, rk = apply_rotary_pos_emb(q2, k2, cos, sin)
+    assert dq.shape == rq.shape and dq.dtype == rq.dtype
+    gq = torch.randn(rq.shape, generator=g).to(dtype)
+    gk = torch.randn(rk.shape, generator=g).to(dtype)
+    (dq * gq).sum().add((dk * gk).sum()).backward()
+    (rq * gq).sum().add((rk * gk).sum()).backward()
+    if dtype == torch.float32:
+        for a, b in ((dq, rq), (dk, rk), (qh.grad, q2.grad), (kh.grad, k2.grad)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    else:  # HF rounds each product to bf16; ours rounds once: compare both to fp64 math on the same tables
+        cq, ck = reference.rope_cos_sin(q.transpose(1, 2), k.transpose(1, 2), cos, sin,
+                                        compute_dtype=torch.float64)
+        assert_within_rule("q table", dq, cq, rq, dtype, FORWARD)
+        assert_within_rule("k table", dk, ck, rk, dtype, FORWARD)
+
+
+def test_cos_sin_layouts_and_fallback():
+    g = torch.Generator().manual_seed(12)
+    b, s, h, d = 2, 5, 3, 8
+    q = torch.randn(b, s, h, d, generator=g)
+    k = torch.randn(b, s, 1, d, generator=g)
+    pos = torch.arange(s)[None].expand(b, s)
+    cos, sin = reference.rope_table(pos, rope_scaling.rope_parameters("default", 6, 1e4)[0])  # partial: r=6
+    got = apply_rope_cos_sin(q, k, cos, sin, unsqueeze_dim=2)  # [b, s, h, d] layout
+    want = reference.rope_cos_sin(q, k, cos, sin, unsqueeze_dim=2)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=1e-6, rtol=1e-6)
+    # tables that need grad take HF's formula in torch (exact autograd)
+    cos_g = cos.clone().requires_grad_()
+    qo, _ = apply_rope_cos_sin(q, k, cos_g, sin, unsqueeze_dim=2)
+    qo.sum().backward()
+    assert cos_g.grad is not None and cos_g.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: clear errors before launch
+
+
+def _ok():
+    return dict(q=torch.randn(2, 4, 2, 8), k=torch.randn(2, 4, 1, 8), positions=torch.arange(4),
+                inv_freq=rope_scaling.rope_parameters("default", 8, 1e4)[0])
+
+
+@pytest.mark.parametrize("change,exc,needle", [
+    (dict(rotary_dim=7), ValueError, "even"),
+    (dict(rotary_dim=0), ValueError, "even"),
+    (dict(rotary_dim=10, inv_freq=torch.ones(5)), ValueError, "larger than the head dim"),
+    (dict(rotary_dim=6), ValueError, "expected [3]"),
+    (dict(positions=torch.arange(5)), ValueError, "expected [4], [2, 4] or [1, 4]"),
+    (dict(positions=torch.zeros(3, 4, dtype=torch.long)), ValueError, "positions have shape (3, 4)"),
+    (dict(positions=torch.tensor([0, 1, -2, 3])), ValueError, "must be >= 0"),
+    (dict(positions=torch.arange(4.0)), TypeError, "int32 or int64"),
+    (dict(k=torch.randn(2, 4, 1, 8, dtype=torch.float64)), TypeError, "dtypes differ"),
+    (dict(q=torch.randint(0, 3, (2, 4, 2, 8))), TypeError, "dtype torch.int64"),
+    (dict(k=torch.randn(2, 5, 1, 8)), ValueError, "must agree"),
+    (dict(k=torch.randn(2, 4, 1, 10)), ValueError, "must agree"),
+    (dict(inv_freq=torch.ones(4, dtype=torch.float16)), TypeError, "inv_freq has dtype"),
+    (dict(inv_freq=torch.ones(2, 2)), ValueError, "inv_freq has shape"),
+    (dict(q=torch.randn(8, 2)), ValueError, "expected [b, s, h, d] or packed [t, h, d]"),
+    (dict(positions=torch.arange(4), device="meta"), ValueError, "meta"),
+])
+def test_bad_input(change, exc, needle):
+    args = _ok()
+    device = change.pop("device", None)
+    args.update(change)
+    if device is not None:
+        args["inv_freq"] = args["inv_freq"].to(device)
+    with pytest.raises(exc) as info:
+        apply_rope(**args)
+    assert needle in str(info.value), str(info.value)
+
+
+def test_packed_positions_shape_error():
+    with pytest.raises(ValueError, match=r"expected \[6\]"):
+        apply_rope(torch.randn(6, 2, 8), torch.randn(6, 1, 8), torch.arange(6)[None], torch.ones(4))
+
+
+def test_negative_positions_detected_after_in_place_edit():
+    args = _ok()
+    apply_rope(**args)  # checked once and remembered
+    args["positions"][1] = -5  # bumps the tensor's version: checked again
+    with pytest.raises(ValueError, match=">= 0"):
+        apply_rope(**args)
+
+
+def test_cos_sin_bad_tables():
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    cos = torch.ones(1, 5, 8)
+    with pytest.raises(ValueError, match="cos/sin have shape"):
+        apply_rope_cos_sin(q, k, cos, cos)
+    with pytest.raises(ValueError, match="same shape"):
+        apply_rope_cos_sin(q, k, torch.ones(1, 4, 8), torch.ones(1, 4, 6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark smoke (keeps benchmarks/bench_rope.py from rotting) and GPU checks
+
+
+def test_bench_rope_smoke(tmp_path, monkeypatch, capsys):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    monkeypatch.syspath_prepend(root)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    sys.modules.pop("benchmarks.bench_rope", None)
+    import benchmarks.bench_rope as bench
+
+    rows = bench.main(["--device", "cpu", "--small", "--skip", "compile"])
+    names = {r["impl"] for r in rows}
+    assert {"ring_attn", "hf_eager", "copy"} <= names
+    assert all(r["ms"] > 0 for r in rows)
+    assert (tmp_path / "bench_rope.csv").exists()
+    assert "share_of_copy" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_kernel_against_oracle(dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1024, 32, 128, generator=g).to(dtype)
+    k = torch.randn(2, 1024, 8, 128, generator=g).to(dtype)
+    positions = torch.randint(0, 2**24, (2, 1024), generator=g)
+    inv, scale = rope_scaling.rope_parameters("yarn", 128, 5e5, factor=32.0, original_max_position_embeddings=8192)
+    for interleaved in (False, True):
+        got = apply_rope(q.cuda(), k.cuda(), positions.cuda(), inv.cuda(), scale, interleaved)
+        want = reference.rope(q, k, positions, inv, scale, interleaved)
+        base = reference.rope(q, k, positions, inv, scale, interleaved, compute_dtype=dtype)
+        for name, a, w, b in zip("qk", got, want, base):
+            assert_within_rule(name, a.cpu(), w, b, dtype, FORWARD)
+    # backward with learnable frequencies
+    qc, kc = q.cuda().requires_grad_(), k.cuda().requires_grad_()
+    invc = inv.cuda().requires_grad_()
+    out = apply_rope(qc, kc, positions.cuda(), invc, scale)
+    sum(o.float().square().sum() for o in out).backward()
+    assert torch.isfinite(invc.grad).all() and torch.isfinite(qc.grad.float()).all()
+
+
+@pytest.mark.gpu
+def test_gpu_angle_accuracy():
+    d = 128
+    inv, _ = rope_scaling.rope_parameters("default", d, 5e5)
+    pos = torch.arange(2**24 - 4096, 2**24, dtype=torch.int32)
+    q = torch.zeros(1, pos.numel(), 1, d)
+    q[..., : d // 2] = 1.0
+    q_rot, _ = apply_rope(q.cuda(), q.cuda(), pos.cuda(), inv.cuda())
+    q_rot = q_rot.cpu()
+    got = torch.atan2(q_rot[0, :, 0, d // 2 :].double(), q_rot[0, :, 0, : d // 2].double())
+    exact = pos.double()[:, None] * inv.double()
+    err = torch.remainder(got - exact + math.pi, 2 * math.pi) - math.pi
+    assert err.abs().max().item() < 1e-6
