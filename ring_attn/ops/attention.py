@@ -569,6 +569,12 @@ def _as3d_lse(x):
     return x if x.dim() == 3 else x.unsqueeze(0)
 
 
+def _strides(x, varlen: bool):
+    """Strides of all but the last dim; the batch stride is 0 for packed tensors, whose "batch" index is
+    the sequence number and whose rows are addressed through VarlenSeqs starts."""
+    return (0 if varlen else x.stride(0),) + tuple(x.stride()[1:-1])
+
+
 def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -590,11 +596,10 @@ def _triton_forward(q, k, v, out, lse, softmax_scale, causal, causal_offset, seq
         return
     kern = _kernels()
     grid = lambda meta: (kern["triton"].cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
+    vl = seqs is not None
     kern["fwd"][grid](
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
-        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
-        v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
-        l3.stride(0), l3.stride(1),
+        *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
         HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal), VARLEN=seqs is not None,
         BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype),
@@ -639,14 +644,13 @@ def _triton_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causa
                   num_stages=blocks["num_stages"])
     offset = 0 if causal_offset is None else int(causal_offset)
     seq = _seq_args(seqs, q)
+    vl = seqs is not None
     if max_k > 0:
         block_m, block_n = blocks["dkdv"]
         kern["dkdv"][(cdiv(max_k, block_n), n_batch * h_kv)](
             q4, k4, v4, do4, l3, d3, dk4, dv4, *seq,
-            q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
-            v4.stride(0), v4.stride(1), v4.stride(2), do4.stride(0), do4.stride(1), do4.stride(2),
-            dk4.stride(0), dk4.stride(1), dk4.stride(2), dv4.stride(0), dv4.stride(1), dv4.stride(2),
-            l3.stride(0), l3.stride(1),
+            *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),
+            *_strides(dv4, vl), *_strides(l3, vl),
             s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )
@@ -654,9 +658,8 @@ def _triton_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causa
         block_m, block_n = blocks["dq"]
         kern["dq"][(cdiv(max_q, block_m), n_batch * h_q)](
             q4, k4, v4, do4, l3, d3, dq4, *seq,
-            q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
-            v4.stride(0), v4.stride(1), v4.stride(2), do4.stride(0), do4.stride(1), do4.stride(2),
-            dq4.stride(0), dq4.stride(1), dq4.stride(2), l3.stride(0), l3.stride(1),
+            *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dq4, vl),
+            *_strides(l3, vl),
             s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )
@@ -779,7 +782,9 @@ def attention_delta(dout, out, dlse=None):
     if out.stride(-1) != 1:
         out = out.contiguous()
     run = _triton_delta if _backend.select(out.device) == "triton" else _reference_delta
-    run(dout, out, delta, None if dlse is None else dlse.float())
+    if dlse is not None:  # an upstream gradient may be an expanded (stride-0) view; kernels need unit stride
+        dlse = dlse.float().contiguous()
+    run(dout, out, delta, dlse)
     return delta
 
 
@@ -804,6 +809,7 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
         if g.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {g.stride()}")
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    lse, delta = (x if x.stride(-1) == 1 else x.contiguous() for x in (lse, delta))
     run = _triton_backward if _backend.select(q.device) == "triton" else _reference_backward
     run(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs, accumulate)
 

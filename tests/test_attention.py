@@ -1,0 +1,387 @@
+"""flash_attn_func / flash_attn_varlen_func and the block-level API against the float64 oracle.
+
+On CPU the Triton kernels run through the interpreter (conftest sets TRITON_INTERPRET=1), so shapes are small;
+block sizes there are 16, so lengths up to ~70 cross several blocks, ragged ends and the causal diagonal.
+bf16 is covered by the GPU tests at the bottom (the interpreter's bf16 tl.dot is broken, see DESIGN.md).
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ring_attn
+from ring_attn import backend, reference
+from ring_attn.ops.attention import (
+    VarlenSeqs,
+    attention_block_backward,
+    attention_block_forward,
+    attention_delta,
+)
+from accuracy import BACKWARD, FORWARD, assert_within_rule
+
+CPU_DTYPES = [torch.float32, torch.float16]
+HEAD_DIMS = [8, 16, 40, 64, 80, 96, 128]
+
+
+def _qkv(b, s_q, s_k, h_q, h_kv, d, dtype, device="cpu", fused=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if fused:  # views of one [b, s, h_q + 2 h_kv, d] projection: strided heads, contiguous last dim
+        assert s_q == s_k
+        qkv = torch.randn(b, s_q, h_q + 2 * h_kv, d, generator=g).to(device=device, dtype=dtype)
+        q, k, v = qkv.split([h_q, h_kv, h_kv], dim=2)
+    else:
+        q = torch.randn(b, s_q, h_q, d, generator=g).to(device=device, dtype=dtype)
+        k = torch.randn(b, s_k, h_kv, d, generator=g).to(device=device, dtype=dtype)
+        v = torch.randn(b, s_k, h_kv, d, generator=g).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def _check_against_oracle(q, k, v, causal, softmax_scale=None, use_lse_grad=False):
+    """Run the op with autograd and compare out, lse and all grads with the rule of DESIGN.md."""
+    dtype = q.dtype
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, lse = ring_attn.flash_attn_func(qs, ks, vs, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(out.device, dtype)
+    dlse = torch.randn(lse.shape, generator=g).to(lse.device) if use_lse_grad else None
+    loss = (out.float() * dout.float()).sum() + ((lse.masked_fill(torch.isinf(lse), 0) * dlse).sum() if
+                                                  use_lse_grad else 0.0)
+    loss.backward()
+
+    results = {}
+    for name, cdt in (("oracle", torch.float64), ("baseline", dtype)):
+        qr, kr, vr = (x.detach().cpu().to(cdt).requires_grad_() for x in (q, k, v))
+        o, l = reference.attention(qr, kr, vr, softmax_scale, causal, compute_dtype=cdt)
+        ref_loss = (o.double() * dout.double().cpu()).sum()
+        if use_lse_grad:
+            ref_loss = ref_loss + (l.double().masked_fill(torch.isinf(l), 0) * dlse.double().cpu()).sum()
+        ref_loss.backward()
+        results[name] = (o.to(dtype), l, qr.grad, kr.grad, vr.grad)
+    oracle, baseline = results["oracle"], results["baseline"]
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert torch.equal(torch.isinf(lse).cpu(), torch.isinf(oracle[1])), "rows with no visible key differ"
+    assert_within_rule("out", out, oracle[0], baseline[0], dtype, FORWARD)
+    finite = ~torch.isinf(oracle[1])
+    assert_within_rule("lse", lse.cpu()[finite], oracle[1][finite], baseline[1].float()[finite], dtype, FORWARD)
+    for name, got, o_g, b_g in zip(("dq", "dk", "dv"), (qs.grad, ks.grad, vs.grad), oracle[2:], baseline[2:]):
+        assert got.dtype == dtype
+        assert_within_rule(name, got, o_g, b_g, dtype, BACKWARD)
+
+
+@given(
+    b=st.integers(1, 2),
+    s_q=st.integers(1, 70),
+    s_k=st.integers(1, 70),
+    h_kv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4, 8]),
+    d=st.sampled_from(HEAD_DIMS),
+    causal=st.booleans(),
+    dtype=st.sampled_from(CPU_DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_matches_oracle(b, s_q, s_k, h_kv, group, d, causal, dtype, seed):
+    h_q = h_kv * group
+    if h_q * b * max(s_q, s_k) * d > 70 * 8 * 128:  # keep each interpreted example around a second
+        h_kv, h_q = 1, group
+    _check_against_oracle(*_qkv(b, s_q, s_k, h_q, h_kv, d, dtype, seed=seed), causal)
+
+
+@given(s=st.integers(1, 50), group=st.sampled_from([1, 2, 4]), d=st.sampled_from([16, 64, 80]),
+       causal=st.booleans(), dtype=st.sampled_from(CPU_DTYPES))
+def test_strided_fused_qkv_views(s, group, d, causal, dtype):
+    q, k, v = _qkv(2, s, s, 2 * group, 2, d, dtype, fused=True)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    _check_against_oracle(q, k, v, causal)
+
+
+def test_head_dim_256_and_custom_scale():
+    _check_against_oracle(*_qkv(1, 23, 31, 2, 1, 256, torch.float32), causal=True, softmax_scale=0.3)
+
+
+def test_last_dim_not_contiguous_is_accepted():
+    q, k, v = _qkv(1, 20, 20, 2, 2, 32, torch.float32)
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) != 1
+    assert qt.stride(-1) != 1
+    torch.testing.assert_close(ring_attn.flash_attn_func(qt, k, v, causal=True),
+                               ring_attn.flash_attn_func(q, k, v, causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_lse_is_differentiable(dtype):
+    _check_against_oracle(*_qkv(2, 37, 29, 4, 2, 32, dtype), causal=True, use_lse_grad=True)
+
+
+def test_rows_that_see_no_key():
+    # causal with s_q > s_k: query i sees keys j <= i - 7, so the first 7 rows see nothing
+    q, k, v = _qkv(1, 40, 33, 2, 1, 16, torch.float32)
+    for x in (q, k, v):
+        x.requires_grad_()
+    out, lse = ring_attn.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :7] == 0) and torch.all(lse[:, :, :7] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 7:]).all() and (out[:, 7:].abs().sum(-1) > 0).all()
+    out.sum().backward()
+    for x in (q, k, v):
+        assert torch.isfinite(x.grad).all()
+    assert torch.all(q.grad[:, :7] == 0)
+
+
+def test_backward_is_bitwise_deterministic():
+    q, k, v = _qkv(2, 53, 61, 8, 2, 64, torch.float16)
+    dout = torch.randn(q.shape).half()
+    grads = []
+    for _ in range(2):
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        ring_attn.flash_attn_func(qs, ks, vs, causal=True).backward(dout)
+        grads.append((qs.grad, ks.grad, vs.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------- varlen
+
+
+@st.composite
+def varlen_case(draw):
+    n = draw(st.integers(1, 4))
+    lens_q = [draw(st.integers(0, 30)) for _ in range(n)]
+    same = draw(st.booleans())
+    lens_k = lens_q if same else [draw(st.integers(0, 30)) for _ in range(n)]
+    return lens_q, lens_k
+
+
+def _cu(lens):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)
+
+
+@given(case=varlen_case(), group=st.sampled_from([1, 2, 4]), d=st.sampled_from([16, 40, 64]),
+       causal=st.booleans(), dtype=st.sampled_from(CPU_DTYPES))
+def test_varlen_equals_dense_per_sequence(case, group, d, causal, dtype):
+    lens_q, lens_k = case
+    h_kv, h_q = 2, 2 * group
+    g = torch.Generator().manual_seed(sum(lens_q) + 7 * sum(lens_k))
+    q = torch.randn(sum(lens_q), h_q, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(sum(lens_k), h_kv, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(sum(lens_k), h_kv, d, generator=g).to(dtype).requires_grad_()
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    out, lse = ring_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                return_lse=True)
+    assert out.shape == q.shape and lse.shape == (h_q, q.shape[0])
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    out.backward(dout)
+    for i in range(len(lens_q)):
+        a, e = cu_q[i].item(), cu_q[i + 1].item()
+        ak, ek = cu_k[i].item(), cu_k[i + 1].item()
+        if e == a:
+            continue
+        qi, ki, vi = (x.detach()[None, lo:hi].clone().requires_grad_() for x, lo, hi in
+                      ((q, a, e), (k, ak, ek), (v, ak, ek)))
+        if ek == ak:  # a sequence with no keys: zero output, -inf lse, zero grads
+            assert torch.all(out[a:e] == 0) and torch.all(lse[:, a:e] == float("-inf"))
+            assert torch.all(q.grad[a:e] == 0)
+            continue
+        oi, li = ring_attn.flash_attn_func(qi, ki, vi, causal=causal, return_lse=True)
+        oi.backward(dout[None, a:e])
+        torch.testing.assert_close(out[a:e], oi[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse[:, a:e], li[0], rtol=0, atol=0)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(q.grad[a:e], qi.grad[0], **tol)
+        torch.testing.assert_close(k.grad[ak:ek], ki.grad[0], **tol)
+        torch.testing.assert_close(v.grad[ak:ek], vi.grad[0], **tol)
+
+
+# ------------------------------------------------------------------------------------ block-level API (ring)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 5, -20])
+def test_block_forward_causal_offset_and_fp32_out(offset):
+    q, k, v = _qkv(2, 24, 30, 4, 2, 32, torch.float16)
+    out, lse = attention_block_forward(q, k, v, 0.2, True, causal_offset=offset, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    ro, rl = reference.attention(q, k, v, 0.2, True, causal_offset=offset)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    assert (out.double() - ro).abs().max() < 2e-3
+    fin = torch.isfinite(rl)
+    assert (lse.double()[fin] - rl[fin]).abs().max() < 1e-3
+
+
+def test_block_backward_adds_into_accumulators_from_final_lse():
+    """Split keys into two blocks: grads of the blocks, from the final out/lse, must add up to the whole."""
+    q, k, v = _qkv(1, 33, 40, 4, 2, 32, torch.float32)
+    dout = torch.randn(q.shape)
+    out, lse = attention_block_forward(q, k, v, 0.25, True)
+    delta = attention_delta(dout, out)
+    dq = torch.full(q.shape, 0.5)
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    # block 1: keys [0, 17); block 2: keys [17, 40). Bottom-right offset of the whole is 40 - 33 = 7.
+    attention_block_backward(dout, q, k[:, :17], v[:, :17], lse, delta, dq, dk[:, :17], dv[:, :17], 0.25, True,
+                             causal_offset=7)
+    attention_block_backward(dout, q, k[:, 17:], v[:, 17:], lse, delta, dq, dk[:, 17:], dv[:, 17:], 0.25, True,
+                             causal_offset=7 - 17)
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    o, _ = reference.attention(qr, kr, vr, 0.25, True)
+    o.backward(dout.double())
+    torch.testing.assert_close(dq.double() - 0.5, qr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk.double(), kr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv.double(), vr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_block_forward_partial_varlen_seqs():
+    """VarlenSeqs addressing only the second half of each packed sequence (what the zigzag ring does)."""
+    lens = [10, 6, 14]
+    cu = _cu(lens)
+    q = torch.randn(30, 2, 16)
+    k, v = torch.randn(30, 1, 16), torch.randn(30, 1, 16)
+    half = torch.tensor(lens, dtype=torch.int32) // 2
+    seqs = VarlenSeqs(cu[:-1] + half, half, cu[:-1], torch.tensor(lens, dtype=torch.int32), 7, 14, False)
+    out, lse = attention_block_forward(q, k, v, 0.25, False, seqs=seqs, out_dtype=torch.float32)
+    for i, n in enumerate(lens):
+        a = cu[i].item()
+        assert torch.all(out[a:a + n // 2] == 0) and torch.all(lse[:, a:a + n // 2] == float("-inf"))
+        ro, rl = reference.attention(q[None, a + n // 2:a + n], k[None, a:a + n], v[None, a:a + n], 0.25, False)
+        torch.testing.assert_close(out[a + n // 2:a + n].double(), ro[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[:, a + n // 2:a + n].double(), rl[0], rtol=1e-5, atol=1e-5)
+
+
+def test_block_backward_rejects_low_precision_accumulators():
+    q, k, v = _qkv(1, 8, 8, 1, 1, 16, torch.float16)
+    out, lse = attention_block_forward(q, k, v, 0.25, False)
+    delta = attention_delta(out, out)
+    with pytest.raises(TypeError, match="dq accumulator must be float32"):
+        attention_block_backward(out, q, k, v, lse, delta, torch.zeros_like(q), torch.zeros(k.shape),
+                                 torch.zeros(v.shape), 0.25, False)
+
+
+# ------------------------------------------------------------------------------- backends, compile
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backend_keeps_the_contracts(causal):
+    q, k, v = _qkv(2, 45, 20, 4, 1, 32, torch.float32)
+    with backend.force("reference"):
+        assert backend.select(q.device) == "reference"
+        _check_against_oracle(q, k, v, causal)
+        cu = _cu([5, 0, 40])
+        qv, kv, vv = q[0, :45], k[0, :20].repeat(3, 1, 1)[:45], v[0, :20].repeat(3, 1, 1)[:45]
+        ref_out = ring_attn.flash_attn_varlen_func(qv, kv, vv, cu, cu, 40, 40, causal=causal)
+    tri_out = ring_attn.flash_attn_varlen_func(qv, kv, vv, cu, cu, 40, 40, causal=causal)
+    torch.testing.assert_close(ref_out, tri_out, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_selection_explains_itself(monkeypatch):
+    monkeypatch.setenv("RING_ATTN_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="RING_ATTN_BACKEND='cuda-magic'"):
+        backend.select(torch.device("cpu"))
+    monkeypatch.delenv("RING_ATTN_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend.select(torch.device("cpu")) == "reference"
+    assert "TRITON_INTERPRET=1" in " ".join(backend.not_supported_reasons("triton", torch.device("cpu")))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = _qkv(1, 20, 20, 4, 2, 16, torch.float32)
+
+    def f(q, k, v):
+        out, lse = ring_attn.flash_attn_func(q, k, v, causal=True, return_lse=True)
+        return (out * 2).sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager_args = [x.clone().requires_grad_() for x in (q, k, v)]
+    y, y_eager = compiled(*args), f(*eager_args)
+    y.backward()
+    y_eager.backward()
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+_q, _k, _v = _qkv(1, 8, 8, 4, 2, 16, torch.float32)
+_cu8 = torch.tensor([0, 3, 8], dtype=torch.int32)
+_p = (_q[0], _k[0], _v[0])
+
+BAD_DENSE = [
+    ("q must be a torch.Tensor", TypeError, (_q.numpy(), _k, _v), {}),
+    ("q must be 4-D", ValueError, (_q[0], _k, _v), {}),
+    ("v must be 4-D", ValueError, (_q, _k, _v[0]), {}),
+    ("q.dtype is torch.float64", TypeError, (_q.double(), _k, _v), {}),
+    ("must share a dtype", TypeError, (_q, _k.half(), _v), {}),
+    ("k and v must have the same shape", ValueError, (_q, _k, _v[:, :5]), {}),
+    ("k batch size 2 != q batch size 1", ValueError, (_q, _k.repeat(2, 1, 1, 1), _v.repeat(2, 1, 1, 1)), {}),
+    ("k head_dim 8 != q head_dim 16", ValueError, (_q, _k[..., :8], _v[..., :8]), {}),
+    ("head_dim 12 is not supported", ValueError, (_q[..., :12], _k[..., :12], _v[..., :12]), {}),
+    ("head_dim 264 is not supported", ValueError, (_q.repeat(1, 1, 1, 33)[..., :264],) * 3, {}),
+    ("q heads \\(4\\) must be a positive multiple of k/v heads \\(3\\)", ValueError,
+     (_q, _k.repeat(1, 1, 2, 1)[:, :, :3], _v.repeat(1, 1, 2, 1)[:, :, :3]), {}),
+    ("softmax_scale must be a finite float", ValueError, (_q, _k, _v), {"softmax_scale": float("nan")}),
+]
+
+
+@pytest.mark.parametrize("msg,exc,args,kwargs", BAD_DENSE, ids=[c[0][:30] for c in BAD_DENSE])
+def test_bad_dense_input(msg, exc, args, kwargs):
+    with pytest.raises(exc, match=msg):
+        ring_attn.flash_attn_func(*args, **kwargs)
+
+
+BAD_VARLEN = [
+    ("cu_seqlens_q.dtype is torch.int64", TypeError, dict(cu_seqlens_q=_cu8.long())),
+    ("cu_seqlens_k must be 1-D", ValueError, dict(cu_seqlens_k=_cu8[None])),
+    ("cu_seqlens_q\\[0\\] is 1; expected 0", ValueError, dict(cu_seqlens_q=torch.tensor([1, 3, 8], dtype=torch.int32))),
+    ("must be non-decreasing", ValueError, dict(cu_seqlens_q=torch.tensor([0, 5, 3, 8], dtype=torch.int32),
+                                                cu_seqlens_k=torch.tensor([0, 3, 5, 8], dtype=torch.int32))),
+    ("cu_seqlens_k\\[-1\\] is 7; expected the number of packed tokens 8", ValueError,
+     dict(cu_seqlens_k=torch.tensor([0, 3, 7], dtype=torch.int32))),
+    ("cu_seqlens_q has 3 entries but cu_seqlens_k has 4", ValueError,
+     dict(cu_seqlens_k=torch.tensor([0, 3, 5, 8], dtype=torch.int32))),
+    ("max_seqlen_q is 4 but cu_seqlens_q has a sequence of length 5", ValueError, dict(max_seqlen_q=4)),
+    ("max_seqlen_k must be a non-negative int", ValueError, dict(max_seqlen_k=-1)),
+    ("q must be 3-D", ValueError, dict(q=_q)),
+]
+
+
+@pytest.mark.parametrize("msg,exc,override", BAD_VARLEN, ids=[c[0][:30] for c in BAD_VARLEN])
+def test_bad_varlen_input(msg, exc, override):
+    args = dict(q=_p[0], k=_p[1], v=_p[2], cu_seqlens_q=_cu8, cu_seqlens_k=_cu8, max_seqlen_q=5, max_seqlen_k=5)
+    args.update(override)
+    with pytest.raises(exc, match=msg):
+        ring_attn.flash_attn_varlen_func(**args)
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 2, 128), (1, 777, 1531, 4, 1, 64), (2, 300, 200, 6, 3, 96),
+                                   (1, 257, 257, 2, 2, 256), (1, 129, 129, 4, 4, 80)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_matches_oracle(dtype, shape, causal):
+    b, s_q, s_k, h_q, h_kv, d = shape
+    _check_against_oracle(*_qkv(b, s_q, s_k, h_q, h_kv, d, dtype, device="cuda"), causal)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_bf16_and_determinism():
+    lens = [1, 300, 0, 1025, 77]
+    cu = _cu(lens).cuda()
+    q = torch.randn(sum(lens), 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lens), 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lens), 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        for x in (q, k, v):
+            x.grad = None
+        out = ring_attn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+        out.backward(dout)
+        grads.append([x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    a, e = 1, 301
+    oi = ring_attn.flash_attn_func(q[None, a:e], k[None, a:e], v[None, a:e], causal=True)
+    torch.testing.assert_close(out[a:e], oi[0], rtol=0, atol=0)
