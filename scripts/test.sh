@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh machine, then run it. CI (.ci/run) calls exactly this.
+#
+# torch: when none is installed, the CPU build is installed first (on these machines `pip install
+# torch==2.13.0` takes a local file; a bare `torch` requirement would pull a multi-GB CUDA build).
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k attention` or `scripts/test.sh -m gpu`.
+# pytest's own exit status is returned (5, "no tests collected", fails too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e '.[test]'
+exec python -m pytest -q "$@"
