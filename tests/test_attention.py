@@ -385,3 +385,26 @@ def test_gpu_varlen_bf16_and_determinism():
     a, e = 1, 301
     oi = ring_attn.flash_attn_func(q[None, a:e], k[None, a:e], v[None, a:e], causal=True)
     torch.testing.assert_close(out[a:e], oi[0], rtol=0, atol=0)
+
+
+def test_batches_too_large_for_one_grid_are_split(monkeypatch):
+    """batch x heads beyond CUDA's grid-dim-1 limit (65535) is launched in chunks; same results."""
+    from ring_attn.ops import attention as attn_mod
+
+    q, k, v = _qkv(3, 19, 19, 4, 2, 16, torch.float32)
+    cu = _cu([7, 0, 12, 19, 19])
+    packed = (q.reshape(-1, 4, 16)[:57], k.reshape(-1, 2, 16)[:57], v.reshape(-1, 2, 16)[:57])
+    dout = torch.randn(q.shape)
+    expected = []
+    for chunked in (False, True):
+        if chunked:
+            monkeypatch.setattr(attn_mod, "_MAX_GRID_Y", 8)  # 2 sequences (x 4 heads) per launch
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        out = ring_attn.flash_attn_func(qs, ks, vs, causal=True)
+        out.backward(dout)
+        pv = [x.clone().requires_grad_() for x in packed]
+        out_v = ring_attn.flash_attn_varlen_func(*pv, cu, cu, 19, 19, causal=True)
+        out_v.backward(dout.reshape(-1, 4, 16)[:57])
+        expected.append([out, qs.grad, ks.grad, vs.grad, out_v] + [x.grad for x in pv])
+    for a, b in zip(*expected):
+        assert torch.equal(a, b)

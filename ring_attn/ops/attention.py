@@ -715,11 +715,13 @@ def _reference_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, ca
         put(dk, gk)
         put(dv, gv)
         return
-    if not accumulate:  # rows outside every sequence get zero gradient
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-    for a_q, n_q, a_k, n_k in _segments(seqs):
+    segments = _segments(seqs)
+    if not accumulate:  # overwrite the rows of every sequence; rows outside all sequences stay untouched
+        for a_q, n_q, a_k, n_k in segments:
+            dq[a_q:a_q + n_q] = 0
+            dk[a_k:a_k + n_k] = 0
+            dv[a_k:a_k + n_k] = 0
+    for a_q, n_q, a_k, n_k in segments:
         if n_q == 0 or n_k == 0:
             continue
         gq, gk, gv = _ref.backward_fp32(dout[None, a_q:a_q + n_q], q[None, a_q:a_q + n_q],
@@ -733,6 +735,26 @@ def _reference_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, ca
 
 # ---------------------------------------------------------------------------------------------------------
 # Low-level entry points (no autograd): used by the custom ops below and by the ring.
+
+
+_MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries (batch or sequence) x heads
+
+
+def _batch_chunks(q, seqs):
+    """Split the batch (dense) or the sequence list (packed) so batch x heads fits in one grid dimension.
+    Yields ``(slice for dense tensors, VarlenSeqs or None)``; one chunk in all but extreme cases."""
+    n = q.shape[0] if seqs is None else seqs.starts_q.numel()
+    step = max(1, _MAX_GRID_Y // max(1, q.shape[-2]))
+    if n <= step:
+        yield slice(None), seqs
+        return
+    for b0 in range(0, n, step):
+        b1 = min(n, b0 + step)
+        if seqs is None:
+            yield slice(b0, b1), None
+        else:
+            yield slice(None), seqs._replace(starts_q=seqs.starts_q[b0:b1], lens_q=seqs.lens_q[b0:b1],
+                                             starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1])
 
 
 def _lse_shape(q, packed):
@@ -770,7 +792,8 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
     if v.stride(-1) != 1:
         v = v.contiguous()
     run = _triton_forward if _backend.select(q.device) == "triton" else _reference_forward
-    run(q, k, v, out, lse, softmax_scale, causal, causal_offset, seqs)
+    for sl, part in _batch_chunks(q, seqs):
+        run(q[sl], k[sl], v[sl], out[sl], lse[sl], softmax_scale, causal, causal_offset, part)
     return out, lse
 
 
@@ -799,7 +822,8 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
 
     ``dq``/``dk``/``dv`` are caller-provided tensors shaped like q/k/v (any strides with a contiguous last
     dim, e.g. slices of larger accumulators). With ``accumulate=True`` (the ring) they must be fp32 and the
-    block's gradients are *added*; with ``accumulate=False`` they are overwritten (any supported dtype).
+    block's gradients are *added*; with ``accumulate=False`` they are overwritten (any supported dtype; with
+    packed ``seqs``, rows outside every sequence are left untouched).
     ``lse`` and ``delta`` are fp32 ``[b, h_q, s_q]`` (packed ``[h_q, t_q]``) with unit stride along the
     sequence. Deterministic: no atomics, fixed block sizes.
     """
@@ -815,7 +839,9 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     lse, delta = (x if x.stride(-1) == 1 else x.contiguous() for x in (lse, delta))
     run = _triton_backward if _backend.select(q.device) == "triton" else _reference_backward
-    run(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs, accumulate)
+    for sl, part in _batch_chunks(q, seqs):
+        run(dout[sl], q[sl], k[sl], v[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl], softmax_scale, causal,
+            causal_offset, part, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------
