@@ -28,6 +28,8 @@ class RingComm:
     Args:
         group: the process group (``None``: the default group).
         device: device of the tensors exchanged (selects the CUDA stream logic).
+        loopback: with a one-rank group, still send to itself (tests the P2P and stream path on one GPU);
+            by default a one-rank ring does no communication.
 
     Usage::
 
@@ -40,7 +42,7 @@ class RingComm:
     ``bytes_sent`` (running total, for benchmarks).
     """
 
-    def __init__(self, group=None, device: Optional[torch.device] = None):
+    def __init__(self, group=None, device: Optional[torch.device] = None, loopback: bool = False):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group")
         self.group = group
@@ -53,7 +55,8 @@ class RingComm:
         self.recv_peer = dist.get_global_rank(pg, (self.rank - 1) % self.world_size)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._cuda and self.world_size > 1 else None
+        self._active = self.world_size > 1 or loopback
+        self._stream = torch.cuda.Stream(self.device) if self._cuda and self._active else None
         self._pending: list = []
         self.bytes_sent = 0
 
@@ -64,7 +67,7 @@ class RingComm:
         not write ``sends`` or read ``recvs``."""
         if len(sends) != len(recvs):
             raise ValueError(f"exchange needs one receive buffer per send, got {len(sends)} and {len(recvs)}")
-        if self.world_size == 1:
+        if not self._active:
             return None
         ops = []
         for i, (s, r) in enumerate(zip(sends, recvs)):
