@@ -80,6 +80,41 @@ def _round_bf16_rtne(x):
 
 
 @triton.jit
+def _load_pairs(ptr, row, stride_d, hmask, HALF: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_F: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr):
+    """``(x1, x2)``, each ``[BLOCK_H, BLOCK_F]``: the two members of every pair of ``BLOCK_H`` head rows."""
+    if INTERLEAVED:
+        # one contiguous [BLOCK_H, 2*BLOCK_F] load (vectorizes), then de-interleave in registers
+        dd = tl.arange(0, 2 * BLOCK_F)
+        xx = tl.load(ptr + row + dd[None, :] * stride_d, mask=hmask & (dd[None, :] < ROT), other=0.0)
+        x1, x2 = tl.split(tl.reshape(xx.to(COMPUTE), [BLOCK_H, BLOCK_F, 2]))
+    else:
+        f = tl.arange(0, BLOCK_F)
+        mask = hmask & (f[None, :] < HALF)
+        x1 = tl.load(ptr + row + f[None, :] * stride_d, mask=mask, other=0.0).to(COMPUTE)
+        x2 = tl.load(ptr + row + (f[None, :] + HALF) * stride_d, mask=mask, other=0.0).to(COMPUTE)
+    return x1, x2
+
+
+@triton.jit
+def _store_pairs(ptr, row, stride_d, hmask, r1, r2, HALF: tl.constexpr, ROT: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, INTERLEAVED: tl.constexpr, FIX_BF16: tl.constexpr):
+    """Inverse of :func:`_load_pairs`, rounding to the pointer's element type."""
+    if FIX_BF16:
+        r1 = _round_bf16_rtne(r1)
+        r2 = _round_bf16_rtne(r2)
+    if INTERLEAVED:
+        dd = tl.arange(0, 2 * BLOCK_F)
+        rr = tl.reshape(tl.join(r1, r2), [BLOCK_H, 2 * BLOCK_F])
+        tl.store(ptr + row + dd[None, :] * stride_d, rr.to(ptr.dtype.element_ty), mask=hmask & (dd[None, :] < ROT))
+    else:
+        f = tl.arange(0, BLOCK_F)
+        mask = hmask & (f[None, :] < HALF)
+        tl.store(ptr + row + f[None, :] * stride_d, r1.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + row + (f[None, :] + HALF) * stride_d, r2.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_heads(x_ptr, o_ptr, y_ptr, x_base, o_base, y_base,
                 stride_xh, stride_xd, stride_oh, stride_od, stride_yh, stride_yd, n_heads,
                 c1, s1, c2, s2, dtheta,
@@ -88,37 +123,23 @@ def _rope_heads(x_ptr, o_ptr, y_ptr, x_base, o_base, y_base,
                 INTERLEAVED: tl.constexpr, COPY_PASS: tl.constexpr, NEED_DTHETA: tl.constexpr,
                 COMPUTE: tl.constexpr, FIX_BF16: tl.constexpr):
     """Rotate all heads of one token of one tensor; returns ``dtheta`` plus this tensor's contribution."""
-    f = tl.arange(0, BLOCK_F)
-    if INTERLEAVED:
-        d1 = 2 * f
-        d2 = 2 * f + 1
-    else:
-        d1 = f
-        d2 = f + HALF
-    fmask = f < HALF
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h[:, None] < n_heads) & fmask[None, :]
+        hmask = h[:, None] < n_heads
         xrow = x_base + h[:, None].to(tl.int64) * stride_xh
         orow = o_base + h[:, None].to(tl.int64) * stride_oh
-        x1 = tl.load(x_ptr + xrow + d1[None, :] * stride_xd, mask=mask, other=0.0).to(COMPUTE)
-        x2 = tl.load(x_ptr + xrow + d2[None, :] * stride_xd, mask=mask, other=0.0).to(COMPUTE)
+        x1, x2 = _load_pairs(x_ptr, xrow, stride_xd, hmask, HALF, ROT, BLOCK_H, BLOCK_F, INTERLEAVED, COMPUTE)
         r1 = x1 * c1[None, :] - x2 * s1[None, :]
         r2 = x2 * c2[None, :] + x1 * s2[None, :]
-        if FIX_BF16:
-            r1 = _round_bf16_rtne(r1)
-            r2 = _round_bf16_rtne(r2)
-        tl.store(o_ptr + orow + d1[None, :] * stride_od, r1.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + orow + d2[None, :] * stride_od, r2.to(o_ptr.dtype.element_ty), mask=mask)
+        _store_pairs(o_ptr, orow, stride_od, hmask, r1, r2, HALF, ROT, BLOCK_H, BLOCK_F, INTERLEAVED, FIX_BF16)
         if NEED_DTHETA:
+            # backward: x holds the incoming gradient g, y the forward's output
             yrow = y_base + h[:, None].to(tl.int64) * stride_yh
-            y1 = tl.load(y_ptr + yrow + d1[None, :] * stride_yd, mask=mask, other=0.0).to(COMPUTE)
-            y2 = tl.load(y_ptr + yrow + d2[None, :] * stride_yd, mask=mask, other=0.0).to(COMPUTE)
-            # x holds the incoming gradient g here (backward)
+            y1, y2 = _load_pairs(y_ptr, yrow, stride_yd, hmask, HALF, ROT, BLOCK_H, BLOCK_F, INTERLEAVED, COMPUTE)
             dtheta += tl.sum(x2 * y1 - x1 * y2, axis=0)
         if COPY_PASS:
             p = ROT + tl.arange(0, BLOCK_P)
-            pmask = (h[:, None] < n_heads) & (p[None, :] < D)
+            pmask = hmask & (p[None, :] < D)
             xp = tl.load(x_ptr + xrow + p[None, :] * stride_xd, mask=pmask, other=0.0)
             tl.store(o_ptr + orow + p[None, :] * stride_od, xp.to(o_ptr.dtype.element_ty), mask=pmask)
     return dtheta
@@ -134,7 +155,7 @@ def _rope_kernel(
     sqy_b, sqy_s, sqy_h, sqy_d, sky_b, sky_s, sky_h, sky_d,
     pos_b, pos_s, cs_b, cs_s, cs_d, sn_b, sn_s, sn_d,
     HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, USE_TABLE: tl.constexpr, BACKWARD: tl.constexpr,
     COPY_PASS: tl.constexpr, NEED_DTHETA: tl.constexpr, COMPUTE: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
@@ -181,10 +202,10 @@ def _rope_kernel(
     dtheta = tl.zeros([BLOCK_F], dtype=COMPUTE)
     dtheta = _rope_heads(q_ptr, qo_ptr, qy_ptr, bi * sq_b + si * sq_s, bi * sqo_b + si * sqo_s, bi * sqy_b + si * sqy_s,
                          sq_h, sq_d, sqo_h, sqo_d, sqy_h, sqy_d, HQ, c1, s1, c2, s2, dtheta,
-                         HALF, ROT, D, BLOCK_H, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
+                         HALF, ROT, D, BLOCK_HQ, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
     dtheta = _rope_heads(k_ptr, ko_ptr, ky_ptr, bi * sk_b + si * sk_s, bi * sko_b + si * sko_s, bi * sky_b + si * sky_s,
                          sk_h, sk_d, sko_h, sko_d, sky_h, sky_d, HK, c1, s1, c2, s2, dtheta,
-                         HALF, ROT, D, BLOCK_H, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
+                         HALF, ROT, D, BLOCK_HK, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
     if NEED_DTHETA:
         tl.store(dth_ptr + pid.to(tl.int64) * HALF + f, dtheta.to(dth_ptr.dtype.element_ty), mask=fmask)
 
@@ -207,7 +228,9 @@ def _launch(q4, k4, qo4, ko4, *, rotary_dim, interleaved, backward=False, copy_p
         return
     half = rotary_dim // 2
     block_f = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(max(HQ, HK, 1)), _TILE_ELEMENTS // block_f))
+    cap = max(1, _TILE_ELEMENTS // block_f)
+    block_hq = min(triton.next_power_of_2(max(HQ, 1)), cap)
+    block_hk = min(triton.next_power_of_2(max(HK, 1)), cap)
     block_p = triton.next_power_of_2(max(D - rotary_dim, 1))
     use_table = cos3 is not None
     need_dtheta = dtheta is not None
@@ -227,7 +250,7 @@ def _launch(q4, k4, qo4, ko4, *, rotary_dim, interleaved, backward=False, copy_p
         S, HQ, HK, float(scaling),
         *strides(q4), *strides(k4), *strides(qo4), *strides(ko4), *strides(qy4), *strides(ky4),
         *pos_strides, *cs, *sn,
-        HALF=half, ROT=rotary_dim, D=D, BLOCK_H=block_h, BLOCK_F=block_f, BLOCK_P=block_p,
+        HALF=half, ROT=rotary_dim, D=D, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_F=block_f, BLOCK_P=block_p,
         INTERLEAVED=bool(interleaved), USE_TABLE=use_table, BACKWARD=bool(backward),
         COPY_PASS=bool(copy_pass) and D > rotary_dim, NEED_DTHETA=need_dtheta,
         COMPUTE=tl.float64 if q4.dtype == torch.float64 else tl.float32,
