@@ -162,47 +162,6 @@ def _determinism_case(case, rank, world, group, store):
     store["bitwise_equal"] = all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))
 
 
-class PeakTensorMemory:
-    """Peak bytes of CPU tensor storages created while active (a TorchDispatchMode that sees every aten op's
-    outputs, including those inside the reference kernels, and a weakref finalizer per storage for frees).
-    Tensors that existed before entering are not counted."""
-
-    def __init__(self):
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-        self.live, self.current, self.peak = {}, 0, 0
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                        st = t.untyped_storage()
-                        key = st.data_ptr()
-                        if key and key not in tracker.live:
-                            tracker.live[key] = st.nbytes()
-                            tracker.current += st.nbytes()
-                            tracker.peak = max(tracker.peak, tracker.current)
-                            weakref.finalize(st, tracker._free, key)
-                return out
-
-        self._mode = _Mode()
-
-    def _free(self, key):
-        self.current -= self.live.pop(key, 0)
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
-
-
 def _memory_case(case, rank, world, group, store):
     """Per-rank peak of one fwd+bwd at fixed s_local (the global sequence grows with W)."""
     import ring_attn
@@ -216,6 +175,8 @@ def _memory_case(case, rank, world, group, store):
     def step():
         out = ring_attn.ring_attn_func(q, k, v, causal=True, group=group, layout="zigzag")
         out.backward(do)
+
+    from ring_attn.ring.demo import PeakTensorMemory
 
     with backend.force("reference"):
         step()  # first call: signature check, comm setup

@@ -1,0 +1,272 @@
+"""``ring-attn demo``: ring attention over N ranks, checked against the single-device op.
+
+With no arguments on a machine without GPUs it spawns 4 gloo ranks on the CPU, runs causal attention over a
+16k-token sequence (zigzag layout) forward and backward, gathers the result and compares it with
+``flash_attn_func`` on the whole sequence in one process, and prints the error, the time, each rank's peak
+memory and the throughput. With N GPUs it spawns N ranks (one per GPU) with NCCL and the Triton kernels.
+Under ``torchrun`` it uses the job's ranks instead of spawning.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import tempfile
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DEFAULTS = dict(heads=2, kv_heads=1, head_dim=64, dtype="float32")
+GPU_DEFAULTS = dict(heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
+
+
+class PeakTensorMemory:
+    """Peak bytes of CPU tensor storages created while active: a TorchDispatchMode sees every aten op's
+    outputs (storage sizes) and a weakref finalizer on each storage sees it freed. Tensors that existed
+    before entering are not counted; allocations internal to one aten kernel are not seen."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live, self.current, self.peak = {}, 0, 0
+        self._finalizers = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in tracker.live:
+                            tracker.live[key] = st.nbytes()
+                            tracker.current += st.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.current)
+                            fin = weakref.finalize(st, tracker._free, key)
+                            fin.atexit = False
+                            tracker._finalizers.append(fin)
+                return out
+
+        self._mode = _Mode()
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return self._mode.__exit__(*exc)
+        finally:  # stop tracking: storages still alive are no longer followed
+            for fin in self._finalizers:
+                fin.detach()
+            self._finalizers.clear()
+            self.live.clear()
+            self.current = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    gpus = torch.cuda.device_count()
+    parser.add_argument("--world-size", "-n", type=int, default=None,
+                        help=f"ranks (default: the number of GPUs, or 4 gloo ranks on CPU; this machine: "
+                             f"{gpus or 4})")
+    parser.add_argument("--seqlen", "-s", type=int, default=16384, help="global sequence length (default 16384)")
+    parser.add_argument("--batch", "-b", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="query heads (default: 2 on CPU, small so the default run with its single-device "
+                             "check takes about a minute on 2 cores; 32 on GPU, Llama-3-8B)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads, GQA (default: 1 on CPU, 8 on GPU)")
+    parser.add_argument("--head-dim", type=int, default=None, help="head dim (default: 64 on CPU, 128 on GPU)")
+    parser.add_argument("--layout", choices=("zigzag", "contiguous", "striped"), default="zigzag")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    parser.add_argument("--forward-only", action="store_true", help="skip the backward pass")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 1 on CPU, 10 on GPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA (NCCL) when GPUs exist, else CPU (gloo)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the single-device comparison (it needs the whole sequence on rank 0)")
+
+
+def _resolve(args) -> dict:
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    d = GPU_DEFAULTS if use_cuda else CPU_DEFAULTS
+    world = args.world_size or (torch.cuda.device_count() if use_cuda else 4)
+    if use_cuda and world > torch.cuda.device_count():
+        raise SystemExit(f"--world-size {world} needs {world} GPUs (NCCL ranks cannot share a GPU); "
+                         f"{torch.cuda.device_count()} visible")
+    return dict(world=world, cuda=use_cuda, seqlen=args.seqlen, batch=args.batch,
+                heads=args.heads or d["heads"], kv_heads=args.kv_heads or d["kv_heads"],
+                head_dim=args.head_dim or d["head_dim"], dtype=args.dtype or d["dtype"], layout=args.layout,
+                causal=args.causal, backward=not args.forward_only,
+                iters=args.iters or (10 if use_cuda else 1), check=args.check)
+
+
+def _sync(cfg):
+    if cfg["cuda"]:
+        torch.cuda.synchronize()
+
+
+def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
+    import torch.distributed as dist
+
+    if not cfg["cuda"]:
+        os.environ.setdefault("RING_ATTN_BACKEND", "reference")  # the Triton interpreter is far too slow here
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world"]))
+    world = cfg["world"]
+    if cfg["cuda"]:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    kw = dict(backend="nccl" if cfg["cuda"] else "gloo", timeout=datetime.timedelta(minutes=10))
+    if init == "env://":
+        dist.init_process_group(init_method="env://", **kw)
+        rank = dist.get_rank()
+    else:
+        dist.init_process_group(init_method=init, rank=rank, world_size=world, **kw)
+    try:
+        _run_rank(rank, cfg, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_rank(rank, cfg, result_path):
+    import torch.distributed as dist
+
+    import ring_attn
+    from ring_attn import backend
+
+    world, dtype = cfg["world"], DTYPES[cfg["dtype"]]
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg["cuda"] else torch.device("cpu")
+    b, s, hq, hkv, d = cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    layout = cfg["layout"]
+    # every rank makes the same global tensors (seeded), keeps its shard; rank 0 keeps the whole for the check
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    full = [torch.randn(b, s, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv, hq)]
+    q, k, v, dout = (ring_attn.shard(x, dim=1, layout=layout).to(device) for x in full)
+    if rank != 0 or not cfg["check"]:
+        del full
+    q.requires_grad_(cfg["backward"])
+    k.requires_grad_(cfg["backward"])
+    v.requires_grad_(cfg["backward"])
+
+    def ring_step(timings):
+        _sync(cfg)
+        t0 = time.perf_counter()
+        out = ring_attn.ring_attn_func(q, k, v, causal=cfg["causal"], layout=layout)
+        _sync(cfg)
+        t1 = time.perf_counter()
+        if cfg["backward"]:
+            out.backward(dout)
+            _sync(cfg)
+        t2 = time.perf_counter()
+        timings.append((t1 - t0, t2 - t1))
+        return out
+
+    if cfg["cuda"]:  # autotune, NCCL setup and the signature check happen here, outside the timing
+        for _ in range(2):
+            q.grad = k.grad = v.grad = None
+            ring_step([])
+        torch.cuda.reset_peak_memory_stats()
+    timings = []
+    mem = PeakTensorMemory() if not cfg["cuda"] else None
+    if mem is not None:
+        with PeakTensorMemory():  # the first dispatch mode of a process costs seconds of one-time setup
+            torch.zeros(1).add_(1)
+    dist.barrier()
+    wall0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        q.grad = k.grad = v.grad = None
+        if mem is not None:
+            with mem:
+                out = ring_step(timings)
+        else:
+            out = ring_step(timings)
+    dist.barrier()
+    wall = (time.perf_counter() - wall0) / cfg["iters"]
+    fwd = sorted(t[0] for t in timings)[len(timings) // 2]
+    bwd = sorted(t[1] for t in timings)[len(timings) // 2]
+    peak = torch.cuda.max_memory_allocated() if cfg["cuda"] else mem.peak
+    stats = dict(rank=rank, s_local=q.shape[1], fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3, peak_mb=peak / 2**20,
+                 rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 backend=backend.select(device))
+    all_stats = [None] * world
+    dist.all_gather_object(all_stats, stats)
+
+    gathered = [ring_attn.unshard(out.detach(), dim=1, layout=layout)]
+    if cfg["backward"]:
+        gathered += [ring_attn.unshard(x.grad, dim=1, layout=layout) for x in (q, k, v)]
+    if rank != 0:
+        return
+    line = (f"ring-attn demo: {world} rank(s), {'NCCL on ' + torch.cuda.get_device_name() if cfg['cuda'] else 'gloo on CPU'}"
+            f" ({stats['backend']} backend), {'causal' if cfg['causal'] else 'full'} {layout}, batch {b} x {s} "
+            f"tokens ({s // world} per rank), heads {hq}/{hkv}, head_dim {d}, {cfg['dtype']}")
+    print(line)
+    print(f"{'rank':>4} {'s_local':>8} {'fwd ms':>10} {'bwd ms':>10} {'peak tensor MB':>15} {'max RSS MB':>11}")
+    for st in all_stats:
+        print(f"{st['rank']:>4} {st['s_local']:>8} {st['fwd_ms']:>10.1f} {st['bwd_ms']:>10.1f} "
+              f"{st['peak_mb']:>15.1f} {st['rss_mb']:>11.0f}")
+    ring_ms = max(st["fwd_ms"] + st["bwd_ms"] for st in all_stats)
+    passes = "forward+backward" if cfg["backward"] else "forward"
+    print(f"ring {passes}: {ring_ms:.1f} ms (slowest rank) -> {b * s / (ring_ms / 1e3):,.0f} tokens/s")
+    result = dict(config=cfg, ranks=all_stats, ring_ms=ring_ms)
+    if cfg["check"]:
+        torch.set_num_threads(os.cpu_count() or 1)  # the other ranks are done computing
+        qf, kf, vf = (x.to(device).requires_grad_(cfg["backward"]) for x in full[:3])
+        _sync(cfg)
+        t0 = time.perf_counter()
+        ref = ring_attn.flash_attn_func(qf, kf, vf, causal=cfg["causal"])
+        _sync(cfg)
+        t1 = time.perf_counter()
+        if cfg["backward"]:
+            ref.backward(full[3].to(device))
+            _sync(cfg)
+        t2 = time.perf_counter()
+        print(f"single device flash_attn_func ({passes}, one process): {(t2 - t0) * 1e3:.1f} ms "
+              f"(forward {(t1 - t0) * 1e3:.1f} ms)")
+        refs = [ref.detach()] + ([qf.grad, kf.grad, vf.grad] if cfg["backward"] else [])
+        names = ["out", "dq", "dk", "dv"][: len(refs)]
+        errs = {}
+        for n, a, r in zip(names, gathered, refs):
+            a, r = a.double(), r.double()
+            errs[n] = dict(max_abs=(a - r).abs().max().item(),
+                           rel=((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        ok = all(e["rel"] <= tol for e in errs.values())
+        print("max error vs single device: " + ", ".join(
+            f"{n} {e['max_abs']:.2e} (rel {e['rel']:.2e})" for n, e in errs.items())
+            + f" -> {'PASS' if ok else 'FAIL'} (relative tolerance {tol:g})")
+        result.update(errors=errs, ok=ok)
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+def run(args) -> int:
+    cfg = _resolve(args)
+    with tempfile.TemporaryDirectory(prefix="ring-attn-demo-") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        t0 = time.perf_counter()
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+            cfg["world"] = int(os.environ["WORLD_SIZE"])
+            _worker(int(os.environ["RANK"]), cfg, "env://", result_path)
+            if int(os.environ["RANK"]) != 0:
+                return 0
+        else:
+            import torch.multiprocessing as mp
+
+            mp.start_processes(_worker, args=(cfg, f"file://{os.path.join(tmp, 'store')}", result_path),
+                               nprocs=cfg["world"], join=True, start_method="spawn")
+        with open(result_path) as f:
+            result = json.load(f)
+        print(f"total wall time {time.perf_counter() - t0:.1f} s (including process start-up)")
+    return 0 if result.get("ok", True) else 1
