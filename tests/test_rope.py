@@ -39,11 +39,10 @@ def rope_case(draw, dtypes=tuple(LOW)):
 
     def make(h):
         if strided:  # a view with a padded head dim and heads-major storage (non-contiguous, last dim stride 1)
-            base = torch.randn((b * s, h, d + 2) if packed else (b, h, s, d + 2), generator=g)
+            base = torch.randn((b * s, h, d + 2) if packed else (b, h, s, d + 2), generator=g).to(dtype)
             x = base[..., :d] if packed else base[..., :d].transpose(1, 2)
-        else:
-            x = torch.randn((b * s, h, d) if packed else (b, s, h, d), generator=g)
-        return x.to(dtype) if not strided else x.to(dtype)  # .to keeps the strides of a non-contiguous view
+            return x
+        return torch.randn((b * s, h, d) if packed else (b, s, h, d), generator=g).to(dtype)
 
     q, k = make(hq), make(hk)
     shape = {"t": (b * s,), "s": (s,), "bs": (b, s), "1s": (1, s)}[pos_kind]
@@ -94,13 +93,24 @@ def test_backward_matches_oracle(c, learn_freq):
         return torch.autograd.grad(out, xs, (gq.to(compute), gk.to(compute)))
 
     want, base = ref_grads(torch.float64), ref_grads(dtype)
-    for name, a, w, bl in zip(["dq", "dk", "dinv_freq"], got, want, base):
-        if name == "dinv_freq":
-            # dL/dinv_freq = sum over tokens of position * dL/dangle: relative to sum |position * dL/dangle|
-            pos_scale = float(c["positions"].abs().max()) * (q.numel() + k.numel()) * 8
-            assert max_err(a, w) <= 3 * max_err(bl, w) + 1e-6 * max(pos_scale, 1.0), name
-        else:
-            assert_within_rule(name, a, w, bl, dtype, BACKWARD)
+    for name, a, w, bl in zip(["dq", "dk"], got, want, base):
+        assert_within_rule(name, a, w, bl, dtype, BACKWARD)
+    if learn_freq:
+        # dL/dinv_freq_f = sum over tokens of position * sum over heads of (g2 y1 - g1 y2), with y the forward
+        # output as stored (rounded once to `dtype`, relative error <= u). A plain-torch baseline in bf16 is too
+        # noisy a yardstick for one scalar per pair, so bound the error directly: 2 u sum pos (|g2 y1| + |g1 y2|).
+        u = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+        y_q, y_k = _oracle(c)
+        r, inter = c["rotary_dim"], c["interleaved"]
+        pos = c["positions"].double()[..., None]
+        bound = torch.zeros(r // 2, dtype=torch.float64)
+        for y, gy in ((y_q, gq), (y_k, gk)):
+            y1, y2, _ = reference.rope_pairs(y, r, inter)
+            g1, g2, _ = reference.rope_pairs(gy.double(), r, inter)
+            per_token = (g2.abs() * y1.abs() + g1.abs() * y2.abs()).sum(-2)  # [(b,) s, r/2]
+            bound += (pos * per_token).reshape(-1, r // 2).sum(0)
+        err = (got[2].double() - want[2]).abs()
+        assert (err <= 2 * u * bound + 1e-5 * want[2].abs() + 1e-6).all(), (err, bound)
 
 
 @pytest.mark.parametrize("interleaved,rotary_dim,packed", [(False, 6, False), (True, 8, True)])
