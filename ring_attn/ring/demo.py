@@ -82,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", "-s", type=int, default=16384, help="global sequence length (default 16384)")
     parser.add_argument("--batch", "-b", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--heads", type=int, default=None,
-                        help="query heads (default: 2 on CPU, small so the default run with its single-device "
-                             "check takes about a minute on 2 cores; 32 on GPU, Llama-3-8B)")
+                        help="query heads (default: 2 on CPU, small so the default run, whose single-device check "
+                             "on the whole sequence dominates, takes under 2 minutes on 2 cores; 32 on GPU, "
+                             "Llama-3-8B)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads, GQA (default: 1 on CPU, 8 on GPU)")
     parser.add_argument("--head-dim", type=int, default=None, help="head dim (default: 64 on CPU, 128 on GPU)")
     parser.add_argument("--layout", choices=("zigzag", "contiguous", "striped"), default="zigzag")
