@@ -200,11 +200,17 @@ if _backend.triton_available():
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
         offs_n = tl.arange(0, BLOCK_N)
-        k_ptrs = K_base + lo.to(tl.int64) * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = V_base + lo.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+        # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
+        # [BLOCK_N, BLOCK_D] tensors of 64-bit pointers through the loop
+        k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
         d_ok = offs_d[None, :] < HEAD_DIM
+        k_row = K_base + lo.to(tl.int64) * stride_ks  # scalar pointers to the current block's first row
+        v_row = V_base + lo.to(tl.int64) * stride_vs
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
+            k_ptrs = k_row + k_offs
+            v_ptrs = v_row + v_offs
             if MASKED:
                 kv_mask = (cols[:, None] < len_k) & d_ok
                 k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -234,8 +240,8 @@ if _backend.triton_available():
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
-            k_ptrs += BLOCK_N * stride_ks
-            v_ptrs += BLOCK_N * stride_vs
+            k_row += BLOCK_N * stride_ks
+            v_row += BLOCK_N * stride_vs
         return acc, l_i, m_i
 
     @triton.autotune(configs=fwd_configs, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION"],
@@ -342,20 +348,25 @@ if _backend.triton_available():
                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
         d_ok = offs_d[None, :] < HEAD_DIM
+        q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
+        do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
+        q_row = Q_base + lo.to(tl.int64) * stride_qs
+        do_row = DO_base + lo.to(tl.int64) * stride_dos
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows = offs_m.to(tl.int64)
+            q_ptrs = q_row + q_offs
+            do_ptrs = do_row + do_offs
+            q_row += BLOCK_M * stride_qs
+            do_row += BLOCK_M * stride_dos
             if MASKED:
                 m_ok = offs_m < len_q
-                q = tl.load(Q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None] & d_ok,
-                            other=0.0)
-                do = tl.load(DO_base + rows[:, None] * stride_dos + offs_d[None, :], mask=m_ok[:, None] & d_ok,
-                             other=0.0)
+                q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+                do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
                 lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
                 delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
             else:
-                q = tl.load(Q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=d_ok, other=0.0)
-                do = tl.load(DO_base + rows[:, None] * stride_dos + offs_d[None, :], mask=d_ok, other=0.0)
+                q = tl.load(q_ptrs, mask=d_ok, other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok, other=0.0)
                 lse = tl.load(L_base + offs_m)
                 delta = tl.load(D_base + offs_m)
             # rows that saw no key (lse = -inf) have P = 0: use +inf so exp2 gives 0
@@ -459,15 +470,20 @@ if _backend.triton_available():
                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
         d_ok = offs_d[None, :] < HEAD_DIM
+        k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :]
+        v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :]
+        k_row = K_base + lo.to(tl.int64) * stride_ks
+        v_row = V_base + lo.to(tl.int64) * stride_vs
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            rows = cols.to(tl.int64)[:, None]
             if MASKED:
                 kv_mask = (cols[:, None] < len_k) & d_ok
             else:
                 kv_mask = d_ok
-            k = tl.load(K_base + rows * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_base + rows * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_row + k_offs, mask=kv_mask, other=0.0)
+            v = tl.load(v_row + v_offs, mask=kv_mask, other=0.0)
+            k_row += BLOCK_N * stride_ks
+            v_row += BLOCK_N * stride_vs
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             if MASKED:
@@ -555,8 +571,12 @@ def _bwd_blocks(head_dim: int) -> dict:
     stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
     if _backend.interpreter_enabled():
         return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
+    # Chosen from scripts/compile_check.py's sm_90 resource report (2026-11-27, triton 3.9, bf16): the
+    # fewest spilled bytes per head dim; GPU timings should refine them (see benchmarks/RESULTS.md).
+    if head_dim <= 64:
+        return dict(dkdv=(32, 64), dq=(128, 32), num_warps=8, num_stages=2)
     if head_dim <= 128:
-        return dict(dkdv=(32, 128), dq=(128, 32), num_warps=8 if head_dim > 64 else 4, num_stages=3)
+        return dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
     return dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
 
 
