@@ -1,6 +1,5 @@
 """`ring-attn rope-plan`: the theta rules, YaRN parameters, per-pair table, table errors, JSON and PNG output."""
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -101,11 +100,6 @@ def test_plot_writes_png(tmp_path, capsys):
 def test_through_the_console_script(capsys):
     from ring_attn import cli
 
-    for module, _ in cli.SUBCOMMANDS.values():
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            pytest.skip(f"another subcommand's module is not importable yet: {exc}")
     assert cli.main(["rope-plan"] + LLAMA3 + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["target"] == 262144
 
