@@ -1,4 +1,7 @@
-"""The README's Python examples run as written (on CPU through the torch fallback)."""
+"""The README's Python examples run as written (on CPU through the torch fallback).
+
+Blocks fenced ```python must run as they stand; fragments that need a launcher (torchrun) are fenced ```py.
+"""
 import re
 from pathlib import Path
 
