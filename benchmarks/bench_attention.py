@@ -128,12 +128,14 @@ def main(argv=None) -> int:
     env = environment()
     print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['date']} | {dtype}")
     rows = []
+    dest = out_dir()
     for b, s, h_q, h_kv, d, causal in shapes:
         g = torch.Generator(device=args.device).manual_seed(0)
         mk = lambda h: torch.randn(b, s, h, d, device=args.device, dtype=dtype, generator=g,  # noqa: E731
                                    requires_grad=True)
         q, k, v = mk(h_q), mk(h_kv), mk(h_kv)
         flops = fwd_flops(b, s, h_q, d, causal)
+        shape_rows = []
         for name, make in impls.items():
             try:
                 times = bench_one(make, q, k, v, causal, passes, args.rep)
@@ -141,16 +143,19 @@ def main(argv=None) -> int:
                 print(f"{name} on {b}x{s} {h_q}/{h_kv} d{d}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             for p, ms in times.items():
-                rows.append({"impl": name, "shape": f"{b}x{s} {h_q}/{h_kv} d{d}", "mask": "causal" if causal
-                             else "full", "pass": p, "ms": ms,
-                             "tflops": flops * FLOP_FACTOR[p] / (ms * 1e-3) / 1e12, "dtype": str(dtype)[6:]})
+                shape_rows.append({"impl": name, "shape": f"{b}x{s} {h_q}/{h_kv} d{d}", "mask": "causal" if causal
+                                   else "full", "pass": p, "ms": ms,
+                                   "tflops": flops * FLOP_FACTOR[p] / (ms * 1e-3) / 1e12, "dtype": str(dtype)[6:]})
+        # print and save each shape as soon as it is measured: a time limit loses only the shapes not reached
+        _print_pivot(shape_rows, list(impls))
+        append_csv(dest / "attention.csv", shape_rows, env)
+        rows += shape_rows
         del q, k, v
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
+    print("\n# summary")
     _print_pivot(rows, list(impls))
-    dest = out_dir()
-    append_csv(dest / "attention.csv", rows, env)
     print(f"CSV rows appended to {dest / 'attention.csv'}")
     if args.plot:
         _plot(rows, list(impls), dest / "attention.png")
