@@ -302,6 +302,9 @@ def _worker(rank, world, init_file, outdir):
             results[case["name"]] = store
     finally:
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        # every rank is done with the group before any tears it down: without this, gloo intermittently
+        # aborted ("terminate called without an active exception") in a rank whose peers had already exited
+        dist.barrier()
         dist.destroy_process_group()
 
 

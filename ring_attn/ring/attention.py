@@ -42,6 +42,10 @@ GQA: K/V travel with ``h_kv`` heads, never repeated. Peak memory per rank: q, k,
 accumulators and two K/V receive buffers (plus, in backward, two fp32 dK/dV buffers and one dK/dV block
 buffer): O(b · s_local · h · d), independent of ``W``.
 
+World size 1: after the same checks, the call is the single-device op (``flash_attn_func`` /
+``flash_attn_varlen_func``): no communication and no fp32 round trips, so a one-rank ring costs what the
+plain kernel costs.
+
 Consistency: the first time a rank sees a call signature (shapes, dtypes, causal, layout, scale, varlen
 boundaries) on a group, every rank exchanges a fixed-size signature with one ``all_gather``; if any rank
 differs, every rank raises ``ValueError`` listing each rank's inputs (no mismatched P2P, no hang). A rank
@@ -65,6 +69,8 @@ from ring_attn.ops.attention import (
     attention_block_backward,
     attention_block_forward,
     attention_delta,
+    flash_attn_func,
+    flash_attn_varlen_func,
 )
 from ring_attn.ring.comm import RingComm
 from ring_attn.ring.layout import LAYOUTS, check_divisible, check_layout, check_varlen_divisible
@@ -391,6 +397,8 @@ def ring_attn_func(q, k, v, causal: bool = False, softmax_scale: Optional[float]
     if validate:
         sig = _signature(0, q, k, v, causal, layout, scale, [])
         _validate_across_ranks("ring_attn_func", pg, backend, q.device, sig)
+    if world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
+        return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
     out, lse = _RingAttnFunction.apply(q, k, v, scale, bool(causal), layout, _comm(pg, q.device),
                                        _Dense(s_local))
     return (out, lse) if return_lse else out
@@ -440,6 +448,9 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = F
                                 "little", signed=True)
         sig = _signature(1, q, k, v, causal, layout, scale, [len(lens), digest])
         _validate_across_ranks(name, pg, backend, q.device, sig)
+    if world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+                                      softmax_scale=scale, return_lse=return_lse)
     out, lse = _RingAttnFunction.apply(q, k, v, scale, bool(causal), layout, _comm(pg, q.device),
                                        _Packed(local_cu, q.device))
     return (out, lse) if return_lse else out

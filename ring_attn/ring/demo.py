@@ -137,6 +137,7 @@ def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
         dist.init_process_group(init_method=init, rank=rank, world_size=world, **kw)
     try:
         _run_rank(rank, cfg, result_path)
+        dist.barrier()  # every rank done before any tears the group down (gloo can abort otherwise)
     finally:
         dist.destroy_process_group()
 
