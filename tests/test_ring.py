@@ -211,7 +211,9 @@ dist.init_process_group("nccl", init_method="file://" + sys.argv[1], rank=0, wor
 torch.cuda.set_device(0)
 import ring_attn
 from ring_attn.ring.comm import RingComm
+from ring_attn.ring.attention import _Dense, _RingAttnFunction
 worst = 0.0
+sched = RingComm(None, torch.device("cuda"))
 for layout in ("zigzag", "striped", "contiguous"):
     for dtype in (torch.bfloat16, torch.float16):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -221,9 +223,15 @@ for layout in ("zigzag", "striped", "contiguous"):
         do = torch.randn_like(q)
         a = [x.clone().requires_grad_() for x in (q, k, v)]
         b = [x.clone().requires_grad_() for x in (q, k, v)]
+        c = [x.clone().requires_grad_() for x in (q, k, v)]
         o1 = ring_attn.ring_attn_func(*a, causal=True, layout=layout); o1.backward(do)
         o2 = ring_attn.flash_attn_func(*b, causal=True); o2.backward(do)
-        for x, y in [(o1, o2)] + [(p.grad, r.grad) for p, r in zip(a, b)]:
+        # the ring schedule itself at W = 1 (ring_attn_func short-cuts to the plain op): fp32 partial outputs,
+        # kernels adding into fp32 accumulators on CUDA
+        o3, _ = _RingAttnFunction.apply(*c, 0.125, True, layout, sched, _Dense(512)); o3.backward(do)
+        pairs = [(o1, o2), (o3, o2)] + [(p.grad, r.grad) for p, r in zip(a, b)] + \
+            [(p.grad, r.grad) for p, r in zip(c, b)]
+        for x, y in pairs:
             worst = max(worst, ((x.float() - y.float()).abs().max() / y.float().abs().max()).item())
 # the P2P path itself: a one-rank ring sending to itself through RingComm (comm stream + events)
 comm = RingComm(None, torch.device("cuda"), loopback=True)
