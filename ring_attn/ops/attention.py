@@ -195,6 +195,29 @@ if _backend.triton_available():
         return q_start, len_q, k_start, len_k
 
     @triton.jit
+    def _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT: tl.constexpr):
+        """Query i sees key j when j <= i + offset (bottom-right: offset = len_k - len_q)."""
+        if BOTTOM_RIGHT:
+            return len_k - len_q
+        else:
+            return causal_offset
+
+    @triton.jit
+    def _key_blocks(start_m, len_k, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key ranges for the query rows [start_m, start_m + BLOCK_M): [0, full_end) is in bounds and visible to
+        every row (no masking); [full_end, hi) holds the diagonal and the ragged end (masked). Blocks at or past
+        hi are above the diagonal and never visited."""
+        if CAUSAL:
+            hi = tl.minimum(len_k, start_m + BLOCK_M + offset)
+            full_end = tl.minimum(len_k, start_m + offset + 1)
+        else:
+            hi = len_k
+            full_end = len_k
+        hi = tl.maximum(hi, 0)
+        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        return full_end, hi
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, offset, qk_scale,
                    stride_ks, stride_vs,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -272,10 +295,7 @@ if _backend.triton_available():
         start_m = pid_m * BLOCK_M
         if start_m >= len_q:
             return
-        if BOTTOM_RIGHT:
-            offset = len_k - len_q
-        else:
-            offset = causal_offset
+        offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
         bq = b.to(tl.int64)
         Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
         K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
@@ -290,16 +310,7 @@ if _backend.triton_available():
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Key blocks [0, full_end) are in bounds and visible to every row: no masking. [full_end, hi) holds
-        # the diagonal and the ragged end. Blocks at or past hi are above the diagonal and never visited.
-        if CAUSAL:
-            hi = tl.minimum(len_k, start_m + BLOCK_M + offset)
-            full_end = tl.minimum(len_k, start_m + offset + 1)
-        else:
-            hi = len_k
-            full_end = len_k
-        hi = tl.maximum(hi, 0)
-        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        full_end, hi = _key_blocks(start_m, len_k, offset, CAUSAL, BLOCK_M, BLOCK_N)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         zero = tl.full([], 0, tl.int32)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, zero, full_end, len_k,
@@ -408,10 +419,7 @@ if _backend.triton_available():
         start_n = pid_n * BLOCK_N
         if start_n >= len_k:
             return
-        if BOTTOM_RIGHT:
-            offset = len_k - len_q
-        else:
-            offset = causal_offset
+        offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
         bq = b.to(tl.int64)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -518,10 +526,7 @@ if _backend.triton_available():
         start_m = pid_m * BLOCK_M
         if start_m >= len_q:
             return
-        if BOTTOM_RIGHT:
-            offset = len_k - len_q
-        else:
-            offset = causal_offset
+        offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
         bq = b.to(tl.int64)
         hq = h.to(tl.int64)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -536,14 +541,7 @@ if _backend.triton_available():
         lse = tl.load(LSE + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
-        if CAUSAL:
-            hi = tl.minimum(len_k, start_m + BLOCK_M + offset)
-            full_end = tl.minimum(len_k, start_m + offset + 1)
-        else:
-            hi = len_k
-            full_end = len_k
-        hi = tl.maximum(hi, 0)
-        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        full_end, hi = _key_blocks(start_m, len_k, offset, CAUSAL, BLOCK_M, BLOCK_N)
         K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
         V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
