@@ -1,4 +1,5 @@
-"""The console script's wiring: every subcommand is listed and importable, --version works."""
+"""Package-level wiring: the console script (every subcommand listed and importable, --version) and the
+import without Triton."""
 import importlib
 import subprocess
 import sys
