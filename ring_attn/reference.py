@@ -23,6 +23,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "forward_fp32",
+    "merge_partial",
     "backward_fp32",
 ]
 
@@ -140,6 +141,19 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset):
         out[:, r0:r1] = (torch.matmul(e, vf) / torch.where(denom == 0, 1.0, denom)).transpose(1, 2)
         lse[:, :, r0:r1] = (torch.log(denom) + m).squeeze(-1)
     return out, lse
+
+
+@torch.no_grad()
+def merge_partial(out_acc, lse_acc, out_blk, lse_blk) -> None:
+    """Fold a partial result into a running one, in place (fp32; views are fine):
+    ``lse' = log(e^lse_acc + e^lse_blk)``, ``out' = (e^lse_acc·out_acc + e^lse_blk·out_blk) / e^lse'``.
+    out: ``[..., s, h, d]``; lse: ``[..., h, s]``. Rows that have seen no key on either side stay 0 / -inf."""
+    new = torch.logaddexp(lse_acc, lse_blk)
+    safe = new.masked_fill(torch.isneginf(new), 0.0)  # both -inf: weights exp(-inf) = 0, not NaN
+    w_acc = torch.exp(lse_acc - safe).transpose(-1, -2).unsqueeze(-1)
+    w_blk = torch.exp(lse_blk - safe).transpose(-1, -2).unsqueeze(-1)
+    out_acc.mul_(w_acc).add_(out_blk * w_blk)
+    lse_acc.copy_(new)
 
 
 @torch.no_grad()

@@ -79,7 +79,7 @@ def main(argv=None):
         bd = max(16, 1 << (d - 1).bit_length())
         for causal in (True, False):
             for cfg in A._fwd_kernel.configs:
-                c = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, VARLEN=False, BOTTOM_RIGHT=True,
+                c = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, VARLEN=False, BOTTOM_RIGHT=True, MERGE=causal,
                          DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", **cfg.kwargs)
                 if d > 128 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 64:
                     continue

@@ -408,3 +408,44 @@ def test_batches_too_large_for_one_grid_are_split(monkeypatch):
         expected.append([out, qs.grad, ks.grad, vs.grad, out_v] + [x.grad for x in pv])
     for a, b in zip(*expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["triton", "reference"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_forward_merges_into_running_result(which, causal):
+    """Keys in three blocks: the first block's fp32 (out, lse), then the others merged in place (the ring's
+    forward) equal attention over all keys. A strided view of the running result is merged into too."""
+    q, k, v = _qkv(2, 29, 45, 4, 2, 32, torch.float16)
+    splits = [0, 13, 30, 45]
+    with backend.force(which):
+        out, lse = None, None
+        for a, b in zip(splits[:-1], splits[1:]):
+            off = (45 - 29) - a  # bottom-right alignment of the whole, shifted to this block's first key
+            if out is None:
+                out, lse = attention_block_forward(q, k[:, a:b], v[:, a:b], 0.3, causal, off,
+                                                   out_dtype=torch.float32)
+            else:
+                res = attention_block_forward(q, k[:, a:b], v[:, a:b], 0.3, causal, off, out=out, lse=lse)
+                assert res[0] is out and res[1] is lse
+        ro, rl = reference.attention(q, k, v, 0.3, causal)
+        assert (out.double() - ro).abs().max() < 2e-3
+        assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+        fin = torch.isfinite(rl)
+        assert (lse.double()[fin] - rl[fin]).abs().max() < 1e-4
+        # merging into the second half of the rows only (a strided view), as the zigzag ring does
+        o2, l2 = attention_block_forward(q, k[:, :20], v[:, :20], 0.3, False, out_dtype=torch.float32)
+        attention_block_forward(q[:, 15:], k[:, 20:], v[:, 20:], 0.3, False, out=o2[:, 15:], lse=l2[:, :, 15:])
+    r1, _ = reference.attention(q[:, :15], k[:, :20], v[:, :20], 0.3, False)
+    r2, _ = reference.attention(q[:, 15:], k, v, 0.3, False)
+    assert (o2[:, :15].double() - r1).abs().max() < 2e-3 and (o2[:, 15:].double() - r2).abs().max() < 2e-3
+
+
+def test_block_forward_merge_rejects_bad_running_result():
+    q, k, v = _qkv(1, 8, 8, 2, 1, 16, torch.float32)
+    out, lse = attention_block_forward(q, k, v, 0.25, False)
+    with pytest.raises(ValueError, match="pass both out and lse"):
+        attention_block_forward(q, k, v, 0.25, False, out=out)
+    with pytest.raises(TypeError, match="must be float32"):
+        attention_block_forward(q, k, v, 0.25, False, out=out.half(), lse=lse)
+    with pytest.raises(ValueError, match="do not match q"):
+        attention_block_forward(q, k, v, 0.25, False, out=out[:, :4], lse=lse)

@@ -267,8 +267,9 @@ if _backend.triton_available():
             v_row += BLOCK_N * stride_vs
         return acc, l_i, m_i
 
+    # restore_value: while tuning, every trial of a MERGE launch must start from the same running (O, LSE)
     @triton.autotune(configs=fwd_configs, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": _prune}, restore_value=["O", "LSE"])
     @triton.jit
     def _fwd_kernel(
         Q, K, V, O, LSE, SQ_START, SQ_LEN, SK_START, SK_LEN,
@@ -279,7 +280,7 @@ if _backend.triton_available():
         stride_lb, stride_lh,
         seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-        BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
@@ -323,9 +324,21 @@ if _backend.triton_available():
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
-        tl.store(O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :],
-                 acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
+        o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
         L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        if MERGE:
+            # fold this block into the running fp32 (out, lse) of earlier blocks (the ring's steps):
+            # lse' = log(e^lse_old + e^lse), out' = (e^lse_old·out_old + e^lse·out) / e^lse'
+            lse_old = tl.load(L_base + offs_m, mask=offs_m < len_q, other=float("-inf"))
+            o_old = tl.load(o_ptrs, mask=row_ok & d_ok, other=0.0)
+            m = tl.maximum(lse_old, lse)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            w_old = tl.exp(lse_old - m)
+            w_new = tl.exp(lse - m)
+            total = w_old + w_new
+            acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
+            lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
         tl.store(L_base + offs_m, lse, mask=offs_m < len_q)
 
     @triton.jit
@@ -608,7 +621,7 @@ def _seq_args(seqs: VarlenSeqs | None, q):
     return seqs.starts_q, seqs.lens_q, seqs.starts_k, seqs.lens_k
 
 
-def _triton_forward(q, k, v, out, lse, softmax_scale, causal, causal_offset, seqs):
+def _triton_forward(q, k, v, out, lse, softmax_scale, causal, causal_offset, seqs, merge=False):
     q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
     b, s_q, h_q, d = q4.shape
     s_k, h_kv = k4.shape[1], k4.shape[2]
@@ -624,7 +637,7 @@ def _triton_forward(q, k, v, out, lse, softmax_scale, causal, causal_offset, seq
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
         HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal), VARLEN=seqs is not None,
-        BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype),
+        BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
     )
 
 
@@ -695,19 +708,24 @@ def _segments(seqs: VarlenSeqs):
     return list(zip(seqs.starts_q.tolist(), seqs.lens_q.tolist(), seqs.starts_k.tolist(), seqs.lens_k.tolist()))
 
 
-def _reference_forward(q, k, v, out, lse, softmax_scale, causal, causal_offset, seqs):
+def _reference_forward(q, k, v, out, lse, softmax_scale, causal, causal_offset, seqs, merge=False):
+    def put(o_dst, l_dst, o, l):
+        if merge:
+            _ref.merge_partial(o_dst, l_dst, o, l)
+        else:
+            o_dst.copy_(o)
+            l_dst.copy_(l)
+
     if seqs is None:
         o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset)
-        out.copy_(o)
-        lse.copy_(l)
+        put(out, lse, o, l)
         return
     for a_q, n_q, a_k, n_k in _segments(seqs):
         if n_q == 0:
             continue
         o, l = _ref.forward_fp32(q[None, a_q:a_q + n_q], k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
                                  softmax_scale, causal, causal_offset)
-        out[a_q:a_q + n_q] = o[0]
-        lse[:, a_q:a_q + n_q] = l[0]
+        put(out[a_q:a_q + n_q], lse[:, a_q:a_q + n_q], o[0], l[0])
 
 
 def _reference_delta(dout, out, delta, dlse):
@@ -780,7 +798,8 @@ def _lse_shape(q, packed):
 
 
 def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: Optional[int] = None,
-                            seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None):
+                            seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
+                            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
 
     Args:
@@ -792,24 +811,38 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         seqs: packed layout description (:class:`VarlenSeqs`), or None for dense.
         out_dtype: dtype of ``out`` (default: q's). The ring passes ``torch.float32`` so partial outputs are
             merged without rounding to 16 bits.
+        out, lse: a running fp32 result of earlier key blocks for the same queries (``out`` shaped like q,
+            ``lse`` as returned; views with any strides, unit stride along the sequence for ``lse``). When
+            given, this block is merged into them in place, in the kernel's epilogue, by LSE weighting, and
+            they are returned; rows outside ``seqs`` are left as they are.
 
     Returns:
         ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
         ``[h_q, t_q]``), natural log; rows that see no key: out 0, lse ``-inf``.
     """
     packed = seqs is not None
+    merge = out is not None or lse is not None
+    if merge:
+        if out is None or lse is None:
+            raise ValueError("attention_block_forward: pass both out and lse to merge into, or neither")
+        if out.dtype != torch.float32 or lse.dtype != torch.float32:
+            raise TypeError(f"running out/lse must be float32 to merge into, got {out.dtype} and {lse.dtype}")
+        if out.shape != q.shape or lse.shape != _lse_shape(q, packed):
+            raise ValueError(f"running out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q "
+                             f"{tuple(q.shape)}; expected {tuple(q.shape)} / {_lse_shape(q, packed)}")
+        if out.stride(-1) != 1 or lse.stride(-1) != 1:
+            raise ValueError("running out and lse need a contiguous last dim to merge into")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    run = _triton_forward if _backend.select(q.device) == "triton" else _reference_forward
+    if merge:
+        for sl, part in _batch_chunks(q, seqs):
+            run(q[sl], k[sl], v[sl], out[sl], lse[sl], softmax_scale, causal, causal_offset, part, merge=True)
+        return out, lse
     out_dtype = q.dtype if out_dtype is None else out_dtype
     fill = packed and not seqs.covers_all_q
     out = (torch.zeros if fill else torch.empty)(q.shape, dtype=out_dtype, device=q.device)
     lse = torch.full(_lse_shape(q, packed), float("-inf"), dtype=torch.float32, device=q.device) if fill else \
         torch.empty(_lse_shape(q, packed), dtype=torch.float32, device=q.device)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    run = _triton_forward if _backend.select(q.device) == "triton" else _reference_forward
     for sl, part in _batch_chunks(q, seqs):
         run(q[sl], k[sl], v[sl], out[sl], lse[sl], softmax_scale, causal, causal_offset, part)
     return out, lse

@@ -8,8 +8,8 @@ once per call and alternate (step 0 computes on the caller's own K/V).
 
 Forward. Each (query shard, key shard) pair is classified once, per layout, into pieces that are fully
 visible, causal (a diagonal with an explicit offset), or skipped, so no step computes work the mask
-discards (``_plan``). Every piece returns ``(out, lse)`` in fp32 and is merged into an fp32 accumulator by
-LSE weighting::
+discards (``_plan``). Every piece after the first is merged into the fp32 running ``(out, lse)`` by LSE
+weighting, in the attention kernel's epilogue (``attention_block_forward(..., out=, lse=)``)::
 
     lse_new = log(exp(lse_acc) + exp(lse_blk))
     out_acc = out_acc · exp(lse_acc − lse_new) + out_blk · exp(lse_blk − lse_new)
@@ -153,17 +153,6 @@ class _Packed:
         return self._seqs[(piece.q_part, piece.k_part)]
 
 
-def _merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
-    """Merge a partial ``(out_blk, lse_blk)`` into fp32 ``(out_acc, lse_acc)`` in place (views are fine).
-    out: ``[..., s, h, d]``; lse: ``[..., h, s]``."""
-    new = torch.logaddexp(lse_acc, lse_blk)
-    safe = new.masked_fill(torch.isneginf(new), 0.0)  # both -inf: weights exp(-inf) = 0, not NaN
-    w_acc = torch.exp(lse_acc - safe).transpose(-1, -2).unsqueeze(-1)
-    w_blk = torch.exp(lse_blk - safe).transpose(-1, -2).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_blk * w_blk)
-    lse_acc.copy_(new)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Forward and backward rings (no autograd here).
 
@@ -182,12 +171,14 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr):
         kk, vv = cur
         for piece in _plan(layout, causal, rank, src):
             qs, ks = addr.q(piece.q_part), addr.k(piece.k_part)
-            o, lse = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
-                                             addr.piece_seqs(piece), out_dtype=torch.float32)
             if out_acc is None:  # step 0 is always the whole (diagonal or full) block
-                out_acc, lse_acc = o, lse
-            else:
-                _merge(out_acc[qs], lse_acc[addr.lse(piece.q_part)], o, lse)
+                out_acc, lse_acc = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal,
+                                                           piece.offset, addr.piece_seqs(piece),
+                                                           out_dtype=torch.float32)
+            else:  # merged into the running fp32 result in the kernel's epilogue
+                attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
+                                        addr.piece_seqs(piece), out=out_acc[qs],
+                                        lse=lse_acc[addr.lse(piece.q_part)])
         if handle is not None:
             comm.wait(handle)
             cur = nxt
