@@ -1,6 +1,14 @@
 """ring-attn: Triton flash attention, ring attention over torch.distributed, and fused RoPE.
 
 Public API (import from here; nothing else should import from deep paths):
+
+* attention: ``flash_attn_func``, ``flash_attn_varlen_func``
+* ring attention: ``ring_attn_func``, ``ring_attn_varlen_func``, ``shard``, ``unshard``, ``shard_positions``
+  and the varlen helpers
+* RoPE: ``apply_rope``, ``apply_rope_cos_sin``, ``rope_scaling.rope_parameters`` / ``from_hf_config``
+
+Lower-level pieces the ring builds on (``attention_block_forward``/``attention_block_backward``) are
+documented in ``ring_attn.ops.attention``.
 """
 from ring_attn._version import __version__
 
@@ -15,5 +23,5 @@ from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
 
 __all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func",
            "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions", "shard_varlen",
-           "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions"]
-__all__ += ["apply_rope", "apply_rope_cos_sin", "rope_scaling"]
+           "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions",
+           "apply_rope", "apply_rope_cos_sin", "rope_scaling"]
