@@ -11,7 +11,8 @@ def test_bench_attention_smoke(tmp_path, monkeypatch, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert mod.main(["--device", "cpu", "--small", "--peers", "sdpa-math", "--passes", "fwd,fwd+bwd"]) == 0
+    assert mod.main(["--device", "cpu", "--small", "--peers", "sdpa-math", "--passes", "fwd,fwd+bwd", "--plot"]) == 0
+    assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((tmp_path / "attention.csv").open()))
     impls = {r["impl"] for r in rows}
     assert impls == {"ring_attn", "sdpa-math"}, impls
