@@ -124,13 +124,18 @@ def _check_scale(softmax_scale, d):
     return float(softmax_scale)
 
 
-def _check_cu_seqlens(name, cu, total, max_seqlen, max_name, device):
-    """Validate a cu_seqlens tensor (one host read of a small tensor). Returns nothing; raises ValueError."""
+def _check_cu_seqlens_form(name, cu):
+    """A cu_seqlens argument is an int32 1-D tensor of length n_seqs + 1 >= 2 (no host read)."""
     _check_tensor(name, cu)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name}.dtype is {cu.dtype}; expected torch.int32")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D of length n_seqs + 1 >= 2, got shape {tuple(cu.shape)}")
+
+
+def _check_cu_seqlens(name, cu, total, max_seqlen, max_name, device):
+    """Validate a cu_seqlens tensor (one host read of a small tensor). Returns nothing; raises ValueError."""
+    _check_cu_seqlens_form(name, cu)
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}; expected the device of q ({device})")
     vals = cu.tolist()
@@ -1021,12 +1026,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     """
     _h_q, _h_kv, d = _check_qkv(q, k, v, packed=True)
     scale = _check_scale(softmax_scale, d)
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _check_tensor(name, cu)
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name}.dtype is {cu.dtype}; expected torch.int32")
-        if cu.dim() != 1 or cu.shape[0] < 2:
-            raise ValueError(f"{name} must be 1-D of length n_seqs + 1 >= 2, got shape {tuple(cu.shape)}")
+    _check_cu_seqlens_form("cu_seqlens_q", cu_seqlens_q)
+    _check_cu_seqlens_form("cu_seqlens_k", cu_seqlens_k)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
                          f"{cu_seqlens_k.shape[0]}; both must be n_seqs + 1")

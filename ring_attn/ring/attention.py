@@ -64,8 +64,8 @@ import torch.distributed as dist
 from ring_attn.ops.attention import (
     VarlenSeqs,
     _check_qkv,
+    _check_cu_seqlens_form,
     _check_scale,
-    _check_tensor,
     attention_block_backward,
     attention_block_forward,
     attention_delta,
@@ -421,11 +421,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = F
     """
     name = "ring_attn_varlen_func"
     scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=True)
-    _check_tensor("cu_seqlens", cu_seqlens)
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens.dtype is {cu_seqlens.dtype}; expected torch.int32")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D of length n_seqs + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
+    _check_cu_seqlens_form("cu_seqlens", cu_seqlens)
     cu = check_varlen_divisible(cu_seqlens, world, layout)
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lens):
