@@ -1,0 +1,1 @@
+"""Backends: one module per implementation behind one launcher protocol (see protocol.py)."""
