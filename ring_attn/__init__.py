@@ -14,7 +14,7 @@ documented in ``ring_attn.ops.attention``; backend selection and the capability 
 """
 from ring_attn._version import __version__
 
-# --- attention op (ops/attention.py)
+# --- attention op (ops/attention.py; kernels in backends/)
 from ring_attn.ops.attention import flash_attn_func, flash_attn_varlen_func
 # --- ring attention (ring/)
 from ring_attn.ring import (ring_attn_func, ring_attn_varlen_func, shard, shard_positions, shard_varlen,
