@@ -1,6 +1,6 @@
 """Plain-torch implementations of every op: the float64 oracle for tests, and the CPU fallback.
 
-Nothing here is fast. Everything here is meant to be obviously right: it follows the contracts of DESIGN.md
+Nothing here is fast. Everything here is meant to be obviously right: it follows the contracts of docs/design.md
 literally (layouts, GQA mapping, bottom-right causal alignment, LSE in natural log, ``lse = -inf`` and output 0
 for a row that sees no key) so the kernels can be checked against it.
 
