@@ -485,6 +485,8 @@ def _hf_resolve(config: Any, rope: dict[str, Any], nested: bool, where: str
 def _hf_compute(config: Any, rope: dict[str, Any], nested: bool, where: str,
                 seq_len: int | None) -> tuple[torch.Tensor, float]:
     rope_type, head_dim, theta, params = _hf_resolve(config, rope, nested, where)
+    if seq_len is not None:
+        seq_len = _positive_int(rope_type, "seq_len", seq_len)
     if rope_type == "dynamic":
         params["seq_len"] = seq_len if seq_len is not None else params["max_position_embeddings"]
     if rope_type == "longrope":

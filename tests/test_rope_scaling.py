@@ -341,6 +341,8 @@ def test_hf_reader_refusals():
         from_hf_config({**base, "rope_parameters": [("rope_type", "default")]})
     with pytest.raises(ValueError, match=r"factor=0; expected a finite number > 0"):
         from_hf_config({**base, "rope_scaling": {"type": "linear", "factor": 0}})
+    with pytest.raises(ValueError, match=r"seq_len=0; expected an int >= 1"):
+        from_hf_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}, seq_len=0)
     with pytest.raises(ValueError, match="needs max_position_embeddings"):
         from_hf_config({"head_dim": 64, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
