@@ -222,7 +222,7 @@ def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
     else:
         dist.init_process_group(init_method=init, rank=rank, world_size=world, **kw)
     if rank == 0:
-        _progress(cfg, f"process group up: {world} rank(s) ({kw['backend']})")
+        _progress(cfg, f"process group up: {world} rank(s) ({kw['backend']}); building and sharding the inputs ...")
     try:
         _run_rank(rank, cfg, result_path)
         dist.barrier()  # every rank done before any tears the group down (gloo can abort otherwise)
