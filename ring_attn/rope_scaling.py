@@ -24,7 +24,10 @@ Types (``rope_parameters(rope_type, head_dim, theta, **params)``; ``d`` is the r
 Every formula mirrors ``transformers.modeling_rope_utils`` (5.x) operation by operation, in float32, so the
 results are bitwise equal to transformers' own for the same config (``tests/test_rope_scaling.py`` checks this
 against the installed transformers). :func:`from_hf_config` reads transformers 4.x configs (``rope_theta``,
-``rope_scaling``) and 5.x configs (``rope_parameters``), objects or plain ``config.json`` dicts.
+``rope_scaling``) and 5.x configs (``rope_parameters``), objects or plain ``config.json`` dicts, as transformers
+reads them: the keys it ignores are ignored (with a warning), the keys it refuses to run without are required;
+:func:`from_hf_config_per_layer_type` covers configs whose RoPE differs per layer type (Gemma 3). Every numeric
+parameter is range-checked before any arithmetic (transformers only logs a warning, then computes inf or NaN).
 """
 from __future__ import annotations
 
