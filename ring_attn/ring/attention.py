@@ -473,13 +473,13 @@ def _check_seqlen(name, seqlen, padded: int, world: int, layout: str, causal: bo
     m = 2 * world if layout == "zigzag" else world
     if seqlen is None:
         if not causal:
-            seen = sorted(recorded_padding(layout, world, padded) - {padded})
-            if seen:
+            seen = recorded_padding(layout, world, padded)
+            if seen is not None:
                 raise ValueError(
-                    f"{name}: these shards hold {padded} tokens in all, and shard() padded a sequence of "
-                    f"{', '.join(map(str, seen))} token(s) to {padded} in this process; non-causal attention "
-                    f"would attend to the padding. Pass seqlen=<real length> (seqlen={padded} if this sequence "
-                    f"really has {padded} tokens)")
+                    f"{name}: these shards hold {padded} tokens in all, and the last sequence ring_attn.shard "
+                    f"padded to {padded} tokens (layout {layout!r}, {world} ranks) had {seen}; non-causal "
+                    f"attention would attend to the padding. Pass seqlen={seen} (or seqlen={padded} if this "
+                    f"sequence really has {padded} tokens)")
         return padded
     seqlen = _as_int("seqlen", seqlen)
     if not padded - m < seqlen <= padded:

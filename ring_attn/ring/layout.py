@@ -136,14 +136,18 @@ _recorded: dict = {}
 
 
 def _record_padding(layout: str, world_size: int, seqlen: int, padded: int) -> None:
-    _recorded.setdefault((layout, world_size, padded), set()).add(seqlen)
+    if seqlen == padded:
+        _recorded.pop((layout, world_size, padded), None)
+    else:
+        _recorded[(layout, world_size, padded)] = seqlen
 
 
-def recorded_padding(layout: str, world_size: int, padded: int) -> set:
-    """Real lengths that :func:`shard` / :func:`shard_for_rank` padded to ``padded`` tokens for this
-    layout and world size in this process (empty if none). The ring uses it to refuse non-causal attention
-    over padded shards when the real length was not passed (the padding would be attended to)."""
-    return set(_recorded.get((layout, world_size, padded), ()))
+def recorded_padding(layout: str, world_size: int, padded: int) -> Optional[int]:
+    """The real length of the last sequence that :func:`shard` / :func:`shard_for_rank` padded to ``padded``
+    tokens for this layout and world size in this process, or None (never, or a sequence of exactly
+    ``padded`` tokens was sharded since). The ring uses it to refuse non-causal attention over padded shards
+    when the real length was not passed (the padding would be attended to)."""
+    return _recorded.get((layout, world_size, padded))
 
 
 def shard_index(seqlen: int, rank: int, world_size: int, layout: str = "zigzag",
@@ -204,9 +208,9 @@ def shard_for_rank(x: torch.Tensor, rank: int, world_size: int, dim: int = 1, la
     s = x.shape[dim]
     padded = padded_length(s, world_size, layout)
     idx = shard_index(padded, rank, world_size, layout, x.device)
+    _record_padding(layout, world_size, s, padded)
     if padded == s:
         return x.index_select(dim, idx)
-    _record_padding(layout, world_size, s, padded)
     return _pad_select(x, dim, torch.where(idx < s, idx, -1), pad_value)
 
 
