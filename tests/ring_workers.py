@@ -48,6 +48,7 @@ def cases_for(world: int) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and world == 2:
         cases.append(dict(kind="triton", layout="zigzag", causal=True, dtype="float32", b=1, s=8 * world,
                           h_q=2, h_kv=1, lse_grad=False))
+        cases.append(dict(kind="triton_padding"))
     if world == 4:
         cases.append(dict(kind="subgroup"))
         cases.append(dict(kind="mesh"))
@@ -290,18 +291,19 @@ def _single_case_inputs(seed, shapes, dtype=torch.float32):
 PAD_LENGTHS = (1, 5, 7, 13)
 
 
-def _padding_case(rank, world, group, store):
+def _padding_case(rank, world, group, store, triton=False):
     """Dense sequences of every length in PAD_LENGTHS, sharded with ring_attn.shard (which pads), every layout,
     causal or not; with seqlen= the padding rows get dout = 1 (they must stay inert), without it (causal only)
-    the padding rows get dout = 0 as a loss that ignores them would give."""
+    the padding rows get dout = 0 as a loss that ignores them would give. ``triton``: the Triton kernels
+    (interpreter) on one length."""
     import ring_attn
     import ring_attn.backend as backend
 
     res = {}
-    with backend.force("reference"):
+    with backend.force("triton" if triton else "reference"):
         for layout in LAYOUTS:
             for causal in (False, True):
-                for s in PAD_LENGTHS:
+                for s in (PAD_LENGTHS[1:3] if triton else PAD_LENGTHS):
                     for with_seqlen in ((True, False) if causal else (True,)):
                         q, k, v, dout = _single_case_inputs(s, [(2, s, 4, HEAD_DIM), (2, s, 2, HEAD_DIM),
                                                                 (2, s, 2, HEAD_DIM), (2, s, 4, HEAD_DIM)])
@@ -638,6 +640,8 @@ def _worker(rank, world, init_file, outdir):
                     _local_errors_case(rank, world, None, store)
                 elif kind == "padding":
                     _padding_case(rank, world, None, store)
+                elif kind == "triton_padding":
+                    _padding_case(rank, world, None, store, triton=True)
                 elif kind == "padding_varlen":
                     _padding_varlen_case(rank, world, None, store)
                 elif kind == "call_forms":

@@ -239,6 +239,23 @@ def test_any_length_is_padded_and_masked(worlds, world, layout, causal):
                                           inputs[(layout, causal, s, with_seqlen)]["inputs"], causal, world)
 
 
+def test_any_length_with_the_triton_kernels(worlds):
+    """The padded pieces (per-sequence row counts below the shard length) through the Triton kernels
+    (interpreter on CPU), W = 2, lengths 5 and 7, every layout, causal and not."""
+    cases = [c["name"] for c in cases_for(2) if c["kind"] == "triton_padding"]
+    if not cases:
+        pytest.skip("Triton kernels run only with TRITON_INTERPRET=1 or on a GPU")
+    for rank in range(2):
+        res = _result(worlds, 2, cases[0], rank)["results"]
+        assert len(res) == 3 * 2 * 3
+        for (layout, causal, s, with_seqlen), r in res.items():
+            if with_seqlen:
+                assert r["pad_rows_inert"] is True, (layout, causal, s, rank)
+            if rank == 0:
+                _check_against_oracle(f"triton {layout} causal={causal} S={s} seqlen={with_seqlen}", r["gathered"],
+                                      r["inputs"], causal, 2)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 def test_varlen_any_lengths_are_padded_and_masked(worlds, world):
     name = next(c["name"] for c in cases_for(world) if c["kind"] == "padding_varlen")

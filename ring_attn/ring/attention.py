@@ -106,25 +106,28 @@ def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int
     """Pieces of the (rank's queries, src's keys) pair; empty when nothing is visible.
 
     Sliding windows (``window_size``) are computed HERE and nowhere else once the kernels take a window
-    (``backends/protocol.py``: key ``j`` visible to query ``i`` iff ``j >= i + off - left`` and
-    ``j <= i + off + right``, ``off`` = the piece's ``causal_offset``). Until then the public functions
-    refuse any window before they get here. What this function must then do per piece:
+    (``backends/protocol.py``: key ``j`` visible to query ``i`` iff ``j <= i + off`` when causal,
+    ``j >= i + off - left`` and ``j <= i + off + right``, with ``off`` the piece's ``causal_offset`` and a
+    negative bound meaning unbounded). Until then the public functions refuse any window before they get here.
+    Recipe (checked by brute force against global masks for contiguous and striped, W 1..4, windows up to 9):
+    for a piece whose rows satisfy ``global(k_j) - global(q_i) = (j - i) - D`` with one constant ``D``, the
+    visible keys are ``lo <= j - i <= hi`` with ``hi = min(D if causal, D + right if right >= 0)`` and
+    ``lo = D - left`` (if ``left >= 0``). Skip the piece when ``lo > hi`` or the band misses the block
+    (``lo > n_k - 1`` or ``hi < -(n_q - 1)``); else launch it causal with ``off = hi`` and window
+    ``(hi - lo, -1)`` (no ``lo``: ``(-1, -1)``; no ``hi``: not causal, ``off = lo``, window ``(0, -1)``).
+    Per layout, ``D``:
 
-    * give every piece an explicit offset ``off`` with ``global(q_i) - global(k_j) = i - j - off`` for all
-      its rows; a window keeps ``(left, right)`` and the kernel adds ``off`` (plus causal for ``right = 0``);
-    * contiguous: ``off = (rank - src) * s_local``; a piece is skipped when ``|off|`` puts every key outside
-      the window (``off - left > s_local - 1`` or ``off + right < -(s_local - 1)``);
-    * zigzag: ``"all"`` rows span two chunks (``rank`` and ``2W-1-rank``) whose global positions are not one
-      affine run, so with a window every pair must be split into up to four (q chunk, k chunk) pieces
-      (``q_part``/``k_part`` in ``{"first", "second"}``, addressed like the existing halves), each with
-      ``off = (chunk_q - chunk_k) * c`` (``c = s_local / 2``), skipped when outside the window;
-    * striped (global = ``i*W + rank``): ``off = floor((rank - src) / W)`` (0 or -1, as now), and the window
-      becomes ``left' = off - ceil((rank - src - left) / W)``, ``right' = floor((rank - src + right) / W) - off``;
-    * varlen: ``s_local`` / ``c`` differ per sequence, so contiguous/zigzag offsets are per sequence: the
-      kernels need a per-sequence offset (a tensor next to ``VarlenSeqs.starts_*``), or the ring must refuse
-      windows for packed inputs;
-    * softcap needs nothing here: it is a per-score transform, passed unchanged to every piece
-      (``_kernel_options``).
+    * contiguous: ``D = (rank - src) * s_local``;
+    * zigzag: ``"all"`` rows span two chunks (``rank`` and ``2W-1-rank``) that are not one affine run, so with
+      a window every pair splits into up to four (q chunk, k chunk) pieces (q/k parts ``"first"`` /
+      ``"second"``, addressed like the existing halves), ``D = (chunk_q - chunk_k) * s_local / 2``;
+    * striped (global = ``i*W + rank``): not affine in ``D`` but the same recipe holds with
+      ``hi = min(floor((rank - src) / W) if causal, floor((rank - src + right) / W))`` and
+      ``lo = ceil((rank - src - left) / W)``;
+    * varlen: ``s_local`` differs per sequence, so contiguous/zigzag ``D`` is per sequence: the kernels need a
+      per-sequence offset (next to ``VarlenSeqs.starts_*``), or the ring must refuse windows for packed
+      inputs; padded shards (``_Packed``) already give per-sequence row counts.
+    * softcap needs nothing here: a per-score transform, passed unchanged to every piece (``_kernel_options``).
     """
     if tuple(window) != _NO_WINDOW:
         raise NotImplementedError(f"window_size={tuple(window)} is not implemented in the ring schedule yet")
