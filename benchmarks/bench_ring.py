@@ -90,8 +90,8 @@ def bench_one(s_local, args, rank, world, device, dtype):
     q, k, v, do = (ring_attn.shard(x, 1, layout=args.layout).to(device) for x in full)
     scale = d ** -0.5
     rows = []
-    comm = ra._comm(dist.group.WORLD, device)
-    addr = ra._Dense(s_local)
+    comm = ra.comm_for(dist.group.WORLD, device)
+    addr = ra.DenseAddress(s_local)
     nocomm = _NoComm(rank, world)
 
     def barrier():
@@ -124,14 +124,14 @@ def bench_one(s_local, args, rank, world, device, dtype):
         ring_fwd().backward(do)
 
     def compute_fwd():
-        return ra._ring_forward(q, k, v, scale, args.causal, args.layout, nocomm, addr)
+        return ra.ring_forward(q, k, v, scale, args.causal, args.layout, nocomm, addr)
 
     out_acc, lse = compute_fwd()
     out = out_acc.to(dtype)
 
     def compute_fb():
         compute_fwd()
-        ra._ring_backward(do, q, k, v, out, lse, None, scale, args.causal, args.layout, nocomm, addr)
+        ra.ring_backward(do, q, k, v, out, lse, None, scale, args.causal, args.layout, nocomm, addr)
 
     ring_fwd()  # signature check, autotune
     barrier()
@@ -144,7 +144,7 @@ def bench_one(s_local, args, rank, world, device, dtype):
     barrier()
 
     # one diagonal step and one off-diagonal step (zigzag: half block; others: full block), fwd and bwd
-    off_pieces = ra._plan(args.layout, args.causal, 1, 0)  # keys from an earlier rank (zigzag: half block)
+    off_pieces = ra.plan(args.layout, args.causal, 1, 0)  # keys from an earlier rank (zigzag: half block)
     delta = attention_delta(do, out)
     f32 = dict(dtype=torch.float32, device=device)
     dq, dk, dv = torch.zeros(q.shape, **f32), torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
@@ -158,7 +158,7 @@ def bench_one(s_local, args, rank, world, device, dtype):
             else:
                 attention_block_forward(q[qs], k[ks], v[ks], scale, p.causal, p.offset, out_dtype=torch.float32)
 
-    diag = ra._plan(args.layout, args.causal, 0, 0)
+    diag = ra.plan(args.layout, args.causal, 0, 0)
     step = {}
     for name, pieces in (("diag", diag), ("off", off_pieces)):
         for bwd in (False, True):

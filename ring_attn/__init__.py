@@ -6,17 +6,21 @@ Public API (import from here; nothing else should import from deep paths):
 * ring attention: ``ring_attn_func``, ``ring_attn_varlen_func``, ``shard``, ``unshard``, ``shard_positions``
   and the varlen helpers
 * RoPE: ``apply_rope``, ``apply_rope_cos_sin``, ``rope_scaling.rope_parameters`` / ``from_hf_config``
+* backends: ``backend_info`` (which backend each op would use for given inputs, and why)
 
 Lower-level pieces the ring builds on (``attention_block_forward``/``attention_block_backward``) are
-documented in ``ring_attn.ops.attention``.
+documented in ``ring_attn.ops.attention``; backend selection and the capability table in
+``ring_attn.backends`` (design: ``docs/design.md``).
 """
 from ring_attn._version import __version__
 
-# --- attention op (ops/attention.py)
+# --- attention op (ops/attention.py; kernels in backends/)
 from ring_attn.ops.attention import flash_attn_func, flash_attn_varlen_func
 # --- ring attention (ring/)
 from ring_attn.ring import (ring_attn_func, ring_attn_varlen_func, shard, shard_positions, shard_varlen,
                             unshard, unshard_varlen, varlen_local_cu_seqlens, varlen_positions)
+# --- which backend runs an op, and why (backends/)
+from ring_attn.backends import backend_info
 # --- RoPE (ops/rope.py, rope_scaling.py)
 from ring_attn import rope_scaling
 from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
@@ -24,4 +28,4 @@ from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
 __all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func",
            "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions", "shard_varlen",
            "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions",
-           "apply_rope", "apply_rope_cos_sin", "rope_scaling"]
+           "apply_rope", "apply_rope_cos_sin", "rope_scaling", "backend_info"]

@@ -1,6 +1,6 @@
 """Plain-torch implementations of every op: the float64 oracle for tests, and the CPU fallback.
 
-Nothing here is fast. Everything here is meant to be obviously right: it follows the contracts of DESIGN.md
+Nothing here is fast. Everything here is meant to be obviously right: it follows the contracts of docs/design.md
 literally (layouts, GQA mapping, bottom-right causal alignment, LSE in natural log, ``lse = -inf`` and output 0
 for a row that sees no key) so the kernels can be checked against it.
 
@@ -11,7 +11,8 @@ per-sequence ``starts``/``lens`` (int) along the token dim: sequence ``i`` of q 
 ``starts_q[i] : starts_q[i] + lens_q[i]`` and attends to rows ``starts_k[i] : starts_k[i] + lens_k[i]`` of k/v.
 ``cu_seqlens`` is the special case ``starts = cu[:-1]``, ``lens = cu[1:] - cu[:-1]``.
 Causal: query ``i`` sees key ``j`` when ``j <= i + causal_offset``; ``causal_offset=None`` means
-``s_k - s_q`` (bottom-right alignment, per sequence in varlen).
+``s_k - s_q`` (bottom-right alignment, per sequence in varlen). A sliding ``window=(left, right)`` and Gemma 2's
+``softcap`` follow ``ring_attn/backends/protocol.py`` exactly (defaults: off).
 """
 from __future__ import annotations
 
@@ -31,18 +32,39 @@ __all__ = [
 _FALLBACK_SCORE_ELEMENTS = 1 << 24
 
 
-def _visible_mask(s_q: int, s_k: int, causal: bool, causal_offset: int | None, device) -> torch.Tensor | None:
-    """Bool ``[s_q, s_k]``, True where query i may see key j; None when everything is visible."""
-    if not causal:
+def _visible_mask(s_q: int, s_k: int, causal: bool, causal_offset: int | None, device,
+                  window=(-1, -1)) -> torch.Tensor | None:
+    """Bool ``[s_q, s_k]``, True where query i may see key j; None when everything is visible.
+
+    With ``off = causal_offset`` (default ``s_k - s_q``, bottom-right), key j is visible to query i iff
+    ``(not causal or j <= i + off)``, ``(left < 0 or j >= i + off - left)`` and ``(right < 0 or
+    j <= i + off + right)`` where ``(left, right) = window`` (flash-attn's ``window_size``).
+    """
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if not causal and left < 0 and right < 0:
         return None
     offset = s_k - s_q if causal_offset is None else causal_offset
-    i = torch.arange(s_q, device=device)[:, None]
+    i = torch.arange(s_q, device=device)[:, None] + offset
     j = torch.arange(s_k, device=device)[None, :]
-    return j <= i + offset
+    mask = torch.ones((s_q, s_k), dtype=torch.bool, device=device)
+    if causal:
+        mask &= j <= i
+    if left >= 0:
+        mask &= j >= i - left
+    if right >= 0:
+        mask &= j <= i + right
+    return mask
 
 
-def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row0=0, s_q_total=None):
-    """Scores ``[b, h_q, rows, s_k]`` in ``compute_dtype`` (masked entries are -inf).
+def _softcap(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's logit soft-capping ``softcap * tanh(s / softcap)`` (identity when ``softcap <= 0``)."""
+    return s if not softcap or softcap <= 0 else torch.tanh(s / softcap) * softcap
+
+
+def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row0=0, s_q_total=None,
+                  window=(-1, -1), softcap=0.0):
+    """Scores ``[b, h_q, rows, s_k]`` in ``compute_dtype`` (soft-capped when ``softcap > 0``; masked entries
+    are -inf).
 
     ``row0``/``s_q_total`` let a caller pass a slab of query rows while keeping the causal alignment of the
     whole query sequence.
@@ -53,23 +75,27 @@ def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row
     qf = q.to(compute_dtype).transpose(1, 2)  # [b, h_q, rows, d]
     kf = k.to(compute_dtype).transpose(1, 2)  # [b, h_kv, s_k, d]
     kf = kf.repeat_interleave(group, dim=1)  # the oracle may repeat; kernels never do
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale
+    s = _softcap(torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale, softcap)
     s_q = rows if s_q_total is None else s_q_total
-    mask = _visible_mask(s_q, s_k, causal, causal_offset, q.device)
+    mask = _visible_mask(s_q, s_k, causal, causal_offset, q.device, window)
     if mask is not None:
         s = s.masked_fill(~mask[row0 : row0 + rows], float("-inf"))
     return s
 
 
-def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64):
+def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64,
+              window=(-1, -1), softcap=0.0):
     """Dense attention. Returns ``(out [b, s_q, h_q, d], lse [b, h_q, s_q])``, both in ``compute_dtype``.
+
+    ``window=(left, right)`` limits each query to keys ``i + off - left .. i + off + right`` (-1: unbounded;
+    see :func:`_visible_mask`); ``softcap > 0`` caps scores as ``softcap * tanh(s / softcap)`` (Gemma 2).
 
     Differentiable with torch autograd (the oracle's gradients come from here). With ``compute_dtype`` equal
     to the input dtype this is "plain torch in the same low precision", the baseline of the accuracy rule.
     """
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype)
+    s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype, window=window, softcap=softcap)
     m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: detaching m is exact
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     e = torch.exp(s - m)
@@ -87,7 +113,7 @@ def _segments(starts, lens):
 
 
 def attention_varlen(q, k, v, starts_q, lens_q, starts_k, lens_k, softmax_scale=None, causal=False,
-                     causal_offset=None, compute_dtype=torch.float64):
+                     causal_offset=None, compute_dtype=torch.float64, window=(-1, -1), softcap=0.0):
     """Varlen attention on packed ``[t, h, d]`` tensors, one sequence at a time.
 
     Returns ``(out [t_q, h_q, d], lse [h_q, t_q])`` in ``compute_dtype``; rows of q outside every sequence get
@@ -101,7 +127,7 @@ def attention_varlen(q, k, v, starts_q, lens_q, starts_k, lens_k, softmax_scale=
         if n_q == 0:
             continue
         o, l = attention(q[None, a_q : a_q + n_q], k[None, a_k : a_k + n_k], v[None, a_k : a_k + n_k],
-                         softmax_scale, causal, causal_offset, compute_dtype)
+                         softmax_scale, causal, causal_offset, compute_dtype, window, softcap)
         pieces_out.append(o[0])
         pieces_lse.append(l[0].transpose(0, 1))
         rows.append(torch.arange(a_q, a_q + n_q, device=q.device))
@@ -123,8 +149,9 @@ def _row_chunks(rows: int, s_k: int, heads: int, batch: int):
 
 
 @torch.no_grad()
-def forward_fp32(q, k, v, softmax_scale, causal, causal_offset):
-    """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``(out, lse)``."""
+def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0):
+    """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``(out, lse)``.
+    ``window``/``softcap`` as in :func:`attention`."""
     b, s_q, h_q, d = q.shape
     s_k = k.shape[1]
     out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
@@ -133,7 +160,7 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset):
     group = h_q // k.shape[2]
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
-        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q)
+        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window, softcap)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         e = torch.exp(s - m)
@@ -157,12 +184,14 @@ def merge_partial(out_acc, lse_acc, out_blk, lse_blk) -> None:
 
 
 @torch.no_grad()
-def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset):
+def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0):
     """Dense backward from the *final* ``lse`` and ``delta = rowsum(dout * out)`` (both fp32 ``[b, h_q, s_q]``).
 
     Returns fp32 ``(dq, dk, dv)`` shaped like q, k, v. Rows with ``lse = -inf`` contribute nothing.
     Formulas: ``P = exp(S·scale − lse)``, ``dV = Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)``,
     ``dQ = dS K · scale``, ``dK = dSᵀ Q · scale``; GQA sums dK/dV over the query heads of a group.
+    ``window`` masks as in :func:`attention`; with ``softcap > 0``, ``S = c·tanh(S_raw / c)`` and ``dS`` is
+    multiplied by ``1 - tanh²(S_raw / c)``.
     """
     b, s_q, h_q, d = q.shape
     s_k, h_kv = k.shape[1], k.shape[2]
@@ -175,12 +204,17 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
     dv_full = torch.zeros((b, h_q, s_k, d), dtype=torch.float32, device=q.device)
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
-        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q)
+        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window)
+        if softcap and softcap > 0:
+            t = torch.tanh(s / softcap)  # masked entries: tanh(-inf) = -1, and p = 0 there
+            s = t * softcap
         p = torch.exp(s - safe_lse[:, :, r0:r1, None])
         do = dout[:, r0:r1].float().transpose(1, 2)  # [b, h_q, rows, d]
         dv_full += torch.matmul(p.transpose(-1, -2), do)
         dp = torch.matmul(do, vf.transpose(-1, -2))
         ds = p * (dp - delta[:, :, r0:r1, None])
+        if softcap and softcap > 0:
+            ds = ds * (1.0 - t * t)
         dq[:, r0:r1] = (torch.matmul(ds, kf) * softmax_scale).transpose(1, 2)
         dk_full += torch.matmul(ds.transpose(-1, -2), q[:, r0:r1].float().transpose(1, 2)) * softmax_scale
     dk = dk_full.view(b, h_kv, group, s_k, d).sum(2).transpose(1, 2)

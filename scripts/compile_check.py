@@ -22,7 +22,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ring_attn.ops import attention as A  # noqa: E402
+from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
+from ring_attn.backends.triton.attention import bwd_blocks  # noqa: E402
 
 
 def _signature(fn, dtype, constexprs, int64_names=()):
@@ -73,12 +74,12 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = ap.parse_args(argv)
-    fwd = A._fwd_kernel.fn  # the JITFunction under the autotuner
+    fwd = K.fwd_kernel.fn  # the JITFunction under the autotuner
     fails = 0
     for d in (64, 128, 256):
         bd = max(16, 1 << (d - 1).bit_length())
         for causal in (True, False):
-            for cfg in A._fwd_kernel.configs:
+            for cfg in K.fwd_kernel.configs:
                 c = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, VARLEN=False, BOTTOM_RIGHT=True, MERGE=causal,
                          DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", **cfg.kwargs)
                 if d > 128 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 64:
@@ -89,8 +90,8 @@ def main(argv=None):
                 except Exception as exc:
                     fails += 1
                     print(f"fwd d={d} causal={causal} {cfg.kwargs}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-        blocks = A._bwd_blocks(d)
-        for name, kern, (bm, bn) in (("dkdv", A._bwd_dkdv_kernel, blocks["dkdv"]), ("dq", A._bwd_dq_kernel,
+        blocks = bwd_blocks(d)
+        for name, kern, (bm, bn) in (("dkdv", K.bwd_dkdv_kernel, blocks["dkdv"]), ("dq", K.bwd_dq_kernel,
                                                                                blocks["dq"])):
             for acc in (False, True):
                 c = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=True, VARLEN=False, BOTTOM_RIGHT=True, ACCUMULATE=acc,

@@ -1,4 +1,4 @@
-"""The accuracy rule, in one place (DESIGN.md, after flash-attention's tests).
+"""The accuracy rule, in one place (docs/design.md, after flash-attention's tests).
 
 A kernel passes when its max error against the float64 oracle is at most ``factor`` times the max error of a
 plain-torch computation in the same low precision (2 for outputs, 3 for gradients), plus a small floor that

@@ -116,12 +116,12 @@ def _gather(local, cu, layout, group, dim=None):
 
 
 def _attention_case(case, rank, world, group, store):
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
     case = dict(case, world=world)
     q, k, v, dout, dlse, cu = _inputs(case)
     pinned = "triton" if case["kind"] == "triton" else "reference"
-    with backend.force(pinned):
+    with backends.force(pinned):
         out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, group, rank, world)
     packed = cu is not None
     gathered = dict(out=_gather(out, cu, case["layout"], group), lse=_gather(lse, cu, case["layout"], group,
@@ -156,12 +156,12 @@ def _roundtrip_case(rank, world, group, store):
 
 
 def _determinism_case(case, rank, world, group, store):
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
     case = dict(case, world=world)
     q, k, v, dout, dlse, cu = _inputs(case, seed=3)
     runs = []
-    with backend.force("reference"):
+    with backends.force("reference"):
         for _ in range(3):
             runs.append(_run_ring(case, q, k, v, dout, dlse, cu, group, rank, world))
     store["bitwise_equal"] = all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))
@@ -170,7 +170,7 @@ def _determinism_case(case, rank, world, group, store):
 def _memory_case(case, rank, world, group, store):
     """Per-rank peak of one fwd+bwd at fixed s_local (the global sequence grows with W)."""
     import ring_attn
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
     s_local, h, d = case["s_local"], 4, 32
     g = torch.Generator().manual_seed(rank)
@@ -183,7 +183,7 @@ def _memory_case(case, rank, world, group, store):
 
     from ring_attn.ring.demo import PeakTensorMemory
 
-    with backend.force("reference"):
+    with backends.force("reference"):
         step()  # first call: signature check, comm setup
         with PeakTensorMemory() as mem:
             step()
@@ -297,10 +297,10 @@ def _padding_case(rank, world, group, store, triton=False):
     the padding rows get dout = 0 as a loss that ignores them would give. ``triton``: the Triton kernels
     (interpreter) on one length."""
     import ring_attn
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
     res = {}
-    with backend.force("triton" if triton else "reference"):
+    with backends.force("triton" if triton else "reference"):
         for layout in LAYOUTS:
             for causal in (False, True):
                 for s in (PAD_LENGTHS[1:3] if triton else PAD_LENGTHS):
@@ -337,14 +337,14 @@ def _padding_varlen_case(rank, world, group, store):
     """Packed sequences of lengths the layouts cannot split (and an empty one), sharded with shard_varlen;
     padding rows get dout = 1 and must stay inert."""
     import ring_attn
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
     from ring_attn.ring import layout as L
 
     lens = [5, 1, 0, 7, 13]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     t = int(cu[-1])
     res = {}
-    with backend.force("reference"):
+    with backends.force("reference"):
         for layout in LAYOUTS:
             for causal in (False, True):
                 q, k, v, dout = _single_case_inputs(7, [(t, 4, HEAD_DIM), (t, 2, HEAD_DIM), (t, 2, HEAD_DIM),
@@ -374,13 +374,13 @@ def _call_forms_case(rank, world, group, store):
     import numpy as np
 
     import ring_attn
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
     s = 4 * world
     q, k, v, dout = _single_case_inputs(11, [(1, s, 4, HEAD_DIM), (1, s, 2, HEAD_DIM), (1, s, 2, HEAD_DIM),
                                               (1, s, 4, HEAD_DIM)])
     res = {}
-    with backend.force("reference"):
+    with backends.force("reference"):
         for layout in LAYOUTS:
             ql, kl, vl, dl = (ring_attn.shard(x, layout=layout) for x in (q, k, v, dout))
 
@@ -495,7 +495,7 @@ def _compat_case(rank, world, group, store):
     inputs sharded with their extract_local), plus the q/k/v and kv-packed forms positionally; gathered with
     ring_attn.unshard for the parent to check against the oracle."""
     import ring_attn
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
     from ring_attn import compat
 
     s, nheads = 6 * world, 4
@@ -504,7 +504,7 @@ def _compat_case(rank, world, group, store):
     qkv, dout = _single_case_inputs(21, [(1, s, 3, nheads, HEAD_DIM), (1, s, nheads, HEAD_DIM)])
     pqkv, pdout = _single_case_inputs(22, [(cu_list[-1], 3, nheads, HEAD_DIM), (cu_list[-1], nheads, HEAD_DIM)])
     res, extract_ok = {}, {}
-    with backend.force("reference"):
+    with backends.force("reference"):
         for family, (layout, extract, vextract) in COMPAT_FAMILIES.items():
             local_qkv = extract(qkv, rank, world).detach().clone()
             local_dout = extract(dout, rank, world)
@@ -571,13 +571,13 @@ def _compat_case(rank, world, group, store):
 
 def _mismatch_case(rank, world, group, store):
     import ring_attn
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
     s_local = 8 + (2 if rank == 0 else 0)  # rank 0 holds a different shard length
     q, k, v = (torch.randn(1, s_local, 2, HEAD_DIM) for _ in range(3))
     t0 = time.monotonic()
     try:
-        with backend.force("reference"):
+        with backends.force("reference"):
             ring_attn.ring_attn_func(q, k, v, causal=True, group=group)
         store["raised"] = None
     except Exception as e:  # noqa: BLE001 - the test inspects the type and message
@@ -605,9 +605,9 @@ def _subgroup_case(rank, world, group, store, mesh: bool):
     case = dict(kind="dense", layout="zigzag", causal=True, dtype="float32", b=1, s=24, h_q=4, h_kv=2,
                 lse_grad=False, world=sub_world)
     q, k, v, dout, dlse, cu = _inputs(case, seed=10 + data_id)
-    import ring_attn.backend as backend
+    import ring_attn.backends as backends
 
-    with backend.force("reference"):
+    with backends.force("reference"):
         out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, sub, sub_rank, sub_world)
     gathered = {n: _gather(t, None, "zigzag", sub) for n, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv))}
     store.update(global_ranks=dist.get_process_group_ranks(sub), sub_rank=sub_rank, seed=10 + data_id,

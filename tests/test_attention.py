@@ -2,7 +2,7 @@
 
 On CPU the Triton kernels run through the interpreter (conftest sets TRITON_INTERPRET=1), so shapes are small;
 block sizes there are 16, so lengths up to ~70 cross several blocks, ragged ends and the causal diagonal.
-bf16 is covered by the GPU tests at the bottom (the interpreter's bf16 tl.dot is broken, see DESIGN.md).
+bf16 is covered by the GPU tests at the bottom (the interpreter's bf16 tl.dot is broken, see docs/design.md).
 """
 import math
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ring_attn
-from ring_attn import backend, reference
+from ring_attn import backends, reference
 from ring_attn.ops.attention import (
     VarlenSeqs,
     attention_block_backward,
@@ -39,7 +39,7 @@ def _qkv(b, s_q, s_k, h_q, h_kv, d, dtype, device="cpu", fused=False, seed=0):
 
 
 def _check_against_oracle(q, k, v, causal, softmax_scale=None, use_lse_grad=False):
-    """Run the op with autograd and compare out, lse and all grads with the rule of DESIGN.md."""
+    """Run the op with autograd and compare out, lse and all grads with the rule of docs/design.md."""
     dtype = q.dtype
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
     out, lse = ring_attn.flash_attn_func(qs, ks, vs, causal=causal, softmax_scale=softmax_scale, return_lse=True)
@@ -261,8 +261,8 @@ def test_block_backward_rejects_low_precision_accumulators():
 @pytest.mark.parametrize("causal", [False, True])
 def test_reference_backend_keeps_the_contracts(causal):
     q, k, v = _qkv(2, 45, 20, 4, 1, 32, torch.float32)
-    with backend.force("reference"):
-        assert backend.select(q.device) == "reference"
+    with backends.force("reference"):
+        assert backends.select("attention", q.device).NAME == "reference"
         _check_against_oracle(q, k, v, causal)
         cu = _cu([5, 0, 40])
         qv, kv, vv = q[0, :45], k[0, :20].repeat(3, 1, 1)[:45], v[0, :20].repeat(3, 1, 1)[:45]
@@ -274,11 +274,11 @@ def test_reference_backend_keeps_the_contracts(causal):
 def test_backend_selection_explains_itself(monkeypatch):
     monkeypatch.setenv("RING_ATTN_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="RING_ATTN_BACKEND='cuda-magic'"):
-        backend.select(torch.device("cpu"))
+        backends.select("attention", torch.device("cpu"))
     monkeypatch.delenv("RING_ATTN_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert backend.select(torch.device("cpu")) == "reference"
-    assert "TRITON_INTERPRET=1" in " ".join(backend.not_supported_reasons("triton", torch.device("cpu")))
+    assert backends.select("attention", torch.device("cpu")).NAME == "reference"
+    assert "TRITON_INTERPRET=1" in " ".join(backends.not_supported_reasons("triton", "attention", torch.device("cpu")))
 
 
 def test_torch_compile_fullgraph():
@@ -389,7 +389,7 @@ def test_gpu_varlen_bf16_and_determinism():
 
 def test_batches_too_large_for_one_grid_are_split(monkeypatch):
     """batch x heads beyond CUDA's grid-dim-1 limit (65535) is launched in chunks; same results."""
-    from ring_attn.ops import attention as attn_mod
+    from ring_attn.ops import attention_block as attn_mod
 
     q, k, v = _qkv(3, 19, 19, 4, 2, 16, torch.float32)
     cu = _cu([7, 0, 12, 19, 19])
@@ -417,7 +417,7 @@ def test_block_forward_merges_into_running_result(which, causal):
     forward) equal attention over all keys. A strided view of the running result is merged into too."""
     q, k, v = _qkv(2, 29, 45, 4, 2, 32, torch.float16)
     splits = [0, 13, 30, 45]
-    with backend.force(which):
+    with backends.force(which):
         out, lse = None, None
         for a, b in zip(splits[:-1], splits[1:]):
             off = (45 - 29) - a  # bottom-right alignment of the whole, shifted to this block's first key

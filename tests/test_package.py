@@ -40,12 +40,14 @@ def test_package_works_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, ring_attn\n"
-        "from ring_attn import backend\n"
-        "assert not backend.triton_available() and backend.select(torch.device('cpu')) == 'reference'\n"
+        "from ring_attn import backends\n"
+        "assert not backends.triton_available() and backends.select('attention', 'cpu').NAME == 'reference'\n"
+        "assert backends.select('rope', 'cpu').NAME == 'reference'\n"
         "q = torch.randn(1, 16, 2, 16, requires_grad=True); k = torch.randn(1, 16, 1, 16)\n"
         "ring_attn.flash_attn_func(q, k, k, causal=True).sum().backward()\n"
         "qr, kr = ring_attn.apply_rope(q, k, torch.arange(16), torch.rand(8))\n"
         "assert qr.shape == q.shape and torch.isfinite(q.grad).all()\n"
+        "assert 'ring_attn.backends.triton' not in sys.modules  # imported only when chosen\n"
         "print('OK')\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}

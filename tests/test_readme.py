@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ring_attn import backend
+from ring_attn import backends
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -19,5 +19,5 @@ def test_readme_has_python_examples():
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_python_block_runs(i):
-    with backend.force("reference"):  # the interpreter is too slow for README-sized shapes
+    with backends.force("reference"):  # the interpreter is too slow for README-sized shapes
         exec(compile(BLOCKS[i], f"README.md python block {i}", "exec"), {})

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ring_attn
-import ring_attn.backend as backend
+import ring_attn.backends as backends
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 from ring_attn import reference
 from ring_workers import PAD_LENGTHS, cases_for
@@ -46,7 +46,7 @@ def _rel_err(got, ref):
 def _single_device(inp, causal, dtype_out=True):
     """flash_attn_func / flash_attn_varlen_func on the whole sequence (reference backend): out, lse, grads."""
     q, k, v = (inp[n].clone().requires_grad_() for n in ("q", "k", "v"))
-    with backend.force("reference"):
+    with backends.force("reference"):
         if inp["cu"] is not None:
             cu = inp["cu"]
             m = int((cu[1:] - cu[:-1]).max())
@@ -98,7 +98,7 @@ def test_ring_matches_single_device(worlds, world, name):
         assert err <= FP32_RTOL, f"lse: relative error {err:.2e}"
     else:
         oracle, base = _oracle(inp, case["causal"], torch.float64), _oracle(inp, case["causal"], dtype)
-        # DESIGN.md rule; the absolute floor is scaled by W (W partial results are merged)
+        # docs/design.md rule; the absolute floor is scaled by W (W partial results are merged)
         assert_within_rule("out", got["out"], oracle["out"], base["out"], dtype, FORWARD, floor_scale=world)
         assert_within_rule("lse", got["lse"][fin], oracle["lse"][fin], base["lse"].float()[fin], dtype, FORWARD,
                            floor_scale=world)
@@ -195,7 +195,7 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
 
 
 def _check_against_oracle(what, got, inp, causal, world):
-    """fp32 ring results vs the float64 oracle on the *unpadded* sequence (DESIGN.md rule), and vs the
+    """fp32 ring results vs the float64 oracle on the *unpadded* sequence (docs/design.md rule), and vs the
     single-device op within FP32_RTOL."""
     def fresh():  # _oracle marks fp32 inputs as requiring grad in place (.to() of the same dtype is a no-op)
         return {n: t.detach().clone() if isinstance(t, torch.Tensor) else t for n, t in inp.items()}

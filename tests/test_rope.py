@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from accuracy import BACKWARD, FORWARD, assert_within_rule, max_err
-from ring_attn import backend, reference, rope_scaling
+from ring_attn import backends, reference, rope_scaling
 from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
 
 LOW = [torch.float32, torch.float16, torch.bfloat16]
@@ -116,7 +116,7 @@ def test_backward_matches_oracle(c, learn_freq):
 @pytest.mark.parametrize("interleaved,rotary_dim,packed", [(False, 6, False), (True, 8, True)])
 def test_gradcheck_float64_kernel(interleaved, rotary_dim, packed):
     """float64 storage runs the kernel with float64 math: gradcheck q, k and the learnable inv_freq."""
-    assert backend.select(torch.device("cpu")) == "triton"  # the kernel path (interpreter), not the fallback
+    assert backends.select("rope", torch.device("cpu")).NAME == "triton"  # the kernel path (interpreter), not the fallback
     g = torch.Generator().manual_seed(0)
     shape_q, shape_k = ((3, 2, 8), (3, 1, 8)) if packed else ((1, 3, 2, 8), (1, 3, 1, 8))
     q = torch.randn(shape_q, generator=g, dtype=torch.float64, requires_grad=True)
@@ -133,7 +133,7 @@ def test_reference_backend_gradcheck_and_agreement():
     k = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
     inv = rope_scaling.rope_parameters("default", 8, 1e4)[0].double().requires_grad_()
     pos = torch.tensor([[0, 5, 9], [100, 2, 3]])
-    with backend.force("reference"):
+    with backends.force("reference"):
         assert torch.autograd.gradcheck(lambda q, k, inv: apply_rope(q, k, pos, inv, 0.9, True), (q, k, inv))
         ref = apply_rope(q.float(), k.float(), pos, inv.float(), 0.9, True)
     ker = apply_rope(q.float(), k.float(), pos, inv.float(), 0.9, True)

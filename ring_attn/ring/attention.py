@@ -36,7 +36,7 @@ with the local index in every layout, so "causal" below is ordinary causal atten
 
 Varlen: every sequence is sharded by the layout (:func:`ring_attn.ring.layout.shard_varlen`), so the same
 classification applies per sequence; halves of sequences are addressed with
-:class:`ring_attn.ops.attention.VarlenSeqs` without copying.
+:class:`ring_attn._contracts.VarlenSeqs` without copying.
 
 GQA: K/V travel with ``h_kv`` heads, never repeated. Peak memory per rank: q, k, v, out, the fp32
 accumulators and two K/V receive buffers (plus, in backward, two fp32 dK/dV buffers and one dK/dV block
@@ -62,11 +62,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from ring_attn._contracts import VarlenSeqs, check_cu_seqlens_form, check_qkv, check_scale
 from ring_attn.ops.attention import (
-    VarlenSeqs,
-    _check_qkv,
-    _check_cu_seqlens_form,
-    _check_scale,
     attention_block_backward,
     attention_block_forward,
     attention_delta,
@@ -397,8 +394,8 @@ def _validate_across_ranks(name, pg, backend, device, sig: list[int]) -> None:
 
 
 def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
-    _h_q, _h_kv, d = _check_qkv(q, k, v, packed=packed)
-    scale = _check_scale(softmax_scale, d)
+    _h_q, _h_kv, d = check_qkv(q, k, v, packed=packed)
+    scale = check_scale(softmax_scale, d)
     check_layout(layout)
     pg, rank, world = _group_info(group)
     backend = _check_backend(pg, q.device)
@@ -647,7 +644,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
     causal, window, softcap = _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
                                                 deterministic, return_attn_probs, group)
     scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=True)
-    _check_cu_seqlens_form("cu_seqlens", cu_seqlens)
+    check_cu_seqlens_form("cu_seqlens", cu_seqlens)
     pcu = varlen_padded_cu_seqlens(cu_seqlens, world, layout)  # validates the values (host read)
     cu = [int(c) for c in cu_seqlens.tolist()]
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
@@ -674,3 +671,14 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
         out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device),
                                            _Packed(lens, rank, world, layout, q.device), window, softcap)
     return _results(out, lse, return_lse, return_attn_probs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lower-level pieces under stable public names, for benchmarks/bench_ring.py (it times one ring step and its
+# compute alone, without autograd or argument checks). Not part of the package's public API.
+ring_forward = _ring_forward
+ring_backward = _ring_backward
+plan = _plan
+DenseAddress = _Dense
+PackedAddress = _Packed
+comm_for = _comm

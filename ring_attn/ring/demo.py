@@ -146,7 +146,6 @@ def _run_rank(rank, cfg, result_path):
     import torch.distributed as dist
 
     import ring_attn
-    from ring_attn import backend
 
     world, dtype = cfg["world"], DTYPES[cfg["dtype"]]
     device = torch.device("cuda", torch.cuda.current_device()) if cfg["cuda"] else torch.device("cpu")
@@ -201,7 +200,7 @@ def _run_rank(rank, cfg, result_path):
     peak = torch.cuda.max_memory_allocated() if cfg["cuda"] else mem.peak
     stats = dict(rank=rank, s_local=q.shape[1], fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3, peak_mb=peak / 2**20,
                  rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 backend=backend.select(device))
+                 backend=ring_attn.backend_info(q)["ops"]["attention"]["backend"])
     all_stats = [None] * world
     dist.all_gather_object(all_stats, stats)
 

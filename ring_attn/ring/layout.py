@@ -1,6 +1,6 @@
 """How a global sequence is split over the ranks of a ring: ``"contiguous"``, ``"zigzag"``, ``"striped"``.
 
-For a sequence of ``S`` tokens on ``W`` ranks (DESIGN.md), rank ``r`` holds ``S / W`` tokens:
+For a sequence of ``S`` tokens on ``W`` ranks (docs/design.md), rank ``r`` holds ``S / W`` tokens:
 
 * ``contiguous``: tokens ``[r·S/W, (r+1)·S/W)``. Needs ``S % W == 0``. Causal work is unbalanced (rank
   ``W-1`` does ``W`` times the work of rank 0); fine for non-causal attention.

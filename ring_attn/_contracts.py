@@ -1,0 +1,141 @@
+"""Contracts shared by every layer: supported dtypes, head-dim limits, the packed-sequence description, and
+the argument checks that attention, RoPE and the ring all run before any launch or collective.
+
+Everything here is public (no leading underscore) so ``ring_attn.ring``, ``benchmarks/`` and ``scripts/``
+import it instead of reaching into ``ring_attn.ops``. Limits of one backend (which dtypes, head dims, devices
+it runs) live in the capability table of :mod:`ring_attn.backends`, not here: these are the limits of the
+public API, which every backend that can run an op honours.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "MAX_HEAD_DIM",
+    "HEAD_DIM_MULTIPLE",
+    "VarlenSeqs",
+    "check_tensor",
+    "check_qkv",
+    "check_scale",
+    "check_cu_seqlens_form",
+    "check_cu_seqlens",
+]
+
+#: storage dtypes of attention inputs (math is fp32 in every backend)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: attention head dims: a multiple of HEAD_DIM_MULTIPLE in [HEAD_DIM_MULTIPLE, MAX_HEAD_DIM]
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8
+
+
+class VarlenSeqs(NamedTuple):
+    """Where each sequence lives along the token dim of packed q and k/v.
+
+    Sequence ``i`` is q rows ``starts_q[i] : starts_q[i] + lens_q[i]`` attending to k/v rows
+    ``starts_k[i] : starts_k[i] + lens_k[i]``. All four are int32 tensors of length ``n_seqs`` on the device of
+    q; ``max_len_q``/``max_len_k`` are Python ints at least as large as every length (they size the grid).
+    ``covers_all_q`` says whether every q row belongs to a sequence; when False, outputs are initialised to
+    0 / ``-inf`` so rows outside every sequence are well defined.
+    """
+
+    starts_q: torch.Tensor
+    lens_q: torch.Tensor
+    starts_k: torch.Tensor
+    lens_k: torch.Tensor
+    max_len_q: int
+    max_len_k: int
+    covers_all_q: bool = False
+
+    @staticmethod
+    def from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> "VarlenSeqs":
+        """The sequences of flash-attn style ``cu_seqlens`` (int32 ``[n_seqs + 1]``); ``covers_all_q`` is True."""
+        cq, ck = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        return VarlenSeqs(cq[:-1], cq[1:] - cq[:-1], ck[:-1], ck[1:] - ck[:-1],
+                          int(max_seqlen_q), int(max_seqlen_k), True)
+
+
+def check_tensor(name: str, x) -> None:
+    """Raise TypeError unless ``x`` is a ``torch.Tensor``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_qkv(q, k, v, packed: bool) -> tuple[int, int, int]:
+    """Validate attention q/k/v: ranks (4-D dense ``[b, s, h, d]`` or 3-D packed ``[t, h, d]``), dtypes
+    (:data:`SUPPORTED_DTYPES`, shared), one device, k/v shapes, head dims and the GQA head ratio.
+
+    Returns:
+        ``(h_q, h_kv, d)``.
+
+    Raises:
+        TypeError / ValueError naming the argument, the value and what was expected.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x)
+    layout = "[total_tokens, heads, head_dim]" if packed else "[batch, seqlen, heads, head_dim]"
+    ndim = 3 if packed else 4
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}.dtype is {x.dtype}; expected one of float16, bfloat16, float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k batch size {k.shape[0]} != q batch size {q.shape[0]} (shapes {layout})")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"k head_dim {k.shape[-1]} != q head_dim {d}")
+    if d % HEAD_DIM_MULTIPLE != 0 or not 0 < d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} is not supported; expected a multiple of {HEAD_DIM_MULTIPLE} "
+                         f"in [8, {MAX_HEAD_DIM}]")
+    h_q, h_kv = q.shape[-2], k.shape[-2]
+    if h_kv == 0 or h_q % h_kv != 0:
+        raise ValueError(f"q heads ({h_q}) must be a positive multiple of k/v heads ({h_kv}) for GQA/MQA")
+    return h_q, h_kv, d
+
+
+def check_scale(softmax_scale, d: int) -> float:
+    """``softmax_scale`` as a float (default ``1 / sqrt(d)`` for None); ValueError unless finite."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or \
+            not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_cu_seqlens_form(name: str, cu) -> None:
+    """A cu_seqlens argument is an int32 1-D tensor of length n_seqs + 1 >= 2 (no host read)."""
+    check_tensor(name, cu)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}.dtype is {cu.dtype}; expected torch.int32")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D of length n_seqs + 1 >= 2, got shape {tuple(cu.shape)}")
+
+
+def check_cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device) -> None:
+    """Validate a cu_seqlens tensor's values (one host read of a small tensor): starts at 0, non-decreasing,
+    ends at ``total``, no sequence longer than ``max_seqlen``, on ``device``. Raises TypeError/ValueError."""
+    check_cu_seqlens_form(name, cu)
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}; expected the device of q ({device})")
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] is {vals[0]}; expected 0")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if any(n < 0 for n in lens):
+        i = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{name} must be non-decreasing; {name}[{i + 1}] = {vals[i + 1]} < {name}[{i}] = {vals[i]}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] is {vals[-1]}; expected the number of packed tokens {total}")
+    if max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} is {max_seqlen} but {name} has a sequence of length {max(lens)}")

@@ -1,0 +1,159 @@
+"""Host launchers of the Triton attention kernels: the ``attention_*`` functions of the backend protocol
+(``ring_attn/backends/protocol.py``). No argument checking beyond what the kernels need; the ops layer
+(``ring_attn.ops.attention_block``) validates, allocates and chunks the batch before calling these.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ring_attn._contracts import VarlenSeqs
+from ring_attn.backends import interpreter_enabled
+from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, fwd_kernel
+
+__all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks"]
+
+LOG2E = 1.4426950408889634
+
+
+def _no_window_softcap(window, softcap) -> None:
+    if tuple(window) != (-1, -1):
+        raise NotImplementedError(f"triton backend: window={tuple(window)} is not implemented yet; "
+                                  "expected (-1, -1)")
+    if softcap != 0:
+        raise NotImplementedError(f"triton backend: softcap={softcap!r} is not implemented yet; expected 0")
+
+
+def bwd_blocks(head_dim: int) -> dict:
+    """Block sizes for the backward kernels: one fixed table (no autotuning), so the reduction order, and
+    hence every gradient bit, is the same in every process. dK/dV: BLOCK_N keys stay, BLOCK_M query rows
+    stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
+    if interpreter_enabled():
+        return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
+    # Chosen from scripts/compile_check.py's sm_90 resource report (2026-11-27, triton 3.9, bf16): the
+    # fewest spilled bytes per head dim; GPU timings should refine them (see benchmarks/RESULTS.md).
+    if head_dim <= 64:
+        return dict(dkdv=(32, 64), dq=(128, 32), num_warps=8, num_stages=2)
+    if head_dim <= 128:
+        return dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
+    return dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers. All tensors are viewed 4-D: dense [b, s, h, d]; packed [t, h, d] as [1, t, h, d] with the
+# sequences given by VarlenSeqs. LSE/delta: dense [b, h, s]; packed [h, t] as [1, h, t].
+
+
+def _as4d(x):
+    return x if x.dim() == 4 else x.unsqueeze(0)
+
+
+def _as3d_lse(x):
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def _strides(x, varlen: bool):
+    """Strides of all but the last dim; the batch stride is 0 for packed tensors, whose "batch" index is
+    the sequence number and whose rows are addressed through VarlenSeqs starts."""
+    return (0 if varlen else x.stride(0),) + tuple(x.stride()[1:-1])
+
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _seq_args(seqs: VarlenSeqs | None, q):
+    if seqs is None:
+        dummy = q.new_empty(1, dtype=torch.int32)
+        return dummy, dummy, dummy, dummy
+    return seqs.starts_q, seqs.lens_q, seqs.starts_k, seqs.lens_k
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
+                      seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
+                      softcap: float) -> None:
+    """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``)."""
+    _no_window_softcap(window, softcap)
+    q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
+    b, s_q, h_q, d = q4.shape
+    s_k, h_kv = k4.shape[1], k4.shape[2]
+    n_batch = b if seqs is None else seqs.starts_q.numel()
+    max_q = s_q if seqs is None else seqs.max_len_q
+    if n_batch == 0 or max_q == 0 or h_q == 0:
+        return
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
+    vl = seqs is not None
+    fwd_kernel[grid](
+        q4, k4, v4, o4, l3, *_seq_args(seqs, q),
+        *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
+        s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal), VARLEN=seqs is not None,
+        BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
+    )
+
+
+def attention_delta(dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
+                    dlse: Optional[torch.Tensor]) -> None:
+    """Protocol ``attention_delta``: ``delta = rowsum(dout · out) - dlse`` in fp32."""
+    do4, o4, d3 = _as4d(dout), _as4d(out), _as3d_lse(delta)
+    b, s, h, d = o4.shape
+    if b * s * h == 0:
+        return
+    l3 = _as3d_lse(dlse) if dlse is not None else d3
+    block_m = 16 if interpreter_enabled() else 64
+    delta_kernel[(triton.cdiv(s, block_m), b * h)](
+        do4, o4, d3, l3, do4.stride(0), do4.stride(1), do4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
+        d3.stride(0), d3.stride(1), l3.stride(0), l3.stride(1), s, h,
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), HAS_DLSE=dlse is not None, BLOCK_M=block_m,
+    )
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                       delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
+                       softmax_scale: float, causal: bool, causal_offset: Optional[int],
+                       seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
+                       softcap: float) -> None:
+    """Protocol ``attention_backward``: the dK/dV kernel then the dQ kernel (fixed blocks: deterministic)."""
+    _no_window_softcap(window, softcap)
+    q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
+    dq4, dk4, dv4 = _as4d(dq), _as4d(dk), _as4d(dv)
+    l3, d3 = _as3d_lse(lse), _as3d_lse(delta)
+    if l3.stride() != d3.stride():  # the kernels index both with one set of strides
+        d3 = d3.contiguous() if l3.is_contiguous() else torch.empty_like(l3).copy_(d3)
+    b, s_q, h_q, d = q4.shape
+    s_k, h_kv = k4.shape[1], k4.shape[2]
+    n_batch = b if seqs is None else seqs.starts_q.numel()
+    max_q = s_q if seqs is None else seqs.max_len_q
+    max_k = s_k if seqs is None else seqs.max_len_k
+    if n_batch == 0 or h_q == 0:
+        return
+    cdiv = triton.cdiv
+    blocks = bwd_blocks(d)
+    common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
+                  VARLEN=seqs is not None, BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate),
+                  DOT_PRECISION=_dot_precision(q.dtype), num_warps=blocks["num_warps"],
+                  num_stages=blocks["num_stages"])
+    offset = 0 if causal_offset is None else int(causal_offset)
+    seq = _seq_args(seqs, q)
+    vl = seqs is not None
+    if max_k > 0:
+        block_m, block_n = blocks["dkdv"]
+        bwd_dkdv_kernel[(cdiv(max_k, block_n), n_batch * h_kv)](
+            q4, k4, v4, do4, l3, d3, dk4, dv4, *seq,
+            *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),
+            *_strides(dv4, vl), *_strides(l3, vl),
+            s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
+            BLOCK_M=block_m, BLOCK_N=block_n, **common,
+        )
+    if max_q > 0:
+        block_m, block_n = blocks["dq"]
+        bwd_dq_kernel[(cdiv(max_q, block_m), n_batch * h_q)](
+            q4, k4, v4, do4, l3, d3, dq4, *seq,
+            *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dq4, vl),
+            *_strides(l3, vl),
+            s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
+            BLOCK_M=block_m, BLOCK_N=block_n, **common,
+        )

@@ -1,0 +1,427 @@
+"""Triton kernels of blockwise (flash) attention: forward (with the fp32 merge epilogue), delta, backward.
+
+Moved verbatim from ``ring_attn/ops/attention.py``; the host launchers are in
+``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts, GQA mapping, causal
+offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from ring_attn.backends import interpreter_enabled
+
+__all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "FWD_CONFIGS"]
+
+interpret = interpreter_enabled()
+
+# Forward configs: autotuned on GPU (key: head dim, causal, varlen, precision); one small config under
+# the interpreter, where every config would be run and small blocks exercise the tails.
+# RING_ATTN_AUTOTUNE=0 skips tuning (one config that fits every head dim), e.g. for quick GPU test runs.
+if interpret:
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+elif os.environ.get("RING_ATTN_AUTOTUNE", "1") == "0":
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+else:
+    FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+            (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+        ]
+    ]
+
+def _prune(configs, named_args, **kwargs):
+    # 256-wide heads: 128x128 tiles exceed shared memory on every current GPU
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    kept = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return kept or configs
+
+@triton.jit
+def _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    if VARLEN:
+        q_start = tl.load(SQ_START + b).to(tl.int64)
+        len_q = tl.load(SQ_LEN + b)
+        k_start = tl.load(SK_START + b).to(tl.int64)
+        len_k = tl.load(SK_LEN + b)
+    else:
+        q_start = tl.full([], 0, tl.int64)
+        k_start = tl.full([], 0, tl.int64)
+        len_q = seqlen_q
+        len_k = seqlen_k
+    return q_start, len_q, k_start, len_k
+
+@triton.jit
+def _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT: tl.constexpr):
+    """Query i sees key j when j <= i + offset (bottom-right: offset = len_k - len_q)."""
+    if BOTTOM_RIGHT:
+        return len_k - len_q
+    else:
+        return causal_offset
+
+@triton.jit
+def _key_blocks(start_m, len_k, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges for the query rows [start_m, start_m + BLOCK_M): [0, full_end) is in bounds and visible to
+    every row (no masking); [full_end, hi) holds the diagonal and the ragged end (masked). Blocks at or past
+    hi are above the diagonal and never visited."""
+    if CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M + offset)
+        full_end = tl.minimum(len_k, start_m + offset + 1)
+    else:
+        hi = len_k
+        full_end = len_k
+    hi = tl.maximum(hi, 0)
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    return full_end, hi
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, offset, qk_scale,
+               stride_ks, stride_vs,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
+    # [BLOCK_N, BLOCK_D] tensors of 64-bit pointers through the loop
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
+    d_ok = offs_d[None, :] < HEAD_DIM
+    k_row = K_base + lo.to(tl.int64) * stride_ks  # scalar pointers to the current block's first row
+    v_row = V_base + lo.to(tl.int64) * stride_vs
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_row + k_offs
+        v_ptrs = v_row + v_offs
+        if MASKED:
+            kv_mask = (cols[:, None] < len_k) & d_ok
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            visible = cols[None, :] < len_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_row += BLOCK_N * stride_ks
+        v_row += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+# restore_value: while tuning, every trial of a MERGE launch must start from the same running (O, LSE)
+@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune}, restore_value=["O", "LSE"])
+@triton.jit
+def fwd_kernel(
+    Q, K, V, O, LSE, SQ_START, SQ_LEN, SK_START, SK_LEN,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
+    # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
+    # Grid: (cdiv(max s_q, BLOCK_M), b * h_q). One program owns BLOCK_M query rows of one head.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    hk = h // group
+    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                 seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    bq = b.to(tl.int64)
+    Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
+    K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
+    V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m[:, None] < len_q
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q = tl.load(Q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok,
+                other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, hi = _key_blocks(start_m, len_k, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    zero = tl.full([], 0, tl.int32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, zero, full_end, len_k,
+                               offset, qk_scale, stride_ks, stride_vs, False, CAUSAL, EVEN_D, HEAD_DIM,
+                               BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_end, hi, len_k,
+                               offset, qk_scale, stride_ks, stride_vs, True, CAUSAL, EVEN_D, HEAD_DIM,
+                               BLOCK_N, DOT_PRECISION)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
+    o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
+    L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    if MERGE:
+        # fold this block into the running fp32 (out, lse) of earlier blocks (the ring's steps):
+        # lse' = log(e^lse_old + e^lse), out' = (e^lse_old·out_old + e^lse·out) / e^lse'
+        lse_old = tl.load(L_base + offs_m, mask=offs_m < len_q, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=row_ok & d_ok, other=0.0)
+        m = tl.maximum(lse_old, lse)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w_old = tl.exp(lse_old - m)
+        w_new = tl.exp(lse - m)
+        total = w_old + w_new
+        acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
+        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
+    tl.store(L_base + offs_m, lse, mask=offs_m < len_q)
+
+@triton.jit
+def delta_kernel(DO, O, DELTA, DLSE,
+                  stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
+                  stride_db, stride_dh, stride_lb, stride_lh, seqlen, n_heads,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    # delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]  (minus dLSE[b, h, i]: d lse / d S = P, so an
+    # upstream lse gradient enters the backward exactly like a shift of delta)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m.to(tl.int64)[:, None]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * stride_lb + h * stride_lh + offs_m, mask=offs_m < seqlen, other=0.0)
+    tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < seqlen)
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, hi, len_q, offset,
+                    qk_scale, stride_qs, stride_dos,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
+    do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
+    q_row = Q_base + lo.to(tl.int64) * stride_qs
+    do_row = DO_base + lo.to(tl.int64) * stride_dos
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = q_row + q_offs
+        do_ptrs = do_row + do_offs
+        q_row += BLOCK_M * stride_qs
+        do_row += BLOCK_M * stride_dos
+        if MASKED:
+            m_ok = offs_m < len_q
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok, other=0.0)
+            lse = tl.load(L_base + offs_m)
+            delta = tl.load(D_base + offs_m)
+        # rows that saw no key (lse = -inf) have P = 0: use +inf so exp2 gives 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            keep = offs_m[None, :] < len_q
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
+            pT = tl.where(keep, pT, 0.0)
+        # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) ;  dK += dSᵀ Q   (scale applied once at the end)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+@triton.jit
+def bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SQ_START, SQ_LEN, SK_START, SK_LEN,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
+    stride_dvh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # K/V-stationary: one program owns BLOCK_N keys of one kv head and loops over the q rows of every
+    # query head in its GQA group, so dK/dV are summed in registers: no atomics, deterministic.
+    # LSE and DELTA are [b, h_q, s_q] with unit stride along s (same strides for both).
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_kv
+    hk = pid_bh % n_heads_kv
+    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                 seqlen_k, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= len_k:
+        return
+    offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    bq = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n[:, None] < len_k
+    d_ok = offs_d[None, :] < HEAD_DIM
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + bq * stride_kb + (k_start + rows_n) * stride_ks + hk.to(tl.int64) * stride_kh +
+                offs_d[None, :], mask=n_ok & d_ok, other=0.0)
+    v = tl.load(V + bq * stride_vb + (k_start + rows_n) * stride_vs + hk.to(tl.int64) * stride_vh +
+                offs_d[None, :], mask=n_ok & d_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Query rows: [lo, full_lo) see part of this key block (diagonal), [full_lo, full_hi) see all of it
+    # in whole in-bounds blocks, [full_hi, len_q) is the ragged end. Rows before lo see none of it.
+    if CAUSAL:
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    lo = tl.minimum(lo, len_q)
+    full_hi = len_q // BLOCK_M * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), len_q)
+    mid_hi = tl.maximum(full_hi, mid_lo)
+    for g in range(0, group):
+        h = (hk * group + g).to(tl.int64)
+        Q_base = Q + bq * stride_qb + q_start * stride_qs + h * stride_qh
+        DO_base = DO + bq * stride_dob + q_start * stride_dos + h * stride_doh
+        L_base = LSE + bq * stride_lb + h * stride_lh + q_start
+        D_base = DELTA + bq * stride_lb + h * stride_lh + q_start
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, mid_lo,
+                                 len_q, offset, qk_scale, stride_qs, stride_dos, True, CAUSAL, HEAD_DIM,
+                                 BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_lo,
+                                 mid_hi, len_q, offset, qk_scale, stride_qs, stride_dos, False, CAUSAL,
+                                 HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_hi,
+                                 len_q, len_q, offset, qk_scale, stride_qs, stride_dos, True, CAUSAL,
+                                 HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    dk = dk * sm_scale
+    mask = n_ok & d_ok
+    dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
+        offs_d[None, :]
+    dv_ptrs = DV + bq * stride_dvb + (k_start + rows_n) * stride_dvs + hk.to(tl.int64) * stride_dvh + \
+        offs_d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=mask, other=0.0)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi, len_k, offset, qk_scale,
+                  stride_ks, stride_vs,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :]
+    v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :]
+    k_row = K_base + lo.to(tl.int64) * stride_ks
+    v_row = V_base + lo.to(tl.int64) * stride_vs
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = (cols[:, None] < len_k) & d_ok
+        else:
+            kv_mask = d_ok
+        k = tl.load(k_row + k_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_row + v_offs, mask=kv_mask, other=0.0)
+        k_row += BLOCK_N * stride_ks
+        v_row += BLOCK_N * stride_vs
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = cols[None, :] < len_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + offset)
+            p = tl.where(keep, p, 0.0)
+        # dP = dO Vᵀ ;  dS = P ∘ (dP − delta) ;  dQ += dS K   (scale applied once at the end)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+@triton.jit
+def bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, SQ_START, SQ_LEN, SK_START, SK_LEN,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    hk = h // group
+    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                 seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    bq = b.to(tl.int64)
+    hq = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + bq * stride_qb + (q_start + rows) * stride_qs + hq * stride_qh + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + bq * stride_dob + (q_start + rows) * stride_dos + hq * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0)
+    lse = tl.load(LSE + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
+    full_end, hi = _key_blocks(start_m, len_k, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
+    V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    zero = tl.full([], 0, tl.int32)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, zero, full_end, len_k, offset,
+                       qk_scale, stride_ks, stride_vs, False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_end, hi, len_k, offset,
+                       qk_scale, stride_ks, stride_vs, True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + bq * stride_dqb + (q_start + rows) * stride_dqs + hq * stride_dqh + offs_d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=mask, other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

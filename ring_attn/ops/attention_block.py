@@ -1,0 +1,148 @@
+"""Block-level attention without autograd: what the custom ops of ``ring_attn.ops.attention`` and the ring
+(``ring_attn.ring``) build on. Each function checks what the backends rely on, picks the backend per call
+(``ring_attn.backends.select``), allocates outputs and splits oversized grids, then calls the backend.
+
+* :func:`attention_block_forward` — ``(out, lse)`` for one (query block, key block) pair, with a causal mode
+  and an explicit causal offset, optionally in fp32, or merged in place into a running fp32 ``(out, lse)``.
+* :func:`attention_delta` — ``delta = rowsum(dout · out) - dlse`` from the *final* output.
+* :func:`attention_block_backward` — gradients of one block pair from the final ``lse`` and ``delta``,
+  added into (or written to) caller-provided tensors.
+
+Conventions: ``docs/design.md``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ring_attn import backends
+from ring_attn._contracts import VarlenSeqs
+
+__all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape"]
+
+_NO_WINDOW = (-1, -1)  # no sliding window (the public API has none yet)
+_MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries (batch or sequence) x heads
+
+
+def _batch_chunks(q, seqs):
+    """Split the batch (dense) or the sequence list (packed) so batch x heads fits in one grid dimension.
+    Yields ``(slice for dense tensors, VarlenSeqs or None)``; one chunk in all but extreme cases."""
+    n = q.shape[0] if seqs is None else seqs.starts_q.numel()
+    step = max(1, _MAX_GRID_Y // max(1, q.shape[-2]))
+    if n <= step:
+        yield slice(None), seqs
+        return
+    for b0 in range(0, n, step):
+        b1 = min(n, b0 + step)
+        if seqs is None:
+            yield slice(b0, b1), None
+        else:
+            yield slice(None), seqs._replace(starts_q=seqs.starts_q[b0:b1], lens_q=seqs.lens_q[b0:b1],
+                                             starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1])
+
+
+def lse_shape(q, packed: bool) -> tuple[int, ...]:
+    """Shape of the fp32 LSE of q: ``[b, h, s]`` dense, ``[h, t]`` packed."""
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: Optional[int] = None,
+                            seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
+                            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
+
+    Args:
+        q: ``[b, s_q, h_q, d]`` (or packed ``[t_q, h_q, d]`` with ``seqs``), fp16/bf16/fp32, last dim contiguous.
+        k, v: ``[b, s_k, h_kv, d]`` (or packed ``[t_k, h_kv, d]``), same dtype and device.
+        softmax_scale: multiplies ``q·k``.
+        causal: mask keys ``j > i + offset``.
+        causal_offset: ``offset`` above; ``None`` = ``s_k - s_q`` per sequence (bottom-right alignment).
+        seqs: packed layout description (:class:`VarlenSeqs`), or None for dense.
+        out_dtype: dtype of ``out`` (default: q's). The ring passes ``torch.float32`` so partial outputs are
+            merged without rounding to 16 bits.
+        out, lse: a running fp32 result of earlier key blocks for the same queries (``out`` shaped like q,
+            ``lse`` as returned; views with any strides, unit stride along the sequence for ``lse``). When
+            given, this block is merged into them in place, in the kernel's epilogue, by LSE weighting, and
+            they are returned; rows outside ``seqs`` are left as they are.
+
+    Returns:
+        ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
+        ``[h_q, t_q]``), natural log; rows that see no key: out 0, lse ``-inf``.
+    """
+    packed = seqs is not None
+    merge = out is not None or lse is not None
+    if merge:
+        if out is None or lse is None:
+            raise ValueError("attention_block_forward: pass both out and lse to merge into, or neither")
+        if out.dtype != torch.float32 or lse.dtype != torch.float32:
+            raise TypeError(f"running out/lse must be float32 to merge into, got {out.dtype} and {lse.dtype}")
+        if out.shape != q.shape or lse.shape != lse_shape(q, packed):
+            raise ValueError(f"running out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q "
+                             f"{tuple(q.shape)}; expected {tuple(q.shape)} / {lse_shape(q, packed)}")
+        if out.stride(-1) != 1 or lse.stride(-1) != 1:
+            raise ValueError("running out and lse need a contiguous last dim to merge into")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge)
+    kw = dict(softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, window=_NO_WINDOW,
+              softcap=0.0)
+    if merge:
+        for sl, part in _batch_chunks(q, seqs):
+            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw)
+        return out, lse
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    fill = packed and not seqs.covers_all_q
+    out = (torch.zeros if fill else torch.empty)(q.shape, dtype=out_dtype, device=q.device)
+    lse = torch.full(lse_shape(q, packed), float("-inf"), dtype=torch.float32, device=q.device) if fill else \
+        torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
+    for sl, part in _batch_chunks(q, seqs):
+        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw)
+    return out, lse
+
+
+def attention_delta(dout, out, dlse=None):
+    """``delta = rowsum(dout · out) − dlse`` in fp32: ``[b, h, s]`` for dense ``[b, s, h, d]`` inputs,
+    ``[h, t]`` for packed ``[t, h, d]``. Compute it once from the *final* output and reuse it for every
+    block pair of a ring backward. ``dlse`` (optional, fp32, shaped like the result) is the gradient
+    flowing into the LSE output."""
+    packed = out.dim() == 3
+    delta = torch.empty(lse_shape(out, packed), dtype=torch.float32, device=out.device)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    impl = backends.select("attention", out.device, out.dtype, out.shape[-1], varlen=packed)
+    if dlse is not None:  # an upstream gradient may be an expanded (stride-0) view; kernels need unit stride
+        dlse = dlse.float().contiguous()
+    impl.attention_delta(dout, out, delta, dlse)
+    return delta
+
+
+def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool,
+                             causal_offset: Optional[int] = None, seqs: Optional[VarlenSeqs] = None,
+                             accumulate: bool = True) -> None:
+    """Gradients of one block pair, from the *final* ``lse`` and ``delta`` (see :func:`attention_delta`).
+
+    ``dq``/``dk``/``dv`` are caller-provided tensors shaped like q/k/v (any strides with a contiguous last
+    dim, e.g. slices of larger accumulators). With ``accumulate=True`` (the ring) they must be fp32 and the
+    block's gradients are *added*; with ``accumulate=False`` they are overwritten (any supported dtype; with
+    packed ``seqs``, rows outside every sequence are left untouched).
+    ``lse`` and ``delta`` are fp32 ``[b, h_q, s_q]`` (packed ``[h_q, t_q]``) with unit stride along the
+    sequence. Deterministic: no atomics, fixed block sizes.
+    """
+    if accumulate:
+        for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+            if g.dtype != torch.float32:
+                raise TypeError(f"{name} accumulator must be float32 when accumulate=True, got {g.dtype}")
+    for name, g, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if g.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(g.shape)}; expected {tuple(ref.shape)}")
+        if g.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {g.stride()}")
+    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    lse, delta = (x if x.stride(-1) == 1 else x.contiguous() for x in (lse, delta))
+    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=seqs is not None)
+    for sl, part in _batch_chunks(q, seqs):
+        impl.attention_backward(dout[sl], q[sl], k[sl], v[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl],
+                                softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, seqs=part,
+                                accumulate=accumulate, window=_NO_WINDOW, softcap=0.0)

@@ -1,0 +1,205 @@
+"""Backends behind one protocol: the capability table, selection (order, pinning, reasons), backend_info, the
+warn-once GPU fallback, lazy imports, and the protocol functions of the triton and reference modules."""
+import inspect
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import ring_attn
+from ring_attn import backends, reference
+from ring_attn.backends import protocol
+
+PROTOCOL_FUNCTIONS = ("attention_forward", "attention_delta", "attention_backward", "rope")
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """Selection as on a machine without the native extension, whether or not it is built here."""
+    monkeypatch.setattr(backends, "native_available", lambda: False)
+
+
+def test_capability_table_covers_every_backend_and_op():
+    assert backends.BACKENDS == ("triton", "native", "reference")
+    assert set(backends.CAPABILITIES) == {(b, op) for b in backends.BACKENDS for op in backends.OPS}
+    for (name, op), cap in backends.CAPABILITIES.items():
+        assert isinstance(cap, backends.Capability)
+        lo, hi, mult = cap.head_dim
+        assert lo >= 1 and mult >= 1 and (hi is None or hi >= lo)
+        assert set(cap.dtypes) <= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+    for name in ("triton", "reference"):  # not implemented yet: the table must say so
+        assert not backends.CAPABILITIES[(name, "attention")].window
+        assert not backends.CAPABILITIES[(name, "attention")].softcap
+        assert backends.CAPABILITIES[(name, "rope")].fp64
+    assert backends.CAPABILITIES[("triton", "attention")].devices == ("cuda", "cpu")
+    assert backends.CAPABILITIES[("reference", "attention")].devices is None
+
+
+def test_selection_order_and_pinning(monkeypatch, no_native):
+    cpu = torch.device("cpu")
+    assert backends.interpreter_enabled()  # conftest sets TRITON_INTERPRET=1 on CPU-only machines
+    assert backends.select("attention", cpu, torch.float32, 64).NAME == "triton"
+    with backends.force("reference"):
+        mod = backends.select("attention", cpu, torch.float32, 64)
+        assert mod.NAME == "reference" and mod is sys.modules["ring_attn.backends.reference"]
+        with backends.force(None):
+            assert backends.select("rope", cpu).NAME == "triton"
+    monkeypatch.setenv("RING_ATTN_BACKEND", "reference")
+    assert backends.select("rope", cpu, torch.float64, 8).NAME == "reference"
+    assert backends.forced() == "reference"
+    monkeypatch.setenv("RING_ATTN_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="RING_ATTN_BACKEND='tpu' is not a backend"):
+        backends.select("attention", cpu)
+    monkeypatch.delenv("RING_ATTN_BACKEND")
+    with pytest.raises(ValueError, match="backend 'tpu' is not one of"):
+        with backends.force("tpu"):
+            pass
+    with pytest.raises(ValueError, match="op 'matmul' is not one of"):
+        backends.select("matmul", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backends.select("attention", cpu, torch.float16, 64).NAME == "reference"
+
+
+def test_pinned_backend_that_cannot_run_lists_its_reasons(no_native):
+    with backends.force("native"):
+        with pytest.raises(RuntimeError, match="native: the C.. extension ring_attn._C is not built"):
+            backends.select("attention", "cpu", torch.float32, 64)
+
+
+def test_not_supported_reasons_lists_every_unmet_requirement():
+    reasons = backends.not_supported_reasons("triton", "attention", "cpu", torch.float64, 12, varlen=True,
+                                             merge=True, window=(16, 0), softcap=30.0)
+    text = "\n".join(reasons)
+    assert all(r.startswith("triton: ") for r in reasons)
+    assert "dtype float64 is not supported for attention" in text
+    assert "head dim 12 is not supported for attention (expected a multiple of 8 in [8, 256])" in text
+    assert "window=(16, 0) is not supported" in text and "softcap=30.0 is not supported" in text
+    assert len(reasons) == 4  # varlen and merge are supported
+    assert backends.not_supported_reasons("reference", "attention", "cuda", torch.float16, 64) == []
+    assert backends.not_supported_reasons("reference", "rope", "cpu", torch.float64, 6) == []
+    assert backends.not_supported_reasons("xla", "rope", "cpu") == [
+        "unknown backend 'xla' (expected one of ('triton', 'native', 'reference'))"]
+    assert any("device type 'cuda'" in r for r in backends.not_supported_reasons("native", "rope", "cuda"))
+
+
+def test_no_backend_error_names_every_reason(no_native):
+    with pytest.raises(RuntimeError) as exc:
+        backends.select("attention", "cpu", torch.float64, 64)
+    msg = str(exc.value)
+    for name in backends.BACKENDS:
+        assert f"{name}: " in msg
+    assert "native: the C++ extension ring_attn._C is not built" in msg
+
+
+def test_backend_info(monkeypatch, no_native):
+    assert ring_attn.backend_info is backends.backend_info
+    q = torch.randn(1, 4, 2, 64)
+    info = ring_attn.backend_info(q)
+    assert info["inputs"] == {"device": "cpu", "dtype": torch.float32, "head_dim": 64, "varlen": False}
+    assert info["pinned"] is None
+    for op in backends.OPS:
+        assert info["ops"][op]["backend"] == "triton"
+        rejected = info["ops"][op]["rejected"]
+        assert set(rejected) == {"native", "reference"}
+        assert rejected["native"] == ["native: the C++ extension ring_attn._C is not built"]
+        assert "comes first" in rejected["reference"][0]
+    assert ring_attn.backend_info(q[0])["inputs"]["varlen"] is True
+    with backends.force("reference"):
+        info = ring_attn.backend_info(device="cpu", dtype=torch.float16, head_dim=128)
+        assert info["pinned"] == "reference" and info["ops"]["attention"]["backend"] == "reference"
+        assert info["ops"]["attention"]["rejected"]["triton"] == ["triton: not the pinned backend ('reference')"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    info = ring_attn.backend_info(device="cpu", dtype=torch.float64, head_dim=64)
+    assert info["ops"]["attention"]["backend"] is None  # fp64 attention: nobody
+    assert info["ops"]["rope"]["backend"] == "reference"
+    assert any("TRITON_INTERPRET=1" in r for r in info["ops"]["rope"]["rejected"]["triton"])
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        ring_attn.backend_info([1, 2])
+
+
+def test_gpu_fallback_to_reference_warns_once(monkeypatch, no_native):
+    monkeypatch.setattr(backends, "triton_available", lambda: False)
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for op in ("attention", "rope", "attention"):
+            assert backends.select(op, torch.device("cuda"), torch.float16, 64).NAME == "reference"
+        backends.select("attention", "cpu", torch.float32, 64)  # a CPU fallback does not warn
+    fallback = [w for w in caught if "falls back" in str(w.message)]
+    assert len(fallback) == 1, [str(w.message) for w in caught]
+    assert "triton: the triton package is not importable" in str(fallback[0].message)
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+    with warnings.catch_warnings(record=True) as caught, backends.force("reference"):
+        warnings.simplefilter("always")
+        backends.select("attention", torch.device("cuda"))  # pinned on purpose: no warning
+    assert not [w for w in caught if "falls back" in str(w.message)]
+
+
+def test_backend_modules_are_imported_only_when_chosen():
+    code = (
+        "import sys, torch, ring_attn\n"
+        "from ring_attn import backends\n"
+        "assert not [m for m in sys.modules if m.startswith('ring_attn.backends.')], sorted(sys.modules)\n"
+        "with backends.force('reference'):\n"
+        "    ring_attn.flash_attn_func(*(torch.randn(1, 8, 1, 16) for _ in range(3)))\n"
+        "assert 'ring_attn.backends.reference' in sys.modules\n"
+        "assert 'ring_attn.backends.triton' not in sys.modules\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["triton", "reference"])
+def test_backend_modules_implement_the_protocol(name):
+    mod = __import__(f"ring_attn.backends.{name}", fromlist=["NAME"])
+    assert mod.NAME == name
+    for fn in PROTOCOL_FUNCTIONS:
+        want = inspect.signature(getattr(protocol.Backend, fn))
+        got = inspect.signature(getattr(mod, fn))
+        want_params = [(p.name, p.kind) for p in want.parameters.values() if p.name != "self"]
+        assert [(p.name, p.kind) for p in got.parameters.values()] == want_params, fn
+    q = torch.randn(1, 4, 1, 16)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 4)
+    common = dict(softmax_scale=0.25, causal=False, causal_offset=None, seqs=None, merge=False)
+    with pytest.raises(NotImplementedError, match="window=\\(2, 0\\)"):
+        mod.attention_forward(q, q, q, out, lse, window=(2, 0), softcap=0.0, **common)
+    with pytest.raises(NotImplementedError, match="softcap=5.0"):
+        mod.attention_forward(q, q, q, out, lse, window=(-1, -1), softcap=5.0, **common)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_reference_backend_rope_against_the_oracle(interleaved):
+    """The reference module's protocol ``rope`` (angle mode with partial rotary, table mode), forward and
+    backward, against the float64 oracle; gradients of the table mode by gradcheck."""
+    from ring_attn.backends import reference as ref_backend
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 5, 3, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 5, 1, 16, generator=g, dtype=torch.float64)
+    pos = torch.tensor([[0, 3, 9, 100, 7]] * 2)
+    inv = 1.0 / 10000 ** (torch.arange(0, 12, 2, dtype=torch.float64) / 12)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    none = dict(cos3=None, sin3=None, qy4=None, ky4=None, dtheta=None)
+    ref_backend.rope(q, k, qo, ko, rotary_dim=12, interleaved=interleaved, backward=False, copy_pass=True,
+                     pos2=pos, inv_freq=inv, scaling=0.7, **none)
+    wq, wk = reference.rope(q, k, pos, inv, 0.7, interleaved, 12)
+    torch.testing.assert_close(qo, wq, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ko, wk, rtol=1e-12, atol=1e-12)
+    # backward is the transpose: rotating back recovers the input
+    bq, bk = torch.empty_like(q), torch.empty_like(k)
+    ref_backend.rope(qo, ko, bq, bk, rotary_dim=12, interleaved=interleaved, backward=True, copy_pass=True,
+                     pos2=pos, inv_freq=inv, scaling=1 / 0.7, **none)
+    torch.testing.assert_close(bq, q, rtol=1e-12, atol=1e-12)
+    if not interleaved:  # table mode (HF layout, half-split only)
+        cos, sin = reference.rope_table(pos, inv.float(), 0.7, torch.float64)
+        qt = q.transpose(1, 2).detach().requires_grad_()  # HF's [b, h, s, d]
+        kt = k.transpose(1, 2).detach().requires_grad_()
+        with backends.force("reference"):
+            got = ring_attn.apply_rope_cos_sin(qt, kt, cos, sin)
+            assert torch.autograd.gradcheck(lambda a, b: ring_attn.apply_rope_cos_sin(a, b, cos, sin), (qt, kt))
+        want = reference.rope_cos_sin(qt, kt, cos, sin, compute_dtype=torch.float64)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
