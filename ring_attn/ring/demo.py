@@ -252,7 +252,7 @@ def _run_rank(rank, cfg, result_path):
     def ring_step(timings):
         _sync(cfg)
         t0 = time.perf_counter()
-        out = ring_attn.ring_attn_func(q, k, v, causal=cfg["causal"], layout=layout)
+        out = ring_attn.ring_attn_func(q, k, v, causal=cfg["causal"], layout=layout, seqlen=s)  # any length
         _sync(cfg)
         t1 = time.perf_counter()
         if cfg["backward"]:
@@ -297,9 +297,9 @@ def _run_rank(rank, cfg, result_path):
     all_stats = [None] * world
     dist.all_gather_object(all_stats, stats)
 
-    gathered = [ring_attn.unshard(out.detach(), dim=1, layout=layout)]
+    gathered = [ring_attn.unshard(out.detach(), dim=1, layout=layout, seqlen=s)]
     if cfg["backward"]:
-        gathered += [ring_attn.unshard(x.grad, dim=1, layout=layout) for x in (q, k, v)]
+        gathered += [ring_attn.unshard(x.grad, dim=1, layout=layout, seqlen=s) for x in (q, k, v)]
     if rank != 0:
         return
     _progress(cfg, f"ring {passes} done")
