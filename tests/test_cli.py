@@ -41,8 +41,6 @@ def _one_line_error(argv, capsys, *pieces):
     (["--head-dim", "0"], ["--head-dim 0", "[1, 256]"]),
     (["--head-dim", "512"], ["--head-dim 512", "[1, 256]"]),
     (["--heads", "3", "--kv-heads", "2"], ["--heads 3 --kv-heads 2", "multiple"]),
-    (["--world-size", "4", "--seqlen", "1001"], ["--seqlen 1001", "zigzag", "4 ranks", "multiple of"]),
-    (["--world-size", "3", "--seqlen", "10", "--layout", "contiguous"], ["--seqlen 10", "contiguous", "3 ranks"]),
     (["--world-size", "two"], ["--world-size", "invalid int value: 'two'"]),
     (["--layout", "spiral"], ["--layout", "invalid choice"]),
     (["--dtype", "float64"], ["--dtype", "invalid choice"]),

@@ -130,16 +130,14 @@ def check_args(args) -> None:
 
     Ranges: ``--world-size``, ``--seqlen``, ``--batch``, ``--heads``, ``--kv-heads``, ``--iters`` >= 1;
     ``--heads`` a multiple of ``--kv-heads``; ``--head-dim`` in [1, 256]; ``--device cuda`` needs a visible GPU and
-    ``--world-size`` at most the GPU count; ``--seqlen`` must be splittable by ``--layout`` over the ranks
-    (:func:`ring_attn.ring.layout.check_divisible`). Last, one tiny ``flash_attn_func`` call with the run's heads,
+    ``--world-size`` at most the GPU count (any ``--seqlen`` works: ``shard`` pads what the layout cannot
+    split and the ring masks the padding). Last, one tiny ``flash_attn_func`` call with the run's heads,
     head dim and dtype on the CPU reference backend, so that anything the attention op refuses is reported
     here rather than by every rank.
 
     Raises:
         ValueError: naming the flag, the value and what is accepted.
     """
-    from ring_attn.ring.layout import check_divisible
-
     for flag, value in (("--world-size", args.world_size), ("--seqlen", args.seqlen), ("--batch", args.batch),
                         ("--heads", args.heads), ("--kv-heads", args.kv_heads), ("--iters", args.iters)):
         if value is not None and value < 1:
@@ -156,7 +154,6 @@ def check_args(args) -> None:
     if cfg["heads"] % cfg["kv_heads"]:
         raise ValueError(f"--heads {cfg['heads']} --kv-heads {cfg['kv_heads']}: expected --heads to be a multiple "
                          "of --kv-heads (grouped-query attention)")
-    check_divisible(cfg["seqlen"], cfg["world"], cfg["layout"], what="--seqlen")
     _trial_call(cfg)
 
 
