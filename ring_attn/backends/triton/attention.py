@@ -11,6 +11,7 @@ import triton
 
 from ring_attn._contracts import VarlenSeqs
 from ring_attn.backends import interpreter_enabled
+from ring_attn.backends.triton import tiles
 from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, fwd_kernel
 
 __all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks"]
@@ -27,18 +28,14 @@ def _no_window_softcap(window, softcap) -> None:
 
 
 def bwd_blocks(head_dim: int) -> dict:
-    """Block sizes for the backward kernels: one fixed table (no autotuning), so the reduction order, and
-    hence every gradient bit, is the same in every process. dK/dV: BLOCK_N keys stay, BLOCK_M query rows
-    stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
-    if interpreter_enabled():
-        return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
-    # Chosen from scripts/compile_check.py's sm_90 resource report (2026-11-27, triton 3.9, bf16): the
-    # fewest spilled bytes per head dim; GPU timings should refine them (see benchmarks/RESULTS.md).
-    if head_dim <= 64:
-        return dict(dkdv=(32, 64), dq=(128, 32), num_warps=8, num_stages=2)
-    if head_dim <= 128:
-        return dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
-    return dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
+    """Block sizes for the backward kernels (``tiles.bwd_tiles`` for the current GPU): one fixed table, no
+    autotuning, so the reduction order, and hence every gradient bit, is the same in every process.
+    dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
+    return tiles.bwd_tiles(head_dim, tiles.current_arch())
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,12 +83,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         return
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
-    fwd_kernel[grid](
+    if tiles.autotune_enabled():  # opt-in: time the candidates (tiles.dump_tuned writes the winners out)
+        kernel, tile = fwd_kernel, {}
+    else:  # default: the fixed tile table, the same tile in every process
+        key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
+        kernel, tile = fwd_kernel.fn, tiles.fwd_tile(key)
+    kernel[grid](
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
         HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal), VARLEN=seqs is not None,
         BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
+        **tile,
     )
 
 

@@ -4,38 +4,35 @@ Moved verbatim from ``ring_attn/ops/attention.py``; the host launchers are in
 ``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts, GQA mapping, causal
 offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
 """
-import os
-
 import triton
 import triton.language as tl
 
 from ring_attn.backends import interpreter_enabled
+from ring_attn.backends.triton import tiles as _tiles
 
 __all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "FWD_CONFIGS"]
 
 interpret = interpreter_enabled()
 
-# Forward configs: autotuned on GPU (key: head dim, causal, varlen, precision); one small config under
-# the interpreter, where every config would be run and small blocks exercise the tails.
-# RING_ATTN_AUTOTUNE=0 skips tuning (one config that fits every head dim), e.g. for quick GPU test runs.
+# Forward tiles: by default the launcher passes a fixed tile from ``tiles.fwd_tile`` (same tile in every
+# process: reproducible bits) to ``fwd_kernel.fn``; these configs are the opt-in autotuning candidates
+# (RING_ATTN_AUTOTUNE=1), pruned by a static shared-memory estimate before anything is compiled. One small
+# config under the interpreter, where every config would be run and small blocks exercise the tails.
 if interpret:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-elif os.environ.get("RING_ATTN_AUTOTUNE", "1") == "0":
-    FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
 else:
-    FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-            (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
-        ]
-    ]
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": t["BLOCK_M"], "BLOCK_N": t["BLOCK_N"]}, num_warps=t["num_warps"],
+                                 num_stages=t["num_stages"]) for t in _tiles.fwd_candidates(16, "bf16", 90)]
+
 
 def _prune(configs, named_args, **kwargs):
-    # 256-wide heads: 128x128 tiles exceed shared memory on every current GPU
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return kept or configs
+    # before compiling, drop configs over shared memory or past the spill edge (tiles.fits: static estimates)
+    d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 128))
+    dtype = "fp32" if kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee" else "bf16"
+    arch = _tiles.current_arch()
+    kept = [c for c in configs if _tiles.fits(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
+                                               d, dtype, arch)]
+    return kept or configs[-1:]
 
 @triton.jit
 def _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
@@ -125,7 +122,9 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
     return acc, l_i, m_i
 
 # restore_value: while tuning, every trial of a MERGE launch must start from the same running (O, LSE)
-@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION"],
+# (opt-in autotuning; the key has MERGE and the length so one call's shape does not pick for every other)
+@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION", "MERGE",
+                                           "seqlen_q"],
                  prune_configs_by={"early_config_prune": _prune}, restore_value=["O", "LSE"])
 @triton.jit
 def fwd_kernel(

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 from ring_attn.backends import interpreter_enabled
 
-__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "current_arch", "autotune_enabled",
+__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs", "current_arch", "autotune_enabled",
            "dump_tuned", "SMEM_LIMIT"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -65,16 +65,33 @@ def smem_estimate(tile: dict, head_dim: int, dtype: str, kernel: str = "fwd_kern
     return 0
 
 
+def fwd_acc_regs(tile: dict, head_dim: int) -> float:
+    """fp32 registers per thread the forward holds live across its loop: the output accumulator
+    ``BLOCK_M × BLOCK_D`` plus the score tile ``BLOCK_M × BLOCK_N``, spread over ``32 · num_warps`` threads."""
+    threads = 32 * tile["num_warps"]
+    return (tile["BLOCK_M"] * _block_d(head_dim) + tile["BLOCK_M"] * tile["BLOCK_N"]) / threads
+
+
+# Empirical spill edge of the forward on sm_90 (compile report, benchmarks/NOTES.md): every config at or
+# below 144 live fp32 registers per thread compiled with at most 16 B of stack, every config at 160 or
+# more spilled 56-1640 B.
+FWD_MAX_ACC_REGS = 144
+
+
 def fits(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> bool:
-    """Whether the estimated shared memory of ``tile`` fits the per-block limit of ``arch``."""
-    return smem_estimate(tile, head_dim, dtype, kernel) <= SMEM_LIMIT.get(arch // 10, _SMEM_DEFAULT)
+    """Whether ``tile`` passes the static checks made before compiling: its estimated shared memory fits
+    the per-block limit of ``arch``, and (forward) its live accumulators stay under the spill edge."""
+    if smem_estimate(tile, head_dim, dtype, kernel) > SMEM_LIMIT.get(arch // 10, _SMEM_DEFAULT):
+        return False
+    return not kernel.startswith("fwd") or fwd_acc_regs(tile, head_dim) <= FWD_MAX_ACC_REGS
 
 
 # Candidates for opt-in autotuning (before pruning). 4-warp 128-row tiles are left out: on sm_90 they
 # spill 1 KB+ at d=128 (compile report), since one warpgroup then holds a 128-row fp32 accumulator.
 _FWD_CANDIDATES = [
-    _tile(128, 128, 8, 2), _tile(128, 64, 8, 3), _tile(128, 64, 8, 2), _tile(128, 128, 8, 3),
-    _tile(64, 64, 4, 3), _tile(64, 64, 4, 4), _tile(64, 32, 4, 4),
+    _tile(128, 64, 8, 3), _tile(128, 64, 8, 2), _tile(128, 128, 8, 2), _tile(128, 128, 8, 3),
+    _tile(64, 64, 4, 3), _tile(64, 64, 4, 4), _tile(64, 32, 4, 4), _tile(64, 32, 4, 3),
+    _tile(128, 32, 8, 3), _tile(32, 32, 4, 2),
 ]
 
 
@@ -86,15 +103,16 @@ def fwd_candidates(head_dim: int, dtype: str, arch: int) -> list:
 # The default table. Keys: (capability major, head-dim bucket, dtype class, causal, merge) -> tile; a None
 # field matches anything. First match wins. Chosen from the sm_90 report (benchmarks/NOTES.md).
 _FWD_TABLE = [
-    # Hopper
+    # Hopper. d64: 111 regs and 64 KB, so two 8-warp programs share an SM (one's softmax overlaps the
+    # other's wgmma). d128: the only clean 128-row tile (226 regs, 128 KB, no spill; MERGE 230). d256: the
+    # only config of the old list without spills (230 regs, 160 KB); 128-row tiles need > 227 KB.
     ((9, 64, "16", None, None), _tile(128, 64, 8, 3)),
-    ((9, 128, "16", None, False), _tile(128, 64, 8, 3)),
-    ((9, 128, "16", None, True), _tile(128, 64, 8, 3)),
-    ((9, 256, "16", None, None), _tile(64, 64, 4, 2)),
+    ((9, 128, "16", None, None), _tile(128, 64, 8, 3)),
+    ((9, 256, "16", None, None), _tile(64, 32, 4, 4)),
     ((9, None, "32", None, None), _tile(64, 32, 4, 2)),
-    # Ampere / Ada and anything else: the A100 FA2-style tile; 256 and fp32 smaller
-    ((None, 64, "16", None, None), _tile(128, 64, 4, 3)),
-    ((None, 128, "16", None, None), _tile(128, 32, 4, 2)),
+    # Ampere / Ada and anything else (not measured; FA2-like tiles that fit 99 KB)
+    ((None, 64, "16", None, None), _tile(128, 64, 4, 2)),
+    ((None, 128, "16", None, None), _tile(64, 64, 4, 2)),
     ((None, None, None, None, None), _tile(64, 32, 4, 2)),
 ]
 _loaded: Optional[dict] = None
@@ -141,22 +159,12 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
     if interpreter_enabled():
         return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
+    del arch, dtype  # one table for now: only sm_90 has been examined
     if head_dim <= 64:
         return dict(dkdv=(32, 64), dq=(128, 32), num_warps=8, num_stages=2)
     if head_dim <= 128:
         return dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
     return dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
-
-
-def current_arch() -> int:
-    """Compute capability of the current CUDA device as an int (90 = sm_90); 90 when there is none (the
-    offline compile report targets sm_90)."""
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return major * 10 + minor
-    return 90
 
 
 def autotune_enabled() -> bool:
