@@ -143,6 +143,8 @@ def fwd_kernel(
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
     # Grid: (cdiv(max s_q, BLOCK_M), b * h_q). One program owns BLOCK_M query rows of one head.
     pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
@@ -386,6 +388,8 @@ def bwd_dq_kernel(
 ):
     # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
     pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
