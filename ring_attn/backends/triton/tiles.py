@@ -159,12 +159,30 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
     if interpreter_enabled():
         return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
+    # sm_90 compile report (benchmarks/NOTES.md). 8 warps = two warpgroups, and each wgmma covers 64 rows
+    # of its output, so the stationary side must be 128 rows (keys for dK/dV, queries for dQ): with 64 rows
+    # both warpgroups computed the same Kᵀ·Q and dPᵀ tiles (the old 64-key dK/dV: 96 of 108 wgmma m64n16).
+    # d<=64: every wgmma m64n64, no spill. d<=128: dK/dV streams 32 query rows (m64n32 for the score tiles,
+    # m64n128 for dK/dV; 176 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
+    # d=256: the 128-key dK/dV spills 1 KB (its fp32 dK+dV alone are 256 registers per thread), so dK/dV
+    # keeps 64 keys (88 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
     del arch, dtype  # one table for now: only sm_90 has been examined
     if head_dim <= 64:
-        return dict(dkdv=(32, 64), dq=(128, 32), num_warps=8, num_stages=2)
+        return dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
     if head_dim <= 128:
-        return dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
-    return dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
+        return dict(dkdv=(32, 128), dq=(128, 64), num_warps=8, num_stages=2)
+    return dict(dkdv=(16, 64), dq=(128, 32), num_warps=8, num_stages=2)
+
+
+def current_arch() -> int:
+    """Compute capability of the current CUDA device as an int (90 = sm_90); 90 when there is none (the
+    offline compile report targets sm_90)."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return 90
 
 
 def autotune_enabled() -> bool:
