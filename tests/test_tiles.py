@@ -70,8 +70,10 @@ def test_tuned_table_round_trips(gpu_tables, tmp_path, monkeypatch):
     import triton
 
     class FakeTuner:  # what triton.autotune keeps: key values (+ arg dtypes) -> winning Config
-        cache = {(128, True, False, "tf32", False, 4096, "torch.bfloat16"):
-                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)}
+        cache = {(128, True, False, "tf32", False, 4096, "torch.bfloat16", "torch.bfloat16"):
+                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+                 (64, False, False, "tf32", True, 4096, "torch.float16", "torch.float32"):
+                 triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)}
 
     path = tmp_path / "tuned.json"
     recs = tiles.dump_tuned(FakeTuner(), str(path), arch=90)
@@ -81,6 +83,7 @@ def test_tuned_table_round_trips(gpu_tables, tmp_path, monkeypatch):
     monkeypatch.setenv("RING_ATTN_TILES", str(path))
     assert tiles.fwd_tile(key) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert tiles.fwd_tile(key._replace(merge=True)) == shipped  # keys the file does not list: the table
+    assert tiles.fwd_tile(tiles.FwdKey(90, 64, "fp16", False, True))["BLOCK_N"] == 32
     monkeypatch.setenv("RING_ATTN_TILES", "")
     assert tiles.fwd_tile(key) == shipped
 
@@ -110,3 +113,24 @@ def test_shipped_sm90_tiles_are_correct_in_the_interpreter(gpu_tables, d, s_q, s
     assert_within_rule("out", out, res["oracle"][0], res["baseline"][0], torch.float32, FORWARD)
     for i, (name, got) in enumerate((("dq", qs.grad), ("dk", ks.grad), ("dv", vs.grad))):
         assert_within_rule(name, got, res["oracle"][i + 1], res["baseline"][i + 1], torch.float32, BACKWARD)
+
+
+def test_tile_file_overrides_backward_tiles(gpu_tables, tmp_path, monkeypatch):
+    path = tmp_path / "bwd.json"
+    path.write_text(json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "dkdv": [32, 64], "dq": [64, 32],
+                                 "num_warps": 8, "num_stages": 2}]))
+    shipped = tiles.bwd_tiles(128)
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.bwd_tiles(100) == dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
+    assert tiles.bwd_tiles(64) != tiles.bwd_tiles(128)  # other buckets keep the table
+    monkeypatch.delenv("RING_ATTN_TILES")
+    assert tiles.bwd_tiles(128) == shipped
+
+
+def test_before_table_in_benchmarks_parses(gpu_tables, monkeypatch):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tiles" / "before_issue9.json"
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.bwd_tiles(128)["dkdv"] == (32, 64)
+    assert tiles.fwd_tile(tiles.FwdKey(90, 128, "bf16", True, False))["BLOCK_N"] == 64

@@ -123,7 +123,10 @@ def _bucket(head_dim: int) -> int:
 
 
 def _overrides() -> dict:
-    """Tiles loaded from ``RING_ATTN_TILES`` (a JSON file written by :func:`dump_tuned`), keyed by FwdKey."""
+    """Tiles loaded from ``RING_ATTN_TILES``: a JSON list of forward records (as :func:`dump_tuned` writes:
+    arch, head_dim, dtype, causal, merge, BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by FwdKey, and
+    backward records (``"op": "bwd"``, arch, head_dim, dkdv, dq, num_warps, num_stages) keyed by
+    (capability major, head-dim bucket)."""
     global _loaded
     path = os.environ.get("RING_ATTN_TILES", "")
     if _loaded is None or _loaded.get("__path__") != path:
@@ -131,6 +134,11 @@ def _overrides() -> dict:
         if path:
             with open(path) as f:
                 for rec in json.load(f):
+                    if rec.get("op", "fwd") == "bwd":  # {"op": "bwd", "arch", "head_dim", "dkdv", "dq", ...}
+                        _loaded[("bwd", int(rec["arch"]) // 10, _bucket(int(rec["head_dim"])))] = dict(
+                            dkdv=tuple(rec["dkdv"]), dq=tuple(rec["dq"]), num_warps=int(rec["num_warps"]),
+                            num_stages=int(rec["num_stages"]))
+                        continue
                     key = FwdKey(int(rec["arch"]), int(rec["head_dim"]), rec["dtype"], bool(rec["causal"]),
                                  bool(rec["merge"]))
                     _loaded[key] = {k: int(rec[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
@@ -154,7 +162,7 @@ def fwd_tile(key: FwdKey) -> dict:
 
 
 def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
-    """Backward tiles: ``{"dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``.
+    """Backward tiles (``RING_ATTN_TILES`` may override them per capability and head-dim bucket): ``{"dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``.
     dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream.
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
     if interpreter_enabled():
@@ -166,7 +174,10 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     # m64n128 for dK/dV; 176 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
     # d=256: the 128-key dK/dV spills 1 KB (its fp32 dK+dV alone are 256 registers per thread), so dK/dV
     # keeps 64 keys (88 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
-    del arch, dtype  # one table for now: only sm_90 has been examined
+    over = _overrides().get(("bwd", arch // 10, _bucket(head_dim)))
+    if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
+        return dict(over)
+    del dtype  # one table for now: only sm_90 has been examined
     if head_dim <= 64:
         return dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
     if head_dim <= 128:
@@ -197,8 +208,8 @@ def dump_tuned(autotuner, path: str, arch: int) -> list:
     recs = []
     for key, cfg in autotuner.cache.items():
         head_dim, causal, _varlen, _prec, merge = key[:5]
-        dtypes = [str(k) for k in key[6:]]
-        dtype = next((d for d in ("bf16", "fp16", "fp32") if any(d in x for x in dtypes)), "bf16")
+        q_dtype = str(key[6]) if len(key) > 6 else "torch.bfloat16"  # the first tensor argument is Q
+        dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(q_dtype, "bf16")
         recs.append(dict(arch=arch, head_dim=int(head_dim), dtype=dtype, causal=bool(causal), merge=bool(merge),
                          BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"],
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages))
