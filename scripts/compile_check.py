@@ -43,7 +43,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from ring_attn.backends.triton import attention as A  # noqa: E402
 from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
@@ -90,7 +90,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(log, arch):
-    names = [n for n in dir(A) if n.endswith("_kernel")]
+    names = [n for n in dir(A) if isinstance(getattr(A, n), (JITFunction, Autotuner))]
     saved = {n: getattr(A, n) for n in names}
     saved_arch = T.current_arch
     try:

@@ -12,7 +12,8 @@ import triton
 from ring_attn._contracts import VarlenSeqs
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles
-from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, fwd_kernel
+from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel
+from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
 
 __all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks"]
 
@@ -36,6 +37,24 @@ def bwd_blocks(head_dim: int) -> dict:
 
 def _dtype_name(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+
+
+class _TableLaunched:
+    """``fwd_kernel[grid](*args, **constexprs)`` as the launcher writes it, with the tile added: by default
+    the fixed table's tile for (GPU, head dim, dtype, CAUSAL, MERGE) on the plain JIT function, so every
+    process runs the same tile; with ``RING_ATTN_AUTOTUNE=1`` the autotuner picks by timing."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if tiles.autotune_enabled():
+                return fwd_autotuned_kernel[grid](*args, **kwargs)
+            key = tiles.FwdKey(tiles.current_arch(), int(kwargs["HEAD_DIM"]), _dtype_name(args[0].dtype),
+                               bool(kwargs["CAUSAL"]), bool(kwargs["MERGE"]))
+            return fwd_autotuned_kernel.fn[grid](*args, **kwargs, **tiles.fwd_tile(key))
+        return launch
+
+
+fwd_kernel = _TableLaunched()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,18 +102,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         return
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
-    if tiles.autotune_enabled():  # opt-in: time the candidates (tiles.dump_tuned writes the winners out)
-        kernel, tile = fwd_kernel, {}
-    else:  # default: the fixed tile table, the same tile in every process
-        key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
-        kernel, tile = fwd_kernel.fn, tiles.fwd_tile(key)
-    kernel[grid](
+    fwd_kernel[grid](
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
         HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal), VARLEN=seqs is not None,
         BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
-        **tile,
     )
 
 
