@@ -64,6 +64,11 @@ CASES = {
     "bwd-d128-acc": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True),
     "bwd-d64": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=False),
     "bwd-d256": dict(op="bwd", shape=(1, 4096, 16, 16, 256), causal=True, accumulate=False),
+    # the experimental 5-matmul backward (RING_ATTN_BWD=fused; dQ by atomics, not deterministic)
+    "bwd-d128-fused": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True,
+                           env={"RING_ATTN_BWD": "fused"}),
+    "bwd-d64-fused": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
+                          env={"RING_ATTN_BWD": "fused"}),
 }
 # A small case for the test: compiles in seconds.
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
@@ -111,18 +116,28 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
     q, k, v = e(b, s, hq, d), e(b, s, hkv, d), e(b, s, hkv, d)
     lse = e(b, hq, s, dt=torch.float32)
     log = []
-    with _recording(log, arch):
-        if case["op"] == "fwd":
-            out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
-            A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],
-                                causal_offset=None, seqs=None, merge=case["merge"], window=(-1, -1),
-                                softcap=0.0)
-        else:
-            gdt = torch.float32 if case["accumulate"] else dtype
-            A.attention_backward(e(b, s, hq, d), q, k, v, lse, e(b, hq, s, dt=torch.float32),
-                                 e(b, s, hq, d, dt=gdt), e(b, s, hkv, d, dt=gdt), e(b, s, hkv, d, dt=gdt),
-                                 softmax_scale=d ** -0.5, causal=case["causal"], causal_offset=None, seqs=None,
-                                 accumulate=case["accumulate"], window=(-1, -1), softcap=0.0)
+    env = case.get("env", {})
+    saved_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with _recording(log, arch):
+            if case["op"] == "fwd":
+                out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
+                A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],
+                                    causal_offset=None, seqs=None, merge=case["merge"], window=(-1, -1),
+                                    softcap=0.0)
+            else:
+                gdt = torch.float32 if case["accumulate"] else dtype
+                A.attention_backward(e(b, s, hq, d), q, k, v, lse, e(b, hq, s, dt=torch.float32),
+                                     e(b, s, hq, d, dt=gdt), e(b, s, hkv, d, dt=gdt), e(b, s, hkv, d, dt=gdt),
+                                     softmax_scale=d ** -0.5, causal=case["causal"], causal_offset=None,
+                                     seqs=None, accumulate=case["accumulate"], window=(-1, -1), softcap=0.0)
+    finally:
+        for name, val in saved_env.items():
+            if val is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = val
     return log
 
 
@@ -173,6 +188,7 @@ def analyse(ck, arch: int) -> dict:
     return {**_resource_usage(ck.asm["cubin"]), "smem_bytes": smem,
             "smem_over_limit": smem > SMEM_LIMIT.get(arch, 232448), "mma": mma,
             "wgmma": dict(sorted(wgmma.items())),
+            "mma_sync": len(re.findall(r"mma\.sync\.aligned", ptx)),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
             "cp_async_loads": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx))}
 

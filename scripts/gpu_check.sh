@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for the GPU test machine (one H100/H200; torch 2.11, triton 3.6, transformers 5.17, no network,
 # nothing to install). Runs the GPU tests, then the benchmarks; logs, CSV and PNG go under $OUT (or
-# ./bench_out). Budget: about 10 minutes (stage limits add up to 555 s). Usage from the repository root:
+# ./bench_out). Budget: under 10 minutes (stage limits add up to 560 s;
+# `tests` and `bench` can run as two calls). Usage from the repository root:
 #
 #     OUT=/some/dir scripts/gpu_check.sh            # everything
 #     scripts/gpu_check.sh tests                    # only the GPU tests
@@ -44,16 +45,20 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   stage bench_attention 150 python benchmarks/bench_attention.py --plot --rep 50
   # 2. the same kernels with the tiles before issue 9 (backward dK/dV 32x64, dQ 64x32 at d128): the
   #    backward-tile before/after on the same card, ours only
-  stage bench_attention_before_tiles 75 env RING_ATTN_TILES=benchmarks/tiles/before_issue9.json \
-    OUT="$OUT/before_tiles" python benchmarks/bench_attention.py --peers "" --rep 50
-  # 3. autotuned forward tiles (opt-in path), written out, then benchmarked as a table
-  stage tune_tiles 60 python scripts/tune_tiles.py --out "$OUT/tuned_tiles.json"
+  stage bench_attention_before_tiles 60 env RING_ATTN_TILES=benchmarks/tiles/before_issue9.json \
+    OUT="$OUT/before_tiles" python benchmarks/bench_attention.py --peers "" --passes bwd,fwd+bwd --rep 50
+  # 3. the experimental 5-matmul backward (one kernel, dQ by fp32 atomics; not deterministic): what
+  #    7 -> 5 matmuls is worth, before building the ordered deterministic version (benchmarks/NOTES.md)
+  stage bench_attention_fused_bwd 60 env RING_ATTN_BWD=fused OUT="$OUT/fused_bwd" \
+    python benchmarks/bench_attention.py --peers "" --passes bwd,fwd+bwd --rep 50
+  # 4. autotuned forward tiles (opt-in path), written out, then benchmarked as a table
+  stage tune_tiles 45 python scripts/tune_tiles.py --out "$OUT/tuned_tiles.json"
   if [ -s "$OUT/tuned_tiles.json" ]; then
-    stage bench_attention_tuned 60 env RING_ATTN_TILES="$OUT/tuned_tiles.json" OUT="$OUT/tuned_tiles" \
+    stage bench_attention_tuned 45 env RING_ATTN_TILES="$OUT/tuned_tiles.json" OUT="$OUT/tuned_tiles" \
       python benchmarks/bench_attention.py --peers "" --passes fwd --rep 50
   fi
-  stage bench_rope 45 python benchmarks/bench_rope.py
-  stage bench_ring 45 \
+  stage bench_rope 40 python benchmarks/bench_rope.py
+  stage bench_ring 40 \
     python -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/bench_ring.py
 fi
 

@@ -101,12 +101,13 @@ def test_shipped_sm90_tiles_are_correct_in_the_interpreter(gpu_tables, d, s_q, s
     k = torch.randn(1, s_k, 2, d, generator=g)
     v = torch.randn(1, s_k, 2, d, generator=g)
     dout = torch.randn(1, s_q, 4, d, generator=g)
-    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
+    qs, ks, vs = (x.to(dev).clone().requires_grad_() for x in (q, k, v))
     out = ring_attn.flash_attn_func(qs, ks, vs, causal=causal)
-    out.backward(dout)
+    out.backward(dout.to(dev))
     res = {}
     for name, cdt in (("oracle", torch.float64), ("baseline", torch.float32)):
-        qr, kr, vr = (x.to(cdt).requires_grad_() for x in (q, k, v))
+        qr, kr, vr = (x.to(cdt).clone().requires_grad_() for x in (q, k, v))
         o, _ = reference.attention(qr, kr, vr, None, causal, compute_dtype=cdt)
         o.backward(dout.to(cdt))
         res[name] = (o, qr.grad, kr.grad, vr.grad)

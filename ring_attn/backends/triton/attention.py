@@ -12,7 +12,7 @@ import triton
 from ring_attn._contracts import VarlenSeqs
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles
-from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel
+from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, bwd_fused_kernel, delta_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
 
 __all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks"]
@@ -146,6 +146,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     max_k = s_k if seqs is None else seqs.max_len_k
     if n_batch == 0 or h_q == 0:
         return
+    if _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
+                       accumulate, window, softcap):
+        return
     cdiv = triton.cdiv
     blocks = bwd_blocks(d)
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
@@ -173,3 +176,38 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )
+
+
+def _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
+                    accumulate, window, softcap) -> bool:
+    """Experimental 5-matmul backward (``RING_ATTN_BWD=fused``): one kernel for dK/dV and dQ, dQ added by
+    unordered fp32 atomics, so **not** bitwise reproducible; dense inputs without window/softcap only.
+    Returns False (and does nothing) when not enabled or not applicable: the caller then runs the
+    deterministic two-kernel backward."""
+    if not tiles.fused_backward_enabled() or seqs is not None or tuple(window) != (-1, -1) or softcap != 0:
+        return False
+    q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
+    dk4, dv4, l3, d3 = _as4d(dk), _as4d(dv), _as3d_lse(lse), _as3d_lse(delta)
+    if l3.stride() != d3.stride():
+        d3 = d3.contiguous() if l3.is_contiguous() else torch.empty_like(l3).copy_(d3)
+    b, s_q, h_q, d = q4.shape
+    s_k, h_kv = k4.shape[1], k4.shape[2]
+    if s_k == 0 or s_q == 0:
+        return False
+    # fp32 dQ: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
+    dq4 = _as4d(dq) if accumulate else torch.zeros(q4.shape, dtype=torch.float32, device=q.device)
+    block_m, block_n = bwd_blocks(d)["dkdv"]
+    t = bwd_blocks(d)
+    bwd_fused_kernel[(triton.cdiv(s_k, block_n), b * h_kv)](
+        q4, k4, v4, do4, l3, d3, dq4, dk4, dv4,
+        *_strides(q4, False), *_strides(k4, False), *_strides(v4, False), *_strides(do4, False),
+        *_strides(dq4, False), *_strides(dk4, False), *_strides(dv4, False), *_strides(l3, False),
+        s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale,
+        0 if causal_offset is None else int(causal_offset),
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
+        BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t["num_warps"], num_stages=t["num_stages"],
+    )
+    if not accumulate:
+        _as4d(dq).copy_(dq4)
+    return True

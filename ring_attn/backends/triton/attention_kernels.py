@@ -10,7 +10,7 @@ import triton.language as tl
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles as _tiles
 
-__all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "FWD_CONFIGS"]
+__all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel", "FWD_CONFIGS"]
 
 interpret = interpreter_enabled()
 
@@ -428,3 +428,128 @@ def bwd_dq_kernel(
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+
+# ---------------------------------------------------------------------------------------------------------
+# Experimental: the 5-matmul backward (benchmarks/NOTES.md, "the 5-matmul backward"). One K/V-stationary
+# program computes S, dP, dV, dK *and* the dQ partial of each (query block, key block) pair, adding the
+# partial into an fp32 dQ with unordered atomics: NOT bitwise deterministic, so it runs only when asked
+# for (RING_ATTN_BWD=fused) and only without window/softcap, to measure what 7 -> 5 matmuls is worth.
+
+@triton.jit
+def _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d, lo, hi, len_q,
+                     offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
+    do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
+    dq_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :]
+    q_row = Q_base + lo.to(tl.int64) * stride_qs
+    do_row = DO_base + lo.to(tl.int64) * stride_dos
+    dq_row = DQ_base + lo.to(tl.int64) * stride_dqs
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = q_row + q_offs
+        do_ptrs = do_row + do_offs
+        dq_ptrs = dq_row + dq_offs
+        q_row += BLOCK_M * stride_qs
+        do_row += BLOCK_M * stride_dos
+        dq_row += BLOCK_M * stride_dqs
+        if MASKED:
+            m_ok = offs_m < len_q
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            m_ok = offs_m >= 0
+            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok, other=0.0)
+            lse = tl.load(L_base + offs_m)
+            delta = tl.load(D_base + offs_m)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            keep = offs_m[None, :] < len_q
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
+            pT = tl.where(keep, pT, 0.0)
+        # dV += Pᵀ dO ; dPᵀ = V dOᵀ ; dSᵀ = Pᵀ ∘ (dPᵀ − delta) ; dK += dSᵀ Q ; dQ(partial) = scale · dS K
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
+        tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
+    return dk, dv
+
+@triton.jit
+def bwd_fused_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Dense only. Like bwd_dkdv_kernel (one program: BLOCK_N keys of one kv head, looping over the query
+    # heads of its GQA group), plus DQ += dS·K by fp32 atomics (DQ is fp32 and starts zeroed or holds the
+    # ring's running sum). dK/dV: stored, or added to DK/DV when ACCUMULATE.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_kv
+    hk = pid_bh % n_heads_kv
+    len_q = seqlen_q
+    len_k = seqlen_k
+    start_n = pid_n * BLOCK_N
+    offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    bq = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n[:, None] < len_k
+    d_ok = offs_d[None, :] < HEAD_DIM
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + bq * stride_kb + rows_n * stride_ks + hk.to(tl.int64) * stride_kh + offs_d[None, :],
+                mask=n_ok & d_ok, other=0.0)
+    v = tl.load(V + bq * stride_vb + rows_n * stride_vs + hk.to(tl.int64) * stride_vh + offs_d[None, :],
+                mask=n_ok & d_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    lo = tl.minimum(lo, len_q)
+    full_hi = len_q // BLOCK_M * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), len_q)
+    mid_hi = tl.maximum(full_hi, mid_lo)
+    for g in range(0, group):
+        h = (hk * group + g).to(tl.int64)
+        Q_base = Q + bq * stride_qb + h * stride_qh
+        DO_base = DO + bq * stride_dob + h * stride_doh
+        DQ_base = DQ + bq * stride_dqb + h * stride_dqh
+        L_base = LSE + bq * stride_lb + h * stride_lh
+        D_base = DELTA + bq * stride_lb + h * stride_lh
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d, lo,
+                                  mid_lo, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs,
+                                  True, CAUSAL, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d,
+                                  mid_lo, mid_hi, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
+                                  stride_dqs, False, CAUSAL, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d,
+                                  mid_hi, len_q, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
+                                  stride_dqs, True, CAUSAL, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    dk = dk * sm_scale
+    mask = n_ok & d_ok
+    dk_ptrs = DK + bq * stride_dkb + rows_n * stride_dks + hk.to(tl.int64) * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + bq * stride_dvb + rows_n * stride_dvs + hk.to(tl.int64) * stride_dvh + offs_d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=mask, other=0.0)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)

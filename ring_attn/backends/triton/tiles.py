@@ -18,7 +18,8 @@ from typing import NamedTuple, Optional
 
 from ring_attn.backends import interpreter_enabled
 
-__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs", "current_arch", "autotune_enabled",
+__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
+           "current_arch", "autotune_enabled", "fused_backward_enabled",
            "dump_tuned", "SMEM_LIMIT"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -58,7 +59,7 @@ def smem_estimate(tile: dict, head_dim: int, dtype: str, kernel: str = "fwd_kern
     bm, bn = tile["BLOCK_M"], tile["BLOCK_N"]
     if kernel.startswith("fwd"):          # Q stays; K, V stream
         return bm * bd * e + s * 2 * bn * bd * e
-    if "dkdv" in kernel:                  # K, V stay; Q, dO (+ lse, delta) stream
+    if "dkdv" in kernel or "fused" in kernel:  # K, V stay; Q, dO (+ lse, delta) stream
         return 2 * bn * bd * e + s * (2 * bm * bd * e + 2 * bm * 4)
     if "dq" in kernel:                    # Q, dO stay; K, V stream
         return 2 * bm * bd * e + s * 2 * bn * bd * e
@@ -162,7 +163,8 @@ def fwd_tile(key: FwdKey) -> dict:
 
 
 def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
-    """Backward tiles (``RING_ATTN_TILES`` may override them per capability and head-dim bucket): ``{"dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``.
+    """Backward tiles ``{"dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``
+    (``RING_ATTN_TILES`` may override them per capability and head-dim bucket).
     dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream.
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
     if interpreter_enabled():
@@ -194,6 +196,12 @@ def current_arch() -> int:
         major, minor = torch.cuda.get_device_capability()
         return major * 10 + minor
     return 90
+
+
+def fused_backward_enabled() -> bool:
+    """True when ``RING_ATTN_BWD=fused``: the experimental 5-matmul backward with atomic (non-deterministic)
+    dQ runs instead of the two deterministic kernels, for dense inputs without window/softcap."""
+    return os.environ.get("RING_ATTN_BWD", "") == "fused"
 
 
 def autotune_enabled() -> bool:
