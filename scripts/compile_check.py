@@ -69,6 +69,11 @@ CASES = {
                            env={"RING_ATTN_BWD": "fused"}),
     "bwd-d64-fused": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
                           env={"RING_ATTN_BWD": "fused"}),
+    # ... with dQ added in a fixed order (RING_ATTN_BWD=fused-ordered; deterministic)
+    "bwd-d128-ordered": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True,
+                             env={"RING_ATTN_BWD": "fused-ordered"}),
+    "bwd-d64-ordered": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
+                            env={"RING_ATTN_BWD": "fused-ordered"}),
 }
 # A small case for the test: compiles in seconds.
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)

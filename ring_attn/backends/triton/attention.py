@@ -180,11 +180,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 def _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
                     accumulate, window, softcap) -> bool:
-    """Experimental 5-matmul backward (``RING_ATTN_BWD=fused``): one kernel for dK/dV and dQ, dQ added by
-    unordered fp32 atomics, so **not** bitwise reproducible; dense inputs without window/softcap only.
-    Returns False (and does nothing) when not enabled or not applicable: the caller then runs the
-    deterministic two-kernel backward."""
-    if not tiles.fused_backward_enabled() or seqs is not None or tuple(window) != (-1, -1) or softcap != 0:
+    """Experimental 5-matmul backward (``RING_ATTN_BWD=fused`` or ``fused-ordered``): one kernel for dK/dV
+    and dQ. ``fused``: dQ by unordered fp32 atomics, **not** bitwise reproducible. ``fused-ordered``: dQ
+    added in decreasing key-block order behind one int32 counter per (head, query block), bitwise
+    reproducible. Dense inputs without window/softcap only. Returns False (and does nothing) when not asked
+    for or not applicable: the caller then runs the deterministic two-kernel backward."""
+    mode = tiles.fused_backward_mode()
+    if not mode or seqs is not None or tuple(window) != (-1, -1) or softcap != 0:
         return False
     q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
     dk4, dv4, l3, d3 = _as4d(dk), _as4d(dv), _as3d_lse(lse), _as3d_lse(delta)
@@ -196,17 +198,21 @@ def _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal
         return False
     # fp32 dQ: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
     dq4 = _as4d(dq) if accumulate else torch.zeros(q4.shape, dtype=torch.float32, device=q.device)
-    block_m, block_n = bwd_blocks(d)["dkdv"]
     t = bwd_blocks(d)
+    block_m, block_n = t["dkdv"]
+    n_qblocks = triton.cdiv(s_q, block_m)
+    ordered = mode == "ordered"
+    locks = torch.zeros(b * h_q * n_qblocks if ordered else 1, dtype=torch.int32, device=q.device)
     bwd_fused_kernel[(triton.cdiv(s_k, block_n), b * h_kv)](
-        q4, k4, v4, do4, l3, d3, dq4, dk4, dv4,
+        q4, k4, v4, do4, l3, d3, dq4, dk4, dv4, locks,
         *_strides(q4, False), *_strides(k4, False), *_strides(v4, False), *_strides(do4, False),
         *_strides(dq4, False), *_strides(dk4, False), *_strides(dv4, False), *_strides(l3, False),
         s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale,
-        0 if causal_offset is None else int(causal_offset),
+        0 if causal_offset is None else int(causal_offset), n_qblocks,
         HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
         BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate), DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t["num_warps"], num_stages=t["num_stages"],
+        ORDERED=ordered, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t["num_warps"],
+        num_stages=t["num_stages"],
     )
     if not accumulate:
         _as4d(dq).copy_(dq4)

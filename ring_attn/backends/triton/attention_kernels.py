@@ -436,10 +436,10 @@ def bwd_dq_kernel(
 # for (RING_ATTN_BWD=fused) and only without window/softcap, to measure what 7 -> 5 matmuls is worth.
 
 @triton.jit
-def _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d, lo, hi, len_q,
-                     offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n, offs_d, lo, hi,
+                     len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs, kblock, n_kblocks,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ORDERED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
     do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
@@ -481,28 +481,52 @@ def _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, off
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
         dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
-        tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
+        if ORDERED:
+            # Deterministic: the partials of query block mb are added in decreasing key-block order. The
+            # key blocks above this one that visit mb must all have added first; a counter per (head,
+            # query block) says how many have. They start one step ahead of this block (their diagonal is
+            # later), so the wait is normally short, and they were launched earlier (reversed grid), so
+            # waiting on them cannot deadlock.
+            if CAUSAL:
+                last = tl.minimum((start_m + BLOCK_M - 1 + offset) // BLOCK_N, n_kblocks - 1)
+            else:
+                last = n_kblocks - 1
+            lock = LOCK_base + start_m // BLOCK_M
+            while tl.atomic_add(lock, 0, sem="acquire") != last - kblock:
+                pass
+            cur = tl.load(dq_ptrs, mask=m_ok[:, None] & d_ok, other=0.0, cache_modifier=".cg")
+            tl.store(dq_ptrs, cur + dq, mask=m_ok[:, None] & d_ok)
+            tl.debug_barrier()
+            tl.atomic_add(lock, 1, sem="release")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
     return dk, dv
 
 @triton.jit
 def bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, LOCKS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset,
+    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, n_qblocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ORDERED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Dense only. Like bwd_dkdv_kernel (one program: BLOCK_N keys of one kv head, looping over the query
     # heads of its GQA group), plus DQ += dS·K by fp32 atomics (DQ is fp32 and starts zeroed or holds the
-    # ring's running sum). dK/dV: stored, or added to DK/DV when ACCUMULATE.
+    # ring's running sum). dK/dV: stored, or added to DK/DV when ACCUMULATE. ORDERED: dQ adds in a fixed
+    # order instead (see _bwd_fused_inner), with LOCKS int32 [b * h_q, n_qblocks] zeroed; the key blocks
+    # are launched highest first so that every program only waits on programs launched before it.
     pid_n = tl.program_id(0)
+    if ORDERED:
+        pid_n = tl.num_programs(0) - 1 - pid_n
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
     hk = pid_bh % n_heads_kv
     len_q = seqlen_q
     len_k = seqlen_k
+    n_kblocks = tl.cdiv(len_k, BLOCK_N)
     start_n = pid_n * BLOCK_N
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
     bq = b.to(tl.int64)
@@ -535,15 +559,19 @@ def bwd_fused_kernel(
         DQ_base = DQ + bq * stride_dqb + h * stride_dqh
         L_base = LSE + bq * stride_lb + h * stride_lh
         D_base = DELTA + bq * stride_lb + h * stride_lh
-        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d, lo,
-                                  mid_lo, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs,
-                                  True, CAUSAL, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d,
-                                  mid_lo, mid_hi, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
-                                  stride_dqs, False, CAUSAL, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, offs_n, offs_d,
-                                  mid_hi, len_q, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
-                                  stride_dqs, True, CAUSAL, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        LOCK_base = LOCKS + (bq * n_heads_kv * group + h) * n_qblocks
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
+                                  offs_d, lo, mid_lo, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
+                                  stride_dqs, pid_n, n_kblocks, True, CAUSAL, HEAD_DIM, ORDERED, BLOCK_M,
+                                  BLOCK_N, DOT_PRECISION)
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
+                                  offs_d, mid_lo, mid_hi, len_q, offset, qk_scale, sm_scale, stride_qs,
+                                  stride_dos, stride_dqs, pid_n, n_kblocks, False, CAUSAL, HEAD_DIM, ORDERED,
+                                  BLOCK_M, BLOCK_N, DOT_PRECISION)
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
+                                  offs_d, mid_hi, len_q, len_q, offset, qk_scale, sm_scale, stride_qs,
+                                  stride_dos, stride_dqs, pid_n, n_kblocks, True, CAUSAL, HEAD_DIM, ORDERED,
+                                  BLOCK_M, BLOCK_N, DOT_PRECISION)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + rows_n * stride_dks + hk.to(tl.int64) * stride_dkh + offs_d[None, :]

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 from ring_attn.backends import interpreter_enabled
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
-           "current_arch", "autotune_enabled", "fused_backward_enabled",
+           "current_arch", "autotune_enabled", "fused_backward_mode",
            "dump_tuned", "SMEM_LIMIT"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -198,10 +198,11 @@ def current_arch() -> int:
     return 90
 
 
-def fused_backward_enabled() -> bool:
-    """True when ``RING_ATTN_BWD=fused``: the experimental 5-matmul backward with atomic (non-deterministic)
-    dQ runs instead of the two deterministic kernels, for dense inputs without window/softcap."""
-    return os.environ.get("RING_ATTN_BWD", "") == "fused"
+def fused_backward_mode() -> str:
+    """The experimental 5-matmul backward asked for by ``RING_ATTN_BWD``: ``"atomic"`` (``fused``: dQ by
+    unordered fp32 atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a fixed
+    order, deterministic), or ``""`` (default: the two deterministic kernels)."""
+    return {"fused": "atomic", "fused-ordered": "ordered"}.get(os.environ.get("RING_ATTN_BWD", ""), "")
 
 
 def autotune_enabled() -> bool:
