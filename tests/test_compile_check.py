@@ -25,13 +25,16 @@ def test_compile_check_json_tiny_case():
     recs = json.loads(res.stdout)
     assert len(recs) == 1  # one launch (the forward), one config (the shipped tile)
     r = recs[0]
-    for field in ("kernel", "config", "regs", "spill_bytes", "smem_bytes", "wgmma", "shipped"):
+    for field in ("kernel", "config", "regs", "spill_bytes", "smem_bytes", "wgmma", "shipped", "mma_sync",
+                  "tma_loads", "cp_async_loads", "smem_estimate"):
         assert field in r, field
     assert "error" not in r
     assert r["kernel"] == "fwd_kernel" and r["shipped"] is True
     assert isinstance(r["regs"], int) and 0 < r["regs"] <= 255
     assert isinstance(r["spill_bytes"], int) and r["spill_bytes"] >= 0
     assert 0 < r["smem_bytes"] <= 232448 and r["smem_over_limit"] is False
+    assert r["smem_estimate"] == r["smem_bytes"]  # the static estimate the autotune prune relies on
+    assert r["cp_async_loads"] > 0 and r["tma_loads"] == 0  # pipelined pointer loads, no TMA yet
     # sm_90 bf16: the dots are wgmma, reported per instruction shape
     assert r["wgmma"] and all(k.startswith("m64n") and v > 0 for k, v in r["wgmma"].items())
     # compiled as the JIT specialises a launch: aligned pointers and the GQA group of 1 as a constant
