@@ -174,10 +174,17 @@ def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: i
     expected = ring_layout.shard_positions(s_global, state.rank, state.world, state.layout,
                                            device=position_ids.device)
     diff = position_ids.reshape(-1, s_local) - expected
-    if not bool((diff == diff[:, :1]).all()):
+    import torch.distributed as dist
+
+    # agreed over the group, so that every rank raises (one rank entering the ring alone would hang)
+    ok = torch.tensor([int(bool((diff == diff[:, :1]).all()))])
+    if str(dist.get_backend(state.group)).lower() != "gloo":
+        ok = ok.to(position_ids.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=state.group)
+    if not bool(ok.item()):
         raise ValueError(
-            f"position_ids {tuple(position_ids.shape)} on rank {state.rank} are not a {state.layout!r} shard of "
-            f"one sequence of {s_global} tokens over {state.world} ranks: shard the batch with "
+            f"position_ids {tuple(position_ids.shape)} (on this rank or another) are not a {state.layout!r} shard "
+            f"of one sequence of {s_global} tokens over {state.world} ranks: shard the batch with "
             f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) (packed sequences "
             f"need the cu_seq_lens_q it returns)")
     setattr(position_ids, _CHECKED_TAG, True)
@@ -576,7 +583,9 @@ def shard_batch(batch: Mapping[str, Any], group=None, layout: str = "zigzag",
     Every rank passes the same global batch. Labels are shifted over the whole sequence *before* sharding
     (a shard's last token predicts a token that lives on another rank). Lengths the layout cannot split
     (multiples of ``2W`` for zigzag, ``W`` otherwise) are padded at the end with ``pad_token_id`` and ignored
-    labels: under causal attention no real query sees a later pad token, so no mask is needed.
+    labels: under causal attention no real query sees a later pad token, so no mask is needed. (Rope types whose
+    frequencies depend on the length, ``dynamic`` and ``longrope``, see the padded length, as stock transformers
+    does for a right-padded batch; pick lengths that are multiples of the unit to keep them unchanged.)
 
     Args:
         batch: ``input_ids`` int ``[b, s]``; optional ``labels`` ``[b, s]`` (unshifted, -100 = ignore),
