@@ -42,6 +42,7 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   stage bench_attention 150 python benchmarks/bench_attention.py --plot --rep 50
   stage bench_rope 45 python benchmarks/bench_rope.py
+  stage bench_hf_layer 60 python benchmarks/bench_hf_layer.py
   stage bench_ring 45 \
     python -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/bench_ring.py
 fi
