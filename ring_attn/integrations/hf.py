@@ -103,14 +103,14 @@ def _refuse_unsupported(module, dropout, kwargs, state: _State) -> None:
 # Packed sequences
 
 
-def _packed_cu_seqlens(position_ids: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
+def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple[torch.Tensor, int]]:
     """Boundaries of the sequences packed in ``position_ids`` ``[b, s]`` (a new sequence starts wherever the
     position does not follow its predecessor by one, and at every row): (cu_seqlens int32, longest), or None
     when every row holds one sequence. Cached on the tensor (one host sync per forward, not per layer)."""
-    cached = getattr(position_ids, _CU_TAG, False)
-    if cached is not False:
-        return cached
-    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    cached = getattr(position_ids, _CU_TAG, None)
+    if cached is not None and cached[0] == batch:
+        return cached[1]
+    pos = position_ids.expand(batch, -1)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     result = None
@@ -119,7 +119,7 @@ def _packed_cu_seqlens(position_ids: torch.Tensor) -> Optional[tuple[torch.Tenso
         total = pos.numel()
         cu = torch.cat([idx, idx.new_tensor([total])]).to(torch.int32)
         result = (cu, int((cu[1:] - cu[:-1]).max()))
-    setattr(position_ids, _CU_TAG, result)
+    setattr(position_ids, _CU_TAG, (batch, result))
     return result
 
 
@@ -173,7 +173,7 @@ def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: i
     s_global = s_local * state.world
     expected = ring_layout.shard_positions(s_global, state.rank, state.world, state.layout,
                                            device=position_ids.device)
-    diff = position_ids.reshape(-1, s_local) - expected
+    diff = position_ids.reshape(-1, s_local) - expected  # [1, s] or [b, s]
     import torch.distributed as dist
 
     # agreed over the group, so that every rank raises (one rank entering the ring alone would hang)
@@ -232,7 +232,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
 
     if state.world == 1:
         if cu is None and s_q == s_k and keep is None and position_ids is not None and position_ids.dim() == 2:
-            found = _packed_cu_seqlens(position_ids.expand(b, -1))
+            found = _packed_cu_seqlens(position_ids, b)
             if found is not None:
                 cu, max_len = found
         if cu is not None:
@@ -269,7 +269,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
         return out.unsqueeze(0), None
     check_sliding_window(sliding_window, s_q * state.world)
     if position_ids is not None:
-        _check_shard_positions(position_ids.expand(b, -1), state, s_q)
+        _check_shard_positions(position_ids, state, s_q)  # cached on the tensor: once per forward
     out = ring_attn.ring_attn_func(q, k, v, causal=causal, softmax_scale=scaling, group=state.group,
                                    layout=state.layout)
     return out, None
