@@ -176,6 +176,17 @@ def test_context_manager_and_loading_by_name():
     assert "ring_attn" not in _attention_keys()
 
 
+def test_sliding_window_longer_than_the_sequence_is_full_attention():
+    """A window that cuts nothing is accepted (the mask function recognises transformers' sliding-window mask)."""
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    model = build("mistral", sliding_window=16)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with hf.patch_hf(model):
+            got = model(ids, use_cache=False).logits
+    assert (got - ref).abs().max().item() < 1e-4
+
+
 def test_single_device_refusals():
     model = build("mistral", sliding_window=4)
     ids = torch.randint(0, VOCAB, (1, 8))

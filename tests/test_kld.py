@@ -60,6 +60,8 @@ def test_cli_local_model_dir_and_text_output(tmp_path, capsys):
     (["--ctx", "1"], "--ctx"),
     (["--model", "/nonexistent/dir"], "--model"),
     (["--dtype", "int8"], "--dtype"),
+    (["--device", "tpu"], "--device"),
+    (["--text", "/nonexistent/file.txt"], "--text"),
 ])
 def test_cli_argument_errors(argv, word, capsys):
     with pytest.raises(SystemExit) as e:

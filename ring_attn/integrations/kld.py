@@ -58,6 +58,18 @@ def _text_file(text: str) -> str:
     return text
 
 
+def _device(text: str) -> str:
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"--device {text!r} is not a device (expected cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text}: CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device {text!r}: expected cpu or cuda[:N]")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=_model_dir, default=None,
                         help="local transformers model directory (default: a random tiny Llama)")
@@ -67,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=_ctx, default=128, help="window length per forward pass (default 128)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="model dtype (default float32)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random model and tokens")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
