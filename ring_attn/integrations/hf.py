@@ -85,7 +85,7 @@ def check_sliding_window(sliding_window: Optional[int], longest: int) -> None:
             f"with full attention, or keep sequences at most {sliding_window} tokens long)")
 
 
-def _refuse_unsupported(module, dropout, kwargs, state: _State) -> None:
+def _refuse_unsupported(module, dropout, kwargs) -> None:
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         raise NotImplementedError("output_attentions=True: attn_implementation='ring_attn' never materializes "
                                   "attention probabilities; use attn_implementation='eager' to inspect them")
@@ -215,7 +215,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     if state is None:
         raise RuntimeError("attn_implementation='ring_attn' is used but the ring_attn patch was undone; call "
                            "ring_attn.integrations.hf.patch_hf() again or switch the model back")
-    _refuse_unsupported(module, dropout, kwargs, state)
+    _refuse_unsupported(module, dropout, kwargs)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [b, s, h, d] views
     if torch.is_autocast_enabled(q.device.type):
