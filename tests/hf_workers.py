@@ -25,6 +25,8 @@ CASES_2 = [
     dict(kind="equiv", model="qwen2", layout="zigzag", b=1, s=12),
     dict(kind="equiv", model="llama", layout="zigzag", packed=[5, 8, 3]),
     dict(kind="equiv", model="llama", layout="zigzag", b=1, s=12, fused_rope=False),
+    # the Triton kernels (ring blocks and fused RoPE) through the interpreter, when it is on
+    dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=8, backend="triton"),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 CASES_3 = [
@@ -39,7 +41,7 @@ def cases_for(world: int) -> list[dict]:
     cases = CASES_2 if world == 2 else CASES_3
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
-                     + ("-tablerope" if c.get("fused_rope") is False else ""))
+                     + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else ""))
     return cases
 
 
@@ -146,12 +148,16 @@ def _worker(rank, world, init_file, outdir):
             store = {"case": case}
             t0 = time.monotonic()
             try:
-                if case["kind"] == "equiv":
+                if case.get("backend") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                    store["skipped"] = "needs TRITON_INTERPRET=1 (set by tests/conftest.py without CUDA)"
+                elif case["kind"] == "equiv":
+                    os.environ["RING_ATTN_BACKEND"] = case.get("backend", "reference")
                     _equiv_case(case, rank, world, store)
                 else:
                     _errors_case(case, rank, world, store)
             except Exception:  # noqa: BLE001 - reported to the parent, which fails the case
                 store["error"] = traceback.format_exc()
+            os.environ["RING_ATTN_BACKEND"] = "reference"
             store["wall_s"] = time.monotonic() - t0
             results[case["name"]] = store
     finally:
