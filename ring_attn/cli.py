@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("ring_attn.ring.demo", "ring attention over N ranks (gloo on CPU, NCCL on GPUs), checked against one device"),
     "rope-plan": ("ring_attn.rope_plan", "plan a RoPE context extension: theta rules, YaRN parameters, wavelengths"),
+    "kld": ("ring_attn.integrations.kld", "KL divergence and perplexity: stock transformers model vs patched"),
 }
 
 
