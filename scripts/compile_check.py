@@ -37,7 +37,7 @@ def _signature(fn, dtype, constexprs, int64_names=()):
             sig[name] = "*fp32"
         elif name.isupper():
             sig[name] = f"*{dtype}"
-        elif name in ("qk_scale", "sm_scale"):
+        elif name in ("qk_scale", "sm_scale", "softcap_in", "softcap_out"):
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name in int64_names else "i32"
@@ -45,6 +45,9 @@ def _signature(fn, dtype, constexprs, int64_names=()):
 
 
 def compile_one(jit_fn, dtype, constexprs, arch, num_warps, num_stages):
+    # window/softcap/interpreter-bf16 flags default to off (the plain kernels) unless a caller sets them
+    constexprs = {**{n: False for n in ("LOCAL", "SOFTCAP", "UPCAST", "ROUND_BF16") if n in jit_fn.arg_names},
+                  **constexprs}
     src = ASTSource(jit_fn, _signature(jit_fn, dtype, constexprs), constexprs)
     target = GPUTarget("cuda", arch, 32)
     k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})

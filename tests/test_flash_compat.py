@@ -380,3 +380,45 @@ def test_refusals_packed():
         ring_attn.flash_attn_qkvpacked_func(torch.randn(1, 8, 3, 4, 16), alibi_slopes=_alibi)
     with pytest.raises(ValueError, match=r"head_dim 257 is not supported; expected 1 \.\. 256"):
         ring_attn.flash_attn_func(*(torch.randn(1, 4, 1, 257) for _ in range(3)))
+
+
+# ------------------------------------------------------------------- block-level API (what the ring calls)
+
+
+@pytest.mark.parametrize("causal,window,softcap", [(True, (9, 0), 0.0), (False, (6, 11), 2.0), (True, (-1, -1), 1.5)])
+def test_block_api_pieces_with_offsets_merge_and_accumulate(causal, window, softcap):
+    """Keys split into pieces, each run with its own causal offset (global query/key positions) and merged into a
+    running fp32 (out, lse); backward per piece added into fp32 accumulators: equal to the whole at once and to
+    the oracle. Pieces entirely outside the window leave the running result untouched."""
+    from ring_attn.ops.attention import attention_block_backward, attention_block_forward, attention_delta
+
+    q, k, v = _qkv(2, 40, 56, 4, 2, 16, torch.float32, seed=21)
+    scale = 0.25
+    offset = 56 - 40  # global: query i sits at key position i + 16
+    out = torch.zeros(q.shape)
+    lse = torch.full((2, 4, 40), float("-inf"))
+    pieces = [(0, 16), (16, 35), (35, 56)]
+    for k0, k1 in pieces:
+        attention_block_forward(q, k[:, k0:k1], v[:, k0:k1], scale, causal, offset - k0, out=out, lse=lse,
+                                window=window, softcap=softcap)
+    o, l = reference.attention(q.double(), k.double(), v.double(), scale, causal, window=window, softcap=softcap)
+    torch.testing.assert_close(out.double(), o, rtol=0, atol=2e-6)
+    assert torch.equal(torch.isinf(lse), torch.isinf(l))
+    whole, whole_lse = attention_block_forward(q, k, v, scale, causal, window=window, softcap=softcap)
+    torch.testing.assert_close(out, whole, rtol=0, atol=2e-6)
+
+    dout = _rand(q.shape, torch.float32, torch.Generator().manual_seed(3))
+    delta = attention_delta(dout, out)
+    dq, dk, dv = torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(v.shape)
+    for k0, k1 in pieces:
+        attention_block_backward(dout, q, k[:, k0:k1], v[:, k0:k1], lse, delta, dq, dk[:, k0:k1], dv[:, k0:k1],
+                                 scale, causal, offset - k0, window=window, softcap=softcap)
+    oracle = _oracle(q, k, v, dout, scale=scale, causal=causal, window=window, softcap=softcap)
+    for name, g, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), oracle[2:]):
+        torch.testing.assert_close(g.double(), ref, rtol=0, atol=5e-6, msg=name)
+
+    # a piece no query can see (window ends before it): merging it changes nothing
+    if window[1] >= 0 or causal:
+        before = (out.clone(), lse.clone())
+        attention_block_forward(q, k, v, scale, causal, -200, out=out, lse=lse, window=window, softcap=softcap)
+        assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
