@@ -2,7 +2,7 @@
 
 On CPU the Triton kernels run through the interpreter (conftest sets TRITON_INTERPRET=1), so shapes are small;
 block sizes there are 16, so lengths up to ~70 cross several blocks, ragged ends and the causal diagonal.
-bf16 is covered by the GPU tests at the bottom (the interpreter's bf16 tl.dot is broken, see docs/design.md).
+bf16 is covered by the GPU tests at the bottom and, under the interpreter (fp32 dots), by tests/test_flash_compat.py.
 """
 import math
 

@@ -1,8 +1,8 @@
 """Triton kernels of blockwise (flash) attention: forward (with the fp32 merge epilogue), delta, backward.
 
-Moved verbatim from ``ring_attn/ops/attention.py``; the host launchers are in
-``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts, GQA mapping, causal
-offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
+Sliding windows, soft-capping and the interpreter's bf16 fix are constexpr switches (see fwd_kernel); the
+host launchers are in ``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts,
+GQA mapping, causal offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
 """
 import os
 
@@ -105,16 +105,15 @@ def _key_range(start_m, len_k, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl.c
         full_hi = len_k
     hi = tl.maximum(hi, 0)
     full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
-    hi_blk = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     if LOCAL:
-        lo = tl.maximum(start_m + off_lo, 0) // BLOCK_N * BLOCK_N
+        hi_blk = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo = tl.minimum(tl.maximum(start_m + off_lo, 0) // BLOCK_N * BLOCK_N, hi_blk)
         full_lo = (tl.maximum(start_m + BLOCK_M - 1 + off_lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_blk)
+        full_hi = tl.maximum(full_hi, full_lo)
     else:
-        lo = hi_blk * 0
-        full_lo = hi_blk * 0
-    lo = tl.minimum(lo, hi_blk)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_blk)
-    full_hi = tl.maximum(full_hi, full_lo)
+        lo = tl.full([], 0, tl.int32)
+        full_lo = lo
     return lo, full_lo, full_hi, hi
 
 @triton.jit
@@ -125,23 +124,21 @@ def _query_range(start_n, len_q, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl
     ``(lo, full_lo, full_hi, hi)``: rows outside [lo, hi) see none of these keys and are never visited;
     [full_lo, full_hi) are whole in-bounds row blocks that see every key (unmasked); the rest is masked."""
     if LOCAL:
-        hi = tl.minimum(len_q, start_n + BLOCK_N - off_lo)
-        full_hi = tl.minimum(len_q, start_n - off_lo + 1)
+        hi = tl.maximum(tl.minimum(len_q, start_n + BLOCK_N - off_lo), 0)
+        full_hi = tl.maximum(tl.minimum(len_q, start_n - off_lo + 1), 0) // BLOCK_M * BLOCK_M
+        cap = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     else:
         hi = len_q
-        full_hi = len_q
-    hi = tl.maximum(hi, 0)
-    full_hi = tl.maximum(full_hi, 0) // BLOCK_M * BLOCK_M
-    hi_blk = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_hi = len_q // BLOCK_M * BLOCK_M
+        cap = len_q
     if CAUSAL:
-        lo = tl.maximum(start_n - off_hi, 0) // BLOCK_M * BLOCK_M
+        lo = tl.minimum(tl.maximum(start_n - off_hi, 0) // BLOCK_M * BLOCK_M, cap)
         full_lo = (tl.maximum(start_n + BLOCK_N - 1 - off_hi, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), cap)
+        full_hi = tl.maximum(full_hi, full_lo)
     else:
-        lo = hi_blk * 0
-        full_lo = hi_blk * 0
-    lo = tl.minimum(lo, hi_blk)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_blk)
-    full_hi = tl.maximum(full_hi, full_lo)
+        lo = tl.full([], 0, tl.int32)
+        full_lo = lo
     return lo, full_lo, full_hi, hi
 
 @triton.jit
@@ -176,8 +173,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
         if MASKED:
+            s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
             visible = cols[None, :] < len_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + off_hi)
@@ -189,9 +186,14 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_shift[:, None])
             alpha = tl.math.exp2(m_i - m_shift)
-        else:
+        elif SOFTCAP:
+            s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:  # scale folded into one multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -257,9 +259,10 @@ def fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_lo, off_hi, LOCAL, CAUSAL, BLOCK_M, BLOCK_N)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
-                               off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
-                               LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    if LOCAL:  # the window's left edge (without a left window, lo = full_lo = 0: nothing to compile)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
+                                   off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
+                                   LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k,
                                off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, False,
                                CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
@@ -423,10 +426,11 @@ def bwd_dkdv_kernel(
         DO_base = DO + bq * stride_dob + q_start * stride_dos + h * stride_doh
         L_base = LSE + bq * stride_lb + h * stride_lh + q_start
         D_base = DELTA + bq * stride_lb + h * stride_lh + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, mid_lo,
-                                 len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
-                                 stride_dos, True, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
-                                 DOT_PRECISION)
+        if CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, mid_lo,
+                                     len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
+                                     stride_dos, True, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
+                                     DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_lo,
                                  mid_hi, len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
                                  stride_dos, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
@@ -543,9 +547,10 @@ def bwd_dq_kernel(
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
-                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL, LOCAL,
-                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    if LOCAL:  # the window's left edge (as in fwd_kernel)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
+                           off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL, LOCAL,
+                           SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo,
                        off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, False, CAUSAL, LOCAL,
                        SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
