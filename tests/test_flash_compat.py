@@ -422,3 +422,28 @@ def test_block_api_pieces_with_offsets_merge_and_accumulate(causal, window, soft
         before = (out.clone(), lse.clone())
         attention_block_forward(q, k, v, scale, causal, -200, out=out, lse=lse, window=window, softcap=softcap)
         assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+def _to_cuda(*xs):
+    return [x.cuda() for x in xs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("causal,window,softcap,shape", [
+    (True, (300, 0), 0.0, (2, 1000, 1000, 8, 2, 128)),    # Mistral-style: a window shorter than the sequence
+    (True, (255, -1), 0.0, (1, 1531, 777, 4, 1, 64)),     # s_q > s_k
+    (False, (100, 37), 50.0, (2, 700, 900, 6, 3, 96)),    # both sides + Gemma 2 softcap
+    (True, (-1, -1), 30.0, (1, 513, 513, 4, 4, 256)),
+    (True, (63, 0), 20.0, (1, 333, 333, 2, 1, 59)),       # odd head dim
+])
+def test_gpu_window_and_softcap_match_oracle(dtype, causal, window, softcap, shape):
+    b, s_q, s_k, h_q, h_kv, d = shape
+    q, k, v = _qkv(b, s_q, s_k, h_q, h_kv, d, dtype, seed=s_q)
+    dout = _rand(q.shape, dtype, torch.Generator().manual_seed(2))
+    got = _run(ring_attn.flash_attn_func, *_to_cuda(q, k, v, dout), causal=causal, window_size=window,
+               softcap=softcap, return_lse=True)
+    _assert_matches([x.cpu() for x in got], q, k, v, dout, causal=causal, window=window, softcap=softcap)

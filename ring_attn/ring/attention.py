@@ -126,9 +126,8 @@ def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int
     * striped (global = ``i*W + rank``): not affine in ``D`` but the same recipe holds with
       ``hi = min(floor((rank - src) / W) if causal, floor((rank - src + right) / W))`` and
       ``lo = ceil((rank - src - left) / W)``;
-    * varlen: ``s_local`` differs per sequence, so contiguous/zigzag ``D`` is per sequence: windows run when
-      every sequence has the same number of local rows (dense padded shards, equal lengths) and are refused
-      otherwise (the kernels take one offset per launch).
+    * varlen: ``s_local`` differs per sequence, so contiguous/zigzag ``D`` is per sequence: the sequences are
+      grouped by local row count and each group is planned and launched on its own (:func:`_pieces`).
     * softcap needs nothing here: a per-score transform, passed unchanged to every piece (``_kernel_options``).
     """
     if tuple(window) != _NO_WINDOW:
@@ -192,6 +191,14 @@ def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[i
     return pieces
 
 
+def _pieces(layout, causal, rank, src, window, world, addr):
+    """``(piece, group)`` pairs to launch for the (rank's queries, src's keys) pair: the plan, once per group
+    of sequences with one local row count when a window makes offsets depend on it (``addr.groups()``)."""
+    if tuple(window) == _NO_WINDOW:
+        return [(p, None) for p in _plan(layout, causal, rank, src)]
+    return [(p, grp) for n, grp in addr.groups() for p in _plan(layout, causal, rank, src, window, world, n)]
+
+
 def _kernel_options(softcap: float) -> dict:
     """Keyword arguments every piece's kernel call gets besides the piece's own (window goes per piece, see
     :func:`_plan`): ``{"softcap": softcap}`` (a per-score transform, the same for every piece)."""
@@ -218,7 +225,11 @@ class _Dense:
     def lse(self, part):  # slice of [b, h, s]
         return (_ALL, _ALL, self._rows(part))
 
-    def piece_seqs(self, piece, src=None):
+    def groups(self):
+        """``[(local rows per sequence, group key)]``: one group (every batch element has ``s_local`` rows)."""
+        return [(self.n_local, None)]
+
+    def piece_seqs(self, piece, src=None, group=None):
         return None
 
 
@@ -248,8 +259,8 @@ class _Packed:
                      "second": max([n - n // 2 for n in self._n] + [0])}
         self._counts: dict = {}
         self._seqs: dict = {}
-        # local rows per sequence when every sequence has the same (windows need one offset per launch)
-        self.n_local = self._n[0] if self._n and len(set(self._n)) == 1 else None
+        # windows need one offset per launch: sequences are grouped by their local row count (see groups())
+        self._n_t = torch.tensor(self._n, **self._i32)
 
     def _count(self, rank: int, part: str) -> torch.Tensor:
         """Real rows of every sequence in ``part`` of ``rank``'s shard: int32 ``[n_seqs]``."""
@@ -271,19 +282,31 @@ class _Packed:
     def lse(self, part):
         return (_ALL, _ALL)
 
-    def piece_seqs(self, piece, src=None):
-        key = (piece.q_part, piece.k_part, src if self.padded else None)
+    def groups(self):
+        """``[(n, n or None)]``: the distinct local row counts ``n`` of the sequences (0 dropped); the group key
+        is None when there is one group. A window's offsets depend on ``n``, so each group is planned and
+        launched on its own (the other sequences get zero lengths in that launch)."""
+        ns = sorted(set(n for n in self._n if n > 0))
+        return [(n, None if len(ns) == 1 else n) for n in ns]
+
+    def piece_seqs(self, piece, src=None, group=None):
+        key = (piece.q_part, piece.k_part, src if self.padded else None, group)
         seqs = self._seqs.get(key)
         if seqs is None:
             q_rank, k_rank = self._rank, (src if self.padded else self._rank)
             q_start = self._starts + self._half if piece.q_part == "second" else self._starts
             k_start = self._starts + self._half if piece.k_part == "second" else self._starts
             lens_k = self._count(k_rank, piece.k_part)
+            max_q, max_k = self._max[piece.q_part], self._max[piece.k_part]
+            if group is not None:  # only the sequences with `group` local rows
+                lens_k = torch.where(self._n_t == group, lens_k, 0).to(torch.int32)
+                part_rows = {"all": group, "first": group // 2, "second": group - group // 2}
+                max_q, max_k = part_rows[piece.q_part], part_rows[piece.k_part]
             # a sequence with no real key in this piece gets no query rows either: they would see nothing
             # (a merge leaves them as they are; the first piece zero-fills them), and no launch sees n_k = 0
             lens_q = torch.where(lens_k > 0, self._count(q_rank, piece.q_part), 0).to(torch.int32)
-            seqs = self._seqs[key] = VarlenSeqs(q_start, lens_q, k_start, lens_k, self._max[piece.q_part],
-                                                self._max[piece.k_part], piece.q_part == "all" and not self.padded)
+            seqs = self._seqs[key] = VarlenSeqs(q_start, lens_q, k_start, lens_k, max_q, max_k,
+                                                piece.q_part == "all" and not self.padded and group is None)
         return seqs
 
 
@@ -308,15 +331,15 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
             nxt = bufs[step % 2]
             handle = comm.exchange(list(cur), list(nxt))
         kk, vv = cur
-        for piece in _plan(layout, causal, rank, src, window, world, addr.n_local):
+        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr):
             qs, ks = addr.q(piece.q_part), addr.k(piece.k_part)
             if out_acc is None:  # step 0 is always the whole (diagonal or full) block
                 out_acc, lse_acc = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal,
-                                                           piece.offset, addr.piece_seqs(piece, src),
+                                                           piece.offset, addr.piece_seqs(piece, src, grp),
                                                            out_dtype=torch.float32, window=piece.window, **opts)
             else:  # merged into the running fp32 result in the kernel's epilogue
                 attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
-                                        addr.piece_seqs(piece, src), out=out_acc[qs],
+                                        addr.piece_seqs(piece, src, grp), out=out_acc[qs],
                                         lse=lse_acc[addr.lse(piece.q_part)], window=piece.window, **opts)
         if handle is not None:
             comm.wait(handle)
@@ -351,11 +374,12 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
             dk_t, dv_t = blk
             dk_t.zero_()
             dv_t.zero_()
-        for piece in _plan(layout, causal, rank, src, window, world, addr.n_local):
+        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr):
             qs, ks, ls = addr.q(piece.q_part), addr.k(piece.k_part), addr.lse(piece.q_part)
             attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse[ls], delta[ls], dq[qs], dk_t[ks],
-                                     dv_t[ks], scale, piece.causal, piece.offset, addr.piece_seqs(piece, src),
-                                     accumulate=True, window=piece.window, **opts)
+                                     dv_t[ks], scale, piece.causal, piece.offset,
+                                     addr.piece_seqs(piece, src, grp), accumulate=True, window=piece.window,
+                                     **opts)
         if step > 0:
             comm.wait(dkv_handle)  # the accumulator for src, from rank - 1
             dkv[acc][0].add_(dk_t)
@@ -695,8 +719,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
 
     Raises:
         as :func:`ring_attn_func`, plus TypeError/ValueError for malformed ``cu_seqlens``, ``max_seqlen``
-        below the longest sequence, or ``q`` whose token count is not the padded total / ``W``;
-        NotImplementedError for a ``window_size`` when the sequences' local shards differ in length.
+        below the longest sequence, or ``q`` whose token count is not the padded total / ``W``.
     """
     name = "ring_attn_varlen_func"
     causal, window, softcap = _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
@@ -715,13 +738,6 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
         raise ValueError(f"{name}: cu_seqlens {cu[:6]}{'...' if len(cu) > 6 else ''} means {pcu[-1] / world:g} "
                          f"local tokens on each of {world} ranks{padded}, but q has {q.shape[0]} "
                          f"({tuple(q.shape)}); shard packed inputs with ring_attn.shard_varlen")
-    if window != _NO_WINDOW and not (world == 1 and pcu == cu):
-        n_local = {(b - a) // world for a, b in zip(pcu[:-1], pcu[1:])}
-        if len(n_local) > 1:
-            raise NotImplementedError(
-                f"{name}: window_size={tuple(window_size)} over packed sequences needs every sequence to hold the "
-                f"same number of local tokens (one causal offset per kernel launch); these hold "
-                f"{sorted(n_local)[:6]} per rank. Pad the sequences to one length, or pass window_size=(-1, -1)")
     if validate:
         digest = int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(cu)}q", *cu), digest_size=8).digest(),
                                 "little", signed=True)
