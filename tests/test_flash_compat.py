@@ -329,7 +329,8 @@ BAD_OPTIONS = [
     (ValueError, r"softcap must be a finite float >= 0 \(0: off\), got inf", dict(softcap=float("inf"))),
     (ValueError, r"softcap must be a finite float >= 0", dict(softcap="30")),
     (TypeError, r"causal must be a bool, got 'yes'", dict(causal="yes")),
-    (TypeError, r"deterministic must be a bool, got 1", dict(deterministic=1)),
+    (TypeError, r"deterministic must be a bool, got 2", dict(deterministic=2)),
+    (TypeError, r"causal must be a bool, got 0\.5", dict(causal=0.5)),
     (TypeError, r"return_attn_probs must be a bool, got None", dict(return_attn_probs=None)),
     (TypeError, r"return_lse must be a bool", dict(return_lse="no")),
 ]

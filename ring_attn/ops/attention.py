@@ -146,7 +146,10 @@ torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setu
 
 
 def _check_flag(name: str, val) -> bool:
-    if not isinstance(val, bool) and type(val).__name__ != "bool_":
+    """A bool (numpy bools and the ints 0/1 too, as the ring accepts); TypeError otherwise (often an argument
+    in the wrong position)."""
+    ok = isinstance(val, bool) or type(val).__name__ == "bool_" or (isinstance(val, int) and val in (0, 1))
+    if not ok:
         raise TypeError(f"{name} must be a bool, got {val!r} ({type(val).__name__})")
     return bool(val)
 
