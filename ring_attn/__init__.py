@@ -2,7 +2,8 @@
 
 Public API (import from here; nothing else should import from deep paths):
 
-* attention: ``flash_attn_func``, ``flash_attn_varlen_func``
+* attention: ``flash_attn_func``, ``flash_attn_varlen_func`` and their qkv-/kv-packed forms (flash-attn's
+  signatures)
 * ring attention: ``ring_attn_func``, ``ring_attn_varlen_func``, ``shard``, ``unshard``, ``shard_positions``
   and the varlen helpers
 * RoPE: ``apply_rope``, ``apply_rope_cos_sin``, ``rope_scaling.rope_parameters`` / ``from_hf_config``
@@ -15,7 +16,9 @@ documented in ``ring_attn.ops.attention``; backend selection and the capability 
 from ring_attn._version import __version__
 
 # --- attention op (ops/attention.py; kernels in backends/)
-from ring_attn.ops.attention import flash_attn_func, flash_attn_varlen_func
+from ring_attn.ops.attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                    flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                    flash_attn_varlen_qkvpacked_func)
 # --- ring attention (ring/)
 from ring_attn.ring import (ring_attn_func, ring_attn_varlen_func, shard, shard_positions, shard_varlen,
                             unshard, unshard_varlen, varlen_local_cu_seqlens, varlen_positions)
@@ -25,7 +28,8 @@ from ring_attn.backends import backend_info
 from ring_attn import rope_scaling
 from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
 
-__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func",
+__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
+           "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
            "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions", "shard_varlen",
            "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions",
            "apply_rope", "apply_rope_cos_sin", "rope_scaling", "backend_info"]

@@ -9,6 +9,8 @@ public API, which every backend that can run an op honours.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import NamedTuple
 
 import torch
@@ -23,13 +25,18 @@ __all__ = [
     "check_scale",
     "check_cu_seqlens_form",
     "check_cu_seqlens",
+    "check_window",
+    "check_softcap",
+    "check_max_seqlen",
+    "check_dropout",
 ]
 
 #: storage dtypes of attention inputs (math is fp32 in every backend)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: attention head dims: a multiple of HEAD_DIM_MULTIPLE in [HEAD_DIM_MULTIPLE, MAX_HEAD_DIM]
+#: attention head dims: any multiple of HEAD_DIM_MULTIPLE in [HEAD_DIM_MULTIPLE, MAX_HEAD_DIM] (kernels pad the
+#: head dim inside, with masks: no copies)
 MAX_HEAD_DIM = 256
-HEAD_DIM_MULTIPLE = 8
+HEAD_DIM_MULTIPLE = 1
 
 
 class VarlenSeqs(NamedTuple):
@@ -95,8 +102,7 @@ def check_qkv(q, k, v, packed: bool) -> tuple[int, int, int]:
     if k.shape[-1] != d:
         raise ValueError(f"k head_dim {k.shape[-1]} != q head_dim {d}")
     if d % HEAD_DIM_MULTIPLE != 0 or not 0 < d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {d} is not supported; expected a multiple of {HEAD_DIM_MULTIPLE} "
-                         f"in [8, {MAX_HEAD_DIM}]")
+        raise ValueError(f"head_dim {d} is not supported; expected 1 .. {MAX_HEAD_DIM}")
     h_q, h_kv = q.shape[-2], k.shape[-2]
     if h_kv == 0 or h_q % h_kv != 0:
         raise ValueError(f"q heads ({h_q}) must be a positive multiple of k/v heads ({h_kv}) for GQA/MQA")
@@ -139,3 +145,54 @@ def check_cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, 
         raise ValueError(f"{name}[-1] is {vals[-1]}; expected the number of packed tokens {total}")
     if max(lens) > max_seqlen:
         raise ValueError(f"{max_name} is {max_seqlen} but {name} has a sequence of length {max(lens)}")
+
+
+def _as_int(name: str, val, what: str) -> int:
+    """An integer argument given as an int, a numpy integer or a one-element integer tensor, as a Python int."""
+    if isinstance(val, torch.Tensor):
+        if val.numel() != 1 or val.dtype == torch.bool or val.dtype.is_floating_point or val.dtype.is_complex:
+            raise TypeError(f"{name} must be {what}, got a tensor of shape {tuple(val.shape)} and dtype {val.dtype}")
+        return int(val.item())
+    if isinstance(val, bool) or type(val).__name__ == "bool_":
+        raise TypeError(f"{name} must be {what}, got {val!r}")
+    try:
+        return operator.index(val)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {val!r} ({type(val).__name__})") from None
+
+
+def check_max_seqlen(name: str, val) -> int:
+    """``max_seqlen_q``/``max_seqlen_k`` as a Python int: an int, a numpy integer or a one-element integer tensor
+    (as flash-attn users pass them), ``>= 0``. TypeError for floats/bools, ValueError for negatives."""
+    n = _as_int(name, val, "a non-negative int")
+    if n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n}")
+    return n
+
+
+def check_window(window) -> tuple[int, int]:
+    """flash-attn's ``window_size=(left, right)`` as a pair of ints; any negative side becomes -1 (unbounded).
+    Query ``i`` sees keys ``i + off - left ..= i + off + right`` (``ring_attn/backends/protocol.py``)."""
+    if isinstance(window, torch.Tensor):
+        window = window.tolist()
+    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints (-1: unbounded), got {window!r}")
+    left, right = (_as_int(f"window_size[{i}]", w, "an int (-1: unbounded)") for i, w in enumerate(window))
+    return (max(left, -1), max(right, -1))
+
+
+def check_softcap(softcap) -> float:
+    """Gemma 2's logit ``softcap`` as a float: 0 (off) or a finite positive number."""
+    if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and softcap.dtype.is_floating_point:
+        softcap = softcap.item()
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or \
+            softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    return float(softcap)
+
+
+def check_dropout(dropout_p) -> float:
+    """``dropout_p`` as a float in [0, 1) (ValueError otherwise)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)

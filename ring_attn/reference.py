@@ -206,8 +206,8 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
         s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window)
         if softcap and softcap > 0:
-            t = torch.tanh(s / softcap)  # masked entries: tanh(-inf) = -1, and p = 0 there
-            s = t * softcap
+            t = torch.tanh(s / softcap)  # masked entries: tanh(-inf) = -1, so put -inf back (p = 0 there)
+            s = torch.where(torch.isneginf(s), s, t * softcap)
         p = torch.exp(s - safe_lse[:, :, r0:r1, None])
         do = dout[:, r0:r1].float().transpose(1, 2)  # [b, h_q, rows, d]
         dv_full += torch.matmul(p.transpose(-1, -2), do)

@@ -251,11 +251,10 @@ def _refusals(world):
         "dropout_kw": lambda: ring_attn.ring_attn_func(x, x, x, dropout_p=0.5, causal=True),
         "old_positional_causal": lambda: ring_attn.ring_attn_func(x, x, x, True),
         "alibi": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(2)),
-        "window": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (4, 0)),
-        "window_noncausal": lambda: ring_attn.ring_attn_func(x, x, x, window_size=(-1, 0)),
         "window_type": lambda: ring_attn.ring_attn_func(x, x, x, window_size=5),
-        "softcap": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), 30.0),
         "softcap_negative": lambda: ring_attn.ring_attn_func(x, x, x, softcap=-1.0),
+        "softcap_inf": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), float("inf")),
+        "window_pair": lambda: ring_attn.ring_attn_func(x, x, x, window_size=(4, 0, 1)),
         "causal_type": lambda: ring_attn.ring_attn_func(x, x, x, causal="yes"),
         "deterministic_type": lambda: ring_attn.ring_attn_func(x, x, x, deterministic="no"),
         "group_type": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), 0.0, None, False, False,
@@ -266,7 +265,6 @@ def _refusals(world):
         "padded_noncausal": lambda: (lambda y: ring_attn.ring_attn_func(y, y, y, layout="zigzag"))(
             ring_attn.shard(torch.randn(1, 6 * world - 1, 2, HEAD_DIM), layout="zigzag")),
         "varlen_dropout": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world, 0.5),
-        "varlen_softcap": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world, softcap=5.0),
         "varlen_max_seqlen_type": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2.0 * world),
         "varlen_max_seqlen_small": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 1),
         "compat_zigzag_odd": lambda: compat.zigzag_ring_flash_attn_varlen_func(
@@ -274,7 +272,6 @@ def _refusals(world):
         "compat_qkv_shape": lambda: compat.ring_flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, HEAD_DIM)),
         "compat_kv_shape": lambda: compat.zigzag_ring_flash_attn_varlen_kvpacked_func(
             pv, torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2),
-        "compat_window": lambda: compat.stripe_flash_attn_func(x, x, x, window_size=(8, 8)),
         # ring-flash-attn has no softcap: its 8th positional argument is alibi_slopes
         "compat_alibi_positional": lambda: compat.zigzag_ring_flash_attn_func(x, x, x, 0.0, None, True, (-1, -1),
                                                                               torch.ones(2)),

@@ -1,5 +1,6 @@
 """Backends behind one protocol: the capability table, selection (order, pinning, reasons), backend_info, the
 warn-once GPU fallback, lazy imports, and the protocol functions of the triton and reference modules."""
+import dataclasses
 import inspect
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def test_capability_table_covers_every_backend_and_op():
         lo, hi, mult = cap.head_dim
         assert lo >= 1 and mult >= 1 and (hi is None or hi >= lo)
         assert set(cap.dtypes) <= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-    for name in ("triton", "reference"):  # not implemented yet: the table must say so
-        assert not backends.CAPABILITIES[(name, "attention")].window
-        assert not backends.CAPABILITIES[(name, "attention")].softcap
+    for name in ("triton", "reference"):  # sliding windows, softcap and any head dim 1..256
+        assert backends.CAPABILITIES[(name, "attention")].window
+        assert backends.CAPABILITIES[(name, "attention")].softcap
+        assert backends.CAPABILITIES[(name, "attention")].head_dim == (1, 256, 1)
         assert backends.CAPABILITIES[(name, "rope")].fp64
     assert backends.CAPABILITIES[("triton", "attention")].devices == ("cuda", "cpu")
     assert backends.CAPABILITIES[("reference", "attention")].devices is None
@@ -68,7 +70,10 @@ def test_pinned_backend_that_cannot_run_lists_its_reasons(no_native):
             backends.select("attention", "cpu", torch.float32, 64)
 
 
-def test_not_supported_reasons_lists_every_unmet_requirement():
+def test_not_supported_reasons_lists_every_unmet_requirement(monkeypatch):
+    cap = backends.CAPABILITIES[("triton", "attention")]
+    monkeypatch.setitem(backends.CAPABILITIES, ("triton", "attention"),
+                        dataclasses.replace(cap, head_dim=(8, 256, 8), window=False, softcap=False))
     reasons = backends.not_supported_reasons("triton", "attention", "cpu", torch.float64, 12, varlen=True,
                                              merge=True, window=(16, 0), softcap=30.0)
     text = "\n".join(reasons)
@@ -77,6 +82,9 @@ def test_not_supported_reasons_lists_every_unmet_requirement():
     assert "head dim 12 is not supported for attention (expected a multiple of 8 in [8, 256])" in text
     assert "window=(16, 0) is not supported" in text and "softcap=30.0 is not supported" in text
     assert len(reasons) == 4  # varlen and merge are supported
+    monkeypatch.undo()
+    assert backends.not_supported_reasons("triton", "attention", "cpu", torch.float32, 12, window=(16, 0),
+                                          softcap=30.0) == []
     assert backends.not_supported_reasons("reference", "attention", "cuda", torch.float16, 64) == []
     assert backends.not_supported_reasons("reference", "rope", "cpu", torch.float64, 6) == []
     assert backends.not_supported_reasons("xla", "rope", "cpu") == [
@@ -164,10 +172,11 @@ def test_backend_modules_implement_the_protocol(name):
     q = torch.randn(1, 4, 1, 16)
     out, lse = torch.empty_like(q), torch.empty(1, 1, 4)
     common = dict(softmax_scale=0.25, causal=False, causal_offset=None, seqs=None, merge=False)
-    with pytest.raises(NotImplementedError, match="window=\\(2, 0\\)"):
-        mod.attention_forward(q, q, q, out, lse, window=(2, 0), softcap=0.0, **common)
-    with pytest.raises(NotImplementedError, match="softcap=5.0"):
-        mod.attention_forward(q, q, q, out, lse, window=(-1, -1), softcap=5.0, **common)
+    for window, softcap in (((2, 0), 0.0), ((-1, -1), 5.0)):  # the protocol's window and softcap are honoured
+        mod.attention_forward(q, q, q, out, lse, window=window, softcap=softcap, **common)
+        o, l = reference.attention(q.double(), q.double(), q.double(), 0.25, window=window, softcap=softcap)
+        torch.testing.assert_close(out.double(), o, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lse.double(), l, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

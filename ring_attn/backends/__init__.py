@@ -76,12 +76,14 @@ _ATTN_DTYPES = (_F16, _BF16, _F32)
 _ROPE_DTYPES = (_F16, _BF16, _F32, _F64)
 
 CAPABILITIES: dict[tuple[str, str], Capability] = {
-    ("triton", "attention"): Capability(devices=("cuda", "cpu"), dtypes=_ATTN_DTYPES, head_dim=(8, 256, 8)),
+    ("triton", "attention"): Capability(devices=("cuda", "cpu"), dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
+                                        window=True, softcap=True),
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
     ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(8, 256, 8)),
     ("native", "rope"): Capability(devices=("cpu",), dtypes=(_F16, _BF16, _F32), head_dim=(2, None, 2)),
-    ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(8, 256, 8)),
+    ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
+                                           window=True, softcap=True),
     ("reference", "rope"): Capability(devices=None, dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
 }
 

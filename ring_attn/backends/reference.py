@@ -18,14 +18,6 @@ NAME = "reference"
 __all__ = ["NAME", "attention_forward", "attention_delta", "attention_backward", "rope"]
 
 
-def _no_window_softcap(window, softcap) -> None:
-    if tuple(window) != (-1, -1):
-        raise NotImplementedError(f"reference backend: window={tuple(window)} is not implemented yet; "
-                                  "expected (-1, -1)")
-    if softcap != 0:
-        raise NotImplementedError(f"reference backend: softcap={softcap!r} is not implemented yet; expected 0")
-
-
 def _segments(seqs: VarlenSeqs):
     return list(zip(seqs.starts_q.tolist(), seqs.lens_q.tolist(), seqs.starts_k.tolist(), seqs.lens_k.tolist()))
 
@@ -35,8 +27,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
                       softcap: float) -> None:
     """Protocol ``attention_forward`` through :func:`ring_attn.reference.forward_fp32` (and ``merge_partial``)."""
-    _no_window_softcap(window, softcap)
-
     def put(o_dst, l_dst, o, l):
         if merge:
             _ref.merge_partial(o_dst, l_dst, o, l)
@@ -45,14 +35,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             l_dst.copy_(l)
 
     if seqs is None:
-        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset)
+        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap)
         put(out, lse, o, l)
         return
     for a_q, n_q, a_k, n_k in _segments(seqs):
         if n_q == 0:
             continue
         o, l = _ref.forward_fp32(q[None, a_q:a_q + n_q], k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
-                                 softmax_scale, causal, causal_offset)
+                                 softmax_scale, causal, causal_offset, window, softcap)
         put(out[a_q:a_q + n_q], lse[:, a_q:a_q + n_q], o[0], l[0])
 
 
@@ -73,8 +63,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
                        softcap: float) -> None:
     """Protocol ``attention_backward`` through :func:`ring_attn.reference.backward_fp32`."""
-    _no_window_softcap(window, softcap)
-
     def put(dst, val):
         if accumulate:
             dst += val
@@ -82,7 +70,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dst.copy_(val)
 
     if seqs is None:
-        gq, gk, gv = _ref.backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset)
+        gq, gk, gv = _ref.backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset,
+                                        window, softcap)
         put(dq, gq)
         put(dk, gk)
         put(dv, gv)
@@ -99,7 +88,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         gq, gk, gv = _ref.backward_fp32(dout[None, a_q:a_q + n_q], q[None, a_q:a_q + n_q],
                                         k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
                                         lse[None, :, a_q:a_q + n_q], delta[None, :, a_q:a_q + n_q],
-                                        softmax_scale, causal, causal_offset)
+                                        softmax_scale, causal, causal_offset, window, softcap)
         dq[a_q:a_q + n_q] += gq[0]
         dk[a_k:a_k + n_k] += gk[0]
         dv[a_k:a_k + n_k] += gv[0]

@@ -4,6 +4,13 @@ Public (re-exported by ``ring_attn``):
 
 * :func:`flash_attn_func` — dense ``[b, s, h, d]`` attention with autograd.
 * :func:`flash_attn_varlen_func` — packed ``[t, h, d]`` sequences described by ``cu_seqlens``.
+* :func:`flash_attn_qkvpacked_func`, :func:`flash_attn_kvpacked_func`, :func:`flash_attn_varlen_qkvpacked_func`,
+  :func:`flash_attn_varlen_kvpacked_func` — the same on packed ``qkv`` / ``kv`` tensors (views, no copies).
+
+Every function has flash-attn's (2.6/2.7) signature: the same positional order, names, defaults and return
+conventions (``return_attn_probs=True`` gives ``(out, softmax_lse, None)``), so code written for flash-attn means
+the same thing here. ``window_size`` (sliding window) and ``softcap`` (Gemma 2) are implemented; ``dropout_p > 0``,
+``alibi_slopes`` and a paged ``block_table`` raise NotImplementedError. Our extra, ``return_lse``, is keyword-only.
 
 Lower level, for the ring (documented, stable; defined in ``ring_attn.ops.attention_block`` and re-exported
 here): :func:`attention_block_forward`, :func:`attention_block_backward`, :func:`attention_delta`, and
@@ -11,7 +18,9 @@ here): :func:`attention_block_forward`, :func:`attention_block_backward`, :func:
 
 Conventions (``docs/design.md``): query head ``h`` reads kv head ``h // (h_q // h_kv)``; K/V are never
 repeated. Causal: query ``i`` sees key ``j`` when ``j <= i + offset``, with ``offset = s_k - s_q``
-(bottom-right) unless given. LSE is fp32, natural log; a row that sees no key has ``lse = -inf`` and output 0.
+(bottom-right) unless given; ``window_size=(left, right)`` keeps keys ``i + offset - left ..= i + offset + right``
+(a negative side is unbounded; causal means right = 0). LSE is fp32, natural log; a row that sees no key has
+``lse = -inf`` and output 0.
 
 Backends (``ring_attn.backends``): chosen per call from the capability table — Triton on CUDA (and on CPU
 under ``TRITON_INTERPRET=1``), the native CPU extension when built, else the fp32 torch reference. Same
@@ -29,8 +38,13 @@ from ring_attn._contracts import (
     VarlenSeqs,
     check_cu_seqlens,
     check_cu_seqlens_form,
+    check_dropout,
+    check_max_seqlen,
     check_qkv,
     check_scale,
+    check_softcap,
+    check_tensor,
+    check_window,
 )
 from ring_attn.ops.attention_block import (
     attention_block_backward,
@@ -42,6 +56,10 @@ from ring_attn.ops.attention_block import (
 __all__ = [
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "attention_block_forward",
     "attention_block_backward",
     "attention_delta",
@@ -66,16 +84,19 @@ def _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                           causal: bool, window_left: int, window_right: int,
+                           softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     if cu_seqlens_q is not None:  # value checks need a host read; done here, outside any traced graph
         check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return attention_block_forward(q, k, v, softmax_scale, causal, None, seqs)
+    return attention_block_forward(q, k, v, softmax_scale, causal, None, seqs, window=(window_left, window_right),
+                                   softcap=softcap)
 
 
 @_flash_attn_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+      window_right, softcap):
     packed = cu_seqlens_q is not None
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(lse_shape(q, packed), dtype=torch.float32)
@@ -86,105 +107,232 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                            causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            causal: bool, window_left: int, window_right: int,
+                            softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     delta = attention_delta(dout, out, dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
-                             accumulate=False)
+                             accumulate=False, window=(window_left, window_right), softcap=softcap)
     return dq, dk, dv
 
 
 @_flash_attn_backward_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal):
+      causal, window_left, window_right, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
+    q, k, v, cu_q, cu_k, *meta = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.meta = (max_q, max_k, scale, causal)
+    ctx.meta = tuple(meta)  # max_q, max_k, scale, causal, window_left, window_right, softcap
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, causal = ctx.meta
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.ring_attn.flash_attn_backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q,
-                                                         max_k, scale, causal)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = torch.ops.ring_attn.flash_attn_backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.meta))
 
 
 torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Public functions
+# Argument checks shared by the public functions (all before any kernel launch)
 
 
-def flash_attn_func(q, k, v, causal: bool = False, softmax_scale: Optional[float] = None,
-                    return_lse: bool = False):
-    """Exact attention over dense batches, computed blockwise (FlashAttention-2 algorithm) with autograd.
+def _check_flag(name: str, val) -> bool:
+    """A bool (numpy bools and the ints 0/1 too, as the ring accepts); TypeError otherwise (often an argument
+    in the wrong position)."""
+    ok = isinstance(val, bool) or type(val).__name__ == "bool_" or (isinstance(val, int) and val in (0, 1))
+    if not ok:
+        raise TypeError(f"{name} must be a bool, got {val!r} ({type(val).__name__})")
+    return bool(val)
 
-    Args:
-        q: ``[batch, seqlen_q, heads_q, head_dim]``; float16, bfloat16 or float32. Any strides with a contiguous
-            last dim (e.g. a view of a fused qkv projection) are used without copies.
-        k, v: ``[batch, seqlen_k, heads_kv, head_dim]``, same dtype and device; ``heads_q % heads_kv == 0``
-            (GQA/MQA: query head ``h`` reads kv head ``h // (heads_q // heads_kv)``; K/V are never repeated).
-            ``head_dim`` is a multiple of 8 up to 256.
-        causal: mask so query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, as in
-            flash-attn >= 2.1). A query that sees no key gets output 0 and ``lse = -inf``.
-        softmax_scale: default ``1 / sqrt(head_dim)``.
-        return_lse: also return the log-sum-exp.
 
-    Returns:
-        ``out`` ``[batch, seqlen_q, heads_q, head_dim]`` in the input dtype; with ``return_lse``, also ``lse``
-        float32 ``[batch, heads_q, seqlen_q]``, natural log of the softmax denominator (differentiable).
-
-    Raises:
-        TypeError / ValueError naming the argument for wrong types, ranks, dtypes, devices, head counts or
-        head dims, before any kernel runs.
-    """
-    _h_q, _h_kv, d = check_qkv(q, k, v, packed=False)
+def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_attn_probs, return_lse):
+    """Validate flash-attn's options; returns ``(scale, causal, (left, right), softcap)``."""
     scale = check_scale(softmax_scale, d)
-    out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, None, None, q.shape[1], k.shape[1], scale,
-                                                      bool(causal))
+    p = check_dropout(dropout_p)
+    if p > 0:
+        raise NotImplementedError(f"dropout_p={dropout_p!r} is not implemented in ring_attn (attention dropout); "
+                                  "expected 0.0 (flash-attn's value for evaluation)")
+    causal = _check_flag("causal", causal)
+    window = check_window(window_size)
+    cap = check_softcap(softcap)
+    if alibi_slopes is not None:
+        what = f"a tensor of shape {tuple(alibi_slopes.shape)}" if isinstance(alibi_slopes, torch.Tensor) else \
+            repr(alibi_slopes)
+        raise NotImplementedError(f"alibi_slopes ({what}) is not implemented in ring_attn; expected None")
+    _check_flag("deterministic", deterministic)  # the backward is always deterministic here
+    _check_flag("return_attn_probs", return_attn_probs)
+    _check_flag("return_lse", return_lse)
+    return scale, causal, window, cap
+
+
+def _result(out, lse, return_attn_probs, return_lse):
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                           causal: bool = False, softmax_scale: Optional[float] = None, return_lse: bool = False):
-    """Exact attention over packed sequences of different lengths, with autograd.
+def _unbind_packed(name: str, x, n: int, dim: int, layout: str):
+    """Views ``x.unbind(dim)`` of a packed tensor (no copies; autograd flows back into ``x``)."""
+    check_tensor(name, x)
+    if x.dim() != dim + 3 or x.shape[dim] != n:
+        raise ValueError(f"{name} must be {dim + 3}-D {layout}, got shape {tuple(x.shape)}")
+    return x.unbind(dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions (flash-attn's signatures)
+
+_COMMON_DOC = """
+        dropout_p: must be 0.0 (attention dropout is not implemented: NotImplementedError otherwise).
+        softmax_scale: default ``1 / sqrt(head_dim)``.
+        causal: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, as flash-attn
+            >= 2.1). A query that sees no key gets output 0 and ``lse = -inf``.
+        window_size: ``(left, right)`` sliding window (Mistral, Qwen2): query ``i`` sees keys
+            ``i + seqlen_k - seqlen_q - left ..= i + seqlen_k - seqlen_q + right``; -1 (any negative) is
+            unbounded; with ``causal`` the right side is 0. Key blocks outside the window are never visited.
+        softcap: ``> 0``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2); 0.0 is off.
+        alibi_slopes: must be None (NotImplementedError otherwise).
+        deterministic: accepted for compatibility; the backward is always deterministic here.
+        return_attn_probs: return ``(out, softmax_lse, None)``: flash-attn's ``S_dmask`` (only meaningful with
+            dropout, for its tests) is not materialised and is None.
+        return_lse (keyword-only, ours): return ``(out, lse)``."""
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False):
+    """Exact attention over dense batches, computed blockwise (FlashAttention-2 algorithm) with autograd;
+    flash-attn's ``flash_attn_func`` signature.
+
+    Args:
+        q: ``[batch, seqlen_q, heads_q, head_dim]``; float16, bfloat16 or float32. Any strides with a contiguous
+            last dim (e.g. a view of a fused qkv projection) are used without copies. ``head_dim`` 1..256.
+        k, v: ``[batch, seqlen_k, heads_kv, head_dim]``, same dtype and device; ``heads_q % heads_kv == 0``
+            (GQA/MQA: query head ``h`` reads kv head ``h // (heads_q // heads_kv)``; K/V are never repeated).
+{common}
+
+    Returns:
+        ``out`` ``[batch, seqlen_q, heads_q, head_dim]`` in the input dtype; with ``return_lse`` ``(out, lse)``;
+        with ``return_attn_probs`` ``(out, lse, None)``. ``lse``: float32 ``[batch, heads_q, seqlen_q]``, natural
+        log of the softmax denominator (differentiable).
+
+    Raises:
+        TypeError / ValueError naming the argument for wrong types, ranks, dtypes, devices, head counts, head
+        dims or option values; NotImplementedError for ``dropout_p > 0`` or ``alibi_slopes``; all before any
+        kernel runs.
+    """
+    _h_q, _h_kv, d = check_qkv(q, k, v, packed=False)
+    scale, causal, window, cap = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
+                                                alibi_slopes, deterministic, return_attn_probs, return_lse)
+    out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal,
+                                                      window[0], window[1], cap)
+    return _result(out, lse, return_attn_probs, return_lse)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, return_lse=False):
+    """Exact attention over packed sequences of different lengths, with autograd; flash-attn's
+    ``flash_attn_varlen_func`` signature.
 
     Args:
         q: ``[total_q, heads_q, head_dim]``: sequence ``i`` is rows ``cu_seqlens_q[i] : cu_seqlens_q[i+1]``.
         k, v: ``[total_k, heads_kv, head_dim]``, split by ``cu_seqlens_k``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[n_seqs + 1]`` on q's device, starting at 0, non-decreasing,
             ending at the token count. Zero-length sequences are allowed.
-        max_seqlen_q, max_seqlen_k: the longest sequence in each (an upper bound is fine).
-        causal, softmax_scale, return_lse: as in :func:`flash_attn_func`; causal is bottom-right aligned
-            per sequence.
+        max_seqlen_q, max_seqlen_k: the longest sequence in each (an upper bound is fine): an int, a numpy
+            integer or a one-element integer tensor.
+{common}
+            Causal alignment and windows are per sequence.
+        block_table: must be None (paged KV caches are not implemented: NotImplementedError otherwise).
 
     Returns:
-        ``out`` ``[total_q, heads_q, head_dim]``; with ``return_lse`` also ``lse`` float32 ``[heads_q, total_q]``.
+        ``out`` ``[total_q, heads_q, head_dim]``; with ``return_lse`` ``(out, lse)``; with ``return_attn_probs``
+        ``(out, lse, None)``. ``lse``: float32 ``[heads_q, total_q]``.
 
     Raises:
         as :func:`flash_attn_func`, plus ValueError/TypeError for malformed ``cu_seqlens`` (wrong dtype, not
-        starting at 0, decreasing, last entry not the token count, a sequence longer than ``max_seqlen``).
+        starting at 0, decreasing, last entry not the token count, a sequence longer than ``max_seqlen``) or
+        ``max_seqlen`` (negative, float, bool), NotImplementedError for a ``block_table``.
     """
     _h_q, _h_kv, d = check_qkv(q, k, v, packed=True)
-    scale = check_scale(softmax_scale, d)
+    scale, causal, window, cap = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
+                                                alibi_slopes, deterministic, return_attn_probs, return_lse)
+    if block_table is not None:
+        what = f"a tensor of shape {tuple(block_table.shape)}" if isinstance(block_table, torch.Tensor) else \
+            repr(block_table)
+        raise NotImplementedError(f"block_table ({what}): paged KV caches are not implemented in ring_attn; "
+                                  "expected None")
     check_cu_seqlens_form("cu_seqlens_q", cu_seqlens_q)
     check_cu_seqlens_form("cu_seqlens_k", cu_seqlens_k)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
                          f"{cu_seqlens_k.shape[0]}; both must be n_seqs + 1")
-    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
-    out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, scale, bool(causal))
-    return (out, lse) if return_lse else out
+    max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
+                                                      causal, window[0], window[1], cap)
+    return _result(out, lse, return_attn_probs, return_lse)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              return_lse=False):
+    """:func:`flash_attn_func` on a packed ``qkv`` ``[batch, seqlen, 3, heads, head_dim]`` (flash-attn's
+    ``flash_attn_qkvpacked_func``). q, k, v are views of ``qkv`` (no copies); gradients flow back into ``qkv``.
+    Other arguments, returns and raises as :func:`flash_attn_func`."""
+    q, k, v = _unbind_packed("qkv", qkv, 3, 2, "[batch, seqlen, 3, heads, head_dim]")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, return_lse=return_lse)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             return_lse=False):
+    """:func:`flash_attn_func` with a packed ``kv`` ``[batch, seqlen_k, 2, heads_kv, head_dim]`` (flash-attn's
+    ``flash_attn_kvpacked_func``; GQA/MQA when ``heads_kv < heads_q``). k, v are views of ``kv`` (no copies).
+    Other arguments, returns and raises as :func:`flash_attn_func`."""
+    k, v = _unbind_packed("kv", kv, 2, 2, "[batch, seqlen_k, 2, heads_kv, head_dim]")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, return_lse=return_lse)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, return_lse=False):
+    """:func:`flash_attn_varlen_func` on a packed ``qkv`` ``[total, 3, heads, head_dim]`` with one
+    ``cu_seqlens``/``max_seqlen`` for queries and keys (flash-attn's ``flash_attn_varlen_qkvpacked_func``).
+    q, k, v are views of ``qkv`` (no copies). Other arguments, returns and raises as
+    :func:`flash_attn_varlen_func`."""
+    q, k, v = _unbind_packed("qkv", qkv, 3, 1, "[total_tokens, 3, heads, head_dim]")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, return_lse=return_lse)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    return_lse=False):
+    """:func:`flash_attn_varlen_func` with a packed ``kv`` ``[total_k, 2, heads_kv, head_dim]`` (flash-attn's
+    ``flash_attn_varlen_kvpacked_func``). k, v are views of ``kv`` (no copies). Other arguments, returns and
+    raises as :func:`flash_attn_varlen_func`."""
+    k, v = _unbind_packed("kv", kv, 2, 1, "[total_k, 2, heads_kv, head_dim]")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, return_lse=return_lse)
+
+
+for _f in (flash_attn_func, flash_attn_varlen_func):
+    if _f.__doc__:  # None under python -OO
+        _f.__doc__ = _f.__doc__.format(common=_COMMON_DOC.strip("\n"))
+del _f

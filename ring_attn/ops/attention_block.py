@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 
 from ring_attn import backends
-from ring_attn._contracts import VarlenSeqs
+from ring_attn._contracts import VarlenSeqs, check_softcap, check_window
 
 __all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape"]
 
-_NO_WINDOW = (-1, -1)  # no sliding window (the public API has none yet)
+_NO_WINDOW = (-1, -1)  # no sliding window
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries (batch or sequence) x heads
 
 
@@ -42,6 +42,11 @@ def _batch_chunks(q, seqs):
                                              starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1])
 
 
+def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
+    """``(window, softcap)`` validated and normalised: a negative side becomes -1, softcap a float >= 0."""
+    return check_window(window), check_softcap(softcap)
+
+
 def lse_shape(q, packed: bool) -> tuple[int, ...]:
     """Shape of the fp32 LSE of q: ``[b, h, s]`` dense, ``[h, t]`` packed."""
     return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
@@ -49,7 +54,8 @@ def lse_shape(q, packed: bool) -> tuple[int, ...]:
 
 def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: Optional[int] = None,
                             seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
-                            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+                            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, *,
+                            window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0):
     """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
 
     Args:
@@ -58,6 +64,7 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         softmax_scale: multiplies ``q·k``.
         causal: mask keys ``j > i + offset``.
         causal_offset: ``offset`` above; ``None`` = ``s_k - s_q`` per sequence (bottom-right alignment).
+            The window is aligned with the same offset.
         seqs: packed layout description (:class:`VarlenSeqs`), or None for dense.
         out_dtype: dtype of ``out`` (default: q's). The ring passes ``torch.float32`` so partial outputs are
             merged without rounding to 16 bits.
@@ -65,6 +72,10 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
             ``lse`` as returned; views with any strides, unit stride along the sequence for ``lse``). When
             given, this block is merged into them in place, in the kernel's epilogue, by LSE weighting, and
             they are returned; rows outside ``seqs`` are left as they are.
+        window: ``(left, right)`` sliding window, flash-attn's ``window_size`` (keyword-only): query ``i`` sees
+            keys ``i + offset - left ..= i + offset + right``; a negative side is unbounded. With ``causal`` the
+            right side is 0. Key blocks outside the window are never visited.
+        softcap: ``> 0``: scores ``softcap · tanh(s / softcap)`` (Gemma 2); 0: off (keyword-only).
 
     Returns:
         ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
@@ -82,10 +93,12 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
                              f"{tuple(q.shape)}; expected {tuple(q.shape)} / {lse_shape(q, packed)}")
         if out.stride(-1) != 1 or lse.stride(-1) != 1:
             raise ValueError("running out and lse need a contiguous last dim to merge into")
+    window, softcap = _mask_mode(window, softcap)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge)
-    kw = dict(softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, window=_NO_WINDOW,
-              softcap=0.0)
+    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge,
+                           window=window, softcap=softcap)
+    kw = dict(softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, window=window,
+              softcap=softcap)
     if merge:
         for sl, part in _batch_chunks(q, seqs):
             impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw)
@@ -120,7 +133,8 @@ def attention_delta(dout, out, dlse=None):
 
 def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool,
                              causal_offset: Optional[int] = None, seqs: Optional[VarlenSeqs] = None,
-                             accumulate: bool = True) -> None:
+                             accumulate: bool = True, *, window: tuple[int, int] = _NO_WINDOW,
+                             softcap: float = 0.0) -> None:
     """Gradients of one block pair, from the *final* ``lse`` and ``delta`` (see :func:`attention_delta`).
 
     ``dq``/``dk``/``dv`` are caller-provided tensors shaped like q/k/v (any strides with a contiguous last
@@ -128,7 +142,8 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     block's gradients are *added*; with ``accumulate=False`` they are overwritten (any supported dtype; with
     packed ``seqs``, rows outside every sequence are left untouched).
     ``lse`` and ``delta`` are fp32 ``[b, h_q, s_q]`` (packed ``[h_q, t_q]``) with unit stride along the
-    sequence. Deterministic: no atomics, fixed block sizes.
+    sequence. ``window``/``softcap`` (keyword-only) as in :func:`attention_block_forward`; pass the same values
+    as to the forward. Deterministic: no atomics, fixed block sizes.
     """
     if accumulate:
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
@@ -141,8 +156,10 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
             raise ValueError(f"{name} must have a contiguous last dim, got strides {g.stride()}")
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     lse, delta = (x if x.stride(-1) == 1 else x.contiguous() for x in (lse, delta))
-    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=seqs is not None)
+    window, softcap = _mask_mode(window, softcap)
+    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=seqs is not None, window=window,
+                           softcap=softcap)
     for sl, part in _batch_chunks(q, seqs):
         impl.attention_backward(dout[sl], q[sl], k[sl], v[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl],
                                 softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, seqs=part,
-                                accumulate=accumulate, window=_NO_WINDOW, softcap=0.0)
+                                accumulate=accumulate, window=window, softcap=softcap)

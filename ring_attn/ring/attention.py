@@ -34,6 +34,10 @@ with the local index in every layout, so "causal" below is ordinary causal atten
 * striped (token ``t`` on rank ``t mod W``): query ``i`` sees key ``j`` iff ``jW + src ≤ iW + r``, i.e.
   ``j ≤ i`` when ``src ≤ r`` (offset 0) and ``j ≤ i − 1`` when ``src > r`` (offset −1).
 
+Sliding windows (``window_size``) are over global positions: each piece gets the true offset between its
+global query and key positions and a window in the kernel's terms (``_window_plan``); pieces the window
+misses are skipped. Zigzag splits every pair into its (query half, key half) pieces, each one affine run.
+
 Varlen: every sequence is sharded by the layout (:func:`ring_attn.ring.layout.shard_varlen`), so the same
 classification applies per sequence; halves of sequences are addressed with
 :class:`ring_attn._contracts.VarlenSeqs` without copying.
@@ -62,7 +66,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ring_attn._contracts import VarlenSeqs, check_cu_seqlens_form, check_qkv, check_scale
+from ring_attn._contracts import VarlenSeqs, check_cu_seqlens_form, check_qkv, check_scale, check_softcap
 from ring_attn.ops.attention import (
     attention_block_backward,
     attention_block_forward,
@@ -90,23 +94,24 @@ _ALL = slice(None)
 
 
 class _Piece(NamedTuple):
-    q_part: str  # "all" | "second" (second half of the local rows / of every sequence)
-    k_part: str  # "all" | "first"
+    q_part: str  # "all" | "first" | "second" (half of the local rows / of every sequence)
+    k_part: str  # "all" | "first" | "second"
     causal: bool
     offset: Optional[int]
+    window: tuple[int, int] = (-1, -1)
 
 
 _NO_WINDOW = (-1, -1)
 
 
-def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int] = _NO_WINDOW) -> list[_Piece]:
+def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int] = _NO_WINDOW, world: int = 0,
+          n_local: int = 0) -> list[_Piece]:
     """Pieces of the (rank's queries, src's keys) pair; empty when nothing is visible.
 
-    Sliding windows (``window_size``) are computed HERE and nowhere else once the kernels take a window
-    (``backends/protocol.py``: key ``j`` visible to query ``i`` iff ``j <= i + off`` when causal,
-    ``j >= i + off - left`` and ``j <= i + off + right``, with ``off`` the piece's ``causal_offset`` and a
-    negative bound meaning unbounded). Until then the public functions refuse any window before they get here.
-    Recipe (checked by brute force against global masks for contiguous and striped, W 1..4, windows up to 9):
+    Sliding windows (``window_size``; ``world`` and ``n_local``, the local rows per sequence, are needed then)
+    are computed HERE and nowhere else (:func:`_window_plan`; ``backends/protocol.py``: key ``j`` visible to
+    query ``i`` iff ``j <= i + off`` when causal, ``j >= i + off - left`` and ``j <= i + off + right``, with
+    ``off`` the piece's ``causal_offset`` and a negative bound meaning unbounded). Recipe (checked by brute force against global masks for contiguous and striped, W 1..4, windows up to 9):
     for a piece whose rows satisfy ``global(k_j) - global(q_i) = (j - i) - D`` with one constant ``D``, the
     visible keys are ``lo <= j - i <= hi`` with ``hi = min(D if causal, D + right if right >= 0)`` and
     ``lo = D - left`` (if ``left >= 0``). Skip the piece when ``lo > hi`` or the band misses the block
@@ -121,13 +126,12 @@ def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int
     * striped (global = ``i*W + rank``): not affine in ``D`` but the same recipe holds with
       ``hi = min(floor((rank - src) / W) if causal, floor((rank - src + right) / W))`` and
       ``lo = ceil((rank - src - left) / W)``;
-    * varlen: ``s_local`` differs per sequence, so contiguous/zigzag ``D`` is per sequence: the kernels need a
-      per-sequence offset (next to ``VarlenSeqs.starts_*``), or the ring must refuse windows for packed
-      inputs; padded shards (``_Packed``) already give per-sequence row counts.
+    * varlen: ``s_local`` differs per sequence, so contiguous/zigzag ``D`` is per sequence: the sequences are
+      grouped by local row count and each group is planned and launched on its own (:func:`_pieces`).
     * softcap needs nothing here: a per-score transform, passed unchanged to every piece (``_kernel_options``).
     """
     if tuple(window) != _NO_WINDOW:
-        raise NotImplementedError(f"window_size={tuple(window)} is not implemented in the ring schedule yet")
+        return _window_plan(layout, causal, rank, src, window, world, n_local)
     if not causal:
         return [_Piece("all", "all", False, None)]
     if src == rank:
@@ -140,13 +144,65 @@ def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int
     return [_Piece("all", "all", True, 0 if src < rank else -1)]
 
 
+def _band_piece(q_part: str, k_part: str, causal: bool, d_hi: Optional[int], d_right: Optional[int],
+                d_lo: Optional[int], n_q: int, n_k: int) -> list[_Piece]:
+    """The piece for local rows where key ``j`` is visible to query ``i`` iff ``lo <= j - i <= hi``, with
+    ``hi = min(d_hi if causal, d_right)`` and ``lo = d_lo`` (None: unbounded); ``[]`` when the band misses the
+    ``n_q x n_k`` block. Launched causal with ``offset = hi`` and window ``(hi - lo, -1)``; without ``hi``:
+    not causal, ``offset = lo``, window ``(0, -1)``; a band covering the whole block runs unmasked."""
+    his = [x for x in ((d_hi if causal else None), d_right) if x is not None]
+    hi = min(his) if his else None
+    lo = d_lo
+    if (hi is not None and lo is not None and lo > hi) or (lo is not None and lo > n_k - 1) or \
+            (hi is not None and hi < -(n_q - 1)):
+        return []
+    if hi is not None and hi >= n_k - 1:
+        hi = None
+    if lo is not None and lo <= -(n_q - 1):
+        lo = None
+    if hi is None and lo is None:
+        return [_Piece(q_part, k_part, False, None)]
+    if hi is None:
+        return [_Piece(q_part, k_part, False, lo, (0, -1))]
+    return [_Piece(q_part, k_part, True, hi, (-1, -1) if lo is None else (hi - lo, -1))]
+
+
+def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
+                 n_local: int) -> list[_Piece]:
+    """Pieces of the (rank's queries, src's keys) pair under a sliding window over *global* positions (see
+    :func:`_plan`). ``n_local``: local rows per sequence (even for zigzag)."""
+    left, right = window
+    if layout == "striped":  # global position t * W + rank: j - i bounds by floor / ceil division
+        delta = rank - src
+        return _band_piece("all", "all", causal, delta // world, (delta + right) // world if right >= 0 else None,
+                           -((left - delta) // world) if left >= 0 else None, n_local, n_local)
+    if layout == "contiguous":
+        parts = [("all", rank, "all", src, n_local)]
+    else:  # zigzag: chunks rank and 2W-1-rank of 2W, each n_local / 2 rows
+        h = n_local // 2
+        chunks = {"first": lambda r: r, "second": lambda r: 2 * world - 1 - r}
+        parts = [(qp, chunks[qp](rank), kp, chunks[kp](src), h) for qp in ("first", "second")
+                 for kp in ("first", "second")]
+    pieces = []
+    for q_part, cq, k_part, ck, n in parts:
+        d = (cq - ck) * n  # global(k_j) - global(q_i) = (j - i) - d
+        pieces += _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None,
+                              d - left if left >= 0 else None, n, n)
+    return pieces
+
+
+def _pieces(layout, causal, rank, src, window, world, addr):
+    """``(piece, group)`` pairs to launch for the (rank's queries, src's keys) pair: the plan, once per group
+    of sequences with one local row count when a window makes offsets depend on it (``addr.groups()``)."""
+    if tuple(window) == _NO_WINDOW:
+        return [(p, None) for p in _plan(layout, causal, rank, src)]
+    return [(p, grp) for n, grp in addr.groups() for p in _plan(layout, causal, rank, src, window, world, n)]
+
+
 def _kernel_options(softcap: float) -> dict:
     """Keyword arguments every piece's kernel call gets besides the piece's own (window goes per piece, see
-    :func:`_plan`). Empty until the attention kernels take ``softcap`` (the public functions refuse
-    ``softcap != 0`` until then); then: ``{"softcap": softcap}``."""
-    if softcap:
-        raise NotImplementedError(f"softcap={softcap} is not implemented in the ring schedule yet")
-    return {}
+    :func:`_plan`): ``{"softcap": softcap}`` (a per-score transform, the same for every piece)."""
+    return {"softcap": softcap} if softcap else {}
 
 
 class _Dense:
@@ -156,17 +212,24 @@ class _Dense:
 
     def __init__(self, s_local: int):
         self.half = s_local // 2
+        self.n_local = s_local  # local rows per sequence (for windows)
+
+    def _rows(self, part):
+        return {"all": _ALL, "first": slice(None, self.half), "second": slice(self.half, None)}[part]
 
     def q(self, part):  # slice of q-like [b, s, h, d] tensors
-        return (_ALL, slice(self.half, None)) if part == "second" else (_ALL, _ALL)
+        return (_ALL, self._rows(part))
 
-    def k(self, part):
-        return (_ALL, slice(None, self.half)) if part == "first" else (_ALL, _ALL)
+    k = q
 
     def lse(self, part):  # slice of [b, h, s]
-        return (_ALL, _ALL, slice(self.half, None)) if part == "second" else (_ALL, _ALL, _ALL)
+        return (_ALL, _ALL, self._rows(part))
 
-    def piece_seqs(self, piece, src=None):
+    def groups(self):
+        """``[(local rows per sequence, group key)]``: one group (every batch element has ``s_local`` rows)."""
+        return [(self.n_local, None)]
+
+    def piece_seqs(self, piece, src=None, group=None):
         return None
 
 
@@ -196,6 +259,8 @@ class _Packed:
                      "second": max([n - n // 2 for n in self._n] + [0])}
         self._counts: dict = {}
         self._seqs: dict = {}
+        # windows need one offset per launch: sequences are grouped by their local row count (see groups())
+        self._n_t = torch.tensor(self._n, **self._i32)
 
     def _count(self, rank: int, part: str) -> torch.Tensor:
         """Real rows of every sequence in ``part`` of ``rank``'s shard: int32 ``[n_seqs]``."""
@@ -217,18 +282,31 @@ class _Packed:
     def lse(self, part):
         return (_ALL, _ALL)
 
-    def piece_seqs(self, piece, src=None):
-        key = (piece.q_part, piece.k_part, src if self.padded else None)
+    def groups(self):
+        """``[(n, n or None)]``: the distinct local row counts ``n`` of the sequences (0 dropped); the group key
+        is None when there is one group. A window's offsets depend on ``n``, so each group is planned and
+        launched on its own (the other sequences get zero lengths in that launch)."""
+        ns = sorted(set(n for n in self._n if n > 0))
+        return [(n, None if len(ns) == 1 else n) for n in ns]
+
+    def piece_seqs(self, piece, src=None, group=None):
+        key = (piece.q_part, piece.k_part, src if self.padded else None, group)
         seqs = self._seqs.get(key)
         if seqs is None:
             q_rank, k_rank = self._rank, (src if self.padded else self._rank)
             q_start = self._starts + self._half if piece.q_part == "second" else self._starts
+            k_start = self._starts + self._half if piece.k_part == "second" else self._starts
             lens_k = self._count(k_rank, piece.k_part)
+            max_q, max_k = self._max[piece.q_part], self._max[piece.k_part]
+            if group is not None:  # only the sequences with `group` local rows
+                lens_k = torch.where(self._n_t == group, lens_k, 0).to(torch.int32)
+                part_rows = {"all": group, "first": group // 2, "second": group - group // 2}
+                max_q, max_k = part_rows[piece.q_part], part_rows[piece.k_part]
             # a sequence with no real key in this piece gets no query rows either: they would see nothing
             # (a merge leaves them as they are; the first piece zero-fills them), and no launch sees n_k = 0
             lens_q = torch.where(lens_k > 0, self._count(q_rank, piece.q_part), 0).to(torch.int32)
-            seqs = self._seqs[key] = VarlenSeqs(q_start, lens_q, self._starts, lens_k, self._max[piece.q_part],
-                                                self._max[piece.k_part], piece.q_part == "all" and not self.padded)
+            seqs = self._seqs[key] = VarlenSeqs(q_start, lens_q, k_start, lens_k, max_q, max_k,
+                                                piece.q_part == "all" and not self.padded and group is None)
         return seqs
 
 
@@ -241,6 +319,10 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
     opts = _kernel_options(softcap)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
     out_acc = lse_acc = None
+    if tuple(window) != _NO_WINDOW:  # pieces may be halves at any step: merge everything into 0 / -inf
+        out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse_acc = torch.full((q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1]),
+                             float("-inf"), dtype=torch.float32, device=q.device)
     cur = (k, v)
     for step in range(world):
         src = (rank - step) % world
@@ -249,16 +331,16 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
             nxt = bufs[step % 2]
             handle = comm.exchange(list(cur), list(nxt))
         kk, vv = cur
-        for piece in _plan(layout, causal, rank, src, window):
+        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr):
             qs, ks = addr.q(piece.q_part), addr.k(piece.k_part)
             if out_acc is None:  # step 0 is always the whole (diagonal or full) block
                 out_acc, lse_acc = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal,
-                                                           piece.offset, addr.piece_seqs(piece, src),
-                                                           out_dtype=torch.float32, **opts)
+                                                           piece.offset, addr.piece_seqs(piece, src, grp),
+                                                           out_dtype=torch.float32, window=piece.window, **opts)
             else:  # merged into the running fp32 result in the kernel's epilogue
                 attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
-                                        addr.piece_seqs(piece, src), out=out_acc[qs],
-                                        lse=lse_acc[addr.lse(piece.q_part)], **opts)
+                                        addr.piece_seqs(piece, src, grp), out=out_acc[qs],
+                                        lse=lse_acc[addr.lse(piece.q_part)], window=piece.window, **opts)
         if handle is not None:
             comm.wait(handle)
             cur = nxt
@@ -292,11 +374,12 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
             dk_t, dv_t = blk
             dk_t.zero_()
             dv_t.zero_()
-        for piece in _plan(layout, causal, rank, src, window):
+        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr):
             qs, ks, ls = addr.q(piece.q_part), addr.k(piece.k_part), addr.lse(piece.q_part)
             attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse[ls], delta[ls], dq[qs], dk_t[ks],
-                                     dv_t[ks], scale, piece.causal, piece.offset, addr.piece_seqs(piece, src),
-                                     accumulate=True, **opts)
+                                     dv_t[ks], scale, piece.causal, piece.offset,
+                                     addr.piece_seqs(piece, src, grp), accumulate=True, window=piece.window,
+                                     **opts)
         if step > 0:
             comm.wait(dkv_handle)  # the accumulator for src, from rank - 1
             dkv[acc][0].add_(dk_t)
@@ -434,14 +517,10 @@ def _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slope
     left, right = (-1 if left < 0 else left), (-1 if right < 0 else right)
     if causal and right >= 0:  # causal already hides every key to the right (flash-attn sets right = 0)
         right = -1
-    if (left, right) != _NO_WINDOW:
-        raise NotImplementedError(f"{name}: window_size={tuple(window_size)} is not supported by the ring yet "
-                                  f"(sliding-window attention); pass window_size=(-1, -1)")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
-        raise ValueError(f"{name}: softcap must be a float >= 0 (0 = no capping), got {softcap!r}")
-    if softcap != 0:
-        raise NotImplementedError(f"{name}: softcap={softcap} is not supported by the ring yet (logit soft "
-                                  f"capping); pass softcap=0.0")
+    try:
+        softcap = check_softcap(softcap)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     if alibi_slopes is not None:
         raise NotImplementedError(f"{name}: alibi_slopes is not supported (ALiBi is not implemented in the "
                                   f"ring); got a {type(alibi_slopes).__name__}, expected None")
@@ -542,9 +621,11 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         dropout_p: must be 0 (dropout is not implemented: NotImplementedError otherwise).
         softmax_scale: default ``1 / sqrt(head_dim)``.
         causal: causal mask over *global* positions (query at global position ``i`` sees keys ``j <= i``).
-        window_size: ``(-1, -1)`` (no window; with ``causal``, ``(-1, r)`` for any ``r >= 0`` is the same).
-            Other windows raise NotImplementedError for now.
-        softcap: must be 0 for now (NotImplementedError otherwise).
+        window_size: ``(left, right)`` sliding window over *global* positions (flash-attn's semantics: the query
+            at ``i`` sees keys ``i - left ..= i + right``, -1 unbounded; with ``causal`` the right side is 0).
+            Each (query shard, key shard) piece gets the true offset between its global query and key
+            positions; pieces entirely outside the window are skipped.
+        softcap: ``> 0``: scores ``softcap * tanh(s / softcap)`` (Gemma 2); 0 is off.
         alibi_slopes: must be None (NotImplementedError otherwise).
         deterministic: accepted and ignored: the ring's forward and backward are always bitwise deterministic.
         return_attn_probs: return ``(out, lse, None)`` like flash-attn / ring-flash-attn (no probabilities).
@@ -566,8 +647,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         this rank's dq, dk, dv (input dtype).
 
     Raises:
-        NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes``, a window, a
-        softcap. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
+        NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes``. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
         head counts, layout, an argument of the wrong kind (e.g. ``causal`` passed where ``dropout_p`` is),
         ``s_local`` odd with zigzag, a ``seqlen`` the shards cannot hold, a CUDA tensor with a gloo group or
         a CPU tensor with NCCL. ValueError on every rank when ranks pass inconsistent inputs
@@ -597,7 +677,8 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         out = out.view(q.shape)
         lse = lse.view(lse.shape[0], b, s_local).transpose(0, 1).contiguous()
     elif world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
-        res = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, return_lse=want_lse)
+        res = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, window_size=window, softcap=softcap,
+                              return_lse=want_lse)
         out, lse = res if want_lse else (res, None)
     else:
         out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device), _Dense(s_local),
@@ -665,7 +746,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
     want_lse = return_lse or return_attn_probs
     if world == 1 and pcu == cu:  # the whole sequence is local: the single-device op, no fp32 round trips
         res = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-                                     softmax_scale=scale, return_lse=want_lse)
+                                     softmax_scale=scale, window_size=window, softcap=softcap, return_lse=want_lse)
         out, lse = res if want_lse else (res, None)
     else:
         out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device),

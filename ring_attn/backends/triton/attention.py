@@ -20,12 +20,24 @@ __all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_bl
 LOG2E = 1.4426950408889634
 
 
-def _no_window_softcap(window, softcap) -> None:
-    if tuple(window) != (-1, -1):
-        raise NotImplementedError(f"triton backend: window={tuple(window)} is not implemented yet; "
-                                  "expected (-1, -1)")
-    if softcap != 0:
-        raise NotImplementedError(f"triton backend: softcap={softcap!r} is not implemented yet; expected 0")
+def _mask_args(causal: bool, window, softcap: float, softmax_scale: float, dtype,
+               out_dtype) -> tuple[list, dict]:
+    """Runtime args ``[win_left, win_right, softcap_in, softcap_out]`` and constexprs of the kernels.
+
+    CAUSAL means "keys right of ``i + offset + win_right`` are masked": causal (``win_right = 0``, flash-attn's
+    causal => right window 0) or a right window. LOCAL: a left window. SOFTCAP: ``c·tanh(s/c)`` with
+    ``softcap_in = scale/c`` and ``softcap_out = c·log2(e)``. UPCAST/ROUND_BF16: bf16 under the interpreter
+    (its bf16 ``tl.dot`` is wrong and its bf16 cast truncates) computes dots in fp32 and rounds stores to
+    nearest."""
+    left, right = int(window[0]), int(window[1])
+    has_hi = bool(causal) or right >= 0
+    win_right = 0 if causal else max(right, 0)
+    cap = float(softcap)
+    interp_bf16 = interpreter_enabled() and dtype == torch.bfloat16
+    args = [max(left, 0), win_right, softmax_scale / cap if cap > 0 else 1.0, cap * LOG2E if cap > 0 else 1.0]
+    flags = dict(CAUSAL=has_hi, LOCAL=left >= 0, SOFTCAP=cap > 0, UPCAST=interp_bf16,
+                 ROUND_BF16=interp_bf16 and out_dtype == torch.bfloat16)
+    return args, flags
 
 
 def bwd_blocks(head_dim: int) -> dict:
@@ -77,7 +89,9 @@ def _strides(x, varlen: bool):
 
 
 def _dot_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_enabled()):  # bf16: upcast to fp32
+        return "ieee"
+    return "tf32"
 
 
 def _seq_args(seqs: VarlenSeqs | None, q):
@@ -92,7 +106,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
                       softcap: float) -> None:
     """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``)."""
-    _no_window_softcap(window, softcap)
     q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
     b, s_q, h_q, d = q4.shape
     s_k, h_kv = k4.shape[1], k4.shape[2]
@@ -102,12 +115,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         return
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
+    mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
     fwd_kernel[grid](
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
-        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal), VARLEN=seqs is not None,
-        BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
+        *mask_args,
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=seqs is not None,
+        BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge), **flags,
     )
 
 
@@ -133,7 +148,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
                        softcap: float) -> None:
     """Protocol ``attention_backward``: the dK/dV kernel then the dQ kernel (fixed blocks: deterministic)."""
-    _no_window_softcap(window, softcap)
     q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
     dq4, dk4, dv4 = _as4d(dq), _as4d(dk), _as4d(dv)
     l3, d3 = _as3d_lse(lse), _as3d_lse(delta)
@@ -151,10 +165,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return
     cdiv = triton.cdiv
     blocks = bwd_blocks(d)
-    common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
+    mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, dk.dtype)
+    common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
                   VARLEN=seqs is not None, BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate),
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=blocks["num_warps"],
-                  num_stages=blocks["num_stages"])
+                  num_stages=blocks["num_stages"], **flags)
     offset = 0 if causal_offset is None else int(causal_offset)
     seq = _seq_args(seqs, q)
     vl = seqs is not None
@@ -164,7 +179,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q4, k4, v4, do4, l3, d3, dk4, dv4, *seq,
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),
             *_strides(dv4, vl), *_strides(l3, vl),
-            s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
+            s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )
     if max_q > 0:
@@ -173,8 +188,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q4, k4, v4, do4, l3, d3, dq4, *seq,
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dq4, vl),
             *_strides(l3, vl),
-            s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
-            BLOCK_M=block_m, BLOCK_N=block_n, **common,
+            s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            **common | dict(ROUND_BF16=flags["UPCAST"] and dq.dtype == torch.bfloat16),
         )
 
 

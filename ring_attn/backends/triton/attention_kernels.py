@@ -1,8 +1,8 @@
 """Triton kernels of blockwise (flash) attention: forward (with the fp32 merge epilogue), delta, backward.
 
-Moved verbatim from ``ring_attn/ops/attention.py``; the host launchers are in
-``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts, GQA mapping, causal
-offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
+Sliding windows, soft-capping and the interpreter's bf16 fix are constexpr switches (see fwd_kernel); the
+host launchers are in ``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts,
+GQA mapping, causal offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
 """
 import triton
 import triton.language as tl
@@ -57,24 +57,92 @@ def _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT: tl.constexpr):
         return causal_offset
 
 @triton.jit
-def _key_blocks(start_m, len_k, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges for the query rows [start_m, start_m + BLOCK_M): [0, full_end) is in bounds and visible to
-    every row (no masking); [full_end, hi) holds the diagonal and the ragged end (masked). Blocks at or past
-    hi are above the diagonal and never visited."""
-    if CAUSAL:
-        hi = tl.minimum(len_k, start_m + BLOCK_M + offset)
-        full_end = tl.minimum(len_k, start_m + offset + 1)
-    else:
-        hi = len_k
-        full_end = len_k
-    hi = tl.maximum(hi, 0)
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-    return full_end, hi
+def _tanh(x):
+    """fp32 tanh to about 1 ulp: an odd Taylor polynomial for |x| < 0.2 (no cancellation near 0), else
+    ``(1 - e^-2|x|) / (1 + e^-2|x|)`` (libdevice's tanh does not run under the interpreter)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    y = a * a
+    small = a * (1.0 + y * (-0.3333333333333333 + y * (0.13333333333333333 + y * (-0.05396825396825397 +
+                                                                                   y * 0.021869488536155203))))
+    t = tl.where(a < 0.2, small, big)
+    return tl.where(x < 0, -t, t)
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, offset, qk_scale,
-               stride_ks, stride_vs,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _round_bf16(x):
+    """float32 -> the nearest bfloat16 value (ties to even), still float32. Only under the interpreter, whose
+    float32 -> bfloat16 cast truncates while GPUs round to nearest."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+@triton.jit
+def _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr):
+    """Scores in the log2 domain: ``qk·scale·log2(e)``, or with a soft-cap ``c``:
+    ``c·tanh(qk·scale/c)·log2(e)`` (host passes ``softcap_in = scale/c``, ``softcap_out = c·log2(e)``)."""
+    if SOFTCAP:
+        return _tanh(qk * softcap_in) * softcap_out
+    else:
+        return qk * qk_scale
+
+@triton.jit
+def _key_range(start_m, len_k, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges for the query rows [start_m, start_m + BLOCK_M); row i sees keys j < len_k with
+    ``j <= i + off_hi`` (if CAUSAL: causal or a right window) and ``j >= i + off_lo`` (if LOCAL: a left
+    window). Returns ``(lo, full_lo, full_hi, hi)``: [lo, hi) holds every key any row sees (blocks outside it
+    are never visited); [full_lo, full_hi) are whole in-bounds blocks that every row sees entirely (unmasked
+    fast loop); [lo, full_lo) and [full_hi, hi) are masked. lo, full_lo, full_hi are multiples of BLOCK_N."""
+    if CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M + off_hi)
+        full_hi = tl.minimum(len_k, start_m + off_hi + 1)
+    else:
+        hi = len_k
+        full_hi = len_k
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    if LOCAL:
+        hi_blk = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo = tl.minimum(tl.maximum(start_m + off_lo, 0) // BLOCK_N * BLOCK_N, hi_blk)
+        full_lo = (tl.maximum(start_m + BLOCK_M - 1 + off_lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_blk)
+        full_hi = tl.maximum(full_hi, full_lo)
+    else:
+        lo = tl.full([], 0, tl.int32)
+        full_lo = lo
+    return lo, full_lo, full_hi, hi
+
+@triton.jit
+def _query_range(start_n, len_q, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query-row ranges for the keys [start_n, start_n + BLOCK_N) (the transpose of :func:`_key_range`):
+    query i sees key j iff ``j - off_hi <= i`` (CAUSAL) and ``i <= j - off_lo`` (LOCAL). Returns
+    ``(lo, full_lo, full_hi, hi)``: rows outside [lo, hi) see none of these keys and are never visited;
+    [full_lo, full_hi) are whole in-bounds row blocks that see every key (unmasked); the rest is masked."""
+    if LOCAL:
+        hi = tl.maximum(tl.minimum(len_q, start_n + BLOCK_N - off_lo), 0)
+        full_hi = tl.maximum(tl.minimum(len_q, start_n - off_lo + 1), 0) // BLOCK_M * BLOCK_M
+        cap = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        hi = len_q
+        full_hi = len_q // BLOCK_M * BLOCK_M
+        cap = len_q
+    if CAUSAL:
+        lo = tl.minimum(tl.maximum(start_n - off_hi, 0) // BLOCK_M * BLOCK_M, cap)
+        full_lo = (tl.maximum(start_n + BLOCK_N - 1 - off_hi, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), cap)
+        full_hi = tl.maximum(full_hi, full_lo)
+    else:
+        lo = tl.full([], 0, tl.int32)
+        full_lo = lo
+    return lo, full_lo, full_hi, hi
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, off_lo, off_hi, qk_scale,
+               softcap_in, softcap_out, stride_ks, stride_vs,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+               UPCAST: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
@@ -98,18 +166,29 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
         else:
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
+            s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
             visible = cols[None, :] < len_k
             if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+                visible = visible & (cols[None, :] <= offs_m[:, None] + off_hi)
+            if LOCAL:
+                visible = visible & (cols[None, :] >= offs_m[:, None] + off_lo)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_shift[:, None])
+            p = tl.math.exp2(s - m_shift[:, None])
             alpha = tl.math.exp2(m_i - m_shift)
-        else:
+        elif SOFTCAP:
+            s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:  # scale folded into one multiply-add per score
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -134,14 +213,20 @@ def fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset,
+    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset, win_left, win_right, softcap_in,
+    softcap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
+    LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
     # Grid: (cdiv(max s_q, BLOCK_M), b * h_q). One program owns BLOCK_M query rows of one head.
+    # Visibility (backends/protocol.py): CAUSAL masks keys j > i + offset + win_right (the host passes
+    # win_right = 0 for causal, and CAUSAL=True for a right window); LOCAL masks j < i + offset - win_left.
+    # SOFTCAP: scores c·tanh(s/c). UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16
+    # tl.dot is wrong); ROUND_BF16: round to nearest when storing bf16 there (its cast truncates).
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -155,6 +240,8 @@ def fwd_kernel(
     if start_m >= len_q:
         return
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    off_hi = offset + win_right
+    off_lo = offset - win_left
     bq = b.to(tl.int64)
     Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
@@ -165,19 +252,24 @@ def fwd_kernel(
     d_ok = offs_d[None, :] < HEAD_DIM
     q = tl.load(Q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok,
                 other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full_end, hi = _key_blocks(start_m, len_k, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_lo, off_hi, LOCAL, CAUSAL, BLOCK_M, BLOCK_N)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    zero = tl.full([], 0, tl.int32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, zero, full_end, len_k,
-                               offset, qk_scale, stride_ks, stride_vs, False, CAUSAL, EVEN_D, HEAD_DIM,
-                               BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_end, hi, len_k,
-                               offset, qk_scale, stride_ks, stride_vs, True, CAUSAL, EVEN_D, HEAD_DIM,
-                               BLOCK_N, DOT_PRECISION)
+    if LOCAL:  # the window's left edge (without a left window, lo = full_lo = 0: nothing to compile)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
+                                   off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
+                                   LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k,
+                               off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, False,
+                               CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
+                               off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
+                               LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -196,6 +288,8 @@ def fwd_kernel(
         total = w_old + w_new
         acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
         lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+    if ROUND_BF16:
+        acc = _round_bf16(acc)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
     tl.store(L_base + offs_m, lse, mask=offs_m < len_q)
 
@@ -225,10 +319,11 @@ def delta_kernel(DO, O, DELTA, DLSE,
     tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < seqlen)
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, hi, len_q, offset,
-                    qk_scale, stride_qs, stride_dos,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, hi, len_q, off_lo,
+                    off_hi, qk_scale, softcap_in, softcap_out, stride_qs, stride_dos,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                    UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
     do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
@@ -251,19 +346,31 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_
             do = tl.load(do_ptrs, mask=d_ok, other=0.0)
             lse = tl.load(L_base + offs_m)
             delta = tl.load(D_base + offs_m)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
         # rows that saw no key (lse = -inf) have P = 0: use +inf so exp2 gives 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if SOFTCAP:
+            tT = _tanh(qkT * softcap_in)
+            pT = tl.math.exp2(tT * softcap_out - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
             keep = offs_m[None, :] < len_q
             if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + off_hi)
+            if LOCAL:
+                keep = keep & (offs_n[:, None] >= offs_m[None, :] + off_lo)
             pT = tl.where(keep, pT, 0.0)
-        # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) ;  dK += dSᵀ Q   (scale applied once at the end)
+        # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) [∘ (1 − tanh²)] ;  dK += dSᵀ Q
+        # (scale applied once at the end)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -273,14 +380,17 @@ def bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
     stride_dvh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset,
+    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
+    softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # K/V-stationary: one program owns BLOCK_N keys of one kv head and loops over the q rows of every
     # query head in its GQA group, so dK/dV are summed in registers: no atomics, deterministic.
     # LSE and DELTA are [b, h_q, s_q] with unit stride along s (same strides for both).
+    # CAUSAL / LOCAL / SOFTCAP / UPCAST / ROUND_BF16 as in fwd_kernel.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
@@ -291,6 +401,8 @@ def bwd_dkdv_kernel(
     if start_n >= len_k:
         return
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    off_hi = offset + win_right
+    off_lo = offset - win_left
     bq = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -301,36 +413,33 @@ def bwd_dkdv_kernel(
                 offs_d[None, :], mask=n_ok & d_ok, other=0.0)
     v = tl.load(V + bq * stride_vb + (k_start + rows_n) * stride_vs + hk.to(tl.int64) * stride_vh +
                 offs_d[None, :], mask=n_ok & d_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Query rows: [lo, full_lo) see part of this key block (diagonal), [full_lo, full_hi) see all of it
-    # in whole in-bounds blocks, [full_hi, len_q) is the ragged end. Rows before lo see none of it.
-    if CAUSAL:
-        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
-        full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
-        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    else:
-        lo = 0
-        full_lo = 0
-    lo = tl.minimum(lo, len_q)
-    full_hi = len_q // BLOCK_M * BLOCK_M
-    mid_lo = tl.minimum(tl.maximum(full_lo, lo), len_q)
-    mid_hi = tl.maximum(full_hi, mid_lo)
+    # Query rows: [lo, hi) see some of this key block (rows outside are never visited); [mid_lo, mid_hi)
+    # are whole in-bounds row blocks that see all of it (unmasked); the rest is masked.
+    lo, mid_lo, mid_hi, hi = _query_range(start_n, len_q, off_lo, off_hi, LOCAL, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         h = (hk * group + g).to(tl.int64)
         Q_base = Q + bq * stride_qb + q_start * stride_qs + h * stride_qh
         DO_base = DO + bq * stride_dob + q_start * stride_dos + h * stride_doh
         L_base = LSE + bq * stride_lb + h * stride_lh + q_start
         D_base = DELTA + bq * stride_lb + h * stride_lh + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, mid_lo,
-                                 len_q, offset, qk_scale, stride_qs, stride_dos, True, CAUSAL, HEAD_DIM,
-                                 BLOCK_M, DOT_PRECISION)
+        if CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, mid_lo,
+                                     len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
+                                     stride_dos, True, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
+                                     DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_lo,
-                                 mid_hi, len_q, offset, qk_scale, stride_qs, stride_dos, False, CAUSAL,
-                                 HEAD_DIM, BLOCK_M, DOT_PRECISION)
+                                 mid_hi, len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
+                                 stride_dos, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
+                                 DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_hi,
-                                 len_q, len_q, offset, qk_scale, stride_qs, stride_dos, True, CAUSAL,
-                                 HEAD_DIM, BLOCK_M, DOT_PRECISION)
+                                 hi, len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
+                                 stride_dos, True, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
+                                 DOT_PRECISION)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
@@ -340,14 +449,18 @@ def bwd_dkdv_kernel(
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=mask, other=0.0)
         dv += tl.load(dv_ptrs, mask=mask, other=0.0)
+    if ROUND_BF16:
+        dk = _round_bf16(dk)
+        dv = _round_bf16(dv)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi, len_k, offset, qk_scale,
-                  stride_ks, stride_vs,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi, len_k, off_lo, off_hi,
+                  qk_scale, softcap_in, softcap_out, stride_ks, stride_vs,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                  UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :]
     v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :]
@@ -361,18 +474,29 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi
             kv_mask = d_ok
         k = tl.load(k_row + k_offs, mask=kv_mask, other=0.0)
         v = tl.load(v_row + v_offs, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         k_row += BLOCK_N * stride_ks
         v_row += BLOCK_N * stride_vs
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if SOFTCAP:
+            t = _tanh(qk * softcap_in)
+            p = tl.math.exp2(t * softcap_out - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             keep = cols[None, :] < len_k
             if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + offset)
+                keep = keep & (cols[None, :] <= offs_m[:, None] + off_hi)
+            if LOCAL:
+                keep = keep & (cols[None, :] >= offs_m[:, None] + off_lo)
             p = tl.where(keep, p, 0.0)
-        # dP = dO Vᵀ ;  dS = P ∘ (dP − delta) ;  dQ += dS K   (scale applied once at the end)
+        # dP = dO Vᵀ ;  dS = P ∘ (dP − delta) [∘ (1 − tanh²)] ;  dQ += dS K   (scale applied once at the end)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -381,12 +505,15 @@ def bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, SQ_START, SQ_LEN, SK_START, SK_LEN,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, sm_scale, causal_offset,
+    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
+    softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
+    # CAUSAL / LOCAL / SOFTCAP / UPCAST / ROUND_BF16 as in fwd_kernel.
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -400,6 +527,8 @@ def bwd_dq_kernel(
     if start_m >= len_q:
         return
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    off_hi = offset + win_right
+    off_lo = offset - win_left
     bq = b.to(tl.int64)
     hq = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -411,22 +540,32 @@ def bwd_dq_kernel(
                 mask=mask, other=0.0)
     do = tl.load(DO + bq * stride_dob + (q_start + rows) * stride_dos + hq * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     lse = tl.load(LSE + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
-    full_end, hi = _key_blocks(start_m, len_k, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_lo, off_hi, LOCAL, CAUSAL, BLOCK_M, BLOCK_N)
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    zero = tl.full([], 0, tl.int32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, zero, full_end, len_k, offset,
-                       qk_scale, stride_ks, stride_vs, False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_end, hi, len_k, offset,
-                       qk_scale, stride_ks, stride_vs, True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    if LOCAL:  # the window's left edge (as in fwd_kernel)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
+                           off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL, LOCAL,
+                           SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo,
+                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, False, CAUSAL, LOCAL,
+                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
+                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL, LOCAL,
+                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale
     dq_ptrs = DQ + bq * stride_dqb + (q_start + rows) * stride_dqs + hq * stride_dqh + offs_d[None, :]
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
+    if ROUND_BF16:
+        dq = _round_bf16(dq)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 # ---------------------------------------------------------------------------------------------------------
