@@ -134,11 +134,14 @@ def test_generate_with_kv_cache_equals_stock(model_name):
     the window cuts the cache (bottom-right aligned) in every decoding step."""
     model = build(model_name, attn="oracle")
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
-    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
     with hf.patch_hf(model):
-        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-    assert torch.equal(got, ref), (got, ref)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+    got = out.sequences
+    assert torch.equal(got, ref.sequences), (got, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):  # every decoding step's logits, cache included
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}: {(a - b).abs().max().item()}"
     if model_name != "llama":  # the window matters: full attention generates differently or scores differently
         full = build(model_name, **(dict(sliding_window=None) if model_name == "mistral-swa"
                                     else dict(use_sliding_window=False)))
