@@ -31,6 +31,7 @@ CASES_2 = [
     dict(kind="equiv", model="mistral-swa", layout="striped", packed=[9, 3, 6]),
     # the Triton kernels (ring blocks and fused RoPE) through the interpreter, when it is on
     dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=8, backend="triton"),
+    dict(kind="equiv", model="mistral-swa", layout="zigzag", b=1, s=8, backend="triton"),  # window 4 over shards
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 CASES_3 = [

@@ -11,6 +11,8 @@ Both transformers 4.48 and 5.x run this module (see docs/hf.md).
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -238,6 +240,39 @@ def test_softcap_from_module_kwargs(window):
             hf.ring_attn_attention_forward(_Module(), q, k, v, None, scaling=scale, softcap=-1.0)
     assert_within_rule("softcap", got, formula(torch.float64), formula(torch.float32), torch.float32, FORWARD)
     assert (uncapped - got).abs().max().item() > 1e-2  # the cap was applied
+
+
+def test_gemma2_softcap_and_window_from_the_model():
+    """A whole model whose modules pass ``softcap`` and ``sliding_window`` (Gemma 2: attn_logit_softcapping,
+    alternating windowed layers) equals stock ``eager`` (the implementation transformers uses for softcap). On
+    transformers < 4.53 Gemma 2 builds 4-D masks inside the model, which the patch refuses (NotImplementedError,
+    never silently wrong)."""
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=2.0,
+                                    query_pre_attn_scalar=8)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # large scores, so the cap matters
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with hf.patch_hf(model):
+            if not hasattr(importlib.import_module("transformers.models.gemma2.modeling_gemma2"),
+                           "create_sliding_window_causal_mask"):
+                with pytest.raises(NotImplementedError, match="4-D attention_mask"):
+                    model(ids, use_cache=False)
+                return
+            got = model(ids, use_cache=False).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(ids, use_cache=False).logits
+    assert (got - ref).abs().max().item() < 1e-4
+    assert (uncapped - ref).abs().max().item() > 1e-2  # the cap matters in this model
 
 
 def test_sliding_window_longer_than_the_sequence_is_full_attention():
