@@ -5,7 +5,9 @@
   application of the Llama, Mistral and Qwen2 modeling modules with :func:`ring_attn.apply_rope`, whose angles are
   formed in float64 from the global ``position_ids``. ``group=None`` (or a one-rank group): the single-device
   kernel, a faster drop-in for ``sdpa``. A larger group: ring attention over it, the sequence sharded by
-  :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``).
+  :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``). Sliding
+  windows (Mistral's, Qwen2's per layer) and a ``softcap`` passed by a module run in the kernels in every mode
+  (:func:`sliding_window_size` gives the width).
 * :func:`shard_batch` shards a training batch (shifting labels over the whole sequence first, padding lengths
   the layout cannot split, recognising packed sequences), and :func:`causal_lm_loss` turns it into a loss whose
   value and gradients, after data-parallel averaging, equal single-process training on the whole batch.
