@@ -24,11 +24,61 @@ CONFIGS = {
                                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=False)),
+    # sliding windows shorter than the test sequences: Mistral windows every layer; Qwen2 windows the layers at
+    # index >= max_window_layers (here layer 1 of 2, so one full and one windowed layer)
+    "mistral-swa": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
+    "qwen2-swa": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+                                max_window_layers=1)),
 }
+
+ORACLE_ATTN = "sdpa_sliding_window_oracle"
+
+
+def _stock_sdpa_ignores_window(name: str) -> bool:
+    """transformers < 4.53's Qwen2 sdpa/eager ignore the sliding window (they log "Sliding Window Attention is
+    enabled but not implemented for `sdpa`"): only flash_attention_2 applied it, and that cannot run on CPU."""
+    family, kw = CONFIGS[name]
+    if family != "qwen2" or not kw.get("use_sliding_window"):
+        return False
+    import importlib
+
+    return not hasattr(importlib.import_module("transformers.models.qwen2.modeling_qwen2"),
+                       "create_sliding_window_causal_mask")
+
+
+def _sdpa_sliding_window_oracle(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                is_causal=None, sliding_window=None, **kwargs):
+    """Stock sdpa with the sliding window added to its mask as transformers >= 4.53 builds it (key ``j`` kept
+    for query ``i`` iff ``i - j < sliding_window``, queries the last keys): the oracle where the installed
+    version's stock sdpa ignores the window. It never touches ring_attn."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    s_q, s_k = query.shape[2], key.shape[2]
+    i = torch.arange(s_q).reshape(-1, 1) + (s_k - s_q)
+    j = torch.arange(s_k).reshape(1, -1)
+    keep = j <= i
+    if sliding_window is not None:
+        keep = keep & (i - j < sliding_window)
+    if attention_mask is not None:  # 4-D float mask [b, 1, s_q, >= s_k]: 0 where kept
+        keep = keep & (attention_mask[:, :, :, :s_k] == 0)
+    return sdpa_attention_forward(module, query, key, value, keep, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)
+
+
+def oracle_attn(name: str) -> str:
+    """The attention implementation whose stock model is the reference for ``name``: ``"sdpa"``, or (where the
+    installed transformers' Qwen2 sdpa ignores the window) sdpa plus the window mask, registered here."""
+    if not _stock_sdpa_ignores_window(name):
+        return "sdpa"
+    from transformers import modeling_utils
+
+    modeling_utils.ALL_ATTENTION_FUNCTIONS[ORACLE_ATTN] = _sdpa_sliding_window_oracle
+    return ORACLE_ATTN
 
 
 def build(name: str, seed: int = 0, dtype=torch.float32, attn: str = "sdpa", **overrides):
-    """A fresh random model for ``name`` (same weights for the same seed), ``sdpa`` attention, eval mode."""
+    """A fresh random model for ``name`` (same weights for the same seed), ``sdpa`` attention, eval mode.
+    ``attn="oracle"``: the stock reference implementation for ``name`` (see :func:`oracle_attn`)."""
     import transformers
 
     family, kw = CONFIGS[name]
@@ -38,9 +88,12 @@ def build(name: str, seed: int = 0, dtype=torch.float32, attn: str = "sdpa", **o
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[family]
     cfg = cls_cfg(**{**SMALL, **kw, **overrides})
-    cfg._attn_implementation = attn
+    oracle = oracle_attn(name) if attn == "oracle" else None
+    cfg._attn_implementation = "sdpa" if oracle else attn
     torch.manual_seed(seed)
     model = cls_model(cfg)
+    if oracle:
+        model.config._attn_implementation = oracle
     if family == "qwen2":  # random biases (zeros at init), so the test sees them
         with torch.no_grad():
             for layer in model.model.layers:
@@ -66,7 +119,7 @@ def batch_for(case: dict, seed: int = 1) -> dict:
 def stock_reference(name: str, case: dict, dtype) -> dict:
     """Stock model (``sdpa``, one process) on the whole batch: logits, mean next-token loss, parameter grads.
     Packed batches run sequence by sequence (what packing means), so no version's packing support is assumed."""
-    model = build(name, dtype=dtype)
+    model = build(name, dtype=dtype, attn="oracle")
     batch = batch_for(case)
     ids, labels = batch["input_ids"], batch["labels"]
     if case.get("packed"):

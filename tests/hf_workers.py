@@ -25,14 +25,21 @@ CASES_2 = [
     dict(kind="equiv", model="qwen2", layout="zigzag", b=1, s=12),
     dict(kind="equiv", model="llama", layout="zigzag", packed=[5, 8, 3]),
     dict(kind="equiv", model="llama", layout="zigzag", b=1, s=12, fused_rope=False),
+    # sliding windows (4 and 5) shorter than the sequence, so they cut across shards
+    dict(kind="equiv", model="mistral-swa", layout="zigzag", b=2, s=13),
+    dict(kind="equiv", model="qwen2-swa", layout="contiguous", b=1, s=12),
+    dict(kind="equiv", model="mistral-swa", layout="striped", packed=[9, 3, 6]),
     # the Triton kernels (ring blocks and fused RoPE) through the interpreter, when it is on
     dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=8, backend="triton"),
+    dict(kind="equiv", model="mistral-swa", layout="zigzag", b=1, s=8, backend="triton"),  # window 4 over shards
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 CASES_3 = [
     dict(kind="equiv", model="llama", layout="zigzag", b=2, s=13),
     dict(kind="equiv", model="llama-dynamic", layout="zigzag", b=1, s=18),
     dict(kind="equiv", model="qwen2", layout="striped", packed=[7, 4, 6]),
+    dict(kind="equiv", model="mistral-swa", layout="striped", b=1, s=17),
+    dict(kind="equiv", model="qwen2-swa", layout="zigzag", packed=[10, 4, 7]),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 
@@ -125,7 +132,7 @@ def _errors_case(case, rank, world, store):
         attempt("dropout", lambda: model(**inputs))
     mistral = build("mistral", sliding_window=8)
     with hf.patch_hf(mistral, group=dist.group.WORLD, layout=layout), torch.no_grad():
-        attempt("sliding window", lambda: mistral(**inputs))
+        attempt("sliding window and use_cache", lambda: mistral(**inputs, use_cache=True))
     # the group is still usable afterwards (no rank hangs in a collective)
     t = torch.ones(1)
     dist.all_reduce(t)

@@ -11,6 +11,8 @@ Both transformers 4.48 and 5.x run this module (see docs/hf.md).
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_ring_refusals(worlds, world):
         "output_attentions": ("NotImplementedError", "output_attentions"),
         "unsharded positions": ("ValueError", "position_ids"),
         "dropout": ("NotImplementedError", "dropout"),
-        "sliding window": ("NotImplementedError", "sliding_window=8"),
+        "sliding window and use_cache": ("NotImplementedError", "use_cache"),
     }
     for rank in range(world):  # every rank raises the same error; nothing hangs
         st = _result(worlds, world, name, rank)
@@ -103,17 +105,22 @@ def _run_patched(model_name, case, **patch_kw):
     ("llama-gqa", dict(b=2, s=10)),
     ("llama-yarn", dict(b=1, s=9)),
     ("llama", dict(packed=[4, 6, 3])),
+    ("mistral-swa", dict(b=2, s=10)),  # sliding_window=4 on every layer
+    ("qwen2-swa", dict(b=1, s=11)),  # sliding_window=5 on layer 1 only (max_window_layers=1)
+    ("mistral-swa", dict(packed=[7, 2, 6])),
 ])
 def test_single_device_equals_stock(model_name, case):
     _check_equivalence(f"single {model_name}", _run_patched(model_name, case), model_name, case)
 
 
-def test_single_device_padding_matches_stock():
-    """Left-padded batch (as in batched generation): real positions equal the stock model's."""
-    model = build("llama")
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "qwen2-swa"])
+def test_single_device_padding_matches_stock(model_name):
+    """Left-padded batch (as in batched generation): real positions equal the stock model's (with a sliding
+    window too: the real tokens of a row are contiguous, so the window counts the same keys)."""
+    model = build(model_name, attn="oracle")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0
+    mask[0, :3] = 0
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
@@ -123,14 +130,27 @@ def test_single_device_padding_matches_stock():
     assert (got[real] - ref[real]).abs().max().item() < 1e-4
 
 
-def test_generate_with_kv_cache_equals_stock():
-    model = build("llama")
+@pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "qwen2-swa"])
+def test_generate_with_kv_cache_equals_stock(model_name):
+    """Greedy generation with a KV cache; the windowed models generate past their window (4 and 5 keys), so
+    the window cuts the cache (bottom-right aligned) in every decoding step."""
+    model = build(model_name, attn="oracle")
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
     with hf.patch_hf(model):
-        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-    assert torch.equal(got, ref), (got, ref)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+    got = out.sequences
+    assert torch.equal(got, ref.sequences), (got, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):  # every decoding step's logits, cache included
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}: {(a - b).abs().max().item()}"
+    if model_name != "llama":  # the window matters: full attention generates differently or scores differently
+        full = build(model_name, **(dict(sliding_window=None) if model_name == "mistral-swa"
+                                    else dict(use_sliding_window=False)))
+        with torch.no_grad():
+            seq = got[:, :-1]
+            windowed = model(seq, use_cache=False).logits
+            assert (full(seq, use_cache=False).logits - windowed).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("model_name", ["llama", "mistral", "qwen2"])
@@ -178,6 +198,83 @@ def test_context_manager_and_loading_by_name():
     assert "ring_attn" not in _attention_keys()
 
 
+def test_sliding_window_size():
+    """transformers' window keeps keys with i - j < sliding_window: left = sliding_window - 1."""
+    assert hf.sliding_window_size(None, 100) == (-1, -1)
+    assert hf.sliding_window_size(4, 10) == (3, 0)
+    assert hf.sliding_window_size(4, 10, causal=False) == (3, 3)
+    assert hf.sliding_window_size(4, 4) == (-1, -1)  # cannot cut: the plain causal kernel
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="sliding_window"):
+            hf.sliding_window_size(bad, 10)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_softcap_from_module_kwargs(window):
+    """A module passing ``softcap`` (Gemma 2's attn_logit_softcapping) gets capped scores: equals the float64
+    formula softmax(softcap * tanh(q k^T * scale / softcap)) under the causal (and window) mask."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 9, 8, generator=g) * 3  # large scores, so the cap matters
+    k = torch.randn(2, 2, 9, 8, generator=g) * 3
+    v = torch.randn(2, 2, 9, 8, generator=g)
+    cap, scale = 2.0, 8 ** -0.5
+
+    def formula(dtype):
+        qq = q.to(dtype)
+        kk, vv = (x.to(dtype).repeat_interleave(2, 1) for x in (k, v))  # query head h reads kv head h // 2
+        s = cap * torch.tanh(qq @ kk.transpose(-1, -2) * scale / cap)
+        i, j = torch.arange(9).reshape(-1, 1), torch.arange(9).reshape(1, -1)
+        keep = (j <= i) & ((i - j < window) if window else True)
+        return (s.masked_fill(~keep, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+
+    with hf.patch_hf():
+        got, _ = hf.ring_attn_attention_forward(_Module(), q, k, v, None, scaling=scale, sliding_window=window,
+                                                softcap=cap)
+        uncapped, _ = hf.ring_attn_attention_forward(_Module(), q, k, v, None, scaling=scale,
+                                                     sliding_window=window)
+        with pytest.raises(ValueError, match="softcap"):
+            hf.ring_attn_attention_forward(_Module(), q, k, v, None, scaling=scale, softcap=-1.0)
+    assert_within_rule("softcap", got, formula(torch.float64), formula(torch.float32), torch.float32, FORWARD)
+    assert (uncapped - got).abs().max().item() > 1e-2  # the cap was applied
+
+
+def test_gemma2_softcap_and_window_from_the_model():
+    """A whole model whose modules pass ``softcap`` and ``sliding_window`` (Gemma 2: attn_logit_softcapping,
+    alternating windowed layers) equals stock ``eager`` (the implementation transformers uses for softcap). On
+    transformers < 4.53 Gemma 2 builds 4-D masks inside the model, which the patch refuses (NotImplementedError,
+    never silently wrong)."""
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=2.0,
+                                    query_pre_attn_scalar=8)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # large scores, so the cap matters
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with hf.patch_hf(model):
+            if not hasattr(importlib.import_module("transformers.models.gemma2.modeling_gemma2"),
+                           "create_sliding_window_causal_mask"):
+                with pytest.raises(NotImplementedError, match="4-D attention_mask"):
+                    model(ids, use_cache=False)
+                return
+            got = model(ids, use_cache=False).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(ids, use_cache=False).logits
+    assert (got - ref).abs().max().item() < 1e-4
+    assert (uncapped - ref).abs().max().item() > 1e-2  # the cap matters in this model
+
+
 def test_sliding_window_longer_than_the_sequence_is_full_attention():
     """A window that cuts nothing is accepted (the mask function recognises transformers' sliding-window mask)."""
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
@@ -192,9 +289,11 @@ def test_sliding_window_longer_than_the_sequence_is_full_attention():
 def test_single_device_refusals():
     model = build("mistral", sliding_window=4)
     ids = torch.randint(0, VOCAB, (1, 8))
+    holes = torch.ones_like(ids)
+    holes[0, 3] = 0  # a hole inside the row: HF's window counts it, the packed kernel would not
     with hf.patch_hf(model), torch.no_grad():
-        with pytest.raises(NotImplementedError, match="sliding_window=4"):
-            model(ids, use_cache=False)
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            model(ids, attention_mask=holes, use_cache=False)
         with pytest.raises(NotImplementedError, match="output_attentions"):
             model(ids[:, :3], use_cache=False, output_attentions=True)
     model = build("llama", attention_dropout=0.5).train()

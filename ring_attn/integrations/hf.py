@@ -5,7 +5,9 @@
   application of the Llama, Mistral and Qwen2 modeling modules with :func:`ring_attn.apply_rope`, whose angles are
   formed in float64 from the global ``position_ids``. ``group=None`` (or a one-rank group): the single-device
   kernel, a faster drop-in for ``sdpa``. A larger group: ring attention over it, the sequence sharded by
-  :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``).
+  :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``). Sliding
+  windows (Mistral's, Qwen2's per layer) and a ``softcap`` passed by a module run in the kernels in every mode
+  (:func:`sliding_window_size` gives the width).
 * :func:`shard_batch` shards a training batch (shifting labels over the whole sequence first, padding lengths
   the layout cannot split, recognising packed sequences), and :func:`causal_lm_loss` turns it into a loss whose
   value and gradients, after data-parallel averaging, equal single-process training on the whole batch.
@@ -24,7 +26,7 @@ import ring_attn
 from ring_attn.ring import layout as ring_layout
 
 __all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "IGNORE_INDEX",
-           "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "check_sliding_window"]
+           "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size"]
 
 ATTN_IMPLEMENTATION = "ring_attn"
 IGNORE_INDEX = -100
@@ -67,22 +69,38 @@ def _rank_world(group) -> tuple[int, int]:
 # Refusals: each names the setting it refuses.
 
 
-def check_sliding_window(sliding_window: Optional[int], longest: int) -> None:
-    """Raise ``NotImplementedError`` when a sliding window would cut attention: a query then sees only the last
-    ``sliding_window`` keys (itself included), which differs from full causal attention once a sequence (or the
-    keys of one generation step) is longer than the window. The one place this is decided, so that lifting it
-    when the kernels gain windows touches nothing else.
+def sliding_window_size(sliding_window: Optional[int], longest: int, causal: bool = True) -> tuple[int, int]:
+    """The kernels' ``window_size=(left, right)`` for a transformers ``sliding_window``.
+
+    transformers' masks (``sliding_window_overlay``: key ``j`` kept for query ``i`` iff ``i - j < sliding_window``;
+    5.x ``flash_attention_2`` passes ``(sliding_window - 1, sliding_window - 1)``) let a query see itself and the
+    ``sliding_window - 1`` keys before it, so ``left = sliding_window - 1``; causal attention has ``right = 0``
+    (a non-causal module gets the symmetric window, as flash_attention_2 gives it). A window that cannot cut
+    (``longest <= sliding_window``) is dropped: ``(-1, -1)``, the plain causal kernel.
 
     Args:
-        sliding_window: the model's window (``config.sliding_window``) or None.
+        sliding_window: the window the attention module passes (None: full attention). Which layers get one is
+            the model's decision (Mistral: ``config.sliding_window`` on every layer; Qwen2: layers at index
+            ``>= config.max_window_layers`` when ``config.use_sliding_window``; 5.x: ``config.layer_types``).
         longest: the longest key range one query can reach: the global sequence length, the longest packed
             sequence, or the cache length during generation.
+        causal: whether the attention is causal.
+
+    Returns:
+        ``(left, right)`` ints, -1 meaning unbounded.
+
+    Raises:
+        ValueError: ``sliding_window`` is not None and not a positive int.
     """
-    if sliding_window is not None and longest > sliding_window:
-        raise NotImplementedError(
-            f"attn_implementation='ring_attn' does not implement sliding-window attention yet: sliding_window="
-            f"{sliding_window} would cut attention over {longest} tokens (set config.sliding_window=None to train "
-            f"with full attention, or keep sequences at most {sliding_window} tokens long)")
+    if sliding_window is None:
+        return (-1, -1)
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window!r} (config.sliding_window): expected None or a positive "
+                         f"int (a query sees itself and the sliding_window - 1 keys before it)")
+    if longest <= sliding_window:
+        return (-1, -1)
+    left = sliding_window - 1
+    return (left, 0 if causal else left)
 
 
 def _refuse_unsupported(module, dropout, kwargs) -> None:
@@ -92,9 +110,6 @@ def _refuse_unsupported(module, dropout, kwargs) -> None:
     if dropout:
         raise NotImplementedError(f"attention dropout={dropout} (config.attention_dropout) in training: "
                                   f"attn_implementation='ring_attn' has no dropout; set config.attention_dropout=0")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"softcap={kwargs['softcap']}: attn_implementation='ring_attn' does not "
-                                  f"implement logit soft-capping yet")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux): not implemented by attn_implementation='ring_attn'")
 
@@ -143,12 +158,23 @@ def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
     return None if bool(mask.all()) else mask
 
 
-def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale):
+def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window=(-1, -1), softcap=0.0):
     """Single-device attention with padding: gather the real tokens of every row into packed sequences and run
     the varlen kernel. Queries are the last ``s_q`` key positions (true with a growing cache), so bottom-right
-    causal alignment per sequence is exact even for masks with holes. Padded query rows get zeros."""
+    causal alignment per sequence is exact even for masks with holes. A sliding window counts positions, so it
+    needs each row's real tokens contiguous (left or right padding), else NotImplementedError. Padded query rows
+    get zeros."""
     b, s_q, h, d = q.shape
     s_k = k.shape[1]
+    if window != (-1, -1):
+        cols = torch.arange(s_k, device=keep.device).expand(b, s_k)
+        first = torch.where(keep, cols, s_k).min(1).values
+        last = torch.where(keep, cols, -1).max(1).values
+        count = keep.sum(1)
+        if bool(((last - first + 1 != count) & (count > 0)).any()):
+            raise NotImplementedError(
+                f"a sliding window (window_size={window}) with an attention_mask that has holes inside a row: "
+                f"attn_implementation='ring_attn' supports left or right padding with sliding windows")
     keep_q = keep[:, -s_q:]
     idx_q = keep_q.reshape(-1).nonzero().reshape(-1)
     idx_k = keep.reshape(-1).nonzero().reshape(-1)
@@ -159,7 +185,8 @@ def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale):
     out = ring_attn.flash_attn_varlen_func(
         q.reshape(b * s_q, h, d).index_select(0, idx_q), k.reshape(b * s_k, -1, d).index_select(0, idx_k),
         v.reshape(b * s_k, -1, d).index_select(0, idx_k), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=int(len_q.max()), max_seqlen_k=int(len_k.max()), causal=causal, softmax_scale=scale)
+        max_seqlen_q=int(len_q.max()), max_seqlen_k=int(len_k.max()), causal=causal, softmax_scale=scale,
+        window_size=window, softcap=softcap)
     full = out.new_zeros(b * s_q, h, d).index_copy(0, idx_q, out)
     return full.reshape(b, s_q, h, d)
 
@@ -201,15 +228,20 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             (cast to the autocast dtype when autocast is on).
         attention_mask: None, or the 2-D padding mask our mask function returned.
         dropout, scaling, sliding_window, is_causal: as transformers passes them.
-        kwargs: ``position_ids``, ``cu_seq_lens_q`` / ``max_length_q`` (packed sequences), ``use_cache`` ...
+        kwargs: ``position_ids``, ``cu_seq_lens_q`` / ``max_length_q`` (packed sequences), ``use_cache``,
+            ``softcap`` (logit soft-capping, e.g. Gemma 2's ``attn_logit_softcapping``; None or 0: off) ...
+
+    ``sliding_window`` becomes the kernels' ``window_size=(sliding_window - 1, 0)`` (see
+    :func:`sliding_window_size`), on one device and over the ring, in training and with a KV cache.
 
     Returns:
         ``(attn_output [b, s_q, h_q, d], None)``.
 
     Raises:
-        NotImplementedError naming the setting (output_attentions, dropout, softcap, sliding window that cuts,
-        padding in a sharded sequence, a KV cache in ring mode, 4-D masks); ValueError for position_ids that are
-        not a layout shard in ring mode.
+        NotImplementedError naming the setting (output_attentions, dropout, attention sinks ``s_aux``, padding
+        in a sharded sequence, a KV cache in ring mode, 4-D masks, a sliding window over a padding mask with
+        holes); ValueError for position_ids that are not a layout shard in ring mode, a ``sliding_window`` that
+        is not a positive int, a negative ``softcap``.
     """
     state = _active
     if state is None:
@@ -217,6 +249,8 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
                            "ring_attn.integrations.hf.patch_hf() again or switch the model back")
     _refuse_unsupported(module, dropout, kwargs)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    softcap = kwargs.get("softcap")
+    softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [b, s, h, d] views
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
@@ -236,17 +270,19 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             if found is not None:
                 cu, max_len = found
         if cu is not None:
-            check_sliding_window(sliding_window, int(max_len))
+            window = sliding_window_size(sliding_window, int(max_len), causal)
             out = ring_attn.flash_attn_varlen_func(
                 q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
                 cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_len), max_seqlen_k=int(max_len),
-                causal=causal, softmax_scale=scaling)
+                causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap)
             return out.reshape(b, s_q, h_q, d), None
-        check_sliding_window(sliding_window, s_k)
+        window = sliding_window_size(sliding_window, s_k, causal)
         if keep is not None:
-            return _unpadded_attention(q, k, v, keep, causal, scaling), None
-        # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q
-        return ring_attn.flash_attn_func(q, k, v, causal=causal, softmax_scale=scaling), None
+            return _unpadded_attention(q, k, v, keep, causal, scaling, window, softcap), None
+        # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q and, with a window,
+        # j >= i + s_k - s_q - (sliding_window - 1)
+        return ring_attn.flash_attn_func(q, k, v, causal=causal, softmax_scale=scaling, window_size=window,
+                                         softcap=softcap), None
 
     # ring mode
     if kwargs.get("use_cache") or s_q != s_k:
@@ -260,18 +296,18 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             "(position_ids restarting at 0, see shard_batch), or drop the attention_mask (padding at the end "
             "with ignored labels needs no mask under causal attention)")
     if cu is not None:
-        check_sliding_window(sliding_window, int(max_len))
+        window = sliding_window_size(sliding_window, int(max_len), causal)
         if b != 1:
             raise ValueError(f"packed sequences (cu_seq_lens_q) need batch size 1, got query {tuple(query.shape)}")
         out = ring_attn.ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=int(max_len),
-                                              causal=causal, softmax_scale=scaling, group=state.group,
-                                              layout=state.layout)
+                                              causal=causal, softmax_scale=scaling, window_size=window,
+                                              softcap=softcap, group=state.group, layout=state.layout)
         return out.unsqueeze(0), None
-    check_sliding_window(sliding_window, s_q * state.world)
+    window = sliding_window_size(sliding_window, s_q * state.world, causal)
     if position_ids is not None:
         _check_shard_positions(position_ids, state, s_q)  # cached on the tensor: once per forward
-    out = ring_attn.ring_attn_func(q, k, v, causal=causal, softmax_scale=scaling, group=state.group,
-                                   layout=state.layout)
+    out = ring_attn.ring_attn_func(q, k, v, causal=causal, softmax_scale=scaling, window_size=window,
+                                   softcap=softcap, group=state.group, layout=state.layout)
     return out, None
 
 
