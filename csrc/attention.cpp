@@ -1,0 +1,380 @@
+// Blockwise attention on the CPU: forward (online softmax, optional fp32 merge), delta, backward.
+// Semantics: ring_attn/backends/protocol.py. Math in fp32; storage fp32/fp16/bf16.
+//
+// Forward: one task per (sequence, query head, query block of BM rows); key blocks of BN keys that hold no
+// visible key are never visited. Per key block: S = Q·Kᵀ (GEMM), mask/softcap/online softmax per row, O += P·V.
+//
+// Backward (FA1-style, 5 GEMMs per block pair, deterministic without atomics): one task per (sequence, kv
+// head, key chunk c); chunk c owns key blocks c, c+NC, c+2NC, ... (striped, so causal work is balanced). A
+// task accumulates dK/dV of its key blocks over every query head of the kv head in a fixed order and writes
+// them once; it adds dQ contributions into its own fp32 scratch slice dQ_c. Afterwards dQ = scale·Σ_c dQ_c in
+// order c = 0..NC-1. NC depends only on the shapes, never on the thread count, so results are bitwise
+// reproducible for any number of threads.
+#include "attention.h"
+#include "gemm.h"
+
+#include <algorithm>
+#include <memory>
+#include <omp.h>
+
+namespace ra {
+namespace {
+
+constexpr int64_t BM = 64;  // query rows per block
+constexpr int64_t BN = 64;  // keys per block
+const float NEG_INF = -std::numeric_limits<float>::infinity();
+
+struct Seq {
+    int64_t start_q, len_q, start_k, len_k, off;
+};
+
+RA_INLINE Seq seq_of(const AttnArgs& a, int64_t s) {
+    Seq r;
+    if (a.starts_q) {
+        r.start_q = a.starts_q[s]; r.len_q = a.lens_q[s]; r.start_k = a.starts_k[s]; r.len_k = a.lens_k[s];
+    } else {
+        r.start_q = 0; r.len_q = a.s_q; r.start_k = 0; r.len_k = a.s_k;
+    }
+    r.off = a.bottom_right ? r.len_k - r.len_q : a.offset;
+    return r;
+}
+
+// Visibility (protocol.py): key j visible to query i iff (!causal || j <= i+off) && (left < 0 || j >= i+off-left)
+// && (right < 0 || j <= i+off+right). Unclamped per-row bounds; "none" is represented by +-2^62.
+constexpr int64_t BIG = int64_t(1) << 62;
+RA_INLINE int64_t row_lo(const AttnArgs& a, const Seq& s, int64_t i) { return a.left >= 0 ? i + s.off - a.left : -BIG; }
+RA_INLINE int64_t row_hi(const AttnArgs& a, const Seq& s, int64_t i) {
+    if (a.causal) return i + s.off;
+    return a.right >= 0 ? i + s.off + a.right : BIG;
+}
+// Rows that see key j: [col_lo(j), col_hi(j)].
+RA_INLINE int64_t col_lo(const AttnArgs& a, const Seq& s, int64_t j) {
+    if (a.causal) return j - s.off;
+    return a.right >= 0 ? j - s.off - a.right : -BIG;
+}
+RA_INLINE int64_t col_hi(const AttnArgs& a, const Seq& s, int64_t j) { return a.left >= 0 ? j - s.off + a.left : BIG; }
+
+RA_INLINE char* addr(const Ten& t, int64_t b, int64_t row, int64_t h) {
+    return t.p + (b * t.sb + row * t.ss + h * t.sh) * dtype_size(t.dt);
+}
+RA_INLINE float* lse_addr(const Lse& t, int64_t b, int64_t h, int64_t row) { return t.p + b * t.sb + h * t.sh + row; }
+
+// Load `n` rows (row0 ..) of head h into a [rows x ld] fp32 buffer, zero-padding columns d..ld and rows n..rows.
+RA_INLINE void load_rows(const Ten& t, int64_t b, int64_t row0, int64_t h, int64_t n, int64_t d, float* buf,
+                         int64_t ld, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float* dst = buf + r * ld;
+        if (r < n) {
+            load_row(addr(t, b, row0 + r, h), t.dt, d, dst);
+            for (int64_t c = d; c < ld; ++c) dst[c] = 0.f;
+        } else {
+            for (int64_t c = 0; c < ld; ++c) dst[c] = 0.f;
+        }
+    }
+}
+
+// Transpose a [rows x ld] buffer's first d columns into [d x rows].
+RA_INLINE void transpose(const float* src, int64_t rows, int64_t ld, int64_t d, float* dst) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < d; ++c) dst[c * rows + r] = src[r * ld + c];
+}
+
+RA_INLINE float softcap_fn(float x, float cap) { return cap * std::tanh(x / cap); }
+
+// One forward row: scores srow[0..BN) (raw dot products) -> probabilities in place, updating m/l.
+// Returns alpha, the factor the output row must be multiplied by.
+RA_MULTIVERSION
+static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* hi, float scale, float cap,
+                     float* m, float* l, float* O, int64_t dp) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float* srow = S + r * BN;
+        const int64_t a = lo[r], z = hi[r];
+        if (a > z) {  // no visible key in this block: probabilities 0, state unchanged
+            for (int64_t c = 0; c < BN; ++c) srow[c] = 0.f;
+            continue;
+        }
+        float mx = NEG_INF;
+        if (cap > 0.f) {
+            for (int64_t c = a; c <= z; ++c) srow[c] = softcap_fn(srow[c] * scale, cap);
+#pragma omp simd reduction(max : mx)
+            for (int64_t c = a; c <= z; ++c) mx = std::max(mx, srow[c]);
+        } else {
+#pragma omp simd reduction(max : mx)
+            for (int64_t c = a; c <= z; ++c) { srow[c] *= scale; mx = std::max(mx, srow[c]); }
+        }
+        const float m_old = m[r];
+        const float m_new = std::max(m_old, mx);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < BN; ++c) {
+            float e = exp_f32(srow[c] - m_new);
+            e = (c >= a && c <= z) ? e : 0.f;
+            srow[c] = e;
+            sum += e;
+        }
+        const float alpha = m_old == NEG_INF ? 0.f : exp_f32(m_old - m_new);
+        m[r] = m_new;
+        l[r] = l[r] * alpha + sum;
+        if (alpha != 1.f) {
+            float* orow = O + r * dp;
+#pragma omp simd
+            for (int64_t c = 0; c < dp; ++c) orow[c] *= alpha;
+        }
+    }
+}
+
+}  // namespace
+
+void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten& v, const Ten& out, const Lse& lse,
+                       bool merge, int num_threads) {
+    const int64_t d = a.d, dp = round_up(d, 16), group = a.h_q / a.h_kv;
+    const int64_t max_q = a.starts_q ? a.max_len_q : a.s_q;
+    const int64_t nqb = (max_q + BM - 1) / BM;
+    const int64_t ntasks = a.nseq * a.h_q * nqb;
+    if (ntasks == 0) return;
+#pragma omp parallel num_threads(num_threads)
+    {
+        std::vector<float> Qb(BM * dp), Kt(dp * BN), Vb(BN * dp), S(BM * BN), O(BM * dp), m(BM), l(BM), orow(dp);
+        std::vector<int64_t> lo(BM), hi(BM);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < ntasks; ++task) {
+            // heaviest (last) query blocks first: better balance under causal masking
+            const int64_t qb = nqb - 1 - task % nqb;
+            const int64_t h = (task / nqb) % a.h_q, s = task / (nqb * a.h_q);
+            const Seq sq = seq_of(a, s);
+            const int64_t i0 = qb * BM;
+            if (i0 >= sq.len_q) continue;
+            const int64_t mq = std::min(BM, sq.len_q - i0), hk = h / group;
+            // keys visible to some row of the block
+            int64_t klo = std::max<int64_t>(0, row_lo(a, sq, i0));
+            int64_t khi = std::min<int64_t>(sq.len_k - 1, row_hi(a, sq, i0 + mq - 1));
+            for (int64_t r = 0; r < mq; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+            std::fill(O.begin(), O.end(), 0.f);
+            if (klo <= khi) {
+                load_rows(q, s, sq.start_q + i0, h, mq, d, Qb.data(), dp, BM);
+                for (int64_t kb = klo / BN; kb <= khi / BN; ++kb) {
+                    const int64_t j0 = kb * BN, nb = std::min(BN, sq.len_k - j0);
+                    // K block transposed to [d x BN] (zero-padded columns), V block [BN x dp]
+                    for (int64_t c = 0; c < nb; ++c) {
+                        load_row(addr(k, s, sq.start_k + j0 + c, hk), k.dt, d, orow.data());
+                        for (int64_t e = 0; e < d; ++e) Kt[e * BN + c] = orow[e];
+                    }
+                    for (int64_t c = nb; c < BN; ++c)
+                        for (int64_t e = 0; e < d; ++e) Kt[e * BN + c] = 0.f;
+                    load_rows(v, s, sq.start_k + j0, hk, nb, d, Vb.data(), dp, nb);
+                    for (int64_t r = 0; r < mq; ++r) {
+                        lo[r] = std::max<int64_t>(row_lo(a, sq, i0 + r) - j0, 0);
+                        hi[r] = std::min<int64_t>(row_hi(a, sq, i0 + r) - j0, nb - 1);
+                    }
+                    gemm(mq, BN, d, Qb.data(), dp, Kt.data(), BN, S.data(), BN, false);
+                    fwd_rows(S.data(), mq, lo.data(), hi.data(), a.scale, a.softcap, m.data(), l.data(), O.data(), dp);
+                    gemm(mq, dp, nb, S.data(), BN, Vb.data(), dp, O.data(), dp, true);
+                }
+            }
+            for (int64_t r = 0; r < mq; ++r) {
+                const int64_t row = sq.start_q + i0 + r;
+                float* lp = lse_addr(lse, s, h, row);
+                const float lse_blk = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
+                const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+                float* o = O.data() + r * dp;
+                if (!merge) {
+                    for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
+                    store_row(addr(out, s, row, h), out.dt, d, orow.data());
+                    *lp = lse_blk;
+                } else if (lse_blk != NEG_INF) {
+                    const float lse_acc = *lp;
+                    float w_acc, w_blk, lse_new;
+                    if (lse_acc == NEG_INF) {
+                        w_acc = 0.f; w_blk = 1.f; lse_new = lse_blk;
+                    } else {
+                        const float mx = std::max(lse_acc, lse_blk);
+                        lse_new = mx + std::log1p(std::exp(-std::fabs(lse_acc - lse_blk)));
+                        w_acc = std::exp(lse_acc - lse_new);
+                        w_blk = std::exp(lse_blk - lse_new);
+                    }
+                    char* op = addr(out, s, row, h);
+                    load_row(op, out.dt, d, orow.data());
+                    for (int64_t c = 0; c < d; ++c) orow[c] = orow[c] * w_acc + o[c] * inv * w_blk;
+                    store_row(op, out.dt, d, orow.data());
+                    *lp = lse_new;
+                }
+            }
+        }
+    }
+}
+
+void attention_delta(const Ten& dout, const Ten& out, const Lse& delta, const Lse* dlse, int64_t b, int64_t s,
+                     int64_t h, int64_t d, int num_threads) {
+    const int64_t n = b * h * s;
+    if (n == 0) return;
+#pragma omp parallel num_threads(num_threads)
+    {
+        std::vector<float> x(d), y(d);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t i = t % s, hh = (t / s) % h, bb = t / (s * h);
+            load_row(addr(dout, bb, i, hh), dout.dt, d, x.data());
+            load_row(addr(out, bb, i, hh), out.dt, d, y.data());
+            float acc = 0.f;
+            for (int64_t c = 0; c < d; ++c) acc += x[c] * y[c];
+            if (dlse) acc -= *lse_addr(*dlse, bb, hh, i);
+            *lse_addr(delta, bb, hh, i) = acc;
+        }
+    }
+}
+
+namespace {
+
+// Backward element-wise step on transposed blocks: St (scores, [BN x BM]) -> Pt, dPt -> dSt, in place.
+RA_MULTIVERSION
+static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, const int64_t* rz, const float* lse,
+                      const float* delta, float scale, float cap) {
+    for (int64_t c = 0; c < nb; ++c) {
+        float* srow = St + c * BM;
+        float* drow = dPt + c * BM;
+        const int64_t a = ra[c], z = rz[c];
+        if (a > z) {
+            for (int64_t r = 0; r < BM; ++r) { srow[r] = 0.f; drow[r] = 0.f; }
+            continue;
+        }
+        if (cap > 0.f) {
+            for (int64_t r = 0; r < BM; ++r) {
+                const float t = std::tanh(srow[r] * scale / cap);
+                const float p = (r >= a && r <= z) ? exp_f32(cap * t - lse[r]) : 0.f;
+                srow[r] = p;
+                drow[r] = p * (drow[r] - delta[r]) * (1.f - t * t);
+            }
+        } else {
+#pragma omp simd
+            for (int64_t r = 0; r < BM; ++r) {
+                float p = exp_f32(srow[r] * scale - lse[r]);
+                p = (r >= a && r <= z) ? p : 0.f;
+                srow[r] = p;
+                drow[r] = p * (drow[r] - delta[r]);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const Ten& k, const Ten& v, const Lse& lse,
+                        const Lse& delta, const Ten& dq, const Ten& dk, const Ten& dv, bool accumulate,
+                        int num_threads) {
+    const int64_t d = a.d, dp = round_up(d, 16), group = a.h_q / a.h_kv;
+    const int64_t max_k = a.starts_q ? a.max_len_k : a.s_k;
+    const int64_t nkb = (max_k + BN - 1) / BN;
+    const int64_t base = a.nseq * a.h_kv;
+    if (base == 0) return;
+    // rows of the dQ scratch: every q row index the sequences can address
+    const int64_t qrows = a.starts_q ? a.s_q : a.nseq * a.s_q;
+    const int64_t slice = qrows * a.h_q * dp;  // floats per chunk
+    int64_t NC = std::max<int64_t>(1, std::min<int64_t>(nkb, (16 + base - 1) / base));
+    while (NC > 1 && NC * slice * 4 > (int64_t(512) << 20)) --NC;
+    std::unique_ptr<float[]> dqs_owner(new float[size_t(NC * slice)]);  // zeroed in parallel below
+    float* dqs = dqs_owner.get();
+    const int64_t ntasks = base * NC;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < NC * slice; ++i) dqs[i] = 0.f;
+
+        std::vector<float> Kb(BN * dp), Vb(BN * dp), Qb(BM * dp), Qt(dp * BM), dOb(BM * dp), dOt(dp * BM);
+        std::vector<float> St(BN * BM), dPt(BN * BM), dS(BM * BN), dKa(BN * dp), dVa(BN * dp), lsev(BM), delv(BM), row(dp);
+        std::vector<int64_t> ra(BN), rz(BN);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < ntasks; ++task) {
+            const int64_t c = task % NC, hk = (task / NC) % a.h_kv, s = task / (NC * a.h_kv);
+            const Seq sq = seq_of(a, s);
+            float* dqc = dqs + c * slice;
+            const int64_t qrow0 = a.starts_q ? sq.start_q : s * a.s_q;  // scratch row of the sequence's row 0
+            for (int64_t kb = c; kb * BN < sq.len_k; kb += NC) {
+                const int64_t j0 = kb * BN, nb = std::min(BN, sq.len_k - j0);
+                std::fill(dKa.begin(), dKa.end(), 0.f);
+                std::fill(dVa.begin(), dVa.end(), 0.f);
+                const int64_t ilo = std::max<int64_t>(0, col_lo(a, sq, j0));
+                const int64_t ihi = std::min<int64_t>(sq.len_q - 1, col_hi(a, sq, j0 + nb - 1));
+                if (ilo <= ihi) {
+                    load_rows(k, s, sq.start_k + j0, hk, nb, d, Kb.data(), dp, BN);
+                    load_rows(v, s, sq.start_k + j0, hk, nb, d, Vb.data(), dp, BN);
+                    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+                        for (int64_t qb = ilo / BM; qb <= ihi / BM; ++qb) {
+                            const int64_t i0 = qb * BM, mq = std::min(BM, sq.len_q - i0);
+                            load_rows(q, s, sq.start_q + i0, h, mq, d, Qb.data(), dp, BM);
+                            load_rows(dout, s, sq.start_q + i0, h, mq, d, dOb.data(), dp, BM);
+                            transpose(Qb.data(), BM, dp, d, Qt.data());
+                            transpose(dOb.data(), BM, dp, d, dOt.data());
+                            for (int64_t r = 0; r < BM; ++r) {
+                                if (r < mq) {
+                                    const float L = *lse_addr(lse, s, h, sq.start_q + i0 + r);
+                                    lsev[r] = L == NEG_INF ? std::numeric_limits<float>::infinity() : L;
+                                    delv[r] = *lse_addr(delta, s, h, sq.start_q + i0 + r);
+                                } else {
+                                    lsev[r] = std::numeric_limits<float>::infinity();
+                                    delv[r] = 0.f;
+                                }
+                            }
+                            for (int64_t cc = 0; cc < nb; ++cc) {
+                                ra[cc] = std::max<int64_t>(col_lo(a, sq, j0 + cc) - i0, 0);
+                                rz[cc] = std::min<int64_t>(col_hi(a, sq, j0 + cc) - i0, mq - 1);
+                            }
+                            gemm(nb, BM, d, Kb.data(), dp, Qt.data(), BM, St.data(), BM, false);
+                            gemm(nb, BM, d, Vb.data(), dp, dOt.data(), BM, dPt.data(), BM, false);
+                            bwd_elems(St.data(), dPt.data(), nb, ra.data(), rz.data(), lsev.data(), delv.data(),
+                                      a.scale, a.softcap);
+                            gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVa.data(), dp, true);
+                            gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKa.data(), dp, true);
+                            // dS = dStᵀ, then dQ_c[rows, h] += dS · K
+                            for (int64_t r = 0; r < mq; ++r)
+                                for (int64_t cc = 0; cc < BN; ++cc) dS[r * BN + cc] = cc < nb ? dPt[cc * BM + r] : 0.f;
+                            float* dst = dqc + ((qrow0 + i0) * a.h_q + h) * dp;
+                            gemm(mq, dp, nb, dS.data(), BN, Kb.data(), dp, dst, a.h_q * dp, true);
+                        }
+                    }
+                }
+                for (int64_t cc = 0; cc < nb; ++cc) {
+                    const int64_t krow = sq.start_k + j0 + cc;
+                    for (int pass = 0; pass < 2; ++pass) {
+                        const Ten& t = pass == 0 ? dk : dv;
+                        const float* acc = (pass == 0 ? dKa.data() : dVa.data()) + cc * dp;
+                        const float mul = pass == 0 ? a.scale : 1.f;
+                        char* p = addr(t, s, krow, hk);
+                        if (accumulate) {
+                            load_row(p, t.dt, d, row.data());
+                            for (int64_t e = 0; e < d; ++e) row[e] += acc[e] * mul;
+                        } else {
+                            for (int64_t e = 0; e < d; ++e) row[e] = acc[e] * mul;
+                        }
+                        store_row(p, t.dt, d, row.data());
+                    }
+                }
+            }
+        }
+        // dQ = scale · Σ_c dQ_c (fixed order), for every row of every sequence
+        const int64_t max_q = a.starts_q ? a.max_len_q : a.s_q;
+        const int64_t nrt = a.nseq * a.h_q * max_q;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nrt; ++t) {
+            const int64_t i = t % max_q, h = (t / max_q) % a.h_q, s = t / (max_q * a.h_q);
+            const Seq sq = seq_of(a, s);
+            if (i >= sq.len_q) continue;
+            const int64_t qrow0 = a.starts_q ? sq.start_q : s * a.s_q;
+            const float* src = dqs + ((qrow0 + i) * a.h_q + h) * dp;
+            for (int64_t e = 0; e < d; ++e) row[e] = src[e];
+            for (int64_t cc = 1; cc < NC; ++cc)
+                for (int64_t e = 0; e < d; ++e) row[e] += src[cc * slice + e];
+            char* p = addr(dq, s, sq.start_q + i, h);
+            if (accumulate) {
+                std::vector<float>& cur = Qb;  // scratch
+                load_row(p, dq.dt, d, cur.data());
+                for (int64_t e = 0; e < d; ++e) cur[e] += row[e] * a.scale;
+                store_row(p, dq.dt, d, cur.data());
+            } else {
+                for (int64_t e = 0; e < d; ++e) row[e] *= a.scale;
+                store_row(p, dq.dt, d, row.data());
+            }
+        }
+    }
+}
+
+}  // namespace ra
