@@ -81,11 +81,12 @@ RA_INLINE void transpose(const float* src, int64_t rows, int64_t ld, int64_t d, 
 
 RA_INLINE float softcap_fn(float x, float cap) { return cap * std::tanh(x / cap); }
 
-// One forward row: scores srow[0..BN) (raw dot products) -> probabilities in place, updating m/l.
-// Returns alpha, the factor the output row must be multiplied by.
+// Forward rows: raw scores S[r][0..BN) -> probabilities in place (0 outside the row's visible columns
+// [lo[r], hi[r]]), updating the running max m and sum l, and rescaling the output row by exp(m_old - m_new).
 RA_MULTIVERSION
 static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* hi, float scale, float cap,
                      float* m, float* l, float* O, int64_t dp) {
+    const v8f ninf = splat8(NEG_INF);
     for (int64_t r = 0; r < rows; ++r) {
         float* srow = S + r * BN;
         const int64_t a = lo[r], z = hi[r];
@@ -93,32 +94,36 @@ static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* h
             for (int64_t c = 0; c < BN; ++c) srow[c] = 0.f;
             continue;
         }
-        float mx = NEG_INF;
-        if (cap > 0.f) {
+        if (cap > 0.f)
             for (int64_t c = a; c <= z; ++c) srow[c] = softcap_fn(srow[c] * scale, cap);
-#pragma omp simd reduction(max : mx)
-            for (int64_t c = a; c <= z; ++c) mx = std::max(mx, srow[c]);
-        } else {
-#pragma omp simd reduction(max : mx)
-            for (int64_t c = a; c <= z; ++c) { srow[c] *= scale; mx = std::max(mx, srow[c]); }
+        const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
+        v8f vmax = ninf;
+        for (int64_t c = 0; c < BN; c += 8) {
+            const v8i idx = iota8() + int32_t(c);
+            v8f x = loadu8(srow + c);
+            if (cap <= 0.f) x *= scale;
+            x = (idx >= va && idx <= vz) ? x : ninf;
+            storeu8(srow + c, x);
+            vmax = vmax > x ? vmax : x;
         }
+        float mx = vmax[0];
+        for (int e = 1; e < 8; ++e) mx = std::max(mx, vmax[e]);
         const float m_old = m[r];
         const float m_new = std::max(m_old, mx);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < BN; ++c) {
-            float e = exp_f32(srow[c] - m_new);
-            e = (c >= a && c <= z) ? e : 0.f;
-            srow[c] = e;
-            sum += e;
+        v8f vsum = v8f{};
+        for (int64_t c = 0; c < BN; c += 8) {
+            const v8f e = exp_v8(loadu8(srow + c) - m_new);  // exp(-inf) = 0 for masked columns
+            storeu8(srow + c, e);
+            vsum += e;
         }
-        const float alpha = m_old == NEG_INF ? 0.f : exp_f32(m_old - m_new);
+        float sum = 0.f;
+        for (int e = 0; e < 8; ++e) sum += vsum[e];
+        const float alpha = m_old == NEG_INF ? 0.f : std::exp(m_old - m_new);
         m[r] = m_new;
         l[r] = l[r] * alpha + sum;
         if (alpha != 1.f) {
             float* orow = O + r * dp;
-#pragma omp simd
-            for (int64_t c = 0; c < dp; ++c) orow[c] *= alpha;
+            for (int64_t c = 0; c < dp; c += 8) storeu8(orow + c, loadu8(orow + c) * alpha);
         }
     }
 }
@@ -225,7 +230,9 @@ void attention_delta(const Ten& dout, const Ten& out, const Lse& delta, const Ls
 
 namespace {
 
-// Backward element-wise step on transposed blocks: St (scores, [BN x BM]) -> Pt, dPt -> dSt, in place.
+// Backward element-wise step on transposed blocks ([BN x BM]: key rows, query columns), in place:
+// St (raw scores) -> Pt = exp(s - lse) (0 outside the key's visible query columns [ra[c], rz[c]]),
+// dPt -> dSt = Pt · (dPt - delta) (· (1 - tanh²) with a softcap).
 RA_MULTIVERSION
 static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, const int64_t* rz, const float* lse,
                       const float* delta, float scale, float cap) {
@@ -245,12 +252,13 @@ static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, cons
                 drow[r] = p * (drow[r] - delta[r]) * (1.f - t * t);
             }
         } else {
-#pragma omp simd
-            for (int64_t r = 0; r < BM; ++r) {
-                float p = exp_f32(srow[r] * scale - lse[r]);
-                p = (r >= a && r <= z) ? p : 0.f;
-                srow[r] = p;
-                drow[r] = p * (drow[r] - delta[r]);
+            const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
+            for (int64_t r = 0; r < BM; r += 8) {
+                const v8i idx = iota8() + int32_t(r);
+                v8f p = exp_v8(loadu8(srow + r) * scale - loadu8(lse + r));
+                p = (idx >= va && idx <= vz) ? p : v8f{};
+                storeu8(srow + r, p);
+                storeu8(drow + r, p * (loadu8(drow + r) - loadu8(delta + r)));
             }
         }
     }

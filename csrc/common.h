@@ -27,8 +27,18 @@ enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, I32 = 4, I64 = 5 };
 // ---------------------------------------------------------------------------------------------------------
 // fp16 / bf16 <-> fp32 by bit operations (round to nearest even; NaN/Inf/subnormals handled)
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+#define RA_HAS_BIT_CAST 1
+#endif
+#endif
+#ifdef RA_HAS_BIT_CAST  // a plain register move: keeps the loops that use it vectorisable
+RA_INLINE float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
+RA_INLINE uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+#else
 RA_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 RA_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+#endif
 
 RA_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
 
@@ -114,6 +124,39 @@ RA_INLINE float exp_f32(float x) {
     float res = p * scale;
     return x < lo ? 0.0f : res;
 }
+
+// The same exp on 8 lanes with GCC/Clang vector extensions: vectorised by construction in every clone
+// (the baseline clone runs it as two SSE halves).
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+
+RA_INLINE v8f loadu8(const float* p) { v8f v; std::memcpy(&v, p, 32); return v; }
+RA_INLINE void storeu8(float* p, v8f v) { std::memcpy(p, &v, 32); }
+RA_INLINE v8f splat8(float x) { return v8f{} + x; }
+
+RA_INLINE v8f exp_v8(v8f x) {
+    const v8f lo = splat8(-87.3365478515625f), hi = splat8(88.0f);
+    v8f xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    const v8f t = xc * 1.44269504088896341f + 0.5f;
+    v8i ni = __builtin_convertvector(t, v8i);         // truncation toward zero
+    ni += (__builtin_convertvector(ni, v8f) > t);      // -> floor (mask is -1 where trunc rounded up)
+    const v8f n = __builtin_convertvector(ni, v8f);
+    v8f r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v8f p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v8f scale = (v8f)((ni + 127) << 23);
+    const v8f res = p * scale;
+    return x < lo ? v8f{} : res;
+}
+
+RA_INLINE v8i iota8() { return v8i{0, 1, 2, 3, 4, 5, 6, 7}; }
 
 RA_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

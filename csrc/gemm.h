@@ -8,10 +8,6 @@ namespace ra {
 // GEMM: C[M x N] (+)= A[M x K] · B[K x N], fp32, row-major with leading dimensions; N % 16 == 0.
 // Register blocking: 6 rows x 16 columns (two 8-wide vectors) of C held in registers across the K loop.
 
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
-
-RA_INLINE v8f loadu8(const float* p) { v8f v; std::memcpy(&v, p, 32); return v; }
-RA_INLINE void storeu8(float* p, v8f v) { std::memcpy(p, &v, 32); }
 
 template <int R>
 RA_INLINE void gemm_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
