@@ -95,6 +95,10 @@ def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, com
     """
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    if k.shape[1] == 0:  # no keys at all: every row sees nothing (out 0, lse -inf; zero gradient for q)
+        b, s_q, h_q = q.shape[:3]
+        out = q.to(compute_dtype)[..., :1] * 0 + v.to(compute_dtype).new_zeros((b, s_q, h_q, v.shape[-1]))
+        return out, torch.full((b, h_q, s_q), float("-inf"), dtype=compute_dtype, device=q.device)
     s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype, window=window, softcap=softcap)
     m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: detaching m is exact
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -204,10 +208,9 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
     dv_full = torch.zeros((b, h_q, s_k, d), dtype=torch.float32, device=q.device)
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
-        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window)
-        if softcap and softcap > 0:
-            t = torch.tanh(s / softcap)  # masked entries: tanh(-inf) = -1, and p = 0 there
-            s = t * softcap
+        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window, softcap)
+        if softcap and softcap > 0:  # t = tanh(s_raw / c) = s / c (0 at masked entries, where p = 0)
+            t = torch.where(torch.isinf(s), torch.zeros_like(s), s / softcap)
         p = torch.exp(s - safe_lse[:, :, r0:r1, None])
         do = dout[:, r0:r1].float().transpose(1, 2)  # [b, h_q, rows, d]
         dv_full += torch.matmul(p.transpose(-1, -2), do)
