@@ -1,7 +1,7 @@
 // Blockwise attention on the CPU: forward (online softmax, optional fp32 merge), delta, backward.
 // Semantics: ring_attn/backends/protocol.py. Math in fp32; storage fp32/fp16/bf16.
 //
-// Forward: one task per (sequence, query head, query block of BM rows); key blocks of BN keys that hold no
+// Forward: one task per (sequence, kv head, query block of BM rows), covering the kv head's query heads; key blocks of BN keys that hold no
 // visible key are never visited. Per key block: S = Q·Kᵀ (GEMM), mask/softcap/online softmax per row, O += P·V.
 //
 // Backward (FA1-style, 5 GEMMs per block pair, deterministic without atomics): one task per (sequence, kv
@@ -135,28 +135,33 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
     const int64_t d = a.d, dp = round_up(d, 16), group = a.h_q / a.h_kv;
     const int64_t max_q = a.starts_q ? a.max_len_q : a.s_q;
     const int64_t nqb = (max_q + BM - 1) / BM;
-    const int64_t ntasks = a.nseq * a.h_q * nqb;
+    // One task per (sequence, kv head, query block): the K/V blocks it converts are shared by the `group`
+    // query heads of the kv head.
+    const int64_t ntasks = a.nseq * a.h_kv * nqb;
     if (ntasks == 0) return;
 #pragma omp parallel num_threads(num_threads)
     {
-        std::vector<float> Qb(BM * dp), Kt(dp * BN), Vb(BN * dp), S(BM * BN), O(BM * dp), m(BM), l(BM), orow(dp);
+        std::vector<float> Qb(group * BM * dp), Kt(dp * BN), Vb(BN * dp), S(BM * BN), O(group * BM * dp),
+            m(group * BM), l(group * BM), orow(dp);
         std::vector<int64_t> lo(BM), hi(BM);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; ++task) {
             // heaviest (last) query blocks first: better balance under causal masking
             const int64_t qb = nqb - 1 - task % nqb;
-            const int64_t h = (task / nqb) % a.h_q, s = task / (nqb * a.h_q);
+            const int64_t hk = (task / nqb) % a.h_kv, s = task / (nqb * a.h_kv);
             const Seq sq = seq_of(a, s);
             const int64_t i0 = qb * BM;
             if (i0 >= sq.len_q) continue;
-            const int64_t mq = std::min(BM, sq.len_q - i0), hk = h / group;
+            const int64_t mq = std::min(BM, sq.len_q - i0);
             // keys visible to some row of the block
             int64_t klo = std::max<int64_t>(0, row_lo(a, sq, i0));
             int64_t khi = std::min<int64_t>(sq.len_k - 1, row_hi(a, sq, i0 + mq - 1));
-            for (int64_t r = 0; r < mq; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+            std::fill(m.begin(), m.end(), NEG_INF);
+            std::fill(l.begin(), l.end(), 0.f);
             std::fill(O.begin(), O.end(), 0.f);
             if (klo <= khi) {
-                load_rows(q, s, sq.start_q + i0, h, mq, d, Qb.data(), dp, BM);
+                for (int64_t g = 0; g < group; ++g)
+                    load_rows(q, s, sq.start_q + i0, hk * group + g, mq, d, Qb.data() + g * BM * dp, dp, BM);
                 for (int64_t kb = klo / BN; kb <= khi / BN; ++kb) {
                     const int64_t j0 = kb * BN, nb = std::min(BN, sq.len_k - j0);
                     // K block transposed to [d x BN] (zero-padded columns), V block [BN x dp]
@@ -171,37 +176,45 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
                         lo[r] = std::max<int64_t>(row_lo(a, sq, i0 + r) - j0, 0);
                         hi[r] = std::min<int64_t>(row_hi(a, sq, i0 + r) - j0, nb - 1);
                     }
-                    gemm(mq, BN, d, Qb.data(), dp, Kt.data(), BN, S.data(), BN, false);
-                    fwd_rows(S.data(), mq, lo.data(), hi.data(), a.scale, a.softcap, m.data(), l.data(), O.data(), dp);
-                    gemm(mq, dp, nb, S.data(), BN, Vb.data(), dp, O.data(), dp, true);
+                    for (int64_t g = 0; g < group; ++g) {
+                        float* Og = O.data() + g * BM * dp;
+                        gemm(mq, BN, d, Qb.data() + g * BM * dp, dp, Kt.data(), BN, S.data(), BN, false);
+                        fwd_rows(S.data(), mq, lo.data(), hi.data(), a.scale, a.softcap, m.data() + g * BM,
+                                 l.data() + g * BM, Og, dp);
+                        gemm(mq, dp, nb, S.data(), BN, Vb.data(), dp, Og, dp, true);
+                    }
                 }
             }
-            for (int64_t r = 0; r < mq; ++r) {
-                const int64_t row = sq.start_q + i0 + r;
-                float* lp = lse_addr(lse, s, h, row);
-                const float lse_blk = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
-                const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-                float* o = O.data() + r * dp;
-                if (!merge) {
-                    for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
-                    store_row(addr(out, s, row, h), out.dt, d, orow.data());
-                    *lp = lse_blk;
-                } else if (lse_blk != NEG_INF) {
-                    const float lse_acc = *lp;
-                    float w_acc, w_blk, lse_new;
-                    if (lse_acc == NEG_INF) {
-                        w_acc = 0.f; w_blk = 1.f; lse_new = lse_blk;
-                    } else {
-                        const float mx = std::max(lse_acc, lse_blk);
-                        lse_new = mx + std::log1p(std::exp(-std::fabs(lse_acc - lse_blk)));
-                        w_acc = std::exp(lse_acc - lse_new);
-                        w_blk = std::exp(lse_blk - lse_new);
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t h = hk * group + g;
+                for (int64_t r = 0; r < mq; ++r) {
+                    const int64_t row = sq.start_q + i0 + r;
+                    const float mr = m[g * BM + r], lr = l[g * BM + r];
+                    float* lp = lse_addr(lse, s, h, row);
+                    const float lse_blk = lr > 0.f ? mr + std::log(lr) : NEG_INF;
+                    const float inv = lr > 0.f ? 1.f / lr : 0.f;
+                    const float* o = O.data() + (g * BM + r) * dp;
+                    if (!merge) {
+                        for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
+                        store_row(addr(out, s, row, h), out.dt, d, orow.data());
+                        *lp = lse_blk;
+                    } else if (lse_blk != NEG_INF) {
+                        const float lse_acc = *lp;
+                        float w_acc, w_blk, lse_new;
+                        if (lse_acc == NEG_INF) {
+                            w_acc = 0.f; w_blk = 1.f; lse_new = lse_blk;
+                        } else {
+                            const float mx = std::max(lse_acc, lse_blk);
+                            lse_new = mx + std::log1p(std::exp(-std::fabs(lse_acc - lse_blk)));
+                            w_acc = std::exp(lse_acc - lse_new);
+                            w_blk = std::exp(lse_blk - lse_new);
+                        }
+                        char* op = addr(out, s, row, h);
+                        load_row(op, out.dt, d, orow.data());
+                        for (int64_t c = 0; c < d; ++c) orow[c] = orow[c] * w_acc + o[c] * inv * w_blk;
+                        store_row(op, out.dt, d, orow.data());
+                        *lp = lse_new;
                     }
-                    char* op = addr(out, s, row, h);
-                    load_row(op, out.dt, d, orow.data());
-                    for (int64_t c = 0; c < d; ++c) orow[c] = orow[c] * w_acc + o[c] * inv * w_blk;
-                    store_row(op, out.dt, d, orow.data());
-                    *lp = lse_new;
                 }
             }
         }
@@ -287,73 +300,94 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < NC * slice; ++i) dqs[i] = 0.f;
 
-        std::vector<float> Kb(BN * dp), Vb(BN * dp), Qb(BM * dp), Qt(dp * BM), dOb(BM * dp), dOt(dp * BM);
-        std::vector<float> St(BN * BM), dPt(BN * BM), dS(BM * BN), dKa(BN * dp), dVa(BN * dp), lsev(BM), delv(BM), row(dp);
-        std::vector<int64_t> ra(BN), rz(BN);
+        // A task walks its key blocks in groups of up to KG blocks whose K/V (fp32) and dK/dV accumulators stay
+        // resident; each query block (per query head) is then converted once per group, not once per key block.
+        constexpr int64_t KG = 16;
+        std::vector<float> Kc(KG * BN * dp), Vc(KG * BN * dp), dKc(KG * BN * dp), dVc(KG * BN * dp);
+        std::vector<float> Qb(BM * dp), Qt(dp * BM), dOb(BM * dp), dOt(dp * BM);
+        std::vector<float> St(BN * BM), dPt(BN * BM), dS(BM * BN), lsev(BM), delv(BM), row(dp);
+        std::vector<int64_t> ra(BN), rz(BN), kbs(KG);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; ++task) {
             const int64_t c = task % NC, hk = (task / NC) % a.h_kv, s = task / (NC * a.h_kv);
             const Seq sq = seq_of(a, s);
             float* dqc = dqs + c * slice;
             const int64_t qrow0 = a.starts_q ? sq.start_q : s * a.s_q;  // scratch row of the sequence's row 0
-            for (int64_t kb = c; kb * BN < sq.len_k; kb += NC) {
-                const int64_t j0 = kb * BN, nb = std::min(BN, sq.len_k - j0);
-                std::fill(dKa.begin(), dKa.end(), 0.f);
-                std::fill(dVa.begin(), dVa.end(), 0.f);
-                const int64_t ilo = std::max<int64_t>(0, col_lo(a, sq, j0));
-                const int64_t ihi = std::min<int64_t>(sq.len_q - 1, col_hi(a, sq, j0 + nb - 1));
-                if (ilo <= ihi) {
-                    load_rows(k, s, sq.start_k + j0, hk, nb, d, Kb.data(), dp, BN);
-                    load_rows(v, s, sq.start_k + j0, hk, nb, d, Vb.data(), dp, BN);
-                    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-                        for (int64_t qb = ilo / BM; qb <= ihi / BM; ++qb) {
-                            const int64_t i0 = qb * BM, mq = std::min(BM, sq.len_q - i0);
-                            load_rows(q, s, sq.start_q + i0, h, mq, d, Qb.data(), dp, BM);
-                            load_rows(dout, s, sq.start_q + i0, h, mq, d, dOb.data(), dp, BM);
-                            transpose(Qb.data(), BM, dp, d, Qt.data());
-                            transpose(dOb.data(), BM, dp, d, dOt.data());
-                            for (int64_t r = 0; r < BM; ++r) {
-                                if (r < mq) {
-                                    const float L = *lse_addr(lse, s, h, sq.start_q + i0 + r);
-                                    lsev[r] = L == NEG_INF ? std::numeric_limits<float>::infinity() : L;
-                                    delv[r] = *lse_addr(delta, s, h, sq.start_q + i0 + r);
-                                } else {
-                                    lsev[r] = std::numeric_limits<float>::infinity();
-                                    delv[r] = 0.f;
-                                }
+            for (int64_t kb_first = c; kb_first * BN < sq.len_k; kb_first += KG * NC) {
+                int64_t nk = 0;
+                for (int64_t kb = kb_first; kb * BN < sq.len_k && nk < KG; kb += NC) kbs[nk++] = kb;
+                std::fill(dKc.begin(), dKc.begin() + nk * BN * dp, 0.f);
+                std::fill(dVc.begin(), dVc.begin() + nk * BN * dp, 0.f);
+                // query rows that see some key of the group
+                int64_t ilo = BIG, ihi = -BIG;
+                for (int64_t x = 0; x < nk; ++x) {
+                    const int64_t j0 = kbs[x] * BN, nb = std::min(BN, sq.len_k - j0);
+                    const int64_t lo_ = std::max<int64_t>(0, col_lo(a, sq, j0));
+                    const int64_t hi_ = std::min<int64_t>(sq.len_q - 1, col_hi(a, sq, j0 + nb - 1));
+                    if (lo_ <= hi_) { ilo = std::min(ilo, lo_); ihi = std::max(ihi, hi_); }
+                    load_rows(k, s, sq.start_k + j0, hk, nb, d, Kc.data() + x * BN * dp, dp, BN);
+                    load_rows(v, s, sq.start_k + j0, hk, nb, d, Vc.data() + x * BN * dp, dp, BN);
+                }
+                for (int64_t h = hk * group; ilo <= ihi && h < (hk + 1) * group; ++h) {
+                    for (int64_t qb = ilo / BM; qb <= ihi / BM; ++qb) {
+                        const int64_t i0 = qb * BM, mq = std::min(BM, sq.len_q - i0);
+                        load_rows(q, s, sq.start_q + i0, h, mq, d, Qb.data(), dp, BM);
+                        load_rows(dout, s, sq.start_q + i0, h, mq, d, dOb.data(), dp, BM);
+                        transpose(Qb.data(), BM, dp, d, Qt.data());
+                        transpose(dOb.data(), BM, dp, d, dOt.data());
+                        for (int64_t r = 0; r < BM; ++r) {
+                            if (r < mq) {
+                                const float L = *lse_addr(lse, s, h, sq.start_q + i0 + r);
+                                lsev[r] = L == NEG_INF ? std::numeric_limits<float>::infinity() : L;
+                                delv[r] = *lse_addr(delta, s, h, sq.start_q + i0 + r);
+                            } else {
+                                lsev[r] = std::numeric_limits<float>::infinity();
+                                delv[r] = 0.f;
                             }
+                        }
+                        float* dst = dqc + ((qrow0 + i0) * a.h_q + h) * dp;
+                        for (int64_t x = 0; x < nk; ++x) {
+                            const int64_t j0 = kbs[x] * BN, nb = std::min(BN, sq.len_k - j0);
+                            // skip the pair when no row of this query block sees a key of this block
+                            if (std::max<int64_t>(i0, col_lo(a, sq, j0)) >
+                                std::min<int64_t>(i0 + mq - 1, col_hi(a, sq, j0 + nb - 1)))
+                                continue;
+                            const float* Kb = Kc.data() + x * BN * dp;
+                            const float* Vb = Vc.data() + x * BN * dp;
                             for (int64_t cc = 0; cc < nb; ++cc) {
                                 ra[cc] = std::max<int64_t>(col_lo(a, sq, j0 + cc) - i0, 0);
                                 rz[cc] = std::min<int64_t>(col_hi(a, sq, j0 + cc) - i0, mq - 1);
                             }
-                            gemm(nb, BM, d, Kb.data(), dp, Qt.data(), BM, St.data(), BM, false);
-                            gemm(nb, BM, d, Vb.data(), dp, dOt.data(), BM, dPt.data(), BM, false);
+                            gemm(nb, BM, d, Kb, dp, Qt.data(), BM, St.data(), BM, false);
+                            gemm(nb, BM, d, Vb, dp, dOt.data(), BM, dPt.data(), BM, false);
                             bwd_elems(St.data(), dPt.data(), nb, ra.data(), rz.data(), lsev.data(), delv.data(),
                                       a.scale, a.softcap);
-                            gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVa.data(), dp, true);
-                            gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKa.data(), dp, true);
+                            gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVc.data() + x * BN * dp, dp, true);
+                            gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKc.data() + x * BN * dp, dp, true);
                             // dS = dStᵀ, then dQ_c[rows, h] += dS · K
                             for (int64_t r = 0; r < mq; ++r)
                                 for (int64_t cc = 0; cc < BN; ++cc) dS[r * BN + cc] = cc < nb ? dPt[cc * BM + r] : 0.f;
-                            float* dst = dqc + ((qrow0 + i0) * a.h_q + h) * dp;
-                            gemm(mq, dp, nb, dS.data(), BN, Kb.data(), dp, dst, a.h_q * dp, true);
+                            gemm(mq, dp, nb, dS.data(), BN, Kb, dp, dst, a.h_q * dp, true);
                         }
                     }
                 }
-                for (int64_t cc = 0; cc < nb; ++cc) {
-                    const int64_t krow = sq.start_k + j0 + cc;
-                    for (int pass = 0; pass < 2; ++pass) {
-                        const Ten& t = pass == 0 ? dk : dv;
-                        const float* acc = (pass == 0 ? dKa.data() : dVa.data()) + cc * dp;
-                        const float mul = pass == 0 ? a.scale : 1.f;
-                        char* p = addr(t, s, krow, hk);
-                        if (accumulate) {
-                            load_row(p, t.dt, d, row.data());
-                            for (int64_t e = 0; e < d; ++e) row[e] += acc[e] * mul;
-                        } else {
-                            for (int64_t e = 0; e < d; ++e) row[e] = acc[e] * mul;
+                for (int64_t x = 0; x < nk; ++x) {
+                    const int64_t j0 = kbs[x] * BN, nb = std::min(BN, sq.len_k - j0);
+                    for (int64_t cc = 0; cc < nb; ++cc) {
+                        const int64_t krow = sq.start_k + j0 + cc;
+                        for (int pass = 0; pass < 2; ++pass) {
+                            const Ten& t = pass == 0 ? dk : dv;
+                            const float* acc = (pass == 0 ? dKc.data() : dVc.data()) + (x * BN + cc) * dp;
+                            const float mul = pass == 0 ? a.scale : 1.f;
+                            char* p = addr(t, s, krow, hk);
+                            if (accumulate) {
+                                load_row(p, t.dt, d, row.data());
+                                for (int64_t e = 0; e < d; ++e) row[e] += acc[e] * mul;
+                            } else {
+                                for (int64_t e = 0; e < d; ++e) row[e] = acc[e] * mul;
+                            }
+                            store_row(p, t.dt, d, row.data());
                         }
-                        store_row(p, t.dt, d, row.data());
                     }
                 }
             }

@@ -19,7 +19,9 @@ import torch
 
 from ring_attn import _C
 
-__all__ = ["attention_forward", "attention_delta", "attention_backward", "rope"]
+NAME = "native"
+
+__all__ = ["NAME", "attention_forward", "attention_delta", "attention_backward", "rope"]
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.int32: 4, torch.int64: 5}
 
