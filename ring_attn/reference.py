@@ -161,6 +161,8 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1),
     out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
     offset = s_k - s_q if causal_offset is None else causal_offset
+    if s_k == 0:  # no keys: every row sees nothing
+        return out.zero_(), lse.fill_(float("-inf"))
     group = h_q // k.shape[2]
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):

@@ -379,6 +379,7 @@ def _ok():
 ])
 def test_bad_input(change, exc, needle):
     args = _ok()
+    change = dict(change)  # the parametrized dict is shared by every backend run of this test
     device = change.pop("device", None)
     args.update(change)
     if device is not None:
