@@ -303,7 +303,12 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
         // A task walks its key blocks in groups of up to KG blocks whose K/V (fp32) and dK/dV accumulators stay
         // resident; each query block (per query head) is then converted once per group, not once per key block.
         constexpr int64_t KG = 16;
+        // dK/dV sums run over every (query head, query block) pair: they go into per-block partial sums that are
+        // folded into dKc/dVc every FOLD pairs (blocked summation: fp32 error grows with n/FOLD + FOLD, not n).
+        constexpr int FOLD = 16;
         std::vector<float> Kc(KG * BN * dp), Vc(KG * BN * dp), dKc(KG * BN * dp), dVc(KG * BN * dp);
+        std::vector<float> dKp(KG * BN * dp), dVp(KG * BN * dp);
+        std::vector<int> npairs(KG);
         std::vector<float> Qb(BM * dp), Qt(dp * BM), dOb(BM * dp), dOt(dp * BM);
         std::vector<float> St(BN * BM), dPt(BN * BM), dS(BM * BN), lsev(BM), delv(BM), row(dp);
         std::vector<int64_t> ra(BN), rz(BN), kbs(KG);
@@ -318,6 +323,15 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
                 for (int64_t kb = kb_first; kb * BN < sq.len_k && nk < KG; kb += NC) kbs[nk++] = kb;
                 std::fill(dKc.begin(), dKc.begin() + nk * BN * dp, 0.f);
                 std::fill(dVc.begin(), dVc.begin() + nk * BN * dp, 0.f);
+                std::fill(dKp.begin(), dKp.begin() + nk * BN * dp, 0.f);
+                std::fill(dVp.begin(), dVp.begin() + nk * BN * dp, 0.f);
+                std::fill(npairs.begin(), npairs.end(), 0);
+                auto fold = [&](int64_t x) {
+                    float* kc = dKc.data() + x * BN * dp; float* kp = dKp.data() + x * BN * dp;
+                    float* vc = dVc.data() + x * BN * dp; float* vp = dVp.data() + x * BN * dp;
+                    for (int64_t e = 0; e < BN * dp; ++e) { kc[e] += kp[e]; kp[e] = 0.f; vc[e] += vp[e]; vp[e] = 0.f; }
+                    npairs[x] = 0;
+                };
                 // query rows that see some key of the group
                 int64_t ilo = BIG, ihi = -BIG;
                 for (int64_t x = 0; x < nk; ++x) {
@@ -362,8 +376,9 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
                             gemm(nb, BM, d, Vb, dp, dOt.data(), BM, dPt.data(), BM, false);
                             bwd_elems(St.data(), dPt.data(), nb, ra.data(), rz.data(), lsev.data(), delv.data(),
                                       a.scale, a.softcap);
-                            gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVc.data() + x * BN * dp, dp, true);
-                            gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKc.data() + x * BN * dp, dp, true);
+                            gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVp.data() + x * BN * dp, dp, true);
+                            gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKp.data() + x * BN * dp, dp, true);
+                            if (++npairs[x] == FOLD) fold(x);
                             // dS = dStᵀ, then dQ_c[rows, h] += dS · K
                             for (int64_t r = 0; r < mq; ++r)
                                 for (int64_t cc = 0; cc < BN; ++cc) dS[r * BN + cc] = cc < nb ? dPt[cc * BM + r] : 0.f;
@@ -372,6 +387,7 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
                     }
                 }
                 for (int64_t x = 0; x < nk; ++x) {
+                    fold(x);
                     const int64_t j0 = kbs[x] * BN, nb = std::min(BN, sq.len_k - j0);
                     for (int64_t cc = 0; cc < nb; ++cc) {
                         const int64_t krow = sq.start_k + j0 + cc;
