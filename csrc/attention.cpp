@@ -310,7 +310,7 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
         std::vector<float> dKp(KG * BN * dp), dVp(KG * BN * dp);
         std::vector<int> npairs(KG);
         std::vector<float> Qb(BM * dp), Qt(dp * BM), dOb(BM * dp), dOt(dp * BM);
-        std::vector<float> St(BN * BM), dPt(BN * BM), dS(BM * BN), lsev(BM), delv(BM), row(dp);
+        std::vector<float> St(BN * BM), dPt(BN * BM), lsev(BM), delv(BM), row(dp);
         std::vector<int64_t> ra(BN), rz(BN), kbs(KG);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; ++task) {
@@ -379,10 +379,8 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
                             gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVp.data() + x * BN * dp, dp, true);
                             gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKp.data() + x * BN * dp, dp, true);
                             if (++npairs[x] == FOLD) fold(x);
-                            // dS = dStᵀ, then dQ_c[rows, h] += dS · K
-                            for (int64_t r = 0; r < mq; ++r)
-                                for (int64_t cc = 0; cc < BN; ++cc) dS[r * BN + cc] = cc < nb ? dPt[cc * BM + r] : 0.f;
-                            gemm(mq, dp, nb, dS.data(), BN, Kb, dp, dst, a.h_q * dp, true);
+                            // dQ_c[rows, h] += dS · K = dStᵀ · K
+                            gemm_tn(mq, dp, nb, dPt.data(), BM, Kb, dp, dst, a.h_q * dp, true);
                         }
                     }
                 }
