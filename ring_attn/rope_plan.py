@@ -46,6 +46,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Argument checks: run by the CLI before any computation (a one-line argparse error, exit 2) and by plan()
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope_type: str = "default",
+                    partial_rotary_factor: float = 1.0, beta_fast: float = 32.0, beta_slow: float = 1.0) -> int:
+    """Check :func:`plan`'s arguments; return the rotary dim ``int(head_dim * partial_rotary_factor)``.
+
+    Raises:
+        ValueError: naming the flag, the value and the accepted range: ``rope_type`` not in ``SCHEMES``;
+            ``theta`` not a finite number > 1 (the theta rules take its log); ``trained`` not an int > 2pi
+            (the rules take ``ln(trained / 2pi)``); ``target`` not an int >= 1; ``partial_rotary_factor``
+            outside (0, 1]; a rotary dim that is odd or < 4; ``beta_fast``/``beta_slow`` not finite numbers
+            with ``beta_fast > beta_slow > 0``.
+    """
+    if rope_type not in SCHEMES:
+        raise ValueError(f"--rope-type (rope_type) {rope_type!r}: expected one of {SCHEMES}")
+    if not _is_number(theta) or theta <= 1:
+        raise ValueError(f"--theta {theta!r}: expected a finite number > 1 (the RoPE base; the theta rules take "
+                         "its log)")
+    if isinstance(trained, bool) or not isinstance(trained, int) or trained <= 2 * math.pi:
+        raise ValueError(f"--trained {trained!r}: expected an int > 2pi, i.e. >= 7 (the rules take "
+                         "ln(trained / 2pi))")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+        raise ValueError(f"--target {target!r}: expected an int >= 1")
+    if not _is_number(partial_rotary_factor) or not 0 < partial_rotary_factor <= 1:
+        raise ValueError(f"--partial-rotary-factor {partial_rotary_factor!r}: expected a number in (0, 1]")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"--head-dim {head_dim!r}: expected an int >= 4")
+    dim = int(head_dim * partial_rotary_factor)
+    if dim < 4 or dim % 2:
+        raise ValueError(f"--head-dim {head_dim} with --partial-rotary-factor {partial_rotary_factor}: rotary dim "
+                         f"int(head_dim * partial_rotary_factor) = {dim}; expected an even number >= 4")
+    if not _is_number(beta_fast) or not _is_number(beta_slow) or not beta_fast > beta_slow > 0:
+        raise ValueError(f"--beta-fast {beta_fast!r} --beta-slow {beta_slow!r}: expected finite numbers with "
+                         "beta_fast > beta_slow > 0")
+    return dim
+
+
+def check_plot_path(path: str) -> None:
+    """Check up front that ``--plot PATH`` can be written: matplotlib is installed, the directory exists and is
+    writable, ``PATH`` is not a directory and its extension is a format matplotlib writes.
+
+    Raises:
+        ValueError: naming the path and what is wrong.
+    """
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"--plot {path}: needs matplotlib, which is not installed: pip install 'ring-attn[bench]' "
+                         "(or pip install matplotlib)")
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path}: is a directory; expected a file name such as {os.path.join(path, 'plan.png')}")
+    if not os.path.isdir(directory):
+        raise ValueError(f"--plot {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"--plot {path}: directory {directory} is not writable")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+        if ext not in formats:
+            raise ValueError(f"--plot {path}: matplotlib cannot write .{ext} files; expected one of "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The CLI's up-front check of every flag (``ring-attn`` turns the ValueError into an argparse error)."""
+    check_plan_args(args.head_dim, args.theta, args.trained, args.target, args.rope_type,
+                    args.partial_rotary_factor, args.beta_fast, args.beta_slow)
+    if args.plot is not None:
+        check_plot_path(args.plot)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The plan (pure computation; run() only formats it)
 
 
@@ -136,18 +218,9 @@ def plan(head_dim: int, theta: float, trained: int, target: int, rope_type: str 
     """Everything ``rope-plan`` prints, as a dict (also what ``--json`` emits).
 
     Raises:
-        ValueError: non-positive lengths or theta, ``trained`` not above ``2pi`` (the rules take its log), an odd
-            rotary dim, an unknown ``rope_type``.
+        ValueError: see :func:`check_plan_args`.
     """
-    if rope_type not in SCHEMES:
-        raise ValueError(f"rope_type {rope_type!r} is not one of {SCHEMES}")
-    if theta <= 1:
-        raise ValueError(f"--theta must be > 1, got {theta}")
-    if trained <= 2 * math.pi or target <= 0:
-        raise ValueError(f"--trained must be > 2pi and --target > 0, got {trained} and {target}")
-    dim = int(head_dim * partial_rotary_factor)
-    if dim < 4 or dim % 2:
-        raise ValueError(f"rotary dim int(head_dim * partial_rotary_factor) = {dim}; expected an even number >= 4")
+    dim = check_plan_args(head_dim, theta, trained, target, rope_type, partial_rotary_factor, beta_fast, beta_slow)
     s = target / trained
     inv, scale, eff_theta = _scheme_inv_freq(rope_type, dim, theta, trained, target, beta_fast, beta_slow)
     low, high = rope_scaling.yarn_correction_range(dim, theta, trained, beta_fast, beta_slow, truncate=True)

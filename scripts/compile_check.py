@@ -1,64 +1,172 @@
-"""Compile the attention kernels for a GPU target on a machine without a GPU, and print the compiler's
-resource report (registers, spills, shared memory) for each configuration.
+"""Compile the attention kernels for a GPU target on a machine without a GPU, exactly as the launcher's JIT
+would specialise them at the benchmark shapes, and report what the compiler made of each configuration.
 
-The Triton interpreter accepts code the real compiler rejects (loop-carried type changes, unsupported
-layouts), and says nothing about registers or shared memory; this catches both at no device cost:
+The Triton interpreter accepts code the real compiler rejects and says nothing about registers or shared
+memory. This script calls the real host launchers (``ring_attn.backends.triton.attention``) on CPU tensors of
+the benchmark shapes with the kernels swapped for recorders, so the recorded arguments are the ones a GPU run
+passes (strides, lengths, GQA group, constexprs). It then binds them with Triton's own JIT binder
+(``create_function_from_signature`` + ``JITFunction._pack_args``, the code path of ``JITFunction.run``), which
+computes the launch's specialisation: pointer alignment / integers divisible by 16 (``tt.divisibility``) and
+integers equal to 1 as constants. The result is compiled for the target with ``triton.compile``. Reported per
+kernel and config: registers, spill (stack) bytes, shared memory (the pipelined allocation Triton requests
+at launch), wgmma instruction shapes with counts, whether loads use TMA (``cp.async.bulk.tensor``) or
+``cp.async``, and configs over the target's shared-memory limit.
 
-    python scripts/compile_check.py                 # sm_90 (H100/H200)
-    python scripts/compile_check.py --arch 80       # A100
+    python scripts/compile_check.py                         # sm_90, every case, a table
+    python scripts/compile_check.py --json                  # the same as a list of JSON records
+    python scripts/compile_check.py --cases fwd-d128 --all-configs   # every autotune candidate too
+    python scripts/compile_check.py --arch 80               # A100
 
-Must run WITHOUT TRITON_INTERPRET set.
+Must run WITHOUT TRITON_INTERPRET set (the interpreter does not compile).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: the interpreter does not compile")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from ring_attn.backends.triton import attention as A  # noqa: E402
 from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
-from ring_attn.backends.triton.attention import bwd_blocks  # noqa: E402
+from ring_attn.backends.triton import tiles as T  # noqa: E402
+
+# Shared memory per block (opt-in maximum), bytes: sm_90 227 KB, sm_80 163 KB, sm_89/86 99 KB.
+SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+
+# name -> (b, s, h_q, h_kv, d, causal, dtype); the benchmark anchors (benchmarks/bench_attention.py) plus
+# d=256 (the shared-memory edge). "merge" cases are the ring's later steps (fp32 running out/lse).
+CASES = {
+    "fwd-d128": dict(op="fwd", shape=(1, 16384, 32, 8, 128), causal=True, merge=False),
+    "fwd-d128-merge": dict(op="fwd", shape=(1, 16384, 32, 8, 128), causal=True, merge=True),
+    "fwd-d128-full": dict(op="fwd", shape=(1, 16384, 32, 32, 128), causal=False, merge=False),
+    "fwd-d64": dict(op="fwd", shape=(4, 4096, 32, 32, 64), causal=True, merge=False),
+    "fwd-d256": dict(op="fwd", shape=(1, 4096, 16, 16, 256), causal=True, merge=False),
+    "bwd-d128": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=False),
+    "bwd-d128-acc": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True),
+    "bwd-d64": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=False),
+    "bwd-d256": dict(op="bwd", shape=(1, 4096, 16, 16, 256), causal=True, accumulate=False),
+    # the experimental 5-matmul backward (RING_ATTN_BWD=fused; dQ by atomics, not deterministic)
+    "bwd-d128-fused": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True,
+                           env={"RING_ATTN_BWD": "fused"}),
+    "bwd-d64-fused": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
+                          env={"RING_ATTN_BWD": "fused"}),
+    # ... with dQ added in a fixed order (RING_ATTN_BWD=fused-ordered; deterministic)
+    "bwd-d128-ordered": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True,
+                             env={"RING_ATTN_BWD": "fused-ordered"}),
+    "bwd-d64-ordered": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
+                            env={"RING_ATTN_BWD": "fused-ordered"}),
+}
+# A small case for the test: compiles in seconds.
+CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _signature(fn, dtype, constexprs, int64_names=()):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.isupper() and name.startswith(("SQ_", "SK_")):
-            sig[name] = "*i32"
-        elif name in ("LSE", "DELTA", "DLSE") or (name in ("DQ", "DK", "DV") and constexprs.get("ACCUMULATE")):
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = f"*{dtype}"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if name in int64_names else "i32"
-    return sig
+class _Recorder:
+    """Stands in for a kernel: ``rec[grid](*args, **kwargs)`` records the launch instead of running it;
+    ``rec.fn`` (the JIT function under an autotuner) records the same way."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    @property
+    def fn(self):
+        return _Recorder(self.kernel.fn, self.log)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.kernel, grid, args, kwargs))
+        return launch
 
 
-def compile_one(jit_fn, dtype, constexprs, arch, num_warps, num_stages):
-    src = ASTSource(jit_fn, _signature(jit_fn, dtype, constexprs), constexprs)
+@contextlib.contextmanager
+def _recording(log, arch):
+    names = [n for n in dir(A) if isinstance(getattr(A, n), (JITFunction, Autotuner))]
+    saved = {n: getattr(A, n) for n in names}
+    saved_arch = T.current_arch
+    try:
+        for n in names:
+            setattr(A, n, _Recorder(saved[n], log))
+        T.current_arch = lambda: arch  # the launcher picks tiles for the target, not for this machine
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(A, n, v)
+        T.current_arch = saved_arch
+
+
+def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
+    """Run the host launcher of ``case`` on uninitialised CPU tensors and return its kernel launches."""
+    b, s, hq, hkv, d = case["shape"]
+    e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
+    q, k, v = e(b, s, hq, d), e(b, s, hkv, d), e(b, s, hkv, d)
+    lse = e(b, hq, s, dt=torch.float32)
+    log = []
+    env = case.get("env", {})
+    saved_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with _recording(log, arch):
+            if case["op"] == "fwd":
+                out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
+                A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],
+                                    causal_offset=None, seqs=None, merge=case["merge"], window=(-1, -1),
+                                    softcap=0.0)
+            else:
+                gdt = torch.float32 if case["accumulate"] else dtype
+                A.attention_backward(e(b, s, hq, d), q, k, v, lse, e(b, hq, s, dt=torch.float32),
+                                     e(b, s, hq, d, dt=gdt), e(b, s, hkv, d, dt=gdt), e(b, s, hkv, d, dt=gdt),
+                                     softmax_scale=d ** -0.5, causal=case["causal"], causal_offset=None,
+                                     seqs=None, accumulate=case["accumulate"], window=(-1, -1), softcap=0.0)
+    finally:
+        for name, val in saved_env.items():
+            if val is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = val
+    return log
+
+
+def _jit_fn(kernel):
+    while isinstance(kernel, Autotuner) or hasattr(kernel, "fn") and not hasattr(kernel, "params"):
+        kernel = kernel.fn
+    return kernel
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """Compile one recorded launch for ``arch`` with the JIT's own specialisation; return the compiled
+    kernel. ``kwargs`` holds the constexprs, including the tile config and num_warps/num_stages."""
+    fn = _jit_fn(kernel)
     target = GPUTarget("cuda", arch, 32)
-    k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = k.asm.get("ptx", "")
-    return {**_resource_usage(k.asm["cubin"]), "smem_bytes": k.metadata.shared,
-            "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")}
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__), signature, attrs
 
 
 def _resource_usage(cubin: bytes) -> dict:
     """Registers and stack (spill) bytes from cuobjdump, shipped with Triton's NVIDIA backend."""
-    import re
-    import subprocess
-    import tempfile
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -66,43 +174,123 @@ def _resource_usage(cubin: bytes) -> dict:
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)
-    return {"regs": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None}
+    return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(stack.group(1)) if stack else None}
+
+
+def analyse(ck, arch: int) -> dict:
+    """Resource usage and instruction mix of a compiled kernel."""
+    ptx = ck.asm.get("ptx", "")
+    wgmma = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    if "tcgen05.mma" in ptx:
+        mma = "tcgen05"
+    elif wgmma:
+        mma = "wgmma"
+    elif "mma.sync" in ptx:
+        mma = "mma.sync"
+    else:
+        mma = "none"
+    smem = ck.metadata.shared
+    return {**_resource_usage(ck.asm["cubin"]), "smem_bytes": smem,
+            "smem_over_limit": smem > SMEM_LIMIT.get(arch, 232448), "mma": mma,
+            "wgmma": dict(sorted(wgmma.items())),
+            "mma_sync": len(re.findall(r"mma\.sync\.aligned", ptx)),
+            "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "cp_async_loads": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx))}
+
+
+def _cfg_name(c: dict) -> str:
+    return f"M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+
+
+def configs_for(kernel, kwargs, all_configs):
+    """(config dict, shipped) pairs to compile for one recorded launch: the tile the launch carries (the
+    default table's), plus with ``all_configs`` the forward autotuner's candidates."""
+    fields = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    out = []
+    if all(f in kwargs for f in fields):
+        out.append(({f: kwargs[f] for f in fields}, True))
+    fn = _jit_fn(kernel)
+    tuner = getattr(K, fn.__name__, None)
+    if isinstance(tuner, Autotuner) and (all_configs or not out):
+        for c in tuner.configs:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            if cfg not in [o[0] for o in out]:
+                out.append((cfg, False))
+    return out
+
+
+def run_case(name: str, dtype_name: str, arch: int, all_configs: bool, only_shipped_bwd=True):
+    case = CASES[name]
+    records = []
+    for kernel, grid, args, kwargs in record_launches(case, DTYPES[dtype_name], arch):
+        kname = _jit_fn(kernel).__name__
+        for cfg, shipped in configs_for(kernel, kwargs, all_configs):
+            kw = dict(kwargs)
+            kw.update(cfg)
+            rec = {"case": name, "kernel": kname, "config": _cfg_name(cfg), "shipped": shipped,
+                   "dtype": dtype_name, "arch": arch, "head_dim": case["shape"][4], "causal": case["causal"],
+                   "merge": case.get("merge", False), "accumulate": case.get("accumulate", False)}
+            t0 = time.time()
+            try:
+                ck, signature, attrs = compile_launch(kernel, args, kw, arch)
+                rec.update(analyse(ck, arch))
+                fn = _jit_fn(kernel)
+                rec["specialised"] = {
+                    "divisible_by_16": [fn.arg_names[p[0]] for p, a in attrs.items() if a],
+                    "const_1": [n for n, t in signature.items() if t == "constexpr"
+                                and n not in fn.constexprs_names] if hasattr(fn, "constexprs_names") else
+                    [fn.arg_names[i] for i, n in enumerate(fn.arg_names)
+                     if signature[n] == "constexpr" and not fn.params[i].is_constexpr]}
+                rec["smem_estimate"] = T.smem_estimate(cfg, case["shape"][4], dtype_name, kname)
+                rec["fits_estimate"] = T.fits(cfg, case["shape"][4], dtype_name, arch, kname)
+            except Exception as exc:  # report and go on: one failing config must not hide the others
+                rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rec["compile_s"] = round(time.time() - t0, 1)
+            records.append(rec)
+    return records
+
+
+def _fmt_wgmma(w: dict) -> str:
+    return " ".join(f"{k}×{v}" for k, v in w.items()) or "-"
+
+
+def print_table(records):
+    print("| case | kernel | config | shipped | regs | spill B | smem KB (est) | wgmma | TMA/cp.async | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        if "error" in r:
+            print(f"| {r['case']} | {r['kernel']} | {r['config']} | {'yes' if r['shipped'] else ''} "
+                  f"| | | | | | FAILED {r['error'][:80]} |")
+            continue
+        note = "OVER SMEM LIMIT" if r["smem_over_limit"] else ("spills" if r["spill_bytes"] else "")
+        print(f"| {r['case']} | {r['kernel']} | {r['config']} | {'yes' if r['shipped'] else ''} | {r['regs']} "
+              f"| {r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} ({r['smem_estimate'] / 1024:.0f}) "
+              f"| {_fmt_wgmma(r['wgmma'])} | {r['tma_loads']}/{r['cp_async_loads']} | {note} |")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--cases", nargs="+", default=[c for c in CASES if c != "tiny"],
+                    help=f"subset of {sorted(CASES)}")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="also compile every forward autotune candidate, not only the shipped tile")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of records instead of a table")
     args = ap.parse_args(argv)
-    fwd = K.fwd_kernel.fn  # the JITFunction under the autotuner
-    fails = 0
-    for d in (64, 128, 256):
-        bd = max(16, 1 << (d - 1).bit_length())
-        for causal in (True, False):
-            for cfg in K.fwd_kernel.configs:
-                c = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, VARLEN=False, BOTTOM_RIGHT=True, MERGE=causal,
-                         DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", **cfg.kwargs)
-                if d > 128 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 64:
-                    continue
-                try:
-                    r = compile_one(fwd, args.dtype, c, args.arch, cfg.num_warps, cfg.num_stages)
-                    print(f"fwd d={d} causal={causal} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {r}")
-                except Exception as exc:
-                    fails += 1
-                    print(f"fwd d={d} causal={causal} {cfg.kwargs}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-        blocks = bwd_blocks(d)
-        for name, kern, (bm, bn) in (("dkdv", K.bwd_dkdv_kernel, blocks["dkdv"]), ("dq", K.bwd_dq_kernel,
-                                                                               blocks["dq"])):
-            for acc in (False, True):
-                c = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=True, VARLEN=False, BOTTOM_RIGHT=True, ACCUMULATE=acc,
-                         DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
-                try:
-                    r = compile_one(kern, args.dtype, c, args.arch, blocks["num_warps"], blocks["num_stages"])
-                    print(f"{name} d={d} acc={acc} M{bm} N{bn}: {r}")
-                except Exception as exc:
-                    fails += 1
-                    print(f"{name} d={d} acc={acc}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-    return 1 if fails else 0
+    for c in args.cases:
+        if c not in CASES:
+            ap.error(f"--cases: unknown case {c!r}; expected one of {sorted(CASES)}")
+    records = []
+    for c in args.cases:
+        records += run_case(c, args.dtype, args.arch, args.all_configs)
+        print(f"# {c}: done", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print_table(records)
+    bad = [r for r in records if "error" in r or (r["shipped"] and (r["smem_over_limit"] or r["spill_bytes"]))]
+    return 1 if any("error" in r for r in bad) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for the GPU test machine (one H100/H200; torch 2.11, triton 3.6, transformers 5.17, no network,
 # nothing to install). Runs the GPU tests, then the benchmarks; logs, CSV and PNG go under $OUT (or
-# ./bench_out). Budget: under 6 minutes. Usage from the repository root:
+# ./bench_out). Stage limits: `tests` 120 s, `bench` 520 s (640 s in all: on a machine with a 600 s limit per
+# command, run `tests` and `bench` as two calls). Usage from the repository root:
 #
 #     OUT=/some/dir scripts/gpu_check.sh            # everything
 #     scripts/gpu_check.sh tests                    # only the GPU tests
@@ -36,13 +37,32 @@ stage() {  # stage NAME SECONDS COMMAND...
 cat "$OUT/environment.txt" | tail -n 1
 
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  # one forward config instead of autotuning every (head dim, dtype) the tests touch
-  RING_ATTN_AUTOTUNE=0 stage gpu_tests 120 python -m pytest -q -m gpu -p no:cacheprovider tests
+  stage gpu_tests 120 python -m pytest -q -m gpu -p no:cacheprovider tests
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
+  # 1. the shipped tile table (issue 9: fixed tiles, heaviest-first causal order, no-duplication backward
+  #    tiles) against SDPA-flash, cuDNN and FlexAttention, in one process
   stage bench_attention 150 python benchmarks/bench_attention.py --plot --rep 50
-  stage bench_rope 45 python benchmarks/bench_rope.py
-  stage bench_ring 45 \
+  # 2. the same kernels with the tiles before issue 9 (backward dK/dV 32x64, dQ 64x32 at d128): the
+  #    backward-tile before/after on the same card, ours only
+  stage bench_attention_before_tiles 50 env RING_ATTN_TILES=benchmarks/tiles/before_issue9.json \
+    OUT="$OUT/before_tiles" python benchmarks/bench_attention.py --peers "" --passes bwd --rep 50
+  # 3. the experimental 5-matmul backward (one kernel): dQ by fp32 atomics (not deterministic), and dQ
+  #    added in a fixed order (deterministic): what 7 -> 5 matmuls is worth, and what the order costs
+  stage bench_attention_fused_bwd 50 env RING_ATTN_BWD=fused OUT="$OUT/fused_bwd" \
+    python benchmarks/bench_attention.py --peers "" --passes bwd --rep 50
+  stage bench_attention_fused_ordered_bwd 50 env RING_ATTN_BWD=fused-ordered OUT="$OUT/fused_ordered_bwd" \
+    python benchmarks/bench_attention.py --peers "" --passes bwd --rep 50
+  # 4. autotuned forward tiles (opt-in path), written out, then benchmarked as a table
+  stage tune_tiles 45 python scripts/tune_tiles.py --out "$OUT/tuned_tiles.json"
+  if [ -s "$OUT/tuned_tiles.json" ]; then
+    stage bench_attention_tuned 45 env RING_ATTN_TILES="$OUT/tuned_tiles.json" OUT="$OUT/tuned_tiles" \
+      python benchmarks/bench_attention.py --peers "" --passes fwd --rep 50
+  fi
+  stage bench_rope 40 python benchmarks/bench_rope.py
+  # 5. issue 8: a Llama-3-8B decoder layer, patched vs sdpa vs eager
+  stage bench_hf_layer 50 python benchmarks/bench_hf_layer.py
+  stage bench_ring 40 \
     python -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/bench_ring.py
 fi
 

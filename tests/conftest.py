@@ -41,6 +41,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+RING_WORLDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="session")
+def ring_worlds(tmp_path_factory):
+    """{world: [results of rank 0, rank 1, ...]}: every case of tests/ring_workers.py, run once per session in
+    one gloo group per world size (shared by test_ring.py and test_compat.py: a group costs seconds to spawn)."""
+    from ring_workers import run_world
+
+    return {w: run_world(w, str(tmp_path_factory.mktemp(f"ring_w{w}"))) for w in RING_WORLDS}
+
+
 NATIVE_BUILT = importlib.util.find_spec("ring_attn._C") is not None
 
 

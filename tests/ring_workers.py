@@ -43,6 +43,10 @@ def cases_for(world: int) -> list[dict]:
                       h_q=4, h_kv=2))
     cases.append(dict(kind="memory", s_local=256))
     cases.append(dict(kind="local_errors"))
+    cases.append(dict(kind="padding"))
+    cases.append(dict(kind="padding_varlen"))
+    cases.append(dict(kind="call_forms"))
+    cases.append(dict(kind="compat"))
     if NATIVE_BUILT:  # the same ring cases on the native C++ backend
         cases += [dict(c, backend="native") for c in cases if c["kind"] in ("dense", "varlen", "determinism")]
     if world >= 2:
@@ -50,6 +54,7 @@ def cases_for(world: int) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and world == 2:
         cases.append(dict(kind="triton", layout="zigzag", causal=True, dtype="float32", b=1, s=8 * world,
                           h_q=2, h_kv=1, lse_grad=False))
+        cases.append(dict(kind="triton_padding"))
     if world == 4:
         cases.append(dict(kind="subgroup"))
         cases.append(dict(kind="mesh"))
@@ -216,17 +221,358 @@ def _local_errors_case(rank, world, group, store):
             torch.randn(4, 2, HEAD_DIM), torch.randn(4, 2, HEAD_DIM), torch.randn(4, 2, HEAD_DIM), cu_ok.long(),
             2 * world),
     }
-    raised = {}
-    for name, call in calls.items():
+    calls.update(_refusals(world))
+
+    def attempt(call):
         try:
             call()
-            raised[name] = None
+            return None
         except Exception as e:  # noqa: BLE001 - the test inspects the type and message
-            raised[name] = (type(e).__name__, str(e))
-    store["raised"] = raised
+            return (type(e).__name__, str(e))
+
+    store["raised"] = {name: attempt(call) for name, call in calls.items()}
+    # every call again on rank 0 alone: one that reached a collective would now wait for peers that never
+    # come (and fail with the group's timeout instead of the expected error)
+    if rank == 0:
+        store["raised_alone"] = {name: attempt(call) for name, call in calls.items()}
     t = torch.ones(1)
     torch.distributed.all_reduce(t, group=group)
     store["after"] = t.item()
+
+
+def _refusals(world):
+    """Calls a flash-attn / ring-flash-attn user may write that must raise (name -> call)."""
+    import ring_attn
+    from ring_attn import compat
+
+    def q_(s=4 * world, h=2):
+        return torch.randn(1, s, h, HEAD_DIM)
+
+    x = q_()
+    cu = torch.tensor([0, 2 * world, 4 * world], dtype=torch.int32)
+    p = torch.randn(3, 2, HEAD_DIM)
+    pv = torch.randn(4, 2, HEAD_DIM)
+    return {
+        "dropout": lambda: ring_attn.ring_attn_func(x, x, x, 0.1),
+        "dropout_kw": lambda: ring_attn.ring_attn_func(x, x, x, dropout_p=0.5, causal=True),
+        "old_positional_causal": lambda: ring_attn.ring_attn_func(x, x, x, True),
+        "alibi": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(2)),
+        "window": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (4, 0)),
+        "window_noncausal": lambda: ring_attn.ring_attn_func(x, x, x, window_size=(-1, 0)),
+        "window_type": lambda: ring_attn.ring_attn_func(x, x, x, window_size=5),
+        "softcap": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), 30.0),
+        "softcap_negative": lambda: ring_attn.ring_attn_func(x, x, x, softcap=-1.0),
+        "causal_type": lambda: ring_attn.ring_attn_func(x, x, x, causal="yes"),
+        "deterministic_type": lambda: ring_attn.ring_attn_func(x, x, x, deterministic="no"),
+        "group_type": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), 0.0, None, False, False,
+                                                       "world"),
+        "seqlen_range": lambda: ring_attn.ring_attn_func(x, x, x, causal=True, layout="contiguous",
+                                                         seqlen=4 * world + 1),
+        "seqlen_too_short": lambda: ring_attn.ring_attn_func(x, x, x, layout="contiguous", seqlen=3 * world),
+        "padded_noncausal": lambda: (lambda y: ring_attn.ring_attn_func(y, y, y, layout="zigzag"))(
+            ring_attn.shard(torch.randn(1, 6 * world - 1, 2, HEAD_DIM), layout="zigzag")),
+        "varlen_dropout": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world, 0.5),
+        "varlen_softcap": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world, softcap=5.0),
+        "varlen_max_seqlen_type": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2.0 * world),
+        "varlen_max_seqlen_small": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 1),
+        "compat_zigzag_odd": lambda: compat.zigzag_ring_flash_attn_varlen_func(
+            p, p, p, torch.tensor([0, 3], dtype=torch.int32), 3),
+        "compat_qkv_shape": lambda: compat.ring_flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, HEAD_DIM)),
+        "compat_kv_shape": lambda: compat.zigzag_ring_flash_attn_varlen_kvpacked_func(
+            pv, torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2),
+        "compat_window": lambda: compat.stripe_flash_attn_func(x, x, x, window_size=(8, 8)),
+        # ring-flash-attn has no softcap: its 8th positional argument is alibi_slopes
+        "compat_alibi_positional": lambda: compat.zigzag_ring_flash_attn_func(x, x, x, 0.0, None, True, (-1, -1),
+                                                                              torch.ones(2)),
+        "compat_dropout": lambda: compat.ring_flash_attn_varlen_qkvpacked_func(
+            torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2, 0.1),
+    }
+
+
+def _single_case_inputs(seed, shapes, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(sh, generator=g).to(dtype) for sh in shapes]
+
+
+PAD_LENGTHS = (1, 5, 7, 13)
+
+
+def _padding_case(rank, world, group, store, triton=False):
+    """Dense sequences of every length in PAD_LENGTHS, sharded with ring_attn.shard (which pads), every layout,
+    causal or not; with seqlen= the padding rows get dout = 1 (they must stay inert), without it (causal only)
+    the padding rows get dout = 0 as a loss that ignores them would give. ``triton``: the Triton kernels
+    (interpreter) on one length."""
+    import ring_attn
+    import ring_attn.backends as backends
+
+    res = {}
+    with backends.force("triton" if triton else "reference"):
+        for layout in LAYOUTS:
+            for causal in (False, True):
+                for s in (PAD_LENGTHS[1:3] if triton else PAD_LENGTHS):
+                    for with_seqlen in ((True, False) if causal else (True,)):
+                        q, k, v, dout = _single_case_inputs(s, [(2, s, 4, HEAD_DIM), (2, s, 2, HEAD_DIM),
+                                                                (2, s, 2, HEAD_DIM), (2, s, 4, HEAD_DIM)])
+                        ql, kl, vl = (ring_attn.shard(t, layout=layout).requires_grad_() for t in (q, k, v))
+                        dl = ring_attn.shard(dout, layout=layout, pad_value=1.0 if with_seqlen else 0.0)
+                        out, lse = ring_attn.ring_attn_func(ql, kl, vl, causal=causal, layout=layout,
+                                                            seqlen=s if with_seqlen else None, return_lse=True)
+                        (out * dl).sum().backward()
+                        full = {n: ring_attn.unshard(t.detach(), dim=2 if n == "lse" else 1, layout=layout)
+                                for n, t in (("out", out), ("lse", lse), ("dq", ql.grad), ("dk", kl.grad),
+                                             ("dv", vl.grad))}
+                        key = (layout, causal, s, with_seqlen)
+                        entry = dict(local_shape=tuple(out.shape),
+                                     gathered={n: t[:, :, :s] if n == "lse" else t[:, :s] for n, t in full.items()})
+                        if with_seqlen:  # padding rows: output 0, lse -inf, no gradient
+                            entry["pad_rows_inert"] = bool(
+                                (full["out"][:, s:] == 0).all() and torch.isinf(full["lse"][:, :, s:]).all() and
+                                all((full[n][:, s:] == 0).all() for n in ("dq", "dk", "dv")))
+                        if rank == 0:
+                            entry["inputs"] = dict(q=q, k=k, v=v, dout=dout, dlse=None, cu=None)
+                        res[key] = entry
+        # unshard(seqlen=) drops the padding itself
+        x = torch.randn(2, 13, 3, generator=torch.Generator().manual_seed(13))  # the same on every rank
+        store["unshard_seqlen"] = all(
+            torch.equal(ring_attn.unshard(ring_attn.shard(x, layout=lay), layout=lay, seqlen=13), x)
+            for lay in LAYOUTS)
+    store["results"] = res
+
+
+def _padding_varlen_case(rank, world, group, store):
+    """Packed sequences of lengths the layouts cannot split (and an empty one), sharded with shard_varlen;
+    padding rows get dout = 1 and must stay inert."""
+    import ring_attn
+    import ring_attn.backends as backends
+    from ring_attn.ring import layout as L
+
+    lens = [5, 1, 0, 7, 13]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    t = int(cu[-1])
+    res = {}
+    with backends.force("reference"):
+        for layout in LAYOUTS:
+            for causal in (False, True):
+                q, k, v, dout = _single_case_inputs(7, [(t, 4, HEAD_DIM), (t, 2, HEAD_DIM), (t, 2, HEAD_DIM),
+                                                        (t, 4, HEAD_DIM)])
+                ql, kl, vl = (ring_attn.shard_varlen(x, cu, layout=layout).requires_grad_() for x in (q, k, v))
+                dl = ring_attn.shard_varlen(dout, cu, layout=layout, pad_value=1.0)
+                out, lse = ring_attn.ring_attn_varlen_func(ql, kl, vl, cu, max(lens), causal=causal, layout=layout,
+                                                           return_lse=True)
+                (out * dl).sum().backward()
+                pad = L.varlen_shard_for_rank(torch.ones(t), cu, rank, world, 0, layout, pad_value=0.0) == 0
+                entry = dict(
+                    pad_rows=int(pad.sum()),
+                    pad_rows_inert=bool((out[pad] == 0).all() and torch.isinf(lse[:, pad]).all() and
+                                        all((g[pad] == 0).all() for g in (ql.grad, kl.grad, vl.grad))),
+                    gathered={n: ring_attn.unshard_varlen(x.detach(), cu, dim=1 if n == "lse" else 0, layout=layout)
+                              for n, x in (("out", out), ("lse", lse), ("dq", ql.grad), ("dk", kl.grad),
+                                           ("dv", vl.grad))})
+                if rank == 0:
+                    entry["inputs"] = dict(q=q, k=k, v=v, dout=dout, dlse=None, cu=cu)
+                res[(layout, causal)] = entry
+    store["results"] = res
+
+
+def _call_forms_case(rank, world, group, store):
+    """ring_attn_func / ring_attn_varlen_func called the ways flash-attn and ring-flash-attn users write them
+    give bitwise the result of the keyword call (and that result is checked against the oracle)."""
+    import numpy as np
+
+    import ring_attn
+    import ring_attn.backends as backends
+
+    s = 4 * world
+    q, k, v, dout = _single_case_inputs(11, [(1, s, 4, HEAD_DIM), (1, s, 2, HEAD_DIM), (1, s, 2, HEAD_DIM),
+                                              (1, s, 4, HEAD_DIM)])
+    res = {}
+    with backends.force("reference"):
+        for layout in LAYOUTS:
+            ql, kl, vl, dl = (ring_attn.shard(x, layout=layout) for x in (q, k, v, dout))
+
+            def run(fn):
+                a, b, c = (x.clone().requires_grad_() for x in (ql, kl, vl))
+                got = fn(a, b, c)
+                o = got[0] if isinstance(got, tuple) else got
+                (o * dl).sum().backward()
+                return got, (a.grad, b.grad, c.grad)
+
+            ref, ref_grads = run(lambda a, b, c: ring_attn.ring_attn_func(a, b, c, causal=True, layout=layout,
+                                                                         return_lse=True))
+            forms = {
+                "positional_causal": lambda a, b, c: ring_attn.ring_attn_func(a, b, c, 0.0, None, True,
+                                                                              layout=layout),
+                "positional_all": lambda a, b, c: ring_attn.ring_attn_func(a, b, c, 0.0, None, True, (-1, -1), 0.0,
+                                                                           None, False, True, None, layout=layout),
+                "dropout_then_keyword": lambda a, b, c: ring_attn.ring_attn_func(a, b, c, 0.0, causal=True,
+                                                                                 layout=layout),
+                "flash_keywords": lambda a, b, c: ring_attn.ring_attn_func(
+                    a, b, c, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=True, return_attn_probs=True, group=None, layout=layout),
+                "causal_window_right_0": lambda a, b, c: ring_attn.ring_attn_func(a, b, c, 0.0, None, True, (-1, 0),
+                                                                                  layout=layout),
+                "int_scale": lambda a, b, c: ring_attn.ring_attn_func(a, b, c, 0.0, HEAD_DIM ** -0.5, True,
+                                                                      layout=layout),
+            }
+            for name, fn in forms.items():
+                got, grads = run(fn)
+                out = got[0] if isinstance(got, tuple) else got
+                ok = torch.equal(out, ref[0]) and all(torch.equal(x, y) for x, y in zip(grads, ref_grads))
+                if name in ("positional_all", "flash_keywords"):
+                    ok = ok and len(got) == 3 and got[2] is None and torch.equal(got[1], ref[1])
+                else:
+                    ok = ok and not isinstance(got, tuple)
+                res[(layout, name)] = ok
+            # non-causal positional: same as keyword
+            a = ring_attn.ring_attn_func(ql, kl, vl, 0.0, 0.25, False, layout=layout)
+            b = ring_attn.ring_attn_func(ql, kl, vl, softmax_scale=0.25, layout=layout)
+            res[(layout, "noncausal_scale")] = torch.equal(a, b)
+            store.setdefault("gathered", {})[layout] = dict(
+                out=ring_attn.unshard(ref[0].detach(), layout=layout),
+                lse=ring_attn.unshard(ref[1].detach(), dim=2, layout=layout),
+                dq=ring_attn.unshard(ref_grads[0], layout=layout), dk=ring_attn.unshard(ref_grads[1], layout=layout),
+                dv=ring_attn.unshard(ref_grads[2], layout=layout))
+            # varlen forms
+            cu = torch.tensor([0, 2 * world, 4 * world], dtype=torch.int32)
+            pq, pk, pv = (ring_attn.shard_varlen(x[0], cu, layout=layout) for x in (q, k, v))
+            vref = ring_attn.ring_attn_varlen_func(pq, pk, pv, cu, 4 * world, causal=True, layout=layout)
+            vforms = {
+                "varlen_positional": lambda: ring_attn.ring_attn_varlen_func(pq, pk, pv, cu, 4 * world, 0.0, None,
+                                                                             True, layout=layout),
+                "varlen_tensor_max": lambda: ring_attn.ring_attn_varlen_func(pq, pk, pv, cu,
+                                                                             torch.tensor(4 * world), 0.0, None,
+                                                                             True, layout=layout),
+                "varlen_numpy_max": lambda: ring_attn.ring_attn_varlen_func(pq, pk, pv, cu, np.int64(4 * world),
+                                                                            causal=True, layout=layout),
+                "varlen_probs": lambda: ring_attn.ring_attn_varlen_func(pq, pk, pv, cu, 4 * world, 0.0, None, True,
+                                                                        return_attn_probs=True, layout=layout)[0],
+            }
+            for name, fn in vforms.items():
+                res[(layout, name)] = torch.equal(fn(), vref)
+    store["results"] = res
+    if rank == 0:
+        store["inputs"] = dict(q=q, k=k, v=v, dout=dout, dlse=None, cu=None)
+
+
+# ring-flash-attn's own test helpers (test/test_*_func.py), ported verbatim: how its users shard inputs
+def rfa_extract_local_zigzag(value, rank, world_size, dim=1):
+    value_chunks = value.chunk(2 * world_size, dim=dim)
+    local_value = torch.cat([value_chunks[rank], value_chunks[2 * world_size - rank - 1]], dim=dim)
+    return local_value.contiguous()
+
+
+def rfa_extract_local_stripe(value, rank, world_size, dim=1):
+    value = torch.stack(value.split(world_size, dim=dim), dim=dim).transpose(dim, dim + 1)
+    slicer = [rank if i == dim else slice(None) for i in range(len(value.shape))]
+    return value[tuple(slicer)].contiguous()  # (theirs indexes with the list; torch now wants a tuple)
+
+
+def rfa_extract_local_ring(value, rank, world_size, dim=1):  # test_ring_flash_attn_func.py
+    return value.chunk(world_size, dim=dim)[rank].detach().clone()
+
+
+def rfa_extract_local_varlen_ring(value, cu_seqlens, rank, world_size):
+    local_values = []
+    for i in range(len(cu_seqlens) - 1):
+        start, end = cu_seqlens[i], cu_seqlens[i + 1]
+        local_values.append(value[start:end].chunk(world_size, dim=0)[rank].detach().clone())
+    return torch.cat(local_values, dim=0).contiguous()
+
+
+def rfa_extract_local_varlen_zigzag(value, cu_seqlens, rank, world_size):
+    local_values = []
+    for i in range(len(cu_seqlens) - 1):
+        start, end = cu_seqlens[i], cu_seqlens[i + 1]
+        local_value = value[start:end].chunk(2 * world_size, dim=0)
+        local_values.extend([local_value[rank].detach().clone(),
+                             local_value[2 * world_size - 1 - rank].detach().clone()])
+    return torch.cat(local_values, dim=0).contiguous()
+
+
+COMPAT_FAMILIES = {  # family -> (our layout, dense extract_local, varlen extract_local or None)
+    "ring": ("contiguous", rfa_extract_local_ring, rfa_extract_local_varlen_ring),
+    "zigzag_ring": ("zigzag", rfa_extract_local_zigzag, rfa_extract_local_varlen_zigzag),
+    "stripe": ("striped", rfa_extract_local_stripe, None),
+}
+
+
+def _compat_case(rank, world, group, store):
+    """ring_attn.compat called as ring-flash-attn's own tests call it (qkvpacked, return_attn_probs=True,
+    inputs sharded with their extract_local), plus the q/k/v and kv-packed forms positionally; gathered with
+    ring_attn.unshard for the parent to check against the oracle."""
+    import ring_attn
+    import ring_attn.backends as backends
+    from ring_attn import compat
+
+    s, nheads = 6 * world, 4
+    cu_list = [0, 2 * world, 6 * world, 12 * world]
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    qkv, dout = _single_case_inputs(21, [(1, s, 3, nheads, HEAD_DIM), (1, s, nheads, HEAD_DIM)])
+    pqkv, pdout = _single_case_inputs(22, [(cu_list[-1], 3, nheads, HEAD_DIM), (cu_list[-1], nheads, HEAD_DIM)])
+    res, extract_ok = {}, {}
+    with backends.force("reference"):
+        for family, (layout, extract, vextract) in COMPAT_FAMILIES.items():
+            local_qkv = extract(qkv, rank, world).detach().clone()
+            local_dout = extract(dout, rank, world)
+            extract_ok[family] = torch.equal(local_qkv, ring_attn.shard(qkv, layout=layout))
+            for causal in (False, True):
+                # their test's call: qkvpacked, keywords, return_attn_probs=True
+                fn = getattr(compat, f"{family}_flash_attn_qkvpacked_func" if family != "stripe"
+                             else "stripe_flash_attn_qkvpacked_func")
+                a = local_qkv.clone().requires_grad_()
+                out, lse, none = fn(a, dropout_p=0, causal=causal, window_size=(-1, -1), alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=True)
+                out.backward(local_dout)
+                # q, k, v positionally, and kv-packed
+                base = f"{family}_flash_attn" if family != "stripe" else "stripe_flash_attn"
+                b = [local_qkv[:, :, i].clone().requires_grad_() for i in range(3)]
+                out2 = getattr(compat, f"{base}_func")(b[0], b[1], b[2], 0.0, None, causal)
+                out2.backward(local_dout)
+                c = [local_qkv[:, :, 0].clone().requires_grad_(), local_qkv[:, :, 1:].clone().requires_grad_()]
+                out3 = getattr(compat, f"{base}_kvpacked_func")(c[0], c[1], 0.0, None, causal, (-1, -1), None,
+                                                                False, False, None)
+                out3.backward(local_dout)
+                same = torch.equal(out2, out) and torch.equal(out3, out) and torch.equal(
+                    torch.stack([x.grad for x in b], 2), a.grad) and torch.equal(
+                    torch.cat([c[0].grad[:, :, None], c[1].grad], 2), a.grad)
+                res[("dense", family, causal)] = dict(
+                    none=none is None, same_across_forms=same,
+                    gathered=dict(out=ring_attn.unshard(out.detach(), layout=layout),
+                                  lse=ring_attn.unshard(lse.detach(), dim=2, layout=layout),
+                                  dqkv=ring_attn.unshard(a.grad, layout=layout)))
+            if vextract is None:
+                continue
+            local_pqkv = vextract(pqkv, cu_list, rank, world).detach().clone()
+            local_pdout = vextract(pdout, cu_list, rank, world)
+            extract_ok[family + "_varlen"] = torch.equal(local_pqkv, ring_attn.shard_varlen(pqkv, cu, layout=layout))
+            local_cu = cu // world
+            local_max = int((cu[1:] - cu[:-1]).max()) // world
+            for causal in (False, True):
+                a = local_pqkv.clone().requires_grad_()
+                out, lse, none = getattr(compat, f"{family}_flash_attn_varlen_qkvpacked_func")(
+                    a, local_cu, local_max, dropout_p=0, causal=causal, window_size=(-1, -1), alibi_slopes=None,
+                    deterministic=False, return_attn_probs=True)
+                out.backward(local_pdout)
+                b = [local_pqkv[:, i].clone().requires_grad_() for i in range(3)]
+                out2 = getattr(compat, f"{family}_flash_attn_varlen_func")(b[0], b[1], b[2], local_cu, local_max,
+                                                                             0.0, None, causal)
+                out2.backward(local_pdout)
+                c = [local_pqkv[:, 0].clone().requires_grad_(), local_pqkv[:, 1:].clone().requires_grad_()]
+                out3 = getattr(compat, f"{family}_flash_attn_varlen_kvpacked_func")(c[0], c[1], local_cu, local_max,
+                                                                                      causal=causal)
+                out3.backward(local_pdout)
+                same = torch.equal(out2, out) and torch.equal(out3, out) and torch.equal(
+                    torch.stack([x.grad for x in b], 1), a.grad) and torch.equal(
+                    torch.cat([c[0].grad[:, None], c[1].grad], 1), a.grad)
+                res[("varlen", family, causal)] = dict(
+                    none=none is None, same_across_forms=same,
+                    gathered=dict(out=ring_attn.unshard_varlen(out.detach(), cu, layout=layout),
+                                  lse=ring_attn.unshard_varlen(lse.detach(), cu, dim=1, layout=layout),
+                                  dqkv=ring_attn.unshard_varlen(a.grad, cu, layout=layout)))
+    store["results"] = res
+    store["extract_local_matches_shard"] = extract_ok
+    if rank == 0:
+        store["inputs"] = dict(qkv=qkv, dout=dout, pqkv=pqkv, pdout=pdout, cu=cu)
 
 
 def _mismatch_case(rank, world, group, store):
@@ -298,6 +644,16 @@ def _worker(rank, world, init_file, outdir):
                     _memory_case(case, rank, world, None, store)
                 elif kind == "local_errors":
                     _local_errors_case(rank, world, None, store)
+                elif kind == "padding":
+                    _padding_case(rank, world, None, store)
+                elif kind == "triton_padding":
+                    _padding_case(rank, world, None, store, triton=True)
+                elif kind == "padding_varlen":
+                    _padding_varlen_case(rank, world, None, store)
+                elif kind == "call_forms":
+                    _call_forms_case(rank, world, None, store)
+                elif kind == "compat":
+                    _compat_case(rank, world, None, store)
                 elif kind == "mismatch":
                     _mismatch_case(rank, world, None, store)
                 elif kind in ("subgroup", "mesh"):

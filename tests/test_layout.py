@@ -68,9 +68,45 @@ def test_layouts_match_design_definitions():
     ("contiguous", 7, 3, "pad it with 2 token(s) to 9"),
 ])
 def test_unsplittable_length_says_which_padding(layout, s, w, needle):
+    # the exact permutation of a length refuses; shard_for_rank pads instead (below)
     with pytest.raises(ValueError, match="cannot be split") as e:
-        L.shard_for_rank(torch.zeros(1, s), 0, w, 1, layout)
+        L.shard_index(s, 0, w, layout)
     assert needle in str(e.value)
+
+
+@given(st.integers(1, 7), st.sampled_from(LAYOUTS), st.integers(0, 30), st.booleans())
+def test_any_length_pads_at_the_end_and_unshard_drops_it(world, layout, s, token_first):
+    """shard_for_rank pads to padded_length with pad_value; the real tokens of every shard are the prefixes
+    valid_counts says; unshard_from_shards(seqlen=s) gives x back exactly."""
+    shape, dim = ([s, 2, 3], 0) if token_first else ([2, s, 3], 1)
+    x = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape) + 1  # no zeros
+    padded = L.padded_length(s, world, layout)
+    m = 2 * world if layout == "zigzag" else world
+    assert padded % m == 0 and s <= padded < s + m
+    shards = [L.shard_for_rank(x, r, world, dim, layout, pad_value=-7.0) for r in range(world)]
+    for r, sh in enumerate(shards):
+        n = padded // world
+        assert sh.shape[dim] == n
+        real = (sh != -7.0).all(dim=tuple(i for i in range(3) if i != dim))
+        total, first, second = L.valid_counts(s, r, world, layout)
+        assert real.tolist() == [True] * total + [False] * (n - total)
+        half = n // 2
+        assert real[:half].tolist() == [True] * first + [False] * (half - first)
+        assert real[half:].tolist() == [True] * second + [False] * (n - half - second)
+        # the positions of the padded shard: real ones < s, padding >= s, increasing
+        pos = L.shard_positions(s, r, world, layout)
+        assert bool((pos[:total] < s).all()) and bool((pos[total:] >= s).all())
+    assert torch.equal(L.unshard_from_shards(shards, dim, layout, seqlen=s), x)
+    assert L.unshard_from_shards(shards, dim, layout).shape[dim] == padded
+    assert L.recorded_padding(layout, world, padded) == (s if padded != s else None)
+
+
+def test_unshard_refuses_a_seqlen_the_shards_cannot_hold():
+    shards = [L.shard_for_rank(torch.zeros(1, 13), r, 2, 1, "zigzag") for r in range(2)]  # padded to 16
+    assert L.unshard_from_shards(shards, 1, "zigzag", seqlen=13).shape == (1, 13)
+    for bad in (12, 17, 0, -1, 13.0, True):
+        with pytest.raises(ValueError, match=r"seqlen must be the real global length.*\(12, 16\]"):
+            L.unshard_from_shards(shards, 1, "zigzag", seqlen=bad)
 
 
 def test_bad_arguments():
@@ -118,9 +154,29 @@ def test_varlen_round_trip_and_positions(case):
             assert torch.equal(idx[a:b], int(cu[i]) + pos[a:b])
 
 
+@given(st.integers(1, 5), st.sampled_from(LAYOUTS), st.lists(st.integers(0, 13), min_size=1, max_size=5))
+def test_varlen_any_lengths_pad_each_sequence(world, layout, lens):
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    x = torch.randn(int(cu[-1]), 2) + 100  # never equal to the pad value
+    shards = [L.varlen_shard_for_rank(x, cu, r, world, 0, layout, pad_value=0.0) for r in range(world)]
+    assert torch.equal(L.varlen_unshard_from_shards(shards, cu, 0, layout), x)
+    padded = L.varlen_padded_cu_seqlens(cu, world, layout)
+    local_cu = L.varlen_local_cu_seqlens(cu, world, layout).tolist()
+    assert local_cu == [p // world for p in padded]
+    for r, sh in enumerate(shards):
+        assert sh.shape[0] == local_cu[-1]
+        pos = L.varlen_positions(cu, r, world, layout)
+        for i, n in enumerate(lens):
+            a, b = local_cu[i], local_cu[i + 1]
+            real = (sh[a:b, 0] != 0).tolist()
+            total = L.valid_counts(n, r, world, layout)[0]
+            assert real == [True] * total + [False] * (b - a - total)
+            assert bool((pos[a:a + total] < n).all()) and bool((pos[a + total:b] >= n).all())
+
+
 def test_varlen_error_names_the_sequence():
     cu = torch.tensor([0, 8, 18], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"sequence 1 .* has length 10 cannot be split.*pad it with 2"):
-        L.varlen_local_cu_seqlens(cu, 2, "zigzag")
+        L.check_varlen_divisible(cu, 2, "zigzag")
     with pytest.raises(ValueError, match="non-decreasing"):
         L.varlen_shard_index([0, 4, 2], 0, 2, "contiguous")

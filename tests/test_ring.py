@@ -16,16 +16,16 @@ import ring_attn
 import ring_attn.backends as backends
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 from ring_attn import reference
-from ring_workers import cases_for, run_world
+from ring_workers import PAD_LENGTHS, cases_for
 
 WORLDS = (1, 2, 3, 4)
 FP32_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def worlds(tmp_path_factory):
-    """{world: [results of rank 0, rank 1, ...]}: every case of every world, run once."""
-    return {w: run_world(w, str(tmp_path_factory.mktemp(f"ring_w{w}"))) for w in WORLDS}
+@pytest.fixture
+def worlds(ring_worlds):
+    """{world: [results of rank 0, rank 1, ...]}: every case of every world, run once (tests/conftest.py)."""
+    return ring_worlds
 
 
 def _case_ids(kinds):
@@ -140,19 +140,148 @@ def test_invalid_inputs_raise_before_any_collective(worlds, world):
         "layout": ("ValueError", "layout must be one of"),
         "gqa": ("ValueError", "positive multiple of k/v heads"),
         "dtype": ("TypeError", "must share a dtype"),
-        "varlen_split": ("ValueError", "sequence 1"),
+        # a sequence the layout cannot split is padded by shard_varlen: q must hold the padded count
+        "varlen_split": ("ValueError", "but q has 3"),
         "varlen_tokens": ("ValueError", "but q has 5"),
         "cu_dtype": ("TypeError", "cu_seqlens.dtype"),
     }
+    expected.update(REFUSALS)
     for rank in range(world):
         st = _result(worlds, world, name, rank)
+        assert set(st["raised"]) == set(expected)
         for call, (etype, needle) in expected.items():
             got = st["raised"][call]
             assert got is not None, f"{call} did not raise"
             assert got[0] == etype and needle in got[1], (call, got)
         if world > 1:
-            assert "pad it with" in st["raised"]["varlen_split"][1]
+            assert "after padding" in st["raised"]["varlen_split"][1]
         assert st["after"] == world  # the group is still in step
+    # rank 0 alone made every call again while its peers waited at the next collective: each raised the same
+    # error at once, so none of them reached a collective
+    st = _result(worlds, world, name, 0)
+    assert st["raised_alone"] == st["raised"]
+
+
+REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text the message must contain)
+    "dropout": ("NotImplementedError", "dropout_p=0.1 is not supported"),
+    "dropout_kw": ("NotImplementedError", "dropout_p=0.5 is not supported"),
+    "old_positional_causal": ("TypeError", "dropout_p must be a float, got True"),
+    "alibi": ("NotImplementedError", "alibi_slopes is not supported"),
+    "window": ("NotImplementedError", "window_size=(4, 0) is not supported"),
+    "window_noncausal": ("NotImplementedError", "window_size=(-1, 0) is not supported"),
+    "window_type": ("TypeError", "window_size must be a pair of ints"),
+    "softcap": ("NotImplementedError", "softcap=30.0 is not supported"),
+    "softcap_negative": ("ValueError", "softcap must be a float >= 0"),
+    "causal_type": ("TypeError", "causal must be a bool, got 'yes'"),
+    "deterministic_type": ("TypeError", "deterministic must be a bool"),
+    "group_type": ("TypeError", "group must be a torch.distributed ProcessGroup or None, got 'world'"),
+    "seqlen_range": ("ValueError", "seqlen must be the real global sequence length"),
+    "seqlen_too_short": ("ValueError", "seqlen must be the real global sequence length"),
+    "padded_noncausal": ("ValueError", "non-causal attention would attend to the padding. Pass seqlen="),
+    "varlen_dropout": ("NotImplementedError", "dropout_p=0.5 is not supported"),
+    "varlen_softcap": ("NotImplementedError", "softcap=5.0 is not supported"),
+    "varlen_max_seqlen_type": ("TypeError", "max_seqlen must be an int"),
+    "varlen_max_seqlen_small": ("ValueError", "max_seqlen must be >= the longest sequence"),
+    "compat_zigzag_odd": ("ValueError", "local sequence 0 (cu_seqlens[0:2] = [0, 3]) has odd length 3"),
+    "compat_qkv_shape": ("ValueError", "qkv must be [batch, seqlen, 3, heads, head_dim]"),
+    "compat_kv_shape": ("ValueError", "kv must be [total_tokens, 2, heads, head_dim]"),
+    "compat_window": ("NotImplementedError", "window_size=(8, 8) is not supported"),
+    "compat_alibi_positional": ("NotImplementedError", "alibi_slopes is not supported"),
+    "compat_dropout": ("NotImplementedError", "dropout_p=0.1 is not supported"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any sequence length (shard pads, the ring masks, unshard drops), the call forms
+
+
+def _check_against_oracle(what, got, inp, causal, world):
+    """fp32 ring results vs the float64 oracle on the *unpadded* sequence (docs/design.md rule), and vs the
+    single-device op within FP32_RTOL."""
+    def fresh():  # _oracle marks fp32 inputs as requiring grad in place (.to() of the same dtype is a no-op)
+        return {n: t.detach().clone() if isinstance(t, torch.Tensor) else t for n, t in inp.items()}
+
+    oracle, base = _oracle(fresh(), causal, torch.float64), _oracle(fresh(), causal, torch.float32)
+    single = _single_device(fresh(), causal)
+    fin = ~torch.isinf(oracle["lse"])
+    assert torch.equal(torch.isinf(got["lse"]), ~fin), f"{what}: rows without keys differ"
+    assert_within_rule(f"{what} out", got["out"], oracle["out"], base["out"], torch.float32, FORWARD,
+                       floor_scale=world)
+    assert_within_rule(f"{what} lse", got["lse"][fin], oracle["lse"][fin], base["lse"][fin], torch.float32,
+                       FORWARD, floor_scale=world)
+    for n in ("dq", "dk", "dv"):
+        assert_within_rule(f"{what} {n}", got[n], oracle[n], base[n], torch.float32, BACKWARD, floor_scale=world)
+    for n in ("out", "dq", "dk", "dv"):
+        assert _rel_err(got[n], single[n]) <= FP32_RTOL, f"{what} {n} vs single device"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_any_length_is_padded_and_masked(worlds, world, layout, causal):
+    """Lengths 1, 5, 7, 13 (most of which no layout can split over W = 2..4), sharded with ring_attn.shard:
+    outputs, LSE and gradients of the real tokens equal single-device attention over the unpadded sequence;
+    with seqlen= the padding rows are inert (out 0, lse -inf, zero gradients, although they got dout = 1);
+    causal attention needs no seqlen at all."""
+    name = next(c["name"] for c in cases_for(world) if c["kind"] == "padding")
+    inputs = _result(worlds, world, name, 0)["results"]
+    for rank in range(world):
+        st = _result(worlds, world, name, rank)
+        assert st["unshard_seqlen"] is True
+        for s in PAD_LENGTHS:
+            for with_seqlen in ((True, False) if causal else (True,)):
+                r = st["results"][(layout, causal, s, with_seqlen)]
+                m = 2 * world if layout == "zigzag" else world
+                assert r["local_shape"] == (2, -(-s // m) * m // world, 4, 16)
+                if with_seqlen:
+                    assert r["pad_rows_inert"] is True, (s, rank)
+                if rank == 0:
+                    _check_against_oracle(f"S={s} seqlen={with_seqlen}", r["gathered"],
+                                          inputs[(layout, causal, s, with_seqlen)]["inputs"], causal, world)
+
+
+def test_any_length_with_the_triton_kernels(worlds):
+    """The padded pieces (per-sequence row counts below the shard length) through the Triton kernels
+    (interpreter on CPU), W = 2, lengths 5 and 7, every layout, causal and not."""
+    cases = [c["name"] for c in cases_for(2) if c["kind"] == "triton_padding"]
+    if not cases:
+        pytest.skip("Triton kernels run only with TRITON_INTERPRET=1 or on a GPU")
+    for rank in range(2):
+        res = _result(worlds, 2, cases[0], rank)["results"]
+        assert len(res) == 3 * 2 * 3
+        for (layout, causal, s, with_seqlen), r in res.items():
+            if with_seqlen:
+                assert r["pad_rows_inert"] is True, (layout, causal, s, rank)
+            if rank == 0:
+                _check_against_oracle(f"triton {layout} causal={causal} S={s} seqlen={with_seqlen}", r["gathered"],
+                                      r["inputs"], causal, 2)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_varlen_any_lengths_are_padded_and_masked(worlds, world):
+    name = next(c["name"] for c in cases_for(world) if c["kind"] == "padding_varlen")
+    for rank in range(world):
+        for (layout, causal), r in _result(worlds, world, name, rank)["results"].items():
+            assert r["pad_rows_inert"] is True, (layout, causal, rank)
+            if rank == 0:
+                _check_against_oracle(f"varlen {layout} causal={causal}", r["gathered"], r["inputs"], causal, world)
+    if world == 4:  # lengths 5, 1, 0, 7, 13 really were padded here
+        assert _result(worlds, world, name, 0)["results"][("zigzag", True)]["pad_rows"] > 0
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_flash_attn_call_forms(worlds, world):
+    """Positional calls in flash-attn's order, keywords, return_attn_probs, (-1, 0) windows with causal, tensor
+    and numpy max_seqlen: bitwise the keyword call's result, which matches the oracle."""
+    name = next(c["name"] for c in cases_for(world) if c["kind"] == "call_forms")
+    for rank in range(world):
+        res = _result(worlds, world, name, rank)["results"]
+        bad = [k for k, ok in res.items() if ok is not True]
+        assert not bad, bad
+        assert len(res) == 3 * 11
+    st = _result(worlds, world, name, 0)
+    for layout, got in st["gathered"].items():
+        _check_against_oracle(f"call forms {layout}", got, st["inputs"], True, world)
 
 
 @pytest.mark.parametrize("world", [w for w in WORLDS if w > 1])
@@ -229,7 +358,8 @@ for layout in ("zigzag", "striped", "contiguous"):
         o2 = ring_attn.flash_attn_func(*b, causal=True); o2.backward(do)
         # the ring schedule itself at W = 1 (ring_attn_func short-cuts to the plain op): fp32 partial outputs,
         # kernels adding into fp32 accumulators on CUDA
-        o3, _ = _RingAttnFunction.apply(*c, 0.125, True, layout, sched, _Dense(512)); o3.backward(do)
+        o3, _ = _RingAttnFunction.apply(*c, 0.125, True, layout, sched, _Dense(512), (-1, -1), 0.0)
+        o3.backward(do)
         pairs = [(o1, o2), (o3, o2)] + [(p.grad, r.grad) for p, r in zip(a, b)] + \
             [(p.grad, r.grad) for p, r in zip(c, b)]
         for x, y in pairs:

@@ -55,6 +55,7 @@ every call: it surfaces as the process group's timeout error. ``validate=False``
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
 from typing import NamedTuple, Optional
 
@@ -70,7 +71,14 @@ from ring_attn.ops.attention import (
     flash_attn_varlen_func,
 )
 from ring_attn.ring.comm import RingComm
-from ring_attn.ring.layout import LAYOUTS, check_divisible, check_layout, check_varlen_divisible
+from ring_attn.ring.layout import (
+    LAYOUTS,
+    check_layout,
+    padded_length,
+    recorded_padding,
+    valid_counts,
+    varlen_padded_cu_seqlens,
+)
 
 __all__ = ["ring_attn_func", "ring_attn_varlen_func"]
 
@@ -88,8 +96,38 @@ class _Piece(NamedTuple):
     offset: Optional[int]
 
 
-def _plan(layout: str, causal: bool, rank: int, src: int) -> list[_Piece]:
-    """Pieces of the (rank's queries, src's keys) pair; empty when nothing is visible."""
+_NO_WINDOW = (-1, -1)
+
+
+def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int] = _NO_WINDOW) -> list[_Piece]:
+    """Pieces of the (rank's queries, src's keys) pair; empty when nothing is visible.
+
+    Sliding windows (``window_size``) are computed HERE and nowhere else once the kernels take a window
+    (``backends/protocol.py``: key ``j`` visible to query ``i`` iff ``j <= i + off`` when causal,
+    ``j >= i + off - left`` and ``j <= i + off + right``, with ``off`` the piece's ``causal_offset`` and a
+    negative bound meaning unbounded). Until then the public functions refuse any window before they get here.
+    Recipe (checked by brute force against global masks for contiguous and striped, W 1..4, windows up to 9):
+    for a piece whose rows satisfy ``global(k_j) - global(q_i) = (j - i) - D`` with one constant ``D``, the
+    visible keys are ``lo <= j - i <= hi`` with ``hi = min(D if causal, D + right if right >= 0)`` and
+    ``lo = D - left`` (if ``left >= 0``). Skip the piece when ``lo > hi`` or the band misses the block
+    (``lo > n_k - 1`` or ``hi < -(n_q - 1)``); else launch it causal with ``off = hi`` and window
+    ``(hi - lo, -1)`` (no ``lo``: ``(-1, -1)``; no ``hi``: not causal, ``off = lo``, window ``(0, -1)``).
+    Per layout, ``D``:
+
+    * contiguous: ``D = (rank - src) * s_local``;
+    * zigzag: ``"all"`` rows span two chunks (``rank`` and ``2W-1-rank``) that are not one affine run, so with
+      a window every pair splits into up to four (q chunk, k chunk) pieces (q/k parts ``"first"`` /
+      ``"second"``, addressed like the existing halves), ``D = (chunk_q - chunk_k) * s_local / 2``;
+    * striped (global = ``i*W + rank``): not affine in ``D`` but the same recipe holds with
+      ``hi = min(floor((rank - src) / W) if causal, floor((rank - src + right) / W))`` and
+      ``lo = ceil((rank - src - left) / W)``;
+    * varlen: ``s_local`` differs per sequence, so contiguous/zigzag ``D`` is per sequence: the kernels need a
+      per-sequence offset (next to ``VarlenSeqs.starts_*``), or the ring must refuse windows for packed
+      inputs; padded shards (``_Packed``) already give per-sequence row counts.
+    * softcap needs nothing here: a per-score transform, passed unchanged to every piece (``_kernel_options``).
+    """
+    if tuple(window) != _NO_WINDOW:
+        raise NotImplementedError(f"window_size={tuple(window)} is not implemented in the ring schedule yet")
     if not causal:
         return [_Piece("all", "all", False, None)]
     if src == rank:
@@ -100,6 +138,15 @@ def _plan(layout: str, causal: bool, rank: int, src: int) -> list[_Piece]:
         return [_Piece("all", "first", False, None)] if src < rank else [_Piece("second", "all", False, None)]
     # striped
     return [_Piece("all", "all", True, 0 if src < rank else -1)]
+
+
+def _kernel_options(softcap: float) -> dict:
+    """Keyword arguments every piece's kernel call gets besides the piece's own (window goes per piece, see
+    :func:`_plan`). Empty until the attention kernels take ``softcap`` (the public functions refuse
+    ``softcap != 0`` until then); then: ``{"softcap": softcap}``."""
+    if softcap:
+        raise NotImplementedError(f"softcap={softcap} is not implemented in the ring schedule yet")
+    return {}
 
 
 class _Dense:
@@ -119,24 +166,48 @@ class _Dense:
     def lse(self, part):  # slice of [b, h, s]
         return (_ALL, _ALL, slice(self.half, None)) if part == "second" else (_ALL, _ALL, _ALL)
 
-    def piece_seqs(self, piece):
+    def piece_seqs(self, piece, src=None):
         return None
 
 
 class _Packed:
-    """Addresses pieces of packed ``[t_local, h, d]`` shards with VarlenSeqs (no copies)."""
+    """Addresses pieces of packed ``[t_local, h, d]`` shards with VarlenSeqs (no copies).
 
-    def __init__(self, local_cu: list[int], device):
-        starts = torch.tensor(local_cu[:-1], dtype=torch.int32, device=device)
-        lens = torch.tensor([b - a for a, b in zip(local_cu[:-1], local_cu[1:])], dtype=torch.int32,
-                            device=device)
-        half = lens // 2
-        max_len = max([b - a for a, b in zip(local_cu[:-1], local_cu[1:])] + [0])
-        self._seqs = {
-            ("all", "all"): VarlenSeqs(starts, lens, starts, lens, max_len, max_len, True),
-            ("all", "first"): VarlenSeqs(starts, lens, starts, half, max_len, max_len // 2, True),
-            ("second", "all"): VarlenSeqs(starts + half, half, starts, lens, max_len // 2, max_len, False),
-        }
+    Sequence ``i`` of real global length ``L_i`` is padded to ``padded_length(L_i)`` and holds
+    ``n_i = padded / W`` local rows on every rank. Only its real tokens are attended to: they are a prefix
+    of the shard and of each zigzag half (:func:`ring_attn.ring.layout.valid_counts`), so a piece's
+    sequence ``i`` is q rows ``[start, start + real q count)`` against k rows ``[start, start + real k
+    count)``, where the key counts are those of the rank the keys came from (``src``). Padding rows are in
+    no sequence: their output is 0, their LSE ``-inf``, their gradients 0.
+    """
+
+    def __init__(self, real_lens: list[int], rank: int, world: int, layout: str, device):
+        self._rank, self._world, self._layout, self._real = rank, world, layout, list(real_lens)
+        self._n = [padded_length(n, world, layout) // world for n in real_lens]
+        self.padded = any(n * world != r for n, r in zip(self._n, real_lens))
+        starts, acc = [], 0
+        for n in self._n:
+            starts.append(acc)
+            acc += n
+        self._i32 = dict(dtype=torch.int32, device=device)
+        self._starts = torch.tensor(starts, **self._i32)
+        self._half = torch.tensor([n // 2 for n in self._n], **self._i32)
+        self._max = {"all": max(self._n + [0]), "first": max([n // 2 for n in self._n] + [0]),
+                     "second": max([n - n // 2 for n in self._n] + [0])}
+        self._counts: dict = {}
+        self._seqs: dict = {}
+
+    def _count(self, rank: int, part: str) -> torch.Tensor:
+        """Real rows of every sequence in ``part`` of ``rank``'s shard: int32 ``[n_seqs]``."""
+        key = (rank, part)
+        if key not in self._counts:
+            if self.padded:
+                which = {"all": 0, "first": 1, "second": 2}[part]
+                vals = [valid_counts(n, rank, self._world, self._layout)[which] for n in self._real]
+            else:
+                vals = [{"all": n, "first": n // 2, "second": n - n // 2}[part] for n in self._n]
+            self._counts[key] = torch.tensor(vals, **self._i32)
+        return self._counts[key]
 
     def q(self, part):
         return (_ALL,)
@@ -146,16 +217,28 @@ class _Packed:
     def lse(self, part):
         return (_ALL, _ALL)
 
-    def piece_seqs(self, piece):
-        return self._seqs[(piece.q_part, piece.k_part)]
+    def piece_seqs(self, piece, src=None):
+        key = (piece.q_part, piece.k_part, src if self.padded else None)
+        seqs = self._seqs.get(key)
+        if seqs is None:
+            q_rank, k_rank = self._rank, (src if self.padded else self._rank)
+            q_start = self._starts + self._half if piece.q_part == "second" else self._starts
+            lens_k = self._count(k_rank, piece.k_part)
+            # a sequence with no real key in this piece gets no query rows either: they would see nothing
+            # (a merge leaves them as they are; the first piece zero-fills them), and no launch sees n_k = 0
+            lens_q = torch.where(lens_k > 0, self._count(q_rank, piece.q_part), 0).to(torch.int32)
+            seqs = self._seqs[key] = VarlenSeqs(q_start, lens_q, self._starts, lens_k, self._max[piece.q_part],
+                                                self._max[piece.k_part], piece.q_part == "all" and not self.padded)
+        return seqs
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Forward and backward rings (no autograd here).
 
 
-def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr):
+def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW, softcap=0.0):
     world, rank = comm.world_size, comm.rank
+    opts = _kernel_options(softcap)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
     out_acc = lse_acc = None
     cur = (k, v)
@@ -166,24 +249,26 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr):
             nxt = bufs[step % 2]
             handle = comm.exchange(list(cur), list(nxt))
         kk, vv = cur
-        for piece in _plan(layout, causal, rank, src):
+        for piece in _plan(layout, causal, rank, src, window):
             qs, ks = addr.q(piece.q_part), addr.k(piece.k_part)
             if out_acc is None:  # step 0 is always the whole (diagonal or full) block
                 out_acc, lse_acc = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal,
-                                                           piece.offset, addr.piece_seqs(piece),
-                                                           out_dtype=torch.float32)
+                                                           piece.offset, addr.piece_seqs(piece, src),
+                                                           out_dtype=torch.float32, **opts)
             else:  # merged into the running fp32 result in the kernel's epilogue
                 attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
-                                        addr.piece_seqs(piece), out=out_acc[qs],
-                                        lse=lse_acc[addr.lse(piece.q_part)])
+                                        addr.piece_seqs(piece, src), out=out_acc[qs],
+                                        lse=lse_acc[addr.lse(piece.q_part)], **opts)
         if handle is not None:
             comm.wait(handle)
             cur = nxt
     return out_acc, lse_acc
 
 
-def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: RingComm, addr):
+def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW,
+                   softcap=0.0):
     world, rank = comm.world_size, comm.rank
+    opts = _kernel_options(softcap)
     delta = attention_delta(dout, out, dlse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv_bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
@@ -207,11 +292,11 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
             dk_t, dv_t = blk
             dk_t.zero_()
             dv_t.zero_()
-        for piece in _plan(layout, causal, rank, src):
+        for piece in _plan(layout, causal, rank, src, window):
             qs, ks, ls = addr.q(piece.q_part), addr.k(piece.k_part), addr.lse(piece.q_part)
             attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse[ls], delta[ls], dq[qs], dk_t[ks],
-                                     dv_t[ks], scale, piece.causal, piece.offset, addr.piece_seqs(piece),
-                                     accumulate=True)
+                                     dv_t[ks], scale, piece.causal, piece.offset, addr.piece_seqs(piece, src),
+                                     accumulate=True, **opts)
         if step > 0:
             comm.wait(dkv_handle)  # the accumulator for src, from rank - 1
             dkv[acc][0].add_(dk_t)
@@ -287,6 +372,8 @@ def _describe(sig: list[int]) -> str:
             f"layout={LAYOUTS[sig[16]] if 0 <= sig[16] < len(LAYOUTS) else '?'}, softmax_scale={scale:.6g}")
     if sig[1] == 1:
         text += f", {sig[18]} sequences (cu_seqlens digest {sig[19] & 0xFFFFFFFF:08x})"
+    else:
+        text += f", seqlen={sig[18]}"
     return text
 
 
@@ -319,125 +406,271 @@ def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
     return scale, pg, rank, world, backend
 
 
+_ORDER = ("q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, "
+          "return_attn_probs, group (flash-attn's order)")
+
+
+def _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, group):
+    """flash-attn's arguments, checked before anything else (no collective yet). Returns ``(causal, window,
+    softcap)`` normalized. Supported values run; values naming a feature the ring does not have raise
+    NotImplementedError; values of the wrong kind (often an argument in the wrong position) raise TypeError."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{name}: dropout_p must be a float, got {dropout_p!r}; the positional order is {_ORDER}"
+                        + (" (causal is the 6th argument: pass causal=True)" if isinstance(dropout_p, bool) else ""))
+    if dropout_p != 0:
+        raise NotImplementedError(f"{name}: dropout_p={dropout_p} is not supported (attention dropout is not "
+                                  f"implemented in the ring); pass dropout_p=0.0")
+    if not isinstance(causal, (bool, int)) or causal not in (0, 1):
+        raise TypeError(f"{name}: causal must be a bool, got {causal!r}; the positional order is {_ORDER}")
+    causal = bool(causal)
+    try:
+        left, right = (int(w) for w in window_size)
+        if any(isinstance(w, bool) or int(w) != w for w in window_size):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: window_size must be a pair of ints (left, right), -1 meaning unbounded; got "
+                        f"{window_size!r}") from None
+    left, right = (-1 if left < 0 else left), (-1 if right < 0 else right)
+    if causal and right >= 0:  # causal already hides every key to the right (flash-attn sets right = 0)
+        right = -1
+    if (left, right) != _NO_WINDOW:
+        raise NotImplementedError(f"{name}: window_size={tuple(window_size)} is not supported by the ring yet "
+                                  f"(sliding-window attention); pass window_size=(-1, -1)")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"{name}: softcap must be a float >= 0 (0 = no capping), got {softcap!r}")
+    if softcap != 0:
+        raise NotImplementedError(f"{name}: softcap={softcap} is not supported by the ring yet (logit soft "
+                                  f"capping); pass softcap=0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{name}: alibi_slopes is not supported (ALiBi is not implemented in the "
+                                  f"ring); got a {type(alibi_slopes).__name__}, expected None")
+    for arg, val in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
+        if not isinstance(val, (bool, int)) or val not in (0, 1):
+            raise TypeError(f"{name}: {arg} must be a bool, got {val!r}; the positional order is {_ORDER}")
+    # deterministic: accepted either way; the ring's forward and backward are always bitwise deterministic
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: group must be a torch.distributed ProcessGroup or None, got {group!r}; the "
+                        f"positional order is {_ORDER}")
+    return causal, (left, right), float(softcap)
+
+
+def _as_int(name, val) -> int:
+    """An int, a numpy integer or a one-element integer tensor (flash-attn accepts all three)."""
+    if isinstance(val, torch.Tensor) and val.numel() == 1 and not val.is_floating_point() and \
+            val.dtype != torch.bool:
+        return int(val.item())
+    if isinstance(val, bool):
+        raise TypeError(f"{name} must be an int, got {val!r}")
+    try:
+        return operator.index(val)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {val!r}") from None
+
+
+def _check_seqlen(name, seqlen, padded: int, world: int, layout: str, causal: bool) -> int:
+    """The real global length of dense shards holding ``padded`` tokens in all (see :func:`ring_attn.shard`)."""
+    m = 2 * world if layout == "zigzag" else world
+    if seqlen is None:
+        if not causal:
+            seen = recorded_padding(layout, world, padded)
+            if seen is not None:
+                raise ValueError(
+                    f"{name}: these shards hold {padded} tokens in all, and the last sequence ring_attn.shard "
+                    f"padded to {padded} tokens (layout {layout!r}, {world} ranks) had {seen}; non-causal "
+                    f"attention would attend to the padding. Pass seqlen={seen} (or seqlen={padded} if this "
+                    f"sequence really has {padded} tokens)")
+        return padded
+    seqlen = _as_int("seqlen", seqlen)
+    if not padded - m < seqlen <= padded:
+        raise ValueError(f"{name}: seqlen must be the real global sequence length of these shards, an int in "
+                         f"({max(padded - m, 0)}, {padded}] ({padded} tokens in all = {world} ranks x "
+                         f"{padded // world}, layout {layout!r} pads to a multiple of {m}); got {seqlen}")
+    return seqlen
+
+
+def _results(out, lse, return_lse, return_attn_probs):
+    if return_attn_probs:  # flash-attn / ring-flash-attn: (out, softmax_lse, attention probabilities: none)
+        return out, lse, None
+    return (out, lse) if return_lse else out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Autograd
 
 
 class _RingAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, comm, addr):
+    def forward(ctx, q, k, v, scale, causal, layout, comm, addr, window, softcap):
         k, v = k.contiguous(), v.contiguous()  # sent as-is
-        out_acc, lse = _ring_forward(q, k, v, scale, causal, layout, comm, addr)
+        out_acc, lse = _ring_forward(q, k, v, scale, causal, layout, comm, addr, window, softcap)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, layout, comm, addr)
+        ctx.args = (scale, causal, layout, comm, addr, window, softcap)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, layout, comm, addr = ctx.args
+        scale, causal, layout, comm, addr, window, softcap = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm, addr)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm, addr, window,
+                                    softcap)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
-def ring_attn_func(q, k, v, causal: bool = False, softmax_scale: Optional[float] = None, group=None,
-                   layout: str = "zigzag", return_lse: bool = False, validate: bool = True):
+def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+                   window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                   deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                   layout: str = "zigzag", seqlen: Optional[int] = None, return_lse: bool = False,
+                   validate: bool = True):
     """Exact attention over a sequence sharded across the ranks of ``group``, with autograd.
 
     Every rank of ``group`` calls this with its shard (collective). The global sequence of ``S`` tokens is
-    split by ``layout`` (see :mod:`ring_attn.ring.layout`; :func:`ring_attn.shard` makes the shards).
+    split by ``layout`` (see :mod:`ring_attn.ring.layout`; :func:`ring_attn.shard` makes the shards, padding
+    ``S`` to a length the layout can split). The positional order after ``q, k, v`` is flash-attn's
+    (``flash_attn_func``), with ``group`` last, so calls written for flash-attn / ring-flash-attn mean the
+    same here; ``ring_attn.compat`` has ring-flash-attn's exact names and signatures.
 
     Args:
         q: this rank's queries ``[batch, s_local, heads_q, head_dim]``, fp16/bf16/fp32; CUDA with an NCCL
             group, CPU with gloo.
         k, v: this rank's keys/values ``[batch, s_local, heads_kv, head_dim]``, same dtype/device;
             ``heads_q % heads_kv == 0`` (GQA/MQA: K/V circulate with ``heads_kv`` heads).
-        causal: causal mask over *global* positions (query at global position ``i`` sees keys ``j <= i``).
+        dropout_p: must be 0 (dropout is not implemented: NotImplementedError otherwise).
         softmax_scale: default ``1 / sqrt(head_dim)``.
-        group: process group (default: the world); any subgroup or ``DeviceMesh`` dimension works.
-        layout: ``"zigzag"`` (default; ``S % (2W) == 0``), ``"contiguous"`` or ``"striped"`` (``S % W == 0``).
-        return_lse: also return the log-sum-exp (differentiable).
-        validate: the first time a call signature is seen on ``group``, check with one small ``all_gather``
-            that every rank passes the same shapes/dtype/causal/layout/scale (else every rank raises).
+        causal: causal mask over *global* positions (query at global position ``i`` sees keys ``j <= i``).
+        window_size: ``(-1, -1)`` (no window; with ``causal``, ``(-1, r)`` for any ``r >= 0`` is the same).
+            Other windows raise NotImplementedError for now.
+        softcap: must be 0 for now (NotImplementedError otherwise).
+        alibi_slopes: must be None (NotImplementedError otherwise).
+        deterministic: accepted and ignored: the ring's forward and backward are always bitwise deterministic.
+        return_attn_probs: return ``(out, lse, None)`` like flash-attn / ring-flash-attn (no probabilities).
+        group: process group (default: the world); any subgroup or ``DeviceMesh`` dimension's group.
+        layout: (keyword) ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
+        seqlen: (keyword) the real global length ``S`` when :func:`ring_attn.shard` padded the sequence to
+            ``W * s_local`` tokens: padding keys are then masked for every query, padding rows return 0 (LSE
+            ``-inf``) and get zero gradients. Not needed for causal attention (padding sits after every real
+            token, so no real query sees it), *required* for non-causal attention over padded shards (a
+            call without it raises ValueError when ``shard`` padded to this length in this process).
+        return_lse: (keyword) return ``(out, lse)``.
+        validate: (keyword) the first time a call signature is seen on ``group``, check with one small
+            ``all_gather`` that every rank passes the same shapes/dtype/causal/layout/scale/seqlen.
 
     Returns:
         ``out`` ``[batch, s_local, heads_q, head_dim]``: this rank's output shard in the input dtype; with
-        ``return_lse`` also ``lse`` float32 ``[batch, heads_q, s_local]`` (natural log, over the whole
-        sequence). Backward gives this rank's dq, dk, dv (input dtype).
+        ``return_lse`` ``(out, lse)``, with ``return_attn_probs`` ``(out, lse, None)``: ``lse`` float32
+        ``[batch, heads_q, s_local]`` (natural log, over the whole sequence; differentiable). Backward gives
+        this rank's dq, dk, dv (input dtype).
 
     Raises:
-        TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes, head counts,
-        layout; ``s_local`` odd with zigzag; a CUDA tensor with a gloo group or a CPU tensor with NCCL.
-        ValueError on every rank when ranks pass inconsistent inputs (``validate=True``).
-        RuntimeError when torch.distributed is not initialized.
+        NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes``, a window, a
+        softcap. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
+        head counts, layout, an argument of the wrong kind (e.g. ``causal`` passed where ``dropout_p`` is),
+        ``s_local`` odd with zigzag, a ``seqlen`` the shards cannot hold, a CUDA tensor with a gloo group or
+        a CPU tensor with NCCL. ValueError on every rank when ranks pass inconsistent inputs
+        (``validate=True``). RuntimeError when torch.distributed is not initialized.
     """
-    scale, pg, rank, world, backend = _check_common("ring_attn_func", q, k, v, softmax_scale, layout, group,
-                                                    packed=False)
-    s_local = q.shape[1]
+    name = "ring_attn_func"
+    causal, window, softcap = _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
+                                                deterministic, return_attn_probs, group)
+    scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=False)
+    b, s_local = q.shape[0], q.shape[1]
     if layout == "zigzag" and s_local % 2:
         raise ValueError(f"zigzag layout needs an even number of local tokens (global length a multiple of "
-                         f"2 * world_size = {2 * world}); q has s_local = {s_local} ({tuple(q.shape)}); pad the "
-                         f"global sequence to a multiple of {2 * world}")
+                         f"2 * world_size = {2 * world}); q has s_local = {s_local} ({tuple(q.shape)}); shard the "
+                         f"global sequence with ring_attn.shard, which pads it")
+    padded = s_local * world
+    real = _check_seqlen(name, seqlen, padded, world, layout, causal)
     if validate:
-        sig = _signature(0, q, k, v, causal, layout, scale, [])
-        _validate_across_ranks("ring_attn_func", pg, backend, q.device, sig)
-    if world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
-        return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
-    out, lse = _RingAttnFunction.apply(q, k, v, scale, bool(causal), layout, _comm(pg, q.device),
-                                       _Dense(s_local))
-    return (out, lse) if return_lse else out
+        sig = _signature(0, q, k, v, causal, layout, scale, [real])
+        _validate_across_ranks(name, pg, backend, q.device, sig)
+    want_lse = return_lse or return_attn_probs
+    if real < padded:
+        # every batch element is one sequence of `real` tokens padded to `padded`: the packed schedule masks
+        # the padding (per-piece key counts; views, no copies for contiguous inputs)
+        addr = _Packed([real] * b, rank, world, layout, q.device)
+        flat = [x.reshape(b * s_local, *x.shape[2:]) for x in (q, k, v)]
+        out, lse = _RingAttnFunction.apply(*flat, scale, causal, layout, _comm(pg, q.device), addr, window, softcap)
+        out = out.view(q.shape)
+        lse = lse.view(lse.shape[0], b, s_local).transpose(0, 1).contiguous()
+    elif world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
+        res = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, return_lse=want_lse)
+        out, lse = res if want_lse else (res, None)
+    else:
+        out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device), _Dense(s_local),
+                                           window, softcap)
+    return _results(out, lse, return_lse, return_attn_probs)
 
 
-def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = False,
-                          softmax_scale: Optional[float] = None, group=None, layout: str = "zigzag",
-                          return_lse: bool = False, validate: bool = True):
-    """Ring attention over packed sequences of different lengths, each sharded by ``layout``.
+def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.0,
+                          softmax_scale: Optional[float] = None, causal: bool = False,
+                          window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                          deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                          layout: str = "zigzag", return_lse: bool = False, validate: bool = True):
+    """Ring attention over packed sequences of any lengths, each sharded by ``layout``.
+
+    Positional order: ring-flash-attn's ``ring_flash_attn_varlen_func`` (``q, k, v, cu_seqlens, max_seqlen``,
+    then flash-attn's), with one difference: ``cu_seqlens`` / ``max_seqlen`` here are *global* (the whole
+    packed batch); ring-flash-attn's are local (``ring_attn.compat`` takes local ones, like it).
 
     Args:
-        q: this rank's packed queries ``[total // W, heads_q, head_dim]``: for every sequence of the global
-            ``cu_seqlens``, its ``L / W`` local tokens (as made by :func:`ring_attn.ring.layout.shard_varlen`),
-            packed in sequence order.
-        k, v: ``[total // W, heads_kv, head_dim]``, sharded the same way.
-        cu_seqlens: *global* sequence boundaries, int32 ``[n_seqs + 1]`` (the same on every rank); every
-            length must be a multiple of ``W`` (``2W`` for zigzag). Read once on the host.
-        max_seqlen: the longest global sequence (an upper bound is fine).
-        causal, softmax_scale, group, layout, validate: as in :func:`ring_attn_func`; causal is per sequence.
-        return_lse: also return lse float32 ``[heads_q, total // W]``.
+        q: this rank's packed queries ``[t_local, heads_q, head_dim]``: for every sequence of the global
+            ``cu_seqlens``, its tokens on this rank (as made by :func:`ring_attn.ring.layout.shard_varlen`),
+            packed in sequence order. A sequence whose length ``L`` the layout cannot split is padded at its
+            end to the next multiple of ``W`` (``2W`` for zigzag) by ``shard_varlen`` and the padding is
+            masked here, so ``t_local = sum(padded L) / W``
+            (:func:`ring_attn.ring.layout.varlen_local_cu_seqlens`).
+        k, v: ``[t_local, heads_kv, head_dim]``, sharded the same way.
+        cu_seqlens: *global*, real sequence boundaries, int32 ``[n_seqs + 1]`` (the same on every rank).
+            Read once on the host.
+        max_seqlen: the longest global sequence (an upper bound is fine); an int, numpy int or 1-element
+            tensor.
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs, group, layout, return_lse, validate: as in :func:`ring_attn_func`; causal is per
+            sequence.
 
     Returns:
-        ``out`` ``[total // W, heads_q, head_dim]`` in the input dtype (and lse with ``return_lse``).
+        ``out`` ``[t_local, heads_q, head_dim]`` in the input dtype (padding rows 0); with ``return_lse``
+        ``(out, lse)``, with ``return_attn_probs`` ``(out, lse, None)``, lse float32 ``[heads_q, t_local]``.
 
     Raises:
-        as :func:`ring_attn_func`, plus TypeError/ValueError for malformed ``cu_seqlens``, a sequence the
-        layout cannot split (naming it and the padding that fixes it), or ``q`` whose token count is not
-        ``cu_seqlens[-1] / W``.
+        as :func:`ring_attn_func`, plus TypeError/ValueError for malformed ``cu_seqlens``, ``max_seqlen``
+        below the longest sequence, or ``q`` whose token count is not the padded total / ``W``.
     """
     name = "ring_attn_varlen_func"
+    causal, window, softcap = _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
+                                                deterministic, return_attn_probs, group)
     scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=True)
     check_cu_seqlens_form("cu_seqlens", cu_seqlens)
-    cu = check_varlen_divisible(cu_seqlens, world, layout)
+    pcu = varlen_padded_cu_seqlens(cu_seqlens, world, layout)  # validates the values (host read)
+    cu = [int(c) for c in cu_seqlens.tolist()]
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lens):
-        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({max(lens)}), got {max_seqlen!r}")
-    if cu[-1] != q.shape[0] * world:
-        raise ValueError(f"{name}: cu_seqlens[-1] = {cu[-1]} global tokens means {cu[-1] / world:g} local tokens "
-                         f"on each of {world} ranks, but q has {q.shape[0]} ({tuple(q.shape)})")
-    local_cu = [c // world for c in cu]
+    max_seqlen = _as_int("max_seqlen", max_seqlen)
+    if max_seqlen < max(lens):
+        raise ValueError(f"{name}: max_seqlen must be >= the longest sequence ({max(lens)}), got {max_seqlen}")
+    if pcu[-1] != q.shape[0] * world:
+        padded = "" if pcu == cu else (f" after padding every sequence to a length layout {layout!r} can split "
+                                       f"(padded cu_seqlens {pcu[:6]}{'...' if len(pcu) > 6 else ''})")
+        raise ValueError(f"{name}: cu_seqlens {cu[:6]}{'...' if len(cu) > 6 else ''} means {pcu[-1] / world:g} "
+                         f"local tokens on each of {world} ranks{padded}, but q has {q.shape[0]} "
+                         f"({tuple(q.shape)}); shard packed inputs with ring_attn.shard_varlen")
     if validate:
         digest = int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(cu)}q", *cu), digest_size=8).digest(),
                                 "little", signed=True)
         sig = _signature(1, q, k, v, causal, layout, scale, [len(lens), digest])
         _validate_across_ranks(name, pg, backend, q.device, sig)
-    if world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-                                      softmax_scale=scale, return_lse=return_lse)
-    out, lse = _RingAttnFunction.apply(q, k, v, scale, bool(causal), layout, _comm(pg, q.device),
-                                       _Packed(local_cu, q.device))
-    return (out, lse) if return_lse else out
+    want_lse = return_lse or return_attn_probs
+    if world == 1 and pcu == cu:  # the whole sequence is local: the single-device op, no fp32 round trips
+        res = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+                                     softmax_scale=scale, return_lse=want_lse)
+        out, lse = res if want_lse else (res, None)
+    else:
+        out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device),
+                                           _Packed(lens, rank, world, layout, q.device), window, softcap)
+    return _results(out, lse, return_lse, return_attn_probs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -99,20 +99,103 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the single-device comparison (it needs the whole sequence on rank 0)")
 
 
+def _use_cuda(args) -> bool:
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
+def _world(args, use_cuda: bool) -> int:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun the job decides
+        return int(os.environ["WORLD_SIZE"])
+    if args.world_size is not None:
+        return args.world_size
+    return torch.cuda.device_count() if use_cuda else 4
+
+
 def _resolve(args) -> dict:
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+    use_cuda = _use_cuda(args)
     d = GPU_DEFAULTS if use_cuda else CPU_DEFAULTS
-    world = args.world_size or (torch.cuda.device_count() if use_cuda else 4)
-    if use_cuda and world > torch.cuda.device_count():
-        raise SystemExit(f"--world-size {world} needs {world} GPUs (NCCL ranks cannot share a GPU); "
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return dict(world=_world(args, use_cuda), cuda=use_cuda, seqlen=args.seqlen, batch=args.batch,
+                heads=pick(args.heads, d["heads"]), kv_heads=pick(args.kv_heads, d["kv_heads"]),
+                head_dim=pick(args.head_dim, d["head_dim"]), dtype=pick(args.dtype, d["dtype"]),
+                layout=args.layout, causal=args.causal, backward=not args.forward_only,
+                iters=pick(args.iters, 10 if use_cuda else 1), check=args.check, t0=time.time())
+
+
+def check_args(args) -> None:
+    """Check every flag in this (the parent) process, before any rank is spawned.
+
+    Ranges: ``--world-size``, ``--seqlen``, ``--batch``, ``--heads``, ``--kv-heads``, ``--iters`` >= 1;
+    ``--heads`` a multiple of ``--kv-heads``; ``--head-dim`` in [1, 256]; ``--device cuda`` needs a visible GPU and
+    ``--world-size`` at most the GPU count (any ``--seqlen`` works: ``shard`` pads what the layout cannot
+    split and the ring masks the padding). Last, one tiny ``flash_attn_func`` call with the run's heads,
+    head dim and dtype on the CPU reference backend, so that anything the attention op refuses is reported
+    here rather than by every rank.
+
+    Raises:
+        ValueError: naming the flag, the value and what is accepted.
+    """
+    for flag, value in (("--world-size", args.world_size), ("--seqlen", args.seqlen), ("--batch", args.batch),
+                        ("--heads", args.heads), ("--kv-heads", args.kv_heads), ("--iters", args.iters)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: expected an int >= 1")
+    if args.head_dim is not None and not 1 <= args.head_dim <= 256:
+        raise ValueError(f"--head-dim {args.head_dim}: expected an int in [1, 256]")
+    use_cuda = _use_cuda(args)
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible (use --device cpu for gloo ranks on the CPU)")
+    cfg = _resolve(args)
+    if use_cuda and cfg["world"] > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--world-size {cfg['world']}: needs {cfg['world']} GPUs (NCCL ranks cannot share a GPU); "
                          f"{torch.cuda.device_count()} visible")
-    return dict(world=world, cuda=use_cuda, seqlen=args.seqlen, batch=args.batch,
-                heads=args.heads or d["heads"], kv_heads=args.kv_heads or d["kv_heads"],
-                head_dim=args.head_dim or d["head_dim"], dtype=args.dtype or d["dtype"], layout=args.layout,
-                causal=args.causal, backward=not args.forward_only,
-                iters=args.iters or (10 if use_cuda else 1), check=args.check)
+    if cfg["heads"] % cfg["kv_heads"]:
+        raise ValueError(f"--heads {cfg['heads']} --kv-heads {cfg['kv_heads']}: expected --heads to be a multiple "
+                         "of --kv-heads (grouped-query attention)")
+    _trial_call(cfg)
+
+
+def _trial_call(cfg: dict) -> None:
+    """One forward (+ backward) of ``flash_attn_func`` on 4 tokens with the run's heads / head dim / dtype, on
+    the CPU reference backend (cheap, and its argument checks are the op's): a refusal becomes a ValueError
+    that names the flags."""
+    import ring_attn
+
+    saved = os.environ.get("RING_ATTN_BACKEND")
+    os.environ["RING_ATTN_BACKEND"] = "reference"
+    try:
+        dtype = DTYPES[cfg["dtype"]]
+        q = torch.zeros(1, 4, cfg["heads"], cfg["head_dim"], dtype=dtype, requires_grad=cfg["backward"])
+        k, v = (torch.zeros(1, 4, cfg["kv_heads"], cfg["head_dim"], dtype=dtype, requires_grad=cfg["backward"])
+                for _ in range(2))
+        out = ring_attn.flash_attn_func(q, k, v, causal=cfg["causal"])
+        if cfg["backward"]:
+            out.sum().backward()
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise ValueError(f"--heads {cfg['heads']} --kv-heads {cfg['kv_heads']} --head-dim {cfg['head_dim']} "
+                         f"--dtype {cfg['dtype']}: the attention op refuses them: {exc}") from exc
+    finally:
+        if saved is None:
+            os.environ.pop("RING_ATTN_BACKEND", None)
+        else:
+            os.environ["RING_ATTN_BACKEND"] = saved
+
+
+def _progress(cfg: dict, message: str) -> None:
+    """One progress line, ``[elapsed s] message``, flushed at once (elapsed since the command started)."""
+    print(f"[{time.time() - cfg['t0']:7.1f} s] {message}", flush=True)
+
+
+def _describe(cfg: dict) -> str:
+    s, world = cfg["seqlen"], cfg["world"]
+    where = f"{world} NCCL rank(s) on GPUs" if cfg["cuda"] else f"{world} gloo rank(s) on CPU"
+    passes = "forward+backward" if cfg["backward"] else "forward"
+    return (f"ring-attn demo: {where}, {'causal' if cfg['causal'] else 'full'} {cfg['layout']}, batch "
+            f"{cfg['batch']} x {s} tokens ({s // world} per rank), heads {cfg['heads']}/{cfg['kv_heads']}, "
+            f"head_dim {cfg['head_dim']}, {cfg['dtype']}; {cfg['iters']} timed {passes} iteration(s); "
+            f"single-device check {'on' if cfg['check'] else 'off (--no-check)'}")
 
 
 def _sync(cfg):
@@ -138,6 +221,8 @@ def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
         rank = dist.get_rank()
     else:
         dist.init_process_group(init_method=init, rank=rank, world_size=world, **kw)
+    if rank == 0:
+        _progress(cfg, f"process group up: {world} rank(s) ({kw['backend']}); building and sharding the inputs ...")
     try:
         _run_rank(rank, cfg, result_path)
         dist.barrier()  # every rank done before any tears the group down (gloo can abort otherwise)
@@ -167,7 +252,7 @@ def _run_rank(rank, cfg, result_path):
     def ring_step(timings):
         _sync(cfg)
         t0 = time.perf_counter()
-        out = ring_attn.ring_attn_func(q, k, v, causal=cfg["causal"], layout=layout)
+        out = ring_attn.ring_attn_func(q, k, v, causal=cfg["causal"], layout=layout, seqlen=s)  # any length
         _sync(cfg)
         t1 = time.perf_counter()
         if cfg["backward"]:
@@ -177,7 +262,10 @@ def _run_rank(rank, cfg, result_path):
         timings.append((t1 - t0, t2 - t1))
         return out
 
+    passes = "forward+backward" if cfg["backward"] else "forward"
     if cfg["cuda"]:  # autotune, NCCL setup and the signature check happen here, outside the timing
+        if rank == 0:
+            _progress(cfg, f"warm-up: 2 untimed ring {passes} iterations (Triton autotune, NCCL setup)")
         for _ in range(2):
             q.grad = k.grad = v.grad = None
             ring_step([])
@@ -188,6 +276,8 @@ def _run_rank(rank, cfg, result_path):
         with PeakTensorMemory():  # the first dispatch mode of a process costs seconds of one-time setup
             torch.zeros(1).add_(1)
     dist.barrier()
+    if rank == 0:
+        _progress(cfg, f"ring {passes}: {cfg['iters']} timed iteration(s) on {world} rank(s) ...")
     wall0 = time.perf_counter()
     for _ in range(cfg["iters"]):
         q.grad = k.grad = v.grad = None
@@ -207,12 +297,13 @@ def _run_rank(rank, cfg, result_path):
     all_stats = [None] * world
     dist.all_gather_object(all_stats, stats)
 
-    gathered = [ring_attn.unshard(out.detach(), dim=1, layout=layout)]
+    gathered = [ring_attn.unshard(out.detach(), dim=1, layout=layout, seqlen=s)]
     if cfg["backward"]:
-        gathered += [ring_attn.unshard(x.grad, dim=1, layout=layout) for x in (q, k, v)]
+        gathered += [ring_attn.unshard(x.grad, dim=1, layout=layout, seqlen=s) for x in (q, k, v)]
     if rank != 0:
         return
-    line = (f"ring-attn demo: {world} rank(s), {'NCCL on ' + torch.cuda.get_device_name() if cfg['cuda'] else 'gloo on CPU'}"
+    _progress(cfg, f"ring {passes} done")
+    line = (f"result: {world} rank(s), {'NCCL on ' + torch.cuda.get_device_name() if cfg['cuda'] else 'gloo on CPU'}"
             f" ({stats['backend']} backend), {'causal' if cfg['causal'] else 'full'} {layout}, batch {b} x {s} "
             f"tokens ({s // world} per rank), heads {hq}/{hkv}, head_dim {d}, {cfg['dtype']}")
     print(line)
@@ -221,11 +312,12 @@ def _run_rank(rank, cfg, result_path):
         print(f"{st['rank']:>4} {st['s_local']:>8} {st['fwd_ms']:>10.1f} {st['bwd_ms']:>10.1f} "
               f"{st['peak_mb']:>15.1f} {st['rss_mb']:>11.0f}")
     ring_ms = max(st["fwd_ms"] + st["bwd_ms"] for st in all_stats)
-    passes = "forward+backward" if cfg["backward"] else "forward"
     print(f"ring {passes}: {ring_ms:.1f} ms (slowest rank) -> {b * s / (ring_ms / 1e3):,.0f} tokens/s")
     result = dict(config=cfg, ranks=all_stats, ring_ms=ring_ms)
     if cfg["check"]:
         torch.set_num_threads(os.cpu_count() or 1)  # the other ranks are done computing
+        _progress(cfg, f"single-device check: flash_attn_func {passes} on all {s} tokens in one process "
+                       f"({'the longest phase on CPU; ' if not cfg['cuda'] else ''}--no-check skips it) ...")
         qf, kf, vf = (x.to(device).requires_grad_(cfg["backward"]) for x in full[:3])
         _sync(cfg)
         t0 = time.perf_counter()
@@ -251,23 +343,29 @@ def _run_rank(rank, cfg, result_path):
             f"{n} {e['max_abs']:.2e} (rel {e['rel']:.2e})" for n, e in errs.items())
             + f" -> {'PASS' if ok else 'FAIL'} (relative tolerance {tol:g})")
         result.update(errors=errs, ok=ok)
+        _progress(cfg, "single-device check done")
     with open(result_path, "w") as f:
         json.dump(result, f)
 
 
 def run(args) -> int:
+    """Run the demo (``check_args`` has checked ``args``); return 0, or 1 when the check against one device fails."""
     cfg = _resolve(args)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not under_torchrun or int(os.environ["RANK"]) == 0:
+        print(_describe(cfg), flush=True)
     with tempfile.TemporaryDirectory(prefix="ring-attn-demo-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         t0 = time.perf_counter()
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
-            cfg["world"] = int(os.environ["WORLD_SIZE"])
+        if under_torchrun:  # this process is one rank
             _worker(int(os.environ["RANK"]), cfg, "env://", result_path)
             if int(os.environ["RANK"]) != 0:
                 return 0
         else:
             import torch.multiprocessing as mp
 
+            _progress(cfg, f"spawning {cfg['world']} rank process(es) ({'NCCL' if cfg['cuda'] else 'gloo'}); each "
+                           "starts Python and imports torch ...")
             mp.start_processes(_worker, args=(cfg, f"file://{os.path.join(tmp, 'store')}", result_path),
                                nprocs=cfg["world"], join=True, start_method="spawn")
         with open(result_path) as f:

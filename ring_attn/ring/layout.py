@@ -12,12 +12,22 @@ For a sequence of ``S`` tokens on ``W`` ranks (docs/design.md), rank ``r`` holds
 Within a rank's shard global positions always increase with the local index, so causal attention of a
 shard against itself is ordinary causal attention with offset 0.
 
+Any length. A length the layout cannot split is padded at the *end* of the sequence, with ``pad_value``, to
+:func:`padded_length` (the next multiple of ``W``, ``2W`` for zigzag) by :func:`shard` /
+:func:`shard_for_rank`; :func:`unshard` drops the padding again when given the real ``seqlen``. Because the
+padding sits after every real token, causal attention never lets a real query see it; non-causal ring
+attention masks it when told the real length (``ring_attn_func(..., seqlen=S)``). In every layout a rank's
+real tokens are a prefix of its shard (for zigzag: a prefix of each of its two chunks), which is what lets
+the ring mask padding with per-piece key counts instead of a mask tensor (:func:`valid_counts`).
+
 The same permutation shards anything indexed by token (hidden states, positions for RoPE, labels), so apply
 :func:`shard` to each of them, or use :func:`shard_positions` to get a rank's global positions directly.
 
-Packed (varlen) sequences are sharded *per sequence*: every sequence of length ``L`` is split by the layout
-as above (so ``L`` must be divisible by ``W``, or ``2W`` for zigzag) and rank ``r`` holds its parts of every
-sequence, packed in the same order; its local ``cu_seqlens`` are the global ones divided by ``W``.
+Packed (varlen) sequences are sharded *per sequence*: every sequence of length ``L`` is padded at its end
+to ``padded_length(L)`` (nothing is added when ``W`` (``2W`` for zigzag) divides ``L``) and split by the
+layout as above; rank ``r`` holds its parts of every sequence, packed in the same order; its local
+``cu_seqlens`` are the padded global ones divided by ``W`` (:func:`varlen_local_cu_seqlens`). The real
+``cu_seqlens`` say where the padding is, so the varlen functions need no extra argument.
 
 Pure functions (``*_for_rank``, ``*_index``, ``*_positions``) take ``rank``/``world_size`` explicitly and
 need no process group; :func:`shard` / :func:`unshard` and the varlen pair read them from ``group``.
@@ -32,6 +42,9 @@ __all__ = [
     "LAYOUTS",
     "check_layout",
     "check_divisible",
+    "padded_length",
+    "valid_counts",
+    "recorded_padding",
     "shard_index",
     "shard_positions",
     "shard_for_rank",
@@ -39,6 +52,7 @@ __all__ = [
     "shard",
     "unshard",
     "check_varlen_divisible",
+    "varlen_padded_cu_seqlens",
     "varlen_shard_index",
     "varlen_positions",
     "varlen_local_cu_seqlens",
@@ -83,6 +97,59 @@ def check_divisible(seqlen: int, world_size: int, layout: str, what: str = "sequ
             f"label is ignored)")
 
 
+def padded_length(seqlen: int, world_size: int, layout: str) -> int:
+    """The length :func:`shard` pads ``seqlen`` tokens to: the smallest multiple of ``world_size``
+    (``2 * world_size`` for zigzag) that is ``>= seqlen``."""
+    check_layout(layout)
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 0:
+        raise ValueError(f"seqlen must be an int >= 0, got {seqlen!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    m = _multiple(world_size, layout)
+    return seqlen + (-seqlen) % m
+
+
+def valid_counts(seqlen: int, rank: int, world_size: int, layout: str) -> tuple[int, int, int]:
+    """How many of ``rank``'s tokens are real (not padding) when a ``seqlen``-token sequence is padded to
+    :func:`padded_length` and sharded: ``(whole shard, first half, second half)``.
+
+    The real tokens of a shard are always a prefix of it, and for zigzag also a prefix of each chunk (the
+    halves): a rank's second chunk holds real tokens only if its first chunk is all real. The halves are
+    ``(n // 2, n - n // 2)`` tokens of the ``n``-token shard for every layout (only zigzag's halves mean
+    anything to the ring).
+    """
+    _check_world(rank, world_size)
+    n = padded_length(seqlen, world_size, layout) // world_size
+    half = n // 2
+    if layout == "contiguous":
+        total = min(max(seqlen - rank * n, 0), n)
+    elif layout == "striped":  # local token i is global token i*W + rank
+        total = min(max(-(-(seqlen - rank) // world_size), 0), n)
+    else:  # zigzag: chunks rank and 2W-1-rank, each of n // 2 tokens
+        first = min(max(seqlen - rank * half, 0), half)
+        second = min(max(seqlen - (2 * world_size - 1 - rank) * half, 0), half)
+        return first + second, first, second
+    return total, min(total, half), max(total - half, 0)
+
+
+_recorded: dict = {}
+
+
+def _record_padding(layout: str, world_size: int, seqlen: int, padded: int) -> None:
+    if seqlen == padded:
+        _recorded.pop((layout, world_size, padded), None)
+    else:
+        _recorded[(layout, world_size, padded)] = seqlen
+
+
+def recorded_padding(layout: str, world_size: int, padded: int) -> Optional[int]:
+    """The real length of the last sequence that :func:`shard` / :func:`shard_for_rank` padded to ``padded``
+    tokens for this layout and world size in this process, or None (never, or a sequence of exactly
+    ``padded`` tokens was sharded since). The ring uses it to refuse non-causal attention over padded shards
+    when the real length was not passed (the padding would be attended to)."""
+    return _recorded.get((layout, world_size, padded))
+
+
 def shard_index(seqlen: int, rank: int, world_size: int, layout: str = "zigzag",
                 device: Optional[torch.device] = None) -> torch.Tensor:
     """Global token indices held by ``rank``, in local order: int64 ``[seqlen // world_size]``.
@@ -105,9 +172,11 @@ def shard_index(seqlen: int, rank: int, world_size: int, layout: str = "zigzag",
 
 def shard_positions(seqlen: int, rank: int, world_size: int, layout: str = "zigzag", offset: int = 0,
                     device: Optional[torch.device] = None) -> torch.Tensor:
-    """Global positions of ``rank``'s tokens (for RoPE): int64 ``[seqlen // world_size]``, ``offset`` added
-    (e.g. the position of the first token when a sequence continues a cache)."""
-    return shard_index(seqlen, rank, world_size, layout, device) + offset
+    """Global positions of ``rank``'s tokens (for RoPE): int64 ``[padded_length(seqlen) // world_size]``,
+    ``offset`` added (e.g. the position of the first token when a sequence continues a cache). Any
+    ``seqlen``: padding tokens (see :func:`shard`) get the positions ``seqlen, seqlen + 1, ...`` after the
+    real ones, which real tokens never attend to."""
+    return shard_index(padded_length(seqlen, world_size, layout), rank, world_size, layout, device) + offset
 
 
 def _dim(x: torch.Tensor, dim: int) -> int:
@@ -116,12 +185,33 @@ def _dim(x: torch.Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
-def shard_for_rank(x: torch.Tensor, rank: int, world_size: int, dim: int = 1,
-                   layout: str = "zigzag") -> torch.Tensor:
-    """``rank``'s shard of the global tensor ``x`` along ``dim`` (a new contiguous tensor; same dtype)."""
+def _pad_select(x: torch.Tensor, dim: int, src: torch.Tensor, pad_value) -> torch.Tensor:
+    """``x.index_select(dim, src)`` where ``src < 0`` marks padding, filled with ``pad_value``."""
+    pad = src < 0
+    out = x.index_select(dim, src.clamp_min(0))
+    if bool(pad.any()):
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        out = out.masked_fill(pad.view(shape), pad_value)
+    return out
+
+
+def shard_for_rank(x: torch.Tensor, rank: int, world_size: int, dim: int = 1, layout: str = "zigzag",
+                   pad_value=0) -> torch.Tensor:
+    """``rank``'s shard of the global tensor ``x`` along ``dim`` (a new contiguous tensor; same dtype).
+
+    Any length: ``x`` is first padded at the end of ``dim`` with ``pad_value`` to :func:`padded_length`
+    (e.g. ``pad_value=-100`` for labels, so padding is ignored by the loss), so every rank gets
+    ``padded_length(S) // world_size`` tokens.
+    """
     dim = _dim(x, dim)
-    idx = shard_index(x.shape[dim], rank, world_size, layout, x.device)
-    return x.index_select(dim, idx)
+    s = x.shape[dim]
+    padded = padded_length(s, world_size, layout)
+    idx = shard_index(padded, rank, world_size, layout, x.device)
+    _record_padding(layout, world_size, s, padded)
+    if padded == s:
+        return x.index_select(dim, idx)
+    return _pad_select(x, dim, torch.where(idx < s, idx, -1), pad_value)
 
 
 def _inverse_perm(seqlen: int, world_size: int, layout: str, device) -> torch.Tensor:
@@ -133,8 +223,22 @@ def _inverse_perm(seqlen: int, world_size: int, layout: str, device) -> torch.Te
     return inv
 
 
-def unshard_from_shards(shards: Sequence[torch.Tensor], dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
-    """Inverse of :func:`shard_for_rank`: ``shards[r]`` is rank ``r``'s shard; returns the global tensor."""
+def _check_seqlen(seqlen, padded: int, world_size: int, layout: str) -> int:
+    if seqlen is None:
+        return padded
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or padded_length(max(seqlen, 0), world_size,
+                                                                                  layout) != padded:
+        m = _multiple(world_size, layout)
+        raise ValueError(f"seqlen must be the real global length of the sharded sequence, an int in "
+                         f"({padded - m}, {padded}] for {padded} padded tokens with layout {layout!r} on "
+                         f"{world_size} ranks; got {seqlen!r}")
+    return seqlen
+
+
+def unshard_from_shards(shards: Sequence[torch.Tensor], dim: int = 1, layout: str = "zigzag",
+                        seqlen: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`shard_for_rank`: ``shards[r]`` is rank ``r``'s shard; returns the global tensor,
+    cut to the real length ``seqlen`` when given (dropping the padding :func:`shard_for_rank` added)."""
     check_layout(layout)
     if len(shards) == 0:
         raise ValueError("shards must hold one tensor per rank, got an empty sequence")
@@ -143,7 +247,10 @@ def unshard_from_shards(shards: Sequence[torch.Tensor], dim: int = 1, layout: st
     if len(shapes) != 1:
         raise ValueError(f"every rank's shard must have one shape; got {sorted(shapes)}")
     gathered = torch.cat(list(shards), dim=dim)
-    return gathered.index_select(dim, _inverse_perm(gathered.shape[dim], len(shards), layout, gathered.device))
+    padded = gathered.shape[dim]
+    seqlen = _check_seqlen(seqlen, padded, len(shards), layout)
+    inv = _inverse_perm(padded, len(shards), layout, gathered.device)
+    return gathered.index_select(dim, inv[:seqlen])
 
 
 def _group_rank_world(group) -> tuple[int, int]:
@@ -155,42 +262,50 @@ def _group_rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", pad_value=0) -> torch.Tensor:
     """This rank's shard of the global tensor ``x`` (identical on every rank of ``group``).
 
     Args:
         x: any tensor whose ``dim`` is the token dim, e.g. q/k/v ``[b, s, h, d]`` (``dim=1``), positions or
-            labels ``[b, s]`` (``dim=1``) or ``[s]`` (``dim=0``).
+            labels ``[b, s]`` (``dim=1``) or ``[s]`` (``dim=0``). Any length ``S``.
         dim: the token dim.
         group: process group (default: the world).
         layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
+        pad_value: fills the padding when the layout cannot split ``S`` (the sequence is padded at its end
+            to :func:`padded_length`, the next multiple of ``W``, ``2W`` for zigzag). Use ``-100`` (the
+            loss's ``ignore_index``) for labels. Causal ring attention never lets a real query see padding;
+            non-causal ring attention needs the real length: ``ring_attn_func(..., seqlen=S)``.
 
     Returns:
-        ``x`` with ``x.shape[dim] // W`` tokens along ``dim`` (a copy), same dtype and device. No communication.
+        ``x`` with ``padded_length(S) // W`` tokens along ``dim`` (a copy), same dtype and device. No
+        communication.
 
     Raises:
-        ValueError: the layout cannot split ``x.shape[dim]`` over the group (the message says which padding
-            fixes it), or an unknown layout.
+        ValueError: an unknown layout or an out-of-range ``dim``.
     """
     rank, world = _group_rank_world(group)
-    return shard_for_rank(x, rank, world, dim, layout)
+    return shard_for_rank(x, rank, world, dim, layout, pad_value)
 
 
-def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag",
+            seqlen: Optional[int] = None) -> torch.Tensor:
     """Gather every rank's shard and undo the layout's permutation: the global tensor, on every rank.
 
     ``x_local`` must have the same shape, dtype and device on every rank (collective: all ranks of ``group``
-    must call it). Not differentiable. Returns a tensor with ``W · x_local.shape[dim]`` tokens along ``dim``.
+    must call it). Not differentiable. Returns a tensor with ``seqlen`` tokens along ``dim`` (the real
+    length, dropping the padding :func:`shard` added), or all ``W · x_local.shape[dim]`` when ``seqlen`` is
+    None. Raises ``ValueError`` when ``seqlen`` cannot be the real length of these shards.
     """
     import torch.distributed as dist
 
     rank, world = _group_rank_world(group)
     dim = _dim(x_local, dim)
     check_layout(layout)
+    _check_seqlen(seqlen, world * x_local.shape[dim], world, layout)  # before the collective
     x_local = x_local.contiguous()
     parts = [torch.empty_like(x_local) for _ in range(world)]
     dist.all_gather(parts, x_local, group=group)
-    return unshard_from_shards(parts, dim, layout)
+    return unshard_from_shards(parts, dim, layout, seqlen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +321,8 @@ def _cu_list(cu_seqlens) -> list[int]:
 
 
 def check_varlen_divisible(cu_seqlens, world_size: int, layout: str) -> list[int]:
-    """Validate that ``layout`` can split every sequence; returns the global cu_seqlens as a list."""
+    """Validate that ``layout`` can split every sequence without padding; returns the global cu_seqlens
+    as a list. (The varlen functions pad instead; this is for callers that want no padding.)"""
     vals = _cu_list(cu_seqlens)
     for i, (a, b) in enumerate(zip(vals[:-1], vals[1:])):
         check_divisible(b - a, world_size, layout, what=f"sequence {i} (cu_seqlens[{i}:{i + 2}] = [{a}, {b}]) "
@@ -214,78 +330,110 @@ def check_varlen_divisible(cu_seqlens, world_size: int, layout: str) -> list[int
     return vals
 
 
+def varlen_padded_cu_seqlens(cu_seqlens, world_size: int, layout: str = "zigzag") -> list[int]:
+    """Global boundaries after every sequence is padded at its end to :func:`padded_length` (equal to
+    ``cu_seqlens`` when the layout splits every length): a list of ``n_seqs + 1`` ints."""
+    vals = _cu_list(cu_seqlens)
+    out = [0]
+    for a, b in zip(vals[:-1], vals[1:]):
+        out.append(out[-1] + padded_length(b - a, world_size, layout))
+    return out
+
+
 def varlen_local_cu_seqlens(cu_seqlens: torch.Tensor, world_size: int, layout: str = "zigzag") -> torch.Tensor:
-    """Local ``cu_seqlens`` of every rank (the same on all ranks): the global ones divided by ``world_size``;
-    int32 on the device of ``cu_seqlens``. Raises ``ValueError`` when a sequence cannot be split."""
+    """Local ``cu_seqlens`` of every rank (the same on all ranks): the padded global ones
+    (:func:`varlen_padded_cu_seqlens`) divided by ``world_size``; int32 on the device of ``cu_seqlens``."""
     check_layout(layout)
-    vals = check_varlen_divisible(cu_seqlens, world_size, layout)
+    vals = varlen_padded_cu_seqlens(cu_seqlens, world_size, layout)
     device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else None
     return torch.tensor([v // world_size for v in vals], dtype=torch.int32, device=device)
 
 
-def varlen_shard_index(cu_seqlens, rank: int, world_size: int, layout: str = "zigzag",
-                       device: Optional[torch.device] = None) -> torch.Tensor:
-    """Packed global token indices held by ``rank``, in local order: int64 ``[total // world_size]``."""
+def _varlen_local(cu_seqlens, rank: int, world_size: int, layout: str, device):
+    """For each of ``rank``'s packed tokens: (index into the padded packed tensor, position within its
+    sequence, index into the unpadded packed tensor or -1 for padding)."""
     check_layout(layout)
     _check_world(rank, world_size)
-    vals = check_varlen_divisible(cu_seqlens, world_size, layout)
-    parts = [a + shard_index(b - a, rank, world_size, layout, device) for a, b in zip(vals[:-1], vals[1:])]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+    vals = _cu_list(cu_seqlens)
+    pvals = varlen_padded_cu_seqlens(vals, world_size, layout)
+    idx, pos, src = [], [], []
+    for a, b, pa, pb in zip(vals[:-1], vals[1:], pvals[:-1], pvals[1:]):
+        p = shard_index(pb - pa, rank, world_size, layout, device)
+        idx.append(pa + p)
+        pos.append(p)
+        src.append(torch.where(p < b - a, a + p, -1))
+    if not pos:
+        z = torch.zeros(0, dtype=torch.int64, device=device)
+        return z, z, z
+    return torch.cat(idx), torch.cat(pos), torch.cat(src)
+
+
+def varlen_shard_index(cu_seqlens, rank: int, world_size: int, layout: str = "zigzag",
+                       device: Optional[torch.device] = None) -> torch.Tensor:
+    """Packed token indices held by ``rank``, in local order: int64 ``[padded_total // world_size]``. They
+    index the packed tensor after every sequence is padded to :func:`padded_length`
+    (:func:`varlen_padded_cu_seqlens`), which is the packed tensor itself when no sequence needs padding."""
+    return _varlen_local(cu_seqlens, rank, world_size, layout, device)[0]
 
 
 def varlen_positions(cu_seqlens, rank: int, world_size: int, layout: str = "zigzag",
                      device: Optional[torch.device] = None) -> torch.Tensor:
     """Position of each of ``rank``'s packed tokens within its own sequence (restarting at 0 for every
-    sequence; what RoPE needs): int64 ``[total // world_size]``."""
-    check_layout(layout)
-    _check_world(rank, world_size)
-    vals = check_varlen_divisible(cu_seqlens, world_size, layout)
-    parts = [shard_index(b - a, rank, world_size, layout, device) for a, b in zip(vals[:-1], vals[1:])]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+    sequence; what RoPE needs): int64 ``[padded_total // world_size]``. Padding tokens get positions
+    ``>= L`` of their sequence, after its real tokens."""
+    return _varlen_local(cu_seqlens, rank, world_size, layout, device)[1]
 
 
 def varlen_shard_for_rank(x: torch.Tensor, cu_seqlens, rank: int, world_size: int, dim: int = 0,
-                          layout: str = "zigzag") -> torch.Tensor:
-    """``rank``'s shard of packed ``x`` (token dim ``dim``, split by global ``cu_seqlens``)."""
+                          layout: str = "zigzag", pad_value=0) -> torch.Tensor:
+    """``rank``'s shard of packed ``x`` (token dim ``dim``, split by global ``cu_seqlens``); a sequence the
+    layout cannot split is padded at its end with ``pad_value`` first."""
     dim = _dim(x, dim)
-    idx = varlen_shard_index(cu_seqlens, rank, world_size, layout, x.device)
-    if idx.numel() * world_size != x.shape[dim]:
-        raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim} but cu_seqlens ends at "
-                         f"{idx.numel() * world_size}")
-    return x.index_select(dim, idx)
+    vals = _cu_list(cu_seqlens)
+    if vals[-1] != x.shape[dim]:
+        raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim} but cu_seqlens ends at {vals[-1]}")
+    src = _varlen_local(vals, rank, world_size, layout, x.device)[2]
+    return _pad_select(x, dim, src, pad_value)
 
 
 def varlen_unshard_from_shards(shards: Sequence[torch.Tensor], cu_seqlens, dim: int = 0,
                                layout: str = "zigzag") -> torch.Tensor:
-    """Inverse of :func:`varlen_shard_for_rank` given every rank's shard."""
+    """Inverse of :func:`varlen_shard_for_rank` given every rank's shard (padding dropped)."""
     if len(shards) == 0:
         raise ValueError("shards must hold one tensor per rank, got an empty sequence")
     world = len(shards)
     dim = _dim(shards[0], dim)
     gathered = torch.cat(list(shards), dim=dim)
-    perm = torch.cat([varlen_shard_index(cu_seqlens, r, world, layout, gathered.device) for r in range(world)])
+    vals = _cu_list(cu_seqlens)
+    pvals = varlen_padded_cu_seqlens(vals, world, layout)
+    perm = torch.cat([varlen_shard_index(vals, r, world, layout, gathered.device) for r in range(world)])
     if perm.numel() != gathered.shape[dim]:
-        raise ValueError(f"shards hold {gathered.shape[dim]} tokens but cu_seqlens ends at {perm.numel()}")
+        raise ValueError(f"shards hold {gathered.shape[dim]} tokens but cu_seqlens (padded for layout "
+                         f"{layout!r} on {world} ranks) needs {perm.numel()}")
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=gathered.device)
-    return gathered.index_select(dim, inv)
+    keep = torch.cat([torch.arange(pa, pa + (b - a), device=gathered.device)
+                      for a, b, pa in zip(vals[:-1], vals[1:], pvals[:-1])] or
+                     [torch.zeros(0, dtype=torch.int64, device=gathered.device)])
+    return gathered.index_select(dim, inv[keep])
 
 
-def shard_varlen(x: torch.Tensor, cu_seqlens, dim: int = 0, group=None, layout: str = "zigzag") -> torch.Tensor:
+def shard_varlen(x: torch.Tensor, cu_seqlens, dim: int = 0, group=None, layout: str = "zigzag",
+                 pad_value=0) -> torch.Tensor:
     """This rank's shard of packed ``x`` ``[total, ...]``: every sequence of the global ``cu_seqlens`` split
-    by ``layout``. Pair with :func:`varlen_local_cu_seqlens` for the local boundaries.
-
-    Raises ``ValueError`` when a sequence's length is not a multiple of ``W`` (``2W`` for zigzag), naming the
-    sequence and the padding that fixes it.
+    by ``layout``, after padding it at its end with ``pad_value`` to :func:`padded_length` when the layout
+    cannot split its length. Pair with :func:`varlen_local_cu_seqlens` for the local boundaries;
+    :func:`ring_attn.ring.attention.ring_attn_varlen_func` takes the real global ``cu_seqlens`` and masks
+    the padding itself.
     """
     rank, world = _group_rank_world(group)
-    return varlen_shard_for_rank(x, cu_seqlens, rank, world, dim, layout)
+    return varlen_shard_for_rank(x, cu_seqlens, rank, world, dim, layout, pad_value)
 
 
 def unshard_varlen(x_local: torch.Tensor, cu_seqlens, dim: int = 0, group=None,
                    layout: str = "zigzag") -> torch.Tensor:
-    """Gather packed shards from every rank of ``group`` and restore global order (collective; not
-    differentiable)."""
+    """Gather packed shards from every rank of ``group`` and restore global order, dropping padding
+    (collective; not differentiable). Returns ``[cu_seqlens[-1], ...]`` along ``dim``."""
     import torch.distributed as dist
 
     _rank, world = _group_rank_world(group)

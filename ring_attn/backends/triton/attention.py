@@ -11,7 +11,9 @@ import triton
 
 from ring_attn._contracts import VarlenSeqs
 from ring_attn.backends import interpreter_enabled
-from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, fwd_kernel
+from ring_attn.backends.triton import tiles
+from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, bwd_fused_kernel, delta_kernel
+from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
 
 __all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks"]
 
@@ -27,18 +29,32 @@ def _no_window_softcap(window, softcap) -> None:
 
 
 def bwd_blocks(head_dim: int) -> dict:
-    """Block sizes for the backward kernels: one fixed table (no autotuning), so the reduction order, and
-    hence every gradient bit, is the same in every process. dK/dV: BLOCK_N keys stay, BLOCK_M query rows
-    stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
-    if interpreter_enabled():
-        return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
-    # Chosen from scripts/compile_check.py's sm_90 resource report (2026-11-27, triton 3.9, bf16): the
-    # fewest spilled bytes per head dim; GPU timings should refine them (see benchmarks/RESULTS.md).
-    if head_dim <= 64:
-        return dict(dkdv=(32, 64), dq=(128, 32), num_warps=8, num_stages=2)
-    if head_dim <= 128:
-        return dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
-    return dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
+    """Block sizes for the backward kernels (``tiles.bwd_tiles`` for the current GPU): one fixed table, no
+    autotuning, so the reduction order, and hence every gradient bit, is the same in every process.
+    dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
+    return tiles.bwd_tiles(head_dim, tiles.current_arch())
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+
+
+class _TableLaunched:
+    """``fwd_kernel[grid](*args, **constexprs)`` as the launcher writes it, with the tile added: by default
+    the fixed table's tile for (GPU, head dim, dtype, CAUSAL, MERGE) on the plain JIT function, so every
+    process runs the same tile; with ``RING_ATTN_AUTOTUNE=1`` the autotuner picks by timing."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if tiles.autotune_enabled():
+                return fwd_autotuned_kernel[grid](*args, **kwargs)
+            key = tiles.FwdKey(tiles.current_arch(), int(kwargs["HEAD_DIM"]), _dtype_name(args[0].dtype),
+                               bool(kwargs["CAUSAL"]), bool(kwargs["MERGE"]))
+            return fwd_autotuned_kernel.fn[grid](*args, **kwargs, **tiles.fwd_tile(key))
+        return launch
+
+
+fwd_kernel = _TableLaunched()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,6 +146,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     max_k = s_k if seqs is None else seqs.max_len_k
     if n_batch == 0 or h_q == 0:
         return
+    if _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
+                       accumulate, window, softcap):
+        return
     cdiv = triton.cdiv
     blocks = bwd_blocks(d)
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
@@ -157,3 +176,44 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )
+
+
+def _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
+                    accumulate, window, softcap) -> bool:
+    """Experimental 5-matmul backward (``RING_ATTN_BWD=fused`` or ``fused-ordered``): one kernel for dK/dV
+    and dQ. ``fused``: dQ by unordered fp32 atomics, **not** bitwise reproducible. ``fused-ordered``: dQ
+    added in decreasing key-block order behind one int32 counter per (head, query block), bitwise
+    reproducible. Dense inputs without window/softcap only. Returns False (and does nothing) when not asked
+    for or not applicable: the caller then runs the deterministic two-kernel backward."""
+    mode = tiles.fused_backward_mode()
+    if not mode or seqs is not None or tuple(window) != (-1, -1) or softcap != 0:
+        return False
+    q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
+    dk4, dv4, l3, d3 = _as4d(dk), _as4d(dv), _as3d_lse(lse), _as3d_lse(delta)
+    if l3.stride() != d3.stride():
+        d3 = d3.contiguous() if l3.is_contiguous() else torch.empty_like(l3).copy_(d3)
+    b, s_q, h_q, d = q4.shape
+    s_k, h_kv = k4.shape[1], k4.shape[2]
+    if s_k == 0 or s_q == 0:
+        return False
+    # fp32 dQ: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
+    dq4 = _as4d(dq) if accumulate else torch.zeros(q4.shape, dtype=torch.float32, device=q.device)
+    t = bwd_blocks(d)
+    block_m, block_n = t["dkdv"]
+    n_qblocks = triton.cdiv(s_q, block_m)
+    ordered = mode == "ordered"
+    locks = torch.zeros(b * h_q * n_qblocks if ordered else 1, dtype=torch.int32, device=q.device)
+    bwd_fused_kernel[(triton.cdiv(s_k, block_n), b * h_kv)](
+        q4, k4, v4, do4, l3, d3, dq4, dk4, dv4, locks,
+        *_strides(q4, False), *_strides(k4, False), *_strides(v4, False), *_strides(do4, False),
+        *_strides(dq4, False), *_strides(dk4, False), *_strides(dv4, False), *_strides(l3, False),
+        s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale,
+        0 if causal_offset is None else int(causal_offset), n_qblocks,
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
+        BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate), DOT_PRECISION=_dot_precision(q.dtype),
+        ORDERED=ordered, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t["num_warps"],
+        num_stages=t["num_stages"],
+    )
+    if not accumulate:
+        _as4d(dq).copy_(dq4)
+    return True

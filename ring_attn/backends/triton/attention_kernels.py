@@ -4,38 +4,35 @@ Moved verbatim from ``ring_attn/ops/attention.py``; the host launchers are in
 ``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts, GQA mapping, causal
 offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
 """
-import os
-
 import triton
 import triton.language as tl
 
 from ring_attn.backends import interpreter_enabled
+from ring_attn.backends.triton import tiles as _tiles
 
-__all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "FWD_CONFIGS"]
+__all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel", "FWD_CONFIGS"]
 
 interpret = interpreter_enabled()
 
-# Forward configs: autotuned on GPU (key: head dim, causal, varlen, precision); one small config under
-# the interpreter, where every config would be run and small blocks exercise the tails.
-# RING_ATTN_AUTOTUNE=0 skips tuning (one config that fits every head dim), e.g. for quick GPU test runs.
+# Forward tiles: by default the launcher passes a fixed tile from ``tiles.fwd_tile`` (same tile in every
+# process: reproducible bits) to ``fwd_kernel.fn``; these configs are the opt-in autotuning candidates
+# (RING_ATTN_AUTOTUNE=1), pruned by a static shared-memory estimate before anything is compiled. One small
+# config under the interpreter, where every config would be run and small blocks exercise the tails.
 if interpret:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-elif os.environ.get("RING_ATTN_AUTOTUNE", "1") == "0":
-    FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
 else:
-    FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-            (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
-        ]
-    ]
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": t["BLOCK_M"], "BLOCK_N": t["BLOCK_N"]}, num_warps=t["num_warps"],
+                                 num_stages=t["num_stages"]) for t in _tiles.fwd_candidates(16, "bf16", 90)]
+
 
 def _prune(configs, named_args, **kwargs):
-    # 256-wide heads: 128x128 tiles exceed shared memory on every current GPU
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return kept or configs
+    # before compiling, drop configs over shared memory or past the spill edge (tiles.fits: static estimates)
+    d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 128))
+    dtype = "fp32" if kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee" else "bf16"
+    arch = _tiles.current_arch()
+    kept = [c for c in configs if _tiles.fits(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
+                                               d, dtype, arch)]
+    return kept or configs[-1:]
 
 @triton.jit
 def _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
@@ -125,7 +122,9 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
     return acc, l_i, m_i
 
 # restore_value: while tuning, every trial of a MERGE launch must start from the same running (O, LSE)
-@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION"],
+# (opt-in autotuning; the key has MERGE and the length so one call's shape does not pick for every other)
+@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION", "MERGE",
+                                           "seqlen_q"],
                  prune_configs_by={"early_config_prune": _prune}, restore_value=["O", "LSE"])
 @triton.jit
 def fwd_kernel(
@@ -144,6 +143,8 @@ def fwd_kernel(
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
     # Grid: (cdiv(max s_q, BLOCK_M), b * h_q). One program owns BLOCK_M query rows of one head.
     pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
@@ -387,6 +388,8 @@ def bwd_dq_kernel(
 ):
     # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
     pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
@@ -425,3 +428,156 @@ def bwd_dq_kernel(
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+
+# ---------------------------------------------------------------------------------------------------------
+# Experimental: the 5-matmul backward (benchmarks/NOTES.md, "the 5-matmul backward"). One K/V-stationary
+# program computes S, dP, dV, dK *and* the dQ partial of each (query block, key block) pair, adding the
+# partial into an fp32 dQ with unordered atomics: NOT bitwise deterministic, so it runs only when asked
+# for (RING_ATTN_BWD=fused) and only without window/softcap, to measure what 7 -> 5 matmuls is worth.
+
+@triton.jit
+def _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n, offs_d, lo, hi,
+                     len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs, kblock, n_kblocks,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ORDERED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
+    do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
+    dq_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :]
+    q_row = Q_base + lo.to(tl.int64) * stride_qs
+    do_row = DO_base + lo.to(tl.int64) * stride_dos
+    dq_row = DQ_base + lo.to(tl.int64) * stride_dqs
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = q_row + q_offs
+        do_ptrs = do_row + do_offs
+        dq_ptrs = dq_row + dq_offs
+        q_row += BLOCK_M * stride_qs
+        do_row += BLOCK_M * stride_dos
+        dq_row += BLOCK_M * stride_dqs
+        if MASKED:
+            m_ok = offs_m < len_q
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            m_ok = offs_m >= 0
+            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok, other=0.0)
+            lse = tl.load(L_base + offs_m)
+            delta = tl.load(D_base + offs_m)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            keep = offs_m[None, :] < len_q
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
+            pT = tl.where(keep, pT, 0.0)
+        # dV += Pᵀ dO ; dPᵀ = V dOᵀ ; dSᵀ = Pᵀ ∘ (dPᵀ − delta) ; dK += dSᵀ Q ; dQ(partial) = scale · dS K
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
+        if ORDERED:
+            # Deterministic: the partials of query block mb are added in decreasing key-block order. The
+            # key blocks above this one that visit mb must all have added first; a counter per (head,
+            # query block) says how many have. They start one step ahead of this block (their diagonal is
+            # later), so the wait is normally short, and they were launched earlier (reversed grid), so
+            # waiting on them cannot deadlock.
+            if CAUSAL:
+                last = tl.minimum((start_m + BLOCK_M - 1 + offset) // BLOCK_N, n_kblocks - 1)
+            else:
+                last = n_kblocks - 1
+            lock = LOCK_base + start_m // BLOCK_M
+            while tl.atomic_add(lock, 0, sem="acquire") != last - kblock:
+                pass
+            cur = tl.load(dq_ptrs, mask=m_ok[:, None] & d_ok, other=0.0, cache_modifier=".cg")
+            tl.store(dq_ptrs, cur + dq, mask=m_ok[:, None] & d_ok)
+            tl.debug_barrier()
+            tl.atomic_add(lock, 1, sem="release")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
+    return dk, dv
+
+@triton.jit
+def bwd_fused_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, LOCKS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, n_qblocks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ORDERED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Dense only. Like bwd_dkdv_kernel (one program: BLOCK_N keys of one kv head, looping over the query
+    # heads of its GQA group), plus DQ += dS·K by fp32 atomics (DQ is fp32 and starts zeroed or holds the
+    # ring's running sum). dK/dV: stored, or added to DK/DV when ACCUMULATE. ORDERED: dQ adds in a fixed
+    # order instead (see _bwd_fused_inner), with LOCKS int32 [b * h_q, n_qblocks] zeroed; the key blocks
+    # are launched highest first so that every program only waits on programs launched before it.
+    pid_n = tl.program_id(0)
+    if ORDERED:
+        pid_n = tl.num_programs(0) - 1 - pid_n
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_kv
+    hk = pid_bh % n_heads_kv
+    len_q = seqlen_q
+    len_k = seqlen_k
+    n_kblocks = tl.cdiv(len_k, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    bq = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n[:, None] < len_k
+    d_ok = offs_d[None, :] < HEAD_DIM
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + bq * stride_kb + rows_n * stride_ks + hk.to(tl.int64) * stride_kh + offs_d[None, :],
+                mask=n_ok & d_ok, other=0.0)
+    v = tl.load(V + bq * stride_vb + rows_n * stride_vs + hk.to(tl.int64) * stride_vh + offs_d[None, :],
+                mask=n_ok & d_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    lo = tl.minimum(lo, len_q)
+    full_hi = len_q // BLOCK_M * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), len_q)
+    mid_hi = tl.maximum(full_hi, mid_lo)
+    for g in range(0, group):
+        h = (hk * group + g).to(tl.int64)
+        Q_base = Q + bq * stride_qb + h * stride_qh
+        DO_base = DO + bq * stride_dob + h * stride_doh
+        DQ_base = DQ + bq * stride_dqb + h * stride_dqh
+        L_base = LSE + bq * stride_lb + h * stride_lh
+        D_base = DELTA + bq * stride_lb + h * stride_lh
+        LOCK_base = LOCKS + (bq * n_heads_kv * group + h) * n_qblocks
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
+                                  offs_d, lo, mid_lo, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
+                                  stride_dqs, pid_n, n_kblocks, True, CAUSAL, HEAD_DIM, ORDERED, BLOCK_M,
+                                  BLOCK_N, DOT_PRECISION)
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
+                                  offs_d, mid_lo, mid_hi, len_q, offset, qk_scale, sm_scale, stride_qs,
+                                  stride_dos, stride_dqs, pid_n, n_kblocks, False, CAUSAL, HEAD_DIM, ORDERED,
+                                  BLOCK_M, BLOCK_N, DOT_PRECISION)
+        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
+                                  offs_d, mid_hi, len_q, len_q, offset, qk_scale, sm_scale, stride_qs,
+                                  stride_dos, stride_dqs, pid_n, n_kblocks, True, CAUSAL, HEAD_DIM, ORDERED,
+                                  BLOCK_M, BLOCK_N, DOT_PRECISION)
+    dk = dk * sm_scale
+    mask = n_ok & d_ok
+    dk_ptrs = DK + bq * stride_dkb + rows_n * stride_dks + hk.to(tl.int64) * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + bq * stride_dvb + rows_n * stride_dvs + hk.to(tl.int64) * stride_dvh + offs_d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=mask, other=0.0)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)

@@ -1,0 +1,227 @@
+"""Fixed tile tables of the Triton attention kernels, so every process picks the same tiles.
+
+The forward used to autotune by timing: two processes (two ranks, two runs) could pick different tiles and
+produce different bits. Now the tile of every launch comes from :func:`fwd_tile` / :func:`bwd_tiles`, a
+table keyed by (GPU capability, head dim, dtype, causal, MERGE) chosen from the sm_90 compile report
+(``scripts/compile_check.py``; ``benchmarks/NOTES.md`` says why each entry). Timing-based autotuning is
+opt-in (``RING_ATTN_AUTOTUNE=1``); its winners can be written out with :func:`dump_tuned` and loaded back
+(``RING_ATTN_TILES=path.json``) so a tuned table can be shipped. Under the Triton interpreter every kernel
+uses one small tile (16×16, 1 warp), which exercises the tails.
+
+A tile is a dict ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple, Optional
+
+from ring_attn.backends import interpreter_enabled
+
+__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
+           "current_arch", "autotune_enabled", "fused_backward_mode",
+           "dump_tuned", "SMEM_LIMIT"]
+
+# Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SMEM_LIMIT = {9: 232448, 8: 166912}
+_SMEM_DEFAULT = 101376  # sm_86/89 and unknown: the smallest current limit
+
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+
+
+class FwdKey(NamedTuple):
+    """Key of the forward tile table. ``arch``: compute capability as an int (90 = sm_90); ``dtype``:
+    "bf16" | "fp16" | "fp32"."""
+    arch: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    merge: bool
+
+
+def _tile(bm, bn, w, s):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _elt(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def smem_estimate(tile: dict, head_dim: int, dtype: str, kernel: str = "fwd_kernel") -> int:
+    """Static shared-memory estimate, bytes: the stationary tiles once plus ``num_stages`` copies of the
+    streamed tiles (what Triton's software pipeliner allocates for loads in the loop). Checked against the
+    compiled kernels' ``metadata.shared`` by ``scripts/compile_check.py`` (it reports both)."""
+    bd, e, s = _block_d(head_dim), _elt(dtype), tile["num_stages"]
+    bm, bn = tile["BLOCK_M"], tile["BLOCK_N"]
+    if kernel.startswith("fwd"):          # Q stays; K, V stream
+        return bm * bd * e + s * 2 * bn * bd * e
+    if "dkdv" in kernel or "fused" in kernel:  # K, V stay; Q, dO (+ lse, delta) stream
+        return 2 * bn * bd * e + s * (2 * bm * bd * e + 2 * bm * 4)
+    if "dq" in kernel:                    # Q, dO stay; K, V stream
+        return 2 * bm * bd * e + s * 2 * bn * bd * e
+    return 0
+
+
+def fwd_acc_regs(tile: dict, head_dim: int) -> float:
+    """fp32 registers per thread the forward holds live across its loop: the output accumulator
+    ``BLOCK_M × BLOCK_D`` plus the score tile ``BLOCK_M × BLOCK_N``, spread over ``32 · num_warps`` threads."""
+    threads = 32 * tile["num_warps"]
+    return (tile["BLOCK_M"] * _block_d(head_dim) + tile["BLOCK_M"] * tile["BLOCK_N"]) / threads
+
+
+# Empirical spill edge of the forward on sm_90 (compile report, benchmarks/NOTES.md): every config at or
+# below 144 live fp32 registers per thread compiled with at most 16 B of stack, every config at 160 or
+# more spilled 56-1640 B.
+FWD_MAX_ACC_REGS = 144
+
+
+def fits(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> bool:
+    """Whether ``tile`` passes the static checks made before compiling: its estimated shared memory fits
+    the per-block limit of ``arch``, and (forward) its live accumulators stay under the spill edge."""
+    if smem_estimate(tile, head_dim, dtype, kernel) > SMEM_LIMIT.get(arch // 10, _SMEM_DEFAULT):
+        return False
+    return not kernel.startswith("fwd") or fwd_acc_regs(tile, head_dim) <= FWD_MAX_ACC_REGS
+
+
+# Candidates for opt-in autotuning (before pruning). 4-warp 128-row tiles are left out: on sm_90 they
+# spill 1 KB+ at d=128 (compile report), since one warpgroup then holds a 128-row fp32 accumulator.
+_FWD_CANDIDATES = [
+    _tile(128, 64, 8, 3), _tile(128, 64, 8, 2), _tile(128, 128, 8, 2), _tile(128, 128, 8, 3),
+    _tile(64, 64, 4, 3), _tile(64, 64, 4, 4), _tile(64, 32, 4, 4), _tile(64, 32, 4, 3),
+    _tile(128, 32, 8, 3), _tile(32, 32, 4, 2),
+]
+
+
+def fwd_candidates(head_dim: int, dtype: str, arch: int) -> list:
+    """Autotune candidates for the forward that fit shared memory (pruned before compiling)."""
+    return [t for t in _FWD_CANDIDATES if fits(t, head_dim, dtype, arch)]
+
+
+# The default table. Keys: (capability major, head-dim bucket, dtype class, causal, merge) -> tile; a None
+# field matches anything. First match wins. Chosen from the sm_90 report (benchmarks/NOTES.md).
+_FWD_TABLE = [
+    # Hopper. d64: 111 regs and 64 KB, so two 8-warp programs share an SM (one's softmax overlaps the
+    # other's wgmma). d128: the only clean 128-row tile (226 regs, 128 KB, no spill; MERGE 230). d256: the
+    # only config of the old list without spills (230 regs, 160 KB); 128-row tiles need > 227 KB.
+    ((9, 64, "16", None, None), _tile(128, 64, 8, 3)),
+    ((9, 128, "16", None, None), _tile(128, 64, 8, 3)),
+    ((9, 256, "16", None, None), _tile(64, 32, 4, 4)),
+    ((9, None, "32", None, None), _tile(64, 32, 4, 2)),
+    # Ampere / Ada and anything else (not measured; FA2-like tiles that fit 99 KB)
+    ((None, 64, "16", None, None), _tile(128, 64, 4, 2)),
+    ((None, 128, "16", None, None), _tile(64, 64, 4, 2)),
+    ((None, None, None, None, None), _tile(64, 32, 4, 2)),
+]
+_loaded: Optional[dict] = None
+
+
+def _bucket(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
+def _overrides() -> dict:
+    """Tiles loaded from ``RING_ATTN_TILES``: a JSON list of forward records (as :func:`dump_tuned` writes:
+    arch, head_dim, dtype, causal, merge, BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by FwdKey, and
+    backward records (``"op": "bwd"``, arch, head_dim, dkdv, dq, num_warps, num_stages) keyed by
+    (capability major, head-dim bucket)."""
+    global _loaded
+    path = os.environ.get("RING_ATTN_TILES", "")
+    if _loaded is None or _loaded.get("__path__") != path:
+        _loaded = {"__path__": path}
+        if path:
+            with open(path) as f:
+                for rec in json.load(f):
+                    if rec.get("op", "fwd") == "bwd":  # {"op": "bwd", "arch", "head_dim", "dkdv", "dq", ...}
+                        _loaded[("bwd", int(rec["arch"]) // 10, _bucket(int(rec["head_dim"])))] = dict(
+                            dkdv=tuple(rec["dkdv"]), dq=tuple(rec["dq"]), num_warps=int(rec["num_warps"]),
+                            num_stages=int(rec["num_stages"]))
+                        continue
+                    key = FwdKey(int(rec["arch"]), int(rec["head_dim"]), rec["dtype"], bool(rec["causal"]),
+                                 bool(rec["merge"]))
+                    _loaded[key] = {k: int(rec[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    return _loaded
+
+
+def fwd_tile(key: FwdKey) -> dict:
+    """The forward tile for ``key``: from ``RING_ATTN_TILES`` if it lists the key, else the fixed table.
+    Under the interpreter: the small interpreter tile."""
+    if interpreter_enabled():
+        return dict(INTERPRETER_TILE)
+    over = _overrides().get(key)
+    if over is not None:
+        return dict(over)
+    want = (key.arch // 10, _bucket(key.head_dim), "32" if key.dtype == "fp32" else "16", key.causal, key.merge)
+    for pattern, tile in _FWD_TABLE:
+        if all(p is None or p == w for p, w in zip(pattern, want)):
+            if fits(tile, key.head_dim, key.dtype, key.arch):
+                return dict(tile)
+    return _tile(32, 32, 4, 1)  # unreachable for d <= 256; the smallest tile as a last resort
+
+
+def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
+    """Backward tiles ``{"dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``
+    (``RING_ATTN_TILES`` may override them per capability and head-dim bucket).
+    dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream.
+    Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
+    if interpreter_enabled():
+        return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
+    # sm_90 compile report (benchmarks/NOTES.md). 8 warps = two warpgroups, and each wgmma covers 64 rows
+    # of its output, so the stationary side must be 128 rows (keys for dK/dV, queries for dQ): with 64 rows
+    # both warpgroups computed the same Kᵀ·Q and dPᵀ tiles (the old 64-key dK/dV: 96 of 108 wgmma m64n16).
+    # d<=64: every wgmma m64n64, no spill. d<=128: dK/dV streams 32 query rows (m64n32 for the score tiles,
+    # m64n128 for dK/dV; 176 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
+    # d=256: the 128-key dK/dV spills 1 KB (its fp32 dK+dV alone are 256 registers per thread), so dK/dV
+    # keeps 64 keys (88 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
+    over = _overrides().get(("bwd", arch // 10, _bucket(head_dim)))
+    if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
+        return dict(over)
+    del dtype  # one table for now: only sm_90 has been examined
+    if head_dim <= 64:
+        return dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
+    if head_dim <= 128:
+        return dict(dkdv=(32, 128), dq=(128, 64), num_warps=8, num_stages=2)
+    return dict(dkdv=(16, 64), dq=(128, 32), num_warps=8, num_stages=2)
+
+
+def current_arch() -> int:
+    """Compute capability of the current CUDA device as an int (90 = sm_90); 90 when there is none (the
+    offline compile report targets sm_90)."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return 90
+
+
+def fused_backward_mode() -> str:
+    """The experimental 5-matmul backward asked for by ``RING_ATTN_BWD``: ``"atomic"`` (``fused``: dQ by
+    unordered fp32 atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a fixed
+    order, deterministic), or ``""`` (default: the two deterministic kernels)."""
+    return {"fused": "atomic", "fused-ordered": "ordered"}.get(os.environ.get("RING_ATTN_BWD", ""), "")
+
+
+def autotune_enabled() -> bool:
+    """True when ``RING_ATTN_AUTOTUNE=1``: the forward times its candidates instead of using the table."""
+    return os.environ.get("RING_ATTN_AUTOTUNE", "0") == "1" and not interpreter_enabled()
+
+
+def dump_tuned(autotuner, path: str, arch: int) -> list:
+    """Write the configs ``autotuner`` (the forward's ``triton.autotune`` object) has picked so far as a
+    JSON tile table for ``RING_ATTN_TILES``; returns the records. Its cache keys are the values of the
+    autotune key ``(HEAD_DIM, CAUSAL, VARLEN, DOT_PRECISION, MERGE, seqlen_q)`` followed by dtypes."""
+    recs = []
+    for key, cfg in autotuner.cache.items():
+        head_dim, causal, _varlen, _prec, merge = key[:5]
+        q_dtype = str(key[6]) if len(key) > 6 else "torch.bfloat16"  # the first tensor argument is Q
+        dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(q_dtype, "bf16")
+        recs.append(dict(arch=arch, head_dim=int(head_dim), dtype=dtype, causal=bool(causal), merge=bool(merge),
+                         BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"],
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    with open(path, "w") as f:
+        json.dump(recs, f, indent=1)
+    return recs

@@ -1,0 +1,250 @@
+"""ring-flash-attn's API on ring-attn: switching is an import change.
+
+``from ring_flash_attn import zigzag_ring_flash_attn_func`` becomes
+``from ring_attn.compat import zigzag_ring_flash_attn_func``; every function here has ring-flash-attn's name,
+positional order, defaults and return convention (``out``, or ``(out, softmax_lse, None)`` with
+``return_attn_probs=True``), and expects inputs sharded the way ring-flash-attn's own tests shard them:
+
+================================  ==========================================================================
+ring-flash-attn function           local shard (rank ``r`` of ``W``; ring-attn layout)
+================================  ==========================================================================
+``ring_flash_attn_*``              tokens ``[r·S/W, (r+1)·S/W)`` (``layout="contiguous"``)
+``zigzag_ring_flash_attn_*``       chunks ``r`` and ``2W-1-r`` of ``2W`` (``layout="zigzag"``)
+``stripe_flash_attn_*``            tokens ``t`` with ``t % W == r`` (``layout="striped"``)
+================================  ==========================================================================
+
+``ring_attn.shard_for_rank(x, r, W, dim=1, layout=...)`` makes exactly these shards (it is what the
+``extract_local`` helpers of ring-flash-attn's tests compute) and ``ring_attn.shard`` / ``shard_varlen`` do it
+for the calling rank, padding lengths the layout cannot split.
+
+Varlen forms take *local* ``cu_seqlens`` / ``max_seqlen`` like ring-flash-attn (every sequence's
+boundaries divided by ``W``: ``varlen_local_cu_seqlens``), where :func:`ring_attn.ring_attn_varlen_func`
+takes the global ones. ring-flash-attn has no ``stripe`` varlen form, so neither has this module. LSE
+shapes are flash-attn >= 2.6's: ``[b, h_q, s_local]`` (dense) and ``[h_q, t_local]`` (varlen).
+
+Differences, all in the direction of doing more: zigzag and stripe also compute non-causal attention
+(ring-flash-attn asserts ``causal``); ``deterministic`` is accepted and the result is always deterministic;
+GQA/MQA K/V circulate with their own head count. Unsupported arguments raise, before any communication:
+``dropout_p != 0``, ``alibi_slopes``, ``window_size != (-1, -1)`` (NotImplementedError naming the value).
+``llama3_flash_attn_*`` and the HF adapter (``substitute_hf_flash_attn``) are not provided.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ring_attn.ring.attention import ring_attn_func, ring_attn_varlen_func
+
+__all__ = [
+    "ring_flash_attn_func",
+    "ring_flash_attn_kvpacked_func",
+    "ring_flash_attn_qkvpacked_func",
+    "ring_flash_attn_varlen_func",
+    "ring_flash_attn_varlen_kvpacked_func",
+    "ring_flash_attn_varlen_qkvpacked_func",
+    "zigzag_ring_flash_attn_func",
+    "zigzag_ring_flash_attn_kvpacked_func",
+    "zigzag_ring_flash_attn_qkvpacked_func",
+    "zigzag_ring_flash_attn_varlen_func",
+    "zigzag_ring_flash_attn_varlen_kvpacked_func",
+    "zigzag_ring_flash_attn_varlen_qkvpacked_func",
+    "stripe_flash_attn_func",
+    "stripe_flash_attn_kvpacked_func",
+    "stripe_flash_attn_qkvpacked_func",
+]
+
+
+def _dense(name, layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+           return_attn_probs, group):
+    # ring-flash-attn has no softcap argument: 0.0 goes in flash-attn's softcap position
+    return ring_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, 0.0, alibi_slopes, deterministic,
+                          return_attn_probs, group, layout=layout)
+
+
+def _world(group) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring attention needs torch.distributed: call torch.distributed.init_process_group "
+                           "first (a one-rank group is fine)")
+    return dist.get_world_size(group)
+
+
+def _varlen(name, layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+            alibi_slopes, deterministic, return_attn_probs, group):
+    """Local cu_seqlens/max_seqlen (ring-flash-attn's) -> global ones (ring_attn_varlen_func's)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name}: cu_seqlens must be an int32 tensor of local boundaries, got "
+                        f"{type(cu_seqlens).__name__}")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: group must be a torch.distributed ProcessGroup or None, got {group!r}")
+    world = _world(group)
+    if layout == "zigzag" and cu_seqlens.dim() == 1 and not cu_seqlens.is_floating_point():
+        local = cu_seqlens.tolist()
+        for i, (a, b) in enumerate(zip(local[:-1], local[1:])):
+            if (b - a) % 2:
+                raise ValueError(f"{name}: local sequence {i} (cu_seqlens[{i}:{i + 2}] = [{a}, {b}]) has odd length "
+                                 f"{b - a}; zigzag needs every global length to be a multiple of 2 * world_size "
+                                 f"= {2 * world} (shard with ring_attn.shard_varlen, which pads, and call "
+                                 f"ring_attn.ring_attn_varlen_func with the global cu_seqlens)")
+    if isinstance(max_seqlen, bool):
+        raise TypeError(f"{name}: max_seqlen must be an int, got {max_seqlen!r}")
+    return ring_attn_varlen_func(q, k, v, cu_seqlens * world, max_seqlen * world, dropout_p, softmax_scale, causal,
+                                 window_size, 0.0, alibi_slopes, deterministic, return_attn_probs, group,
+                                 layout=layout)
+
+
+def _split(name, packed, n, dense):
+    """qkv ``[b, s, 3, h, d]`` / kv ``[b, s, 2, h, d]`` (varlen: without ``b``) -> views of q, k, v."""
+    ndim = 5 if dense else 4
+    what = "qkv" if n == 3 else "kv"
+    if not isinstance(packed, torch.Tensor) or packed.dim() != ndim or packed.shape[ndim - 3] != n:
+        shape = ("[batch, seqlen, " if dense else "[total_tokens, ") + f"{n}, heads, head_dim]"
+        got = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"{name}: {what} must be {shape}, got {got}")
+    return packed.unbind(ndim - 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ring_flash_attn_* (contiguous layout)
+
+
+def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """ring-flash-attn's ``ring_flash_attn_func``: q/k/v ``[b, S/W, h, d]`` holding tokens
+    ``[r·S/W, (r+1)·S/W)``. Returns ``out`` or, with ``return_attn_probs``, ``(out, lse [b, h, S/W], None)``.
+    See :func:`ring_attn.ring_attn_func` for dtypes, GQA and what raises."""
+    return _dense("ring_flash_attn_func", "contiguous", q, k, v, dropout_p, softmax_scale, causal, window_size,
+                  alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                  alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """:func:`ring_flash_attn_func` with ``kv`` ``[b, S/W, 2, h_kv, d]``."""
+    k, v = _split("ring_flash_attn_kvpacked_func", kv, 2, True)
+    return _dense("ring_flash_attn_kvpacked_func", "contiguous", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def ring_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                   alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """:func:`ring_flash_attn_func` with ``qkv`` ``[b, S/W, 3, h, d]``."""
+    q, k, v = _split("ring_flash_attn_qkvpacked_func", qkv, 3, True)
+    return _dense("ring_flash_attn_qkvpacked_func", "contiguous", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                return_attn_probs=False, group=None):
+    """ring-flash-attn's ``ring_flash_attn_varlen_func``: packed q/k/v ``[t_local, h, d]`` holding, for
+    every sequence, its contiguous ``r``-th of ``W`` parts; ``cu_seqlens`` (int32) and ``max_seqlen`` are the
+    *local* ones (global / W). Returns ``out`` or ``(out, lse [h, t_local], None)``."""
+    return _varlen("ring_flash_attn_varlen_func", "contiguous", q, k, v, cu_seqlens, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                         causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                         deterministic=False, return_attn_probs=False, group=None):
+    """:func:`ring_flash_attn_varlen_func` with ``kv`` ``[t_local, 2, h_kv, d]``."""
+    k, v = _split("ring_flash_attn_varlen_kvpacked_func", kv, 2, False)
+    return _varlen("ring_flash_attn_varlen_kvpacked_func", "contiguous", q, k, v, cu_seqlens, max_seqlen,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
+def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                          causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                          deterministic=False, return_attn_probs=False, group=None):
+    """:func:`ring_flash_attn_varlen_func` with ``qkv`` ``[t_local, 3, h, d]``."""
+    q, k, v = _split("ring_flash_attn_varlen_qkvpacked_func", qkv, 3, False)
+    return _varlen("ring_flash_attn_varlen_qkvpacked_func", "contiguous", q, k, v, cu_seqlens, max_seqlen,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# zigzag_ring_flash_attn_* (zigzag layout)
+
+
+def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """ring-flash-attn's ``zigzag_ring_flash_attn_func``: q/k/v ``[b, S/W, h, d]`` holding chunks ``r`` and
+    ``2W-1-r`` of ``2W`` (in that order). Returns ``out`` or ``(out, lse [b, h, S/W], None)``."""
+    return _dense("zigzag_ring_flash_attn_func", "zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size,
+                  alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                                         window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                         return_attn_probs=False, group=None):
+    """:func:`zigzag_ring_flash_attn_func` with ``kv`` ``[b, S/W, 2, h_kv, d]``."""
+    k, v = _split("zigzag_ring_flash_attn_kvpacked_func", kv, 2, True)
+    return _dense("zigzag_ring_flash_attn_kvpacked_func", "zigzag", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                                          window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                          return_attn_probs=False, group=None):
+    """:func:`zigzag_ring_flash_attn_func` with ``qkv`` ``[b, S/W, 3, h, d]``."""
+    q, k, v = _split("zigzag_ring_flash_attn_qkvpacked_func", qkv, 3, True)
+    return _dense("zigzag_ring_flash_attn_qkvpacked_func", "zigzag", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                       causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                       return_attn_probs=False, group=None):
+    """ring-flash-attn's ``zigzag_ring_flash_attn_varlen_func``: every sequence zigzag-sharded (its chunks
+    ``r`` and ``2W-1-r`` of ``2W``), packed; *local* ``cu_seqlens`` (int32, every local length even) and
+    ``max_seqlen``. Returns ``out`` or ``(out, lse [h, t_local], None)``."""
+    return _varlen("zigzag_ring_flash_attn_varlen_func", "zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                                causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                                deterministic=False, return_attn_probs=False, group=None):
+    """:func:`zigzag_ring_flash_attn_varlen_func` with ``kv`` ``[t_local, 2, h_kv, d]``."""
+    k, v = _split("zigzag_ring_flash_attn_varlen_kvpacked_func", kv, 2, False)
+    return _varlen("zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag", q, k, v, cu_seqlens, max_seqlen,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
+def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                                 causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                                 deterministic=False, return_attn_probs=False, group=None):
+    """:func:`zigzag_ring_flash_attn_varlen_func` with ``qkv`` ``[t_local, 3, h, d]``."""
+    q, k, v = _split("zigzag_ring_flash_attn_varlen_qkvpacked_func", qkv, 3, False)
+    return _varlen("zigzag_ring_flash_attn_varlen_qkvpacked_func", "zigzag", q, k, v, cu_seqlens, max_seqlen,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stripe_flash_attn_* (striped layout)
+
+
+def stripe_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """ring-flash-attn's ``stripe_flash_attn_func``: q/k/v ``[b, S/W, h, d]`` holding tokens ``t`` with
+    ``t % W == r`` (local ``i`` = global ``i·W + r``). Returns ``out`` or ``(out, lse [b, h, S/W], None)``."""
+    return _dense("stripe_flash_attn_func", "striped", q, k, v, dropout_p, softmax_scale, causal, window_size,
+                  alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def stripe_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """:func:`stripe_flash_attn_func` with ``kv`` ``[b, S/W, 2, h_kv, d]``."""
+    k, v = _split("stripe_flash_attn_kvpacked_func", kv, 2, True)
+    return _dense("stripe_flash_attn_kvpacked_func", "striped", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def stripe_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """:func:`stripe_flash_attn_func` with ``qkv`` ``[b, S/W, 3, h, d]``."""
+    q, k, v = _split("stripe_flash_attn_qkvpacked_func", qkv, 3, True)
+    return _dense("stripe_flash_attn_qkvpacked_func", "striped", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, alibi_slopes, deterministic, return_attn_probs, group)

@@ -1,0 +1,711 @@
+"""HuggingFace ``transformers`` drop-in: one call patches Llama, Mistral and Qwen2 models.
+
+* :func:`patch_hf` registers the attention implementation ``"ring_attn"`` (and its mask function, so that a
+  padding mask is never silently dropped), switches a model to it, and (``fused_rope=True``) replaces the rotary
+  application of the Llama, Mistral and Qwen2 modeling modules with :func:`ring_attn.apply_rope`, whose angles are
+  formed in float64 from the global ``position_ids``. ``group=None`` (or a one-rank group): the single-device
+  kernel, a faster drop-in for ``sdpa``. A larger group: ring attention over it, the sequence sharded by
+  :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``).
+* :func:`shard_batch` shards a training batch (shifting labels over the whole sequence first, padding lengths
+  the layout cannot split, recognising packed sequences), and :func:`causal_lm_loss` turns it into a loss whose
+  value and gradients, after data-parallel averaging, equal single-process training on the whole batch.
+
+Supported transformers: 4.48 to 5.x (both ends are tested). See ``docs/hf.md``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+
+import ring_attn
+from ring_attn.ring import layout as ring_layout
+
+__all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "IGNORE_INDEX",
+           "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "check_sliding_window"]
+
+ATTN_IMPLEMENTATION = "ring_attn"
+IGNORE_INDEX = -100
+# modeling modules whose rotary application / rotary embedding / base model the patch touches
+MODEL_FAMILIES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding", "LlamaModel"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRotaryEmbedding", "MistralModel"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", "Qwen2Model"),
+}
+# rope types whose frequencies depend on the sequence length (transformers recomputes them in forward)
+_SEQ_LEN_DEPENDENT = ("dynamic", "longrope")
+_ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
+_CU_TAG = "_ring_attn_cu"  # attribute on a position_ids tensor: its packed-sequence boundaries (cached)
+_CHECKED_TAG = "_ring_attn_checked"  # attribute on a position_ids tensor: shard layout verified
+
+
+class _State:
+    """What the active patch decided: read by the attention and RoPE replacements."""
+
+    def __init__(self, group, layout: str, fused_rope: bool):
+        self.group, self.layout, self.fused_rope = group, layout, fused_rope
+        self.rank, self.world = _rank_world(group)
+
+
+_active: Optional[_State] = None
+
+
+def _rank_world(group) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("group was given but torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals: each names the setting it refuses.
+
+
+def check_sliding_window(sliding_window: Optional[int], longest: int) -> None:
+    """Raise ``NotImplementedError`` when a sliding window would cut attention: a query then sees only the last
+    ``sliding_window`` keys (itself included), which differs from full causal attention once a sequence (or the
+    keys of one generation step) is longer than the window. The one place this is decided, so that lifting it
+    when the kernels gain windows touches nothing else.
+
+    Args:
+        sliding_window: the model's window (``config.sliding_window``) or None.
+        longest: the longest key range one query can reach: the global sequence length, the longest packed
+            sequence, or the cache length during generation.
+    """
+    if sliding_window is not None and longest > sliding_window:
+        raise NotImplementedError(
+            f"attn_implementation='ring_attn' does not implement sliding-window attention yet: sliding_window="
+            f"{sliding_window} would cut attention over {longest} tokens (set config.sliding_window=None to train "
+            f"with full attention, or keep sequences at most {sliding_window} tokens long)")
+
+
+def _refuse_unsupported(module, dropout, kwargs) -> None:
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        raise NotImplementedError("output_attentions=True: attn_implementation='ring_attn' never materializes "
+                                  "attention probabilities; use attn_implementation='eager' to inspect them")
+    if dropout:
+        raise NotImplementedError(f"attention dropout={dropout} (config.attention_dropout) in training: "
+                                  f"attn_implementation='ring_attn' has no dropout; set config.attention_dropout=0")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"softcap={kwargs['softcap']}: attn_implementation='ring_attn' does not "
+                                  f"implement logit soft-capping yet")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux): not implemented by attn_implementation='ring_attn'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed sequences
+
+
+def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple[torch.Tensor, int]]:
+    """Boundaries of the sequences packed in ``position_ids`` ``[b, s]`` (a new sequence starts wherever the
+    position does not follow its predecessor by one, and at every row): (cu_seqlens int32, longest), or None
+    when every row holds one sequence. Cached on the tensor (one host sync per forward, not per layer)."""
+    cached = getattr(position_ids, _CU_TAG, None)
+    if cached is not None and cached[0] == batch:
+        return cached[1]
+    pos = position_ids.expand(batch, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    result = None
+    if bool(starts[:, 1:].any()):
+        idx = starts.reshape(-1).nonzero().reshape(-1)
+        total = pos.numel()
+        cu = torch.cat([idx, idx.new_tensor([total])]).to(torch.int32)
+        result = (cu, int((cu[1:] - cu[:-1]).max()))
+    setattr(position_ids, _CU_TAG, (batch, result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention function (transformers' AttentionInterface signature)
+
+
+def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
+    """The 2-D keep-mask ``[b, kv_len]`` (True = real token) when it masks anything, else None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise NotImplementedError(
+            f"a {attention_mask.dim()}-D attention_mask {tuple(attention_mask.shape)}: attn_implementation="
+            f"'ring_attn' implements causal attention with a 2-D padding mask only (custom 4-D masks are not "
+            f"supported)")
+    mask = attention_mask[:, -kv_len:].bool()
+    if mask.shape[1] != kv_len:
+        raise NotImplementedError(f"attention_mask covers {mask.shape[1]} keys but there are {kv_len} "
+                                  f"(a static cache?): not supported by attn_implementation='ring_attn'")
+    return None if bool(mask.all()) else mask
+
+
+def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale):
+    """Single-device attention with padding: gather the real tokens of every row into packed sequences and run
+    the varlen kernel. Queries are the last ``s_q`` key positions (true with a growing cache), so bottom-right
+    causal alignment per sequence is exact even for masks with holes. Padded query rows get zeros."""
+    b, s_q, h, d = q.shape
+    s_k = k.shape[1]
+    keep_q = keep[:, -s_q:]
+    idx_q = keep_q.reshape(-1).nonzero().reshape(-1)
+    idx_k = keep.reshape(-1).nonzero().reshape(-1)
+    len_q, len_k = keep_q.sum(1), keep.sum(1)
+    zero = len_q.new_zeros(1)
+    cu_q = torch.cat([zero, len_q.cumsum(0)]).to(torch.int32)
+    cu_k = torch.cat([zero, len_k.cumsum(0)]).to(torch.int32)
+    out = ring_attn.flash_attn_varlen_func(
+        q.reshape(b * s_q, h, d).index_select(0, idx_q), k.reshape(b * s_k, -1, d).index_select(0, idx_k),
+        v.reshape(b * s_k, -1, d).index_select(0, idx_k), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=int(len_q.max()), max_seqlen_k=int(len_k.max()), causal=causal, softmax_scale=scale)
+    full = out.new_zeros(b * s_q, h, d).index_copy(0, idx_q, out)
+    return full.reshape(b, s_q, h, d)
+
+
+def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: int) -> None:
+    """In ring mode without packing, every row of ``position_ids`` must be this rank's layout shard of one
+    sequence (global positions plus a constant offset); anything else (an unsharded batch, another layout,
+    packed sequences without shard_batch's cu_seq_lens) would be silently wrong."""
+    if getattr(position_ids, _CHECKED_TAG, False):
+        return
+    s_global = s_local * state.world
+    expected = ring_layout.shard_positions(s_global, state.rank, state.world, state.layout,
+                                           device=position_ids.device)
+    diff = position_ids.reshape(-1, s_local) - expected  # [1, s] or [b, s]
+    import torch.distributed as dist
+
+    # agreed over the group, so that every rank raises (one rank entering the ring alone would hang)
+    ok = torch.tensor([int(bool((diff == diff[:, :1]).all()))])
+    if str(dist.get_backend(state.group)).lower() != "gloo":
+        ok = ok.to(position_ids.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=state.group)
+    if not bool(ok.item()):
+        raise ValueError(
+            f"position_ids {tuple(position_ids.shape)} (on this rank or another) are not a {state.layout!r} shard "
+            f"of one sequence of {s_global} tokens over {state.world} ranks: shard the batch with "
+            f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) (packed sequences "
+            f"need the cu_seq_lens_q it returns)")
+    setattr(position_ids, _CHECKED_TAG, True)
+
+
+def ring_attn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                                is_causal: Optional[bool] = None, **kwargs):
+    """transformers ``AttentionInterface`` entry for ``attn_implementation="ring_attn"``.
+
+    Args:
+        module: the attention module (reads ``is_causal``, ``config``).
+        query: ``[b, h_q, s_q, d]``; key, value: ``[b, h_kv, s_k, d]`` (transformers' layout), any float dtype
+            (cast to the autocast dtype when autocast is on).
+        attention_mask: None, or the 2-D padding mask our mask function returned.
+        dropout, scaling, sliding_window, is_causal: as transformers passes them.
+        kwargs: ``position_ids``, ``cu_seq_lens_q`` / ``max_length_q`` (packed sequences), ``use_cache`` ...
+
+    Returns:
+        ``(attn_output [b, s_q, h_q, d], None)``.
+
+    Raises:
+        NotImplementedError naming the setting (output_attentions, dropout, softcap, sliding window that cuts,
+        padding in a sharded sequence, a KV cache in ring mode, 4-D masks); ValueError for position_ids that are
+        not a layout shard in ring mode.
+    """
+    state = _active
+    if state is None:
+        raise RuntimeError("attn_implementation='ring_attn' is used but the ring_attn patch was undone; call "
+                           "ring_attn.integrations.hf.patch_hf() again or switch the model back")
+    _refuse_unsupported(module, dropout, kwargs)
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [b, s, h, d] views
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    b, s_q, h_q, d = q.shape
+    s_k = k.shape[1]
+    keep = _padding(attention_mask, s_k)
+    position_ids = kwargs.get("position_ids")
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+
+    if state.world == 1:
+        if cu is None and s_q == s_k and keep is None and position_ids is not None and position_ids.dim() == 2:
+            found = _packed_cu_seqlens(position_ids, b)
+            if found is not None:
+                cu, max_len = found
+        if cu is not None:
+            check_sliding_window(sliding_window, int(max_len))
+            out = ring_attn.flash_attn_varlen_func(
+                q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
+                cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_len), max_seqlen_k=int(max_len),
+                causal=causal, softmax_scale=scaling)
+            return out.reshape(b, s_q, h_q, d), None
+        check_sliding_window(sliding_window, s_k)
+        if keep is not None:
+            return _unpadded_attention(q, k, v, keep, causal, scaling), None
+        # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q
+        return ring_attn.flash_attn_func(q, k, v, causal=causal, softmax_scale=scaling), None
+
+    # ring mode
+    if kwargs.get("use_cache") or s_q != s_k:
+        raise NotImplementedError(
+            f"a KV cache (use_cache=True{', s_q=%d != s_k=%d' % (s_q, s_k) if s_q != s_k else ''}) with ring "
+            f"attention over {state.world} ranks: the cache would hold this rank's shard only; pass "
+            f"use_cache=False (patch_hf(model, group) sets config.use_cache=False), and generate with group=None")
+    if keep is not None:
+        raise NotImplementedError(
+            "attention_mask with padding inside a sequence sharded over the ring: pack the sequences instead "
+            "(position_ids restarting at 0, see shard_batch), or drop the attention_mask (padding at the end "
+            "with ignored labels needs no mask under causal attention)")
+    if cu is not None:
+        check_sliding_window(sliding_window, int(max_len))
+        if b != 1:
+            raise ValueError(f"packed sequences (cu_seq_lens_q) need batch size 1, got query {tuple(query.shape)}")
+        out = ring_attn.ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=int(max_len),
+                                              causal=causal, softmax_scale=scaling, group=state.group,
+                                              layout=state.layout)
+        return out.unsqueeze(0), None
+    check_sliding_window(sliding_window, s_q * state.world)
+    if position_ids is not None:
+        _check_shard_positions(position_ids, state, s_q)  # cached on the tensor: once per forward
+    out = ring_attn.ring_attn_func(q, k, v, causal=causal, softmax_scale=scaling, group=state.group,
+                                   layout=state.layout)
+    return out, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mask function (transformers >= 4.53's AttentionMaskInterface)
+
+_OK_MASK_PARTS = ("causal_mask_function", "sliding_window_overlay", "remap_positions_for_packed_sequence",
+                  "packed_sequence_mask_function", "padding_mask_function", "and_masks")
+
+
+def _mask_leaves(fn, seen=None) -> list[str]:
+    """Qualified names of the functions a transformers mask function is built from (walking closures)."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    names = [getattr(fn, "__qualname__", repr(fn))]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            val = cell.cell_contents
+        except ValueError:
+            continue
+        for item in (val if isinstance(val, (tuple, list)) else (val,)):
+            if callable(item) and hasattr(item, "__qualname__") and not isinstance(item, torch.Tensor):
+                names += _mask_leaves(item, seen)
+    return names
+
+
+def ring_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                   mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """transformers ``AttentionMaskInterface`` entry for ``"ring_attn"``.
+
+    The kernels apply causal masking themselves (packed sequences come from position_ids / cu_seq_lens and the
+    sliding window from the attention call's ``sliding_window``), so the plain causal case returns None, like
+    ``flash_attention_2``'s. Anything else is kept or refused, never dropped:
+
+    Returns:
+        None, or the 2-D bool padding mask ``[batch, kv_length]`` (True = real token) when it masks anything.
+
+    Raises:
+        NotImplementedError: a mask pattern the kernels cannot express (bidirectional, chunked, block-wise or
+            custom ``or``/``and`` masks), or queries that are not the last ``q_length`` keys (a static cache).
+    """
+    names = _mask_leaves(mask_function) if mask_function is not None else ["causal_mask_function"]
+    bad = [n for n in names if not any(n == ok or n.startswith(ok + ".") for ok in _OK_MASK_PARTS)]
+    if bad:
+        raise NotImplementedError(f"attn_implementation='ring_attn' implements causal masks (with packed "
+                                  f"sequences and padding) only; this model asks for a mask built from {bad}")
+    if int(q_offset) + q_length != int(kv_offset) + kv_length:
+        raise NotImplementedError(
+            f"queries at offset {int(q_offset)} (+{q_length}) are not the last of {kv_length} keys at offset "
+            f"{int(kv_offset)} (a static cache?): attn_implementation='ring_attn' aligns causal masks bottom-right")
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].bool()
+    return None if (mask.shape[1] == kv_length and bool(mask.all())) else mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE: rotary embedding (global sequence length) and the fused rotary application
+
+
+def _global_max(position_ids: torch.Tensor, state: _State) -> torch.Tensor:
+    import torch.distributed as dist
+
+    m = position_ids.max().reshape(1).to(torch.int64)
+    if str(dist.get_backend(state.group)).lower() == "gloo":
+        m = m.cpu()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=state.group)
+    return m.to(position_ids.device)
+
+
+def _make_rotary_forward(original):
+    def forward(self, x, position_ids, *args, **kwargs):
+        state = _active
+        if state is None:
+            return original(self, x, position_ids, *args, **kwargs)
+        rope_type = getattr(self, "rope_type", "default")
+        if state.world > 1 and isinstance(rope_type, str) and any(t in rope_type for t in _SEQ_LEN_DEPENDENT):
+            # transformers picks these frequencies from max(position_ids) + 1; on a shard that is not the global
+            # length. One extra column carrying the global maximum makes every rank pick what one device would.
+            col = _global_max(position_ids, state).reshape(1, 1).expand(position_ids.shape[0], 1)
+            cos, sin = original(self, x, torch.cat([position_ids, col.to(position_ids.dtype)], dim=1),
+                                *args, **kwargs)
+            cos, sin = cos[:, :-1], sin[:, :-1]
+        else:
+            cos, sin = original(self, x, position_ids, *args, **kwargs)
+        if state.fused_rope and not args and not kwargs:
+            setattr(cos, _ROPE_TAG, (position_ids, self.inv_freq.detach().float().clone(),
+                                     float(self.attention_scaling)))
+        return cos, sin
+
+    forward._ring_attn_original = original
+    return forward
+
+
+def _make_apply_rotary(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        state = _active
+        tag = getattr(cos, _ROPE_TAG, None)
+        if state is None or not state.fused_rope or tag is None or unsqueeze_dim != 1 or q.dim() != 4:
+            if state is not None and state.fused_rope:  # still the fused kernel, reading HF's tables
+                return ring_attn.apply_rope_cos_sin(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+            return original(q, k, cos, sin, position_ids, unsqueeze_dim)
+        positions, inv_freq, scaling = tag
+        # q, k: [b, h, s, d] -> the kernel's [b, s, h, d] view; angles position * inv_freq formed in float64
+        qr, kr = ring_attn.apply_rope(q.transpose(1, 2), k.transpose(1, 2), positions, inv_freq.to(q.device),
+                                      attention_scaling=scaling)
+        return qr.transpose(1, 2), kr.transpose(1, 2)
+
+    apply_rotary_pos_emb._ring_attn_original = original
+    return apply_rotary_pos_emb
+
+
+def _make_update_causal_mask(original):
+    # transformers < 4.53 builds masks inside the model: for "ring_attn" behave like flash_attention_2 there
+    # (the 2-D mask when it pads, else None), so no O(s^2) mask is built and padding still reaches the check.
+    def _update_causal_mask(self, attention_mask, *args, **kwargs):
+        if self.config._attn_implementation == ATTN_IMPLEMENTATION and _active is not None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                return attention_mask if bool((attention_mask == 0).any()) else None
+            return attention_mask
+        return original(self, attention_mask, *args, **kwargs)
+
+    return _update_causal_mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patch / undo
+
+
+class HFPatch:
+    """Handle returned by :func:`patch_hf`; ``undo()`` (or leaving a ``with`` block) restores stock behaviour."""
+
+    def __init__(self):
+        self._restore: list = []  # callables run in reverse order
+        self.active = True
+
+    def _setattr(self, obj, name, value):
+        had = name in vars(obj)
+        old = vars(obj).get(name)
+        setattr(obj, name, value)
+        self._restore.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+    def undo(self) -> None:
+        """Restore every patched function, registration and model setting. Idempotent."""
+        global _active
+        if not self.active:
+            return
+        while self._restore:
+            self._restore.pop()()
+        _active = None
+        self.active = False
+
+    def __enter__(self) -> "HFPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers < 4.50
+        model.config._attn_implementation = name
+
+
+def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = True) -> HFPatch:
+    """Route transformers attention (and RoPE) of Llama, Mistral and Qwen2 models through ring_attn.
+
+    Args:
+        model: a loaded model to switch to ``attn_implementation="ring_attn"`` (optional; models loaded later
+            can ask for it with ``from_pretrained(..., attn_implementation="ring_attn")``). With a multi-rank
+            ``group`` its ``config.use_cache`` is set to False (restored by ``undo``).
+        group: None or a one-rank group: single-device flash attention (a faster drop-in for ``sdpa``, with
+            KV-cache generation). A larger ``torch.distributed`` group: ring attention over it; feed the model
+            batches from :func:`shard_batch` with the same group and layout.
+        layout: how sequences are sharded over ``group``: ``"zigzag"`` (default), ``"contiguous"``, ``"striped"``.
+        fused_rope: replace ``apply_rotary_pos_emb`` in the Llama/Mistral/Qwen2 modeling modules by the fused
+            kernel, angles from the model's own ``inv_freq`` (any rope type) and global ``position_ids``,
+            formed in float64 (stock forms them in float32).
+
+    Returns:
+        :class:`HFPatch`; ``.undo()`` or ``with patch_hf(...):`` restores stock behaviour exactly.
+
+    Raises:
+        ValueError: unknown layout; TypeError: ``model`` is not a transformers model; RuntimeError: a patch is
+        already active (undo it first), or ``group`` without an initialized process group.
+    """
+    global _active
+    import transformers
+
+    ring_layout.check_layout(layout)
+    if _active is not None:
+        raise RuntimeError("a ring_attn patch is already active; call .undo() on it before patching again")
+    if model is not None and not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if not isinstance(fused_rope, bool):
+        raise TypeError(f"fused_rope must be a bool, got {fused_rope!r}")
+    state = _State(group, layout, fused_rope)
+    handle = HFPatch()
+    try:
+        # attention function
+        from transformers import modeling_utils
+
+        interface = getattr(modeling_utils, "AttentionInterface", None)
+        if interface is not None:
+            mapping = interface._global_mapping
+            had, old = ATTN_IMPLEMENTATION in mapping, mapping.get(ATTN_IMPLEMENTATION)
+            interface.register(ATTN_IMPLEMENTATION, ring_attn_attention_forward)
+            handle._restore.append(lambda: mapping.__setitem__(ATTN_IMPLEMENTATION, old) if had
+                                   else mapping.pop(ATTN_IMPLEMENTATION, None))
+        else:  # transformers < 4.50: a plain dict
+            mapping = modeling_utils.ALL_ATTENTION_FUNCTIONS
+            had, old = ATTN_IMPLEMENTATION in mapping, mapping.get(ATTN_IMPLEMENTATION)
+            mapping[ATTN_IMPLEMENTATION] = ring_attn_attention_forward
+            handle._restore.append(lambda: mapping.__setitem__(ATTN_IMPLEMENTATION, old) if had
+                                   else mapping.pop(ATTN_IMPLEMENTATION, None))
+        # mask function
+        try:
+            masking_utils = importlib.import_module("transformers.masking_utils")
+        except ImportError:
+            masking_utils = None
+        mask_interface = getattr(masking_utils, "AttentionMaskInterface", None)
+        if mask_interface is not None:
+            mmap = mask_interface._global_mapping
+            mhad, mold = ATTN_IMPLEMENTATION in mmap, mmap.get(ATTN_IMPLEMENTATION)
+            mask_interface.register(ATTN_IMPLEMENTATION, ring_attn_mask)
+            handle._restore.append(lambda: mmap.__setitem__(ATTN_IMPLEMENTATION, mold) if mhad
+                                   else mmap.pop(ATTN_IMPLEMENTATION, None))
+        # modeling modules
+        for _family, (module_name, rotary_name, model_name) in MODEL_FAMILIES.items():
+            try:
+                mod = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            rotary = getattr(mod, rotary_name, None)
+            if rotary is not None:
+                handle._setattr(rotary, "forward", _make_rotary_forward(rotary.forward))
+            if fused_rope and hasattr(mod, "apply_rotary_pos_emb"):
+                handle._setattr(mod, "apply_rotary_pos_emb", _make_apply_rotary(mod.apply_rotary_pos_emb))
+            base = getattr(mod, model_name, None)
+            if mask_interface is None and base is not None and hasattr(base, "_update_causal_mask"):
+                handle._setattr(base, "_update_causal_mask", _make_update_causal_mask(base._update_causal_mask))
+        _active = state
+        if model is not None:
+            previous = model.config._attn_implementation
+            _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+            handle._restore.append(lambda: _set_attn_implementation(model, previous))
+            if state.world > 1 and getattr(model.config, "use_cache", False):
+                model.config.use_cache = False
+                handle._restore.append(lambda: setattr(model.config, "use_cache", True))
+    except BaseException:
+        handle.undo()
+        raise
+    del transformers
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: shift, pad, shard
+
+
+def _sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[b, s]``: True where a sequence starts (row start, or position not previous + 1)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def shift_labels(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token targets: ``out[:, t] = labels[:, t + 1]``, ``ignore_index`` at the end of every sequence.
+
+    Args:
+        labels: int64 ``[b, s]`` (``ignore_index`` where no loss is wanted).
+        position_ids: optional ``[b, s]`` / ``[1, s]``; where positions restart (packed sequences) the last
+            token of a sequence gets ``ignore_index`` instead of the next sequence's first token.
+
+    Returns:
+        int64 ``[b, s]``.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seqlen], got shape {tuple(labels.shape)}")
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        starts = _sequence_starts(position_ids.expand_as(labels))
+        out[:, :-1] = out[:, :-1].masked_fill(starts[:, 1:], ignore_index)
+    return out
+
+
+def _as_2d_long(name, x, shape=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batch[{name!r}] must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"batch[{name!r}] must be an integer tensor [batch, seqlen], got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if shape is not None and x.shape[1] != shape[1] or shape is not None and x.shape[0] not in (1, shape[0]):
+        raise ValueError(f"batch[{name!r}] has shape {tuple(x.shape)}; expected {tuple(shape)} like input_ids")
+    return x.long()
+
+
+def shard_batch(batch: Mapping[str, Any], group=None, layout: str = "zigzag",
+                pad_token_id: int = 0) -> dict:
+    """This rank's part of a causal-LM batch for a model patched with ``patch_hf(model, group, layout)``.
+
+    Every rank passes the same global batch. Labels are shifted over the whole sequence *before* sharding
+    (a shard's last token predicts a token that lives on another rank). Lengths the layout cannot split
+    (multiples of ``2W`` for zigzag, ``W`` otherwise) are padded at the end with ``pad_token_id`` and ignored
+    labels: under causal attention no real query sees a later pad token, so no mask is needed. (Rope types whose
+    frequencies depend on the length, ``dynamic`` and ``longrope``, see the padded length, as stock transformers
+    does for a right-padded batch; pick lengths that are multiples of the unit to keep them unchanged.)
+
+    Args:
+        batch: ``input_ids`` int ``[b, s]``; optional ``labels`` ``[b, s]`` (unshifted, -100 = ignore),
+            ``attention_mask`` (must be all ones: padding inside a sharded sequence is refused; pack instead),
+            ``position_ids`` ``[b, s]`` / ``[1, s]`` (positions restarting mark packed sequences).
+        group: the ring's process group (None: the world, or one process when not initialized).
+        layout: ``"zigzag"``, ``"contiguous"`` or ``"striped"``; must match ``patch_hf``.
+        pad_token_id: token used for padding (never attended by a real query, never in the loss).
+
+    Returns:
+        dict with ``input_ids`` and ``position_ids`` (global positions) ``[b, s_pad / W]``; with labels also
+        ``shift_labels`` (same shape) and ``num_items_in_batch`` (int64 scalar: labelled tokens in the *whole*
+        batch). Packed sequences (any batch size) become one row ``[1, t_pad / W]``, each sequence padded and
+        sharded by the layout, plus ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 *global* boundaries) and
+        ``max_length_q`` / ``max_length_k``, which transformers passes on to the attention.
+
+    Raises:
+        TypeError / ValueError naming the key: missing or malformed ``input_ids``, shapes that disagree, an
+        ``attention_mask`` with zeros; ValueError for an unknown layout.
+    """
+    ring_layout.check_layout(layout)
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError("batch must be a mapping with 'input_ids' [batch, seqlen]")
+    input_ids = _as_2d_long("input_ids", batch["input_ids"])
+    b, s = input_ids.shape
+    device = input_ids.device
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, s):
+            raise ValueError(f"batch['attention_mask'] must be a tensor of shape {(b, s)}, got "
+                             f"{getattr(mask, 'shape', type(mask))}")
+        if not bool((mask != 0).all()):
+            raise ValueError(
+                "batch['attention_mask'] has zeros (padding): ring attention cannot mask padding inside a "
+                "sharded sequence; pack the sequences instead (position_ids restarting at 0) or drop the padding "
+                "(shard_batch pads the end itself with ignored labels)")
+    labels = batch.get("labels")
+    if labels is not None:
+        labels = _as_2d_long("labels", labels, (b, s))
+        if labels.shape[0] != b:
+            raise ValueError(f"batch['labels'] has shape {tuple(labels.shape)}; expected {(b, s)}")
+    positions = batch.get("position_ids")
+    if positions is not None:
+        positions = _as_2d_long("position_ids", positions, (b, s)).expand(b, s)
+    else:
+        positions = torch.arange(s, device=device).expand(b, s)
+    rank, world = _rank_world(group)
+    unit = 2 * world if layout == "zigzag" else world
+    targets = shift_labels(labels, positions) if labels is not None else None
+    starts = _sequence_starts(positions)
+    packed = bool(starts[:, 1:].any())
+    out: dict = {}
+    if not packed:
+        pad = (-s) % unit
+        if pad:
+            tail = positions[:, -1:] + torch.arange(1, pad + 1, device=device)
+            positions = torch.cat([positions, tail], 1)
+            input_ids = torch.cat([input_ids, input_ids.new_full((b, pad), pad_token_id)], 1)
+            if targets is not None:
+                targets = torch.cat([targets, targets.new_full((b, pad), IGNORE_INDEX)], 1)
+        sh = lambda x: ring_layout.shard_for_rank(x, rank, world, 1, layout)  # noqa: E731
+        out["input_ids"], out["position_ids"] = sh(input_ids), sh(positions.contiguous())
+        if targets is not None:
+            out["shift_labels"] = sh(targets)
+    else:
+        # one row of sequences, each padded to a multiple of the layout's unit
+        flat_start = starts.reshape(-1).nonzero().reshape(-1).tolist() + [b * s]
+        ids, pos, tgt, lens = [], [], [], []
+        flat_ids, flat_pos = input_ids.reshape(-1), positions.reshape(-1)
+        flat_tgt = targets.reshape(-1) if targets is not None else None
+        for a, e in zip(flat_start[:-1], flat_start[1:]):
+            n = e - a
+            pad = (-n) % unit
+            ids += [flat_ids[a:e], flat_ids.new_full((pad,), pad_token_id)]
+            pos += [flat_pos[a:e], flat_pos[e - 1] + torch.arange(1, pad + 1, device=device)]
+            if flat_tgt is not None:
+                tgt += [flat_tgt[a:e], flat_tgt.new_full((pad,), IGNORE_INDEX)]
+            lens.append(n + pad)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        sh = lambda x: ring_layout.varlen_shard_for_rank(torch.cat(x), cu, rank, world, 0, layout)[None]  # noqa
+        out["input_ids"], out["position_ids"] = sh(ids), sh(pos)
+        if flat_tgt is not None:
+            out["shift_labels"] = sh(tgt)
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+        out["max_length_q"] = out["max_length_k"] = max(lens)
+    if targets is not None:
+        out["num_items_in_batch"] = (targets != IGNORE_INDEX).sum()
+    return out
+
+
+def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch,
+                   grad_average_world: int = 1, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """This rank's share of the causal-LM loss of the whole (unsharded) batch.
+
+    ``sum over local tokens of cross_entropy(logits, shift_labels) / num_items_in_batch * grad_average_world``
+    (cross entropy in float32). Summed over the ranks of the ring, the unscaled value is exactly the mean loss
+    of the whole batch, so:
+
+    * gradients all-reduced with SUM over the ring: use ``grad_average_world=1``;
+    * gradients *averaged* (DDP, ``all_reduce`` then divide by ``W``): pass ``grad_average_world=W`` so the
+      average is the exact full-batch gradient. The loss to report is then the average of this value over
+      the ranks.
+
+    Args:
+        logits: ``[b, s_local, vocab]`` (any float dtype).
+        shift_labels: int64 ``[b, s_local]`` from :func:`shard_batch`.
+        num_items_in_batch: labelled tokens in the whole batch (``shard_batch``'s ``num_items_in_batch``; with
+            data parallelism on top, the total over every batch whose gradients are averaged together).
+        grad_average_world: the number of ranks whose gradients are averaged (see above).
+
+    Returns:
+        float32 scalar.
+    """
+    if logits.shape[:-1] != shift_labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)} must agree "
+                         f"on [batch, seqlen]")
+    n = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+    if not n or n < 0:
+        raise ValueError(f"num_items_in_batch must be a positive count, got {num_items_in_batch!r}")
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             shift_labels.reshape(-1).to(logits.device),
+                                             ignore_index=ignore_index, reduction="sum")
+    return loss * (float(grad_average_world) / float(n))

@@ -1,0 +1,186 @@
+"""Worker side of the HF integration tests: one gloo group per world size runs every case.
+
+Each case builds the same tiny random model on every rank, patches it with ``patch_hf(model, group, layout)``,
+feeds it ``shard_batch`` of the global batch, takes :func:`causal_lm_loss` (scaled for gradient averaging),
+runs backward and averages the gradients over the group like data parallelism does. Rank 0 saves the gathered
+(unsharded, unpadded) logits, the loss and the averaged gradients; the parent (tests/test_hf.py) compares them
+with the stock model in one process. Error cases record what every rank raised.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import torch
+
+CASES_2 = [
+    dict(kind="equiv", model="llama", layout="zigzag", b=2, s=13),
+    dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=16),
+    dict(kind="equiv", model="llama-yarn", layout="zigzag", b=1, s=14),
+    dict(kind="equiv", model="llama-llama3", layout="contiguous", b=1, s=12),
+    dict(kind="equiv", model="llama-dynamic", layout="zigzag", b=2, s=16),  # no padding: see docs/hf.md
+    dict(kind="equiv", model="mistral", layout="striped", b=1, s=11),
+    dict(kind="equiv", model="qwen2", layout="zigzag", b=1, s=12),
+    dict(kind="equiv", model="llama", layout="zigzag", packed=[5, 8, 3]),
+    dict(kind="equiv", model="llama", layout="zigzag", b=1, s=12, fused_rope=False),
+    # the Triton kernels (ring blocks and fused RoPE) through the interpreter, when it is on
+    dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=8, backend="triton"),
+    dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
+]
+CASES_3 = [
+    dict(kind="equiv", model="llama", layout="zigzag", b=2, s=13),
+    dict(kind="equiv", model="llama-dynamic", layout="zigzag", b=1, s=18),
+    dict(kind="equiv", model="qwen2", layout="striped", packed=[7, 4, 6]),
+    dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
+]
+
+
+def cases_for(world: int) -> list[dict]:
+    cases = CASES_2 if world == 2 else CASES_3
+    for i, c in enumerate(cases):
+        c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
+                     + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else ""))
+    return cases
+
+
+def _equiv_case(case, rank, world, store):
+    import torch.distributed as dist
+
+    import ring_attn
+    from hf_models import batch_for, build
+    from ring_attn.integrations import hf
+
+    model = build(case["model"]).train()
+    layout = case["layout"]
+    batch = batch_for(case)
+    local = hf.shard_batch(batch, layout=layout)
+    with hf.patch_hf(model, group=None if world == 1 else dist.group.WORLD, layout=layout,
+                     fused_rope=case.get("fused_rope", True)):
+        inputs = {k: v for k, v in local.items() if k not in ("shift_labels", "num_items_in_batch")}
+        logits = model(**inputs).logits
+        loss = hf.causal_lm_loss(logits, local["shift_labels"], local["num_items_in_batch"],
+                                 grad_average_world=world)
+        loss.backward()
+    # data-parallel averaging of gradients and of the reported loss
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        dist.all_reduce(g)
+        grads[name] = g / world
+    rep = loss.detach().clone()
+    dist.all_reduce(rep)
+    # gather logits in global order and drop the padding shard_batch added
+    lg = logits.detach().contiguous()
+    if case.get("packed"):
+        cu = local["cu_seq_lens_q"]
+        full = ring_attn.unshard_varlen(lg[0], cu, dim=0, layout=layout)
+        keep = torch.cat([torch.arange(int(a), int(a) + n) for a, n in zip(cu[:-1], case["packed"])])
+        full = full[keep][None]
+    else:
+        full = ring_attn.unshard(lg, dim=1, layout=layout)[:, :case["s"]]
+    store.update(logits=full, loss=rep / world, grads=grads)
+
+
+def _errors_case(case, rank, world, store):
+    """Every refusal in ring mode: record (type, message) per setting, on every rank."""
+    import torch.distributed as dist
+
+    from hf_models import batch_for, build
+    from ring_attn.integrations import hf
+
+    layout = case["layout"]
+    batch = batch_for(case)
+    raised = {}
+
+    def attempt(label, fn):
+        try:
+            fn()
+            raised[label] = None
+        except Exception as e:  # noqa: BLE001 - recorded for the parent
+            raised[label] = (type(e).__name__, str(e))
+
+    attempt("shard_batch padding", lambda: hf.shard_batch(
+        dict(batch, attention_mask=torch.cat([torch.zeros(1, 2), torch.ones(1, case["s"] - 2)], 1).long()),
+        layout=layout))
+    local = hf.shard_batch(batch, layout=layout)
+    inputs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"])
+
+    model = build(case["model"])
+    with hf.patch_hf(model, group=dist.group.WORLD, layout=layout):
+        with torch.no_grad():
+            pad = torch.ones_like(inputs["input_ids"])
+            pad[:, 0] = 0
+            attempt("padding mask", lambda: model(**inputs, attention_mask=pad))
+            attempt("use_cache", lambda: model(**inputs, use_cache=True))
+            attempt("output_attentions", lambda: model(**inputs, output_attentions=True))
+            s_local = inputs["input_ids"].shape[1]
+            attempt("unsharded positions", lambda: model(input_ids=inputs["input_ids"],
+                                                         position_ids=torch.arange(s_local)[None]))
+        model.train()
+        model.config.attention_dropout = 0.1
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+        attempt("dropout", lambda: model(**inputs))
+    mistral = build("mistral", sliding_window=8)
+    with hf.patch_hf(mistral, group=dist.group.WORLD, layout=layout), torch.no_grad():
+        attempt("sliding window", lambda: mistral(**inputs))
+    # the group is still usable afterwards (no rank hangs in a collective)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    store.update(raised=raised, after=t.item())
+
+
+def _worker(rank, world, init_file, outdir):
+    os.environ["RING_ATTN_BACKEND"] = "reference"
+    torch.set_num_threads(1)
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for case in cases_for(world):
+            store = {"case": case}
+            t0 = time.monotonic()
+            try:
+                if case.get("backend") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                    store["skipped"] = "needs TRITON_INTERPRET=1 (set by tests/conftest.py without CUDA)"
+                elif case["kind"] == "equiv":
+                    os.environ["RING_ATTN_BACKEND"] = case.get("backend", "reference")
+                    _equiv_case(case, rank, world, store)
+                else:
+                    _errors_case(case, rank, world, store)
+            except Exception:  # noqa: BLE001 - reported to the parent, which fails the case
+                store["error"] = traceback.format_exc()
+            os.environ["RING_ATTN_BACKEND"] = "reference"
+            store["wall_s"] = time.monotonic() - t0
+            results[case["name"]] = store
+    finally:
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_world(world: int, outdir: str, timeout_s: float = 300.0) -> list[dict]:
+    """Spawn ``world`` gloo ranks once, run every case, return each rank's results (index = rank)."""
+    import torch.multiprocessing as mp
+
+    os.makedirs(outdir, exist_ok=True)
+    init_file = os.path.join(outdir, "store")
+    ctx = mp.start_processes(_worker, args=(world, init_file, outdir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"world {world}: workers did not finish within {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

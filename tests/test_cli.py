@@ -1,0 +1,140 @@
+"""The console script checks every flag in the parent process: a bad one is a one-line argparse error with exit
+status 2 (no traceback, nothing spawned); the demo prints its configuration at once and a line per phase."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ring_attn import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN = ["rope-plan", "--head-dim", "128", "--theta", "5e5", "--trained", "8192", "--target", "262144"]
+
+
+def _one_line_error(argv, capsys, *pieces):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"ring-attn {argv[0]}: error: "), lines[0]
+    assert "Traceback" not in captured.err
+    for piece in pieces:
+        assert piece in lines[0], (piece, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,pieces", [
+    (["--world-size", "0"], ["--world-size 0", ">= 1"]),
+    (["--world-size", "-1"], ["--world-size -1", ">= 1"]),
+    (["-n", "0"], ["--world-size 0", ">= 1"]),
+    (["--seqlen", "0"], ["--seqlen 0", ">= 1"]),
+    (["--seqlen", "-5"], ["--seqlen -5", ">= 1"]),
+    (["--batch", "0"], ["--batch 0", ">= 1"]),
+    (["--heads", "0"], ["--heads 0", ">= 1"]),
+    (["--kv-heads", "0"], ["--kv-heads 0", ">= 1"]),
+    (["--iters", "0"], ["--iters 0", ">= 1"]),
+    (["--head-dim", "0"], ["--head-dim 0", "[1, 256]"]),
+    (["--head-dim", "512"], ["--head-dim 512", "[1, 256]"]),
+    (["--heads", "3", "--kv-heads", "2"], ["--heads 3 --kv-heads 2", "multiple"]),
+    (["--world-size", "two"], ["--world-size", "invalid int value: 'two'"]),
+    (["--layout", "spiral"], ["--layout", "invalid choice"]),
+    (["--dtype", "float64"], ["--dtype", "invalid choice"]),
+])
+def test_demo_bad_arguments(flags, pieces, capsys):
+    _one_line_error(["demo", *flags], capsys, *pieces)
+
+
+def test_demo_refusals_of_the_attention_op_are_reported_up_front(capsys, monkeypatch):
+    """Whatever the attention op refuses stops in the parent, as a one-line error naming the flags."""
+    import ring_attn
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("head_dim 24 is not supported by this build")
+
+    monkeypatch.setattr(ring_attn, "flash_attn_func", refuse)
+    monkeypatch.setenv("RING_ATTN_BACKEND", "triton")
+    _one_line_error(["demo", "--head-dim", "24"], capsys, "--head-dim 24", "the attention op refuses them",
+                    "head_dim 24 is not supported by this build")
+    assert os.environ["RING_ATTN_BACKEND"] == "triton"  # the trial call restores the environment
+
+
+def test_demo_cuda_without_gpu(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    _one_line_error(["demo", "--device", "cuda"], capsys, "--device cuda", "no CUDA device")
+
+
+@pytest.mark.parametrize("flags,pieces", [
+    (["--theta", "0"], ["--theta 0.0", "> 1"]),
+    (["--theta", "-3"], ["--theta -3.0", "> 1"]),
+    (["--theta", "nan"], ["--theta nan", "finite"]),
+    (["--trained", "0"], ["--trained 0", "2pi"]),
+    (["--target", "0"], ["--target 0", ">= 1"]),
+    (["--head-dim", "0"], ["--head-dim 0"]),
+    (["--head-dim", "7"], ["--head-dim 7", "even"]),
+    (["--partial-rotary-factor", "0"], ["--partial-rotary-factor 0.0", "(0, 1]"]),
+    (["--partial-rotary-factor", "1.5"], ["--partial-rotary-factor 1.5", "(0, 1]"]),
+    (["--beta-fast", "1", "--beta-slow", "32"], ["--beta-fast 1.0 --beta-slow 32.0", "beta_fast > beta_slow > 0"]),
+    (["--beta-slow", "0"], ["--beta-slow 0.0", "beta_fast > beta_slow > 0"]),
+    (["--plot", "/nonexistent/x.png"], ["--plot /nonexistent/x.png", "does not exist"]),
+    (["--theta", "abc"], ["--theta", "invalid float value: 'abc'"]),
+    (["--rope-type", "nope"], ["--rope-type", "invalid choice"]),
+])
+def test_rope_plan_bad_arguments(flags, pieces, capsys):
+    argv = list(PLAN)
+    for i in range(0, len(flags), 2):  # a flag given twice: argparse keeps the last, so append overrides
+        argv += flags[i:i + 2]
+    _one_line_error(argv, capsys, *pieces)
+
+
+def test_rope_plan_plot_path_checked_up_front(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _one_line_error(PLAN + ["--plot", str(tmp_path)], capsys, "is a directory")
+    _one_line_error(PLAN + ["--plot", str(tmp_path / "x.nosuchformat")], capsys, "cannot write .nosuchformat")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions
+        pytest.skip("running as root: directory permissions are not enforced")
+    _one_line_error(PLAN + ["--plot", str(locked / "x.png")], capsys, "not writable")
+
+
+def test_rope_plan_plot_without_matplotlib_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    _one_line_error(PLAN + ["--plot", str(tmp_path / "x.png")], capsys, "needs matplotlib", "ring-attn[bench]")
+
+
+def test_no_traceback_through_the_console_script():
+    """The installed entry point, run as a user would: exit 2, one stderr line."""
+    for argv in (["demo", "--world-size", "0"], PLAN[:4] + ["0"] + PLAN[5:]):
+        proc = subprocess.run([sys.executable, "-m", "ring_attn", *argv], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""
+        assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_demo_prints_configuration_and_progress():
+    """A 2-rank gloo run: the configuration comes first, then one timed line per phase, then PASS."""
+    proc = subprocess.run([sys.executable, "-u", "-m", "ring_attn", "demo", "-n", "2", "-s", "64", "--heads", "2",
+                           "--kv-heads", "1", "--head-dim", "16"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("ring-attn demo: 2 gloo rank(s) on CPU, causal zigzag, batch 1 x 64 tokens"), lines[0]
+    progress = [line for line in lines if re.match(r"\[\s*\d+\.\d s\] ", line)]
+    phases = ["spawning 2 rank process(es)", "process group up", "ring forward+backward: 1 timed",
+              "ring forward+backward done", "single-device check: flash_attn_func", "single-device check done"]
+    assert len(progress) == len(phases), progress
+    for line, phase in zip(progress, phases):
+        assert phase in line, (phase, line)
+    elapsed = [float(re.match(r"\[\s*(\d+\.\d) s\]", line).group(1)) for line in progress]
+    assert elapsed == sorted(elapsed)
+    assert any("-> PASS" in line for line in lines)

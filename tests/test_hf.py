@@ -1,0 +1,258 @@
+"""HF integration: a patched model computes what the stock one does.
+
+Accuracy (tests/accuracy.py's rule, applied to whole models): the oracle is the stock model in float64 on the
+whole batch in one process; the baseline is the stock model in float32 (``sdpa``); the patched float32 model
+(ring over W = 2 and 3 gloo ranks, or one device) passes when its max error against the oracle is at most 2x
+the baseline's (logits, loss) or 3x (every parameter gradient), plus the float32 floor (1e-5 x max(1, |oracle|)).
+
+Distributed cases run in one spawned group per world size (tests/hf_workers.py) on the reference backend (one
+case on the Triton kernels through the interpreter); single-device cases run here (Triton, interpreter on CPU).
+Both transformers 4.48 and 5.x run this module (see docs/hf.md).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from accuracy import BACKWARD, FORWARD, assert_within_rule  # noqa: E402
+from hf_models import VOCAB, batch_for, build, stock_reference  # noqa: E402
+from hf_workers import cases_for, run_world  # noqa: E402
+from ring_attn.integrations import hf  # noqa: E402
+
+WORLDS = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    return {w: run_world(w, str(tmp_path_factory.mktemp(f"hf_w{w}"))) for w in WORLDS}
+
+
+def _result(worlds, world, name, rank=0):
+    st = worlds[world][rank][name]
+    assert "error" not in st, f"rank {rank} failed:\n{st['error']}"
+    return st
+
+
+def _check_equivalence(label, got: dict, model_name: str, case: dict):
+    oracle = stock_reference(model_name, case, torch.float64)
+    base = stock_reference(model_name, case, torch.float32)
+    assert_within_rule(f"{label} logits", got["logits"], oracle["logits"], base["logits"], torch.float32, FORWARD)
+    assert_within_rule(f"{label} loss", got["loss"].reshape(1), oracle["loss"].reshape(1),
+                       base["loss"].reshape(1), torch.float32, FORWARD)
+    assert set(got["grads"]) == set(oracle["grads"])
+    for name, g in got["grads"].items():
+        assert_within_rule(f"{label} grad {name}", g, oracle["grads"][name], base["grads"][name], torch.float32,
+                           BACKWARD)
+
+
+@pytest.mark.parametrize("world,name", [(w, c["name"]) for w in WORLDS for c in cases_for(w) if c["kind"] == "equiv"])
+def test_ring_equals_stock(worlds, world, name):
+    st = _result(worlds, world, name)
+    if "skipped" in st:
+        pytest.skip(st["skipped"])
+    _check_equivalence(name, st, st["case"]["model"], st["case"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ring_refusals(worlds, world):
+    [name] = [c["name"] for c in cases_for(world) if c["kind"] == "errors"]
+    expected = {
+        "shard_batch padding": ("ValueError", "attention_mask"),
+        "padding mask": ("NotImplementedError", "padding"),
+        "use_cache": ("NotImplementedError", "use_cache"),
+        "output_attentions": ("NotImplementedError", "output_attentions"),
+        "unsharded positions": ("ValueError", "position_ids"),
+        "dropout": ("NotImplementedError", "dropout"),
+        "sliding window": ("NotImplementedError", "sliding_window=8"),
+    }
+    for rank in range(world):  # every rank raises the same error; nothing hangs
+        st = _result(worlds, world, name, rank)
+        assert st["after"] == world
+        for label, (typ, word) in expected.items():
+            got = st["raised"][label]
+            assert got is not None, f"rank {rank}: {label} did not raise"
+            assert got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single device (group=None): the Triton kernels (interpreter on CPU)
+
+
+def _run_patched(model_name, case, **patch_kw):
+    model = build(model_name).train()
+    batch = batch_for(case)
+    local = hf.shard_batch(batch)
+    with hf.patch_hf(model, **patch_kw):
+        inputs = {k: v for k, v in local.items() if k not in ("shift_labels", "num_items_in_batch")}
+        logits = model(**inputs, use_cache=False).logits
+        loss = hf.causal_lm_loss(logits, local["shift_labels"], local["num_items_in_batch"])
+        loss.backward()
+    if case.get("packed"):
+        cu = local["cu_seq_lens_q"]
+        keep = torch.cat([torch.arange(int(a), int(a) + n) for a, n in zip(cu[:-1], case["packed"])])
+        logits = logits[:, keep]
+    else:
+        logits = logits[:, :case["s"]]
+    return dict(logits=logits.detach(), loss=loss.detach(),
+                grads={k: p.grad.detach().clone() for k, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("model_name,case", [
+    ("llama-gqa", dict(b=2, s=10)),
+    ("llama-yarn", dict(b=1, s=9)),
+    ("llama", dict(packed=[4, 6, 3])),
+])
+def test_single_device_equals_stock(model_name, case):
+    _check_equivalence(f"single {model_name}", _run_patched(model_name, case), model_name, case)
+
+
+def test_single_device_padding_matches_stock():
+    """Left-padded batch (as in batched generation): real positions equal the stock model's."""
+    model = build("llama")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        with hf.patch_hf(model):
+            got = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max().item() < 1e-4
+
+
+def test_generate_with_kv_cache_equals_stock():
+    model = build("llama")
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+    with hf.patch_hf(model):
+        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+    assert torch.equal(got, ref), (got, ref)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "mistral", "qwen2"])
+def test_undo_is_bit_identical(model_name):
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
+    never = build(model_name)
+    with torch.no_grad():
+        ref = never(ids, use_cache=False).logits
+    model = build(model_name)
+    handle = hf.patch_hf(model)
+    with torch.no_grad():
+        patched = model(ids, use_cache=False).logits
+    handle.undo()
+    handle.undo()  # idempotent
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        after = model(ids, use_cache=False).logits
+    assert torch.equal(after, ref)
+    assert (patched - ref).abs().max().item() < 1e-4  # the patch was in effect (and close)
+    # a model loaded after undo cannot ask for ring_attn any more
+    assert "ring_attn" not in list(_attention_keys())
+
+
+def _attention_keys():
+    from transformers import modeling_utils
+
+    fns = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    return list(fns.keys()) if hasattr(fns, "keys") else list(fns)
+
+
+def test_context_manager_and_loading_by_name():
+    with hf.patch_hf() as handle:
+        assert "ring_attn" in _attention_keys()
+        model = build("llama", attn="ring_attn")  # a model created while patched can name the implementation
+        assert model.config._attn_implementation == "ring_attn"
+        ids = torch.randint(0, VOCAB, (1, 6))
+        with torch.no_grad():
+            got = model(ids, use_cache=False).logits
+            model.config._attn_implementation = "sdpa"
+            ref = model(ids, use_cache=False).logits
+        assert (got - ref).abs().max().item() < 1e-4
+        with pytest.raises(RuntimeError, match="already active"):
+            hf.patch_hf()
+    assert not handle.active
+    assert "ring_attn" not in _attention_keys()
+
+
+def test_sliding_window_longer_than_the_sequence_is_full_attention():
+    """A window that cuts nothing is accepted (the mask function recognises transformers' sliding-window mask)."""
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    model = build("mistral", sliding_window=16)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with hf.patch_hf(model):
+            got = model(ids, use_cache=False).logits
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_single_device_refusals():
+    model = build("mistral", sliding_window=4)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with hf.patch_hf(model), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="sliding_window=4"):
+            model(ids, use_cache=False)
+        with pytest.raises(NotImplementedError, match="output_attentions"):
+            model(ids[:, :3], use_cache=False, output_attentions=True)
+    model = build("llama", attention_dropout=0.5).train()
+    with hf.patch_hf(model):
+        with pytest.raises(NotImplementedError, match="dropout"):
+            model(ids, use_cache=False)
+
+
+def test_patch_argument_errors():
+    with pytest.raises(ValueError, match="layout"):
+        hf.patch_hf(layout="diagonal")
+    with pytest.raises(TypeError, match="model"):
+        hf.patch_hf(model=object())
+    with pytest.raises(TypeError, match="fused_rope"):
+        hf.patch_hf(fused_rope="yes")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data helpers (no process group: one rank)
+
+
+def test_shift_labels_over_packed_sequences():
+    labels = torch.tensor([[10, 11, 12, 20, 21, 30]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert hf.shift_labels(labels).tolist() == [[11, 12, 20, 21, 30, -100]]
+    assert hf.shift_labels(labels, pos).tolist() == [[11, 12, -100, 21, -100, -100]]
+
+
+def test_shard_batch_pads_and_counts():
+    ids = torch.arange(5)[None] + 1
+    out = hf.shard_batch(dict(input_ids=ids, labels=ids))  # one rank, zigzag unit 2 -> pad to 6
+    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert out["shift_labels"].tolist() == [[2, 3, 4, 5, -100, -100]]
+    assert int(out["num_items_in_batch"]) == 4
+    packed = hf.shard_batch(dict(input_ids=ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1]])))
+    assert packed["cu_seq_lens_q"].tolist() == [0, 4, 6]
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 0, 4, 5]]
+    assert packed["shift_labels"].tolist() == [[2, 3, -100, -100, 5, -100]]
+    assert packed["max_length_q"] == 4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(), "input_ids"),
+    (dict(input_ids=torch.zeros(3, dtype=torch.long)), "input_ids"),
+    (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]])), "attention_mask"),
+    (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long)), "labels"),
+])
+def test_shard_batch_errors(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        hf.shard_batch(bad)
+
+
+def test_causal_lm_loss_scaling():
+    logits = torch.randn(1, 4, 7)
+    labels = torch.tensor([[1, 2, -100, 3]])
+    mean = torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=-100)
+    assert torch.allclose(hf.causal_lm_loss(logits, labels, 3), mean)
+    assert torch.allclose(hf.causal_lm_loss(logits, labels, 3, grad_average_world=2), 2 * mean)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        hf.causal_lm_loss(logits, labels, 0)

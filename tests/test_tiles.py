@@ -1,0 +1,137 @@
+"""The fixed tile tables (ring_attn/backends/triton/tiles.py): every shipped tile passes the static checks,
+the choice is a pure function of its key (so every process picks the same tiles), autotuning is opt-in and
+its winners round-trip through a JSON table, and the shipped sm_90 tiles — 128-row blocks, reversed causal
+block order, non-square backward tiles — compute the right thing under the interpreter."""
+import json
+
+import pytest
+import torch
+
+import ring_attn
+from ring_attn import reference
+from ring_attn.backends.triton import tiles
+from ring_attn.backends.triton.attention_kernels import fwd_kernel
+
+from accuracy import BACKWARD, FORWARD, assert_within_rule
+
+KEYS = [tiles.FwdKey(arch, d, dt, causal, merge) for arch in (80, 86, 89, 90) for d in (16, 32, 64, 80, 96, 128,
+        192, 256) for dt in ("bf16", "fp16", "fp32") for causal in (False, True) for merge in (False, True)]
+
+
+@pytest.fixture
+def gpu_tables(monkeypatch):
+    """Make the tables answer as on an sm_90 GPU although the kernels run in the interpreter."""
+    monkeypatch.setattr(tiles, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(tiles, "current_arch", lambda: 90)
+    monkeypatch.delenv("RING_ATTN_TILES", raising=False)
+    monkeypatch.delenv("RING_ATTN_AUTOTUNE", raising=False)
+
+
+def test_interpreter_uses_the_small_tile():
+    assert tiles.fwd_tile(tiles.FwdKey(90, 128, "bf16", True, False)) == tiles.INTERPRETER_TILE
+    assert tiles.bwd_tiles(128)["dkdv"] == (16, 16)
+    assert not tiles.autotune_enabled()
+
+
+def test_every_shipped_forward_tile_passes_the_static_checks(gpu_tables):
+    for key in KEYS:
+        t = tiles.fwd_tile(key)
+        assert t == tiles.fwd_tile(key), key  # a pure function of the key: same tile in every process
+        assert tiles.fits(t, key.head_dim, key.dtype, key.arch), (key, t)
+        assert tiles.smem_estimate(t, key.head_dim, key.dtype) <= tiles.SMEM_LIMIT.get(key.arch // 10, 101376)
+    # Hopper, bf16: 8-warp 128-row tiles (two warpgroups, no spill in the compile report) at d <= 128
+    for d in (64, 128):
+        t = tiles.fwd_tile(tiles.FwdKey(90, d, "bf16", True, False))
+        assert (t["BLOCK_M"], t["num_warps"]) == (128, 8)
+
+
+def test_prune_drops_configs_over_shared_memory_or_the_spill_edge():
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert tiles.smem_estimate(big, 256, "bf16") == 64 * 1024 + 3 * 2 * 128 * 256 * 2  # 448 KB
+    assert not tiles.fits(big, 256, "bf16", 90)
+    assert not tiles.fits({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, 128, "bf16", 90)
+    for d in (64, 128, 256):
+        for t in tiles.fwd_candidates(d, "bf16", 90):
+            assert tiles.fits(t, d, "bf16", 90)
+    assert {tuple(t.values()) for t in tiles.fwd_candidates(256, "bf16", 90)} < \
+        {tuple(t.values()) for t in tiles.fwd_candidates(64, "bf16", 90)}
+
+
+def test_backward_tiles_have_one_row_block_per_warpgroup(gpu_tables):
+    for d in (32, 64, 128, 256):
+        t = tiles.bwd_tiles(d)
+        warpgroups = t["num_warps"] // 4
+        assert t["dq"][0] == 64 * warpgroups, (d, t)  # dQ: 128 stationary query rows, no duplicated tile
+        if d <= 128:
+            assert t["dkdv"][1] == 64 * warpgroups, (d, t)  # dK/dV: 128 stationary keys
+
+
+def test_tuned_table_round_trips(gpu_tables, tmp_path, monkeypatch):
+    import triton
+
+    class FakeTuner:  # what triton.autotune keeps: key values (+ arg dtypes) -> winning Config
+        cache = {(128, True, False, "tf32", False, 4096, "torch.bfloat16", "torch.bfloat16"):
+                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+                 (64, False, False, "tf32", True, 4096, "torch.float16", "torch.float32"):
+                 triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)}
+
+    path = tmp_path / "tuned.json"
+    recs = tiles.dump_tuned(FakeTuner(), str(path), arch=90)
+    assert recs == json.loads(path.read_text())
+    key = tiles.FwdKey(90, 128, "bf16", True, False)
+    shipped = tiles.fwd_tile(key)
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.fwd_tile(key) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    assert tiles.fwd_tile(key._replace(merge=True)) == shipped  # keys the file does not list: the table
+    assert tiles.fwd_tile(tiles.FwdKey(90, 64, "fp16", False, True))["BLOCK_N"] == 32
+    monkeypatch.setenv("RING_ATTN_TILES", "")
+    assert tiles.fwd_tile(key) == shipped
+
+
+def test_autotune_key_separates_merge_and_length():
+    assert {"MERGE", "seqlen_q", "HEAD_DIM", "CAUSAL"} <= set(fwd_kernel.keys)
+
+
+@pytest.mark.parametrize("d,s_q,s_k,causal", [(64, 200, 200, True), (128, 150, 190, True), (64, 90, 140, False)])
+def test_shipped_sm90_tiles_are_correct_in_the_interpreter(gpu_tables, d, s_q, s_k, causal):
+    """The GPU tiles (fwd 128×64; bwd dK/dV 64×128 / 32×128, dQ 128×64) with heaviest-first order, ragged
+    ends and GQA, fp32, against the float64 oracle."""
+    g = torch.Generator().manual_seed(d + s_q)
+    q = torch.randn(1, s_q, 4, d, generator=g)
+    k = torch.randn(1, s_k, 2, d, generator=g)
+    v = torch.randn(1, s_k, 2, d, generator=g)
+    dout = torch.randn(1, s_q, 4, d, generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
+    qs, ks, vs = (x.to(dev).clone().requires_grad_() for x in (q, k, v))
+    out = ring_attn.flash_attn_func(qs, ks, vs, causal=causal)
+    out.backward(dout.to(dev))
+    res = {}
+    for name, cdt in (("oracle", torch.float64), ("baseline", torch.float32)):
+        qr, kr, vr = (x.to(cdt).clone().requires_grad_() for x in (q, k, v))
+        o, _ = reference.attention(qr, kr, vr, None, causal, compute_dtype=cdt)
+        o.backward(dout.to(cdt))
+        res[name] = (o, qr.grad, kr.grad, vr.grad)
+    assert_within_rule("out", out, res["oracle"][0], res["baseline"][0], torch.float32, FORWARD)
+    for i, (name, got) in enumerate((("dq", qs.grad), ("dk", ks.grad), ("dv", vs.grad))):
+        assert_within_rule(name, got, res["oracle"][i + 1], res["baseline"][i + 1], torch.float32, BACKWARD)
+
+
+def test_tile_file_overrides_backward_tiles(gpu_tables, tmp_path, monkeypatch):
+    path = tmp_path / "bwd.json"
+    path.write_text(json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "dkdv": [32, 64], "dq": [64, 32],
+                                 "num_warps": 8, "num_stages": 2}]))
+    shipped = tiles.bwd_tiles(128)
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.bwd_tiles(100) == dict(dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2)
+    assert tiles.bwd_tiles(64) != tiles.bwd_tiles(128)  # other buckets keep the table
+    monkeypatch.delenv("RING_ATTN_TILES")
+    assert tiles.bwd_tiles(128) == shipped
+
+
+def test_before_table_in_benchmarks_parses(gpu_tables, monkeypatch):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tiles" / "before_issue9.json"
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.bwd_tiles(128)["dkdv"] == (32, 64)
+    assert tiles.fwd_tile(tiles.FwdKey(90, 128, "bf16", True, False))["BLOCK_N"] == 64
