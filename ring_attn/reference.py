@@ -95,6 +95,10 @@ def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, com
     """
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    if k.shape[1] == 0:  # no keys at all: every row sees nothing (out 0, lse -inf; zero gradient for q)
+        b, s_q, h_q = q.shape[:3]
+        out = q.to(compute_dtype)[..., :1] * 0 + v.to(compute_dtype).new_zeros((b, s_q, h_q, v.shape[-1]))
+        return out, torch.full((b, h_q, s_q), float("-inf"), dtype=compute_dtype, device=q.device)
     s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype, window=window, softcap=softcap)
     m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: detaching m is exact
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -157,6 +161,8 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1),
     out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
     offset = s_k - s_q if causal_offset is None else causal_offset
+    if s_k == 0:  # no keys: every row sees nothing
+        return out.zero_(), lse.fill_(float("-inf"))
     group = h_q // k.shape[2]
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):

@@ -5,7 +5,12 @@
 * Hypothesis profiles: ``ci`` (default, bounded so the suite runs in minutes on 2 cores) and ``thorough``;
   pick one with ``HYPOTHESIS_PROFILE=thorough``.
 * Markers: ``gpu`` tests are skipped without CUDA (one place decides that, below).
+* ``cpu_backend`` fixture: a module that uses it (``pytestmark = pytest.mark.usefixtures("cpu_backend")``) runs
+  every test three times: automatic selection (the Triton interpreter on CPU here), pinned to the native C++
+  backend (skipped, with the reason, when ``ring_attn._C`` is not built) and pinned to the plain-torch
+  reference, so the CPU suite checks each backend against the float64 oracle. GPU tests run once (automatic).
 """
+import importlib.util
 import os
 
 import pytest
@@ -46,3 +51,22 @@ def ring_worlds(tmp_path_factory):
     from ring_workers import run_world
 
     return {w: run_world(w, str(tmp_path_factory.mktemp(f"ring_w{w}"))) for w in RING_WORLDS}
+
+
+NATIVE_BUILT = importlib.util.find_spec("ring_attn._C") is not None
+
+
+@pytest.fixture(params=[
+    pytest.param(None, id="auto"),
+    pytest.param("native", id="native", marks=pytest.mark.skipif(
+        not NATIVE_BUILT, reason="ring_attn._C is not built (no C++ compiler at install time)")),
+    pytest.param("reference", id="reference"),
+])
+def cpu_backend(request):
+    """Pin the backend for the whole test (None: automatic selection). See the module docstring."""
+    if request.param is not None and request.node.get_closest_marker("gpu") is not None:
+        pytest.skip("GPU tests run once, with automatic backend selection")
+    import ring_attn.backends as backends
+
+    with backends.force(request.param):
+        yield request.param

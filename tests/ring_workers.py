@@ -7,11 +7,14 @@ every rank writes its own local observations (errors raised, timings, memory pea
 The parent (tests/test_ring.py) computes the single-device references and asserts.
 
 Workers use the fp32 torch reference backend (``RING_ATTN_BACKEND=reference``) except the one case marked
-``backend="triton"``, which runs the Triton kernels through the interpreter (``TRITON_INTERPRET=1``).
+``backend="triton"``, which runs the Triton kernels through the interpreter (``TRITON_INTERPRET=1``), and the
+cases with ``backend="native"`` (every dense/varlen/determinism case again, when ``ring_attn._C`` is built),
+which run the ring on the native C++ backend.
 """
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import time
 import traceback
@@ -20,6 +23,7 @@ import torch
 
 HEAD_DIM = 16
 LAYOUTS = ("contiguous", "zigzag", "striped")
+NATIVE_BUILT = importlib.util.find_spec("ring_attn._C") is not None
 
 
 def cases_for(world: int) -> list[dict]:
@@ -43,6 +47,8 @@ def cases_for(world: int) -> list[dict]:
     cases.append(dict(kind="padding_varlen"))
     cases.append(dict(kind="call_forms"))
     cases.append(dict(kind="compat"))
+    if NATIVE_BUILT:  # the same ring cases on the native C++ backend
+        cases += [dict(c, backend="native") for c in cases if c["kind"] in ("dense", "varlen", "determinism")]
     if world >= 2:
         cases.append(dict(kind="mismatch"))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and world == 2:
@@ -55,7 +61,7 @@ def cases_for(world: int) -> list[dict]:
     for i, c in enumerate(cases):
         c["name"] = f"w{world}-{i:02d}-{c['kind']}" + "".join(
             f"-{c[k]}" for k in ("layout", "dtype") if k in c) + ("-causal" if c.get("causal") else "") + (
-            f"-h{c['h_q']}/{c['h_kv']}" if "h_q" in c else "")
+            f"-h{c['h_q']}/{c['h_kv']}" if "h_q" in c else "") + (f"-{c['backend']}" if "backend" in c else "")
     return cases
 
 
@@ -120,7 +126,7 @@ def _attention_case(case, rank, world, group, store):
 
     case = dict(case, world=world)
     q, k, v, dout, dlse, cu = _inputs(case)
-    pinned = "triton" if case["kind"] == "triton" else "reference"
+    pinned = "triton" if case["kind"] == "triton" else case.get("backend", "reference")
     with backends.force(pinned):
         out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, group, rank, world)
     packed = cu is not None
@@ -161,7 +167,7 @@ def _determinism_case(case, rank, world, group, store):
     case = dict(case, world=world)
     q, k, v, dout, dlse, cu = _inputs(case, seed=3)
     runs = []
-    with backends.force("reference"):
+    with backends.force(case.get("backend", "reference")):
         for _ in range(3):
             runs.append(_run_ring(case, q, k, v, dout, dlse, cu, group, rank, world))
     store["bitwise_equal"] = all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))

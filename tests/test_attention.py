@@ -21,6 +21,9 @@ from ring_attn.ops.attention import (
 )
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 
+# every test runs with automatic selection and pinned to the native and reference backends (conftest)
+pytestmark = pytest.mark.usefixtures("cpu_backend")
+
 CPU_DTYPES = [torch.float32, torch.float16]
 HEAD_DIMS = [8, 16, 40, 64, 80, 96, 128]
 
@@ -272,12 +275,14 @@ def test_reference_backend_keeps_the_contracts(causal):
 
 
 def test_backend_selection_explains_itself(monkeypatch):
-    monkeypatch.setenv("RING_ATTN_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match="RING_ATTN_BACKEND='cuda-magic'"):
-        backends.select("attention", torch.device("cpu"))
-    monkeypatch.delenv("RING_ATTN_BACKEND")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert backends.select("attention", torch.device("cpu")).NAME == "reference"
+    with backends.force(None):  # automatic selection, whatever the cpu_backend fixture pinned
+        monkeypatch.setenv("RING_ATTN_BACKEND", "cuda-magic")
+        with pytest.raises(ValueError, match="RING_ATTN_BACKEND='cuda-magic'"):
+            backends.select("attention", torch.device("cpu"))
+        monkeypatch.delenv("RING_ATTN_BACKEND")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        expected = "native" if backends.native_available() else "reference"  # the built extension comes first
+        assert backends.select("attention", torch.device("cpu")).NAME == expected
     assert "TRITON_INTERPRET=1" in " ".join(backends.not_supported_reasons("triton", "attention", torch.device("cpu")))
 
 

@@ -2,8 +2,9 @@
 
 * ``"triton"`` (``ring_attn.backends.triton``): CUDA tensors; CPU tensors only under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``ring_attn`` is imported). Needs an importable ``triton``.
-* ``"native"`` (``ring_attn.backends.native``): the C++ CPU extension ``ring_attn._C``; unavailable until it
-  is built.
+* ``"native"`` (``ring_attn.backends.native``): the C++17/OpenMP CPU extension ``ring_attn._C`` (built from
+  ``csrc/`` by ``pip install``); CPU tensors use it whenever it imports (and the Triton interpreter is off).
+  When it does not import, CPU ops warn once, naming the reason, and run on the reference.
 * ``"reference"`` (``ring_attn.backends.reference``): plain torch (``ring_attn.reference``) in fp32 math on
   any device; the fallback.
 
@@ -80,8 +81,9 @@ CAPABILITIES: dict[tuple[str, str], Capability] = {
                                         window=True, softcap=True),
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
-    ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(8, 256, 8)),
-    ("native", "rope"): Capability(devices=("cpu",), dtypes=(_F16, _BF16, _F32), head_dim=(2, None, 2)),
+    ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(1, None, 1),
+                                        window=True, softcap=True),
+    ("native", "rope"): Capability(devices=("cpu",), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
     ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
                                            window=True, softcap=True),
     ("reference", "rope"): Capability(devices=None, dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
@@ -89,6 +91,7 @@ CAPABILITIES: dict[tuple[str, str], Capability] = {
 
 _forced: Optional[str] = None
 _warned_fallback = False
+_warned_native = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,13 +111,18 @@ def interpreter_enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def native_available() -> bool:
-    """True when the native extension ``ring_attn._C`` imports."""
+def _native_import_error() -> Optional[str]:
+    """None when ``ring_attn._C`` imports, else why not (``"ImportError: ..."``)."""
     try:
         importlib.import_module("ring_attn._C")
-    except Exception:
-        return False
-    return True
+    except Exception as exc:  # not built (no compiler at install time), or built for another Python/ABI
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def native_available() -> bool:
+    """True when the native extension ``ring_attn._C`` imports."""
+    return _native_import_error() is None
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -235,6 +243,14 @@ def select(op: str, device, dtype: Optional[torch.dtype] = None, head_dim: Optio
         what = f"the pinned backend {pinned!r}" if pinned else "no ring_attn backend"
         raise RuntimeError(f"{what} cannot run {op} on {device} (dtype {dtype}, head dim {head_dim}): " +
                            "; ".join(r for rs in rejected.values() for r in rs))
+    global _warned_native
+    if (name == "reference" and device.type == "cpu" and forced() is None and not _warned_native
+            and not native_available()):
+        _warned_native = True
+        warnings.warn("ring_attn: the native CPU extension ring_attn._C is not available "
+                      f"({_native_import_error() or 'not built'}); CPU ops run on the slow plain-torch reference. "
+                      "Reinstall ring-attn with a C++17 compiler with OpenMP (e.g. g++) present to build it "
+                      "(pip install prints why the build was skipped).", RuntimeWarning, stacklevel=3)
     if name == "reference" and device.type != "cpu" and forced() is None and not _warned_fallback:
         _warned_fallback = True
         warnings.warn(f"ring_attn: {op} on {device} falls back to the slow plain-torch reference backend: " +

@@ -207,7 +207,10 @@ def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
     import torch.distributed as dist
 
     if not cfg["cuda"]:
-        os.environ.setdefault("RING_ATTN_BACKEND", "reference")  # the Triton interpreter is far too slow here
+        # the Triton interpreter is far too slow here: the native C++ backend when built, else the reference
+        from ring_attn.backends import native_available
+
+        os.environ.setdefault("RING_ATTN_BACKEND", "native" if native_available() else "reference")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world"]))
     world = cfg["world"]
     if cfg["cuda"]:

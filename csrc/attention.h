@@ -1,0 +1,42 @@
+// Native CPU attention kernels (see attention.cpp and ring_attn/backends/protocol.py).
+#pragma once
+#include "common.h"
+
+namespace ra {
+
+// A [b, s, h, d] tensor with element strides for the first three dims (last dim contiguous). Packed [t, h, d]
+// tensors are passed as [1, t, h, d] with sb = 0: the batch index is then the sequence number.
+struct Ten {
+    char* p;
+    int dt;
+    int64_t sb, ss, sh;
+};
+
+// An fp32 LSE-layout tensor [b, h, s] (unit stride along s).
+struct Lse {
+    float* p;
+    int64_t sb, sh;
+};
+
+struct AttnArgs {
+    int64_t nseq;       // batch size (dense) or number of sequences (packed)
+    int64_t s_q, s_k;   // dense: sequence lengths; packed: total rows t_q, t_k
+    int64_t h_q, h_kv, d;
+    const int32_t *starts_q, *lens_q, *starts_k, *lens_k;  // null when dense
+    int64_t max_len_q, max_len_k;
+    float scale;
+    bool causal, bottom_right;
+    int64_t offset;       // causal offset when !bottom_right
+    int64_t left, right;  // window (-1 = unbounded)
+    float softcap;        // 0 = none
+};
+
+void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten& v, const Ten& out, const Lse& lse,
+                       bool merge, int num_threads);
+void attention_delta(const Ten& dout, const Ten& out, const Lse& delta, const Lse* dlse, int64_t b, int64_t s,
+                     int64_t h, int64_t d, int num_threads);
+void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const Ten& k, const Ten& v, const Lse& lse,
+                        const Lse& delta, const Ten& dq, const Ten& dk, const Ten& dv, bool accumulate,
+                        int num_threads);
+
+}  // namespace ra
