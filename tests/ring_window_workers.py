@@ -141,19 +141,6 @@ def _worker(rank, world, init_file, outdir):
 
 def run_world(world: int, outdir: str, timeout_s: float = 400.0) -> list[dict]:
     """Spawn ``world`` gloo ranks once, run every case, return each rank's results (index = rank)."""
-    import torch.multiprocessing as mp
+    from spawn_world import run_world as spawn
 
-    os.makedirs(outdir, exist_ok=True)
-    init_file = os.path.join(outdir, "store")
-    ctx = mp.start_processes(_worker, args=(world, init_file, outdir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"world {world}: workers did not finish within {timeout_s} s")
-    finally:
-        for p in ctx.processes:  # only our own children, by handle
-            if p.is_alive():
-                p.kill()
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return spawn(_worker, world, outdir, timeout_s)
