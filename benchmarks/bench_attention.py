@@ -1,7 +1,7 @@
 """Attention microbenchmark: ring_attn.flash_attn_func against the peers, in one process.
 
 Peers: SDPA with the flash backend (FlashAttention-2 inside torch), SDPA with the cuDNN backend, and
-FlexAttention compiled by torch.compile (Triton). Shapes are those of ../shared/ANCHORS.md. Passes: fwd, bwd,
+FlexAttention compiled by torch.compile (Triton). Shapes are those of the peer table in benchmarks/RESULTS.md. Passes: fwd, bwd,
 fwd+bwd. FLOPs: 4·b·h_q·s_q·s_k·d, ×0.5 causal; bwd = 2.5× fwd, fwd+bwd = 3.5× fwd. Times are
 ``triton.testing.do_bench`` medians.
 
@@ -22,7 +22,7 @@ from common import append_csv, environment, out_dir, print_table, time_ms  # noq
 
 import ring_attn  # noqa: E402
 
-# (batch, seqlen, heads_q, heads_kv, head_dim, causal) — ANCHORS.md
+# (batch, seqlen, heads_q, heads_kv, head_dim, causal) — benchmarks/RESULTS.md, peer numbers
 ANCHOR_SHAPES = [
     (1, 16384, 32, 8, 128, True),
     (1, 16384, 32, 32, 128, True),

@@ -1,11 +1,11 @@
 """RoPE benchmark: ring_attn.apply_rope against HF eager, HF under torch.compile and Liger-Kernel.
 
-Shape (ANCHORS.md): q [1, 32768, 32, 128] + k [1, 32768, 8, 128], bf16, forward and forward+backward. Every
+Shape (the peers' shape, benchmarks/RESULTS.md): q [1, 32768, 32, 128] + k [1, 32768, 8, 128], bf16, forward and forward+backward. Every
 implementation is reported as a share of the device-to-device copy bandwidth measured in the same run: the copy
 of the same bytes (q and k, read once and written once) is the floor for a forward pass, twice that for
 forward+backward. cos/sin tables (HF, Liger, apply_rope_cos_sin) are built once, outside the timing.
 
-    PYTHONPATH=. python benchmarks/bench_rope.py                 # GPU: the ANCHORS shape, CSV under $OUT
+    PYTHONPATH=. python benchmarks/bench_rope.py                 # GPU: the peers' shape, CSV under $OUT
     PYTHONPATH=. python benchmarks/bench_rope.py --device cpu --small --skip compile   # smoke run anywhere
 """
 from __future__ import annotations
