@@ -3,6 +3,7 @@
 CPU runs the Triton kernel under TRITON_INTERPRET=1 (set by conftest), so shapes here are small.
 """
 import math
+from fractions import Fraction
 import os
 import sys
 
@@ -167,6 +168,37 @@ def test_angle_accuracy_near_2_pow_24(theta):
     naive = pos.float()[:, None] * inv
     naive_err = torch.remainder(naive.double() - exact + math.pi, 2 * math.pi) - math.pi
     assert naive_err.abs().max().item() > 1e-2
+
+
+# 2*pi to 50 digits, for an exact reduction of the (exact) float64 angle in the oracle below
+_TWO_PI = 2 * Fraction("3.14159265358979323846264338327950288419716939937510")
+
+
+def _large_position_angle_error(dtype, device="cpu"):
+    """Max angle error (rad) of the rotation of (1, 0) at positions up to the largest exact one, 2^29 - 1: the
+    oracle reduces the exact float64 product modulo 2*pi in rational arithmetic, so it measures the kernel's
+    range reduction, not the oracle's float64 rounding (~6e-8 rad at 5e8 rad)."""
+    d = 128
+    inv, _ = rope_scaling.rope_parameters("default", d, 1e4)
+    inv = torch.cat([inv[:-2], torch.tensor([1.0, 0.7853981852531433])])  # inv_freq = 1 and ~pi/4
+    pos = torch.tensor([2**29 - 1, 2**29 - 2, 2**28 + 3, 2**24 + 1, 123_456_789, 7, 0], dtype=torch.int64)
+    q = torch.zeros(1, pos.numel(), 1, d, dtype=dtype)
+    q[..., : d // 2] = 1.0  # x1 = 1, x2 = 0 for every pair
+    q_rot, _ = apply_rope(q.to(device), q.to(device), pos.to(device), inv.to(device))
+    q_rot = q_rot.cpu()
+    got = torch.atan2(q_rot[0, :, 0, d // 2 :].double(), q_rot[0, :, 0, : d // 2].double())
+    exact = torch.tensor([[float((Fraction(p) * Fraction(float(f))) % _TWO_PI) for f in inv.tolist()]
+                          for p in pos.tolist()], dtype=torch.float64)
+    err = torch.remainder(got - exact + math.pi, 2 * math.pi) - math.pi
+    return err.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-7), (torch.float64, 1e-12)])
+def test_angle_accuracy_at_large_positions(dtype, tol):
+    """The documented angle error (<= 2e-7 rad in float32) holds up to position 2^29 - 1 (the interpreter keeps
+    Python float constants in float64, so the GPU twin below is the one that checks the float32-typed literals)."""
+    err = _large_position_angle_error(dtype)
+    assert err <= tol, err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -465,3 +497,12 @@ def test_gpu_angle_accuracy():
     exact = pos.double()[:, None] * inv.double()
     err = torch.remainder(got - exact + math.pi, 2 * math.pi) - math.pi
     assert err.abs().max().item() < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-7), (torch.float64, 1e-12)])
+def test_gpu_angle_accuracy_at_large_positions(dtype, tol):
+    """On the GPU Triton types the kernel's float literals as float32: the quotient's 1/(2*pi) must be the exact
+    hi + lo pair, or n is off by up to ~10 near 2^29 rad and the float32 remainder loses ~1e-6 rad."""
+    err = _large_position_angle_error(dtype, "cuda")
+    assert err <= tol, err
