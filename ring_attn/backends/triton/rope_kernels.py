@@ -82,6 +82,45 @@ def _store_pairs(ptr, row, stride_d, tmask, r1, r2, HALF: tl.constexpr, ROT: tl.
 
 
 @triton.jit
+def _load_head(x_ptr, y_ptr, xrow, yrow, stride_xd, stride_yd, mask,
+               HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_P: tl.constexpr,
+               INTERLEAVED: tl.constexpr, COPY_PASS: tl.constexpr, NEED_DTHETA: tl.constexpr,
+               COMPUTE: tl.constexpr):
+    """Every load of one head of ``BLOCK_T`` tokens: ``(x1, x2, pass-through dims, y1, y2)`` (the last three are
+    dummies when unused)."""
+    x1, x2 = _load_pairs(x_ptr, xrow, stride_xd, mask, HALF, ROT, BLOCK_T, BLOCK_F, INTERLEAVED, COMPUTE)
+    xp = x1
+    if COPY_PASS:
+        p = ROT + tl.arange(0, BLOCK_P)
+        xp = tl.load(x_ptr + xrow + p[None, :] * stride_xd, mask=mask & (p[None, :] < D), other=0.0)
+    y1 = x1
+    y2 = x2
+    if NEED_DTHETA:
+        # backward: x holds the incoming gradient g, y the forward's output
+        y1, y2 = _load_pairs(y_ptr, yrow, stride_yd, mask, HALF, ROT, BLOCK_T, BLOCK_F, INTERLEAVED, COMPUTE)
+    return x1, x2, xp, y1, y2
+
+
+@triton.jit
+def _rotate_store(o_ptr, orow, stride_od, mask, x1, x2, xp, y1, y2, c1, s1, c2, s2, dtheta,
+                  HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_P: tl.constexpr,
+                  INTERLEAVED: tl.constexpr, COPY_PASS: tl.constexpr, NEED_DTHETA: tl.constexpr,
+                  FIX_BF16: tl.constexpr):
+    """The math and every store of one head (what :func:`_load_head` loaded); returns the updated ``dtheta``."""
+    r1 = x1 * c1 - x2 * s1
+    r2 = x2 * c2 + x1 * s2
+    _store_pairs(o_ptr, orow, stride_od, mask, r1, r2, HALF, ROT, BLOCK_T, BLOCK_F, INTERLEAVED, FIX_BF16)
+    if NEED_DTHETA:
+        dtheta += x2 * y1 - x1 * y2
+    if COPY_PASS:
+        p = ROT + tl.arange(0, BLOCK_P)
+        tl.store(o_ptr + orow + p[None, :] * stride_od, xp.to(o_ptr.dtype.element_ty), mask=mask & (p[None, :] < D))
+    return dtheta
+
+
+@triton.jit
 def _rope_heads(x_ptr, o_ptr, y_ptr, x_base, o_base, y_base,
                 stride_xh, stride_xd, stride_oh, stride_od, stride_yh, stride_yd, n_heads, tmask,
                 c1, s1, c2, s2, dtheta,
@@ -91,27 +130,29 @@ def _rope_heads(x_ptr, o_ptr, y_ptr, x_base, o_base, y_base,
                 COMPUTE: tl.constexpr, FIX_BF16: tl.constexpr):
     """Rotate every head of ``BLOCK_T`` tokens of one tensor with the same ``[BLOCK_T, BLOCK_F]`` cos/sin
     (computed once by the caller); ``*_base`` are ``[BLOCK_T, 1]`` token row offsets. Returns ``dtheta`` plus
-    this tensor's contribution."""
-    for h in range(0, n_heads):
+    this tensor's contribution.
+
+    Two heads per iteration, both heads' loads issued before either's math and stores: the compiler may not move
+    a load above a store itself (the output may alias the input), so this is what keeps two heads of loads in
+    flight per thread. In place, every element is still read before it is written (by the same thread)."""
+    for h in range(0, n_heads, 2):
+        mask_b = tmask & ((h + 1 + tl.zeros([1, 1], dtype=tl.int32)) < n_heads)  # a tensor (interpreter too)
         xrow = x_base + h * stride_xh
+        yrow = y_base + h * stride_yh
+        xa1, xa2, xap, ya1, ya2 = _load_head(x_ptr, y_ptr, xrow, yrow, stride_xd, stride_yd, tmask,
+                                             HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS,
+                                             NEED_DTHETA, COMPUTE)
+        xb1, xb2, xbp, yb1, yb2 = _load_head(x_ptr, y_ptr, xrow + stride_xh, yrow + stride_yh, stride_xd, stride_yd,
+                                             mask_b, HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P, INTERLEAVED,
+                                             COPY_PASS, NEED_DTHETA, COMPUTE)
         orow = o_base + h * stride_oh
-        # every load of this head is issued before its math
-        x1, x2 = _load_pairs(x_ptr, xrow, stride_xd, tmask, HALF, ROT, BLOCK_T, BLOCK_F, INTERLEAVED, COMPUTE)
-        if COPY_PASS:
-            p = ROT + tl.arange(0, BLOCK_P)
-            pmask = tmask & (p[None, :] < D)
-            xp = tl.load(x_ptr + xrow + p[None, :] * stride_xd, mask=pmask, other=0.0)
-        if NEED_DTHETA:
-            # backward: x holds the incoming gradient g, y the forward's output
-            yrow = y_base + h * stride_yh
-            y1, y2 = _load_pairs(y_ptr, yrow, stride_yd, tmask, HALF, ROT, BLOCK_T, BLOCK_F, INTERLEAVED, COMPUTE)
-        r1 = x1 * c1 - x2 * s1
-        r2 = x2 * c2 + x1 * s2
-        _store_pairs(o_ptr, orow, stride_od, tmask, r1, r2, HALF, ROT, BLOCK_T, BLOCK_F, INTERLEAVED, FIX_BF16)
-        if NEED_DTHETA:
-            dtheta += x2 * y1 - x1 * y2
-        if COPY_PASS:
-            tl.store(o_ptr + orow + p[None, :] * stride_od, xp.to(o_ptr.dtype.element_ty), mask=pmask)
+        dtheta = _rotate_store(o_ptr, orow, stride_od, tmask, xa1, xa2, xap, ya1, ya2, c1, s1, c2, s2, dtheta,
+                               HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA,
+                               FIX_BF16)
+        # a missing second head loaded zeros, so its dtheta term is 0 and its stores are masked off
+        dtheta = _rotate_store(o_ptr, orow + stride_oh, stride_od, mask_b, xb1, xb2, xbp, yb1, yb2, c1, s1, c2, s2,
+                               dtheta, HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS,
+                               NEED_DTHETA, FIX_BF16)
     return dtheta
 
 
