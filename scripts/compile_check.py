@@ -16,6 +16,7 @@ at launch), wgmma instruction shapes with counts, whether loads use TMA (``cp.as
     python scripts/compile_check.py --json                  # the same as a list of JSON records
     python scripts/compile_check.py --cases fwd-d128 --all-configs   # every autotune candidate too
     python scripts/compile_check.py --arch 80               # A100
+    python scripts/compile_check.py --cases rope rope-table # RoPE: registers, global ld/st widths, fp64 mix
 
 Must run WITHOUT TRITON_INTERPRET set (the interpreter does not compile).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -47,8 +49,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from ring_attn.backends.triton import attention as A  # noqa: E402
 from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
-import ring_attn.backends.triton.rope  # noqa: E402
-R = sys.modules["ring_attn.backends.triton.rope"]  # the launcher module (the package re-exports the function)
+R = importlib.import_module("ring_attn.backends.triton.rope")  # the module: the package re-exports the function
 from ring_attn.backends.triton import tiles as T  # noqa: E402
 
 # Shared memory per block (opt-in maximum), bytes: sm_90 227 KB, sm_80 163 KB, sm_89/86 99 KB.

@@ -195,8 +195,8 @@ def _large_position_angle_error(dtype, device="cpu"):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-7), (torch.float64, 1e-12)])
 def test_angle_accuracy_at_large_positions(dtype, tol):
-    """The documented angle error (<= 2e-7 rad in float32) holds up to position 2^29 - 1 (the interpreter keeps
-    Python float constants in float64, so the GPU twin below is the one that checks the float32-typed literals)."""
+    """The documented angle error (<= 2e-7 rad in float32) holds up to position 2^29 - 1 (the interpreter runs
+    the kernel's arithmetic in numpy; the GPU twin below checks the compiled kernel and its libdevice sin/cos)."""
     err = _large_position_angle_error(dtype)
     assert err <= tol, err
 
@@ -502,7 +502,7 @@ def test_gpu_angle_accuracy():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-7), (torch.float64, 1e-12)])
 def test_gpu_angle_accuracy_at_large_positions(dtype, tol):
-    """On the GPU Triton types the kernel's float literals as float32: the quotient's 1/(2*pi) must be the exact
-    hi + lo pair, or n is off by up to ~10 near 2^29 rad and the float32 remainder loses ~1e-6 rad."""
+    """The compiled kernel (its fp64 quotient by the 1.5 * 2^52 rounding trick, its float literals as the real
+    compiler types them, libdevice sin/cos) keeps <= 2e-7 rad up to position 2^29 - 1."""
     err = _large_position_angle_error(dtype, "cuda")
     assert err <= tol, err

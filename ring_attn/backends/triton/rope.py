@@ -26,7 +26,8 @@ def rope(q4: torch.Tensor, k4: torch.Tensor, qo4: torch.Tensor, ko4: torch.Tenso
          sin3: Optional[torch.Tensor], qy4: Optional[torch.Tensor], ky4: Optional[torch.Tensor],
          dtheta: Optional[torch.Tensor]) -> None:
     """Protocol ``rope``: one launch over ``B*S`` tokens, ``BLOCK_T`` consecutive tokens per program. All
-    q/k-like tensors are 4-D ``[B, S, H, D]`` views (any strides); ``pos2`` is ``[B or 1, S]``; ``cos3``/``sin3`` are ``[B or 1, S, ROT]``."""
+    q/k-like tensors are 4-D ``[B, S, H, D]`` views (any strides); ``pos2`` is ``[B or 1, S]``;
+    ``cos3``/``sin3`` are ``[B or 1, S, ROT]``."""
     B, S, HQ, D = q4.shape
     HK = k4.shape[2]
     if B * S == 0:

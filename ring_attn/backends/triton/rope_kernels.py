@@ -204,8 +204,9 @@ def rope_kernel(
         ang = pos[:, None] * inv[None, :]
         # Quotient n = round(ang / 2pi) by adding and subtracting 1.5 * 2^52 (the float64 adder rounds to nearest;
         # valid for |ang / 2pi| < 2^51), not by float <-> int64 conversions. 1/(2pi) = INV_HI + INV_LO, each
-        # exactly a float32 (Triton types Python float literals as float32, so one float64 constant would be
-        # silently rounded to 24 bits and n could be off by ~10 at 2^31 rad): good to ~2^-48 relative.
+        # exactly a float32, good to ~2^-48 relative: correct whether or not the Triton version at hand keeps a
+        # Python float literal at float64 precision next to a float64 tensor (3.9 does; a 24-bit 1/(2pi) would
+        # put n off by ~3 near 5e8 rad and cost the float32 remainder ~1e-6 rad). One extra fp64 FMA per angle.
         quo = ang * 0.15915493667125702 + ang * 6.4206382432985265e-09
         n = (quo + 6755399441055744.0) - 6755399441055744.0
         # Reduce modulo 2*pi with 2*pi = C1 + C2 + C3, each exactly a float32. n*Ci is exact in float64 (n < 2^29,
@@ -225,11 +226,11 @@ def rope_kernel(
     dtheta = tl.zeros([BLOCK_T, BLOCK_F], dtype=COMPUTE)
     dtheta = _rope_heads(q_ptr, qo_ptr, qy_ptr, (bi * sq_b + si * sq_s)[:, None], (bi * sqo_b + si * sqo_s)[:, None],
                          (bi * sqy_b + si * sqy_s)[:, None], sq_h, sq_d, sqo_h, sqo_d, sqy_h, sqy_d, HQ, tmask,
-                         c1, s1, c2, s2, dtheta,
-                         HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
+                         c1, s1, c2, s2, dtheta, HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P,
+                         INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
     dtheta = _rope_heads(k_ptr, ko_ptr, ky_ptr, (bi * sk_b + si * sk_s)[:, None], (bi * sko_b + si * sko_s)[:, None],
                          (bi * sky_b + si * sky_s)[:, None], sk_h, sk_d, sko_h, sko_d, sky_h, sky_d, HK, tmask,
-                         c1, s1, c2, s2, dtheta,
-                         HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P, INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
+                         c1, s1, c2, s2, dtheta, HALF, ROT, D, BLOCK_T, BLOCK_F, BLOCK_P,
+                         INTERLEAVED, COPY_PASS, NEED_DTHETA, COMPUTE, FIX_BF16)
     if NEED_DTHETA:
         tl.store(dth_ptr + t[:, None] * HALF + f[None, :], dtheta.to(dth_ptr.dtype.element_ty), mask=tmask & fmask)
