@@ -14,9 +14,12 @@ from ring_attn.backends.triton.rope_kernels import rope_kernel
 
 __all__ = ["rope"]
 
-# Elements per [tokens, pairs] tile: with 4 warps, 1024 is 8 per thread (one 16-byte load of bf16 per half-split
-# member per head), and every thread computes the cos/sin of its own 8 (token, pair) elements once, for all heads.
-_TILE_ELEMENTS = 1024
+# Bytes of one head of the program's tokens (all the dims it reads of that head): 4 KB is, at d = 128 in bf16,
+# 16 tokens, i.e. a [16 tokens, 64 pairs] tile per half-split member, 8 elements (one 16-byte load) per thread
+# with 4 warps; every thread computes the cos/sin of its own 8 (token, pair) elements once, for all heads.
+# Scaled by the element size (fp32: 8 tokens, fp64: 4) and halved when the backward also reads the forward's
+# output (d/dtheta), so registers stay bounded (sm_90: <= 128, no spills, for 2-byte types).
+_HEAD_TILE_BYTES = 4096
 _NUM_WARPS = 4
 
 
@@ -35,10 +38,14 @@ def rope(q4: torch.Tensor, k4: torch.Tensor, qo4: torch.Tensor, ko4: torch.Tenso
     half = rotary_dim // 2
     block_f = triton.next_power_of_2(half)
     n_tokens = B * S
-    block_t = min(max(1, _TILE_ELEMENTS // block_f), triton.next_power_of_2(n_tokens))
     block_p = triton.next_power_of_2(max(D - rotary_dim, 1))
     use_table = cos3 is not None
     need_dtheta = dtheta is not None
+    copy = bool(copy_pass) and D > rotary_dim
+    row_elems = 2 * block_f + (block_p if copy else 0)
+    budget = _HEAD_TILE_BYTES // (q4.element_size() * (2 if need_dtheta else 1))
+    block_t = max(1, budget // row_elems)
+    block_t = min(1 << (block_t.bit_length() - 1), triton.next_power_of_2(n_tokens))  # a power of two
     dummy = q4  # never dereferenced: the constexpr branches that would read it are compiled out
 
     def strides(t, n=4):
@@ -57,7 +64,7 @@ def rope(q4: torch.Tensor, k4: torch.Tensor, qo4: torch.Tensor, ko4: torch.Tenso
         *pos_strides, *cs, *sn,
         HALF=half, ROT=rotary_dim, D=D, BLOCK_T=block_t, BLOCK_F=block_f, BLOCK_P=block_p,
         INTERLEAVED=bool(interleaved), USE_TABLE=use_table, BACKWARD=bool(backward),
-        COPY_PASS=bool(copy_pass) and D > rotary_dim, NEED_DTHETA=need_dtheta,
+        COPY_PASS=copy, NEED_DTHETA=need_dtheta,
         COMPUTE=tl.float64 if q4.dtype == torch.float64 else tl.float32,
         FIX_BF16=qo4.dtype == torch.bfloat16 and qo4.device.type == "cpu" and interpreter_enabled(),
         num_warps=_NUM_WARPS,

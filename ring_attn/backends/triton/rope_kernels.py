@@ -1,7 +1,7 @@
 """Triton kernel of fused RoPE: one program per ``BLOCK_T`` tokens rotates every q and k head of them, each
 (token, pair) angle computed in-kernel once and reused for every head.
 
-Moved verbatim from ``ring_attn/ops/rope.py``; the host launcher is ``ring_attn/backends/triton/rope.py``.
+The host launcher, which picks ``BLOCK_T``, is ``ring_attn/backends/triton/rope.py``.
 """
 import triton
 import triton.language as tl
