@@ -117,6 +117,22 @@ def test_backward_matches_oracle(c, learn_freq):
         assert (err <= 2 * u * bound + 1e-5 * want[2].abs() + 1e-6).all(), (err, bound)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, 128), (True, 64)])
+def test_many_token_blocks(dtype, interleaved, rotary_dim):
+    """Shapes the strategy above is too small for: the Triton kernel's program count > 1 (16 or 8 tokens per
+    program at d = 128), blocks straddling batch boundaries (S = 37), a masked partial last block, an odd head
+    count (the two-heads-per-iteration loop's tail) and per-batch positions; forward, backward and d/dinv_freq."""
+    b, s, d = 3, 37, 128
+    g = torch.Generator().manual_seed(7)
+    c = dict(q=torch.randn(b, s, 3, d, generator=g).to(dtype), k=torch.randn(b, s, 1, d, generator=g).to(dtype),
+             positions=torch.randint(0, 2**20, (b, s), generator=g), attention_scaling=1.25,
+             inv_freq=rope_scaling.rope_parameters("default", rotary_dim, 5e5)[0], interleaved=interleaved,
+             rotary_dim=rotary_dim)
+    test_forward_matches_oracle.hypothesis.inner_test(c)
+    test_backward_matches_oracle.hypothesis.inner_test(c, True)
+
+
 @pytest.mark.parametrize("interleaved,rotary_dim,packed", [(False, 6, False), (True, 8, True)])
 def test_gradcheck_float64_kernel(interleaved, rotary_dim, packed):
     """float64 storage runs the kernel with float64 math: gradcheck q, k and the learnable inv_freq."""
