@@ -16,6 +16,7 @@ at launch), wgmma instruction shapes with counts, whether loads use TMA (``cp.as
     python scripts/compile_check.py --json                  # the same as a list of JSON records
     python scripts/compile_check.py --cases fwd-d128 --all-configs   # every autotune candidate too
     python scripts/compile_check.py --arch 80               # A100
+    python scripts/compile_check.py --cases rope rope-table # RoPE: registers, global ld/st widths, fp64 mix
 
 Must run WITHOUT TRITON_INTERPRET set (the interpreter does not compile).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -47,6 +49,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from ring_attn.backends.triton import attention as A  # noqa: E402
 from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
+R = importlib.import_module("ring_attn.backends.triton.rope")  # the module: the package re-exports the function
 from ring_attn.backends.triton import tiles as T  # noqa: E402
 
 # Shared memory per block (opt-in maximum), bytes: sm_90 227 KB, sm_80 163 KB, sm_89/86 99 KB.
@@ -75,6 +78,10 @@ CASES = {
     "bwd-d64-ordered": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
                             env={"RING_ATTN_BWD": "fused-ordered"}),
 }
+# fused RoPE (angle mode, half-split pairing): q [1, 32768, 32, 128] + k [1, 32768, 8, 128]; "shape" is
+# (b, s, h_q, h_kv, d) as above. A bandwidth-bound kernel: the report adds its global load/store mix.
+CASES["rope"] = dict(op="rope", shape=(1, 32768, 32, 8, 128), causal=False)
+CASES["rope-table"] = dict(op="rope", shape=(1, 32768, 32, 8, 128), causal=False, table=True)
 # A small case for the test: compiles in seconds.
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
 
@@ -100,17 +107,18 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(log, arch):
-    names = [n for n in dir(A) if isinstance(getattr(A, n), (JITFunction, Autotuner))]
-    saved = {n: getattr(A, n) for n in names}
+    mods = (A, R)
+    saved = {(m, n): getattr(m, n) for m in mods for n in dir(m)
+             if isinstance(getattr(m, n), (JITFunction, Autotuner))}
     saved_arch = T.current_arch
     try:
-        for n in names:
-            setattr(A, n, _Recorder(saved[n], log))
+        for (m, n), v in saved.items():
+            setattr(m, n, _Recorder(v, log))
         T.current_arch = lambda: arch  # the launcher picks tiles for the target, not for this machine
         yield
     finally:
-        for n, v in saved.items():
-            setattr(A, n, v)
+        for (m, n), v in saved.items():
+            setattr(m, n, v)
         T.current_arch = saved_arch
 
 
@@ -126,7 +134,16 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
     os.environ.update(env)
     try:
         with _recording(log, arch):
-            if case["op"] == "fwd":
+            if case["op"] == "rope":
+                half = d // 2
+                tab = case.get("table", False)
+                R.rope(q, k, torch.empty_like(q), torch.empty_like(k), rotary_dim=d, interleaved=False,
+                       backward=False, copy_pass=False,
+                       pos2=None if tab else torch.empty(1, s, dtype=torch.int64),
+                       inv_freq=None if tab else torch.empty(half, dtype=torch.float32), scaling=1.0,
+                       cos3=e(1, s, d) if tab else None, sin3=e(1, s, d) if tab else None,
+                       qy4=None, ky4=None, dtheta=None)
+            elif case["op"] == "fwd":
                 out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
                 A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],
                                     causal_offset=None, seqs=None, merge=case["merge"], window=(-1, -1),
@@ -177,6 +194,23 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(stack.group(1)) if stack else None}
 
 
+def _sass_mix(cubin: bytes) -> dict:
+    """Instruction mix of the machine code (SASS, from cuobjdump): total instructions, global loads/stores by
+    width (``LDG.E.128`` = 16 bytes), fp64 arithmetic (DADD/DMUL/DFMA), conversions to/from 64-bit
+    (F2I.S64/I2F.F64/F2F.F64...), and special-function (MUFU) instructions. Static counts, not executed ones."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
+    mem = Counter(o for o in ops if o.startswith(("LDG", "STG")))
+    return {"sass_instructions": len(ops), "sass_gmem": dict(sorted(mem.items())),
+            "sass_f64": sum(o.startswith(("DADD", "DMUL", "DFMA")) for o in ops),
+            "sass_cvt64": sum(o.startswith(("F2I", "I2F", "F2F")) and "64" in o for o in ops),
+            "sass_mufu": sum(o.startswith("MUFU") for o in ops)}
+
+
 def analyse(ck, arch: int) -> dict:
     """Resource usage and instruction mix of a compiled kernel."""
     ptx = ck.asm.get("ptx", "")
@@ -190,15 +224,21 @@ def analyse(ck, arch: int) -> dict:
     else:
         mma = "none"
     smem = ck.metadata.shared
+    # global memory instruction mix (a bandwidth-bound kernel wants few, wide ones: .v4.b32 = 16 bytes)
+    gmem = Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx))
     return {**_resource_usage(ck.asm["cubin"]), "smem_bytes": smem,
             "smem_over_limit": smem > SMEM_LIMIT.get(arch, 232448), "mma": mma,
             "wgmma": dict(sorted(wgmma.items())),
             "mma_sync": len(re.findall(r"mma\.sync\.aligned", ptx)),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-            "cp_async_loads": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx))}
+            "cp_async_loads": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx)),
+            "gmem": dict(sorted(gmem.items())),
+            **_sass_mix(ck.asm["cubin"])}
 
 
 def _cfg_name(c: dict) -> str:
+    if "BLOCK_M" not in c:  # a kernel without attention tiles (RoPE): its block constexprs
+        return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in c.items())
     return f"M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
 
 
@@ -210,6 +250,8 @@ def configs_for(kernel, kwargs, all_configs):
     if all(f in kwargs for f in fields):
         out.append(({f: kwargs[f] for f in fields}, True))
     fn = _jit_fn(kernel)
+    if not out and not isinstance(getattr(K, fn.__name__, None), Autotuner):  # e.g. RoPE: the launch as is
+        return [({k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k == "num_warps"}, True)]
     tuner = getattr(K, fn.__name__, None)
     if isinstance(tuner, Autotuner) and (all_configs or not out):
         for c in tuner.configs:
@@ -241,8 +283,9 @@ def run_case(name: str, dtype_name: str, arch: int, all_configs: bool, only_ship
                                 and n not in fn.constexprs_names] if hasattr(fn, "constexprs_names") else
                     [fn.arg_names[i] for i, n in enumerate(fn.arg_names)
                      if signature[n] == "constexpr" and not fn.params[i].is_constexpr]}
-                rec["smem_estimate"] = T.smem_estimate(cfg, case["shape"][4], dtype_name, kname)
-                rec["fits_estimate"] = T.fits(cfg, case["shape"][4], dtype_name, arch, kname)
+                if "BLOCK_M" in cfg:
+                    rec["smem_estimate"] = T.smem_estimate(cfg, case["shape"][4], dtype_name, kname)
+                    rec["fits_estimate"] = T.fits(cfg, case["shape"][4], dtype_name, arch, kname)
             except Exception as exc:  # report and go on: one failing config must not hide the others
                 rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rec["compile_s"] = round(time.time() - t0, 1)
@@ -254,7 +297,27 @@ def _fmt_wgmma(w: dict) -> str:
     return " ".join(f"{k}×{v}" for k, v in w.items()) or "-"
 
 
+def print_rope_table(records):
+    print("| case | kernel | config | regs | spill B | SASS instr | global ld/st (SASS) | fp64 ops | cvt 64-bit "
+          "| MUFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        if "error" in r:
+            print(f"| {r['case']} | {r['kernel']} | {r['config']} | | | | | | | FAILED {r['error'][:80]} |")
+            continue
+        mem = " ".join(f"{k}×{v}" for k, v in r["sass_gmem"].items())
+        print(f"| {r['case']} | {r['kernel']} | {r['config']} | {r['regs']} | {r['spill_bytes']} "
+              f"| {r['sass_instructions']} | {mem} | {r['sass_f64']} | {r['sass_cvt64']} | {r['sass_mufu']} |")
+
+
 def print_table(records):
+    rope = [r for r in records if r["kernel"] == "rope_kernel"]
+    records = [r for r in records if r["kernel"] != "rope_kernel"]
+    if rope:
+        print_rope_table(rope)
+        if not records:
+            return
+        print()
     print("| case | kernel | config | shipped | regs | spill B | smem KB (est) | wgmma | TMA/cp.async | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:

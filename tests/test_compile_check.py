@@ -45,3 +45,22 @@ def test_compile_check_json_tiny_case():
 def test_compile_check_rejects_unknown_case():
     res = _run("--cases", "nope")
     assert res.returncode == 2 and "--cases" in res.stderr
+
+
+def test_compile_check_rope_case():
+    """The RoPE kernel at the benchmark shape: no stack, 16-byte rotated-dim loads and stores only, the
+    launcher's token block, and the real specialisation (aligned pointers, contiguous last dim)."""
+    pytest.importorskip("triton.backends.nvidia")
+    res = _run("--cases", "rope", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = json.loads(res.stdout)
+    assert len(recs) == 1
+    r = recs[0]
+    assert "error" not in r and r["kernel"] == "rope_kernel" and r["shipped"] is True
+    assert r["config"].startswith("T16 F64")  # 16 tokens per program at d = 128
+    assert isinstance(r["regs"], int) and 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
+    stores = {k: v for k, v in r["sass_gmem"].items() if k.startswith("STG")}
+    assert stores and set(stores) == {"STG.E.128"}, stores
+    assert r["sass_gmem"].get("LDG.E.128", 0) >= 4, r["sass_gmem"]  # two heads of q (or k) x two halves
+    assert {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "sq_s", "sk_s"} <= set(r["specialised"]["divisible_by_16"])
+    assert {"sq_d", "sk_d"} <= set(r["specialised"]["const_1"])

@@ -5,9 +5,9 @@ Public API (re-exported from ``ring_attn``):
 * :func:`apply_rope` ``(q, k, positions, inv_freq, attention_scaling=1.0, interleaved=False, rotary_dim=None,
   inplace=False) -> (q_rot, k_rot)``: the angle ``position * inv_freq[i]`` is formed in-kernel in float64 (exact
   for integer positions below 2^29 and float32 ``inv_freq``), reduced modulo 2π with a three-piece Cody-Waite
-  constant, and only then rounded to float32 for ``sin``/``cos``: accurate to ~1e-7 rad at positions up to 2^24,
-  where a float32 product is off by up to 0.5 rad. No cos/sin table is read. Differentiable with respect to q, k
-  and (when it requires grad) ``inv_freq``.
+  constant, and only then rounded to float32 for ``sin``/``cos``: accurate to <= 2e-7 rad at every position up
+  to 2^29 - 1 (tested), where at 2^24 a float32 product is already off by up to 0.5 rad. No cos/sin table is
+  read. Differentiable with respect to q, k and (when it requires grad) ``inv_freq``.
 * :func:`apply_rope_cos_sin` ``(q, k, cos, sin, unsqueeze_dim=1)``: HF's ``apply_rotary_pos_emb`` signature,
   reading the given tables, for drop-in use.
 
