@@ -100,15 +100,15 @@ def _tma_ok(x: torch.Tensor, name: str) -> Optional[str]:
 
 
 def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,
-                    window: tuple[int, int] = (-1, -1), softcap: float = 0.0, merge: bool = False
-                    ) -> tuple[str, str]:
+                    window: tuple[int, int] = (-1, -1), softcap: float = 0.0, merge: bool = False,
+                    varlen: bool = False) -> tuple[str, str]:
     """Which forward kernel :func:`attention_forward` launches for these tensors: ``("tma", why)`` or
     ``("pointer", why)``. The TMA variant (``fwd_tma_kernel``) runs only when asked for
     (``RING_ATTN_FWD=tma``; the default stays the pointer kernel until a GPU has measured it) AND it
     applies: Triton has tensor descriptors and warp specialisation, the GPU is sm_90 (or the interpreter
     runs the kernels), no window or soft-cap, head dim 64 or 128, fp16/bf16 Q/K/V of one dtype, contiguous
-    last dims and 16-byte aligned bases and strides (also O's when it is 16-bit and not merged, since O
-    is then stored by TMA). Works for dense and packed (varlen) inputs alike.
+    last dims and 16-byte aligned bases and strides (also O's when it is 16-bit, dense and not merged,
+    since O is then stored by TMA), non-empty sequence dims. Dense and packed (``varlen``) inputs alike.
     Raises ValueError for an unknown ``RING_ATTN_FWD``."""
     mode = tiles.forward_variant_mode()
     if mode != "tma":
@@ -125,7 +125,9 @@ def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
         return "pointer", f"head dim {d} not in (64, 128)"
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return "pointer", f"dtype {q.dtype} (fp16/bf16 only)"
-    checks = [(q, "q"), (k, "k"), (v, "v")] + ([(out, "out")] if _o_desc(out, merge) else [])
+    if q.shape[-3] == 0 or k.shape[-3] == 0:
+        return "pointer", "an empty sequence dimension"
+    checks = [(q, "q"), (k, "k"), (v, "v")] + ([(out, "out")] if _o_desc(out, merge, varlen) else [])
     for x, name in checks:
         bad = _tma_ok(x, name)
         if bad:
@@ -133,9 +135,10 @@ def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     return "tma", "RING_ATTN_FWD=tma and every requirement met"
 
 
-def _o_desc(out: torch.Tensor, merge: bool) -> bool:
-    """O goes through a descriptor (TMA store) when it is 16-bit and not read back by the MERGE epilogue."""
-    return not merge and out.dtype in (torch.float16, torch.bfloat16)
+def _o_desc(out: torch.Tensor, merge: bool, varlen: bool) -> bool:
+    """O goes through a descriptor (TMA store) when it is 16-bit, dense (a packed sequence's rows are
+    stored with masks, which also covers empty sequences) and not read back by the MERGE epilogue."""
+    return not merge and not varlen and out.dtype in (torch.float16, torch.bfloat16)
 
 
 _allocator_set = False
@@ -202,7 +205,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
-    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge)[0] == "tma":
+    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl)[0] == "tma":
         _ensure_tma_allocator()
         key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
         fwd_tma_kernel[grid](
@@ -211,7 +214,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
             HEAD_DIM=d, CAUSAL=bool(causal), VARLEN=vl, BOTTOM_RIGHT=causal_offset is None,
             DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge), UPCAST=flags["UPCAST"],
-            ROUND_BF16=flags["ROUND_BF16"], O_DESC=_o_desc(o4, merge), **tiles.fwd_tma_tile(key),
+            ROUND_BF16=flags["ROUND_BF16"], O_DESC=_o_desc(o4, merge, vl), **tiles.fwd_tma_tile(key),
         )
         return
     fwd_kernel[grid](

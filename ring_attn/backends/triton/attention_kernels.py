@@ -364,14 +364,19 @@ def fwd_tma_kernel(
     # sequence (varlen) visits no key, loads zeros and stores nothing (descriptor clipping, masks)
     off_hi = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
     bq = b.to(tl.int64)
-    Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
-    K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
-    V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
-    desc_q = tl.make_tensor_descriptor(Q_base, shape=[len_q, HEAD_DIM], strides=[stride_qs, 1],
+    # an empty packed sequence gets a one-row descriptor at row 0 (TMA has no zero-size dims, and its start
+    # may be the end of the allocation); nothing is read from it (no key is visited, Q rows are unused)
+    # and nothing is written (O and LSE stores are masked by len_q)
+    q_row0 = tl.where(len_q > 0, q_start, 0)
+    k_row0 = tl.where(len_k > 0, k_start, 0)
+    Q_base = Q + bq * stride_qb + q_row0 * stride_qs + h.to(tl.int64) * stride_qh
+    K_base = K + bq * stride_kb + k_row0 * stride_ks + hk.to(tl.int64) * stride_kh
+    V_base = V + bq * stride_vb + k_row0 * stride_vs + hk.to(tl.int64) * stride_vh
+    desc_q = tl.make_tensor_descriptor(Q_base, shape=[tl.maximum(len_q, 1), HEAD_DIM], strides=[stride_qs, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
-    desc_k = tl.make_tensor_descriptor(K_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
+    desc_k = tl.make_tensor_descriptor(K_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_ks, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
-    desc_v = tl.make_tensor_descriptor(V_base, shape=[len_k, HEAD_DIM], strides=[stride_vs, 1],
+    desc_v = tl.make_tensor_descriptor(V_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_vs, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = desc_q.load([start_m, 0])
@@ -414,7 +419,7 @@ def fwd_tma_kernel(
         lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
     if ROUND_BF16:
         acc = _round_bf16(acc)
-    if O_DESC:  # 16-bit output: one TMA store, rows past len_q clipped by the descriptor
+    if O_DESC:  # 16-bit dense output: one TMA store, rows past len_q clipped by the descriptor
         desc_o = tl.make_tensor_descriptor(O_base, shape=[len_q, HEAD_DIM], strides=[stride_os, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
         desc_o.store([start_m, 0], acc.to(O.dtype.element_ty))
