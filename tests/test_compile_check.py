@@ -45,3 +45,18 @@ def test_compile_check_json_tiny_case():
 def test_compile_check_rejects_unknown_case():
     res = _run("--cases", "nope")
     assert res.returncode == 2 and "--cases" in res.stderr
+
+
+def test_compile_check_tma_forward_is_warp_specialised():
+    """RING_ATTN_FWD=tma at sm_90: loads by TMA (no cp.async), and Triton's Hopper warp specialisation really
+    applied (a producer warpgroup added: 4 -> 12 warps, registers moved with setmaxnreg), no spill."""
+    pytest.importorskip("triton.backends.nvidia")
+    res = _run("--cases", "tiny-tma", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    (r,) = json.loads(res.stdout)
+    assert "error" not in r, r.get("error")
+    assert r["kernel"] == "fwd_tma_kernel" and r["shipped"] is True and r["config"].endswith(" ws")
+    assert r["tma_loads"] > 0 and r["cp_async_loads"] == 0
+    assert r["warps"] == 12 and r["setmaxnreg"]
+    assert r["spill_bytes"] == 0 and r["smem_over_limit"] is False
+    assert r["wgmma"] and all(k.startswith("m64n") for k in r["wgmma"])

@@ -367,8 +367,8 @@ def fwd_tma_kernel(
     # an empty packed sequence gets a one-row descriptor at row 0 (TMA has no zero-size dims, and its start
     # may be the end of the allocation); nothing is read from it (no key is visited, Q rows are unused)
     # and nothing is written (O and LSE stores are masked by len_q)
-    q_row0 = tl.where(len_q > 0, q_start, 0)
-    k_row0 = tl.where(len_k > 0, k_start, 0)
+    q_row0 = q_start * tl.minimum(len_q, 1)  # (arithmetic, not tl.where: Triton 3.6's interpreter
+    k_row0 = k_start * tl.minimum(len_k, 1)  # cannot take the 1-element result as a loop bound or shape)
     Q_base = Q + bq * stride_qb + q_row0 * stride_qs + h.to(tl.int64) * stride_qh
     K_base = K + bq * stride_kb + k_row0 * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_row0 * stride_vs + hk.to(tl.int64) * stride_vh
@@ -386,7 +386,7 @@ def fwd_tma_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_hi, off_hi, False, CAUSAL, BLOCK_M, BLOCK_N)
-    hi = tl.where(start_m < len_q, hi, 0)
+    hi = hi * tl.maximum(tl.minimum(len_q - start_m, 1), 0)  # a block past the sequence: no key
     full_hi = tl.minimum(full_hi, hi)
     if WARP_SPECIALIZE:
         # Triton's Hopper warp specialisation (3.9) takes one specialised loop with no branch in its body:
