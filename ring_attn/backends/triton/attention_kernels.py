@@ -10,7 +10,8 @@ import triton.language as tl
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles as _tiles
 
-__all__ = ["fwd_kernel", "fwd_tma_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel", "FWD_CONFIGS"]
+__all__ = ["fwd_kernel", "fwd_tma_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel",
+           "FWD_CONFIGS"]
 
 interpret = interpreter_enabled()
 
