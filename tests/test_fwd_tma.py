@@ -154,6 +154,7 @@ def test_fallback_selection(monkeypatch):
     assert _variant(q80, k80, v80) == ("pointer", "head dim 80 not in (64, 128)")
     q32, k32, v32 = _qkv(1, 16, 16, 2, 2, 64, torch.float32)
     assert _variant(q32, k32, v32)[1].startswith("dtype torch.float32")
+    assert _variant(q[:, :0], k, v) == ("pointer", "an empty sequence dimension")
     # last dim not contiguous
     qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert "last dim not contiguous" in _variant(qt, k, v)[1]

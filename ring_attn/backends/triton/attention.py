@@ -146,7 +146,9 @@ _allocator_set = False
 
 def _ensure_tma_allocator() -> None:
     """Kernels that build tensor descriptors on the device need global scratch from ``triton.set_allocator``
-    (128 B per descriptor); install a torch one once per process. Not under the interpreter."""
+    (128 B per descriptor); install a torch one once per process, on the first TMA launch (it replaces an
+    allocator set earlier with ``triton.set_allocator``; one that allocates torch memory serves both).
+    Not under the interpreter."""
     global _allocator_set
     if _allocator_set or interpreter_enabled():
         return
