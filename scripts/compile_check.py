@@ -82,8 +82,13 @@ CASES = {
 # (b, s, h_q, h_kv, d) as above. A bandwidth-bound kernel: the report adds its global load/store mix.
 CASES["rope"] = dict(op="rope", shape=(1, 32768, 32, 8, 128), causal=False)
 CASES["rope-table"] = dict(op="rope", shape=(1, 32768, 32, 8, 128), causal=False, table=True)
+
+# the forward on tensor descriptors with warp specialisation (RING_ATTN_FWD=tma; issue 9 item 3)
+for _name in ("fwd-d128", "fwd-d128-merge", "fwd-d128-full", "fwd-d64"):
+    CASES[_name + "-tma"] = dict(CASES[_name], env={"RING_ATTN_FWD": "tma"})
 # A small case for the test: compiles in seconds.
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
+CASES["tiny-tma"] = dict(CASES["tiny"], env={"RING_ATTN_FWD": "tma"})
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -231,6 +236,11 @@ def analyse(ck, arch: int) -> dict:
             "wgmma": dict(sorted(wgmma.items())),
             "mma_sync": len(re.findall(r"mma\.sync\.aligned", ptx)),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            # warp specialisation really applied: the program's warps grow (Hopper: a producer warpgroup
+            # added) and registers are moved between warpgroups with setmaxnreg (inc/dec values listed)
+            "warps": ck.metadata.num_warps,
+            "setmaxnreg": sorted({f"{m.group(1)} {m.group(2)}" for m in
+                                  re.finditer(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}),
             "cp_async_loads": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx)),
             "gmem": dict(sorted(gmem.items())),
             **_sass_mix(ck.asm["cubin"])}
@@ -239,7 +249,8 @@ def analyse(ck, arch: int) -> dict:
 def _cfg_name(c: dict) -> str:
     if "BLOCK_M" not in c:  # a kernel without attention tiles (RoPE): its block constexprs
         return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in c.items())
-    return f"M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+    ws = {True: " ws", False: " no-ws"}.get(c.get("WARP_SPECIALIZE"), "")
+    return f"M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{ws}"
 
 
 def configs_for(kernel, kwargs, all_configs):
@@ -249,6 +260,15 @@ def configs_for(kernel, kwargs, all_configs):
     out = []
     if all(f in kwargs for f in fields):
         out.append(({f: kwargs[f] for f in fields}, True))
+    if "WARP_SPECIALIZE" in kwargs and out:  # the TMA forward: also its other warp-specialisation setting
+        out[0][0]["WARP_SPECIALIZE"] = kwargs["WARP_SPECIALIZE"]
+        if all_configs:
+            out.append((dict(out[0][0], WARP_SPECIALIZE=not kwargs["WARP_SPECIALIZE"]), False))
+            for bm, bn, w, s in ((128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)):
+                for ws in (True, False):
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, WARP_SPECIALIZE=ws)
+                    if cfg not in [o[0] for o in out]:
+                        out.append((cfg, False))
     fn = _jit_fn(kernel)
     if not out and not isinstance(getattr(K, fn.__name__, None), Autotuner):  # e.g. RoPE: the launch as is
         return [({k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k == "num_warps"}, True)]
@@ -326,6 +346,9 @@ def print_table(records):
                   f"| | | | | | FAILED {r['error'][:80]} |")
             continue
         note = "OVER SMEM LIMIT" if r["smem_over_limit"] else ("spills" if r["spill_bytes"] else "")
+        if r.get("setmaxnreg"):
+            note = (note + " " if note else "") + f"warp-specialised: {r['warps']} warps, setmaxnreg " + \
+                ", ".join(r["setmaxnreg"])
         print(f"| {r['case']} | {r['kernel']} | {r['config']} | {'yes' if r['shipped'] else ''} | {r['regs']} "
               f"| {r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} ({r['smem_estimate'] / 1024:.0f}) "
               f"| {_fmt_wgmma(r['wgmma'])} | {r['tma_loads']}/{r['cp_async_loads']} | {note} |")
@@ -335,7 +358,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--cases", nargs="+", default=[c for c in CASES if c != "tiny"],
+    ap.add_argument("--cases", nargs="+", default=[c for c in CASES if not c.startswith("tiny")],
                     help=f"subset of {sorted(CASES)}")
     ap.add_argument("--all-configs", action="store_true",
                     help="also compile every forward autotune candidate, not only the shipped tile")

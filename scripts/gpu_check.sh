@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU test machine (one H100/H200; torch 2.11, triton 3.6, transformers 5.17, no network,
 # nothing to install). Runs the GPU tests, then the benchmarks; logs, CSV and PNG go under $OUT (or
-# ./bench_out). Stage limits: `tests` 120 s, `bench` 520 s (640 s in all: on a machine with a 600 s limit per
+# ./bench_out). Stage limits: `tests` 120 s, `bench` 560 s (680 s in all: on a machine with a 600 s limit per
 # command, run `tests` and `bench` as two calls). Usage from the repository root:
 #
 #     OUT=/some/dir scripts/gpu_check.sh            # everything
@@ -59,8 +59,12 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     stage bench_attention_tuned 45 env RING_ATTN_TILES="$OUT/tuned_tiles.json" OUT="$OUT/tuned_tiles" \
       python benchmarks/bench_attention.py --peers "" --passes fwd --rep 50
   fi
+  # 5. the forward on tensor descriptors (TMA) with warp specialisation (RING_ATTN_FWD=tma, opt-in): against
+  #    the pointer forward of stage 1 on the same card (benchmarks/NOTES.md has the prediction)
+  stage bench_attention_tma_fwd 40 env RING_ATTN_FWD=tma OUT="$OUT/tma_fwd" \
+    python benchmarks/bench_attention.py --peers "" --passes fwd --rep 50
   stage bench_rope 40 python benchmarks/bench_rope.py
-  # 5. issue 8: a Llama-3-8B decoder layer, patched vs sdpa vs eager
+  # 6. issue 8: a Llama-3-8B decoder layer, patched vs sdpa vs eager
   stage bench_hf_layer 50 python benchmarks/bench_hf_layer.py
   stage bench_ring 40 \
     python -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/bench_ring.py

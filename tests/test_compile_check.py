@@ -64,3 +64,17 @@ def test_compile_check_rope_case():
     assert r["sass_gmem"].get("LDG.E.128", 0) >= 4, r["sass_gmem"]  # two heads of q (or k) x two halves
     assert {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "sq_s", "sk_s"} <= set(r["specialised"]["divisible_by_16"])
     assert {"sq_d", "sk_d"} <= set(r["specialised"]["const_1"])
+
+def test_compile_check_tma_forward_is_warp_specialised():
+    """RING_ATTN_FWD=tma at sm_90: loads by TMA (no cp.async), and Triton's Hopper warp specialisation really
+    applied (a producer warpgroup added: 4 -> 12 warps, registers moved with setmaxnreg), no spill."""
+    pytest.importorskip("triton.backends.nvidia")
+    res = _run("--cases", "tiny-tma", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    (r,) = json.loads(res.stdout)
+    assert "error" not in r, r.get("error")
+    assert r["kernel"] == "fwd_tma_kernel" and r["shipped"] is True and r["config"].endswith(" ws")
+    assert r["tma_loads"] > 0 and r["cp_async_loads"] == 0
+    assert r["warps"] == 12 and r["setmaxnreg"]
+    assert r["spill_bytes"] == 0 and r["smem_over_limit"] is False
+    assert r["wgmma"] and all(k.startswith("m64n") for k in r["wgmma"])

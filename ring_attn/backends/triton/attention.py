@@ -14,8 +14,10 @@ from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles
 from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, bwd_fused_kernel, delta_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
+from ring_attn.backends.triton.attention_kernels import fwd_tma_kernel
 
-__all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks"]
+__all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks", "tma_forward_support",
+           "forward_variant"]
 
 LOG2E = 1.4426950408889634
 
@@ -69,6 +71,95 @@ class _TableLaunched:
 fwd_kernel = _TableLaunched()
 
 
+def tma_forward_support() -> Optional[str]:
+    """None when this Triton has what the TMA forward needs (``tl.make_tensor_descriptor``,
+    ``tl.range(..., warp_specialize=)``, ``triton.set_allocator``: Triton >= 3.4), else why not."""
+    import inspect
+
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    if "warp_specialize" not in inspect.signature(tl.range.__init__).parameters:
+        return f"triton {triton.__version__}: tl.range has no warp_specialize"
+    if not hasattr(triton, "set_allocator"):
+        return f"triton {triton.__version__} has no triton.set_allocator"
+    return None
+
+
+def _tma_ok(x: torch.Tensor, name: str) -> Optional[str]:
+    """TMA needs a contiguous last dim and 16-byte aligned base and strides (every stride but the last)."""
+    e = x.element_size()
+    if x.stride(-1) != 1:
+        return f"{name}: last dim not contiguous (stride {x.stride(-1)})"
+    if x.data_ptr() % 16:
+        return f"{name}: base pointer not 16-byte aligned"
+    if any(st * e % 16 for st in x.stride()[:-1]):
+        return f"{name}: strides {tuple(x.stride())} are not 16-byte multiples"
+    return None
+
+
+def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,
+                    window: tuple[int, int] = (-1, -1), softcap: float = 0.0, merge: bool = False,
+                    varlen: bool = False) -> tuple[str, str]:
+    """Which forward kernel :func:`attention_forward` launches for these tensors: ``("tma", why)`` or
+    ``("pointer", why)``. The TMA variant (``fwd_tma_kernel``) runs only when asked for
+    (``RING_ATTN_FWD=tma``; the default stays the pointer kernel until a GPU has measured it) AND it
+    applies: Triton has tensor descriptors and warp specialisation, the GPU is sm_90 (or the interpreter
+    runs the kernels), no window or soft-cap, head dim 64 or 128, fp16/bf16 Q/K/V of one dtype, contiguous
+    last dims and 16-byte aligned bases and strides (also O's when it is 16-bit, dense and not merged,
+    since O is then stored by TMA), non-empty sequence dims. Dense and packed (``varlen``) inputs alike.
+    Raises ValueError for an unknown ``RING_ATTN_FWD``."""
+    mode = tiles.forward_variant_mode()
+    if mode != "tma":
+        return "pointer", "RING_ATTN_FWD=tma not set" if mode == "" else "RING_ATTN_FWD=pointer"
+    missing = tma_forward_support()
+    if missing:
+        return "pointer", missing
+    if not interpreter_enabled() and tiles.current_arch() // 10 != 9:
+        return "pointer", f"sm_{tiles.current_arch()} is not Hopper (sm_90)"
+    if tuple(window) != (-1, -1) or softcap != 0:
+        return "pointer", "sliding window or soft-cap"
+    d = q.shape[-1]
+    if d not in (64, 128):
+        return "pointer", f"head dim {d} not in (64, 128)"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "pointer", f"dtype {q.dtype} (fp16/bf16 only)"
+    if q.shape[-3] == 0 or k.shape[-3] == 0:
+        return "pointer", "an empty sequence dimension"
+    checks = [(q, "q"), (k, "k"), (v, "v")] + ([(out, "out")] if _o_desc(out, merge, varlen) else [])
+    for x, name in checks:
+        bad = _tma_ok(x, name)
+        if bad:
+            return "pointer", bad
+    return "tma", "RING_ATTN_FWD=tma and every requirement met"
+
+
+def _o_desc(out: torch.Tensor, merge: bool, varlen: bool) -> bool:
+    """O goes through a descriptor (TMA store) when it is 16-bit, dense (a packed sequence's rows are
+    stored with masks, which also covers empty sequences) and not read back by the MERGE epilogue."""
+    return not merge and not varlen and out.dtype in (torch.float16, torch.bfloat16)
+
+
+_allocator_set = False
+
+
+def _ensure_tma_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need global scratch from ``triton.set_allocator``
+    (128 B per descriptor); install a torch one once per process, on the first TMA launch (it replaces an
+    allocator set earlier with ``triton.set_allocator``; one that allocates torch memory serves both).
+    Not under the interpreter."""
+    global _allocator_set
+    if _allocator_set or interpreter_enabled():
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
+    _allocator_set = True
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Launchers. All tensors are viewed 4-D: dense [b, s, h, d]; packed [t, h, d] as [1, t, h, d] with the
 # sequences given by VarlenSeqs. LSE/delta: dense [b, h, s]; packed [h, t] as [1, h, t].
@@ -116,6 +207,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
+    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl)[0] == "tma":
+        _ensure_tma_allocator()
+        key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
+        fwd_tma_kernel[grid](
+            q4, k4, v4, o4, l3, *_seq_args(seqs, q),
+            *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
+            s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
+            HEAD_DIM=d, CAUSAL=bool(causal), VARLEN=vl, BOTTOM_RIGHT=causal_offset is None,
+            DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge), UPCAST=flags["UPCAST"],
+            ROUND_BF16=flags["ROUND_BF16"], O_DESC=_o_desc(o4, merge, vl), **tiles.fwd_tma_tile(key),
+        )
+        return
     fwd_kernel[grid](
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),

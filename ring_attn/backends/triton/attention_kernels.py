@@ -10,7 +10,8 @@ import triton.language as tl
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles as _tiles
 
-__all__ = ["fwd_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel", "FWD_CONFIGS"]
+__all__ = ["fwd_kernel", "fwd_tma_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel",
+           "FWD_CONFIGS"]
 
 interpret = interpreter_enabled()
 
@@ -291,6 +292,140 @@ def fwd_kernel(
     if ROUND_BF16:
         acc = _round_bf16(acc)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
+    tl.store(L_base + offs_m, lse, mask=offs_m < len_q)
+
+@triton.jit
+def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, lo, hi, len_k, off_hi, qk_scale,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """The key loop of :func:`fwd_tma_kernel`: K/V tiles come through tensor descriptors (TMA on sm_90;
+    rows past ``len_k`` read as zeros and are masked out of the scores when MASKED)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([start_n, 0])
+        v = desc_v.load([start_n, 0])
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            cols = start_n + offs_n
+            visible = cols[None, :] < len_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + off_hi)
+            s = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2 gives 0
+            p = tl.math.exp2(s - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+@triton.jit
+def fwd_tma_kernel(
+    Q, K, V, O, LSE, SQ_START, SQ_LEN, SK_START, SK_LEN,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    O_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The forward of :func:`fwd_kernel` with Q/K/V (and O when ``O_DESC``) moved by tensor descriptors
+    built in the kernel (``tl.make_tensor_descriptor``: TMA on sm_90), the key loop a
+    ``tl.range(..., warp_specialize=True)`` when WARP_SPECIALIZE (one loop, every block masked: what Triton
+    3.9's Hopper pass accepts; it engages at ``num_warps=4`` only, turning the program into a TMA producer
+    warpgroup and two 64-row consumer warpgroups, 12 warps). Same arguments, grid, heaviest-first causal order
+    and fp32 MERGE epilogue; no sliding window or soft-cap (the launcher falls back to fwd_kernel).
+    A descriptor per (sequence, head): base ``X + b·stride_b + start·stride_s + h·stride_h``, shape
+    ``[len, HEAD_DIM]``, row stride ``stride_s``; the launcher guarantees 16-byte aligned bases and strides
+    and a contiguous last dim, as TMA requires. Rows past the sequence read as zero and are not written."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    hk = h // group
+    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                 seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    # no early return (Hopper's warp specialisation pass rejects the branch it makes): a block past the
+    # sequence (varlen) visits no key, loads zeros and stores nothing (descriptor clipping, masks)
+    off_hi = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
+    bq = b.to(tl.int64)
+    # an empty packed sequence gets a one-row descriptor at row 0 (TMA has no zero-size dims, and its start
+    # may be the end of the allocation); nothing is read from it (no key is visited, Q rows are unused)
+    # and nothing is written (O and LSE stores are masked by len_q)
+    q_row0 = q_start * tl.minimum(len_q, 1)  # (arithmetic, not tl.where: Triton 3.6's interpreter
+    k_row0 = k_start * tl.minimum(len_k, 1)  # cannot take the 1-element result as a loop bound or shape)
+    Q_base = Q + bq * stride_qb + q_row0 * stride_qs + h.to(tl.int64) * stride_qh
+    K_base = K + bq * stride_kb + k_row0 * stride_ks + hk.to(tl.int64) * stride_kh
+    V_base = V + bq * stride_vb + k_row0 * stride_vs + hk.to(tl.int64) * stride_vh
+    desc_q = tl.make_tensor_descriptor(Q_base, shape=[tl.maximum(len_q, 1), HEAD_DIM], strides=[stride_qs, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    desc_k = tl.make_tensor_descriptor(K_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_ks, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    desc_v = tl.make_tensor_descriptor(V_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_vs, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = desc_q.load([start_m, 0])
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_hi, off_hi, False, CAUSAL, BLOCK_M, BLOCK_N)
+    hi = hi * tl.maximum(tl.minimum(len_q - start_m, 1), 0)  # a block past the sequence: no key
+    full_hi = tl.minimum(full_hi, hi)
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialisation (3.9) takes one specialised loop with no branch in its body:
+        # two loops in a row abort the compiler (an MLIR dominance assertion) and an `if` in the body turns
+        # it off silently. So one loop over every visited key block, the mask applied on each.
+        acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, lo, hi, len_k, off_hi,
+                                       qk_scale, True, CAUSAL, UPCAST, BLOCK_N, DOT_PRECISION, True)
+    else:  # unmasked blocks, then the masked diagonal / ragged tail, as in fwd_kernel
+        acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, lo, full_hi, len_k, off_hi,
+                                       qk_scale, False, CAUSAL, UPCAST, BLOCK_N, DOT_PRECISION, False)
+        acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, full_hi, hi, len_k, off_hi,
+                                       qk_scale, True, CAUSAL, UPCAST, BLOCK_N, DOT_PRECISION, False)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
+    L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < len_q
+    o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
+    if MERGE:  # the fp32 running (out, lse) of the ring's earlier steps, exactly as in fwd_kernel
+        lse_old = tl.load(L_base + offs_m, mask=offs_m < len_q, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=row_ok, other=0.0)
+        m = tl.maximum(lse_old, lse)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w_old = tl.exp(lse_old - m)
+        w_new = tl.exp(lse - m)
+        total = w_old + w_new
+        acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
+        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+    if ROUND_BF16:
+        acc = _round_bf16(acc)
+    if O_DESC:  # 16-bit dense output: one TMA store, rows past len_q clipped by the descriptor
+        desc_o = tl.make_tensor_descriptor(O_base, shape=[len_q, HEAD_DIM], strides=[stride_os, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        desc_o.store([start_m, 0], acc.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok)
     tl.store(L_base + offs_m, lse, mask=offs_m < len_q)
 
 @triton.jit

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 from ring_attn.backends import interpreter_enabled
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
-           "current_arch", "autotune_enabled", "fused_backward_mode",
+           "current_arch", "autotune_enabled", "fused_backward_mode", "forward_variant_mode", "fwd_tma_tile",
            "dump_tuned", "SMEM_LIMIT"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -203,6 +203,36 @@ def fused_backward_mode() -> str:
     unordered fp32 atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a fixed
     order, deterministic), or ``""`` (default: the two deterministic kernels)."""
     return {"fused": "atomic", "fused-ordered": "ordered"}.get(os.environ.get("RING_ATTN_BWD", ""), "")
+
+
+def forward_variant_mode() -> str:
+    """The forward asked for by ``RING_ATTN_FWD``: ``"tma"`` (the tensor-descriptor, warp-specialised
+    forward wherever it applies; anything else falls back to the pointer kernel), ``"pointer"`` (never
+    the TMA variant), or ``""`` (default: the pointer kernel until a GPU has measured the TMA variant;
+    see ``benchmarks/NOTES.md``). Unknown values raise ValueError."""
+    mode = os.environ.get("RING_ATTN_FWD", "")
+    if mode not in ("", "tma", "pointer"):
+        raise ValueError(f"RING_ATTN_FWD={mode!r}: expected 'tma', 'pointer' or unset")
+    return mode
+
+
+def fwd_tma_tile(key: FwdKey) -> dict:
+    """Tile of the TMA forward (``fwd_tma_kernel``) for ``key``, with ``WARP_SPECIALIZE``. sm_90, 16-bit,
+    d in {64, 128}: ``_FWD_TMA_TABLE`` (from the compile report, benchmarks/NOTES.md); anything else: the
+    pointer kernel's tile without warp specialisation. Under the interpreter: the small tile, with the
+    warp-specialised code structure (one masked loop) unless ``_TMA_WARP_SPECIALIZE`` is off."""
+    if interpreter_enabled():
+        return dict(INTERPRETER_TILE, WARP_SPECIALIZE=_TMA_WARP_SPECIALIZE)
+    if key.arch // 10 == 9 and key.dtype != "fp32" and key.head_dim in _FWD_TMA_TABLE:
+        return dict(_FWD_TMA_TABLE[key.head_dim], WARP_SPECIALIZE=_TMA_WARP_SPECIALIZE)
+    return dict(fwd_tile(key), WARP_SPECIALIZE=False)
+
+
+# Whether the TMA forward asks for warp specialisation (compile report, benchmarks/NOTES.md).
+_TMA_WARP_SPECIALIZE = True
+# sm_90 tiles of the TMA forward. Triton's Hopper warp specialisation engages only at num_warps=4 and then
+# runs 3 warpgroups (a TMA producer and two 64-row consumers of the 128-row block).
+_FWD_TMA_TABLE = {64: _tile(128, 128, 4, 2), 128: _tile(128, 128, 4, 2)}
 
 
 def autotune_enabled() -> bool:
