@@ -8,7 +8,6 @@ with the stock model in one process. Error cases record what every rank raised.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import time
 import traceback
@@ -140,17 +139,12 @@ def _errors_case(case, rank, world, store):
 
 
 def _worker(rank, world, init_file, outdir):
-    os.environ["RING_ATTN_BACKEND"] = "reference"
-    torch.set_num_threads(1)
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import torch.distributed as dist
+    from spawn_world import worker_group
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
+    with worker_group(rank, world, init_file, outdir) as results:
         for case in cases_for(world):
             store = {"case": case}
             t0 = time.monotonic()
@@ -167,10 +161,6 @@ def _worker(rank, world, init_file, outdir):
             os.environ["RING_ATTN_BACKEND"] = "reference"
             store["wall_s"] = time.monotonic() - t0
             results[case["name"]] = store
-    finally:
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def run_world(world: int, outdir: str, timeout_s: float = 300.0) -> list[dict]:

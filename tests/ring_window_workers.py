@@ -8,7 +8,6 @@ marked ``triton`` (the Triton kernels through the interpreter).
 """
 from __future__ import annotations
 
-import datetime
 import os
 import time
 import traceback
@@ -115,16 +114,11 @@ def _varlen_case(case, world, group):
 
 
 def _worker(rank, world, init_file, outdir):
-    os.environ["RING_ATTN_BACKEND"] = "reference"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+    from spawn_world import worker_group
 
     from ring_attn import backends
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
+    with worker_group(rank, world, init_file, outdir) as results:
         for case in cases_for(world):
             t0 = time.monotonic()
             try:
@@ -133,10 +127,6 @@ def _worker(rank, world, init_file, outdir):
                 results[case["name"]] = dict(errors=res, seconds=time.monotonic() - t0)
             except Exception:
                 results[case["name"]] = dict(error=traceback.format_exc())
-        dist.barrier()
-    finally:
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
 
 
 def run_world(world: int, outdir: str, timeout_s: float = 400.0) -> list[dict]:

@@ -13,7 +13,6 @@ which run the ring on the native C++ backend.
 """
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import os
 import time
@@ -618,14 +617,9 @@ def _subgroup_case(rank, world, group, store, mesh: bool):
 
 
 def _worker(rank, world, init_file, outdir):
-    os.environ["RING_ATTN_BACKEND"] = "reference"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+    from spawn_world import worker_group
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
+    with worker_group(rank, world, init_file, outdir) as results:
         for case in cases_for(world):
             store = {"case": case}
             t0 = time.monotonic()
@@ -659,12 +653,6 @@ def _worker(rank, world, init_file, outdir):
                 store["error"] = traceback.format_exc()
             store["wall_s"] = time.monotonic() - t0
             results[case["name"]] = store
-    finally:
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        # every rank is done with the group before any tears it down: without this, gloo intermittently
-        # aborted ("terminate called without an active exception") in a rank whose peers had already exited
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def run_world(world: int, outdir: str, timeout_s: float = 240.0) -> list[dict]:

@@ -1,15 +1,40 @@
 """Spawn a gloo world once and collect what each rank saved: the harness shared by the *_workers modules.
 
-Each workers module defines ``_worker(rank, world, init_file, outdir)``, which runs every case and saves its
-results to ``outdir/rank{rank}.pt``; :func:`run_world` starts ``world`` such processes (spawn), waits with a
-deadline (a hung rank fails the test instead of hanging it), kills only its own children, and loads the files.
+Each workers module defines ``_worker(rank, world, init_file, outdir)``, which runs every case inside
+:func:`worker_group` (it joins the group, and saves the results dict to ``outdir/rank{rank}.pt`` at the end);
+:func:`run_world` starts ``world`` such processes (spawn), waits with a deadline (a hung rank fails the test
+instead of hanging it), kills only its own children, and loads the files.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import time
+from typing import Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def worker_group(rank: int, world: int, init_file: str, outdir: str) -> Iterator[dict]:
+    """In a spawned rank: one thread, the reference backend by default, a gloo group through the file store;
+    yields the results dict, then saves it and tears the group down."""
+    os.environ["RING_ATTN_BACKEND"] = "reference"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results: dict = {}
+    try:
+        yield results
+    finally:
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        # every rank is done with the group before any tears it down: without this, gloo intermittently
+        # aborted ("terminate called without an active exception") in a rank whose peers had already exited
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_world(worker, world: int, outdir: str, timeout_s: float) -> list[dict]:
