@@ -17,7 +17,6 @@ Supported transformers: 4.48 to 5.x (both ends are tested). See ``docs/hf.md``.
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -452,6 +451,13 @@ class HFPatch:
         setattr(obj, name, value)
         self._restore.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
 
+    def _setitem(self, mapping: dict, key, value):
+        """``mapping[key] = value`` (a registration: transformers' ``register`` is exactly this update of the
+        interface's ``_global_mapping``), undone by restoring the previous entry or removing the new one."""
+        had, old = key in mapping, mapping.get(key)
+        mapping[key] = value
+        self._restore.append(lambda: mapping.__setitem__(key, old) if had else mapping.pop(key, None))
+
     def undo(self) -> None:
         """Restore every patched function, registration and model setting. Idempotent."""
         global _active
@@ -515,18 +521,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         from transformers import modeling_utils
 
         interface = getattr(modeling_utils, "AttentionInterface", None)
-        if interface is not None:
-            mapping = interface._global_mapping
-            had, old = ATTN_IMPLEMENTATION in mapping, mapping.get(ATTN_IMPLEMENTATION)
-            interface.register(ATTN_IMPLEMENTATION, ring_attn_attention_forward)
-            handle._restore.append(lambda: mapping.__setitem__(ATTN_IMPLEMENTATION, old) if had
-                                   else mapping.pop(ATTN_IMPLEMENTATION, None))
-        else:  # transformers < 4.50: a plain dict
-            mapping = modeling_utils.ALL_ATTENTION_FUNCTIONS
-            had, old = ATTN_IMPLEMENTATION in mapping, mapping.get(ATTN_IMPLEMENTATION)
-            mapping[ATTN_IMPLEMENTATION] = ring_attn_attention_forward
-            handle._restore.append(lambda: mapping.__setitem__(ATTN_IMPLEMENTATION, old) if had
-                                   else mapping.pop(ATTN_IMPLEMENTATION, None))
+        # transformers < 4.50: ALL_ATTENTION_FUNCTIONS is a plain dict
+        handle._setitem(interface._global_mapping if interface is not None else
+                        modeling_utils.ALL_ATTENTION_FUNCTIONS, ATTN_IMPLEMENTATION, ring_attn_attention_forward)
         # mask function
         try:
             masking_utils = importlib.import_module("transformers.masking_utils")
@@ -534,11 +531,7 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             masking_utils = None
         mask_interface = getattr(masking_utils, "AttentionMaskInterface", None)
         if mask_interface is not None:
-            mmap = mask_interface._global_mapping
-            mhad, mold = ATTN_IMPLEMENTATION in mmap, mmap.get(ATTN_IMPLEMENTATION)
-            mask_interface.register(ATTN_IMPLEMENTATION, ring_attn_mask)
-            handle._restore.append(lambda: mmap.__setitem__(ATTN_IMPLEMENTATION, mold) if mhad
-                                   else mmap.pop(ATTN_IMPLEMENTATION, None))
+            handle._setitem(mask_interface._global_mapping, ATTN_IMPLEMENTATION, ring_attn_mask)
         # modeling modules
         for _family, (module_name, rotary_name, model_name) in MODEL_FAMILIES.items():
             try:
