@@ -4,7 +4,6 @@ On CPU the Triton kernels run through the interpreter (conftest sets TRITON_INTE
 block sizes there are 16, so lengths up to ~70 cross several blocks, ragged ends and the causal diagonal.
 bf16 is covered by the GPU tests at the bottom and, under the interpreter (fp32 dots), by tests/test_flash_compat.py.
 """
-import math
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from accuracy import BACKWARD, FORWARD, assert_within_rule, max_err
+from accuracy import BACKWARD, FORWARD, assert_within_rule
 from ring_attn import backends, reference, rope_scaling
 from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
 

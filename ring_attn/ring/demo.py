@@ -278,7 +278,6 @@ def _run_rank(rank, cfg, result_path):
     dist.barrier()
     if rank == 0:
         _progress(cfg, f"ring {passes}: {cfg['iters']} timed iteration(s) on {world} rank(s) ...")
-    wall0 = time.perf_counter()
     for _ in range(cfg["iters"]):
         q.grad = k.grad = v.grad = None
         if mem is not None:
@@ -287,7 +286,6 @@ def _run_rank(rank, cfg, result_path):
         else:
             out = ring_step(timings)
     dist.barrier()
-    wall = (time.perf_counter() - wall0) / cfg["iters"]
     fwd = sorted(t[0] for t in timings)[len(timings) // 2]
     bwd = sorted(t[1] for t in timings)[len(timings) // 2]
     peak = torch.cuda.max_memory_allocated() if cfg["cuda"] else mem.peak
