@@ -67,12 +67,12 @@ CASES = {
     "bwd-d128-acc": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True),
     "bwd-d64": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=False),
     "bwd-d256": dict(op="bwd", shape=(1, 4096, 16, 16, 256), causal=True, accumulate=False),
-    # the experimental 5-matmul backward (RING_ATTN_BWD=fused; dQ by atomics, not deterministic)
+    # the 5-matmul backward: dK/dV's kernel adding dQ partials (RING_ATTN_BWD=fused: unordered atomics)
     "bwd-d128-fused": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True,
                            env={"RING_ATTN_BWD": "fused"}),
     "bwd-d64-fused": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,
                           env={"RING_ATTN_BWD": "fused"}),
-    # ... with dQ added in a fixed order (RING_ATTN_BWD=fused-ordered; deterministic)
+    # ... with dQ added in increasing key-block order (RING_ATTN_BWD=fused-ordered; deterministic)
     "bwd-d128-ordered": dict(op="bwd", shape=(1, 16384, 32, 8, 128), causal=True, accumulate=True,
                              env={"RING_ATTN_BWD": "fused-ordered"}),
     "bwd-d64-ordered": dict(op="bwd", shape=(4, 4096, 32, 32, 64), causal=True, accumulate=True,

@@ -1,6 +1,7 @@
-"""The experimental 5-matmul backward (RING_ATTN_BWD=fused: dK/dV and dQ in one kernel, dQ by fp32
-atomics) against the float64 oracle under the interpreter, plus the ring's accumulating block backward, and
-the cases it must leave to the deterministic two-kernel path."""
+"""The 5-matmul backward (RING_ATTN_BWD=fused / fused-ordered: dK/dV and dQ in one kernel, dQ added into
+fp32 by unordered atomics or in a fixed order) against the float64 oracle under the interpreter: dense and
+varlen, GQA, s_q != s_k, sliding windows, softcap, bf16, the ring's accumulating block backward with offsets.
+Under the interpreter every ordered add checks that its counter is exact (the launcher raises otherwise)."""
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from ring_attn import reference
 from ring_attn.backends.triton import attention as A
 from ring_attn.ops.attention import attention_block_backward, attention_block_forward, attention_delta
 
+import test_flash_compat as FC
 from accuracy import BACKWARD, assert_within_rule
 
 # CPU runs the kernels through the interpreter (conftest); with a GPU the same tests run the compiled kernels
@@ -19,14 +21,24 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def fused(monkeypatch, request):
     monkeypatch.setenv("RING_ATTN_BWD", request.param)
     calls = []
-    real = A.bwd_fused_kernel
 
-    class Spy:  # count launches, so a silent fall-back to the two-kernel path cannot pass as the fused one
+    class Spy:  # record launches, so a silent fall-back to the two-kernel path cannot pass as the fused one
+        def __init__(self, real):
+            self.real = real
+
         def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-    monkeypatch.setattr(A, "bwd_fused_kernel", Spy())
-    return calls
+            def launch(*args, **kwargs):
+                calls.append((self.real.fn.__name__, kwargs.get("DQ_MODE", 0)))
+                return self.real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(A, "bwd_dkdv_kernel", Spy(A.bwd_dkdv_kernel))
+    monkeypatch.setattr(A, "bwd_dq_kernel", Spy(A.bwd_dq_kernel))
+    want = {"fused": 1, "fused-ordered": 2}[request.param]
+
+    def fused_only():  # every backward launch so far was the fused kernel in the asked-for mode
+        return bool(calls) and all(c == ("bwd_dkdv_kernel", want) for c in calls)
+    fused_only.calls = calls
+    return fused_only
 
 
 @pytest.mark.parametrize("b,s_q,s_k,h_q,h_kv,d,causal,dtype", [
@@ -43,7 +55,7 @@ def test_fused_backward_matches_oracle(fused, b, s_q, s_k, h_q, h_kv, d, causal,
     dout = torch.randn(b, s_q, h_q, d, generator=g).to(dtype)
     qs, ks, vs = (x.to(DEVICE).clone().requires_grad_() for x in (q, k, v))
     ring_attn.flash_attn_func(qs, ks, vs, causal=causal).backward(dout.to(DEVICE))
-    assert fused, "the fused kernel did not run"
+    assert fused(), f"the fused kernel did not run alone: {fused.calls}"
     res = {}
     for name, cdt in (("oracle", torch.float64), ("baseline", dtype)):
         qr, kr, vr = (x.to(cdt).clone().requires_grad_() for x in (q, k, v))
@@ -68,7 +80,7 @@ def test_fused_block_backward_adds_into_accumulators(fused):
                              causal_offset=7)
     attention_block_backward(dout, q, k[:, 17:], v[:, 17:], lse, delta, dq, dk[:, 17:], dv[:, 17:], 0.25, True,
                              causal_offset=7 - 17)
-    assert len(fused) == 2
+    assert fused() and len(fused.calls) == 2
     qr, kr, vr = (x.cpu().double().requires_grad_() for x in (q, k, v))
     o, _ = reference.attention(qr, kr, vr, 0.25, True)
     o.backward(dout.cpu().double())
@@ -78,18 +90,42 @@ def test_fused_block_backward_adds_into_accumulators(fused):
     torch.testing.assert_close(dv.double(), vr.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", FC.DENSE_CASES, ids=lambda c: f"{c[6]}-w{c[7]}-cap{c[8]}-s{c[1]}x{c[2]}")
+def test_fused_windows_and_softcap(fused, case):
+    FC.test_window_and_softcap_match_oracle(*case)
+    assert fused(), f"the fused kernel did not run alone: {fused.calls}"
+
+
+@pytest.mark.parametrize("case", FC.VARLEN_CASES, ids=lambda c: f"{c[2]}-w{c[3]}-cap{c[4]}")
+def test_fused_varlen(fused, case):
+    FC.test_varlen_window_and_softcap_match_oracle(*case)
+    assert fused(), f"the fused kernel did not run alone: {fused.calls}"
+
+
+@pytest.mark.parametrize("causal,window,softcap", [(True, (9, 0), 0.0), (False, (6, 11), 2.0), (True, (-1, -1), 1.5)])
+def test_fused_block_api_pieces(fused, causal, window, softcap):
+    FC.test_block_api_pieces_with_offsets_merge_and_accumulate(causal, window, softcap)
+    assert fused(), f"the fused kernel did not run alone: {fused.calls}"
+
+
+def test_fused_bf16_under_the_interpreter(fused):
+    FC.test_bf16_under_the_interpreter_is_right()
+    assert fused(), f"the fused kernel did not run alone: {fused.calls}"
+
+
 def test_fused_backward_is_opt_in():
     assert A.tiles.fused_backward_mode() == ""
 
 
-def test_ordered_fused_backward_is_bitwise_reproducible(monkeypatch):
+@pytest.mark.parametrize("window,softcap", [((-1, -1), 0.0), ((7, 0), 1.5)])
+def test_ordered_fused_backward_is_bitwise_reproducible(monkeypatch, window, softcap):
     monkeypatch.setenv("RING_ATTN_BWD", "fused-ordered")
     g = torch.Generator().manual_seed(5)
     q, k, v, dout = (torch.randn(1, 40, h, 16, generator=g).to(DEVICE) for h in (4, 2, 2, 4))
     grads = []
     for _ in range(2):
         qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-        ring_attn.flash_attn_func(qs, ks, vs, causal=True).backward(dout)
+        ring_attn.flash_attn_func(qs, ks, vs, causal=True, window_size=window, softcap=softcap).backward(dout)
         grads.append((qs.grad, ks.grad, vs.grad))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -97,9 +133,11 @@ def test_ordered_fused_backward_is_bitwise_reproducible(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fused", "fused-ordered"])
-@pytest.mark.parametrize("s,h_q,h_kv,d,causal", [(1000, 8, 2, 128, True), (777, 4, 4, 64, False),
-                                                 (2048, 4, 1, 64, True)])
-def test_gpu_fused_backward(monkeypatch, mode, s, h_q, h_kv, d, causal):
+@pytest.mark.parametrize("s,h_q,h_kv,d,causal,window,softcap", [
+    (1000, 8, 2, 128, True, (-1, -1), 0.0), (777, 4, 4, 64, False, (-1, -1), 0.0),
+    (2048, 4, 1, 64, True, (-1, -1), 0.0), (1500, 4, 2, 128, True, (300, 0), 30.0),
+    (1100, 4, 4, 64, False, (200, 90), 0.0)])
+def test_gpu_fused_backward(monkeypatch, mode, s, h_q, h_kv, d, causal, window, softcap):
     """On the GPU: the compiled kernel (real concurrency, so the ordered adds' counters and the atomics
     are exercised) against the oracle in bf16, and fused-ordered bitwise equal across runs."""
     monkeypatch.setenv("RING_ATTN_BWD", mode)
@@ -109,7 +147,7 @@ def test_gpu_fused_backward(monkeypatch, mode, s, h_q, h_kv, d, causal):
     grads = []
     for _ in range(2):
         qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-        ring_attn.flash_attn_func(qs, ks, vs, causal=causal).backward(dout)
+        ring_attn.flash_attn_func(qs, ks, vs, causal=causal, window_size=window, softcap=softcap).backward(dout)
         grads.append((qs.grad, ks.grad, vs.grad))
     if mode == "fused-ordered":
         for a, b in zip(*grads):
@@ -117,7 +155,7 @@ def test_gpu_fused_backward(monkeypatch, mode, s, h_q, h_kv, d, causal):
     res = {}
     for name, cdt in (("oracle", torch.float64), ("baseline", torch.bfloat16)):
         qr, kr, vr = (x.cpu().to(cdt).requires_grad_() for x in (q, k, v))
-        o, _ = reference.attention(qr, kr, vr, None, causal, compute_dtype=cdt)
+        o, _ = reference.attention(qr, kr, vr, None, causal, compute_dtype=cdt, window=window, softcap=softcap)
         o.backward(dout.cpu().to(cdt))
         res[name] = (qr.grad, kr.grad, vr.grad)
     for i, name in enumerate(("dq", "dk", "dv")):

@@ -12,7 +12,7 @@ import triton
 from ring_attn._contracts import VarlenSeqs
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles
-from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, bwd_fused_kernel, delta_kernel
+from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_tma_kernel
 
@@ -250,7 +250,16 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        softmax_scale: float, causal: bool, causal_offset: Optional[int],
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
                        softcap: float) -> None:
-    """Protocol ``attention_backward``: the dK/dV kernel then the dQ kernel (fixed blocks: deterministic)."""
+    """Protocol ``attention_backward``. Default: the dK/dV kernel then the dQ kernel, 7 block matmuls per
+    (query block, key block) pair, fixed blocks and no atomics: bitwise deterministic.
+
+    ``RING_ATTN_BWD`` picks the 5-matmul backward instead (one K/V-stationary kernel that also adds each dQ
+    partial ``dS·K`` into an fp32 dQ, so dQ no longer recomputes ``Q·Kᵀ`` and ``dO·Vᵀ``): ``fused-ordered``
+    adds the partials in increasing key-block order behind one int32 counter per (head, query block),
+    bitwise deterministic; ``fused`` uses unordered fp32 atomics, not bitwise reproducible. Both cost an
+    fp32 dQ workspace (unless ``accumulate``: the ring's fp32 accumulator is used directly) and, for
+    ``fused-ordered``, a zeroed counter per (head, query block). What each mode costs in time on a GPU is
+    measured by ``scripts/gpu_check.sh`` (benchmarks/NOTES.md, "the 5-matmul backward")."""
     q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
     dq4, dk4, dv4 = _as4d(dq), _as4d(dk), _as4d(dv)
     l3, d3 = _as3d_lse(lse), _as3d_lse(delta)
@@ -263,11 +272,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     max_k = s_k if seqs is None else seqs.max_len_k
     if n_batch == 0 or h_q == 0:
         return
-    if _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
-                       accumulate, window, softcap):
-        return
     cdiv = triton.cdiv
     blocks = bwd_blocks(d)
+    mode = tiles.fused_backward_mode() if max_q > 0 and max_k > 0 else ""
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, dk.dtype)
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
                   VARLEN=seqs is not None, BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate),
@@ -276,15 +283,30 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     offset = 0 if causal_offset is None else int(causal_offset)
     seq = _seq_args(seqs, q)
     vl = seqs is not None
+    if mode:  # fp32 dQ: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
+        dqa4 = dq4 if accumulate else torch.zeros(q4.shape, dtype=torch.float32, device=q.device)
+    else:
+        dqa4 = dq4
     if max_k > 0:
         block_m, block_n = blocks["dkdv"]
+        n_qblocks = cdiv(max_q, block_m)
+        locks = torch.zeros(n_batch * h_q * n_qblocks if mode == "ordered" else 1, dtype=torch.int32,
+                            device=q.device)
         bwd_dkdv_kernel[(cdiv(max_k, block_n), n_batch * h_kv)](
-            q4, k4, v4, do4, l3, d3, dk4, dv4, *seq,
+            q4, k4, v4, do4, l3, d3, dk4, dv4, dqa4, locks, *seq,
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),
-            *_strides(dv4, vl), *_strides(l3, vl),
-            s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args,
-            BLOCK_M=block_m, BLOCK_N=block_n, **common,
+            *_strides(dv4, vl), *_strides(dqa4, vl), *_strides(l3, vl),
+            s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args, n_qblocks,
+            BLOCK_M=block_m, BLOCK_N=block_n, DQ_MODE={"": 0, "atomic": 1, "ordered": 2}[mode],
+            SPIN_ASM=mode == "ordered" and not interpreter_enabled(), **common,
         )
+    if mode:
+        if mode == "ordered" and interpreter_enabled() and max_k > 0 and int(locks.min()) < 0:
+            raise RuntimeError("fused-ordered backward: a dQ order counter was out of step (a program found "
+                               "a count other than the number of key blocks below it that visit the block)")
+        if not accumulate:
+            dq4.copy_(dqa4)
+        return
     if max_q > 0:
         block_m, block_n = blocks["dq"]
         bwd_dq_kernel[(cdiv(max_q, block_m), n_batch * h_q)](
@@ -295,44 +317,3 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             BLOCK_M=block_m, BLOCK_N=block_n,
             **common | dict(ROUND_BF16=flags["UPCAST"] and dq.dtype == torch.bfloat16),
         )
-
-
-def _fused_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, causal_offset, seqs,
-                    accumulate, window, softcap) -> bool:
-    """Experimental 5-matmul backward (``RING_ATTN_BWD=fused`` or ``fused-ordered``): one kernel for dK/dV
-    and dQ. ``fused``: dQ by unordered fp32 atomics, **not** bitwise reproducible. ``fused-ordered``: dQ
-    added in decreasing key-block order behind one int32 counter per (head, query block), bitwise
-    reproducible. Dense inputs without window/softcap only. Returns False (and does nothing) when not asked
-    for or not applicable: the caller then runs the deterministic two-kernel backward."""
-    mode = tiles.fused_backward_mode()
-    if not mode or seqs is not None or tuple(window) != (-1, -1) or softcap != 0:
-        return False
-    q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
-    dk4, dv4, l3, d3 = _as4d(dk), _as4d(dv), _as3d_lse(lse), _as3d_lse(delta)
-    if l3.stride() != d3.stride():
-        d3 = d3.contiguous() if l3.is_contiguous() else torch.empty_like(l3).copy_(d3)
-    b, s_q, h_q, d = q4.shape
-    s_k, h_kv = k4.shape[1], k4.shape[2]
-    if s_k == 0 or s_q == 0:
-        return False
-    # fp32 dQ: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
-    dq4 = _as4d(dq) if accumulate else torch.zeros(q4.shape, dtype=torch.float32, device=q.device)
-    t = bwd_blocks(d)
-    block_m, block_n = t["dkdv"]
-    n_qblocks = triton.cdiv(s_q, block_m)
-    ordered = mode == "ordered"
-    locks = torch.zeros(b * h_q * n_qblocks if ordered else 1, dtype=torch.int32, device=q.device)
-    bwd_fused_kernel[(triton.cdiv(s_k, block_n), b * h_kv)](
-        q4, k4, v4, do4, l3, d3, dq4, dk4, dv4, locks,
-        *_strides(q4, False), *_strides(k4, False), *_strides(v4, False), *_strides(do4, False),
-        *_strides(dq4, False), *_strides(dk4, False), *_strides(dv4, False), *_strides(l3, False),
-        s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale,
-        0 if causal_offset is None else int(causal_offset), n_qblocks,
-        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), CAUSAL=bool(causal),
-        BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate), DOT_PRECISION=_dot_precision(q.dtype),
-        ORDERED=ordered, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t["num_warps"],
-        num_stages=t["num_stages"],
-    )
-    if not accumulate:
-        _as4d(dq).copy_(dq4)
-    return True

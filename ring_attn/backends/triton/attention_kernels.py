@@ -10,7 +10,7 @@ import triton.language as tl
 from ring_attn.backends import interpreter_enabled
 from ring_attn.backends.triton import tiles as _tiles
 
-__all__ = ["fwd_kernel", "fwd_tma_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_fused_kernel",
+__all__ = ["fwd_kernel", "fwd_tma_kernel", "delta_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel",
            "FWD_CONFIGS"]
 
 interpret = interpreter_enabled()
@@ -454,78 +454,165 @@ def delta_kernel(DO, O, DELTA, DLSE,
     tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < seqlen)
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, hi, len_q, off_lo,
-                    off_hi, qk_scale, softcap_in, softcap_out, stride_qs, stride_dos,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
-                    UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+def _spin_until(lock, target):
+    # Every thread polls the counter with an acquire load until it equals target: one PTX loop, no nested
+    # control flow, so Triton still software-pipelines the enclosing loop's loads (a `while` would not).
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        SPIN_${:uid}:
+        ld.global.acquire.gpu.b32 $0, [$1];
+        setp.ne.s32 p, $0, $2;
+        @p bra SPIN_${:uid};
+        }""",
+        "=r,l,r", [lock, target], dtype=tl.int32, is_pure=False, pack=1)
+
+@triton.jit
+def _cta_barrier():
+    # bar.sync as an opaque instruction: tl.debug_barrier() stops Triton from pipelining the enclosing loop.
+    tl.inline_asm_elementwise("bar.sync 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+@triton.jit
+def _add_dq(dq, dq_ptrs, mask, lock, target, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr):
+    """Add a dQ partial into the fp32 DQ: unordered atomics (DQ_MODE 1), or (DQ_MODE 2) only once the counter
+    ``lock`` of this (head, query block) equals ``target`` — the number of lower key blocks that add into it —
+    then bump it, so the partials are added in increasing key-block order: deterministic."""
+    if DQ_MODE == 2:
+        if SPIN_ASM:
+            _spin_until(lock, target)
+        else:  # the interpreter runs programs one after another, so the count must already be exact: a
+            # wrong one poisons the counter (negative), which the launcher checks after the launch
+            seen = tl.atomic_add(lock, 0, sem="acquire")
+            tl.atomic_add(lock, tl.where(seen == target, 0, -(1 << 30)))
+    tl.atomic_add(dq_ptrs, dq, mask=mask, sem="relaxed")
+    if DQ_MODE == 2:
+        if SPIN_ASM:
+            _cta_barrier()
+        else:
+            tl.debug_barrier()
+        tl.atomic_add(lock, 1, sem="release")
+
+@triton.jit
+def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_base, start_m, offs_n, offs_d,
+                   len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out, kblock,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                   UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr):
+    # One (query block at start_m, key block) pair of the K/V-stationary backward.
     d_ok = offs_d[None, :] < HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASKED:
+        m_ok = offs_m < len_q
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
+        lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
+    else:
+        m_ok = offs_m >= 0
+        q = tl.load(q_ptrs, mask=d_ok, other=0.0)
+        do = tl.load(do_ptrs, mask=d_ok, other=0.0)
+        lse = tl.load(L_base + offs_m)
+        delta = tl.load(D_base + offs_m)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    # rows that saw no key (lse = -inf) have P = 0: use +inf so exp2 gives 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    if SOFTCAP:
+        tT = _tanh(qkT * softcap_in)
+        pT = tl.math.exp2(tT * softcap_out - lse2[None, :])
+    else:
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        keep = offs_m[None, :] < len_q
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + off_hi)
+        if LOCAL:
+            keep = keep & (offs_n[:, None] >= offs_m[None, :] + off_lo)
+        pT = tl.where(keep, pT, 0.0)
+    # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) [∘ (1 − tanh²)] ;  dK += dSᵀ Q
+    # (scale applied once at the end) ;  fused: dQ(partial) = scale · dS K, added into DQ
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if DQ_MODE > 0:
+        dq = tl.dot(tl.trans(dsT.to(q.dtype)), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
+        # key blocks that visit this query block: [first(m), last(m)] (see _query_range); the ones
+        # below this one add first
+        if LOCAL:
+            target = kblock - tl.maximum(start_m + off_lo, 0) // BLOCK_N
+        else:
+            target = kblock
+        _add_dq(dq, dq_ptrs, m_ok[:, None] & d_ok, LOCK_base + start_m // BLOCK_M, target, DQ_MODE,
+                SPIN_ASM)
+    return dk, dv
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d, lo, hi,
+                    len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out, stride_qs, stride_dos,
+                    stride_dqs, kblock,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                    UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr):
+    # Query blocks [lo, hi) (lo a multiple of BLOCK_M) in increasing order, or in decreasing order with a
+    # fused dQ: then every key block reaches a given query block at the same step (all start from the last
+    # one), the order in which the ordered dQ adds want them.
     q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
     do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
-    q_row = Q_base + lo.to(tl.int64) * stride_qs
-    do_row = DO_base + lo.to(tl.int64) * stride_dos
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = q_row + q_offs
-        do_ptrs = do_row + do_offs
-        q_row += BLOCK_M * stride_qs
-        do_row += BLOCK_M * stride_dos
-        if MASKED:
-            m_ok = offs_m < len_q
-            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
-        else:
-            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok, other=0.0)
-            lse = tl.load(L_base + offs_m)
-            delta = tl.load(D_base + offs_m)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        # rows that saw no key (lse = -inf) have P = 0: use +inf so exp2 gives 0
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        if SOFTCAP:
-            tT = _tanh(qkT * softcap_in)
-            pT = tl.math.exp2(tT * softcap_out - lse2[None, :])
-        else:
-            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            keep = offs_m[None, :] < len_q
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + off_hi)
-            if LOCAL:
-                keep = keep & (offs_n[:, None] >= offs_m[None, :] + off_lo)
-            pT = tl.where(keep, pT, 0.0)
-        # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) [∘ (1 − tanh²)] ;  dK += dSᵀ Q
-        # (scale applied once at the end)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dq_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :]
+    if DQ_MODE > 0:
+        n_steps = tl.cdiv(hi - lo, BLOCK_M)
+        top = lo + (n_steps - 1) * BLOCK_M
+        q_row = Q_base + top.to(tl.int64) * stride_qs
+        do_row = DO_base + top.to(tl.int64) * stride_dos
+        dq_row = DQ_base + top.to(tl.int64) * stride_dqs
+        for i in range(0, n_steps):
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, dq_row + dq_offs, L_base,
+                                    D_base, LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi,
+                                    qk_scale, sm_scale, softcap_in, softcap_out, kblock, MASKED, CAUSAL, LOCAL,
+                                    SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM)
+            q_row -= BLOCK_M * stride_qs
+            do_row -= BLOCK_M * stride_dos
+            dq_row -= BLOCK_M * stride_dqs
+    else:
+        q_row = Q_base + lo.to(tl.int64) * stride_qs
+        do_row = DO_base + lo.to(tl.int64) * stride_dos
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, q_row, L_base, D_base,
+                                    LOCK_base, start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale,
+                                    softcap_in, softcap_out, kblock, MASKED, CAUSAL, LOCAL, SOFTCAP, UPCAST,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM)
+            q_row += BLOCK_M * stride_qs
+            do_row += BLOCK_M * stride_dos
     return dk, dv
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SQ_START, SQ_LEN, SK_START, SK_LEN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, LOCKS, SQ_START, SQ_LEN, SK_START, SK_LEN,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
-    stride_dvh, stride_lb, stride_lh,
+    stride_dvh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
-    softcap_in, softcap_out,
+    softcap_in, softcap_out, n_qblocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_MODE: tl.constexpr = 0, SPIN_ASM: tl.constexpr = False,
 ):
     # K/V-stationary: one program owns BLOCK_N keys of one kv head and loops over the q rows of every
     # query head in its GQA group, so dK/dV are summed in registers: no atomics, deterministic.
     # LSE and DELTA are [b, h_q, s_q] with unit stride along s (same strides for both).
     # CAUSAL / LOCAL / SOFTCAP / UPCAST / ROUND_BF16 as in fwd_kernel.
+    # DQ_MODE 0: dQ is left to bwd_dq_kernel (DQ, LOCKS unused). 1 or 2: the 5-matmul backward, this kernel
+    # also adds each (query block, key block) dQ partial into DQ (fp32, zeroed or the ring's running sum):
+    # 1 by unordered atomics, 2 in increasing key-block order behind LOCKS (int32 [batch * h_q, n_qblocks],
+    # zeroed). Programs are launched lowest key block first and only ever wait on lower ones (launched
+    # before them), so the waits cannot deadlock; SPIN_ASM: wait in PTX (compiled), else the interpreter's
+    # sequential check.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
@@ -562,19 +649,38 @@ def bwd_dkdv_kernel(
         DO_base = DO + bq * stride_dob + q_start * stride_dos + h * stride_doh
         L_base = LSE + bq * stride_lb + h * stride_lh + q_start
         D_base = DELTA + bq * stride_lb + h * stride_lh + q_start
-        if CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, lo, mid_lo,
-                                     len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
-                                     stride_dos, True, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
-                                     DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_lo,
-                                 mid_hi, len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
-                                 stride_dos, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
-                                 DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, offs_n, offs_d, mid_hi,
-                                 hi, len_q, off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_qs,
-                                 stride_dos, True, CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M,
-                                 DOT_PRECISION)
+        DQ_base = DQ + bq * stride_dqb + q_start * stride_dqs + h * stride_dqh
+        LOCK_base = LOCKS + (bq * n_heads_kv * group + h) * n_qblocks
+        # the three row ranges; a fused dQ walks them (and each range) backwards, see _bwd_dkdv_inner
+        if DQ_MODE > 0:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
+                                     offs_d, mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
+                                     SPIN_ASM)
+        elif CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
+                                     offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
+                                     SPIN_ASM)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
+                                 offs_d, mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                 softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, False, CAUSAL, LOCAL,
+                                 SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM)
+        if DQ_MODE > 0:
+            if CAUSAL:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base,
+                                         offs_n, offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale,
+                                         softcap_in, softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True,
+                                         CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                         DOT_PRECISION, DQ_MODE, SPIN_ASM)
+        else:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
+                                     offs_d, mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
+                                     SPIN_ASM)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
@@ -702,156 +808,3 @@ def bwd_dq_kernel(
     if ROUND_BF16:
         dq = _round_bf16(dq)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
-
-# ---------------------------------------------------------------------------------------------------------
-# Experimental: the 5-matmul backward (benchmarks/NOTES.md, "the 5-matmul backward"). One K/V-stationary
-# program computes S, dP, dV, dK *and* the dQ partial of each (query block, key block) pair, adding the
-# partial into an fp32 dQ with unordered atomics: NOT bitwise deterministic, so it runs only when asked
-# for (RING_ATTN_BWD=fused) and only without window/softcap, to measure what 7 -> 5 matmuls is worth.
-
-@triton.jit
-def _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n, offs_d, lo, hi,
-                     len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos, stride_dqs, kblock, n_kblocks,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ORDERED: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    d_ok = offs_d[None, :] < HEAD_DIM
-    q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :]
-    do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :]
-    dq_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :]
-    q_row = Q_base + lo.to(tl.int64) * stride_qs
-    do_row = DO_base + lo.to(tl.int64) * stride_dos
-    dq_row = DQ_base + lo.to(tl.int64) * stride_dqs
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = q_row + q_offs
-        do_ptrs = do_row + do_offs
-        dq_ptrs = dq_row + dq_offs
-        q_row += BLOCK_M * stride_qs
-        do_row += BLOCK_M * stride_dos
-        dq_row += BLOCK_M * stride_dqs
-        if MASKED:
-            m_ok = offs_m < len_q
-            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(L_base + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(D_base + offs_m, mask=m_ok, other=0.0)
-        else:
-            m_ok = offs_m >= 0
-            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok, other=0.0)
-            lse = tl.load(L_base + offs_m)
-            delta = tl.load(D_base + offs_m)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            keep = offs_m[None, :] < len_q
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
-            pT = tl.where(keep, pT, 0.0)
-        # dV += Pᵀ dO ; dPᵀ = V dOᵀ ; dSᵀ = Pᵀ ∘ (dPᵀ − delta) ; dK += dSᵀ Q ; dQ(partial) = scale · dS K
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
-        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
-        if ORDERED:
-            # Deterministic: the partials of query block mb are added in decreasing key-block order. The
-            # key blocks above this one that visit mb must all have added first; a counter per (head,
-            # query block) says how many have. They start one step ahead of this block (their diagonal is
-            # later), so the wait is normally short, and they were launched earlier (reversed grid), so
-            # waiting on them cannot deadlock.
-            if CAUSAL:
-                last = tl.minimum((start_m + BLOCK_M - 1 + offset) // BLOCK_N, n_kblocks - 1)
-            else:
-                last = n_kblocks - 1
-            lock = LOCK_base + start_m // BLOCK_M
-            while tl.atomic_add(lock, 0, sem="acquire") != last - kblock:
-                pass
-            cur = tl.load(dq_ptrs, mask=m_ok[:, None] & d_ok, other=0.0, cache_modifier=".cg")
-            tl.store(dq_ptrs, cur + dq, mask=m_ok[:, None] & d_ok)
-            tl.debug_barrier()
-            tl.atomic_add(lock, 1, sem="release")
-        else:
-            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
-    return dk, dv
-
-@triton.jit
-def bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, LOCKS,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, n_qblocks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ORDERED: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # Dense only. Like bwd_dkdv_kernel (one program: BLOCK_N keys of one kv head, looping over the query
-    # heads of its GQA group), plus DQ += dS·K by fp32 atomics (DQ is fp32 and starts zeroed or holds the
-    # ring's running sum). dK/dV: stored, or added to DK/DV when ACCUMULATE. ORDERED: dQ adds in a fixed
-    # order instead (see _bwd_fused_inner), with LOCKS int32 [b * h_q, n_qblocks] zeroed; the key blocks
-    # are launched highest first so that every program only waits on programs launched before it.
-    pid_n = tl.program_id(0)
-    if ORDERED:
-        pid_n = tl.num_programs(0) - 1 - pid_n
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_kv
-    hk = pid_bh % n_heads_kv
-    len_q = seqlen_q
-    len_k = seqlen_k
-    n_kblocks = tl.cdiv(len_k, BLOCK_N)
-    start_n = pid_n * BLOCK_N
-    offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
-    bq = b.to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n[:, None] < len_k
-    d_ok = offs_d[None, :] < HEAD_DIM
-    rows_n = offs_n.to(tl.int64)[:, None]
-    k = tl.load(K + bq * stride_kb + rows_n * stride_ks + hk.to(tl.int64) * stride_kh + offs_d[None, :],
-                mask=n_ok & d_ok, other=0.0)
-    v = tl.load(V + bq * stride_vb + rows_n * stride_vs + hk.to(tl.int64) * stride_vh + offs_d[None, :],
-                mask=n_ok & d_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if CAUSAL:
-        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
-        full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
-        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    else:
-        lo = 0
-        full_lo = 0
-    lo = tl.minimum(lo, len_q)
-    full_hi = len_q // BLOCK_M * BLOCK_M
-    mid_lo = tl.minimum(tl.maximum(full_lo, lo), len_q)
-    mid_hi = tl.maximum(full_hi, mid_lo)
-    for g in range(0, group):
-        h = (hk * group + g).to(tl.int64)
-        Q_base = Q + bq * stride_qb + h * stride_qh
-        DO_base = DO + bq * stride_dob + h * stride_doh
-        DQ_base = DQ + bq * stride_dqb + h * stride_dqh
-        L_base = LSE + bq * stride_lb + h * stride_lh
-        D_base = DELTA + bq * stride_lb + h * stride_lh
-        LOCK_base = LOCKS + (bq * n_heads_kv * group + h) * n_qblocks
-        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
-                                  offs_d, lo, mid_lo, len_q, offset, qk_scale, sm_scale, stride_qs, stride_dos,
-                                  stride_dqs, pid_n, n_kblocks, True, CAUSAL, HEAD_DIM, ORDERED, BLOCK_M,
-                                  BLOCK_N, DOT_PRECISION)
-        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
-                                  offs_d, mid_lo, mid_hi, len_q, offset, qk_scale, sm_scale, stride_qs,
-                                  stride_dos, stride_dqs, pid_n, n_kblocks, False, CAUSAL, HEAD_DIM, ORDERED,
-                                  BLOCK_M, BLOCK_N, DOT_PRECISION)
-        dk, dv = _bwd_fused_inner(dk, dv, k, v, Q_base, DO_base, DQ_base, L_base, D_base, LOCK_base, offs_n,
-                                  offs_d, mid_hi, len_q, len_q, offset, qk_scale, sm_scale, stride_qs,
-                                  stride_dos, stride_dqs, pid_n, n_kblocks, True, CAUSAL, HEAD_DIM, ORDERED,
-                                  BLOCK_M, BLOCK_N, DOT_PRECISION)
-    dk = dk * sm_scale
-    mask = n_ok & d_ok
-    dk_ptrs = DK + bq * stride_dkb + rows_n * stride_dks + hk.to(tl.int64) * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + bq * stride_dvb + rows_n * stride_dvs + hk.to(tl.int64) * stride_dvh + offs_d[None, :]
-    if ACCUMULATE:
-        dk += tl.load(dk_ptrs, mask=mask, other=0.0)
-        dv += tl.load(dv_ptrs, mask=mask, other=0.0)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
