@@ -140,6 +140,44 @@ def _query_range(start_n, len_q, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl
     return lo, full_lo, full_hi, hi
 
 @triton.jit
+def _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q, seqlen_k, n_heads_q, group, CAUSAL: tl.constexpr,
+               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Who a query-stationary program (grid ``(cdiv(max s_q, BLOCK_M), batch * h_q)``) is: its first query
+    row ``start_m``, batch (or packed sequence) ``b``, query head ``h``, kv head ``hk`` and the sequence
+    bounds. Causal grids run heaviest first: the last query blocks see the most keys, so they are launched
+    first instead of making a tail."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                 seqlen_k, VARLEN)
+    return pid_m * BLOCK_M, b, h, h // group, q_start, len_q, k_start, len_k
+
+@triton.jit
+def _fwd_finish(acc, l_i, m_i, o_ptrs, L_ptrs, row_ok, o_mask, MERGE: tl.constexpr):
+    """Normalise the online softmax (``acc / l``, ``lse = m + log l`` in natural log; a row that saw no key
+    gets out 0 and lse -inf) and, with MERGE, fold it into the running fp32 (out, lse) of earlier blocks
+    (the ring's steps): lse' = log(e^lse_old + e^lse), out' = (e^lse_old·out_old + e^lse·out) / e^lse'.
+    Returns ``(out, lse)`` in fp32."""
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if MERGE:
+        lse_old = tl.load(L_ptrs, mask=row_ok, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        m = tl.maximum(lse_old, lse)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w_old = tl.exp(lse_old - m)
+        w_new = tl.exp(lse - m)
+        total = w_old + w_new
+        acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
+        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+    return acc, lse
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, off_lo, off_hi, qk_scale,
                softcap_in, softcap_out, stride_ks, stride_vs,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -228,16 +266,9 @@ def fwd_kernel(
     # win_right = 0 for causal, and CAUSAL=True for a right window); LOCAL masks j < i + offset - win_left.
     # SOFTCAP: scores c·tanh(s/c). UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16
     # tl.dot is wrong); ROUND_BF16: round to nearest when storing bf16 there (its cast truncates).
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
-                                                 seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                                  seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
+                                                                  BLOCK_M)
     if start_m >= len_q:
         return
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
@@ -271,24 +302,10 @@ def fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
                                off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
                                LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
     o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
     L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
-    if MERGE:
-        # fold this block into the running fp32 (out, lse) of earlier blocks (the ring's steps):
-        # lse' = log(e^lse_old + e^lse), out' = (e^lse_old·out_old + e^lse·out) / e^lse'
-        lse_old = tl.load(L_base + offs_m, mask=offs_m < len_q, other=float("-inf"))
-        o_old = tl.load(o_ptrs, mask=row_ok & d_ok, other=0.0)
-        m = tl.maximum(lse_old, lse)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w_old = tl.exp(lse_old - m)
-        w_new = tl.exp(lse - m)
-        total = w_old + w_new
-        acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
-        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+    acc, lse = _fwd_finish(acc, l_i, m_i, o_ptrs, L_base + offs_m, offs_m < len_q, row_ok & d_ok, MERGE)
     if ROUND_BF16:
         acc = _round_bf16(acc)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
@@ -351,16 +368,9 @@ def fwd_tma_kernel(
     A descriptor per (sequence, head): base ``X + b·stride_b + start·stride_s + h·stride_h``, shape
     ``[len, HEAD_DIM]``, row stride ``stride_s``; the launcher guarantees 16-byte aligned bases and strides
     and a contiguous last dim, as TMA requires. Rows past the sequence read as zero and are not written."""
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
-                                                 seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                                  seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
+                                                                  BLOCK_M)
     # no early return (Hopper's warp specialisation pass rejects the branch it makes): a block past the
     # sequence (varlen) visits no key, loads zeros and stores nothing (descriptor clipping, masks)
     off_hi = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
@@ -400,24 +410,12 @@ def fwd_tma_kernel(
                                        qk_scale, False, CAUSAL, UPCAST, BLOCK_N, DOT_PRECISION, False)
         acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, full_hi, hi, len_k, off_hi,
                                        qk_scale, True, CAUSAL, UPCAST, BLOCK_N, DOT_PRECISION, False)
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
     L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m[:, None] < len_q
     o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
-    if MERGE:  # the fp32 running (out, lse) of the ring's earlier steps, exactly as in fwd_kernel
-        lse_old = tl.load(L_base + offs_m, mask=offs_m < len_q, other=float("-inf"))
-        o_old = tl.load(o_ptrs, mask=row_ok, other=0.0)
-        m = tl.maximum(lse_old, lse)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w_old = tl.exp(lse_old - m)
-        w_new = tl.exp(lse - m)
-        total = w_old + w_new
-        acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
-        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+    acc, lse = _fwd_finish(acc, l_i, m_i, o_ptrs, L_base + offs_m, offs_m < len_q, row_ok, MERGE)
     if ROUND_BF16:
         acc = _round_bf16(acc)
     if O_DESC:  # 16-bit dense output: one TMA store, rows past len_q clipped by the descriptor
@@ -755,16 +753,9 @@ def bwd_dq_kernel(
 ):
     # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
     # CAUSAL / LOCAL / SOFTCAP / UPCAST / ROUND_BF16 as in fwd_kernel.
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # heaviest first: the last query blocks see the most keys; launch them first, not as a tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
-                                                 seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
+                                                                  seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
+                                                                  BLOCK_M)
     if start_m >= len_q:
         return
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
