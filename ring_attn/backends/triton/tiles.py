@@ -173,9 +173,9 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     # of its output, so the stationary side must be 128 rows (keys for dK/dV, queries for dQ): with 64 rows
     # both warpgroups computed the same Kᵀ·Q and dPᵀ tiles (the old 64-key dK/dV: 96 of 108 wgmma m64n16).
     # d<=64: every wgmma m64n64, no spill. d<=128: dK/dV streams 32 query rows (m64n32 for the score tiles,
-    # m64n128 for dK/dV; 176 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
+    # m64n128 for dK/dV; 216 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
     # d=256: the 128-key dK/dV spills 1 KB (its fp32 dK+dV alone are 256 registers per thread), so dK/dV
-    # keeps 64 keys (88 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
+    # keeps 64 keys (104 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
     over = _overrides().get(("bwd", arch // 10, _bucket(head_dim)))
     if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
         return dict(over)
