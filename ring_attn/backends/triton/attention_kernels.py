@@ -455,13 +455,22 @@ def delta_kernel(DO, O, DELTA, DLSE,
 def _spin_until(lock, target):
     # Every thread polls the counter with an acquire load until it equals target: one PTX loop, no nested
     # control flow, so Triton still software-pipelines the enclosing loop's loads (a `while` would not).
+    # Never a silent hang: after 2^26 polls (tens of seconds; a real wait is one step's skew, microseconds)
+    # the kernel traps, and the launch fails with a CUDA error instead of spinning forever.
     return tl.inline_asm_elementwise(
         """{
         .reg .pred p;
+        .reg .u32 n;
+        mov.u32 n, 0;
         SPIN_${:uid}:
         ld.global.acquire.gpu.b32 $0, [$1];
-        setp.ne.s32 p, $0, $2;
-        @p bra SPIN_${:uid};
+        setp.eq.s32 p, $0, $2;
+        @p bra DONE_${:uid};
+        add.u32 n, n, 1;
+        setp.ge.u32 p, n, 67108864;
+        @p trap;
+        bra SPIN_${:uid};
+        DONE_${:uid}:
         }""",
         "=r,l,r", [lock, target], dtype=tl.int32, is_pure=False, pack=1)
 
