@@ -113,8 +113,21 @@ def test_fused_bf16_under_the_interpreter(fused):
     assert fused(), f"the fused kernel did not run alone: {fused.calls}"
 
 
-def test_fused_backward_is_opt_in():
+def test_fused_backward_is_opt_in(monkeypatch):
+    monkeypatch.delenv("RING_ATTN_BWD", raising=False)
     assert A.tiles.fused_backward_mode() == ""
+    monkeypatch.setenv("RING_ATTN_BWD", "two-kernel")
+    assert A.tiles.fused_backward_mode() == ""
+
+
+def test_unknown_backward_mode_is_refused_before_any_launch(monkeypatch):
+    q = torch.randn(1, 20, 2, 16, requires_grad=True)
+    out = ring_attn.flash_attn_func(q, q.detach(), q.detach(), causal=True)
+    monkeypatch.setenv("RING_ATTN_BWD", "fused_ordered")
+    with pytest.raises(ValueError, match=r"RING_ATTN_BWD='fused_ordered': expected 'fused-ordered', 'fused', "
+                                         r"'two-kernel' or unset"):
+        out.sum().backward()
+    assert q.grad is None
 
 
 @pytest.mark.parametrize("window,softcap", [((-1, -1), 0.0), ((7, 0), 1.5)])

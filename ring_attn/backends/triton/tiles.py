@@ -199,10 +199,15 @@ def current_arch() -> int:
 
 
 def fused_backward_mode() -> str:
-    """The experimental 5-matmul backward asked for by ``RING_ATTN_BWD``: ``"atomic"`` (``fused``: dQ by
-    unordered fp32 atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a fixed
-    order, deterministic), or ``""`` (default: the two deterministic kernels)."""
-    return {"fused": "atomic", "fused-ordered": "ordered"}.get(os.environ.get("RING_ATTN_BWD", ""), "")
+    """The 5-matmul backward asked for by ``RING_ATTN_BWD``: ``"atomic"`` (``fused``: dQ by unordered fp32
+    atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a fixed order,
+    deterministic), or ``""`` (unset or ``two-kernel``, the default: the two deterministic kernels, until a
+    GPU has measured the fused ones; see ``benchmarks/NOTES.md``). Unknown values raise ValueError."""
+    mode = os.environ.get("RING_ATTN_BWD", "")
+    modes = {"": "", "two-kernel": "", "fused": "atomic", "fused-ordered": "ordered"}
+    if mode not in modes:
+        raise ValueError(f"RING_ATTN_BWD={mode!r}: expected 'fused-ordered', 'fused', 'two-kernel' or unset")
+    return modes[mode]
 
 
 def forward_variant_mode() -> str:
