@@ -2,8 +2,13 @@
 fp32 by unordered atomics or in a fixed order) against the float64 oracle under the interpreter: dense and
 varlen, GQA, s_q != s_k, sliding windows, softcap, bf16, the ring's accumulating block backward with offsets.
 Under the interpreter every ordered add checks that its counter is exact (the launcher raises otherwise)."""
+import os
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ring_attn
 from ring_attn import reference
@@ -111,6 +116,31 @@ def test_fused_block_api_pieces(fused, causal, window, softcap):
 def test_fused_bf16_under_the_interpreter(fused):
     FC.test_bf16_under_the_interpreter_is_right()
     assert fused(), f"the fused kernel did not run alone: {fused.calls}"
+
+
+@given(mode=st.sampled_from(["fused", "fused-ordered"]), b=st.integers(1, 2), s_q=st.integers(1, 70),
+       s_k=st.integers(1, 70), h_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
+       d=st.sampled_from([8, 16, 40]), causal=st.booleans(), left=st.integers(-1, 40), right=st.integers(-1, 40),
+       softcap=st.sampled_from([0.0, 1.5]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_fused_backward_property(mode, b, s_q, s_k, h_kv, group, d, causal, left, right, softcap, dtype, seed):
+    """Random shapes, GQA ratios, windows (left/right, with and without causal), softcap and dtypes: the fused
+    backward equals the oracle, and (interpreter) every ordered add found its counter exact."""
+    q, k, v = FC._qkv(b, s_q, s_k, h_kv * group, h_kv, d, dtype, seed=seed)
+    dout = FC._rand(q.shape, dtype, torch.Generator().manual_seed(seed + 1))
+    window = (left, right)
+    launched = []
+    real = A.bwd_dq_kernel
+
+    class NoDq:  # the dQ kernel must not run: the fused kernel computes dQ
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+    with mock.patch.dict(os.environ, {"RING_ATTN_BWD": mode}), mock.patch.object(A, "bwd_dq_kernel", NoDq()):
+        got = FC._run(ring_attn.flash_attn_func, q, k, v, dout, causal=causal, window_size=window,
+                      softcap=softcap, return_lse=True)
+    assert not launched
+    FC._assert_matches(got, q, k, v, dout, causal=causal, window=window, softcap=softcap)
 
 
 def test_fused_backward_is_opt_in(monkeypatch):
