@@ -31,6 +31,10 @@ CASES_2 = [
     # the Triton kernels (ring blocks and fused RoPE) through the interpreter, when it is on
     dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=8, backend="triton"),
     dict(kind="equiv", model="mistral-swa", layout="zigzag", b=1, s=8, backend="triton"),  # window 4 over shards
+    # gradient checkpointing (what long-context training runs with): the recomputed forward runs the ring's
+    # collectives again, in the same order on every rank; both of torch's checkpoint implementations
+    dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=13, checkpointing="non-reentrant"),
+    dict(kind="equiv", model="mistral-swa", layout="striped", b=2, s=11, checkpointing="reentrant"),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 CASES_3 = [
@@ -39,6 +43,7 @@ CASES_3 = [
     dict(kind="equiv", model="qwen2", layout="striped", packed=[7, 4, 6]),
     dict(kind="equiv", model="mistral-swa", layout="striped", b=1, s=17),
     dict(kind="equiv", model="qwen2-swa", layout="zigzag", packed=[10, 4, 7]),
+    dict(kind="equiv", model="llama", layout="zigzag", packed=[9, 5, 4], checkpointing="non-reentrant"),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 
@@ -47,7 +52,8 @@ def cases_for(world: int) -> list[dict]:
     cases = CASES_2 if world == 2 else CASES_3
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
-                     + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else ""))
+                     + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else "")
+                     + (f"-ckpt-{c['checkpointing']}" if c.get("checkpointing") else ""))
     return cases
 
 
@@ -59,11 +65,19 @@ def _equiv_case(case, rank, world, store):
     from ring_attn.integrations import hf
 
     model = build(case["model"]).train()
+    if case.get("checkpointing"):
+        kwargs = {"use_reentrant": case["checkpointing"] == "reentrant"}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        assert model.model.gradient_checkpointing
     layout = case["layout"]
     batch = batch_for(case)
     local = hf.shard_batch(batch, layout=layout)
     with hf.patch_hf(model, group=None if world == 1 else dist.group.WORLD, layout=layout,
                      fused_rope=case.get("fused_rope", True)):
+        attn_calls = _count_attention_calls()
         inputs = {k: v for k, v in local.items() if k not in ("shift_labels", "num_items_in_batch")}
         logits = model(**inputs).logits
         loss = hf.causal_lm_loss(logits, local["shift_labels"], local["num_items_in_batch"],
@@ -86,7 +100,25 @@ def _equiv_case(case, rank, world, store):
         full = full[keep][None]
     else:
         full = ring_attn.unshard(lg, dim=1, layout=layout)[:, :case["s"]]
-    store.update(logits=full, loss=rep / world, grads=grads)
+    store.update(logits=full, loss=rep / world, grads=grads, attn_calls=len(attn_calls),
+                 layers=model.config.num_hidden_layers)
+
+
+def _count_attention_calls() -> list:
+    """Wrap the registered "ring_attn" attention function (inside a patch) so that every call is recorded; the
+    patch's undo restores what was there before it, so the wrapper goes with it."""
+    from transformers import modeling_utils
+
+    interface = getattr(modeling_utils, "AttentionInterface", None)
+    mapping = interface._global_mapping if interface is not None else modeling_utils.ALL_ATTENTION_FUNCTIONS
+    real = mapping["ring_attn"]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    mapping["ring_attn"] = counted
+    return calls
 
 
 def _errors_case(case, rank, world, store):

@@ -208,11 +208,17 @@ def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: i
         ok = ok.to(position_ids.device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=state.group)
     if not bool(ok.item()):
+        hint = ""
+        if bool((position_ids.reshape(-1, s_local).diff(dim=-1) < 0).any()):  # restarts: packed sequences
+            hint = ("; these position_ids restart, as packed sequences do, but the model passed no cu_seq_lens_q "
+                    "to attention: under gradient checkpointing some transformers versions (4.48 does) call the "
+                    "decoder layers without the attention kwargs, so there disable gradient checkpointing or "
+                    "upgrade transformers")
         raise ValueError(
             f"position_ids {tuple(position_ids.shape)} (on this rank or another) are not a {state.layout!r} shard "
             f"of one sequence of {s_global} tokens over {state.world} ranks: shard the batch with "
             f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) (packed sequences "
-            f"need the cu_seq_lens_q it returns)")
+            f"need the cu_seq_lens_q it returns){hint}")
     setattr(position_ids, _CHECKED_TAG, True)
 
 
