@@ -608,10 +608,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
         do_row = DO_base + top.to(tl.int64) * stride_dos
         dq_row = DQ_base + top.to(tl.int64) * stride_dqs
         for i in range(0, n_steps):
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, dq_row + dq_offs, L_base,
-                                    D_base, LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi,
-                                    qk_scale, sm_scale, softcap_in, softcap_out, kblock, offset, slope2, MASKED,
-                                    CAUSAL, LOCAL,
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, dq_row + dq_offs, L_base, D_base,
+                                    LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale,
+                                    sm_scale, softcap_in, softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL,
                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
                                     ALIBI)
             q_row -= BLOCK_M * stride_qs
@@ -621,12 +620,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
         q_row = Q_base + lo.to(tl.int64) * stride_qs
         do_row = DO_base + lo.to(tl.int64) * stride_dos
         for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, q_row, L_base, D_base,
-                                    LOCK_base, start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale,
-                                    softcap_in, softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL, SOFTCAP,
-                                    UPCAST,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                    ALIBI)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, q_row, L_base, D_base, LOCK_base,
+                                    start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                    softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL, SOFTCAP, UPCAST,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
             q_row += BLOCK_M * stride_qs
             do_row += BLOCK_M * stride_dos
     return dk, dv
@@ -697,39 +694,34 @@ def bwd_dkdv_kernel(
         slope2 = _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI)
         # the three row ranges; a fused dQ walks them (and each range) backwards, see _bwd_dkdv_inner
         if DQ_MODE > 0:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                     offs_d, mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
-                                     CAUSAL, LOCAL,
-                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
-                                     SPIN_ASM, ALIBI)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                     mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                     stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                     ALIBI)
         elif CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                     offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
-                                     CAUSAL, LOCAL,
-                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
-                                     SPIN_ASM, ALIBI)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                 offs_d, mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                 softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, False, CAUSAL,
-                                 LOCAL,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                     lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                     stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                     ALIBI)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                 mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                 stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, False, CAUSAL, LOCAL,
                                  SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
         if DQ_MODE > 0:
             if CAUSAL:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base,
-                                         offs_n, offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale,
-                                         softcap_in, softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset,
-                                         slope2, True,
-                                         CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                         DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
+                                         offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                         softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
+                                         CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
+                                         DQ_MODE, SPIN_ASM, ALIBI)
         else:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                     offs_d, mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
-                                     CAUSAL, LOCAL,
-                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
-                                     SPIN_ASM, ALIBI)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                     mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                     stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                     ALIBI)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
@@ -838,17 +830,14 @@ def bwd_dq_kernel(
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if LOCAL:  # the window's left edge (as in fwd_kernel)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
-                           off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True,
-                           CAUSAL, LOCAL,
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo, off_hi,
+                           qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
                            SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo,
-                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, False, CAUSAL,
-                       LOCAL,
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo, off_hi,
+                       qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, False, CAUSAL, LOCAL,
                        SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
-                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL,
-                       LOCAL,
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo, off_hi,
+                       qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
                        SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
     dq = dq * sm_scale
     dq_ptrs = DQ + bq * stride_dqb + (q_start + rows) * stride_dqs + hq * stride_dqh + offs_d[None, :]
