@@ -270,6 +270,30 @@ def test_packed_forms(alibi_backend):
                     causal=True, softcap=2.0, cu_q=cu, cu_k=cu_k)
 
 
+def test_torch_compile_fullgraph_and_opcheck():
+    """The slopes travel through the custom ops: torch.compile(fullgraph) gives the eager results and
+    gradients, and torch.library.opcheck accepts the forward op with slopes (schema, fake tensor, autograd)."""
+    q, k, v = _qkv(2, 20, 20, 4, 2, 16, torch.float32, seed=51)
+    alibi = _slopes((2, 4), seed=52)
+
+    def f(q, k, v, alibi):
+        out, lse = ring_attn.flash_attn_func(q, k, v, causal=True, alibi_slopes=alibi, return_lse=True)
+        return (out * 2).sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    args = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager_args = [x.clone().requires_grad_() for x in (q, k, v)]
+    y, y_eager = compiled(*args, alibi), f(*eager_args, alibi)
+    y.backward()
+    y_eager.backward()
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)
+    torch.library.opcheck(torch.ops.ring_attn.flash_attn_forward.default,
+                          (*(x.clone().requires_grad_() for x in (q, k, v)), None, None, 20, 20, 0.25, True, -1, -1,
+                           0.0, alibi), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 # ----------------------------------------------------------------------- block-level API (explicit offsets)
 
 
