@@ -285,8 +285,8 @@ def fwd_kernel(
     # win_right = 0 for causal, and CAUSAL=True for a right window); LOCAL masks j < i + offset - win_left.
     # SOFTCAP: scores c·tanh(s/c). ALIBI: plus -slope·|i + offset - j| (fp32 slopes ALIBI_SLOPES[b, h] with
     # strides stride_ab/stride_ah; stride_ab = 0 for per-head slopes), in the unmasked loops too.
-    # UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16
-    # tl.dot is wrong); ROUND_BF16: round to nearest when storing bf16 there (its cast truncates).
+    # UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16 tl.dot is wrong); ROUND_BF16:
+    # round to nearest when storing bf16 there (its cast truncates).
     start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
                                                                   seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
                                                                   BLOCK_M)
@@ -389,7 +389,7 @@ def fwd_tma_kernel(
     ``tl.range(..., warp_specialize=True)`` when WARP_SPECIALIZE (one loop, every block masked: what Triton
     3.9's Hopper pass accepts; it engages at ``num_warps=4`` only, turning the program into a TMA producer
     warpgroup and two 64-row consumer warpgroups, 12 warps). Same arguments, grid, heaviest-first causal order
-    and fp32 MERGE epilogue; no sliding window or soft-cap (the launcher falls back to fwd_kernel).
+    and fp32 MERGE epilogue; no sliding window, soft-cap or ALiBi (the launcher falls back to fwd_kernel).
     A descriptor per (sequence, head): base ``X + b·stride_b + start·stride_s + h·stride_h``, shape
     ``[len, HEAD_DIM]``, row stride ``stride_s``; the launcher guarantees 16-byte aligned bases and strides
     and a contiguous last dim, as TMA requires. Rows past the sequence read as zero and are not written."""
