@@ -29,6 +29,7 @@ __all__ = [
     "check_softcap",
     "check_max_seqlen",
     "check_dropout",
+    "check_alibi_slopes",
 ]
 
 #: storage dtypes of attention inputs (math is fp32 in every backend)
@@ -196,3 +197,33 @@ def check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return float(dropout_p)
+
+
+def check_alibi_slopes(alibi_slopes, device, n_batch: int, n_heads: int, batch_name: str = "batch"):
+    """flash-attn's ``alibi_slopes``: None, or a float32 tensor on ``device`` of shape ``(n_heads,)`` or
+    ``(n_batch, n_heads)`` (``batch_name`` says what the first dim counts: the batch, or the packed sequences).
+
+    Returns:
+        None, or the slopes as a detached fp32 ``[n_batch, n_heads]`` view (``(n_heads,)`` expanded with a
+        batch stride of 0: no copy), what the backends take.
+
+    Raises:
+        TypeError: not a tensor, or not float32. ValueError: another shape or device. Each names
+        ``alibi_slopes``, what it got and what was expected.
+    """
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a float32 torch.Tensor of shape ({n_heads},) or ({n_batch}, "
+                        f"{n_heads}) or None, got {type(alibi_slopes).__name__} {alibi_slopes!r}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {alibi_slopes.dtype} "
+                        f"(shape {tuple(alibi_slopes.shape)})")
+    shape = tuple(alibi_slopes.shape)
+    if shape not in ((n_heads,), (n_batch, n_heads)):
+        raise ValueError(f"alibi_slopes has shape {shape}; expected (heads_q,) = ({n_heads},) or "
+                         f"({batch_name}, heads_q) = ({n_batch}, {n_heads})")
+    if alibi_slopes.device != torch.device(device):
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}; expected q's device {device}")
+    slopes = alibi_slopes.detach()
+    return slopes[None].expand(n_batch, n_heads) if slopes.dim() == 1 else slopes

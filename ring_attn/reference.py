@@ -12,7 +12,9 @@ per-sequence ``starts``/``lens`` (int) along the token dim: sequence ``i`` of q 
 ``cu_seqlens`` is the special case ``starts = cu[:-1]``, ``lens = cu[1:] - cu[:-1]``.
 Causal: query ``i`` sees key ``j`` when ``j <= i + causal_offset``; ``causal_offset=None`` means
 ``s_k - s_q`` (bottom-right alignment, per sequence in varlen). A sliding ``window=(left, right)`` and Gemma 2's
-``softcap`` follow ``ring_attn/backends/protocol.py`` exactly (defaults: off).
+``softcap`` follow ``ring_attn/backends/protocol.py`` exactly (defaults: off). ALiBi (flash-attn's
+``alibi_slopes``): the score of query ``i`` and key ``j`` gets ``-slope[h] * |i + off - j|`` added (after the
+softcap, before masking), with the same ``off`` as the causal diagonal.
 """
 from __future__ import annotations
 
@@ -61,10 +63,23 @@ def _softcap(s: torch.Tensor, softcap: float) -> torch.Tensor:
     return s if not softcap or softcap <= 0 else torch.tanh(s / softcap) * softcap
 
 
+def _alibi_bias(slopes: torch.Tensor, b: int, h_q: int, s_q: int, s_k: int, causal_offset: int | None,
+                row0: int, rows: int, dtype) -> torch.Tensor:
+    """ALiBi bias ``[b, h_q, rows, s_k]``: ``-slope[b, h] * |i + off - j|`` for query rows
+    ``row0 .. row0 + rows - 1`` (``off = causal_offset``, default ``s_k - s_q``). ``slopes``: ``[h_q]`` or
+    ``[b, h_q]``."""
+    offset = s_k - s_q if causal_offset is None else causal_offset
+    i = torch.arange(row0, row0 + rows, device=slopes.device, dtype=dtype)[:, None]
+    j = torch.arange(s_k, device=slopes.device, dtype=dtype)[None, :]
+    dist = (i + offset - j).abs()  # [rows, s_k]
+    sl = slopes.to(dtype).expand(b, h_q)  # (h_q,) broadcasts over the batch
+    return -sl[:, :, None, None] * dist
+
+
 def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row0=0, s_q_total=None,
-                  window=(-1, -1), softcap=0.0):
-    """Scores ``[b, h_q, rows, s_k]`` in ``compute_dtype`` (soft-capped when ``softcap > 0``; masked entries
-    are -inf).
+                  window=(-1, -1), softcap=0.0, alibi=None):
+    """Scores ``[b, h_q, rows, s_k]`` in ``compute_dtype`` (soft-capped when ``softcap > 0``, plus the ALiBi
+    bias when ``alibi`` slopes ``[h_q]`` / ``[b, h_q]`` are given; masked entries are -inf).
 
     ``row0``/``s_q_total`` let a caller pass a slab of query rows while keeping the causal alignment of the
     whole query sequence.
@@ -77,6 +92,8 @@ def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row
     kf = kf.repeat_interleave(group, dim=1)  # the oracle may repeat; kernels never do
     s = _softcap(torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale, softcap)
     s_q = rows if s_q_total is None else s_q_total
+    if alibi is not None:
+        s = s + _alibi_bias(alibi, b, h_q, s_q, s_k, causal_offset, row0, rows, compute_dtype)
     mask = _visible_mask(s_q, s_k, causal, causal_offset, q.device, window)
     if mask is not None:
         s = s.masked_fill(~mask[row0 : row0 + rows], float("-inf"))
@@ -84,11 +101,13 @@ def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row
 
 
 def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64,
-              window=(-1, -1), softcap=0.0):
+              window=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Dense attention. Returns ``(out [b, s_q, h_q, d], lse [b, h_q, s_q])``, both in ``compute_dtype``.
 
     ``window=(left, right)`` limits each query to keys ``i + off - left .. i + off + right`` (-1: unbounded;
     see :func:`_visible_mask`); ``softcap > 0`` caps scores as ``softcap * tanh(s / softcap)`` (Gemma 2).
+    ``alibi_slopes`` (``[h_q]`` or ``[b, h_q]``, flash-attn's ALiBi) adds ``-slope * |i + off - j|`` to the
+    (capped) score of query ``i`` and key ``j``; no gradient flows to the slopes.
 
     Differentiable with torch autograd (the oracle's gradients come from here). With ``compute_dtype`` equal
     to the input dtype this is "plain torch in the same low precision", the baseline of the accuracy rule.
@@ -99,7 +118,9 @@ def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, com
         b, s_q, h_q = q.shape[:3]
         out = q.to(compute_dtype)[..., :1] * 0 + v.to(compute_dtype).new_zeros((b, s_q, h_q, v.shape[-1]))
         return out, torch.full((b, h_q, s_q), float("-inf"), dtype=compute_dtype, device=q.device)
-    s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype, window=window, softcap=softcap)
+    alibi = None if alibi_slopes is None else alibi_slopes.detach()
+    s = _dense_scores(q, k, scale, causal, causal_offset, compute_dtype, window=window, softcap=softcap,
+                      alibi=alibi)
     m = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: detaching m is exact
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     e = torch.exp(s - m)
@@ -117,8 +138,10 @@ def _segments(starts, lens):
 
 
 def attention_varlen(q, k, v, starts_q, lens_q, starts_k, lens_k, softmax_scale=None, causal=False,
-                     causal_offset=None, compute_dtype=torch.float64, window=(-1, -1), softcap=0.0):
-    """Varlen attention on packed ``[t, h, d]`` tensors, one sequence at a time.
+                     causal_offset=None, compute_dtype=torch.float64, window=(-1, -1), softcap=0.0,
+                     alibi_slopes=None):
+    """Varlen attention on packed ``[t, h, d]`` tensors, one sequence at a time. ``alibi_slopes``: ``[h_q]``
+    or ``[n_seqs, h_q]`` (sequence ``i`` uses row ``i``), as in :func:`attention`.
 
     Returns ``(out [t_q, h_q, d], lse [h_q, t_q])`` in ``compute_dtype``; rows of q outside every sequence get
     0 and -inf.
@@ -127,11 +150,14 @@ def attention_varlen(q, k, v, starts_q, lens_q, starts_k, lens_k, softmax_scale=
     out = q.new_zeros((t_q, h_q, d), dtype=compute_dtype)
     lse_t = torch.full((t_q, h_q), float("-inf"), dtype=compute_dtype, device=q.device)
     pieces_out, pieces_lse, rows = [], [], []
-    for (a_q, n_q), (a_k, n_k) in zip(_segments(starts_q, lens_q), _segments(starts_k, lens_k)):
+    for n, ((a_q, n_q), (a_k, n_k)) in enumerate(zip(_segments(starts_q, lens_q), _segments(starts_k, lens_k))):
         if n_q == 0:
             continue
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[n]
         o, l = attention(q[None, a_q : a_q + n_q], k[None, a_k : a_k + n_k], v[None, a_k : a_k + n_k],
-                         softmax_scale, causal, causal_offset, compute_dtype, window, softcap)
+                         softmax_scale, causal, causal_offset, compute_dtype, window, softcap, slopes)
         pieces_out.append(o[0])
         pieces_lse.append(l[0].transpose(0, 1))
         rows.append(torch.arange(a_q, a_q + n_q, device=q.device))
@@ -153,9 +179,9 @@ def _row_chunks(rows: int, s_k: int, heads: int, batch: int):
 
 
 @torch.no_grad()
-def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0):
+def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0, alibi=None):
     """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``(out, lse)``.
-    ``window``/``softcap`` as in :func:`attention`."""
+    ``window``/``softcap`` as in :func:`attention`; ``alibi``: slopes ``[h_q]`` or ``[b, h_q]`` (or None)."""
     b, s_q, h_q, d = q.shape
     s_k = k.shape[1]
     out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
@@ -166,7 +192,8 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1),
     group = h_q // k.shape[2]
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     for r0, r1 in _row_chunks(s_q, s_k, h_q, b):
-        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window, softcap)
+        s = _dense_scores(q[:, r0:r1], k, softmax_scale, causal, offset, torch.float32, r0, s_q, window, softcap,
+                          alibi)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         e = torch.exp(s - m)
@@ -190,14 +217,16 @@ def merge_partial(out_acc, lse_acc, out_blk, lse_blk) -> None:
 
 
 @torch.no_grad()
-def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0):
+def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0,
+                  alibi=None):
     """Dense backward from the *final* ``lse`` and ``delta = rowsum(dout * out)`` (both fp32 ``[b, h_q, s_q]``).
 
     Returns fp32 ``(dq, dk, dv)`` shaped like q, k, v. Rows with ``lse = -inf`` contribute nothing.
     Formulas: ``P = exp(S·scale − lse)``, ``dV = Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)``,
     ``dQ = dS K · scale``, ``dK = dSᵀ Q · scale``; GQA sums dK/dV over the query heads of a group.
     ``window`` masks as in :func:`attention`; with ``softcap > 0``, ``S = c·tanh(S_raw / c)`` and ``dS`` is
-    multiplied by ``1 - tanh²(S_raw / c)``.
+    multiplied by ``1 - tanh²(S_raw / c)``. ``alibi`` slopes (``[h_q]`` / ``[b, h_q]``) add their bias to
+    ``S`` after the cap (it has no derivative with respect to q/k/v, so ``dS`` is unchanged).
     """
     b, s_q, h_q, d = q.shape
     s_k, h_kv = k.shape[1], k.shape[2]
@@ -214,6 +243,8 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
         if softcap and softcap > 0:
             t = torch.tanh(s / softcap)  # masked entries: tanh(-inf) = -1, so put -inf back (p = 0 there)
             s = torch.where(torch.isneginf(s), s, t * softcap)
+        if alibi is not None:  # after the cap; masked entries stay -inf
+            s = s + _alibi_bias(alibi, b, h_q, s_q, s_k, offset, r0, r1 - r0, torch.float32)
         p = torch.exp(s - safe_lse[:, :, r0:r1, None])
         do = dout[:, r0:r1].float().transpose(1, 2)  # [b, h_q, rows, d]
         dv_full += torch.matmul(p.transpose(-1, -2), do)

@@ -86,6 +86,9 @@ CASES["rope-table"] = dict(op="rope", shape=(1, 32768, 32, 8, 128), causal=False
 # the forward on tensor descriptors with warp specialisation (RING_ATTN_FWD=tma; issue 9 item 3)
 for _name in ("fwd-d128", "fwd-d128-merge", "fwd-d128-full", "fwd-d64"):
     CASES[_name + "-tma"] = dict(CASES[_name], env={"RING_ATTN_FWD": "tma"})
+# ALiBi (the ALIBI constexpr on: the bias in every loop; fp32 slopes [b, h_q]): the non-default kernels
+for _name in ("fwd-d128", "bwd-d128", "bwd-d64", "bwd-d128-fused"):
+    CASES[_name + "-alibi"] = dict(CASES[_name], alibi=True)
 # A small case for the test: compiles in seconds.
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
 CASES["tiny-tma"] = dict(CASES["tiny"], env={"RING_ATTN_FWD": "tma"})
@@ -133,6 +136,7 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
     e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
     q, k, v = e(b, s, hq, d), e(b, s, hkv, d), e(b, s, hkv, d)
     lse = e(b, hq, s, dt=torch.float32)
+    alibi = e(b, hq, dt=torch.float32) if case.get("alibi") else None
     log = []
     env = case.get("env", {})
     saved_env = {name: os.environ.get(name) for name in env}
@@ -152,13 +156,14 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
                 out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
                 A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],
                                     causal_offset=None, seqs=None, merge=case["merge"], window=(-1, -1),
-                                    softcap=0.0)
+                                    softcap=0.0, alibi=alibi)
             else:
                 gdt = torch.float32 if case["accumulate"] else dtype
                 A.attention_backward(e(b, s, hq, d), q, k, v, lse, e(b, hq, s, dt=torch.float32),
                                      e(b, s, hq, d, dt=gdt), e(b, s, hkv, d, dt=gdt), e(b, s, hkv, d, dt=gdt),
                                      softmax_scale=d ** -0.5, causal=case["causal"], causal_offset=None,
-                                     seqs=None, accumulate=case["accumulate"], window=(-1, -1), softcap=0.0)
+                                     seqs=None, accumulate=case["accumulate"], window=(-1, -1), softcap=0.0,
+                                     alibi=alibi)
     finally:
         for name, val in saved_env.items():
             if val is None:

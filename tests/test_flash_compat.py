@@ -1,7 +1,7 @@
 """flash-attn compatibility: every call form of flash-attn's interface (2.6/2.7), positional and keyword, as its
 users and its own tests write them, against the float64 oracle (``ring_attn.reference``) under the accuracy rule
 (``tests/accuracy.py``); sliding windows and softcap (forward and backward, dense and varlen), odd head dims,
-bf16 under the Triton interpreter, and every refusal.
+bf16 under the Triton interpreter, and every refusal (ALiBi itself: ``tests/test_alibi.py``).
 
 Cases follow flash-attn's tests/test_flash_attn.py (test_flash_attn_output / _varlen_output / _qkvpacked /
 _kvpacked with local windows and softcap, seqlen_q != seqlen_k, MQA/GQA), shrunk for the interpreter (blocks of
@@ -320,7 +320,10 @@ BAD_OPTIONS = [
     (ValueError, r"dropout_p must be a float in \[0, 1\), got 1\.0", dict(dropout_p=1.0)),
     (ValueError, r"dropout_p must be a float in \[0, 1\), got -0\.5", dict(dropout_p=-0.5)),
     (ValueError, r"dropout_p must be a float in \[0, 1\), got True", dict(dropout_p=True)),
-    (NotImplementedError, r"alibi_slopes \(a tensor of shape \(4,\)\) is not implemented", dict(alibi_slopes=_alibi)),
+    # ALiBi is implemented (tests/test_alibi.py): malformed slopes are refused, naming the argument
+    (ValueError, r"alibi_slopes has shape \(3,\); expected \(heads_q,\) = \(4,\)", dict(alibi_slopes=torch.rand(3))),
+    (TypeError, r"alibi_slopes must be float32 \(as flash-attn requires\), got torch\.float16",
+     dict(alibi_slopes=_alibi.half())),
     (TypeError, r"window_size must be a pair \(left, right\) of ints", dict(window_size=(3,))),
     (TypeError, r"window_size must be a pair", dict(window_size=5)),
     (TypeError, r"window_size\[0\] must be an int \(-1: unbounded\), got 2\.5", dict(window_size=(2.5, 0))),
@@ -377,8 +380,9 @@ def test_refusals_packed():
         ring_attn.flash_attn_varlen_qkvpacked_func(torch.randn(8, 3, 4, 16, 1), _cu8, 5)
     with pytest.raises(TypeError, match=r"kv must be a torch.Tensor, got tuple"):
         ring_attn.flash_attn_varlen_kvpacked_func(_q[0], (_k[0], _v[0]), _cu8, _cu8, 5, 5)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        ring_attn.flash_attn_qkvpacked_func(torch.randn(1, 8, 3, 4, 16), alibi_slopes=_alibi)
+    with pytest.raises(ValueError, match=r"alibi_slopes has shape \(2, 4\); expected \(heads_q,\) = \(4,\) or "
+                                         r"\(batch, heads_q\) = \(1, 4\)"):
+        ring_attn.flash_attn_qkvpacked_func(torch.randn(1, 8, 3, 4, 16), alibi_slopes=torch.rand(2, 4))
     with pytest.raises(ValueError, match=r"head_dim 257 is not supported; expected 1 \.\. 256"):
         ring_attn.flash_attn_func(*(torch.randn(1, 4, 1, 257) for _ in range(3)))
 

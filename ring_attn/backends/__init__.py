@@ -59,7 +59,8 @@ class Capability:
     inputs. ``head_dim``: ``(min, max, multiple)``; ``max=None`` is unbounded (for RoPE this is the rotary
     dim). ``varlen``: packed sequences. ``merge``: the fp32 merge into a running (out, lse). ``deterministic``:
     bitwise-identical results for identical inputs. ``window``: sliding-window masks. ``softcap``: tanh
-    logit soft-capping. ``fp64``: float64 storage with float64 math (RoPE).
+    logit soft-capping. ``alibi``: ALiBi slopes (flash-attn's ``alibi_slopes``). ``fp64``: float64 storage
+    with float64 math (RoPE).
     """
 
     devices: Optional[tuple[str, ...]]
@@ -70,6 +71,7 @@ class Capability:
     deterministic: bool = True
     window: bool = False
     softcap: bool = False
+    alibi: bool = False
     fp64: bool = False
 
 
@@ -78,14 +80,14 @@ _ROPE_DTYPES = (_F16, _BF16, _F32, _F64)
 
 CAPABILITIES: dict[tuple[str, str], Capability] = {
     ("triton", "attention"): Capability(devices=("cuda", "cpu"), dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
-                                        window=True, softcap=True),
+                                        window=True, softcap=True, alibi=True),
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
     ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(1, None, 1),
                                         window=True, softcap=True),
     ("native", "rope"): Capability(devices=("cpu",), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
     ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
-                                           window=True, softcap=True),
+                                           window=True, softcap=True, alibi=True),
     ("reference", "rope"): Capability(devices=None, dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
 }
 
@@ -145,7 +147,8 @@ def _availability_reasons(backend: str, device: torch.device) -> list[str]:
 
 def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.dtype] = None,
                           head_dim: Optional[int] = None, *, varlen: bool = False, merge: bool = False,
-                          window: tuple[int, int] = (-1, -1), softcap: float = 0.0) -> list[str]:
+                          window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                          alibi: bool = False) -> list[str]:
     """Why ``backend`` cannot run ``op`` on these inputs; an empty list means it can.
 
     Args:
@@ -156,6 +159,7 @@ def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.d
         head_dim: head dim for attention, rotary dim for RoPE (None: not checked).
         varlen, merge: whether the call is packed / merges into a running result.
         window, softcap: the attention mask window (``(-1, -1)`` = none) and logit soft-cap (0 = none).
+        alibi: whether the call adds an ALiBi bias.
 
     Returns:
         One ``"<backend>: <reason>"`` string per unmet requirement.
@@ -186,6 +190,8 @@ def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.d
         reasons.append(f"{backend}: window={tuple(window)} is not supported for {op}")
     if softcap and not cap.softcap:
         reasons.append(f"{backend}: softcap={softcap!r} is not supported for {op}")
+    if alibi and not cap.alibi:
+        reasons.append(f"{backend}: alibi_slopes (ALiBi) is not supported for {op}")
     return reasons
 
 
@@ -224,7 +230,7 @@ def _choose(op: str, device, dtype, head_dim, **flags) -> tuple[Optional[str], d
 
 def select(op: str, device, dtype: Optional[torch.dtype] = None, head_dim: Optional[int] = None, *,
            varlen: bool = False, merge: bool = False, window: tuple[int, int] = (-1, -1),
-           softcap: float = 0.0) -> ModuleType:
+           softcap: float = 0.0, alibi: bool = False) -> ModuleType:
     """The backend module that runs ``op`` on these inputs (imported now, on first use).
 
     Arguments as in :func:`not_supported_reasons`. The module has a ``NAME`` attribute and the functions of
@@ -237,7 +243,7 @@ def select(op: str, device, dtype: Optional[torch.dtype] = None, head_dim: Optio
     global _warned_fallback
     device = torch.device(device)
     name, rejected = _choose(op, device, dtype, head_dim, varlen=varlen, merge=merge, window=window,
-                             softcap=softcap)
+                             softcap=softcap, alibi=alibi)
     if name is None:
         pinned = forced()
         what = f"the pinned backend {pinned!r}" if pinned else "no ring_attn backend"

@@ -23,11 +23,18 @@ Conventions shared by every function
 * Scores: ``s = softmax_scale * q·k``; with ``softcap > 0``, ``s = softcap * tanh(s / softcap)`` (Gemma 2).
   ``lse = log(sum_j exp(s_j))`` over visible keys (natural log, fp32); ``out = sum_j exp(s_j - lse) v_j``.
   A row with no visible key has ``out = 0`` and ``lse = -inf`` (never NaN), and zero gradients.
+* ALiBi (flash-attn's ``alibi_slopes``): ``alibi`` is None or fp32 ``[n_batch, h_q]`` on q's device with any
+  strides (the ops layer expands ``[h_q]`` slopes with a batch stride of 0), ``n_batch`` the batch (dense) or
+  the number of packed sequences (row ``i`` for sequence ``i``). It adds ``-alibi[b, h] · |i + off - j|`` to
+  the score (after the soft-cap, before masking), ``off`` as for visibility. The bias has no derivative with
+  respect to q/k/v: the backward recomputes ``p`` with it and ``ds`` is otherwise unchanged. A backend without
+  ``alibi`` in its capabilities is never called with slopes.
 * Math is fp32 (fp64 where a backend supports fp64 storage); storage dtypes are fp16/bf16/fp32.
 
 Functions
 ---------
-``attention_forward(q, k, v, out, lse, *, softmax_scale, causal, causal_offset, seqs, merge, window, softcap)``
+``attention_forward(q, k, v, out, lse, *, softmax_scale, causal, causal_offset, seqs, merge, window, softcap,
+alibi)``
     Writes ``out`` (shaped like q; q's dtype or fp32) and ``lse``. Packed: only rows inside a sequence are
     written. ``merge=True``: ``out`` and ``lse`` are fp32 running results of earlier key blocks for the same
     queries; this block is merged in place by LSE weighting (``new = logaddexp(lse, lse_blk)``,
@@ -38,7 +45,7 @@ Functions
     Dense or packed, judged by ``out.dim()`` (4 or 3).
 
 ``attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, *, softmax_scale, causal, causal_offset, seqs,
-accumulate, window, softcap)``
+accumulate, window, softcap, alibi)``
     Gradients of the block pair from the *final* ``lse`` and ``delta``: ``p = exp(s - lse)``,
     ``ds = p · (dout·vᵀ - delta)``, times ``1 - tanh²(s_raw / softcap)`` with a softcap, then
     ``dq = softmax_scale · ds·k``, ``dk = softmax_scale · dsᵀ·q`` (summed over the query heads of a kv head),
@@ -78,7 +85,7 @@ class Backend(Protocol):
     def attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, *, softmax_scale: float, causal: bool,
                           causal_offset: Optional[int], seqs, merge: bool, window: tuple[int, int],
-                          softcap: float) -> None: ...
+                          softcap: float, alibi: Optional[torch.Tensor] = None) -> None: ...
 
     def attention_delta(self, dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
                         dlse: Optional[torch.Tensor]) -> None: ...
@@ -87,7 +94,7 @@ class Backend(Protocol):
                            lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
                            dv: torch.Tensor, *, softmax_scale: float, causal: bool,
                            causal_offset: Optional[int], seqs, accumulate: bool, window: tuple[int, int],
-                           softcap: float) -> None: ...
+                           softcap: float, alibi: Optional[torch.Tensor] = None) -> None: ...
 
     def rope(self, q4: torch.Tensor, k4: torch.Tensor, qo4: torch.Tensor, ko4: torch.Tensor, *,
              rotary_dim: int, interleaved: bool, backward: bool, copy_pass: bool,

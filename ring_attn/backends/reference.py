@@ -22,11 +22,17 @@ def _segments(seqs: VarlenSeqs):
     return list(zip(seqs.starts_q.tolist(), seqs.lens_q.tolist(), seqs.starts_k.tolist(), seqs.lens_k.tolist()))
 
 
+def _row(alibi: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """Slopes ``[1, h_q]`` of packed sequence ``n`` (None without ALiBi)."""
+    return None if alibi is None else alibi[n:n + 1]
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
-                      softcap: float) -> None:
-    """Protocol ``attention_forward`` through :func:`ring_attn.reference.forward_fp32` (and ``merge_partial``)."""
+                      softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
+    """Protocol ``attention_forward`` through :func:`ring_attn.reference.forward_fp32` (and ``merge_partial``);
+    ``alibi``: fp32 slopes ``[n_batch, h_q]`` (row ``i``: batch entry or packed sequence ``i``) or None."""
     def put(o_dst, l_dst, o, l):
         if merge:
             _ref.merge_partial(o_dst, l_dst, o, l)
@@ -35,14 +41,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             l_dst.copy_(l)
 
     if seqs is None:
-        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap)
+        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap, alibi)
         put(out, lse, o, l)
         return
-    for a_q, n_q, a_k, n_k in _segments(seqs):
+    for n, (a_q, n_q, a_k, n_k) in enumerate(_segments(seqs)):
         if n_q == 0:
             continue
         o, l = _ref.forward_fp32(q[None, a_q:a_q + n_q], k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
-                                 softmax_scale, causal, causal_offset, window, softcap)
+                                 softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n))
         put(out[a_q:a_q + n_q], lse[:, a_q:a_q + n_q], o[0], l[0])
 
 
@@ -61,8 +67,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
                        softmax_scale: float, causal: bool, causal_offset: Optional[int],
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
-                       softcap: float) -> None:
-    """Protocol ``attention_backward`` through :func:`ring_attn.reference.backward_fp32`."""
+                       softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
+    """Protocol ``attention_backward`` through :func:`ring_attn.reference.backward_fp32` (``alibi`` as in
+    :func:`attention_forward`)."""
     def put(dst, val):
         if accumulate:
             dst += val
@@ -71,7 +78,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     if seqs is None:
         gq, gk, gv = _ref.backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset,
-                                        window, softcap)
+                                        window, softcap, alibi)
         put(dq, gq)
         put(dk, gk)
         put(dv, gv)
@@ -82,13 +89,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dq[a_q:a_q + n_q] = 0
             dk[a_k:a_k + n_k] = 0
             dv[a_k:a_k + n_k] = 0
-    for a_q, n_q, a_k, n_k in segments:
+    for n, (a_q, n_q, a_k, n_k) in enumerate(segments):
         if n_q == 0 or n_k == 0:
             continue
         gq, gk, gv = _ref.backward_fp32(dout[None, a_q:a_q + n_q], q[None, a_q:a_q + n_q],
                                         k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
                                         lse[None, :, a_q:a_q + n_q], delta[None, :, a_q:a_q + n_q],
-                                        softmax_scale, causal, causal_offset, window, softcap)
+                                        softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n))
         dq[a_q:a_q + n_q] += gq[0]
         dk[a_k:a_k + n_k] += gk[0]
         dv[a_k:a_k + n_k] += gv[0]

@@ -9,8 +9,9 @@ Public (re-exported by ``ring_attn``):
 
 Every function has flash-attn's (2.6/2.7) signature: the same positional order, names, defaults and return
 conventions (``return_attn_probs=True`` gives ``(out, softmax_lse, None)``), so code written for flash-attn means
-the same thing here. ``window_size`` (sliding window) and ``softcap`` (Gemma 2) are implemented; ``dropout_p > 0``,
-``alibi_slopes`` and a paged ``block_table`` raise NotImplementedError. Our extra, ``return_lse``, is keyword-only.
+the same thing here. ``window_size`` (sliding window), ``softcap`` (Gemma 2) and ``alibi_slopes`` (ALiBi) are
+implemented; ``dropout_p > 0`` and a paged ``block_table`` raise NotImplementedError. Our extra,
+``return_lse``, is keyword-only.
 
 Lower level, for the ring (documented, stable; defined in ``ring_attn.ops.attention_block`` and re-exported
 here): :func:`attention_block_forward`, :func:`attention_block_backward`, :func:`attention_delta`, and
@@ -36,6 +37,7 @@ from ring_attn._contracts import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     VarlenSeqs,
+    check_alibi_slopes,
     check_cu_seqlens,
     check_cu_seqlens_form,
     check_dropout,
@@ -85,18 +87,18 @@ def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                            causal: bool, window_left: int, window_right: int,
-                           softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           softcap: float, alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if cu_seqlens_q is not None:  # value checks need a host read; done here, outside any traced graph
         check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return attention_block_forward(q, k, v, softmax_scale, causal, None, seqs, window=(window_left, window_right),
-                                   softcap=softcap)
+                                   softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 @_flash_attn_forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap):
+      window_right, softcap, alibi_slopes):
     packed = cu_seqlens_q is not None
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(lse_shape(q, packed), dtype=torch.float32)
@@ -107,35 +109,38 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                            causal: bool, window_left: int, window_right: int,
-                            softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            causal: bool, window_left: int, window_right: int, softcap: float,
+                            alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     delta = attention_delta(dout, out, dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
-                             accumulate=False, window=(window_left, window_right), softcap=softcap)
+                             accumulate=False, window=(window_left, window_right), softcap=softcap,
+                             alibi_slopes=alibi_slopes)
     return dq, dk, dv
 
 
 @_flash_attn_backward_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal, window_left, window_right, softcap):
+      causal, window_left, window_right, softcap, alibi_slopes):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, *meta = inputs
+    q, k, v, cu_q, cu_k, *meta, alibi = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
     ctx.meta = tuple(meta)  # max_q, max_k, scale, causal, window_left, window_right, softcap
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.ring_attn.flash_attn_backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta)
-    return (dq, dk, dv) + (None,) * (2 + len(ctx.meta))
+    dq, dk, dv = torch.ops.ring_attn.flash_attn_backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta,
+                                                         alibi)
+    # no gradient for cu_seqlens, the options and the ALiBi slopes (flash-attn gives the slopes none either)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.meta) + 1)
 
 
 torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setup_context=_setup_context)
@@ -154,9 +159,10 @@ def _check_flag(name: str, val) -> bool:
     return bool(val)
 
 
-def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
                    return_attn_probs, return_lse):
-    """Validate flash-attn's options; returns ``(scale, causal, (left, right), softcap)``."""
+    """Validate flash-attn's options (``alibi_slopes`` is checked by the caller, which knows the batch);
+    returns ``(scale, causal, (left, right), softcap)``."""
     scale = check_scale(softmax_scale, d)
     p = check_dropout(dropout_p)
     if p > 0:
@@ -165,10 +171,6 @@ def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softca
     causal = _check_flag("causal", causal)
     window = check_window(window_size)
     cap = check_softcap(softcap)
-    if alibi_slopes is not None:
-        what = f"a tensor of shape {tuple(alibi_slopes.shape)}" if isinstance(alibi_slopes, torch.Tensor) else \
-            repr(alibi_slopes)
-        raise NotImplementedError(f"alibi_slopes ({what}) is not implemented in ring_attn; expected None")
     _check_flag("deterministic", deterministic)  # the backward is always deterministic here
     _check_flag("return_attn_probs", return_attn_probs)
     _check_flag("return_lse", return_lse)
@@ -201,7 +203,9 @@ _COMMON_DOC = """
             ``i + seqlen_k - seqlen_q - left ..= i + seqlen_k - seqlen_q + right``; -1 (any negative) is
             unbounded; with ``causal`` the right side is 0. Key blocks outside the window are never visited.
         softcap: ``> 0``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2); 0.0 is off.
-        alibi_slopes: must be None (NotImplementedError otherwise).
+        alibi_slopes: ALiBi: None, or float32 ``[heads_q]`` or ``[batch, heads_q]`` (varlen: ``[n_seqs, heads_q]``)
+            on q's device; adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query ``i`` and key
+            ``j`` (after the softcap, before masking; per sequence in varlen). The slopes get no gradient.
         deterministic: accepted for compatibility; the backward is always deterministic here.
         return_attn_probs: return ``(out, softmax_lse, None)``: flash-attn's ``S_dmask`` (only meaningful with
             dropout, for its tests) is not materialised and is None.
@@ -227,14 +231,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
     Raises:
         TypeError / ValueError naming the argument for wrong types, ranks, dtypes, devices, head counts, head
-        dims or option values; NotImplementedError for ``dropout_p > 0`` or ``alibi_slopes``; all before any
-        kernel runs.
+        dims, option values or ``alibi_slopes`` (dtype, shape, device); NotImplementedError for
+        ``dropout_p > 0``; all before any kernel runs.
     """
-    _h_q, _h_kv, d = check_qkv(q, k, v, packed=False)
+    h_q, _h_kv, d = check_qkv(q, k, v, packed=False)
     scale, causal, window, cap = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                alibi_slopes, deterministic, return_attn_probs, return_lse)
+                                                deterministic, return_attn_probs, return_lse)
+    check_alibi_slopes(alibi_slopes, q.device, q.shape[0], h_q, "batch")
     out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal,
-                                                      window[0], window[1], cap)
+                                                      window[0], window[1], cap, alibi_slopes)
     return _result(out, lse, return_attn_probs, return_lse)
 
 
@@ -264,9 +269,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         starting at 0, decreasing, last entry not the token count, a sequence longer than ``max_seqlen``) or
         ``max_seqlen`` (negative, float, bool), NotImplementedError for a ``block_table``.
     """
-    _h_q, _h_kv, d = check_qkv(q, k, v, packed=True)
+    h_q, _h_kv, d = check_qkv(q, k, v, packed=True)
     scale, causal, window, cap = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                alibi_slopes, deterministic, return_attn_probs, return_lse)
+                                                deterministic, return_attn_probs, return_lse)
     if block_table is not None:
         what = f"a tensor of shape {tuple(block_table.shape)}" if isinstance(block_table, torch.Tensor) else \
             repr(block_table)
@@ -279,8 +284,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"{cu_seqlens_k.shape[0]}; both must be n_seqs + 1")
     max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")
     out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
-                                                      causal, window[0], window[1], cap)
+                                                      causal, window[0], window[1], cap, alibi_slopes)
     return _result(out, lse, return_attn_probs, return_lse)
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ring_attn import backends
-from ring_attn._contracts import VarlenSeqs, check_softcap, check_window
+from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_softcap, check_window
 
 __all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape"]
 
@@ -25,21 +25,30 @@ _NO_WINDOW = (-1, -1)  # no sliding window
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries (batch or sequence) x heads
 
 
-def _batch_chunks(q, seqs):
+def _batch_chunks(q, seqs, alibi=None):
     """Split the batch (dense) or the sequence list (packed) so batch x heads fits in one grid dimension.
-    Yields ``(slice for dense tensors, VarlenSeqs or None)``; one chunk in all but extreme cases."""
+    Yields ``(slice for dense tensors, VarlenSeqs or None, the chunk's ALiBi slopes or None)``; one chunk in
+    all but extreme cases."""
     n = q.shape[0] if seqs is None else seqs.starts_q.numel()
     step = max(1, _MAX_GRID_Y // max(1, q.shape[-2]))
     if n <= step:
-        yield slice(None), seqs
+        yield slice(None), seqs, alibi
         return
     for b0 in range(0, n, step):
         b1 = min(n, b0 + step)
+        part_alibi = None if alibi is None else alibi[b0:b1]
         if seqs is None:
-            yield slice(b0, b1), None
+            yield slice(b0, b1), None, part_alibi
         else:
             yield slice(None), seqs._replace(starts_q=seqs.starts_q[b0:b1], lens_q=seqs.lens_q[b0:b1],
-                                             starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1])
+                                             starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1]), part_alibi
+
+
+def _alibi(alibi_slopes, q, seqs):
+    """Validated slopes as fp32 ``[n_batch, h_q]`` (``n_batch``: batch, or packed sequences), or None."""
+    if seqs is None:
+        return check_alibi_slopes(alibi_slopes, q.device, q.shape[0], q.shape[-2], "batch")
+    return check_alibi_slopes(alibi_slopes, q.device, seqs.starts_q.numel(), q.shape[-2], "n_seqs")
 
 
 def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
@@ -55,7 +64,7 @@ def lse_shape(q, packed: bool) -> tuple[int, ...]:
 def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: Optional[int] = None,
                             seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
                             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, *,
-                            window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0):
+                            window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, alibi_slopes=None):
     """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
 
     Args:
@@ -76,10 +85,15 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
             keys ``i + offset - left ..= i + offset + right``; a negative side is unbounded. With ``causal`` the
             right side is 0. Key blocks outside the window are never visited.
         softcap: ``> 0``: scores ``softcap · tanh(s / softcap)`` (Gemma 2); 0: off (keyword-only).
+        alibi_slopes: ALiBi (keyword-only): None, or fp32 ``[h_q]`` / ``[b, h_q]`` (packed: ``[n_seqs, h_q]``)
+            on q's device; adds ``-slope · |i + offset - j|`` to each score (after the soft-cap).
 
     Returns:
         ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
         ``[h_q, t_q]``), natural log; rows that see no key: out 0, lse ``-inf``.
+
+    Raises:
+        TypeError / ValueError for a running out/lse that does not fit, or bad ``alibi_slopes``.
     """
     packed = seqs is not None
     merge = out is not None or lse is not None
@@ -94,23 +108,27 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         if out.stride(-1) != 1 or lse.stride(-1) != 1:
             raise ValueError("running out and lse need a contiguous last dim to merge into")
     window, softcap = _mask_mode(window, softcap)
+    alibi = _alibi(alibi_slopes, q, seqs)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge,
-                           window=window, softcap=softcap)
+                           window=window, softcap=softcap, alibi=alibi is not None)
     kw = dict(softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, window=window,
               softcap=softcap)
     if merge:
-        for sl, part in _batch_chunks(q, seqs):
-            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw)
+        for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
+            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw,
+                                   alibi=part_alibi)
         return out, lse
     out_dtype = q.dtype if out_dtype is None else out_dtype
     fill = packed and not seqs.covers_all_q
     out = (torch.zeros if fill else torch.empty)(q.shape, dtype=out_dtype, device=q.device)
     lse = torch.full(lse_shape(q, packed), float("-inf"), dtype=torch.float32, device=q.device) if fill else \
         torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
-    for sl, part in _batch_chunks(q, seqs):
-        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw)
+    for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
+        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw,
+                               alibi=part_alibi)
     return out, lse
+
 
 
 def attention_delta(dout, out, dlse=None):
@@ -134,7 +152,7 @@ def attention_delta(dout, out, dlse=None):
 def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool,
                              causal_offset: Optional[int] = None, seqs: Optional[VarlenSeqs] = None,
                              accumulate: bool = True, *, window: tuple[int, int] = _NO_WINDOW,
-                             softcap: float = 0.0) -> None:
+                             softcap: float = 0.0, alibi_slopes=None) -> None:
     """Gradients of one block pair, from the *final* ``lse`` and ``delta`` (see :func:`attention_delta`).
 
     ``dq``/``dk``/``dv`` are caller-provided tensors shaped like q/k/v (any strides with a contiguous last
@@ -143,7 +161,8 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     packed ``seqs``, rows outside every sequence are left untouched).
     ``lse`` and ``delta`` are fp32 ``[b, h_q, s_q]`` (packed ``[h_q, t_q]``) with unit stride along the
     sequence. ``window``/``softcap`` (keyword-only) as in :func:`attention_block_forward`; pass the same values
-    as to the forward. Deterministic: no atomics, fixed block sizes.
+    as to the forward; so for ``alibi_slopes`` (keyword-only, as in :func:`attention_block_forward`; the
+    slopes get no gradient). Deterministic: no atomics, fixed block sizes (unless ``RING_ATTN_BWD=fused``).
     """
     if accumulate:
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
@@ -157,9 +176,10 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     lse, delta = (x if x.stride(-1) == 1 else x.contiguous() for x in (lse, delta))
     window, softcap = _mask_mode(window, softcap)
+    alibi = _alibi(alibi_slopes, q, seqs)
     impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=seqs is not None, window=window,
-                           softcap=softcap)
-    for sl, part in _batch_chunks(q, seqs):
+                           softcap=softcap, alibi=alibi is not None)
+    for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
         impl.attention_backward(dout[sl], q[sl], k[sl], v[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl],
                                 softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, seqs=part,
-                                accumulate=accumulate, window=window, softcap=softcap)
+                                accumulate=accumulate, window=window, softcap=softcap, alibi=part_alibi)

@@ -101,12 +101,12 @@ def _tma_ok(x: torch.Tensor, name: str) -> Optional[str]:
 
 def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,
                     window: tuple[int, int] = (-1, -1), softcap: float = 0.0, merge: bool = False,
-                    varlen: bool = False) -> tuple[str, str]:
+                    varlen: bool = False, alibi: bool = False) -> tuple[str, str]:
     """Which forward kernel :func:`attention_forward` launches for these tensors: ``("tma", why)`` or
     ``("pointer", why)``. The TMA variant (``fwd_tma_kernel``) runs only when asked for
     (``RING_ATTN_FWD=tma``; the default stays the pointer kernel until a GPU has measured it) AND it
     applies: Triton has tensor descriptors and warp specialisation, the GPU is sm_90 (or the interpreter
-    runs the kernels), no window or soft-cap, head dim 64 or 128, fp16/bf16 Q/K/V of one dtype, contiguous
+    runs the kernels), no window, soft-cap or ALiBi, head dim 64 or 128, fp16/bf16 Q/K/V of one dtype, contiguous
     last dims and 16-byte aligned bases and strides (also O's when it is 16-bit, dense and not merged,
     since O is then stored by TMA), non-empty sequence dims. Dense and packed (``varlen``) inputs alike.
     Raises ValueError for an unknown ``RING_ATTN_FWD``."""
@@ -120,6 +120,8 @@ def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
         return "pointer", f"sm_{tiles.current_arch()} is not Hopper (sm_90)"
     if tuple(window) != (-1, -1) or softcap != 0:
         return "pointer", "sliding window or soft-cap"
+    if alibi:
+        return "pointer", "ALiBi slopes (the TMA forward has no ALiBi bias)"
     d = q.shape[-1]
     if d not in (64, 128):
         return "pointer", f"head dim {d} not in (64, 128)"
@@ -192,11 +194,20 @@ def _seq_args(seqs: VarlenSeqs | None, q):
     return seqs.starts_q, seqs.lens_q, seqs.starts_k, seqs.lens_k
 
 
+def _alibi_args(alibi: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[list, dict]:
+    """Runtime args ``[ALIBI_SLOPES, stride_ab, stride_ah]`` and the ALIBI constexpr: the fp32 slopes
+    ``[n_batch, h_q]`` (any strides), or, without ALiBi, an unused fp32 tensor of the launch and zero strides."""
+    if alibi is None:
+        return [dummy, 0, 0], dict(ALIBI=False)
+    return [alibi, alibi.stride(0), alibi.stride(1)], dict(ALIBI=True)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
-                      softcap: float) -> None:
-    """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``)."""
+                      softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
+    """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``).
+    ``alibi``: fp32 slopes ``[n_batch, h_q]`` or None (then the TMA forward is never chosen)."""
     q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
     b, s_q, h_q, d = q4.shape
     s_k, h_kv = k4.shape[1], k4.shape[2]
@@ -207,7 +218,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
-    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl)[0] == "tma":
+    alibi_args, alibi_flag = _alibi_args(alibi, l3)
+    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl,
+                       alibi=alibi is not None)[0] == "tma":
         _ensure_tma_allocator()
         key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
         fwd_tma_kernel[grid](
@@ -223,9 +236,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
-        *mask_args,
+        *mask_args, *alibi_args,
         HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=seqs is not None,
         BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge), **flags,
+        **alibi_flag,
     )
 
 
@@ -249,7 +263,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
                        softmax_scale: float, causal: bool, causal_offset: Optional[int],
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
-                       softcap: float) -> None:
+                       softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
     """Protocol ``attention_backward``. Default: the dK/dV kernel then the dQ kernel, 7 block matmuls per
     (query block, key block) pair, fixed blocks and no atomics: bitwise deterministic.
 
@@ -259,7 +273,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     bitwise deterministic; ``fused`` uses unordered fp32 atomics, not bitwise reproducible. Both cost an
     fp32 dQ workspace (unless ``accumulate``: the ring's fp32 accumulator is used directly) and, for
     ``fused-ordered``, a zeroed counter per (head, query block). What each mode costs in time on a GPU is
-    measured by ``scripts/gpu_check.sh`` (benchmarks/NOTES.md, "the 5-matmul backward")."""
+    measured by ``scripts/gpu_check.sh`` (benchmarks/NOTES.md, "the 5-matmul backward"). ``alibi``: fp32
+    slopes ``[n_batch, h_q]`` or None, in every mode."""
     q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
     dq4, dk4, dv4 = _as4d(dq), _as4d(dk), _as4d(dv)
     l3, d3 = _as3d_lse(lse), _as3d_lse(delta)
@@ -276,6 +291,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     blocks = bwd_blocks(d)
     mode = tiles.fused_backward_mode() if max_q > 0 and max_k > 0 else ""
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, dk.dtype)
+    alibi_args, alibi_flag = _alibi_args(alibi, l3)
+    flags.update(alibi_flag)
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
                   VARLEN=seqs is not None, BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate),
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=blocks["num_warps"],
@@ -297,6 +314,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),
             *_strides(dv4, vl), *_strides(dqa4, vl), *_strides(l3, vl),
             s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args, n_qblocks,
+            *alibi_args,
             BLOCK_M=block_m, BLOCK_N=block_n, DQ_MODE={"": 0, "atomic": 1, "ordered": 2}[mode],
             SPIN_ASM=mode == "ordered" and not interpreter_enabled(), **common,
         )
@@ -313,7 +331,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             q4, k4, v4, do4, l3, d3, dq4, *seq,
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dq4, vl),
             *_strides(l3, vl),
-            s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args,
+            s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args, *alibi_args,
             BLOCK_M=block_m, BLOCK_N=block_n,
             **common | dict(ROUND_BF16=flags["UPCAST"] and dq.dtype == torch.bfloat16),
         )

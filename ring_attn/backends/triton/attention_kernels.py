@@ -1,6 +1,6 @@
 """Triton kernels of blockwise (flash) attention: forward (with the fp32 merge epilogue), delta, backward.
 
-Sliding windows, soft-capping and the interpreter's bf16 fix are constexpr switches (see fwd_kernel); the
+Sliding windows, soft-capping, ALiBi and the interpreter's bf16 fix are constexpr switches (see fwd_kernel); the
 host launchers are in ``ring_attn/backends/triton/attention.py``. Conventions: ``docs/design.md`` (layouts,
 GQA mapping, causal offset, LSE in natural log, ``lse = -inf`` and output 0 for a row that sees no key).
 """
@@ -86,6 +86,21 @@ def _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr):
         return _tanh(qk * softcap_in) * softcap_out
     else:
         return qk * qk_scale
+
+@triton.jit
+def _alibi_bias(rows, cols, offset, slope2):
+    """ALiBi in the log2 domain: ``-slope·log2(e)·|i + offset - j|`` (``slope2 = slope·log2(e)``) for
+    broadcastable query rows ``i`` and key columns ``j`` (positions within the sequence)."""
+    return -slope2 * tl.abs(rows + offset - cols).to(tl.float32)
+
+@triton.jit
+def _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
+    """``slope·log2(e)`` of (batch or packed sequence ``b``, query head ``h``); 0 without ALiBi (unused)."""
+    if ALIBI:
+        return tl.load(ALIBI_SLOPES + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah) * \
+            1.4426950408889634
+    else:
+        return 0.0
 
 @triton.jit
 def _key_range(start_m, len_k, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
@@ -179,10 +194,10 @@ def _fwd_finish(acc, l_i, m_i, o_ptrs, L_ptrs, row_ok, o_mask, MERGE: tl.constex
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, off_lo, off_hi, qk_scale,
-               softcap_in, softcap_out, stride_ks, stride_vs,
+               softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                UPCAST: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
     # [BLOCK_N, BLOCK_D] tensors of 64-bit pointers through the loop
@@ -211,6 +226,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
+            if ALIBI:
+                s += _alibi_bias(offs_m[:, None], cols[None, :], offset, slope2)
             visible = cols[None, :] < len_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + off_hi)
@@ -222,8 +239,10 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_shift[:, None])
             alpha = tl.math.exp2(m_i - m_shift)
-        elif SOFTCAP:
+        elif SOFTCAP or ALIBI:
             s = _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP)
+            if ALIBI:
+                s += _alibi_bias(offs_m[:, None], cols[None, :], offset, slope2)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -242,7 +261,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
 # restore_value: while tuning, every trial of a MERGE launch must start from the same running (O, LSE)
 # (opt-in autotuning; the key has MERGE and the length so one call's shape does not pick for every other)
 @triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PRECISION", "MERGE",
-                                           "seqlen_q"],
+                                           "ALIBI", "seqlen_q"],
                  prune_configs_by={"early_config_prune": _prune}, restore_value=["O", "LSE"])
 @triton.jit
 def fwd_kernel(
@@ -253,19 +272,21 @@ def fwd_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset, win_left, win_right, softcap_in,
-    softcap_out,
+    softcap_out, ALIBI_SLOPES, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False,
 ):
     # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
     # Grid: (cdiv(max s_q, BLOCK_M), b * h_q). One program owns BLOCK_M query rows of one head.
     # Visibility (backends/protocol.py): CAUSAL masks keys j > i + offset + win_right (the host passes
     # win_right = 0 for causal, and CAUSAL=True for a right window); LOCAL masks j < i + offset - win_left.
-    # SOFTCAP: scores c·tanh(s/c). UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16
-    # tl.dot is wrong); ROUND_BF16: round to nearest when storing bf16 there (its cast truncates).
+    # SOFTCAP: scores c·tanh(s/c). ALIBI: plus -slope·|i + offset - j| (fp32 slopes ALIBI_SLOPES[b, h] with
+    # strides stride_ab/stride_ah; stride_ab = 0 for per-head slopes), in the unmasked loops too.
+    # UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16 tl.dot is wrong); ROUND_BF16:
+    # round to nearest when storing bf16 there (its cast truncates).
     start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
                                                                   seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
                                                                   BLOCK_M)
@@ -274,6 +295,7 @@ def fwd_kernel(
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
     off_hi = offset + win_right
     off_lo = offset - win_left
+    slope2 = _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI)
     bq = b.to(tl.int64)
     Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
@@ -294,14 +316,17 @@ def fwd_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     if LOCAL:  # the window's left edge (without a left window, lo = full_lo = 0: nothing to compile)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
-                                   off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
-                                   LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                                   off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
+                                   True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+                                   ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k,
-                               off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, False,
-                               CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                               off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset,
+                               slope2, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N,
+                               DOT_PRECISION, ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
-                               off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL,
-                               LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                               off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
+                               True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+                               ALIBI)
     O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
     o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
     L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
@@ -364,7 +389,7 @@ def fwd_tma_kernel(
     ``tl.range(..., warp_specialize=True)`` when WARP_SPECIALIZE (one loop, every block masked: what Triton
     3.9's Hopper pass accepts; it engages at ``num_warps=4`` only, turning the program into a TMA producer
     warpgroup and two 64-row consumer warpgroups, 12 warps). Same arguments, grid, heaviest-first causal order
-    and fp32 MERGE epilogue; no sliding window or soft-cap (the launcher falls back to fwd_kernel).
+    and fp32 MERGE epilogue; no sliding window, soft-cap or ALiBi (the launcher falls back to fwd_kernel).
     A descriptor per (sequence, head): base ``X + b·stride_b + start·stride_s + h·stride_h``, shape
     ``[len, HEAD_DIM]``, row stride ``stride_s``; the launcher guarantees 16-byte aligned bases and strides
     and a contiguous last dim, as TMA requires. Rows past the sequence read as zero and are not written."""
@@ -501,10 +526,11 @@ def _add_dq(dq, dq_ptrs, mask, lock, target, DQ_MODE: tl.constexpr, SPIN_ASM: tl
 
 @triton.jit
 def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_base, start_m, offs_n, offs_d,
-                   len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out, kblock,
+                   len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out, kblock, offset, slope2,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                    UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr,
+                   ALIBI: tl.constexpr):
     # One (query block at start_m, key block) pair of the K/V-stationary backward.
     d_ok = offs_d[None, :] < HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -528,9 +554,12 @@ def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     if SOFTCAP:
         tT = _tanh(qkT * softcap_in)
-        pT = tl.math.exp2(tT * softcap_out - lse2[None, :])
+        sT = tT * softcap_out
     else:
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        sT = qkT * qk_scale
+    if ALIBI:  # [BLOCK_N, BLOCK_M]: key j along dim 0, query i along dim 1
+        sT += _alibi_bias(offs_m[None, :], offs_n[:, None], offset, slope2)
+    pT = tl.math.exp2(sT - lse2[None, :])
     if MASKED:
         keep = offs_m[None, :] < len_q
         if CAUSAL:
@@ -561,10 +590,11 @@ def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d, lo, hi,
                     len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out, stride_qs, stride_dos,
-                    stride_dqs, kblock,
+                    stride_dqs, kblock, offset, slope2,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                     UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr,
+                    ALIBI: tl.constexpr):
     # Query blocks [lo, hi) (lo a multiple of BLOCK_M) in increasing order, or in decreasing order with a
     # fused dQ: then every key block reaches a given query block at the same step (all start from the last
     # one), the order in which the ordered dQ adds want them.
@@ -578,10 +608,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
         do_row = DO_base + top.to(tl.int64) * stride_dos
         dq_row = DQ_base + top.to(tl.int64) * stride_dqs
         for i in range(0, n_steps):
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, dq_row + dq_offs, L_base,
-                                    D_base, LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi,
-                                    qk_scale, sm_scale, softcap_in, softcap_out, kblock, MASKED, CAUSAL, LOCAL,
-                                    SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, dq_row + dq_offs, L_base, D_base,
+                                    LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale,
+                                    sm_scale, softcap_in, softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL,
+                                    SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                    ALIBI)
             q_row -= BLOCK_M * stride_qs
             do_row -= BLOCK_M * stride_dos
             dq_row -= BLOCK_M * stride_dqs
@@ -589,10 +620,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
         q_row = Q_base + lo.to(tl.int64) * stride_qs
         do_row = DO_base + lo.to(tl.int64) * stride_dos
         for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, q_row, L_base, D_base,
-                                    LOCK_base, start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale,
-                                    softcap_in, softcap_out, kblock, MASKED, CAUSAL, LOCAL, SOFTCAP, UPCAST,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, q_row, L_base, D_base, LOCK_base,
+                                    start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                    softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL, SOFTCAP, UPCAST,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
             q_row += BLOCK_M * stride_qs
             do_row += BLOCK_M * stride_dos
     return dk, dv
@@ -604,16 +635,18 @@ def bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
     stride_dvh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
-    softcap_in, softcap_out, n_qblocks,
+    softcap_in, softcap_out, n_qblocks, ALIBI_SLOPES, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_MODE: tl.constexpr = 0, SPIN_ASM: tl.constexpr = False,
+    ALIBI: tl.constexpr = False,
 ):
     # K/V-stationary: one program owns BLOCK_N keys of one kv head and loops over the q rows of every
     # query head in its GQA group, so dK/dV are summed in registers: no atomics, deterministic.
     # LSE and DELTA are [b, h_q, s_q] with unit stride along s (same strides for both).
-    # CAUSAL / LOCAL / SOFTCAP / UPCAST / ROUND_BF16 as in fwd_kernel.
+    # CAUSAL / LOCAL / SOFTCAP / ALIBI / UPCAST / ROUND_BF16 as in fwd_kernel (the slope is per query head,
+    # loaded for each head of the group).
     # DQ_MODE 0: dQ is left to bwd_dq_kernel (DQ, LOCKS unused). 1 or 2: the 5-matmul backward, this kernel
     # also adds each (query block, key block) dQ partial into DQ (fp32, zeroed or the ring's running sum):
     # 1 by unordered atomics, 2 in increasing key-block order behind LOCKS (int32 [batch * h_q, n_qblocks],
@@ -658,36 +691,37 @@ def bwd_dkdv_kernel(
         D_base = DELTA + bq * stride_lb + h * stride_lh + q_start
         DQ_base = DQ + bq * stride_dqb + q_start * stride_dqs + h * stride_dqh
         LOCK_base = LOCKS + (bq * n_heads_kv * group + h) * n_qblocks
+        slope2 = _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI)
         # the three row ranges; a fused dQ walks them (and each range) backwards, see _bwd_dkdv_inner
         if DQ_MODE > 0:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                     offs_d, mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True, CAUSAL, LOCAL,
-                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
-                                     SPIN_ASM)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                     mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                     stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                     ALIBI)
         elif CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                     offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True, CAUSAL, LOCAL,
-                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
-                                     SPIN_ASM)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                 offs_d, mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                 softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, False, CAUSAL, LOCAL,
-                                 SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                     lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                     stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                     ALIBI)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                 mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                 stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, False, CAUSAL, LOCAL,
+                                 SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
         if DQ_MODE > 0:
             if CAUSAL:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base,
-                                         offs_n, offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale,
-                                         softcap_in, softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True,
-                                         CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                         DOT_PRECISION, DQ_MODE, SPIN_ASM)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
+                                         offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
+                                         softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
+                                         CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
+                                         DQ_MODE, SPIN_ASM, ALIBI)
         else:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
-                                     offs_d, mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
-                                     softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, True, CAUSAL, LOCAL,
-                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE,
-                                     SPIN_ASM)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
+                                     mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
+                                     stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
+                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
+                                     ALIBI)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
@@ -705,10 +739,10 @@ def bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi, len_k, off_lo, off_hi,
-                  qk_scale, softcap_in, softcap_out, stride_ks, stride_vs,
+                  qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                   UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :]
     v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :]
@@ -730,9 +764,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SOFTCAP:
             t = _tanh(qk * softcap_in)
-            p = tl.math.exp2(t * softcap_out - lse2[:, None])
+            s = t * softcap_out
         else:
-            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+            s = qk * qk_scale
+        if ALIBI:
+            s += _alibi_bias(offs_m[:, None], cols[None, :], offset, slope2)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             keep = cols[None, :] < len_k
             if CAUSAL:
@@ -754,14 +791,14 @@ def bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
-    softcap_in, softcap_out,
+    softcap_in, softcap_out, ALIBI_SLOPES, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False,
 ):
     # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
-    # CAUSAL / LOCAL / SOFTCAP / UPCAST / ROUND_BF16 as in fwd_kernel.
+    # CAUSAL / LOCAL / SOFTCAP / ALIBI / UPCAST / ROUND_BF16 as in fwd_kernel.
     start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
                                                                   seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
                                                                   BLOCK_M)
@@ -770,6 +807,7 @@ def bwd_dq_kernel(
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
     off_hi = offset + win_right
     off_lo = offset - win_left
+    slope2 = _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI)
     bq = b.to(tl.int64)
     hq = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -792,15 +830,15 @@ def bwd_dq_kernel(
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if LOCAL:  # the window's left edge (as in fwd_kernel)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
-                           off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL, LOCAL,
-                           SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo,
-                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, False, CAUSAL, LOCAL,
-                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
-                       off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, True, CAUSAL, LOCAL,
-                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo, off_hi,
+                           qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
+                           SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo, off_hi,
+                       qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, False, CAUSAL, LOCAL,
+                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo, off_hi,
+                       qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
+                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
     dq = dq * sm_scale
     dq_ptrs = DQ + bq * stride_dqb + (q_start + rows) * stride_dqs + hq * stride_dqh + offs_d[None, :]
     if ACCUMULATE:
