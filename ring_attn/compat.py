@@ -15,7 +15,10 @@ ring-flash-attn function           local shard (rank ``r`` of ``W``; ring-attn l
 
 ``ring_attn.shard_for_rank(x, r, W, dim=1, layout=...)`` makes exactly these shards (it is what the
 ``extract_local`` helpers of ring-flash-attn's tests compute) and ``ring_attn.shard`` / ``shard_varlen`` do it
-for the calling rank, padding lengths the layout cannot split.
+for the calling rank, padding lengths the layout cannot split. The dense forms have no ``seqlen`` (like
+ring-flash-attn, they take every token as real): causal attention over such padding is right as it is, and a
+non-causal call on shards ``ring_attn.shard`` padded raises ValueError; call
+:func:`ring_attn.ring_attn_func` with ``seqlen=`` for it, which masks the padding.
 
 Varlen forms take *local* ``cu_seqlens`` / ``max_seqlen`` like ring-flash-attn (every sequence's
 boundaries divided by ``W``: ``varlen_local_cu_seqlens``), where :func:`ring_attn.ring_attn_varlen_func`

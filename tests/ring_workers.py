@@ -269,6 +269,14 @@ def _refusals(world):
         "seqlen_too_short": lambda: ring_attn.ring_attn_func(x, x, x, layout="contiguous", seqlen=3 * world),
         "padded_noncausal": lambda: (lambda y: ring_attn.ring_attn_func(y, y, y, layout="zigzag"))(
             ring_attn.shard(torch.randn(1, 6 * world - 1, 2, HEAD_DIM), layout="zigzag")),
+        # the same, after a sequence that really has 6W tokens was sharded (the old process-wide record then
+        # said "not padded" and this call attended to the padding silently)
+        "padded_noncausal_sharded_since": lambda: (lambda y, _: ring_attn.ring_attn_func(y, y, y, layout="zigzag"))(
+            ring_attn.shard(torch.randn(1, 6 * world - 1, 2, HEAD_DIM), layout="zigzag"),
+            ring_attn.shard(torch.randn(1, 6 * world, 2, HEAD_DIM), layout="zigzag")),
+        # tensors computed from a padded shard carry nothing: the fallback (most recent shard to 6W tokens)
+        "padded_noncausal_computed": lambda: (lambda y: ring_attn.ring_attn_func(y * 2, y * 2, y * 2, layout="zigzag"))(
+            ring_attn.shard(torch.randn(1, 6 * world - 1, 2, HEAD_DIM), layout="zigzag")),
         "varlen_dropout": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world, 0.5),
         "varlen_max_seqlen_type": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2.0 * world),
         "varlen_max_seqlen_small": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 1),
@@ -327,6 +335,17 @@ def _padding_case(rank, world, group, store, triton=False):
                         if rank == 0:
                             entry["inputs"] = dict(q=q, k=k, v=v, dout=dout, dlse=None, cu=None)
                         res[key] = entry
+        # no false alarm: non-causal, no seqlen, on the shards of a sequence that really has 6W tokens, sharded
+        # *before* a sequence padded to the same 6W tokens (a batch sharded ahead; the old process-wide record
+        # raised here)
+        g = torch.Generator().manual_seed(6)  # the same tensors on every rank
+        full = torch.randn(2, 6 * world, 4, HEAD_DIM, generator=g)
+        full_kv = torch.randn(2, 6 * world, 2, HEAD_DIM, generator=g)
+        ql, kvl = ring_attn.shard(full, layout="zigzag"), ring_attn.shard(full_kv, layout="zigzag")
+        ring_attn.shard(torch.randn(2, 6 * world - 1, 4, HEAD_DIM, generator=g), layout="zigzag")
+        out = ring_attn.unshard(ring_attn.ring_attn_func(ql, kvl, kvl, layout="zigzag"), layout="zigzag")
+        single = ring_attn.flash_attn_func(full, full_kv, full_kv)
+        store["no_false_alarm_err"] = ((out - single).abs().max() / single.abs().max()).item()
         # unshard(seqlen=) drops the padding itself
         x = torch.randn(2, 13, 3, generator=torch.Generator().manual_seed(13))  # the same on every rank
         store["unshard_seqlen"] = all(

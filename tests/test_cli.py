@@ -2,8 +2,10 @@
 status 2 (no traceback, nothing spawned); the demo prints its configuration at once and a line per phase."""
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -123,11 +125,95 @@ def test_no_traceback_through_the_console_script():
         assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
+def _session_cpu_seconds(sid: int):
+    """CPU seconds used so far by the processes of session ``sid`` (the demo, its ranks, multiprocessing's
+    resource tracker; ranks that exited count through their parent's cutime/cstime), from /proc; None where
+    there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    ticks = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == sid:  # field 6, session
+            ticks += sum(int(x) for x in fields[11:15])  # fields 14-17: utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _run_watched(cmd, stall_s: float, cap_s: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session and return what it printed; fail the test when it hangs: no CPU time
+    used by any process of the session for ``stall_s`` seconds (processes blocked on each other), or ``cap_s``
+    seconds in all (the only limit where there is no /proc). Then the whole session is killed and the failure
+    shows everything the command printed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "0"})
+    poll = min(5.0, stall_s / 2, cap_s / 2)
+    start = last_progress = time.monotonic()
+    cpu = None
+    while True:
+        try:
+            out, err = proc.communicate(timeout=poll)  # retrying after TimeoutExpired loses no output
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            now, used = time.monotonic(), _session_cpu_seconds(proc.pid)
+            if used is not None and (cpu is None or used > cpu):
+                cpu, last_progress = used, now
+            stalled = used is not None and now - last_progress > stall_s
+            if stalled or now - start > cap_s:
+                break
+    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # a process that left the session still holds the pipes
+        out, err = "(not available: a process outside the session keeps the output pipes open)", ""
+    why = f"no CPU used by any of its processes for {stall_s:g} s" if stalled else f"still running after {cap_s:g} s"
+    pytest.fail(f"{' '.join(cmd[1:])} hung ({why}; load average {os.getloadavg()}); killed its session. It "
+                f"printed:\n{out}\n--- stderr ---\n{err}")
+
+
+def _run_demo(argv) -> subprocess.CompletedProcess:
+    """``ring-attn demo`` with ``argv``, watched for hangs (:func:`_run_watched`), not timed.
+
+    Wall time is no measure of a hang here: the run is almost all start-up (three interpreters importing
+    torch; each rank also imports the torch._dynamo/sympy stack on entering its first dispatch mode), so it
+    takes 6-9 s on an idle 2-core machine and 43-77 s at load 10-12, in proportion to the load. The fixed 300 s
+    limit this test had (subprocess.run's timeout) is a load threshold, not a hang detector: its one recorded
+    failure, under heavy load, came without output, which is what its TimeoutExpired gives (it keeps none),
+    and it left both ranks and the resource tracker running, loading the machine further. A hang (ranks
+    blocked on each other, no CPU used) still fails, within 2 minutes, showing the phase it stopped in."""
+    return _run_watched([sys.executable, "-u", "-m", "ring_attn", "demo", *argv], stall_s=120.0, cap_s=900.0)
+
+
+def test_a_hang_fails_with_its_output_and_leaves_no_process():
+    """The watchdog itself: a command whose processes all sleep fails (with what it printed) once no CPU was used
+    for stall_s, and its child is killed with it; a command that spins fails at the cap."""
+    if _session_cpu_seconds(os.getpid()) is None:
+        pytest.skip("no /proc: only the cap applies")
+    sleeper = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+               "time.sleep(600)']); print('child', c.pid, flush=True); time.sleep(600)")
+    with pytest.raises(pytest.fail.Exception, match="no CPU used by any of its processes for 2 s") as info:
+        _run_watched([sys.executable, "-c", sleeper], stall_s=2, cap_s=120)
+    child = int(re.search(r"child (\d+)", str(info.value)).group(1))
+    for _ in range(50):  # SIGKILLed: gone, or a zombie until its new parent reaps it
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process {child} of the hung command is still running")
+    with pytest.raises(pytest.fail.Exception, match="still running after 3 s"):
+        _run_watched([sys.executable, "-c", "while True: pass"], stall_s=60, cap_s=3)
+
+
 def test_demo_prints_configuration_and_progress():
     """A 2-rank gloo run: the configuration comes first, then one timed line per phase, then PASS."""
-    proc = subprocess.run([sys.executable, "-u", "-m", "ring_attn", "demo", "-n", "2", "-s", "64", "--heads", "2",
-                           "--kv-heads", "1", "--head-dim", "16"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "0"}, timeout=300)
+    proc = _run_demo(["-n", "2", "-s", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("ring-attn demo: 2 gloo rank(s) on CPU, causal zigzag, batch 1 x 64 tokens"), lines[0]

@@ -2,6 +2,9 @@
 
 Pure functions only (no process group); the distributed shard/unshard round trip runs in test_ring.py.
 """
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import given
@@ -99,6 +102,26 @@ def test_any_length_pads_at_the_end_and_unshard_drops_it(world, layout, s, token
     assert torch.equal(L.unshard_from_shards(shards, dim, layout, seqlen=s), x)
     assert L.unshard_from_shards(shards, dim, layout).shape[dim] == padded
     assert L.recorded_padding(layout, world, padded) == (s if padded != s else None)
+
+
+def test_shard_info_knows_each_shard_exactly_and_holds_none_alive():
+    """shard_info: the real length of the very tensor shard_for_rank made (and of its views), whatever was
+    sharded since; nothing for tensors computed from it; the registry keeps nothing alive."""
+    a = L.shard_for_rank(torch.randn(2, 13, 3), 1, 2, 1, "zigzag")  # 13 -> 16 tokens
+    b = L.shard_for_rank(torch.randn(2, 16, 3), 1, 2, 1, "zigzag")  # really 16
+    assert L.shard_info(a) == L.ShardInfo("zigzag", 2, 13, 16)
+    assert L.shard_info(b) == L.ShardInfo("zigzag", 2, 16, 16)
+    # the process-wide fallback only knows the most recent sequence sharded to 16 tokens (b: not padded)
+    assert L.recorded_padding("zigzag", 2, 16) is None
+    a.requires_grad_()  # the same tensor
+    for view in (a, a.view(2, 24), a.transpose(0, 1), a[:, :4], a.unbind(0)[1], a[None].view(16, 3)):
+        assert L.shard_info(view) == L.ShardInfo("zigzag", 2, 13, 16)
+    for other in (a * 1, a.clone(), a.detach(), a.to(torch.float64), torch.randn(2, 8, 3), None, 3):
+        assert L.shard_info(other) is None
+    ref_a = weakref.ref(a)
+    del a, view  # (the last view holds its base)
+    gc.collect()
+    assert ref_a() is None
 
 
 def test_unshard_refuses_a_seqlen_the_shards_cannot_hold():

@@ -176,7 +176,9 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
     "group_type": ("TypeError", "group must be a torch.distributed ProcessGroup or None, got 'world'"),
     "seqlen_range": ("ValueError", "seqlen must be the real global sequence length"),
     "seqlen_too_short": ("ValueError", "seqlen must be the real global sequence length"),
-    "padded_noncausal": ("ValueError", "non-causal attention would attend to the padding. Pass seqlen="),
+    "padded_noncausal": ("ValueError", "q is a shard that ring_attn.shard made from a sequence of "),
+    "padded_noncausal_sharded_since": ("ValueError", "non-causal attention would attend to the padding. Pass seqlen="),
+    "padded_noncausal_computed": ("ValueError", "were not made by ring_attn.shard (computed from shards?)"),
     "varlen_dropout": ("NotImplementedError", "dropout_p=0.5 is not supported"),
     "varlen_max_seqlen_type": ("TypeError", "max_seqlen must be an int"),
     "varlen_max_seqlen_small": ("ValueError", "max_seqlen must be >= the longest sequence"),
@@ -235,6 +237,16 @@ def test_any_length_is_padded_and_masked(worlds, world, layout, causal):
                 if rank == 0:
                     _check_against_oracle(f"S={s} seqlen={with_seqlen}", r["gathered"],
                                           inputs[(layout, causal, s, with_seqlen)]["inputs"], causal, world)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_noncausal_on_a_sequence_that_really_has_the_padded_length_runs(worlds, world):
+    """No false alarm: non-causal ring attention without seqlen= on the shards of a sequence of 6W tokens runs
+    (and is right) although a sequence padded to the same 6W tokens was sharded after it. The opposite order,
+    the padded sequence's own shards after the unpadded one, still raises (REFUSALS: padded_noncausal_*)."""
+    name = next(c["name"] for c in cases_for(world) if c["kind"] == "padding")
+    for rank in range(world):
+        assert _result(worlds, world, name, rank)["no_false_alarm_err"] <= FP32_RTOL
 
 
 def test_any_length_with_the_triton_kernels(worlds):

@@ -80,6 +80,7 @@ from ring_attn.ring.layout import (
     check_layout,
     padded_length,
     recorded_padding,
+    shard_info,
     valid_counts,
     varlen_padded_cu_seqlens,
 )
@@ -547,18 +548,14 @@ def _as_int(name, val) -> int:
         raise TypeError(f"{name} must be an int, got {val!r}") from None
 
 
-def _check_seqlen(name, seqlen, padded: int, world: int, layout: str, causal: bool) -> int:
-    """The real global length of dense shards holding ``padded`` tokens in all (see :func:`ring_attn.shard`)."""
+def _check_seqlen(name, seqlen, padded: int, world: int, layout: str, causal: bool, qkv) -> int:
+    """The real global length of dense shards holding ``padded`` tokens in all (see :func:`ring_attn.shard`):
+    ``seqlen`` checked, or ``padded`` when it is None (after :func:`_refuse_unsaid_padding` for non-causal
+    calls)."""
     m = 2 * world if layout == "zigzag" else world
     if seqlen is None:
         if not causal:
-            seen = recorded_padding(layout, world, padded)
-            if seen is not None:
-                raise ValueError(
-                    f"{name}: these shards hold {padded} tokens in all, and the last sequence ring_attn.shard "
-                    f"padded to {padded} tokens (layout {layout!r}, {world} ranks) had {seen}; non-causal "
-                    f"attention would attend to the padding. Pass seqlen={seen} (or seqlen={padded} if this "
-                    f"sequence really has {padded} tokens)")
+            _refuse_unsaid_padding(name, padded, world, layout, qkv)
         return padded
     seqlen = _as_int("seqlen", seqlen)
     if not padded - m < seqlen <= padded:
@@ -566,6 +563,40 @@ def _check_seqlen(name, seqlen, padded: int, world: int, layout: str, causal: bo
                          f"({max(padded - m, 0)}, {padded}] ({padded} tokens in all = {world} ranks x "
                          f"{padded // world}, layout {layout!r} pads to a multiple of {m}); got {seqlen}")
     return seqlen
+
+
+def _refuse_unsaid_padding(name, padded: int, world: int, layout: str, qkv) -> None:
+    """Non-causal attention without ``seqlen=`` treats all ``padded`` tokens as real. Raise when they are
+    known not to be, so that attending to padding is never silent:
+
+    * ``q``, ``k`` or ``v`` is a tensor :func:`ring_attn.shard` made (or a view of one) for this layout, world
+      size and length: its :func:`~ring_attn.ring.layout.shard_info` is exact, and the only thing consulted
+      (a shard of a sequence that really has ``padded`` tokens passes, whatever was sharded before or since);
+    * none of them is (tensors computed from shards): the most recent sequence ``shard`` split into
+      ``padded`` tokens here (:func:`~ring_attn.ring.layout.recorded_padding`) was padded.
+
+    Both are local facts of the rank's own calls, identical on every rank of an SPMD program, so every rank
+    raises (before any collective) or none does."""
+    known = []
+    for arg, x in zip("qkv", qkv):
+        info = shard_info(x)
+        if info is not None and (info.layout, info.world_size, info.padded) == (layout, world, padded):
+            if info.seqlen < padded:
+                raise ValueError(
+                    f"{name}: {arg} is a shard that ring_attn.shard made from a sequence of {info.seqlen} tokens, "
+                    f"padded to {padded} (layout {layout!r}, {world} ranks); non-causal attention would attend "
+                    f"to the padding. Pass seqlen={info.seqlen}")
+            known.append(arg)
+    if known:
+        return
+    seen = recorded_padding(layout, world, padded)
+    if seen is not None:
+        raise ValueError(
+            f"{name}: q, k, v hold {padded} tokens in all and were not made by ring_attn.shard (computed from "
+            f"shards?), so their real length is not known here; the most recent sequence ring_attn.shard split "
+            f"into {padded} tokens (layout {layout!r}, {world} ranks) had {seen}, and non-causal attention would "
+            f"attend to the padding. Pass seqlen={seen} (or seqlen={padded} if this sequence really has "
+            f"{padded} tokens)")
 
 
 def _results(out, lse, return_lse, return_attn_probs):
@@ -634,8 +665,11 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         seqlen: (keyword) the real global length ``S`` when :func:`ring_attn.shard` padded the sequence to
             ``W * s_local`` tokens: padding keys are then masked for every query, padding rows return 0 (LSE
             ``-inf``) and get zero gradients. Not needed for causal attention (padding sits after every real
-            token, so no real query sees it), *required* for non-causal attention over padded shards (a
-            call without it raises ValueError when ``shard`` padded to this length in this process).
+            token, so no real query sees it), *required* for non-causal attention over padded shards. A
+            non-causal call without it raises ValueError when ``q``, ``k`` or ``v`` is a padded shard
+            (:func:`ring_attn.ring.layout.shard_info`, exact), or, for tensors computed from shards, when
+            the most recent sequence ``shard`` split into ``W * s_local`` tokens in this process was padded
+            (:func:`ring_attn.ring.layout.recorded_padding`). Passing it is always correct.
         return_lse: (keyword) return ``(out, lse)``.
         validate: (keyword) the first time a call signature is seen on ``group``, check with one small
             ``all_gather`` that every rank passes the same shapes/dtype/causal/layout/scale/seqlen.
@@ -649,7 +683,8 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
     Raises:
         NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes``. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
         head counts, layout, an argument of the wrong kind (e.g. ``causal`` passed where ``dropout_p`` is),
-        ``s_local`` odd with zigzag, a ``seqlen`` the shards cannot hold, a CUDA tensor with a gloo group or
+        ``s_local`` odd with zigzag, a ``seqlen`` the shards cannot hold, non-causal attention without
+        ``seqlen`` over shards known to be padded (see ``seqlen``), a CUDA tensor with a gloo group or
         a CPU tensor with NCCL. ValueError on every rank when ranks pass inconsistent inputs
         (``validate=True``). RuntimeError when torch.distributed is not initialized.
     """
@@ -663,7 +698,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
                          f"2 * world_size = {2 * world}); q has s_local = {s_local} ({tuple(q.shape)}); shard the "
                          f"global sequence with ring_attn.shard, which pads it")
     padded = s_local * world
-    real = _check_seqlen(name, seqlen, padded, world, layout, causal)
+    real = _check_seqlen(name, seqlen, padded, world, layout, causal, (q, k, v))
     if validate:
         sig = _signature(0, q, k, v, causal, layout, scale, [real])
         _validate_across_ranks(name, pg, backend, q.device, sig)

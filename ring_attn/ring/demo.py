@@ -122,7 +122,7 @@ def _resolve(args) -> dict:
                 heads=pick(args.heads, d["heads"]), kv_heads=pick(args.kv_heads, d["kv_heads"]),
                 head_dim=pick(args.head_dim, d["head_dim"]), dtype=pick(args.dtype, d["dtype"]),
                 layout=args.layout, causal=args.causal, backward=not args.forward_only,
-                iters=pick(args.iters, 10 if use_cuda else 1), check=args.check, t0=time.time())
+                iters=pick(args.iters, 10 if use_cuda else 1), check=args.check, t0=time.monotonic())
 
 
 def check_args(args) -> None:
@@ -184,8 +184,10 @@ def _trial_call(cfg: dict) -> None:
 
 
 def _progress(cfg: dict, message: str) -> None:
-    """One progress line, ``[elapsed s] message``, flushed at once (elapsed since the command started)."""
-    print(f"[{time.time() - cfg['t0']:7.1f} s] {message}", flush=True)
+    """One progress line, ``[elapsed s] message``, flushed at once (elapsed since the command started). The
+    spawned ranks stamp their lines against the parent's ``t0``: ``time.monotonic`` (CLOCK_MONOTONIC on Linux)
+    is one clock for every process of the machine and, unlike the wall clock, never steps back."""
+    print(f"[{time.monotonic() - cfg['t0']:7.1f} s] {message}", flush=True)
 
 
 def _describe(cfg: dict) -> str:

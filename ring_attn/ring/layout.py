@@ -20,6 +20,14 @@ attention masks it when told the real length (``ring_attn_func(..., seqlen=S)``)
 real tokens are a prefix of its shard (for zigzag: a prefix of each of its two chunks), which is what lets
 the ring mask padding with per-piece key counts instead of a mask tensor (:func:`valid_counts`).
 
+Forgetting ``seqlen=`` in a non-causal call must not silently attend to the padding, so the shards remember
+where they came from, without being anything but ordinary tensors: :func:`shard_info` gives the real and
+padded length of any tensor :func:`shard` / :func:`shard_for_rank` returned (or a view of one), from a
+registry of weak references keyed by the tensor's identity (nothing is attached to the tensor, nothing is
+kept alive). The ring reads it from ``q``, ``k``, ``v``: exact, whatever else was sharded before or since.
+Tensors *computed* from shards (``q = proj(shard(hidden))``) carry nothing; for them the ring falls back to
+:func:`recorded_padding`, the real length of the most recent sequence sharded to that size in this process.
+
 The same permutation shards anything indexed by token (hidden states, positions for RoPE, labels), so apply
 :func:`shard` to each of them, or use :func:`shard_positions` to get a rank's global positions directly.
 
@@ -34,7 +42,8 @@ need no process group; :func:`shard` / :func:`unshard` and the varlen pair read 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import weakref
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -44,6 +53,8 @@ __all__ = [
     "check_divisible",
     "padded_length",
     "valid_counts",
+    "ShardInfo",
+    "shard_info",
     "recorded_padding",
     "shard_index",
     "shard_positions",
@@ -132,6 +143,48 @@ def valid_counts(seqlen: int, rank: int, world_size: int, layout: str) -> tuple[
     return total, min(total, half), max(total - half, 0)
 
 
+class ShardInfo(NamedTuple):
+    """What :func:`shard` / :func:`shard_for_rank` knew when it made a tensor (see :func:`shard_info`)."""
+
+    layout: str
+    world_size: int
+    seqlen: int  # the real length of the sharded dim
+    padded: int  # padded_length(seqlen, world_size, layout): the global length the shards hold
+
+
+# id(tensor) -> (weak reference to it, ShardInfo). Identity, not content: a tensor is in it only while alive
+# (the weakref callback drops the entry before the id can be reused), and equal-looking tensors are not
+# confused. Nothing is attached to the tensors themselves, so they pickle, copy and compile as ordinary ones.
+_made: dict = {}
+
+
+def _remember(x: torch.Tensor, info: ShardInfo) -> None:
+    key = id(x)
+
+    def forget(ref, key=key):
+        if _made.get(key, (None,))[0] is ref:
+            del _made[key]
+
+    _made[key] = (weakref.ref(x, forget), info)
+
+
+def shard_info(x) -> Optional[ShardInfo]:
+    """The :class:`ShardInfo` ``(layout, world_size, seqlen, padded)`` of a tensor made by :func:`shard` /
+    :func:`shard_for_rank`, or of a view of one (``.view``, ``.transpose``, ``.unbind``, slicing; also
+    after ``.requires_grad_()``, which returns the same tensor); None for any other tensor, including one
+    computed from a shard (``x * 1``, ``x.clone()``, ``x.to(other_dtype)``, ``linear(x)``), and for
+    non-tensors. ``seqlen < padded`` means the shards hold ``padded - seqlen`` padding tokens."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    for t in (x, x._base):  # a view's _base is the tensor that owns the storage (never itself a view)
+        if t is None:
+            continue
+        entry = _made.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+    return None
+
+
 _recorded: dict = {}
 
 
@@ -143,10 +196,15 @@ def _record_padding(layout: str, world_size: int, seqlen: int, padded: int) -> N
 
 
 def recorded_padding(layout: str, world_size: int, padded: int) -> Optional[int]:
-    """The real length of the last sequence that :func:`shard` / :func:`shard_for_rank` padded to ``padded``
-    tokens for this layout and world size in this process, or None (never, or a sequence of exactly
-    ``padded`` tokens was sharded since). The ring uses it to refuse non-causal attention over padded shards
-    when the real length was not passed (the padding would be attended to)."""
+    """The real length of the most recent sequence that :func:`shard` / :func:`shard_for_rank` split into
+    ``padded`` tokens for this layout and world size in this process, if it was padded; None if it was not
+    (it really had ``padded`` tokens) or nothing was.
+
+    Only a fallback: the ring consults it for a non-causal call without ``seqlen=`` whose ``q``, ``k`` and
+    ``v`` have no :func:`shard_info` (tensors computed from shards, e.g. projections of sharded hidden
+    states, whose real length only the caller knows). It assumes they come from the most recent sequence
+    sharded to their size, which holds for a program that shards a batch and then runs it; a program that
+    shards several sequences of one padded size ahead should pass ``seqlen=`` (always correct)."""
     return _recorded.get((layout, world_size, padded))
 
 
@@ -202,7 +260,8 @@ def shard_for_rank(x: torch.Tensor, rank: int, world_size: int, dim: int = 1, la
 
     Any length: ``x`` is first padded at the end of ``dim`` with ``pad_value`` to :func:`padded_length`
     (e.g. ``pad_value=-100`` for labels, so padding is ignored by the loss), so every rank gets
-    ``padded_length(S) // world_size`` tokens.
+    ``padded_length(S) // world_size`` tokens. The result is remembered (weakly) with its real length
+    ``S``: :func:`shard_info`.
     """
     dim = _dim(x, dim)
     s = x.shape[dim]
@@ -210,8 +269,11 @@ def shard_for_rank(x: torch.Tensor, rank: int, world_size: int, dim: int = 1, la
     idx = shard_index(padded, rank, world_size, layout, x.device)
     _record_padding(layout, world_size, s, padded)
     if padded == s:
-        return x.index_select(dim, idx)
-    return _pad_select(x, dim, torch.where(idx < s, idx, -1), pad_value)
+        out = x.index_select(dim, idx)
+    else:
+        out = _pad_select(x, dim, torch.where(idx < s, idx, -1), pad_value)
+    _remember(out, ShardInfo(layout, world_size, s, padded))
+    return out
 
 
 def _inverse_perm(seqlen: int, world_size: int, layout: str, device) -> torch.Tensor:
@@ -274,11 +336,12 @@ def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", pad
         pad_value: fills the padding when the layout cannot split ``S`` (the sequence is padded at its end
             to :func:`padded_length`, the next multiple of ``W``, ``2W`` for zigzag). Use ``-100`` (the
             loss's ``ignore_index``) for labels. Causal ring attention never lets a real query see padding;
-            non-causal ring attention needs the real length: ``ring_attn_func(..., seqlen=S)``.
+            non-causal ring attention needs the real length: ``ring_attn_func(..., seqlen=S)`` (called
+            without it on these shards, or on tensors computed from them, it raises ValueError).
 
     Returns:
-        ``x`` with ``padded_length(S) // W`` tokens along ``dim`` (a copy), same dtype and device. No
-        communication.
+        ``x`` with ``padded_length(S) // W`` tokens along ``dim`` (a copy), same dtype and device: an
+        ordinary tensor, whose real length :func:`shard_info` knows while it lives. No communication.
 
     Raises:
         ValueError: an unknown layout or an out-of-range ``dim``.
