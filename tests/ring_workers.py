@@ -54,13 +54,20 @@ def cases_for(world: int) -> list[dict]:
         cases.append(dict(kind="triton", layout="zigzag", causal=True, dtype="float32", b=1, s=8 * world,
                           h_q=2, h_kv=1, lse_grad=False))
         cases.append(dict(kind="triton_padding"))
+        # the ring's block backward on the 5-matmul kernel with ordered dQ adds (RING_ATTN_BWD=fused-ordered):
+        # pieces with global offsets, fp32 accumulators, dense and packed (every counter checked exact)
+        cases.append(dict(kind="dense", backend="triton", bwd="fused-ordered", layout="zigzag", causal=True,
+                          dtype="float32", b=1, s=8 * world, h_q=4, h_kv=2, lse_grad=True))
+        cases.append(dict(kind="varlen", backend="triton", bwd="fused-ordered", layout="striped", causal=False,
+                          dtype="float32", h_q=2, h_kv=1, chunks=[3, 0, 2]))
     if world == 4:
         cases.append(dict(kind="subgroup"))
         cases.append(dict(kind="mesh"))
     for i, c in enumerate(cases):
         c["name"] = f"w{world}-{i:02d}-{c['kind']}" + "".join(
             f"-{c[k]}" for k in ("layout", "dtype") if k in c) + ("-causal" if c.get("causal") else "") + (
-            f"-h{c['h_q']}/{c['h_kv']}" if "h_q" in c else "") + (f"-{c['backend']}" if "backend" in c else "")
+            f"-h{c['h_q']}/{c['h_kv']}" if "h_q" in c else "") + (f"-{c['backend']}" if "backend" in c else "") + (
+            f"-{c['bwd']}" if "bwd" in c else "")
     return cases
 
 
@@ -126,8 +133,27 @@ def _attention_case(case, rank, world, group, store):
     case = dict(case, world=world)
     q, k, v, dout, dlse, cu = _inputs(case)
     pinned = "triton" if case["kind"] == "triton" else case.get("backend", "reference")
-    with backends.force(pinned):
-        out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, group, rank, world)
+    saved = os.environ.get("RING_ATTN_BWD")
+    if "bwd" in case:
+        os.environ["RING_ATTN_BWD"] = case["bwd"]
+        from ring_attn.backends.triton import attention as triton_attention
+
+        real_dq = triton_attention.bwd_dq_kernel
+
+        class NoDqKernel:  # the fused backward computes dQ itself: a launch of the dQ kernel is a fall-back
+            def __getitem__(self, grid):
+                raise AssertionError(f"RING_ATTN_BWD={case['bwd']}: the separate dQ kernel was launched")
+        triton_attention.bwd_dq_kernel = NoDqKernel()
+    try:
+        with backends.force(pinned):
+            out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, group, rank, world)
+    finally:
+        if "bwd" in case:
+            triton_attention.bwd_dq_kernel = real_dq
+        if saved is None:
+            os.environ.pop("RING_ATTN_BWD", None)
+        else:
+            os.environ["RING_ATTN_BWD"] = saved
     packed = cu is not None
     gathered = dict(out=_gather(out, cu, case["layout"], group), lse=_gather(lse, cu, case["layout"], group,
                                                                            dim=1 if packed else 2),
