@@ -58,6 +58,10 @@ RA_INLINE char* addr(const Ten& t, int64_t b, int64_t row, int64_t h) {
     return t.p + (b * t.sb + row * t.ss + h * t.sh) * dtype_size(t.dt);
 }
 RA_INLINE float* lse_addr(const Lse& t, int64_t b, int64_t h, int64_t row) { return t.p + b * t.sb + h * t.sh + row; }
+// ALiBi slope of (batch or packed sequence b, query head h); 0 without ALiBi (a zero slope adds nothing).
+RA_INLINE float alibi_slope(const AttnArgs& a, int64_t b, int64_t h) {
+    return a.alibi ? a.alibi[b * a.alibi_sb + h * a.alibi_sh] : 0.f;
+}
 
 // Load `n` rows (row0 ..) of head h into a [rows x ld] fp32 buffer, zero-padding columns d..ld and rows n..rows.
 RA_INLINE void load_rows(const Ten& t, int64_t b, int64_t row0, int64_t h, int64_t n, int64_t d, float* buf,
@@ -81,11 +85,19 @@ RA_INLINE void transpose(const float* src, int64_t rows, int64_t ld, int64_t d, 
 
 RA_INLINE float softcap_fn(float x, float cap) { return cap * std::tanh(x / cap); }
 
+// ALiBi distances |base - c| for the 8 columns c = c0 .. c0+7 (base = i + off - j0 of the row), as floats.
+RA_INLINE v8f alibi_dist8(float base, int64_t c0) {
+    const v8f x = splat8(base) - (__builtin_convertvector(iota8(), v8f) + float(c0));
+    return x < 0.f ? -x : x;
+}
+
 // Forward rows: raw scores S[r][0..BN) -> probabilities in place (0 outside the row's visible columns
 // [lo[r], hi[r]]), updating the running max m and sum l, and rescaling the output row by exp(m_old - m_new).
+// ALiBi (slope != 0): column c of row r gets -slope·|rbase + r - c| (rbase = i0 + off - j0) after the scale and
+// softcap, before masking; the choice is made once per row.
 RA_MULTIVERSION
 static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* hi, float scale, float cap,
-                     float* m, float* l, float* O, int64_t dp) {
+                     float slope, int64_t rbase, float* m, float* l, float* O, int64_t dp) {
     const v8f ninf = splat8(NEG_INF);
     for (int64_t r = 0; r < rows; ++r) {
         float* srow = S + r * BN;
@@ -98,13 +110,26 @@ static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* h
             for (int64_t c = a; c <= z; ++c) srow[c] = softcap_fn(srow[c] * scale, cap);
         const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
         v8f vmax = ninf;
-        for (int64_t c = 0; c < BN; c += 8) {
-            const v8i idx = iota8() + int32_t(c);
-            v8f x = loadu8(srow + c);
-            if (cap <= 0.f) x *= scale;
-            x = (idx >= va && idx <= vz) ? x : ninf;
-            storeu8(srow + c, x);
-            vmax = vmax > x ? vmax : x;
+        if (slope == 0.f) {
+            for (int64_t c = 0; c < BN; c += 8) {
+                const v8i idx = iota8() + int32_t(c);
+                v8f x = loadu8(srow + c);
+                if (cap <= 0.f) x *= scale;
+                x = (idx >= va && idx <= vz) ? x : ninf;
+                storeu8(srow + c, x);
+                vmax = vmax > x ? vmax : x;
+            }
+        } else {
+            const float base = float(rbase + r);
+            for (int64_t c = 0; c < BN; c += 8) {
+                const v8i idx = iota8() + int32_t(c);
+                v8f x = loadu8(srow + c);
+                if (cap <= 0.f) x *= scale;
+                x -= slope * alibi_dist8(base, c);
+                x = (idx >= va && idx <= vz) ? x : ninf;
+                storeu8(srow + c, x);
+                vmax = vmax > x ? vmax : x;
+            }
         }
         float mx = vmax[0];
         for (int e = 1; e < 8; ++e) mx = std::max(mx, vmax[e]);
@@ -179,7 +204,8 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
                     for (int64_t g = 0; g < group; ++g) {
                         float* Og = O.data() + g * BM * dp;
                         gemm(mq, BN, d, Qb.data() + g * BM * dp, dp, Kt.data(), BN, S.data(), BN, false);
-                        fwd_rows(S.data(), mq, lo.data(), hi.data(), a.scale, a.softcap, m.data() + g * BM,
+                        fwd_rows(S.data(), mq, lo.data(), hi.data(), a.scale, a.softcap,
+                                 alibi_slope(a, s, hk * group + g), i0 + sq.off - j0, m.data() + g * BM,
                                  l.data() + g * BM, Og, dp);
                         gemm(mq, dp, nb, S.data(), BN, Vb.data(), dp, Og, dp, true);
                     }
@@ -245,10 +271,11 @@ namespace {
 
 // Backward element-wise step on transposed blocks ([BN x BM]: key rows, query columns), in place:
 // St (raw scores) -> Pt = exp(s - lse) (0 outside the key's visible query columns [ra[c], rz[c]]),
-// dPt -> dSt = Pt · (dPt - delta) (· (1 - tanh²) with a softcap).
+// dPt -> dSt = Pt · (dPt - delta) (· (1 - tanh²) with a softcap). ALiBi (slope != 0): s of key column c and
+// query row r gets -slope·|cbase - c + r| (cbase = i0 + off - j0) before the exp; dS is otherwise unchanged.
 RA_MULTIVERSION
 static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, const int64_t* rz, const float* lse,
-                      const float* delta, float scale, float cap) {
+                      const float* delta, float scale, float cap, float slope, int64_t cbase) {
     for (int64_t c = 0; c < nb; ++c) {
         float* srow = St + c * BM;
         float* drow = dPt + c * BM;
@@ -257,12 +284,31 @@ static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, cons
             for (int64_t r = 0; r < BM; ++r) { srow[r] = 0.f; drow[r] = 0.f; }
             continue;
         }
-        if (cap > 0.f) {
+        if (cap > 0.f && slope == 0.f) {
             for (int64_t r = 0; r < BM; ++r) {
                 const float t = std::tanh(srow[r] * scale / cap);
                 const float p = (r >= a && r <= z) ? exp_f32(cap * t - lse[r]) : 0.f;
                 srow[r] = p;
                 drow[r] = p * (drow[r] - delta[r]) * (1.f - t * t);
+            }
+        } else if (cap > 0.f) {
+            const float nb0 = float(cbase - c);  // |cbase - c + r| = |nb0 + r|
+            for (int64_t r = 0; r < BM; ++r) {
+                const float t = std::tanh(srow[r] * scale / cap);
+                const float bias = -slope * std::fabs(nb0 + float(r));
+                const float p = (r >= a && r <= z) ? exp_f32(cap * t + bias - lse[r]) : 0.f;
+                srow[r] = p;
+                drow[r] = p * (drow[r] - delta[r]) * (1.f - t * t);
+            }
+        } else if (slope != 0.f) {
+            const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
+            const float base = -float(cbase - c);  // |cbase - c + r| = |base - r|
+            for (int64_t r = 0; r < BM; r += 8) {
+                const v8i idx = iota8() + int32_t(r);
+                v8f p = exp_v8(loadu8(srow + r) * scale - slope * alibi_dist8(base, r) - loadu8(lse + r));
+                p = (idx >= va && idx <= vz) ? p : v8f{};
+                storeu8(srow + r, p);
+                storeu8(drow + r, p * (loadu8(drow + r) - loadu8(delta + r)));
             }
         } else {
             const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
@@ -375,7 +421,7 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
                             gemm(nb, BM, d, Kb, dp, Qt.data(), BM, St.data(), BM, false);
                             gemm(nb, BM, d, Vb, dp, dOt.data(), BM, dPt.data(), BM, false);
                             bwd_elems(St.data(), dPt.data(), nb, ra.data(), rz.data(), lsev.data(), delv.data(),
-                                      a.scale, a.softcap);
+                                      a.scale, a.softcap, alibi_slope(a, s, h), i0 + sq.off - j0);
                             gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVp.data() + x * BN * dp, dp, true);
                             gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKp.data() + x * BN * dp, dp, true);
                             if (++npairs[x] == FOLD) fold(x);

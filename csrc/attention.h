@@ -29,6 +29,8 @@ struct AttnArgs {
     int64_t offset;       // causal offset when !bottom_right
     int64_t left, right;  // window (-1 = unbounded)
     float softcap;        // 0 = none
+    const float* alibi;   // ALiBi slopes [nseq, h_q] (fp32, element strides below); null = none
+    int64_t alibi_sb, alibi_sh;
 };
 
 void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten& v, const Ten& out, const Lse& lse,

@@ -5,11 +5,12 @@ flash-attn (2.6/2.7) adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scor
 (after the softcap, before masking), causal or not; slopes are fp32 ``(nheads,)`` or ``(batch, nheads)``
 (varlen: ``(n_seqs, nheads)``). Covered: causal and not, s_q != s_k both ways, GQA, windows, softcap, fp32/fp16,
 odd head dims, varlen, both slope shapes, the packed forms, the block-level API with explicit offsets and merges,
-the fused backward modes (``RING_ATTN_BWD``), both CPU backends that implement it (Triton under the interpreter,
-the torch reference; the native backend must never be handed an ALiBi call), a property test, the refusals,
-and a GPU test. Shapes are small: blocks are 16 under the interpreter, so lengths of 20..70 cross several
+the fused backward modes (``RING_ATTN_BWD``), every CPU backend (Triton under the interpreter, the native C++
+backend, the torch reference), backend routing, a property test, the refusals, and a GPU test. Shapes are small: blocks are 16 under the interpreter, so lengths of 20..70 cross several
 blocks, the ragged ends and the window edges.
 """
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -21,10 +22,18 @@ from ring_attn import backends, reference
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 
 
-@pytest.fixture(params=[pytest.param(None, id="auto"), pytest.param("reference", id="reference")])
+NATIVE_BUILT = importlib.util.find_spec("ring_attn._C") is not None
+
+
+@pytest.fixture(params=[
+    pytest.param(None, id="auto"),
+    pytest.param("native", id="native", marks=pytest.mark.skipif(
+        not NATIVE_BUILT, reason="ring_attn._C is not built (no C++ compiler at install time)")),
+    pytest.param("reference", id="reference"),
+])
 def alibi_backend(request):
-    """Automatic selection (the Triton interpreter on CPU here, the Triton kernels on a GPU) and the pinned
-    torch reference. The native backend has no ALiBi: see test_native_is_never_handed_alibi."""
+    """Automatic selection (the Triton interpreter on CPU here, the Triton kernels on a GPU), the pinned native
+    C++ backend (skipped, with the reason, when ``ring_attn._C`` is not built) and the pinned torch reference."""
     with backends.force(request.param):
         yield request.param
 
@@ -368,38 +377,58 @@ def test_property_random_shapes_and_options(data):
 # ------------------------------------------------------------------------------------ backend selection
 
 
-def test_native_is_never_handed_alibi(monkeypatch):
-    """The capability table: triton and reference run ALiBi, native does not, so automatic selection routes an
-    ALiBi call past native even where native would otherwise be chosen, and pinning native refuses it."""
-    assert backends.CAPABILITIES[("triton", "attention")].alibi
-    assert backends.CAPABILITIES[("reference", "attention")].alibi
-    assert not backends.CAPABILITIES[("native", "attention")].alibi
+def test_every_backend_lists_alibi():
+    """The capability table: triton, native and reference all run ALiBi, so nothing is refused for it."""
+    for name in backends.BACKENDS:
+        assert backends.CAPABILITIES[(name, "attention")].alibi, name
     reasons = backends.not_supported_reasons("native", "attention", "cpu", torch.float32, 16, alibi=True)
-    assert any("alibi_slopes (ALiBi) is not supported" in r for r in reasons)
-    # a CPU machine with the extension built and no interpreter: native would run plain attention, but an ALiBi
-    # call goes to the reference
-    monkeypatch.setattr(backends, "native_available", lambda: True)
+    assert not any("alibi" in r for r in reasons), reasons
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="ring_attn._C is not built (no C++ compiler at install time)")
+def test_auto_selection_routes_alibi_to_native(monkeypatch):
+    """A CPU machine with the extension built and no interpreter: automatic selection now hands ALiBi calls
+    (dense and varlen, with window and softcap) to native, as it does plain attention; the interpreter on
+    (this test suite) keeps Triton first."""
     monkeypatch.setattr(backends, "interpreter_enabled", lambda: False)
-    assert backends.not_supported_reasons("native", "attention", "cpu", torch.float32, 16) == []
-    chosen = backends.select("attention", torch.device("cpu"), torch.float32, 16, alibi=True)
-    assert chosen.NAME == "reference"
+    with backends.force(None):
+        for kw in (dict(), dict(varlen=True, window=(5, 0), softcap=2.0)):
+            assert backends.select("attention", torch.device("cpu"), torch.float32, 16, alibi=True,
+                                   **kw).NAME == "native"
+            assert backends.select("attention", torch.device("cpu"), torch.float16, 16, alibi=True,
+                                   **kw).NAME == backends.select("attention", torch.device("cpu"), torch.float16,
+                                                                 16, **kw).NAME
     monkeypatch.undo()
-    q, k, v = _qkv(1, 8, 8, 2, 2, 16, torch.float32)
-    with backends.force("native"), pytest.raises(RuntimeError, match=r"native: alibi_slopes \(ALiBi\) is not "
-                                                                     r"supported"):
-        ring_attn.flash_attn_func(q, k, v, alibi_slopes=torch.rand(2))
+    if backends.triton_available() and backends.interpreter_enabled():
+        with backends.force(None):
+            assert backends.select("attention", torch.device("cpu"), torch.float32, 16, alibi=True).NAME == "triton"
 
 
-def test_native_module_refuses_alibi_if_called():
-    if not backends.native_available():
-        pytest.skip("ring_attn._C is not built (no C++ compiler at install time)")
+@pytest.mark.skipif(not NATIVE_BUILT, reason="ring_attn._C is not built (no C++ compiler at install time)")
+def test_pinned_native_is_handed_the_slopes(monkeypatch):
+    """Pinned native: the public function reaches the native kernels with the fp32 ``[batch, h_q]`` slopes
+    (per-head slopes expanded over the batch) in forward and backward, and the result matches the oracle."""
     from ring_attn.backends import native
 
-    q, k, v = _qkv(1, 8, 8, 2, 2, 16, torch.float32)
-    out, lse = torch.empty_like(q), torch.empty(1, 2, 8)
-    with pytest.raises(NotImplementedError, match=r"native backend: alibi \(slopes of shape \(1, 2\)\)"):
-        native.attention_forward(q, k, v, out, lse, softmax_scale=0.25, causal=False, causal_offset=None,
-                                 seqs=None, merge=False, alibi=torch.rand(1, 2))
+    seen = []
+    for fn in ("attention_forward", "attention_backward"):
+        orig = getattr(native, fn)
+
+        def spy(*a, _orig=orig, _fn=fn, **kw):
+            seen.append((_fn, kw["alibi"]))
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(native, fn, spy)
+    q, k, v = _qkv(2, 70, 70, 4, 2, 16, torch.float32, seed=12)
+    dout = _rand(q.shape, torch.float32, torch.Generator().manual_seed(13))
+    alibi = _slopes((4,), seed=14)
+    with backends.force("native"):
+        got = _run(ring_attn.flash_attn_func, q, k, v, dout, causal=True, alibi_slopes=alibi, return_lse=True)
+    assert [name for name, _ in seen] == ["attention_forward", "attention_backward"]
+    for _, sl in seen:
+        assert sl.dtype == torch.float32 and sl.shape == (2, 4)
+        assert torch.equal(sl, alibi.expand(2, 4))
+    _assert_matches(got, q, k, v, dout, alibi, causal=True)
 
 
 def test_tma_forward_falls_back_with_alibi(monkeypatch):

@@ -2,8 +2,8 @@
 
 The protocol functions of ``ring_attn.backends.native`` are called directly (the semantics of
 ring_attn/backends/protocol.py), with the accuracy rule of tests/accuracy.py: dense and packed, GQA, causal with
-an explicit offset or bottom-right, sliding windows, softcap, merge, accumulate/overwrite, strided views,
-fp32/fp16/bf16, bitwise determinism; RoPE forward/backward/dtheta/table mode. The native kernels use 64-row /
+an explicit offset or bottom-right, sliding windows, softcap, ALiBi slopes (flash-attn's ``alibi_slopes``), merge,
+accumulate/overwrite, strided views, fp32/fp16/bf16, bitwise determinism; RoPE forward/backward/dtheta/table mode. The native kernels use 64-row /
 64-key blocks, so lengths up to ~200 cross several blocks, ragged ends and the causal diagonal.
 """
 import collections
@@ -30,14 +30,15 @@ def _rand(shape, dtype, g):
 
 
 def _native_fwd_bwd(q, k, v, dout, dlse, *, scale, causal, offset, window, softcap, seqs=None,
-                    accumulate=True, grads_init=None):
-    """Forward + delta + backward through the native protocol functions. Returns out, lse, dq, dk, dv."""
+                    accumulate=True, grads_init=None, alibi=None):
+    """Forward + delta + backward through the native protocol functions. Returns out, lse, dq, dk, dv.
+    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes, as the protocol passes them."""
     packed = q.dim() == 3
     lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
     out = torch.full_like(q, 7.0)
     lse = torch.full(lse_shape, 7.0)
     native.attention_forward(q, k, v, out, lse, softmax_scale=scale, causal=causal, causal_offset=offset,
-                             seqs=seqs, merge=False, window=window, softcap=softcap)
+                             seqs=seqs, merge=False, window=window, softcap=softcap, alibi=alibi)
     delta = torch.empty(lse_shape)
     native.attention_delta(dout, out, delta, dlse)
     if grads_init is not None:
@@ -48,18 +49,21 @@ def _native_fwd_bwd(q, k, v, dout, dlse, *, scale, causal, offset, window, softc
         dq, dk, dv = (torch.full_like(x, 7.0) for x in (q, k, v))
     native.attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale=scale, causal=causal,
                               causal_offset=offset, seqs=seqs, accumulate=accumulate, window=window,
-                              softcap=softcap)
+                              softcap=softcap, alibi=alibi)
     return out, lse, dq, dk, dv
 
 
-def _oracle(q, k, v, dout, dlse, cdt, *, scale, causal, offset, window, softcap, seqs=None):
+def _oracle(q, k, v, dout, dlse, cdt, *, scale, causal, offset, window, softcap, seqs=None, alibi=None):
     """``(out, lse, dq, dk, dv)`` of the plain-torch reference computed in ``cdt`` with autograd."""
     qr, kr, vr = (x.detach().to(cdt).requires_grad_() for x in (q, k, v))
+    sl = None if alibi is None else alibi.to(cdt)
     if seqs is None:
-        o, l = reference.attention(qr, kr, vr, scale, causal, offset, cdt, window=window, softcap=softcap)
+        o, l = reference.attention(qr, kr, vr, scale, causal, offset, cdt, window=window, softcap=softcap,
+                                   alibi_slopes=sl)
     else:
         o, l = reference.attention_varlen(qr, kr, vr, seqs.starts_q, seqs.lens_q, seqs.starts_k, seqs.lens_k,
-                                          scale, causal, offset, cdt, window=window, softcap=softcap)
+                                          scale, causal, offset, cdt, window=window, softcap=softcap,
+                                          alibi_slopes=sl)
     loss = (o.double() * dout.double()).sum()
     if dlse is not None:
         loss = loss + (l.double().masked_fill(torch.isinf(l), 0) * dlse.double()).sum()
@@ -70,7 +74,7 @@ def _oracle(q, k, v, dout, dlse, cdt, *, scale, causal, offset, window, softcap,
 
 
 def _check(q, k, v, *, causal=False, offset=None, window=(-1, -1), softcap=0.0, seqs=None, use_dlse=False,
-           scale=None, seed=1, rows=None):
+           scale=None, seed=1, rows=None, alibi=None):
     dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +82,7 @@ def _check(q, k, v, *, causal=False, offset=None, window=(-1, -1), softcap=0.0, 
     packed = q.dim() == 3
     lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
     dlse = torch.randn(lse_shape, generator=g) if use_dlse else None
-    kw = dict(scale=scale, causal=causal, offset=offset, window=window, softcap=softcap, seqs=seqs)
+    kw = dict(scale=scale, causal=causal, offset=offset, window=window, softcap=softcap, seqs=seqs, alibi=alibi)
     out, lse, dq, dk, dv = _native_fwd_bwd(q, k, v, dout, dlse, **kw)
     oracle = _oracle(q, k, v, dout, dlse, torch.float64, **kw)
     base = _oracle(q, k, v, dout, dlse, dtype, **kw)
@@ -92,6 +96,17 @@ def _check(q, k, v, *, causal=False, offset=None, window=(-1, -1), softcap=0.0, 
     for name, got, o_g, b_g in zip(("dq", "dk", "dv"), (dq, dk, dv), oracle[2:], base[2:]):
         assert_within_rule(name, got, o_g, b_g, dtype, BACKWARD)
     return out, lse
+
+
+def _alibi_slopes(kind, n_batch, h_q, seed):
+    """None, or fp32 ``[n_batch, h_q]`` slopes as the protocol passes them: ``"head"`` is per-head slopes
+    expanded over the batch (batch stride 0), ``"batch"`` one row per batch entry / packed sequence."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed + 11)
+    if kind == "head":
+        return (torch.rand(h_q, generator=g) * 0.3 + 0.05).expand(n_batch, h_q)
+    return torch.rand(n_batch, h_q, generator=g) * 0.3 + 0.05
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,13 +132,14 @@ def mask_case(draw):
     mask=mask_case(),
     dtype=st.sampled_from(DTYPES),
     use_dlse=st.booleans(),
+    alibi=st.sampled_from([None, "head", "batch"]),
     seed=st.integers(0, 2**16),
 )
-def test_dense_matches_oracle(b, s_q, s_k, h_kv, group, d, mask, dtype, use_dlse, seed):
+def test_dense_matches_oracle(b, s_q, s_k, h_kv, group, d, mask, dtype, use_dlse, alibi, seed):
     g = torch.Generator().manual_seed(seed)
     h_q = h_kv * group
     q, k, v = (_rand((b, s, h, d), dtype, g) for s, h in ((s_q, h_q), (s_k, h_kv), (s_k, h_kv)))
-    _check(q, k, v, use_dlse=use_dlse, seed=seed, **mask)
+    _check(q, k, v, use_dlse=use_dlse, seed=seed, alibi=_alibi_slopes(alibi, b, h_q, seed), **mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -174,9 +190,10 @@ def test_custom_scale_and_head_dim_256():
     d=st.sampled_from([8, 64, 80]),
     mask=mask_case(),
     dtype=st.sampled_from(DTYPES),
+    alibi=st.sampled_from([None, "head", "batch"]),
     seed=st.integers(0, 2**16),
 )
-def test_varlen_matches_oracle(lens, gaps, group, d, mask, dtype, seed):
+def test_varlen_matches_oracle(lens, gaps, group, d, mask, dtype, alibi, seed):
     g = torch.Generator().manual_seed(seed)
     # sequences one after another (gaps: 3 unused rows before each), zero lengths included
     starts_q, starts_k, rq, rk = [], [], 0, 0
@@ -196,14 +213,15 @@ def test_varlen_matches_oracle(lens, gaps, group, d, mask, dtype, seed):
     if rows.numel() == 0 or k.shape[0] == 0:
         return
     dout = _rand(q.shape, dtype, torch.Generator().manual_seed(seed))
+    alibi = _alibi_slopes(alibi, len(lens), h_kv * group, seed)
     out, lse, dq, dk, dv = _native_fwd_bwd(q, k, v, dout, None, scale=0.2, causal=mask["causal"],
                                            offset=mask["offset"], window=mask["window"], softcap=mask["softcap"],
-                                           seqs=seqs, accumulate=False)
+                                           seqs=seqs, accumulate=False, alibi=alibi)
     # rows outside every sequence are left untouched (forward: 7.0 sentinel; overwrite backward: 7.0)
     outside = torch.ones(q.shape[0], dtype=torch.bool)
     outside[rows] = False
     assert (out[outside] == 7).all() and (lse[:, outside] == 7).all() and (dq[outside] == 7).all()
-    _check(q, k, v, seqs=seqs, seed=seed, scale=0.2, rows=rows, **mask)
+    _check(q, k, v, seqs=seqs, seed=seed, scale=0.2, rows=rows, alibi=alibi, **mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,6 +280,127 @@ def test_backward_is_bitwise_deterministic_across_thread_counts():
         for n in (1, 2, 3, 2):
             torch.set_num_threads(n)
             results.append(_native_fwd_bwd(q, k, v, dout, None, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALiBi (flash-attn's alibi_slopes): -slope·|i + off - j| added after the scale and softcap, before masking
+
+# (b, s_q, s_k, h_q, h_kv, d, causal, offset, window, softcap, dtype, slopes)
+ALIBI_DENSE = [
+    (2, 150, 150, 4, 2, 64, True, None, (-1, -1), 0.0, torch.float32, "batch"),    # causal, GQA 2
+    (1, 190, 77, 4, 4, 32, False, None, (-1, -1), 0.0, torch.float32, "head"),     # s_q > s_k, non-causal
+    (1, 200, 70, 2, 1, 64, True, None, (-1, -1), 0.0, torch.bfloat16, "batch"),    # s_q > s_k causal: empty rows
+    (2, 90, 200, 6, 2, 80, True, None, (-1, -1), 0.0, torch.float16, "head"),      # s_q < s_k, GQA 3
+    (2, 130, 130, 4, 2, 33, False, None, (40, 17), 0.0, torch.float16, "batch"),   # both-sided window
+    (1, 160, 160, 2, 1, 64, True, None, (64, 0), 30.0, torch.bfloat16, "head"),    # window + softcap (Gemma 2)
+    (2, 100, 140, 4, 4, 17, False, None, (-1, -1), 5.0, torch.float32, "batch"),   # softcap, non-causal
+    (1, 120, 180, 4, 2, 64, True, 25, (-1, -1), 0.0, torch.float32, "batch"),      # explicit causal offset
+    (1, 140, 100, 2, 2, 8, False, -30, (70, 5), 4.0, torch.float32, "head"),       # negative offset + window + cap
+]
+
+
+@pytest.mark.parametrize("b,s_q,s_k,h_q,h_kv,d,causal,offset,window,softcap,dtype,slopes", ALIBI_DENSE)
+def test_alibi_dense_matches_oracle(b, s_q, s_k, h_q, h_kv, d, causal, offset, window, softcap, dtype, slopes):
+    g = torch.Generator().manual_seed(s_q + s_k + d)
+    q, k, v = (_rand((b, s, h, d), dtype, g) for s, h in ((s_q, h_q), (s_k, h_kv), (s_k, h_kv)))
+    alibi = _alibi_slopes(slopes, b, h_q, seed=d)
+    opts = dict(causal=causal, offset=offset, window=window, softcap=softcap)
+    out, _ = _check(q, k, v, alibi=alibi, use_dlse=True, seed=3, **opts)
+    # the case is one where ALiBi matters (the result is far from attention without the bias)
+    no_bias, _ = reference.attention(q, k, v, 1.0 / math.sqrt(d), causal, offset, torch.float64, window=window,
+                                     softcap=softcap)
+    assert (out.double() - no_bias).abs().max() > 5e-2, "ALiBi changes nothing here: the case tests nothing"
+
+
+@pytest.mark.parametrize("dtype,causal,window,softcap,slopes", [
+    (torch.float32, True, (-1, -1), 0.0, "batch"),
+    (torch.float16, False, (30, 10), 0.0, "head"),
+    (torch.bfloat16, True, (50, 0), 8.0, "batch"),
+    (torch.float32, False, (-1, -1), 3.0, "batch"),
+])
+def test_alibi_varlen_matches_oracle(dtype, causal, window, softcap, slopes):
+    """Packed sequences (gaps between them, a zero-length one, s_q != s_k both ways): sequence ``n`` uses slope
+    row ``n`` and its own bottom-right offset."""
+    g = torch.Generator().manual_seed(17)
+    lens = [(130, 70), (0, 20), (65, 140), (1, 1), (100, 100)]
+    starts_q, starts_k, rq, rk = [], [], 0, 0
+    for lq, lk in lens:
+        rq, rk = rq + 2, rk + 3
+        starts_q.append(rq)
+        starts_k.append(rk)
+        rq, rk = rq + lq, rk + lk
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    seqs = Seqs(i32(starts_q), i32([a for a, _ in lens]), i32(starts_k), i32([c for _, c in lens]),
+                max(a for a, _ in lens), max(c for _, c in lens))
+    q, k, v = (_rand((t, h, 64), dtype, g) for t, h in ((rq, 4), (rk, 2), (rk, 2)))
+    rows = torch.cat([torch.arange(a, a + n) for a, (n, _) in zip(starts_q, lens)]).long()
+    _check(q, k, v, seqs=seqs, seed=5, scale=0.2, rows=rows, alibi=_alibi_slopes(slopes, len(lens), 4, 7),
+           causal=causal, window=window, softcap=softcap)
+
+
+def test_alibi_strided_slopes_and_merge():
+    """Slopes with any strides (a transposed view, batch stride 0) give bitwise the results of a contiguous
+    copy; the forward over key pieces with explicit offsets, merged, equals the whole (the bias uses each
+    piece's offset); zero slopes equal no ALiBi bitwise."""
+    g = torch.Generator().manual_seed(9)
+    b, s_q, s_k, h_q, h_kv, d = 2, 150, 190, 4, 2, 64
+    q, k, v = (_rand((b, s, h, d), torch.float32, g) for s, h in ((s_q, h_q), (s_k, h_kv), (s_k, h_kv)))
+    dout = _rand(q.shape, torch.float32, g)
+    kw = dict(scale=0.125, causal=True, offset=None, window=(60, -1), softcap=0.0)
+    strided = (torch.rand(h_q, b, generator=g) * 0.3 + 0.05).T
+    assert not strided.is_contiguous()
+    for sl in (strided, _alibi_slopes("head", b, h_q, 3)):
+        got = _native_fwd_bwd(q, k, v, dout, None, alibi=sl, **kw)
+        want = _native_fwd_bwd(q, k, v, dout, None, alibi=sl.contiguous(), **kw)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+    zero = _native_fwd_bwd(q, k, v, dout, None, alibi=torch.zeros(b, h_q), **kw)
+    for x, y in zip(zero, _native_fwd_bwd(q, k, v, dout, None, **kw)):
+        assert torch.equal(x, y)
+    # merge of key pieces with explicit offsets
+    alibi, off = strided, s_k - s_q
+    out, lse = torch.empty(b, s_q, h_q, d), torch.empty(b, h_q, s_q)
+    for j0, j1 in ((0, 70), (70, 131), (131, s_k)):
+        native.attention_forward(q, k[:, j0:j1], v[:, j0:j1], out, lse, softmax_scale=0.125, causal=True,
+                                 causal_offset=off - j0, seqs=None, merge=j0 > 0, window=(60, -1), alibi=alibi)
+    want_o, want_l = reference.attention(q, k, v, 0.125, True, off, torch.float64, window=(60, -1),
+                                         alibi_slopes=alibi.double())
+    base_o, base_l = reference.attention(q, k, v, 0.125, True, off, torch.float32, window=(60, -1),
+                                         alibi_slopes=alibi)
+    assert_within_rule("merged out", out, want_o, base_o, torch.float32, FORWARD)
+    fin = ~torch.isinf(want_l)
+    assert torch.equal(fin, ~torch.isinf(lse))
+    assert_within_rule("merged lse", lse[fin], want_l[fin], base_l[fin], torch.float32, FORWARD)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_alibi_is_bitwise_deterministic_across_thread_counts(packed):
+    """Forward and backward with ALiBi (GQA, window, softcap) give bitwise-identical results for 1, 2, 3 threads."""
+    g = torch.Generator().manual_seed(8)
+    kw = dict(scale=0.125, causal=True, offset=None, window=(100, 0), softcap=20.0)
+    if packed:
+        lens = [(170, 200), (90, 60), (0, 5), (140, 140)]
+        starts_q = torch.tensor([0, 170, 260, 260], dtype=torch.int32)
+        starts_k = torch.tensor([0, 200, 260, 265], dtype=torch.int32)
+        kw["seqs"] = Seqs(starts_q, torch.tensor([a for a, _ in lens], dtype=torch.int32), starts_k,
+                          torch.tensor([c for _, c in lens], dtype=torch.int32), 170, 200)
+        q, k, v = (_rand((t, h, 64), torch.float32, g) for t, h in ((400, 8), (405, 2), (405, 2)))
+        alibi = _alibi_slopes("batch", len(lens), 8, 1)
+    else:
+        q, k, v = (_rand((2, n, h, 64), torch.float32, g) for n, h in ((300, 8), (300, 2), (300, 2)))
+        alibi = _alibi_slopes("head", 2, 8, 1)
+    dout = _rand(q.shape, torch.float32, g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 2):
+            torch.set_num_threads(n)
+            results.append(_native_fwd_bwd(q, k, v, dout, None, alibi=alibi, **kw))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

@@ -20,6 +20,7 @@ import ring_attn
 import ring_attn.backends as backends
 
 ROOT = Path(__file__).resolve().parents[1]
+NATIVE_BUILT_HERE = importlib.util.find_spec("ring_attn._C") is not None
 
 
 def test_install_without_a_compiler_succeeds_and_says_why(tmp_path):
@@ -61,6 +62,23 @@ def test_missing_extension_falls_back_to_reference_and_warns_once(monkeypatch):
             assert reasons == ["native: the C++ extension ring_attn._C is not built"]
     finally:
         backends._native_import_error.cache_clear()
+
+
+def test_stale_extension_is_reported_not_called(monkeypatch):
+    """An extension built from older sources (another ABI_VERSION) counts as unavailable, naming why."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "ring_attn._C", types.SimpleNamespace(ABI_VERSION=1))
+    backends._native_import_error.cache_clear()
+    try:
+        assert not backends.native_available()
+        assert "ABI_VERSION 1, expected" in backends._native_import_error()
+        assert "rebuild" in backends._native_import_error()
+    finally:
+        backends._native_import_error.cache_clear()
+    monkeypatch.undo()
+    if NATIVE_BUILT_HERE:
+        assert backends.native_available()
 
 
 def test_bench_cpu_quick(tmp_path, monkeypatch, capsys):

@@ -84,7 +84,7 @@ CAPABILITIES: dict[tuple[str, str], Capability] = {
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
     ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(1, None, 1),
-                                        window=True, softcap=True),
+                                        window=True, softcap=True, alibi=True),
     ("native", "rope"): Capability(devices=("cpu",), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
     ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
                                            window=True, softcap=True, alibi=True),
@@ -112,13 +112,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# csrc/bindings.cpp's ABI_VERSION this package calls (2: attention entry points take the ALiBi slopes)
+_NATIVE_ABI = 2
+
+
 @functools.lru_cache(maxsize=None)
 def _native_import_error() -> Optional[str]:
     """None when ``ring_attn._C`` imports, else why not (``"ImportError: ..."``)."""
     try:
-        importlib.import_module("ring_attn._C")
+        mod = importlib.import_module("ring_attn._C")
     except Exception as exc:  # not built (no compiler at install time), or built for another Python/ABI
         return f"{type(exc).__name__}: {exc}"
+    abi = getattr(mod, "ABI_VERSION", None)
+    if abi != _NATIVE_ABI:  # a stale build from an older checkout: its entry points take other arguments
+        return (f"ring_attn._C was built from older sources (ABI_VERSION {abi}, expected {_NATIVE_ABI}); "
+                "rebuild it (pip install -e . or pip install .)")
     return None
 
 

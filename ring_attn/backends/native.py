@@ -5,8 +5,8 @@ link libtorch: every tensor is passed as its data pointer, a dtype code and elem
 working across torch releases. Kernels release the GIL and use ``torch.get_num_threads()`` OpenMP threads.
 
 Supported: CPU tensors; attention storage fp32/fp16/bf16 (fp32 math), any head dim, dense and varlen, merge,
-accumulate/overwrite, causal (explicit offset or bottom-right), window, softcap, GQA (no ALiBi: the capability
-table keeps ``alibi`` calls away, and a direct call with slopes raises NotImplementedError); RoPE storage
+accumulate/overwrite, causal (explicit offset or bottom-right), window, softcap, GQA, ALiBi slopes (fp32
+``[n_batch, h_q]``, any strides, read in place); RoPE storage
 fp16/bf16/fp32 (fp32 math) and fp64 (fp64 math), angle and table mode, both pairings, dtheta.
 Backward results are deterministic (bitwise) for any thread count.
 
@@ -74,20 +74,25 @@ def _mask_args(causal, causal_offset, window, softcap):
             left, right, float(softcap or 0.0))
 
 
-def _no_alibi(alibi) -> None:
-    if alibi is not None:
-        raise NotImplementedError(f"native backend: alibi (slopes of shape {tuple(alibi.shape)}) is not "
-                                  "implemented; expected None (the triton and reference backends support it)")
+def _alibi_args(alibi: Optional[torch.Tensor]) -> tuple:
+    """``(ptr, stride_b, stride_h)`` of fp32 ``[n_batch, h_q]`` ALiBi slopes (any strides, e.g. a batch stride
+    of 0 for per-head slopes), or ``(0, 0, 0)`` without ALiBi."""
+    if alibi is None:
+        return (0, 0, 0)
+    if alibi.dtype != torch.float32 or alibi.dim() != 2:
+        raise TypeError(f"native backend: alibi must be a float32 [n_batch, h_q] tensor, got {alibi.dtype} "
+                        f"of shape {tuple(alibi.shape)}")
+    return (alibi.data_ptr(), alibi.stride(0), alibi.stride(1))
 
 
 def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs, merge: bool, window=(-1, -1), softcap: float = 0.0, alibi=None) -> None:
     """Protocol ``attention_forward`` (see :mod:`ring_attn.backends.protocol`): writes ``out``/``lse`` in place.
-    ``alibi`` must be None (NotImplementedError)."""
-    _no_alibi(alibi)
+    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides)."""
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse), shape, seq, packed, float(softmax_scale),
-                         *_mask_args(causal, causal_offset, window, softcap), bool(merge), torch.get_num_threads())
+                         *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi), bool(merge),
+                         torch.get_num_threads())
     del keep
 
 
@@ -105,13 +110,12 @@ def attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, *, softmax_scale: 
                        causal_offset: Optional[int], seqs, accumulate: bool, window=(-1, -1),
                        softcap: float = 0.0, alibi=None) -> None:
     """Protocol ``attention_backward``: gradients added into (``accumulate``) or written to dq/dk/dv.
-    ``alibi`` must be None (NotImplementedError)."""
-    _no_alibi(alibi)
+    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides; they get no gradient)."""
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_backward(_t4(dout), _t4(q), _t4(k), _t4(v), _l3(lse), _l3(delta), _t4(dq), _t4(dk), _t4(dv),
                           shape, seq, packed, float(softmax_scale),
-                          *_mask_args(causal, causal_offset, window, softcap), bool(accumulate),
-                          torch.get_num_threads())
+                          *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi),
+                          bool(accumulate), torch.get_num_threads())
     del keep
 
 
