@@ -150,6 +150,23 @@ def test_fused_backward_is_opt_in(monkeypatch):
     assert A.tiles.fused_backward_mode() == ""
 
 
+@pytest.mark.parametrize("fn", ["flash_attn_func", "ring_attn_func"])
+def test_deterministic_true_contradicts_unordered_atomics(monkeypatch, fn):
+    """flash-attn's deterministic=True is honoured: under RING_ATTN_BWD=fused (unordered atomics) it is refused
+    before anything runs (the ring: before any collective); fused-ordered and the default accept it."""
+    q = torch.randn(1, 8, 2, 16)
+    call = getattr(ring_attn, fn)
+    monkeypatch.setenv("RING_ATTN_BWD", "fused")
+    with pytest.raises(ValueError, match=r"deterministic=True, but RING_ATTN_BWD=fused selects the Triton backward "
+                                         r"with unordered fp32 atomics .* RING_ATTN_BWD=fused-ordered"):
+        call(q, q, q, causal=True, deterministic=True)
+    if fn == "flash_attn_func":  # (the ring needs a process group to run at all)
+        call(q, q, q, causal=True, deterministic=False)
+        for mode in ("fused-ordered", "two-kernel"):
+            monkeypatch.setenv("RING_ATTN_BWD", mode)
+            call(q, q, q, causal=True, deterministic=True)
+
+
 def test_unknown_backward_mode_is_refused_before_any_launch(monkeypatch):
     q = torch.randn(1, 20, 2, 16, requires_grad=True)
     out = ring_attn.flash_attn_func(q, q.detach(), q.detach(), causal=True)

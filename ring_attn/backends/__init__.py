@@ -36,6 +36,8 @@ __all__ = [
     "CAPABILITIES",
     "triton_available",
     "interpreter_enabled",
+    "backward_mode",
+    "check_deterministic",
     "native_available",
     "not_supported_reasons",
     "select",
@@ -201,6 +203,31 @@ def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.d
     if alibi and not cap.alibi:
         reasons.append(f"{backend}: alibi_slopes (ALiBi) is not supported for {op}")
     return reasons
+
+
+_BACKWARD_MODES = {"": "", "two-kernel": "", "fused": "atomic", "fused-ordered": "ordered"}
+
+
+def backward_mode() -> str:
+    """The Triton backward asked for by ``RING_ATTN_BWD``: ``"atomic"`` (``fused``: the 5-matmul backward with
+    dQ by unordered fp32 atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a
+    fixed order, deterministic), or ``""`` (unset or ``two-kernel``, the default: the two deterministic
+    kernels, until a GPU has measured the fused ones; see ``benchmarks/NOTES.md``). Raises ValueError for an
+    unknown value."""
+    mode = os.environ.get("RING_ATTN_BWD", "")
+    if mode not in _BACKWARD_MODES:
+        raise ValueError(f"RING_ATTN_BWD={mode!r}: expected 'fused-ordered', 'fused', 'two-kernel' or unset")
+    return _BACKWARD_MODES[mode]
+
+
+def check_deterministic(deterministic: bool, name: str = "") -> None:
+    """flash-attn's ``deterministic``: every backward here is bitwise deterministic except the opt-in
+    ``RING_ATTN_BWD=fused``; asking for ``deterministic=True`` under it is a contradiction, refused (ValueError
+    naming both) before anything runs, instead of silently giving run-to-run different gradients."""
+    if deterministic and backward_mode() == "atomic":
+        raise ValueError(f"{name + ': ' if name else ''}deterministic=True, but RING_ATTN_BWD=fused selects the Triton backward with "
+                         f"unordered fp32 atomics (not bitwise reproducible); unset RING_ATTN_BWD or use "
+                         f"RING_ATTN_BWD=fused-ordered (the same 5-matmul backward, deterministic)")
 
 
 def forced() -> Optional[str]:

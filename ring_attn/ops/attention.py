@@ -48,6 +48,7 @@ from ring_attn._contracts import (
     check_tensor,
     check_window,
 )
+from ring_attn.backends import check_deterministic
 from ring_attn.ops.attention_block import (
     attention_block_backward,
     attention_block_forward,
@@ -171,7 +172,8 @@ def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softca
     causal = _check_flag("causal", causal)
     window = check_window(window_size)
     cap = check_softcap(softcap)
-    _check_flag("deterministic", deterministic)  # the backward is always deterministic here
+    # every backward is deterministic here, except the opt-in RING_ATTN_BWD=fused, which contradicts True
+    check_deterministic(_check_flag("deterministic", deterministic))
     _check_flag("return_attn_probs", return_attn_probs)
     _check_flag("return_lse", return_lse)
     return scale, causal, window, cap
@@ -206,7 +208,8 @@ _COMMON_DOC = """
         alibi_slopes: ALiBi: None, or float32 ``[heads_q]`` or ``[batch, heads_q]`` (varlen: ``[n_seqs, heads_q]``)
             on q's device; adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query ``i`` and key
             ``j`` (after the softcap, before masking; per sequence in varlen). The slopes get no gradient.
-        deterministic: accepted for compatibility; the backward is always deterministic here.
+        deterministic: the backward is bitwise deterministic either way; True under the opt-in
+            ``RING_ATTN_BWD=fused`` (unordered atomics) is refused with ValueError.
         return_attn_probs: return ``(out, softmax_lse, None)``: flash-attn's ``S_dmask`` (only meaningful with
             dropout, for its tests) is not materialised and is None.
         return_lse (keyword-only, ours): return ``(out, lse)``."""

@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 from ring_attn._contracts import VarlenSeqs, check_cu_seqlens_form, check_qkv, check_scale, check_softcap
+from ring_attn.backends import check_deterministic
 from ring_attn.ops.attention import (
     attention_block_backward,
     attention_block_forward,
@@ -528,7 +529,9 @@ def _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slope
     for arg, val in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
         if not isinstance(val, (bool, int)) or val not in (0, 1):
             raise TypeError(f"{name}: {arg} must be a bool, got {val!r}; the positional order is {_ORDER}")
-    # deterministic: accepted either way; the ring's forward and backward are always bitwise deterministic
+    # the ring's forward and backward are bitwise deterministic, except under the opt-in RING_ATTN_BWD=fused,
+    # which contradicts deterministic=True (refused here, before any collective)
+    check_deterministic(bool(deterministic), name)
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name}: group must be a torch.distributed ProcessGroup or None, got {group!r}; the "
                         f"positional order is {_ORDER}")
@@ -658,7 +661,8 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
             positions; pieces entirely outside the window are skipped.
         softcap: ``> 0``: scores ``softcap * tanh(s / softcap)`` (Gemma 2); 0 is off.
         alibi_slopes: must be None (NotImplementedError otherwise).
-        deterministic: accepted and ignored: the ring's forward and backward are always bitwise deterministic.
+        deterministic: the ring's forward and backward are bitwise deterministic either way; True under the
+            opt-in ``RING_ATTN_BWD=fused`` (unordered atomics) is refused with ValueError.
         return_attn_probs: return ``(out, lse, None)`` like flash-attn / ring-flash-attn (no probabilities).
         group: process group (default: the world); any subgroup or ``DeviceMesh`` dimension's group.
         layout: (keyword) ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.

@@ -16,7 +16,7 @@ import json
 import os
 from typing import NamedTuple, Optional
 
-from ring_attn.backends import interpreter_enabled
+from ring_attn.backends import backward_mode, interpreter_enabled
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
            "current_arch", "autotune_enabled", "fused_backward_mode", "forward_variant_mode", "fwd_tma_tile",
@@ -199,15 +199,9 @@ def current_arch() -> int:
 
 
 def fused_backward_mode() -> str:
-    """The 5-matmul backward asked for by ``RING_ATTN_BWD``: ``"atomic"`` (``fused``: dQ by unordered fp32
-    atomics, not bitwise reproducible), ``"ordered"`` (``fused-ordered``: dQ added in a fixed order,
-    deterministic), or ``""`` (unset or ``two-kernel``, the default: the two deterministic kernels, until a
-    GPU has measured the fused ones; see ``benchmarks/NOTES.md``). Unknown values raise ValueError."""
-    mode = os.environ.get("RING_ATTN_BWD", "")
-    modes = {"": "", "two-kernel": "", "fused": "atomic", "fused-ordered": "ordered"}
-    if mode not in modes:
-        raise ValueError(f"RING_ATTN_BWD={mode!r}: expected 'fused-ordered', 'fused', 'two-kernel' or unset")
-    return modes[mode]
+    """The 5-matmul backward asked for by ``RING_ATTN_BWD`` (:func:`ring_attn.backends.backward_mode`, the one
+    place that reads it): ``"atomic"``, ``"ordered"`` or ``""`` (the two deterministic kernels)."""
+    return backward_mode()
 
 
 def forward_variant_mode() -> str:
