@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ring_attn
-from ring_attn import reference
+from ring_attn import backends, reference
 from ring_attn.backends.triton import attention as A
 from ring_attn.ops.attention import attention_block_backward, attention_block_forward, attention_delta
 
@@ -145,9 +145,9 @@ def test_fused_backward_property(mode, b, s_q, s_k, h_kv, group, d, causal, left
 
 def test_fused_backward_is_opt_in(monkeypatch):
     monkeypatch.delenv("RING_ATTN_BWD", raising=False)
-    assert A.tiles.fused_backward_mode() == ""
+    assert backends.backward_mode() == ""
     monkeypatch.setenv("RING_ATTN_BWD", "two-kernel")
-    assert A.tiles.fused_backward_mode() == ""
+    assert backends.backward_mode() == ""
 
 
 @pytest.mark.parametrize("fn", ["flash_attn_func", "ring_attn_func"])

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ring_attn._contracts import VarlenSeqs
-from ring_attn.backends import interpreter_enabled
+from ring_attn.backends import backward_mode, interpreter_enabled
 from ring_attn.backends.triton import tiles
 from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
@@ -289,7 +289,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return
     cdiv = triton.cdiv
     blocks = bwd_blocks(d)
-    mode = tiles.fused_backward_mode() if max_q > 0 and max_k > 0 else ""
+    mode = backward_mode() if max_q > 0 and max_k > 0 else ""
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, dk.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
     flags.update(alibi_flag)
@@ -300,15 +300,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     offset = 0 if causal_offset is None else int(causal_offset)
     seq = _seq_args(seqs, q)
     vl = seqs is not None
-    if mode:  # fp32 dQ: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
-        dqa4 = dq4 if accumulate else torch.zeros(q4.shape, dtype=torch.float32, device=q.device)
-    else:
-        dqa4 = dq4
+    # fused dQ goes into fp32: the ring's accumulator itself, else a zeroed workspace converted into dq at the end
+    dqa4 = torch.zeros(q4.shape, dtype=torch.float32, device=q.device) if mode and not accumulate else dq4
     if max_k > 0:
         block_m, block_n = blocks["dkdv"]
         n_qblocks = cdiv(max_q, block_m)
-        locks = torch.zeros(n_batch * h_q * n_qblocks if mode == "ordered" else 1, dtype=torch.int32,
-                            device=q.device)
+        # the ordered adds' counters; other modes never read LOCKS, so they get a placeholder, not an allocation
+        locks = (torch.zeros(n_batch * h_q * n_qblocks, dtype=torch.int32, device=q.device) if mode == "ordered"
+                 else dk4)
         bwd_dkdv_kernel[(cdiv(max_k, block_n), n_batch * h_kv)](
             q4, k4, v4, do4, l3, d3, dk4, dv4, dqa4, locks, *seq,
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),

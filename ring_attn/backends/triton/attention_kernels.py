@@ -649,8 +649,8 @@ def bwd_dkdv_kernel(
     # loaded for each head of the group).
     # DQ_MODE 0: dQ is left to bwd_dq_kernel (DQ, LOCKS unused). 1 or 2: the 5-matmul backward, this kernel
     # also adds each (query block, key block) dQ partial into DQ (fp32, zeroed or the ring's running sum):
-    # 1 by unordered atomics, 2 in increasing key-block order behind LOCKS (int32 [batch * h_q, n_qblocks],
-    # zeroed). Programs are launched lowest key block first and only ever wait on lower ones (launched
+    # 1 by unordered atomics (LOCKS unused), 2 in increasing key-block order behind LOCKS (int32
+    # [batch * h_q, n_qblocks], zeroed). Programs are launched lowest key block first and only ever wait on lower ones (launched
     # before them), so the waits cannot deadlock; SPIN_ASM: wait in PTX (compiled), else the interpreter's
     # sequential check.
     pid_n = tl.program_id(0)

@@ -16,10 +16,10 @@ import json
 import os
 from typing import NamedTuple, Optional
 
-from ring_attn.backends import backward_mode, interpreter_enabled
+from ring_attn.backends import interpreter_enabled
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
-           "current_arch", "autotune_enabled", "fused_backward_mode", "forward_variant_mode", "fwd_tma_tile",
+           "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
            "dump_tuned", "SMEM_LIMIT"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -196,12 +196,6 @@ def current_arch() -> int:
         major, minor = torch.cuda.get_device_capability()
         return major * 10 + minor
     return 90
-
-
-def fused_backward_mode() -> str:
-    """The 5-matmul backward asked for by ``RING_ATTN_BWD`` (:func:`ring_attn.backends.backward_mode`, the one
-    place that reads it): ``"atomic"``, ``"ordered"`` or ``""`` (the two deterministic kernels)."""
-    return backward_mode()
 
 
 def forward_variant_mode() -> str:
