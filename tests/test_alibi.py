@@ -11,7 +11,6 @@ blocks, the ragged ends and the window edges.
 """
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -19,32 +18,12 @@ from hypothesis import strategies as st
 
 import ring_attn
 from ring_attn import backends, reference
+import test_flash_compat as FC
 from accuracy import BACKWARD, FORWARD, assert_within_rule
+from test_flash_compat import _cu, _qkv, _rand, _run
 
 
 NATIVE_BUILT = importlib.util.find_spec("ring_attn._C") is not None
-
-
-@pytest.fixture(params=[
-    pytest.param(None, id="auto"),
-    pytest.param("native", id="native", marks=pytest.mark.skipif(
-        not NATIVE_BUILT, reason="ring_attn._C is not built (no C++ compiler at install time)")),
-    pytest.param("reference", id="reference"),
-])
-def alibi_backend(request):
-    """Automatic selection (the Triton interpreter on CPU here, the Triton kernels on a GPU), the pinned native
-    C++ backend (skipped, with the reason, when ``ring_attn._C`` is not built) and the pinned torch reference."""
-    with backends.force(request.param):
-        yield request.param
-
-
-def _rand(shape, dtype, g):
-    return torch.randn(shape, generator=g).to(dtype)
-
-
-def _qkv(b, s_q, s_k, h_q, h_kv, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return _rand((b, s_q, h_q, d), dtype, g), _rand((b, s_k, h_kv, d), dtype, g), _rand((b, s_k, h_kv, d), dtype, g)
 
 
 def _slopes(shape, seed):
@@ -52,51 +31,17 @@ def _slopes(shape, seed):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.3 + 0.05
 
 
-def _cu(lens):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
-
-
-def _oracle(q, k, v, dout, alibi, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, cu_q=None, cu_k=None,
-            compute=torch.float64):
-    """``(out, lse, dq, dk, dv)`` of the plain-torch reference in ``compute`` (float64: the oracle)."""
-    qr, kr, vr = (x.detach().to(compute).requires_grad_() for x in (q, k, v))
-    sl = None if alibi is None else alibi.to(compute)
-    if cu_q is None:
-        o, l = reference.attention(qr, kr, vr, scale, causal, compute_dtype=compute, window=window, softcap=softcap,
-                                   alibi_slopes=sl)
-    else:
-        o, l = reference.attention_varlen(qr, kr, vr, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1],
-                                          cu_k[1:] - cu_k[:-1], scale, causal, compute_dtype=compute,
-                                          window=window, softcap=softcap, alibi_slopes=sl)
-    (o.double() * dout.double()).sum().backward()
-    return o, l, qr.grad, kr.grad, vr.grad
+def _oracle(q, k, v, dout, alibi, **opts):
+    """``(out, lse, dq, dk, dv)`` of the plain-torch reference with the slopes (float64: the oracle)."""
+    return FC._oracle(q, k, v, dout, alibi=alibi, **opts)
 
 
 def _assert_matches(got, q, k, v, dout, alibi, **opts):
-    """``got = (out, lse, dq, dk, dv)`` vs the oracle (plain torch in q's dtype as the rule's baseline). Also
-    checks the case is one where ALiBi matters: the oracle without the slopes is far from the result."""
-    dtype = q.dtype
-    oracle = _oracle(q, k, v, dout, alibi, **opts)
-    base = _oracle(q, k, v, dout, alibi, compute=dtype, **opts)
-    out, lse = got[0], got[1]
-    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
-    assert torch.equal(torch.isinf(lse), torch.isinf(oracle[1])), "rows that see no key differ from the oracle"
-    assert_within_rule("out", out, oracle[0], base[0], dtype, FORWARD)
-    fin = ~torch.isinf(oracle[1])
-    assert_within_rule("lse", lse[fin], oracle[1][fin], base[1].float()[fin], dtype, FORWARD)
-    for name, g, o, b in zip(("dq", "dk", "dv"), got[2:], oracle[2:], base[2:]):
-        assert g.dtype == dtype
-        assert_within_rule(name, g, o, b, dtype, BACKWARD)
-    no_alibi = _oracle(q, k, v, dout, None, **opts)
+    """``got = (out, lse, dq, dk, dv)`` vs the oracle under the accuracy rule (test_flash_compat's check), and
+    the case is one where ALiBi matters: the oracle without the slopes is far from the result."""
+    oracle = FC._assert_matches(got, q, k, v, dout, alibi=alibi, **opts)
+    no_alibi = FC._oracle(q, k, v, dout, **opts)
     assert (no_alibi[0] - oracle[0]).abs().max() > 1e-2, "ALiBi changes nothing here: the case tests nothing"
-
-
-def _run(fn, q, k, v, dout, *args, **kwargs):
-    """``fn(q, k, v, *args, **kwargs)`` (returning ``(out, lse, ...)``) with autograd: ``(out, lse, dq, dk, dv)``."""
-    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    res = fn(qs, ks, vs, *args, **kwargs)
-    res[0].backward(dout)
-    return res[0].detach(), res[1].detach(), qs.grad, ks.grad, vs.grad
 
 
 # ------------------------------------------------------------------------------------------- the oracle
@@ -138,7 +83,7 @@ DENSE_CASES = [
 
 
 @pytest.mark.parametrize("b,s_q,s_k,h_q,h_kv,d,causal,window,softcap,dtype,per_batch", DENSE_CASES)
-def test_dense_matches_oracle(alibi_backend, b, s_q, s_k, h_q, h_kv, d, causal, window, softcap, dtype, per_batch):
+def test_dense_matches_oracle(cpu_backend, b, s_q, s_k, h_q, h_kv, d, causal, window, softcap, dtype, per_batch):
     q, k, v = _qkv(b, s_q, s_k, h_q, h_kv, d, dtype, seed=s_q + s_k + d)
     dout = _rand(q.shape, dtype, torch.Generator().manual_seed(1))
     alibi = _slopes((b, h_q) if per_batch else (h_q,), seed=s_q)
@@ -194,7 +139,7 @@ VARLEN_CASES = [
 
 
 @pytest.mark.parametrize("lens_q,lens_k,causal,window,softcap,dtype,per_seq", VARLEN_CASES)
-def test_varlen_matches_oracle(alibi_backend, lens_q, lens_k, causal, window, softcap, dtype, per_seq):
+def test_varlen_matches_oracle(cpu_backend, lens_q, lens_k, causal, window, softcap, dtype, per_seq):
     g = torch.Generator().manual_seed(sum(lens_q))
     q = _rand((sum(lens_q), 4, 16), dtype, g)
     k, v = _rand((sum(lens_k), 2, 16), dtype, g), _rand((sum(lens_k), 2, 16), dtype, g)
@@ -234,7 +179,7 @@ def test_fused_backward_modes(mode, monkeypatch):
 # ------------------------------------------------------------------------------------------ packed forms
 
 
-def test_packed_forms(alibi_backend):
+def test_packed_forms(cpu_backend):
     g = torch.Generator().manual_seed(41)
     qkv = _rand((2, 35, 3, 4, 16), torch.float32, g).requires_grad_()
     dout = _rand((2, 35, 4, 16), torch.float32, g)
@@ -307,7 +252,7 @@ def test_torch_compile_fullgraph_and_opcheck():
 
 
 @pytest.mark.parametrize("causal,window,softcap", [(True, (-1, -1), 0.0), (False, (6, 11), 2.0)])
-def test_block_api_offsets_and_merge(alibi_backend, causal, window, softcap):
+def test_block_api_offsets_and_merge(cpu_backend, causal, window, softcap):
     """Keys split into pieces, each with its own causal offset (global positions), merged into a running fp32
     (out, lse) and backpropagated into fp32 accumulators: the bias uses the explicit offset, so the pieces give
     the whole and the oracle."""

@@ -30,22 +30,25 @@ def _cu(lens):
 
 
 def _oracle(q, k, v, dout, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, cu_q=None, cu_k=None,
-            compute=torch.float64):
-    """``(out, lse, dq, dk, dv)`` of the plain-torch reference in ``compute`` (float64: the oracle)."""
+            alibi=None, compute=torch.float64):
+    """``(out, lse, dq, dk, dv)`` of the plain-torch reference in ``compute`` (float64: the oracle); ``alibi``:
+    flash-attn's ``alibi_slopes`` (used in ``compute`` too)."""
     qr, kr, vr = (x.detach().to(compute).requires_grad_() for x in (q, k, v))
+    sl = None if alibi is None else alibi.to(compute)
     if cu_q is None:
-        o, l = reference.attention(qr, kr, vr, scale, causal, compute_dtype=compute, window=window, softcap=softcap)
+        o, l = reference.attention(qr, kr, vr, scale, causal, compute_dtype=compute, window=window, softcap=softcap,
+                                   alibi_slopes=sl)
     else:
         o, l = reference.attention_varlen(qr, kr, vr, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1],
                                           cu_k[1:] - cu_k[:-1], scale, causal, compute_dtype=compute,
-                                          window=window, softcap=softcap)
+                                          window=window, softcap=softcap, alibi_slopes=sl)
     (o.double() * dout.double()).sum().backward()
     return o, l, qr.grad, kr.grad, vr.grad
 
 
 def _assert_matches(got, q, k, v, dout, **opts):
     """``got = (out, lse, dq, dk, dv)`` from ring_attn vs the oracle, with plain torch in q's dtype as the
-    baseline of the rule."""
+    baseline of the rule. Returns the oracle's ``(out, lse, dq, dk, dv)``."""
     dtype = q.dtype
     oracle = _oracle(q, k, v, dout, **opts)
     base = _oracle(q, k, v, dout, compute=dtype, **opts)
@@ -58,6 +61,7 @@ def _assert_matches(got, q, k, v, dout, **opts):
     for name, g, o, b in zip(("dq", "dk", "dv"), got[2:], oracle[2:], base[2:]):
         assert g.dtype == dtype
         assert_within_rule(name, g, o, b, dtype, BACKWARD)
+    return oracle
 
 
 def _run(fn, q, k, v, dout, *args, **kwargs):
