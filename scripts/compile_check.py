@@ -192,13 +192,18 @@ def compile_launch(kernel, args, kwargs, arch: int):
     return triton.compile(src, target=target, options=options.__dict__), signature, attrs
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """Registers and stack (spill) bytes from cuobjdump, shipped with Triton's NVIDIA backend."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What cuobjdump (shipped with Triton's NVIDIA backend) prints for ``cubin`` with ``flag``."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and stack (spill) bytes from cuobjdump."""
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)
     return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(stack.group(1)) if stack else None}
@@ -208,11 +213,7 @@ def _sass_mix(cubin: bytes) -> dict:
     """Instruction mix of the machine code (SASS, from cuobjdump): total instructions, global loads/stores by
     width (``LDG.E.128`` = 16 bytes), fp64 arithmetic (DADD/DMUL/DFMA), conversions to/from 64-bit
     (F2I.S64/I2F.F64/F2F.F64...), and special-function (MUFU) instructions. Static counts, not executed ones."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    text = _cuobjdump(cubin, "-sass")
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
     mem = Counter(o for o in ops if o.startswith(("LDG", "STG")))
     return {"sass_instructions": len(ops), "sass_gmem": dict(sorted(mem.items())),
