@@ -13,10 +13,12 @@ which run the ring on the native C++ backend.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -133,27 +135,17 @@ def _attention_case(case, rank, world, group, store):
     case = dict(case, world=world)
     q, k, v, dout, dlse, cu = _inputs(case)
     pinned = "triton" if case["kind"] == "triton" else case.get("backend", "reference")
-    saved = os.environ.get("RING_ATTN_BWD")
-    if "bwd" in case:
-        os.environ["RING_ATTN_BWD"] = case["bwd"]
-        from ring_attn.backends.triton import attention as triton_attention
+    with contextlib.ExitStack() as stack:
+        if "bwd" in case:  # the fused backward computes dQ itself: a launch of the dQ kernel is a fall-back
+            from ring_attn.backends.triton import attention as triton_attention
 
-        real_dq = triton_attention.bwd_dq_kernel
-
-        class NoDqKernel:  # the fused backward computes dQ itself: a launch of the dQ kernel is a fall-back
-            def __getitem__(self, grid):
-                raise AssertionError(f"RING_ATTN_BWD={case['bwd']}: the separate dQ kernel was launched")
-        triton_attention.bwd_dq_kernel = NoDqKernel()
-    try:
-        with backends.force(pinned):
-            out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, group, rank, world)
-    finally:
-        if "bwd" in case:
-            triton_attention.bwd_dq_kernel = real_dq
-        if saved is None:
-            os.environ.pop("RING_ATTN_BWD", None)
-        else:
-            os.environ["RING_ATTN_BWD"] = saved
+            class NoDqKernel:
+                def __getitem__(self, grid):
+                    raise AssertionError(f"RING_ATTN_BWD={case['bwd']}: the separate dQ kernel was launched")
+            stack.enter_context(mock.patch.dict(os.environ, {"RING_ATTN_BWD": case["bwd"]}))
+            stack.enter_context(mock.patch.object(triton_attention, "bwd_dq_kernel", NoDqKernel()))
+        stack.enter_context(backends.force(pinned))
+        out, lse, dq, dk, dv = _run_ring(case, q, k, v, dout, dlse, cu, group, rank, world)
     packed = cu is not None
     gathered = dict(out=_gather(out, cu, case["layout"], group), lse=_gather(lse, cu, case["layout"], group,
                                                                            dim=1 if packed else 2),
