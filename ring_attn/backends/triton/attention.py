@@ -318,7 +318,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             SPIN_ASM=mode == "ordered" and not interpreter_enabled(), **common,
         )
     if mode:
-        if mode == "ordered" and interpreter_enabled() and max_k > 0 and int(locks.min()) < 0:
+        if mode == "ordered" and interpreter_enabled() and int(locks.min()) < 0:
             raise RuntimeError("fused-ordered backward: a dQ order counter was out of step (a program found "
                                "a count other than the number of key blocks below it that visit the block)")
         if not accumulate:
