@@ -61,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import struct
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -403,8 +404,10 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _SIG_LEN = 24
-_validated: set = set()
-_comms: dict = {}
+# Per process group: the signatures already checked across its ranks. Weak keys: nothing here keeps a group
+# (and gloo's worker threads) alive after the user drops it, so destroy_process_group really tears it down
+# before interpreter exit (a gloo group torn down during finalisation can abort the process).
+_validated: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _group_info(group):
@@ -430,11 +433,9 @@ def _check_backend(pg, device):
 
 
 def _comm(pg, device) -> RingComm:
-    key = (id(pg), str(device))
-    comm = _comms.get(key)
-    if comm is None or comm.group is not pg:
-        comm = _comms[key] = RingComm(pg, device)
-    return comm
+    # one per call, shared by its forward and backward (the autograd node holds it, and with it the group,
+    # only as long as the graph lives); a cache would keep every group alive for the life of the process
+    return RingComm(pg, device)
 
 
 def _signature(kind, q, k, v, causal, layout, scale, extra: list[int]) -> list[int]:
@@ -463,8 +464,8 @@ def _describe(sig: list[int]) -> str:
 
 
 def _validate_across_ranks(name, pg, backend, device, sig: list[int]) -> None:
-    key = (id(pg), tuple(sig))
-    if key in _validated:
+    seen = _validated.setdefault(pg, set())
+    if tuple(sig) in seen:
         return
     dev = device if backend == "nccl" else torch.device("cpu")
     mine = torch.tensor(sig, dtype=torch.int64, device=dev)
@@ -475,7 +476,7 @@ def _validate_across_ranks(name, pg, backend, device, sig: list[int]) -> None:
         lines = "; ".join(f"rank {i}: {_describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
                          f"pass the same shapes, dtype, causal, layout and softmax_scale); {lines}")
-    _validated.add(key)
+    seen.add(tuple(sig))
 
 
 def _check_common(name, q, k, v, softmax_scale, layout, group, packed):

@@ -14,10 +14,23 @@ World size 1: nothing is sent; :meth:`exchange` returns ``None`` and callers use
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():
+    # Imported now, while (usually) no process group exists yet: this torch module binds ``group.WORLD`` as a
+    # default argument when it is first imported, and torch imports it lazily (through torch._dynamo) on the
+    # first custom-op call, which is ring_attn's first attention call, after init_process_group. Bound then,
+    # it keeps the default group alive after destroy_process_group, so gloo's worker threads outlive it and
+    # are torn down during interpreter exit, where one still releasing a tensor aborts the process
+    # ("terminate called without an active exception"). tests/test_ring_teardown.py checks the threads end.
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a build without parts of torch.distributed: nothing is pinned then either
+        pass
 
 __all__ = ["RingComm"]
 
@@ -45,7 +58,9 @@ class RingComm:
     def __init__(self, group=None, device: Optional[torch.device] = None, loopback: bool = False):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group")
-        self.group = group
+        # held weakly: a RingComm lives as long as the autograd graph that used it (a `loss` kept for logging
+        # keeps it), and must not keep a destroyed group's threads alive with it
+        self._group = None if group is None else weakref.ref(group)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         if self.rank < 0:
@@ -60,6 +75,16 @@ class RingComm:
         self._pending: list = []
         self.bytes_sent = 0
 
+    @property
+    def group(self):
+        """The process group (``None``: the default group). RuntimeError once the group has been destroyed."""
+        if self._group is None:
+            return None
+        group = self._group()
+        if group is None:
+            raise RuntimeError("RingComm: its process group no longer exists (destroy_process_group was called)")
+        return group
+
     def exchange(self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], tag: int = 0):
         """Post ``sends[i]`` → next rank and ``recvs[i]`` ← previous rank for every ``i``, all in one
         ``batch_isend_irecv``. Tensors must be contiguous, with the same shapes and dtypes on every rank.
@@ -69,12 +94,12 @@ class RingComm:
             raise ValueError(f"exchange needs one receive buffer per send, got {len(sends)} and {len(recvs)}")
         if not self._active:
             return None
-        ops = []
+        ops, group = [], self.group
         for i, (s, r) in enumerate(zip(sends, recvs)):
             if s.shape != r.shape or s.dtype != r.dtype:
                 raise ValueError(f"exchange {i}: send {tuple(s.shape)} {s.dtype} != recv {tuple(r.shape)} {r.dtype}")
-            ops.append(dist.P2POp(dist.isend, s, self.send_peer, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, r, self.recv_peer, self.group, tag))
+            ops.append(dist.P2POp(dist.isend, s, self.send_peer, group, tag))
+            ops.append(dist.P2POp(dist.irecv, r, self.recv_peer, group, tag))
         if self._cuda:
             # the comm stream starts after everything queued so far on the compute stream (an event, on the GPU)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -1,0 +1,84 @@
+"""destroy_process_group really ends a gloo group that ring attention used: its worker threads are gone.
+
+A group kept alive past destroy_process_group keeps gloo's worker threads running into interpreter exit; one
+of them still releasing a tensor then tries to take the GIL during finalisation and the process aborts
+("terminate called without an active exception"): about one run in sixty of the two-rank training example on
+a loaded 2-core machine. Three things kept the group alive: a per-group cache of RingComm objects in
+ring_attn, the RingComm held by the autograd graph of an output the script still references, and torch
+binding ``group.WORLD`` as a default argument of ``torch.distributed.nn.functional`` when ring_attn's first
+attention call imports it (through torch._dynamo) after init_process_group.
+
+The check is deterministic: this file, run as a script in a fresh interpreter (the lazy import only happens
+in one), spawns two gloo ranks that import ring_attn, init the group, run the ring's forward and backward
+(real P2P exchanges) and the single-device op, keep the ring's output alive, destroy the group, and list their threads.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+WORLD = 2
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended while we listed
+            pass
+    return names
+
+
+def _rank(rank, outdir):
+    os.environ["RING_ATTN_BACKEND"] = "reference"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import ring_attn  # before init_process_group, as a training script does
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(outdir, 'store')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    during = _thread_names()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (ring_attn.shard(torch.randn(1, 8 * WORLD, 2, 16, generator=g), layout="zigzag").requires_grad_()
+               for _ in range(3))
+    out = ring_attn.ring_attn_func(q, k, v, causal=True, group=dist.group.WORLD)
+    out.sum().backward()  # `out` stays referenced, as a script's last loss does
+    # the single-device op too (its first call imports torch._dynamo, which binds group.WORLD as a default)
+    ring_attn.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
+        f.write(" ".join(during) + "\n" + " ".join(_thread_names()) + "\n")
+    del out
+
+
+def test_destroy_process_group_ends_gloo_threads(tmp_path):
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads thread names from /proc")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for rank in range(WORLD):
+        during, after = (line.split() for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
+        assert any(n in GLOO_THREADS for n in during), (rank, during)  # the probe does see gloo's threads
+        left = [n for n in after if n in GLOO_THREADS]
+        assert not left, f"rank {rank}: gloo threads still running after destroy_process_group: {left}"
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(sys.argv[1],), nprocs=WORLD, join=True)
