@@ -31,8 +31,9 @@ def worker_group(rank: int, world: int, init_file: str, outdir: str) -> Iterator
         yield results
     finally:
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        # every rank is done with the group before any tears it down: without this, gloo intermittently
-        # aborted ("terminate called without an active exception") in a rank whose peers had already exited
+        # every rank is done with the group before any tears it down (the intermittent gloo abort at exit,
+        # "terminate called without an active exception", was the group outliving destroy_process_group:
+        # see tests/test_ring_teardown.py)
         dist.barrier()
         dist.destroy_process_group()
 
