@@ -28,8 +28,9 @@ shapes are flash-attn >= 2.6's: ``[b, h_q, s_local]`` (dense) and ``[h_q, t_loca
 Differences, all in the direction of doing more: zigzag and stripe also compute non-causal attention
 (ring-flash-attn asserts ``causal``); ``deterministic`` is accepted and the result is always deterministic;
 GQA/MQA K/V circulate with their own head count; ``window_size`` is a sliding window over global positions
-(see :func:`ring_attn.ring_attn_func`). Unsupported arguments raise, before any communication:
-``dropout_p != 0``, ``alibi_slopes`` (NotImplementedError naming the value).
+(see :func:`ring_attn.ring_attn_func`); ``alibi_slopes`` biases by *global* distances (ring-flash-attn's
+steps use the distances within each block pair). Unsupported arguments raise, before any communication:
+``dropout_p != 0``, ``alibi_slopes`` with the stripe functions (NotImplementedError naming the value).
 ``llama3_flash_attn_*`` and the HF adapter (``substitute_hf_flash_attn``) are not provided.
 """
 from __future__ import annotations

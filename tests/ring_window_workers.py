@@ -1,4 +1,4 @@
-"""Worker side of tests/test_ring_window.py: one gloo group per world size runs every window/softcap case.
+"""Worker side of tests/test_ring_window.py: one gloo group per world size runs every window/softcap/ALiBi case.
 
 Each rank builds the same global inputs, computes single-device ``flash_attn_func`` / ``flash_attn_varlen_func``
 on the whole sequence (the reference), runs the ring on its shard (``ring_attn.shard`` / ``shard_varlen``,
@@ -38,14 +38,31 @@ def cases_for(world: int) -> list[dict]:
                           lens=[2 * world, 6 * world - 1, 0, 1, 8 * world]))
         cases.append(dict(kind="varlen", layout=layout, causal=False, window=(2, 5), softcap=0.0,
                           lens=[5 * world + 1, 2 * world]))
+    # ALiBi (contiguous and zigzag; striped refuses it): slopes [h_q] ("heads"), [b, h_q] / [n_seqs, h_q] ("rows")
+    for layout in ("contiguous", "zigzag"):
+        cases.append(dict(kind="dense", layout=layout, causal=True, window=(-1, -1), softcap=0.0, S=6 * 2 * world,
+                          alibi="heads"))
+        cases.append(dict(kind="dense", layout=layout, causal=False, window=(-1, -1), softcap=0.0, S=6 * 2 * world,
+                          alibi="rows"))
+        cases.append(dict(kind="dense", layout=layout, causal=True, window=(5, -1), softcap=2.0,
+                          S=6 * 2 * world - 3, alibi="rows"))
+        cases.append(dict(kind="dense", layout=layout, causal=False, window=(3, 4), softcap=0.0,
+                          S=6 * 2 * world - 1, alibi="heads"))
+        cases.append(dict(kind="varlen", layout=layout, causal=True, window=(-1, -1), softcap=0.0,
+                          lens=[2 * world, 6 * world - 1, 0, 1, 8 * world], alibi="rows"))
+        cases.append(dict(kind="varlen", layout=layout, causal=False, window=(2, 5), softcap=1.5,
+                          lens=[5 * world + 1, 2 * world], alibi="heads"))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and world == 2:
         for layout in LAYOUTS:
             cases.append(dict(kind="dense", layout=layout, causal=True, window=(6, -1), softcap=2.0, S=36,
                               triton=True))
+        cases.append(dict(kind="dense", layout="zigzag", causal=True, window=(-1, -1), softcap=0.0, S=36,
+                          alibi="rows", triton=True))
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['layout']}-{'causal' if c['causal'] else 'full'}-"
                      f"win{c['window'][0]}_{c['window'][1]}-cap{c['softcap']}" + ("-triton" if c.get("triton") else "")
-                     + (f"-S{c['S']}" if "S" in c else f"-lens{'_'.join(map(str, c['lens']))}"))
+                     + (f"-S{c['S']}" if "S" in c else f"-lens{'_'.join(map(str, c['lens']))}")
+                     + (f"-alibi_{c['alibi']}" if c.get("alibi") else ""))
     return cases
 
 
@@ -61,6 +78,14 @@ def _errors(got: dict, ref: dict) -> dict:
     return out
 
 
+def _slopes(case, n_rows, h_q, g):
+    """ALiBi slopes for a case: None, [h_q] ("heads") or [n_rows, h_q] ("rows"); large enough to matter."""
+    if not case.get("alibi"):
+        return None
+    shape = (h_q,) if case["alibi"] == "heads" else (n_rows, h_q)
+    return torch.rand(shape, generator=g) * 0.5 + 0.05
+
+
 def _dense_case(case, world, group):
     import ring_attn
 
@@ -68,7 +93,8 @@ def _dense_case(case, world, group):
     b, S, h_q, h_kv, d = 2, case["S"], 4, 2, 16
     q, k, v, dout = (torch.randn(shape, generator=g) for shape in ((b, S, h_q, d), (b, S, h_kv, d), (b, S, h_kv, d),
                                                                    (b, S, h_q, d)))
-    opts = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
+    opts = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"],
+                alibi_slopes=_slopes(case, b, h_q, g))
     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
     out, lse = ring_attn.flash_attn_func(qf, kf, vf, **opts, return_lse=True)
     out.backward(dout)
@@ -96,7 +122,8 @@ def _varlen_case(case, world, group):
     t = int(cu[-1])
     g = torch.Generator().manual_seed(t)
     q, k, v, dout = (torch.randn(shape, generator=g) for shape in ((t, 4, 16), (t, 2, 16), (t, 2, 16), (t, 4, 16)))
-    opts = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
+    opts = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"],
+                alibi_slopes=_slopes(case, len(lens), 4, g))
     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
     out, lse = ring_attn.flash_attn_varlen_func(qf, kf, vf, cu, cu, max(lens), max(lens), **opts, return_lse=True)
     out.backward(dout)

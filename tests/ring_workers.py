@@ -273,7 +273,11 @@ def _refusals(world):
         "dropout": lambda: ring_attn.ring_attn_func(x, x, x, 0.1),
         "dropout_kw": lambda: ring_attn.ring_attn_func(x, x, x, dropout_p=0.5, causal=True),
         "old_positional_causal": lambda: ring_attn.ring_attn_func(x, x, x, True),
-        "alibi": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(2)),
+        "alibi_striped": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(2), layout="striped"),
+        "alibi_shape": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(3)),
+        "alibi_dtype": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(1, 2, dtype=torch.float64)),
+        "varlen_alibi_rows": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world,
+                                                                     alibi_slopes=torch.ones(3, 2)),
         "window_type": lambda: ring_attn.ring_attn_func(x, x, x, window_size=5),
         "softcap_negative": lambda: ring_attn.ring_attn_func(x, x, x, softcap=-1.0),
         "softcap_inf": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), float("inf")),
@@ -303,9 +307,9 @@ def _refusals(world):
         "compat_qkv_shape": lambda: compat.ring_flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, HEAD_DIM)),
         "compat_kv_shape": lambda: compat.zigzag_ring_flash_attn_varlen_kvpacked_func(
             pv, torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2),
-        # ring-flash-attn has no softcap: its 8th positional argument is alibi_slopes
-        "compat_alibi_positional": lambda: compat.zigzag_ring_flash_attn_func(x, x, x, 0.0, None, True, (-1, -1),
-                                                                              torch.ones(2)),
+        # ring-flash-attn has no softcap: its 8th positional argument is alibi_slopes (striped refuses ALiBi)
+        "compat_alibi_positional": lambda: compat.stripe_flash_attn_func(x, x, x, 0.0, None, True, (-1, -1),
+                                                                         torch.ones(2)),
         "compat_dropout": lambda: compat.ring_flash_attn_varlen_qkvpacked_func(
             torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2, 0.1),
     }
@@ -622,6 +626,15 @@ def _mismatch_case(rank, world, group, store):
     except Exception as e:  # noqa: BLE001 - the test inspects the type and message
         store["raised"] = (type(e).__name__, str(e))
     store["seconds"] = time.monotonic() - t0
+    # same shapes everywhere, ALiBi slopes on rank 0 only: the signature carries "ALiBi or none"
+    q, k, v = (torch.randn(1, 8, 2, HEAD_DIM) for _ in range(3))
+    try:
+        with backends.force("reference"):
+            ring_attn.ring_attn_func(q, k, v, causal=True, group=group,
+                                     alibi_slopes=torch.ones(2) if rank == 0 else None)
+        store["raised_alibi"] = None
+    except Exception as e:  # noqa: BLE001 - the test inspects the type and message
+        store["raised_alibi"] = (type(e).__name__, str(e))
     # the group is still usable afterwards: one more collective succeeds
     t = torch.ones(1)
     torch.distributed.all_reduce(t, group=group)

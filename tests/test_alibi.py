@@ -392,13 +392,6 @@ def test_tma_forward_falls_back_with_alibi(monkeypatch):
     _assert_matches(got, q, k, v, dout, alibi, causal=True)
 
 
-def test_ring_still_refuses_alibi():
-    """ALiBi is local-only: the ring refuses it before any communication, naming the argument."""
-    x = torch.randn(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match="alibi_slopes is not supported"):
-        ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(2))
-
-
 # ------------------------------------------------------------------------------------------------ refusals
 
 _q, _k, _v = _qkv(2, 8, 8, 4, 2, 16, torch.float32)

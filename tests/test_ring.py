@@ -166,7 +166,10 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
     "dropout": ("NotImplementedError", "dropout_p=0.1 is not supported"),
     "dropout_kw": ("NotImplementedError", "dropout_p=0.5 is not supported"),
     "old_positional_causal": ("TypeError", "dropout_p must be a float, got True"),
-    "alibi": ("NotImplementedError", "alibi_slopes is not supported"),
+    "alibi_striped": ("NotImplementedError", "alibi_slopes with layout='striped' is not supported"),
+    "alibi_shape": ("ValueError", "alibi_slopes has shape (3,); expected (heads_q,) = (2,)"),
+    "alibi_dtype": ("TypeError", "alibi_slopes must be float32"),
+    "varlen_alibi_rows": ("ValueError", "expected (heads_q,) = (2,) or (n_seqs, heads_q) = (2, 2)"),
     "window_type": ("TypeError", "window_size must be a pair of ints"),
     "softcap_negative": ("ValueError", "softcap must be a finite float >= 0"),
     "softcap_inf": ("ValueError", "softcap must be a finite float >= 0 (0: off), got inf"),
@@ -185,7 +188,7 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
     "compat_zigzag_odd": ("ValueError", "local sequence 0 (cu_seqlens[0:2] = [0, 3]) has odd length 3"),
     "compat_qkv_shape": ("ValueError", "qkv must be [batch, seqlen, 3, heads, head_dim]"),
     "compat_kv_shape": ("ValueError", "kv must be [total_tokens, 2, heads, head_dim]"),
-    "compat_alibi_positional": ("NotImplementedError", "alibi_slopes is not supported"),
+    "compat_alibi_positional": ("NotImplementedError", "alibi_slopes with layout='striped' is not supported"),
     "compat_dropout": ("NotImplementedError", "dropout_p=0.1 is not supported"),
 }
 
@@ -303,6 +306,9 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         assert etype == "ValueError" and "inconsistent inputs" in msg
         assert "rank 0: q [1, 10, 2, 16]" in msg and f"rank {world - 1}: q [1, 8, 2, 16]" in msg
         assert st["seconds"] < 10.0
+        etype, msg = st["raised_alibi"]
+        assert etype == "ValueError" and "inconsistent inputs" in msg
+        assert f"alibi_slopes=given, seqlen={8 * world}; rank 1:" in msg and "alibi_slopes=None" in msg.split("rank 1:")[1], msg
         assert st["after"] == world
 
 

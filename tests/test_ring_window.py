@@ -1,6 +1,7 @@
-"""Sliding windows and softcap through the ring: the plan against global masks (brute force, no kernels), and
-ring_attn_func / ring_attn_varlen_func with window_size / softcap on gloo (W = 2, 3) against single-device
-flash_attn_func on the whole sequence, for every layout (forward, LSE and gradients)."""
+"""Sliding windows, softcap and ALiBi through the ring: the plans against global masks (brute force, no
+kernels), and ring_attn_func / ring_attn_varlen_func with window_size / softcap / alibi_slopes on gloo (W = 2, 3)
+against single-device flash_attn_func on the whole sequence, for every layout (ALiBi: contiguous and zigzag;
+forward, LSE and gradients)."""
 import itertools
 
 import pytest
@@ -49,6 +50,33 @@ def test_window_plan_covers_exactly_the_global_mask(layout):
                 got[qi[:, None], ki[None, :]] += m.int()
             assert got.max() <= 1, (layout, world, n_local, causal, window, rank, src, "pair computed twice")
             assert torch.equal(got.bool(), want), (layout, world, n_local, causal, window, rank, src)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_alibi_plan_covers_the_global_mask_with_exact_distances(layout):
+    """ALiBi pieces: their union is the global (windowed) mask, no pair twice, and every computed pair's kernel
+    distance ``|i + offset - j|`` (local rows of the piece) is its global distance ``|q - k|``."""
+    for world, n_local, causal, window in itertools.product(
+            (1, 2, 3, 4), (2, 4, 6), (False, True), [(-1, -1), (0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (9, -1)]):
+        if causal and window[1] >= 0:
+            window = (window[0], -1)  # what ring_attn_func normalises to
+        S = n_local * world
+        glob = _protocol_mask(S, S, causal, 0, window)
+        half = n_local // 2
+        rows = {"all": slice(None), "first": slice(None, half), "second": slice(half, None)}
+        for rank, src in itertools.product(range(world), range(world)):
+            pos_q, pos_k = shard_index(S, rank, world, layout), shard_index(S, src, world, layout)
+            got = torch.zeros(n_local, n_local, dtype=torch.int32)
+            for p in ring_mod._alibi_plan(layout, causal, rank, src, window, world, n_local):
+                qi, ki = torch.arange(n_local)[rows[p.q_part]], torch.arange(n_local)[rows[p.k_part]]
+                m = _protocol_mask(len(qi), len(ki), p.causal, p.offset, p.window)
+                got[qi[:, None], ki[None, :]] += m.int()
+                i, j = torch.arange(len(qi))[:, None], torch.arange(len(ki))[None, :]
+                kernel = (i + p.offset - j).abs()
+                true = (pos_q[qi][:, None] - pos_k[ki][None, :]).abs()
+                assert torch.equal(kernel[m], true[m]), (layout, world, n_local, causal, window, rank, src, p)
+            assert got.max() <= 1, (layout, world, n_local, causal, window, rank, src, "pair computed twice")
+            assert torch.equal(got.bool(), glob[pos_q][:, pos_k]), (layout, world, n_local, causal, window, rank, src)
 
 
 # ---------------------------------------------------------------------------------- gloo, W = 2 and 3

@@ -51,7 +51,7 @@ World size 1: after the same checks, the call is the single-device op (``flash_a
 plain kernel costs.
 
 Consistency: the first time a rank sees a call signature (shapes, dtypes, causal, layout, scale, varlen
-boundaries) on a group, every rank exchanges a fixed-size signature with one ``all_gather``; if any rank
+boundaries, window, softcap, ALiBi or none) on a group, every rank exchanges a fixed-size signature with one ``all_gather``; if any rank
 differs, every rank raises ``ValueError`` listing each rank's inputs (no mismatched P2P, no hang). A rank
 that switches to a signature its peers have not switched to can't be detected without a collective on
 every call: it surfaces as the process group's timeout error. ``validate=False`` skips the check.
@@ -67,7 +67,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ring_attn._contracts import VarlenSeqs, check_cu_seqlens_form, check_qkv, check_scale, check_softcap
+from ring_attn._contracts import (VarlenSeqs, check_alibi_slopes, check_cu_seqlens_form, check_qkv, check_scale,
+                                  check_softcap)
 from ring_attn.backends import check_deterministic
 from ring_attn.ops.attention import (
     attention_block_backward,
@@ -194,18 +195,53 @@ def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[i
     return pieces
 
 
-def _pieces(layout, causal, rank, src, window, world, addr):
+def _alibi_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
+                n_local: int) -> list[_Piece]:
+    """Pieces of the (rank's queries, src's keys) pair under ALiBi (contiguous and zigzag layouts): the bias
+    ``-slope · |global(q_i) - global(k_j)|`` needs the *exact* distance, and the kernels' bias is
+    ``-slope · |i + offset - j|`` with the piece's ``causal_offset``, so every piece is an affine run of rows
+    (:func:`_window_plan`'s (q chunk, k chunk) parts) launched with ``offset = D`` (``global(k_j) -
+    global(q_i) = (j - i) - D``) and the caller's own window: with that offset, ``causal`` and
+    ``window=(left, right)`` mask exactly the global ``k <= q``, ``q - left <= k <= q + right``. Parts whose
+    band misses the block are skipped (:func:`_band_piece` decides). Striped positions ``t * W + rank`` step
+    by ``W``, which no offset expresses: ALiBi is refused for that layout before any collective."""
+    left, right = window
+    if layout == "contiguous":
+        parts = [("all", rank, "all", src, n_local)]
+    else:  # zigzag: chunks rank and 2W-1-rank of 2W, each n_local / 2 rows
+        h = n_local // 2
+        chunks = {"first": lambda r: r, "second": lambda r: 2 * world - 1 - r}
+        parts = [(qp, chunks[qp](rank), kp, chunks[kp](src), h) for qp in ("first", "second")
+                 for kp in ("first", "second")]
+    pieces = []
+    for q_part, cq, k_part, ck, n in parts:
+        d = (cq - ck) * n
+        if _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None,
+                       d - left if left >= 0 else None, n, n):
+            pieces.append(_Piece(q_part, k_part, causal, d, (left, right)))
+    return pieces
+
+
+def _pieces(layout, causal, rank, src, window, world, addr, alibi: bool = False):
     """``(piece, group)`` pairs to launch for the (rank's queries, src's keys) pair: the plan, once per group
-    of sequences with one local row count when a window makes offsets depend on it (``addr.groups()``)."""
+    of sequences with one local row count when a window or ALiBi makes offsets depend on it
+    (``addr.groups()``)."""
+    if alibi:
+        return [(p, grp) for n, grp in addr.groups()
+                for p in _alibi_plan(layout, causal, rank, src, window, world, n)]
     if tuple(window) == _NO_WINDOW:
         return [(p, None) for p in _plan(layout, causal, rank, src)]
     return [(p, grp) for n, grp in addr.groups() for p in _plan(layout, causal, rank, src, window, world, n)]
 
 
-def _kernel_options(softcap: float) -> dict:
-    """Keyword arguments every piece's kernel call gets besides the piece's own (window goes per piece, see
-    :func:`_plan`): ``{"softcap": softcap}`` (a per-score transform, the same for every piece)."""
-    return {"softcap": softcap} if softcap else {}
+def _kernel_options(softcap: float, alibi: Optional[torch.Tensor] = None) -> dict:
+    """Keyword arguments every piece's kernel call gets besides the piece's own (window and offset go per
+    piece, see :func:`_plan`): ``softcap`` (a per-score transform) and the ALiBi slopes ``[n_batch, h_q]``
+    (their distances come from the piece's offset, :func:`_alibi_plan`), the same for every piece."""
+    opts = {"softcap": softcap} if softcap else {}
+    if alibi is not None:
+        opts["alibi_slopes"] = alibi
+    return opts
 
 
 class _Dense:
@@ -317,12 +353,13 @@ class _Packed:
 # Forward and backward rings (no autograd here).
 
 
-def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW, softcap=0.0):
+def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW, softcap=0.0,
+                  alibi=None):
     world, rank = comm.world_size, comm.rank
-    opts = _kernel_options(softcap)
+    opts = _kernel_options(softcap, alibi)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
     out_acc = lse_acc = None
-    if tuple(window) != _NO_WINDOW:  # pieces may be halves at any step: merge everything into 0 / -inf
+    if tuple(window) != _NO_WINDOW or alibi is not None:  # pieces may be halves at any step: merge into 0 / -inf
         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse_acc = torch.full((q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1]),
                              float("-inf"), dtype=torch.float32, device=q.device)
@@ -334,7 +371,7 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
             nxt = bufs[step % 2]
             handle = comm.exchange(list(cur), list(nxt))
         kk, vv = cur
-        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr):
+        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr, alibi is not None):
             qs, ks = addr.q(piece.q_part), addr.k(piece.k_part)
             if out_acc is None:  # step 0 is always the whole (diagonal or full) block
                 out_acc, lse_acc = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal,
@@ -351,9 +388,9 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
 
 
 def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW,
-                   softcap=0.0):
+                   softcap=0.0, alibi=None):
     world, rank = comm.world_size, comm.rank
-    opts = _kernel_options(softcap)
+    opts = _kernel_options(softcap, alibi)
     delta = attention_delta(dout, out, dlse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv_bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
@@ -377,7 +414,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
             dk_t, dv_t = blk
             dk_t.zero_()
             dv_t.zero_()
-        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr):
+        for piece, grp in _pieces(layout, causal, rank, src, window, world, addr, alibi is not None):
             qs, ks, ls = addr.q(piece.q_part), addr.k(piece.k_part), addr.lse(piece.q_part)
             attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse[ls], delta[ls], dq[qs], dk_t[ks],
                                      dv_t[ks], scale, piece.causal, piece.offset,
@@ -438,14 +475,27 @@ def _comm(pg, device) -> RingComm:
     return RingComm(pg, device)
 
 
-def _signature(kind, q, k, v, causal, layout, scale, extra: list[int]) -> list[int]:
+def _double_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _bits_double(x: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", x))[0]
+
+
+_MASK_SLOTS = slice(20, 24)  # window left, window right, softcap bits, ALiBi given (after the 2 extra slots)
+
+
+def _signature(kind, q, k, v, causal, layout, scale, extra: list[int], window=_NO_WINDOW, softcap=0.0,
+               alibi=None) -> list[int]:
     def dims(x):
         return list(x.shape) + [-1] * (4 - x.dim())
 
     sig = [0x52494E47, kind] + dims(q) + dims(k) + dims(v)
-    sig += [_DTYPE_CODES[q.dtype], int(bool(causal)), LAYOUTS.index(layout),
-            struct.unpack("<q", struct.pack("<d", scale))[0]] + extra
-    return (sig + [0] * _SIG_LEN)[:_SIG_LEN]
+    sig += [_DTYPE_CODES[q.dtype], int(bool(causal)), LAYOUTS.index(layout), _double_bits(scale)] + extra
+    sig = (sig + [0] * _SIG_LEN)[:_SIG_LEN]
+    sig[_MASK_SLOTS] = [int(window[0]), int(window[1]), _double_bits(float(softcap)), int(alibi is not None)]
+    return sig
 
 
 def _describe(sig: list[int]) -> str:
@@ -453,9 +503,11 @@ def _describe(sig: list[int]) -> str:
         return "[" + ", ".join(str(x) for x in xs if x >= 0) + "]"
 
     dtype = {c: str(d).replace("torch.", "") for d, c in _DTYPE_CODES.items()}.get(sig[14], "?")
-    scale = struct.unpack("<d", struct.pack("<q", sig[17]))[0]
+    left, right, softcap, alibi = sig[_MASK_SLOTS]
     text = (f"q {shape(sig[2:6])}, k {shape(sig[6:10])}, v {shape(sig[10:14])}, {dtype}, causal={bool(sig[15])}, "
-            f"layout={LAYOUTS[sig[16]] if 0 <= sig[16] < len(LAYOUTS) else '?'}, softmax_scale={scale:.6g}")
+            f"layout={LAYOUTS[sig[16]] if 0 <= sig[16] < len(LAYOUTS) else '?'}, "
+            f"softmax_scale={_bits_double(sig[17]):.6g}, window_size=({left}, {right}), "
+            f"softcap={_bits_double(softcap):g}, alibi_slopes={'given' if alibi else 'None'}")
     if sig[1] == 1:
         text += f", {sig[18]} sequences (cu_seqlens digest {sig[19] & 0xFFFFFFFF:08x})"
     else:
@@ -475,7 +527,8 @@ def _validate_across_ranks(name, pg, backend, device, sig: list[int]) -> None:
     if any(s != sigs[0] for s in sigs):
         lines = "; ".join(f"rank {i}: {_describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
-                         f"pass the same shapes, dtype, causal, layout and softmax_scale); {lines}")
+                         f"pass the same shapes, dtype, causal, layout, softmax_scale, window_size, softcap and "
+                         f"alibi_slopes or none); {lines}")
     seen.add(tuple(sig))
 
 
@@ -524,9 +577,6 @@ def _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slope
         softcap = check_softcap(softcap)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
-    if alibi_slopes is not None:
-        raise NotImplementedError(f"{name}: alibi_slopes is not supported (ALiBi is not implemented in the "
-                                  f"ring); got a {type(alibi_slopes).__name__}, expected None")
     for arg, val in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
         if not isinstance(val, (bool, int)) or val not in (0, 1):
             raise TypeError(f"{name}: {arg} must be a bool, got {val!r}; the positional order is {_ORDER}")
@@ -603,6 +653,22 @@ def _refuse_unsaid_padding(name, padded: int, world: int, layout: str, qkv) -> N
             f"{padded} tokens)")
 
 
+def _check_alibi(name, alibi_slopes, layout, q, n_batch: int, batch_name: str) -> Optional[torch.Tensor]:
+    """Validated ALiBi slopes as fp32 ``[n_batch, h_q]`` (see ``check_alibi_slopes``), or None; refused for
+    the striped layout (positions step by ``W`` there; :func:`_alibi_plan`). Raised before any collective."""
+    if alibi_slopes is None:
+        return None
+    try:
+        slopes = check_alibi_slopes(alibi_slopes, q.device, n_batch, q.shape[-2], batch_name)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+    if layout == "striped":
+        raise NotImplementedError(f"{name}: alibi_slopes with layout='striped' is not supported (the bias needs "
+                                  f"global distances, which step by the world size there); use layout='zigzag' "
+                                  f"or 'contiguous'")
+    return slopes
+
+
 def _results(out, lse, return_lse, return_attn_probs):
     if return_attn_probs:  # flash-attn / ring-flash-attn: (out, softmax_lse, attention probabilities: none)
         return out, lse, None
@@ -615,24 +681,24 @@ def _results(out, lse, return_lse, return_attn_probs):
 
 class _RingAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, comm, addr, window, softcap):
+    def forward(ctx, q, k, v, scale, causal, layout, comm, addr, window, softcap, alibi=None):
         k, v = k.contiguous(), v.contiguous()  # sent as-is
-        out_acc, lse = _ring_forward(q, k, v, scale, causal, layout, comm, addr, window, softcap)
+        out_acc, lse = _ring_forward(q, k, v, scale, causal, layout, comm, addr, window, softcap, alibi)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, layout, comm, addr, window, softcap)
+        ctx.args = (scale, causal, layout, comm, addr, window, softcap, alibi)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, layout, comm, addr, window, softcap = ctx.args
+        scale, causal, layout, comm, addr, window, softcap, alibi = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm, addr, window,
-                                    softcap)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+                                    softcap, alibi)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
 def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
@@ -661,7 +727,10 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
             Each (query shard, key shard) piece gets the true offset between its global query and key
             positions; pieces entirely outside the window are skipped.
         softcap: ``> 0``: scores ``softcap * tanh(s / softcap)`` (Gemma 2); 0 is off.
-        alibi_slopes: must be None (NotImplementedError otherwise).
+        alibi_slopes: ALiBi: None, or fp32 ``[heads_q]`` / ``[batch, heads_q]`` on q's device (varlen:
+            ``[n_seqs, heads_q]``); adds ``-slope * |q - k|`` over *global* positions, exactly as single-device
+            ``flash_attn_func`` on the whole sequence (each piece runs with its true offset). Layouts zigzag and
+            contiguous; with ``layout="striped"`` NotImplementedError (positions step by ``W`` there).
         deterministic: the ring's forward and backward are bitwise deterministic either way; True under the
             opt-in ``RING_ATTN_BWD=fused`` (unordered atomics) is refused with ValueError.
         return_attn_probs: return ``(out, lse, None)`` like flash-attn / ring-flash-attn (no probabilities).
@@ -677,7 +746,8 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
             (:func:`ring_attn.ring.layout.recorded_padding`). Passing it is always correct.
         return_lse: (keyword) return ``(out, lse)``.
         validate: (keyword) the first time a call signature is seen on ``group``, check with one small
-            ``all_gather`` that every rank passes the same shapes/dtype/causal/layout/scale/seqlen.
+            ``all_gather`` that every rank passes the same shapes/dtype/causal/layout/scale/seqlen/window/
+            softcap and ALiBi or none.
 
     Returns:
         ``out`` ``[batch, s_local, heads_q, head_dim]``: this rank's output shard in the input dtype; with
@@ -686,7 +756,9 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         this rank's dq, dk, dv (input dtype).
 
     Raises:
-        NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes``. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
+        NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes`` with the striped
+        layout. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
+        ``alibi_slopes`` of the wrong dtype, shape or device,
         head counts, layout, an argument of the wrong kind (e.g. ``causal`` passed where ``dropout_p`` is),
         ``s_local`` odd with zigzag, a ``seqlen`` the shards cannot hold, non-causal attention without
         ``seqlen`` over shards known to be padded (see ``seqlen``), a CUDA tensor with a gloo group or
@@ -698,6 +770,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
                                                 deterministic, return_attn_probs, group)
     scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=False)
     b, s_local = q.shape[0], q.shape[1]
+    alibi = _check_alibi(name, alibi_slopes, layout, q, b, "batch")
     if layout == "zigzag" and s_local % 2:
         raise ValueError(f"zigzag layout needs an even number of local tokens (global length a multiple of "
                          f"2 * world_size = {2 * world}); q has s_local = {s_local} ({tuple(q.shape)}); shard the "
@@ -705,7 +778,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
     padded = s_local * world
     real = _check_seqlen(name, seqlen, padded, world, layout, causal, (q, k, v))
     if validate:
-        sig = _signature(0, q, k, v, causal, layout, scale, [real])
+        sig = _signature(0, q, k, v, causal, layout, scale, [real], window, softcap, alibi)
         _validate_across_ranks(name, pg, backend, q.device, sig)
     want_lse = return_lse or return_attn_probs
     if real < padded:
@@ -713,16 +786,17 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         # the padding (per-piece key counts; views, no copies for contiguous inputs)
         addr = _Packed([real] * b, rank, world, layout, q.device)
         flat = [x.reshape(b * s_local, *x.shape[2:]) for x in (q, k, v)]
-        out, lse = _RingAttnFunction.apply(*flat, scale, causal, layout, _comm(pg, q.device), addr, window, softcap)
+        out, lse = _RingAttnFunction.apply(*flat, scale, causal, layout, _comm(pg, q.device), addr, window, softcap,
+                                           alibi)
         out = out.view(q.shape)
         lse = lse.view(lse.shape[0], b, s_local).transpose(0, 1).contiguous()
     elif world == 1:  # the whole sequence is local: the single-device op, with no fp32 round trips
         res = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, window_size=window, softcap=softcap,
-                              return_lse=want_lse)
+                              alibi_slopes=alibi_slopes, return_lse=want_lse)
         out, lse = res if want_lse else (res, None)
     else:
         out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device), _Dense(s_local),
-                                           window, softcap)
+                                           window, softcap, alibi)
     return _results(out, lse, return_lse, return_attn_probs)
 
 
@@ -769,6 +843,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
     pcu = varlen_padded_cu_seqlens(cu_seqlens, world, layout)  # validates the values (host read)
     cu = [int(c) for c in cu_seqlens.tolist()]
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    alibi = _check_alibi(name, alibi_slopes, layout, q, len(lens), "n_seqs")
     max_seqlen = _as_int("max_seqlen", max_seqlen)
     if max_seqlen < max(lens):
         raise ValueError(f"{name}: max_seqlen must be >= the longest sequence ({max(lens)}), got {max_seqlen}")
@@ -781,16 +856,17 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
     if validate:
         digest = int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(cu)}q", *cu), digest_size=8).digest(),
                                 "little", signed=True)
-        sig = _signature(1, q, k, v, causal, layout, scale, [len(lens), digest])
+        sig = _signature(1, q, k, v, causal, layout, scale, [len(lens), digest], window, softcap, alibi)
         _validate_across_ranks(name, pg, backend, q.device, sig)
     want_lse = return_lse or return_attn_probs
     if world == 1 and pcu == cu:  # the whole sequence is local: the single-device op, no fp32 round trips
         res = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-                                     softmax_scale=scale, window_size=window, softcap=softcap, return_lse=want_lse)
+                                     softmax_scale=scale, window_size=window, softcap=softcap,
+                                     alibi_slopes=alibi_slopes, return_lse=want_lse)
         out, lse = res if want_lse else (res, None)
     else:
         out, lse = _RingAttnFunction.apply(q, k, v, scale, causal, layout, _comm(pg, q.device),
-                                           _Packed(lens, rank, world, layout, q.device), window, softcap)
+                                           _Packed(lens, rank, world, layout, q.device), window, softcap, alibi)
     return _results(out, lse, return_lse, return_attn_probs)
 
 
