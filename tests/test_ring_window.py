@@ -25,58 +25,44 @@ def _protocol_mask(n_q, n_k, causal, offset, window):
     return m
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-def test_window_plan_covers_exactly_the_global_mask(layout):
-    """Every (rank, src) pair: the union of the plan's pieces (each masked as the kernels mask it) is the global
-    windowed mask restricted to (rank's queries, src's keys), and no query/key pair is computed twice."""
-    for world, n_local, causal, window in itertools.product(
-            (1, 2, 3, 4), (2, 4, 6), (False, True), [(0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (2, 7), (9, -1),
-                                                     (0, -1), (-1, 0), (13, 1)]):
+def _check_plan(plan, layout, windows, check_distance=False):
+    """For W 1..4, local lengths 2..6, causal or not and each window: at every (rank, src) pair the union of
+    ``plan``'s pieces (each masked as the kernels mask it) is the global windowed mask restricted to (rank's
+    queries, src's keys), no query/key pair is computed twice, and with ``check_distance`` every computed pair's
+    kernel distance ``|i + offset - j|`` (local rows of the piece) is its global distance ``|q - k|``."""
+    for world, n_local, causal, window in itertools.product((1, 2, 3, 4), (2, 4, 6), (False, True), windows):
         if causal and window[1] >= 0:
             window = (window[0], -1)  # what ring_attn_func normalises to
-        if window == (-1, -1):
-            continue
         S = n_local * world
         glob = _protocol_mask(S, S, causal, 0, window)
         half = n_local // 2
         rows = {"all": slice(None), "first": slice(None, half), "second": slice(half, None)}
         for rank, src in itertools.product(range(world), range(world)):
+            where = (layout, world, n_local, causal, window, rank, src)
             pos_q, pos_k = shard_index(S, rank, world, layout), shard_index(S, src, world, layout)
-            want = glob[pos_q][:, pos_k]
             got = torch.zeros(n_local, n_local, dtype=torch.int32)
-            for p in ring_mod._plan(layout, causal, rank, src, window, world, n_local):
+            for p in plan(layout, causal, rank, src, window, world, n_local):
                 qi, ki = torch.arange(n_local)[rows[p.q_part]], torch.arange(n_local)[rows[p.k_part]]
                 m = _protocol_mask(len(qi), len(ki), p.causal, p.offset, p.window)
                 got[qi[:, None], ki[None, :]] += m.int()
-            assert got.max() <= 1, (layout, world, n_local, causal, window, rank, src, "pair computed twice")
-            assert torch.equal(got.bool(), want), (layout, world, n_local, causal, window, rank, src)
+                if check_distance:
+                    i, j = torch.arange(len(qi))[:, None], torch.arange(len(ki))[None, :]
+                    true = (pos_q[qi][:, None] - pos_k[ki][None, :]).abs()
+                    assert torch.equal((i + p.offset - j).abs()[m], true[m]), where + (p,)
+            assert got.max() <= 1, where + ("pair computed twice",)
+            assert torch.equal(got.bool(), glob[pos_q][:, pos_k]), where
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_window_plan_covers_exactly_the_global_mask(layout):
+    _check_plan(ring_mod._plan, layout, [(0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (2, 7), (9, -1), (0, -1), (-1, 0),
+                                         (13, 1)])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_alibi_plan_covers_the_global_mask_with_exact_distances(layout):
-    """ALiBi pieces: their union is the global (windowed) mask, no pair twice, and every computed pair's kernel
-    distance ``|i + offset - j|`` (local rows of the piece) is its global distance ``|q - k|``."""
-    for world, n_local, causal, window in itertools.product(
-            (1, 2, 3, 4), (2, 4, 6), (False, True), [(-1, -1), (0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (9, -1)]):
-        if causal and window[1] >= 0:
-            window = (window[0], -1)  # what ring_attn_func normalises to
-        S = n_local * world
-        glob = _protocol_mask(S, S, causal, 0, window)
-        half = n_local // 2
-        rows = {"all": slice(None), "first": slice(None, half), "second": slice(half, None)}
-        for rank, src in itertools.product(range(world), range(world)):
-            pos_q, pos_k = shard_index(S, rank, world, layout), shard_index(S, src, world, layout)
-            got = torch.zeros(n_local, n_local, dtype=torch.int32)
-            for p in ring_mod._alibi_plan(layout, causal, rank, src, window, world, n_local):
-                qi, ki = torch.arange(n_local)[rows[p.q_part]], torch.arange(n_local)[rows[p.k_part]]
-                m = _protocol_mask(len(qi), len(ki), p.causal, p.offset, p.window)
-                got[qi[:, None], ki[None, :]] += m.int()
-                i, j = torch.arange(len(qi))[:, None], torch.arange(len(ki))[None, :]
-                kernel = (i + p.offset - j).abs()
-                true = (pos_q[qi][:, None] - pos_k[ki][None, :]).abs()
-                assert torch.equal(kernel[m], true[m]), (layout, world, n_local, causal, window, rank, src, p)
-            assert got.max() <= 1, (layout, world, n_local, causal, window, rank, src, "pair computed twice")
-            assert torch.equal(got.bool(), glob[pos_q][:, pos_k]), (layout, world, n_local, causal, window, rank, src)
+    _check_plan(ring_mod._alibi_plan, layout, [(-1, -1), (0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (9, -1)],
+                check_distance=True)
 
 
 # ---------------------------------------------------------------------------------- gloo, W = 2 and 3

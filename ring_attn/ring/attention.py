@@ -171,6 +171,19 @@ def _band_piece(q_part: str, k_part: str, causal: bool, d_hi: Optional[int], d_r
     return [_Piece(q_part, k_part, True, hi, (-1, -1) if lo is None else (hi - lo, -1))]
 
 
+def _chunk_pairs(layout: str, rank: int, src: int, world: int, n_local: int) -> list[tuple[str, str, int, int]]:
+    """The (query chunk, key chunk) runs of a (rank, src) pair for the contiguous and zigzag layouts, as
+    ``(q_part, k_part, rows per chunk, D)`` with ``global(k_j) - global(q_i) = (j - i) - D`` inside the run:
+    contiguous, one run (``D = (rank - src) * n_local``); zigzag, four (chunks ``rank`` and ``2W-1-rank`` of
+    ``2W``, each ``n_local / 2`` rows, addressed as the ``"first"`` / ``"second"`` halves)."""
+    if layout == "contiguous":
+        return [("all", "all", n_local, (rank - src) * n_local)]
+    h = n_local // 2
+    chunk = {"first": lambda r: r, "second": lambda r: 2 * world - 1 - r}
+    return [(qp, kp, h, (chunk[qp](rank) - chunk[kp](src)) * h) for qp in ("first", "second")
+            for kp in ("first", "second")]
+
+
 def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
                  n_local: int) -> list[_Piece]:
     """Pieces of the (rank's queries, src's keys) pair under a sliding window over *global* positions (see
@@ -180,16 +193,8 @@ def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[i
         delta = rank - src
         return _band_piece("all", "all", causal, delta // world, (delta + right) // world if right >= 0 else None,
                            -((left - delta) // world) if left >= 0 else None, n_local, n_local)
-    if layout == "contiguous":
-        parts = [("all", rank, "all", src, n_local)]
-    else:  # zigzag: chunks rank and 2W-1-rank of 2W, each n_local / 2 rows
-        h = n_local // 2
-        chunks = {"first": lambda r: r, "second": lambda r: 2 * world - 1 - r}
-        parts = [(qp, chunks[qp](rank), kp, chunks[kp](src), h) for qp in ("first", "second")
-                 for kp in ("first", "second")]
     pieces = []
-    for q_part, cq, k_part, ck, n in parts:
-        d = (cq - ck) * n  # global(k_j) - global(q_i) = (j - i) - d
+    for q_part, k_part, n, d in _chunk_pairs(layout, rank, src, world, n_local):
         pieces += _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None,
                               d - left if left >= 0 else None, n, n)
     return pieces
@@ -200,22 +205,14 @@ def _alibi_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[in
     """Pieces of the (rank's queries, src's keys) pair under ALiBi (contiguous and zigzag layouts): the bias
     ``-slope · |global(q_i) - global(k_j)|`` needs the *exact* distance, and the kernels' bias is
     ``-slope · |i + offset - j|`` with the piece's ``causal_offset``, so every piece is an affine run of rows
-    (:func:`_window_plan`'s (q chunk, k chunk) parts) launched with ``offset = D`` (``global(k_j) -
+    (:func:`_chunk_pairs`) launched with ``offset = D`` (``global(k_j) -
     global(q_i) = (j - i) - D``) and the caller's own window: with that offset, ``causal`` and
     ``window=(left, right)`` mask exactly the global ``k <= q``, ``q - left <= k <= q + right``. Parts whose
     band misses the block are skipped (:func:`_band_piece` decides). Striped positions ``t * W + rank`` step
     by ``W``, which no offset expresses: ALiBi is refused for that layout before any collective."""
     left, right = window
-    if layout == "contiguous":
-        parts = [("all", rank, "all", src, n_local)]
-    else:  # zigzag: chunks rank and 2W-1-rank of 2W, each n_local / 2 rows
-        h = n_local // 2
-        chunks = {"first": lambda r: r, "second": lambda r: 2 * world - 1 - r}
-        parts = [(qp, chunks[qp](rank), kp, chunks[kp](src), h) for qp in ("first", "second")
-                 for kp in ("first", "second")]
     pieces = []
-    for q_part, cq, k_part, ck, n in parts:
-        d = (cq - ck) * n
+    for q_part, k_part, n, d in _chunk_pairs(layout, rank, src, world, n_local):
         if _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None,
                        d - left if left >= 0 else None, n, n):
             pieces.append(_Piece(q_part, k_part, causal, d, (left, right)))
