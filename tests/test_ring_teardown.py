@@ -6,11 +6,12 @@ of them still releasing a tensor then tries to take the GIL during finalisation 
 a loaded 2-core machine. Three things kept the group alive: a per-group cache of RingComm objects in
 ring_attn, the RingComm held by the autograd graph of an output the script still references, and torch
 binding ``group.WORLD`` as a default argument of ``torch.distributed.nn.functional`` when ring_attn's first
-attention call imports it (through torch._dynamo) after init_process_group.
+attention call imports it (through torch._dynamo) after init_process_group; and an HF patch left active.
 
 The check is deterministic: this file, run as a script in a fresh interpreter (the lazy import only happens
 in one), spawns two gloo ranks that import ring_attn, init the group, run the ring's forward and backward
-(real P2P exchanges) and the single-device op, keep the ring's output alive, destroy the group, and list their threads.
+(real P2P exchanges) and the single-device op, keep the ring's output alive, leave a patch_hf patch active
+on a tiny Llama that ran a forward over the ring (when transformers is installed), destroy the group, and list their threads.
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ import torch
 
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 WORLD = 2
+try:
+    import transformers  # noqa: F401
+
+    HF = True
+except ImportError:
+    HF = False
 
 
 def _thread_names() -> list[str]:
@@ -53,11 +60,23 @@ def _rank(rank, outdir):
     out.sum().backward()  # `out` stays referenced, as a script's last loss does
     # the single-device op too (its first call imports torch._dynamo, which binds group.WORLD as a default)
     ring_attn.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
+    if HF:  # a patched HF model, the patch left active (as a script that never calls undo() leaves it)
+        from hf_models import build
+
+        from ring_attn.integrations import hf
+
+        model = build("llama")
+        patch = hf.patch_hf(model, group=dist.group.WORLD)
+        local = hf.shard_batch({"input_ids": torch.randint(0, 64, (1, 8 * WORLD), generator=g)})
+        with torch.no_grad():
+            model(input_ids=local["input_ids"], position_ids=local["position_ids"])
     dist.barrier()
     dist.destroy_process_group()
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
         f.write(" ".join(during) + "\n" + " ".join(_thread_names()) + "\n")
     del out
+    if HF:
+        patch.undo()
 
 
 def test_destroy_process_group_ends_gloo_threads(tmp_path):
@@ -65,8 +84,9 @@ def test_destroy_process_group_ends_gloo_threads(tmp_path):
 
     if not sys.platform.startswith("linux"):
         pytest.skip("reads thread names from /proc")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=180)

@@ -17,6 +17,7 @@ Supported transformers: 4.48 to 5.x (both ends are tested). See ``docs/hf.md``.
 from __future__ import annotations
 
 import importlib
+import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -46,8 +47,22 @@ class _State:
     """What the active patch decided: read by the attention and RoPE replacements."""
 
     def __init__(self, group, layout: str, fused_rope: bool):
-        self.group, self.layout, self.fused_rope = group, layout, fused_rope
+        self.layout, self.fused_rope = layout, fused_rope
         self.rank, self.world = _rank_world(group)
+        # held weakly: a patch left active until the script ends must not keep the group (and gloo's threads)
+        # alive past destroy_process_group, into interpreter exit (see ring_attn.ring.comm)
+        self._group = None if group is None else weakref.ref(group)
+
+    @property
+    def group(self):
+        """The patch's process group (None: the default group); RuntimeError once it was destroyed."""
+        if self._group is None:
+            return None
+        group = self._group()
+        if group is None:
+            raise RuntimeError("patch_hf: its process group no longer exists (destroy_process_group was called); "
+                               "undo the patch or patch again with a live group")
+        return group
 
 
 _active: Optional[_State] = None
