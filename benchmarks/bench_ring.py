@@ -77,6 +77,23 @@ def _flops(b, hq, s_q, s_k, d, causal_fraction):
     return 4 * b * hq * s_q * s_k * d * causal_fraction
 
 
+def _time_single(full, args, device) -> dict:
+    """Forward and forward+backward times (ms) of single-device flash_attn_func on the whole sequence."""
+    import ring_attn
+
+    qf, kf, vf, dof = (x.to(device) for x in full)
+    single = {"fwd": time_ms(lambda: ring_attn.flash_attn_func(qf, kf, vf, causal=args.causal),
+                             warmup=args.warmup, rep=args.rep)}
+    qg, kg, vg = (x.clone().requires_grad_() for x in (qf, kf, vf))
+
+    def single_fb():
+        o = ring_attn.flash_attn_func(qg, kg, vg, causal=args.causal)
+        o.backward(dof)
+
+    single["fwdbwd"] = time_ms(single_fb, warmup=args.warmup, rep=args.rep)
+    return single
+
+
 def bench_one(s_local, args, rank, world, device, dtype):
     import ring_attn
     from ring_attn.ops.attention import attention_block_backward, attention_block_forward, attention_delta
@@ -98,20 +115,10 @@ def bench_one(s_local, args, rank, world, device, dtype):
         _sync(device)
         dist.barrier()
 
-    # single device, whole sequence (every rank runs it alone on its own device; timings are per device)
-    qf, kf, vf, dof = (x.to(device) for x in full)
+    # single device, whole sequence (every rank runs it alone on its own device; timings are per device); its
+    # full-length tensors are freed when _time_single returns
+    single = _time_single(full, args, device)
     del full
-    single = {}
-    single["fwd"] = time_ms(lambda: ring_attn.flash_attn_func(qf, kf, vf, causal=args.causal),
-                            warmup=args.warmup, rep=args.rep)
-    qg, kg, vg = (x.clone().requires_grad_() for x in (qf, kf, vf))
-
-    def single_fb():
-        o = ring_attn.flash_attn_func(qg, kg, vg, causal=args.causal)
-        o.backward(dof)
-
-    single["fwdbwd"] = time_ms(single_fb, warmup=args.warmup, rep=args.rep)
-    del qf, kf, vf, dof, qg, kg, vg
     barrier()
 
     # ring, and the same schedule without transfers

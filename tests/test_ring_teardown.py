@@ -16,6 +16,7 @@ on a tiny Llama that ran a forward over the ring (when transformers is installed
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,12 +25,7 @@ import torch
 
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 WORLD = 2
-try:
-    import transformers  # noqa: F401
-
-    HF = True
-except ImportError:
-    HF = False
+HF = importlib.util.find_spec("transformers") is not None
 
 
 def _thread_names() -> list[str]:
