@@ -29,7 +29,7 @@ if dist.is_available():
     # ("terminate called without an active exception"). tests/test_ring_teardown.py checks the threads end.
     try:
         import torch.distributed.nn.functional  # noqa: F401
-    except ImportError:  # a build without parts of torch.distributed: nothing is pinned then either
+    except Exception:  # noqa: BLE001 - a build without parts of torch.distributed: nothing to pin it then either
         pass
 
 __all__ = ["RingComm"]
