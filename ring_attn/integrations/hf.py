@@ -17,13 +17,13 @@ Supported transformers: 4.48 to 5.x (both ends are tested). See ``docs/hf.md``.
 from __future__ import annotations
 
 import importlib
-import weakref
 from typing import Any, Mapping, Optional
 
 import torch
 
 import ring_attn
 from ring_attn.ring import layout as ring_layout
+from ring_attn.ring.comm import weak_group
 
 __all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "IGNORE_INDEX",
            "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size"]
@@ -50,19 +50,13 @@ class _State:
         self.layout, self.fused_rope = layout, fused_rope
         self.rank, self.world = _rank_world(group)
         # held weakly: a patch left active until the script ends must not keep the group (and gloo's threads)
-        # alive past destroy_process_group, into interpreter exit (see ring_attn.ring.comm)
-        self._group = None if group is None else weakref.ref(group)
+        # alive past destroy_process_group, into interpreter exit
+        self._group = weak_group(group, "patch_hf")
 
     @property
     def group(self):
         """The patch's process group (None: the default group); RuntimeError once it was destroyed."""
-        if self._group is None:
-            return None
-        group = self._group()
-        if group is None:
-            raise RuntimeError("patch_hf: its process group no longer exists (destroy_process_group was called); "
-                               "undo the patch or patch again with a live group")
-        return group
+        return self._group()
 
 
 _active: Optional[_State] = None

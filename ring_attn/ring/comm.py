@@ -32,7 +32,25 @@ if dist.is_available():
     except Exception:  # noqa: BLE001 - a build without parts of torch.distributed: nothing to pin it then either
         pass
 
-__all__ = ["RingComm"]
+__all__ = ["RingComm", "weak_group"]
+
+
+def weak_group(group, owner: str):
+    """A callable that returns ``group`` (``None`` stays ``None``: the default group) while the group exists,
+    without keeping it alive, and raises RuntimeError naming ``owner`` once it has been destroyed. What
+    ring_attn objects that outlive a call (a RingComm in an autograd graph, an active HF patch) hold, so
+    that ``destroy_process_group`` really ends the group."""
+    if group is None:
+        return lambda: None
+    ref = weakref.ref(group)
+
+    def get():
+        g = ref()
+        if g is None:
+            raise RuntimeError(f"{owner}: its process group no longer exists (destroy_process_group was called)")
+        return g
+
+    return get
 
 
 class RingComm:
@@ -60,7 +78,7 @@ class RingComm:
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group")
         # held weakly: a RingComm lives as long as the autograd graph that used it (a `loss` kept for logging
         # keeps it), and must not keep a destroyed group's threads alive with it
-        self._group = None if group is None else weakref.ref(group)
+        self._group = weak_group(group, "RingComm")
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         if self.rank < 0:
@@ -78,12 +96,7 @@ class RingComm:
     @property
     def group(self):
         """The process group (``None``: the default group). RuntimeError once the group has been destroyed."""
-        if self._group is None:
-            return None
-        group = self._group()
-        if group is None:
-            raise RuntimeError("RingComm: its process group no longer exists (destroy_process_group was called)")
-        return group
+        return self._group()
 
     def exchange(self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], tag: int = 0):
         """Post ``sends[i]`` → next rank and ``recvs[i]`` ← previous rank for every ``i``, all in one
