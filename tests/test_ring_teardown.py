@@ -94,6 +94,36 @@ def test_destroy_process_group_ends_gloo_threads(tmp_path):
         assert not left, f"rank {rank}: gloo threads still running after destroy_process_group: {left}"
 
 
+WEAK_GROUP_SCRIPT = """
+import gc, os, sys, tempfile
+import torch.distributed as dist
+from ring_attn.ring.comm import weak_group
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "store"), rank=0,
+                        world_size=1)
+get, default = weak_group(dist.group.WORLD, "owner X"), weak_group(None, "owner Y")
+assert get() is dist.group.WORLD and default() is None
+dist.destroy_process_group()
+gc.collect()
+assert default() is None
+try:
+    get()
+except RuntimeError as e:
+    print(e)
+else:
+    sys.exit("no error after destroy_process_group")
+"""
+
+
+def test_weak_group_names_its_owner_once_the_group_is_gone():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, "-c", WEAK_GROUP_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "owner X: its process group no longer exists (destroy_process_group was called)" in p.stdout
+
+
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
