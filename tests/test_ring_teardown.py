@@ -3,15 +3,16 @@
 A group kept alive past destroy_process_group keeps gloo's worker threads running into interpreter exit; one
 of them still releasing a tensor then tries to take the GIL during finalisation and the process aborts
 ("terminate called without an active exception"): about one run in sixty of the two-rank training example on
-a loaded 2-core machine. Three things kept the group alive: a per-group cache of RingComm objects in
-ring_attn, the RingComm held by the autograd graph of an output the script still references, and torch
-binding ``group.WORLD`` as a default argument of ``torch.distributed.nn.functional`` when ring_attn's first
-attention call imports it (through torch._dynamo) after init_process_group; and an HF patch left active.
+a loaded 2-core machine. Four things kept the group alive: a per-group cache of RingComm objects in
+ring_attn, the RingComm held by the autograd graph of an output the script still references, an HF patch left
+active, and torch binding ``group.WORLD`` as a default argument of ``torch.distributed.nn.functional`` when
+ring_attn's first attention call imports it (through torch._dynamo) after init_process_group.
 
 The check is deterministic: this file, run as a script in a fresh interpreter (the lazy import only happens
 in one), spawns two gloo ranks that import ring_attn, init the group, run the ring's forward and backward
 (real P2P exchanges) and the single-device op, keep the ring's output alive, leave a patch_hf patch active
-on a tiny Llama that ran a forward over the ring (when transformers is installed), destroy the group, and list their threads.
+on a tiny Llama that ran a forward over the ring (when transformers is installed), destroy the group, and
+list their threads.
 """
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ import torch
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 WORLD = 2
 HF = importlib.util.find_spec("transformers") is not None
+
+
+def _subprocess_env() -> dict:
+    """This environment with the repository and tests/ importable, one thread, no Triton interpreter."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def _thread_names() -> list[str]:
@@ -80,12 +90,8 @@ def test_destroy_process_group_ends_gloo_threads(tmp_path):
 
     if not sys.platform.startswith("linux"):
         pytest.skip("reads thread names from /proc")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=180)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=_subprocess_env(),
+                       capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     for rank in range(WORLD):
         during, after = (line.split() for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
@@ -115,11 +121,8 @@ else:
 
 
 def test_weak_group_names_its_owner_once_the_group_is_gone():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, "-c", WEAK_GROUP_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run([sys.executable, "-c", WEAK_GROUP_SCRIPT], env=_subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "owner X: its process group no longer exists (destroy_process_group was called)" in p.stdout
 

@@ -51,10 +51,11 @@ World size 1: after the same checks, the call is the single-device op (``flash_a
 plain kernel costs.
 
 Consistency: the first time a rank sees a call signature (shapes, dtypes, causal, layout, scale, varlen
-boundaries, window, softcap, ALiBi or none) on a group, every rank exchanges a fixed-size signature with one ``all_gather``; if any rank
-differs, every rank raises ``ValueError`` listing each rank's inputs (no mismatched P2P, no hang). A rank
-that switches to a signature its peers have not switched to can't be detected without a collective on
-every call: it surfaces as the process group's timeout error. ``validate=False`` skips the check.
+boundaries, window, softcap, ALiBi or none) on a group, every rank exchanges a fixed-size signature with one
+``all_gather``; if any rank differs, every rank raises ``ValueError`` listing each rank's inputs (no
+mismatched P2P, no hang). A rank that switches to a signature its peers have not switched to can't be
+detected without a collective on every call: it surfaces as the process group's timeout error.
+``validate=False`` skips the check.
 """
 from __future__ import annotations
 
@@ -184,6 +185,15 @@ def _chunk_pairs(layout: str, rank: int, src: int, world: int, n_local: int) -> 
             for kp in ("first", "second")]
 
 
+def _chunk_band(run: tuple[str, str, int, int], causal: bool, window: tuple[int, int]) -> list[_Piece]:
+    """:func:`_band_piece` for one :func:`_chunk_pairs` run ``(q_part, k_part, n, D)`` under ``window``:
+    visible keys ``D - left <= j - i <= min(D if causal, D + right)``; ``[]`` when none is."""
+    q_part, k_part, n, d = run
+    left, right = window
+    return _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None, d - left if left >= 0 else None,
+                       n, n)
+
+
 def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
                  n_local: int) -> list[_Piece]:
     """Pieces of the (rank's queries, src's keys) pair under a sliding window over *global* positions (see
@@ -193,11 +203,7 @@ def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[i
         delta = rank - src
         return _band_piece("all", "all", causal, delta // world, (delta + right) // world if right >= 0 else None,
                            -((left - delta) // world) if left >= 0 else None, n_local, n_local)
-    pieces = []
-    for q_part, k_part, n, d in _chunk_pairs(layout, rank, src, world, n_local):
-        pieces += _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None,
-                              d - left if left >= 0 else None, n, n)
-    return pieces
+    return [p for run in _chunk_pairs(layout, rank, src, world, n_local) for p in _chunk_band(run, causal, window)]
 
 
 def _alibi_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
@@ -205,17 +211,16 @@ def _alibi_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[in
     """Pieces of the (rank's queries, src's keys) pair under ALiBi (contiguous and zigzag layouts): the bias
     ``-slope · |global(q_i) - global(k_j)|`` needs the *exact* distance, and the kernels' bias is
     ``-slope · |i + offset - j|`` with the piece's ``causal_offset``, so every piece is an affine run of rows
-    (:func:`_chunk_pairs`) launched with ``offset = D`` (``global(k_j) -
-    global(q_i) = (j - i) - D``) and the caller's own window: with that offset, ``causal`` and
-    ``window=(left, right)`` mask exactly the global ``k <= q``, ``q - left <= k <= q + right``. Parts whose
-    band misses the block are skipped (:func:`_band_piece` decides). Striped positions ``t * W + rank`` step
-    by ``W``, which no offset expresses: ALiBi is refused for that layout before any collective."""
-    left, right = window
+    (:func:`_chunk_pairs`) launched with ``offset = D`` (``global(k_j) - global(q_i) = (j - i) - D``) and the
+    caller's own window: with that offset, ``causal`` and ``window=(left, right)`` mask exactly the global
+    ``k <= q``, ``q - left <= k <= q + right``. Runs whose band misses the block are skipped
+    (:func:`_chunk_band` decides). Striped positions ``t * W + rank`` step by ``W``, which no offset
+    expresses: ALiBi is refused for that layout before any collective."""
     pieces = []
-    for q_part, k_part, n, d in _chunk_pairs(layout, rank, src, world, n_local):
-        if _band_piece(q_part, k_part, causal, d, d + right if right >= 0 else None,
-                       d - left if left >= 0 else None, n, n):
-            pieces.append(_Piece(q_part, k_part, causal, d, (left, right)))
+    for run in _chunk_pairs(layout, rank, src, world, n_local):
+        if _chunk_band(run, causal, window):  # some key is visible: the whole run, with its exact offset
+            q_part, k_part, _, d = run
+            pieces.append(_Piece(q_part, k_part, causal, d, window))
     return pieces
 
 
