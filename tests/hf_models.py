@@ -1,6 +1,8 @@
-"""Tiny random-weight Llama / Mistral / Qwen2 models for the HF integration tests (no downloads).
+"""Tiny random-weight models of every family in ``ring_attn.integrations.hf.MODEL_FAMILIES`` for the HF integration
+tests (no downloads).
 
-Configs use the keyword names both transformers 4.48 and 5.x accept (``rope_theta``, ``rope_scaling``).
+Configs use the keyword names both transformers 4.48 and 5.x accept (``rope_theta``, ``rope_scaling``). Families
+a transformers version does not have (Qwen3, Gemma 3 before 4.50) are reported by :func:`available`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,71 @@ CONFIGS = {
     "mistral-swa": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
     "qwen2-swa": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
                                 max_window_layers=1)),
+    # the other families: q/k norms (Qwen3, OLMo 2, Gemma 3), MoE blocks (Mixtral, Qwen3-MoE; transformers 5.x's
+    # eager experts, since its grouped matmul has no float64 for the oracle), scaled embeddings
+    # and soft-capping (Gemma), Granite's multipliers, and Phi-3's LongRoPE, whose frequencies switch from the
+    # short to the long factors past original_max_position_embeddings (12 here: over a ring of 2, zigzag or
+    # contiguous shards of 16 tokens see local maxima on both sides of it)
+    "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=8)),
+    "qwen3-dynamic": ("qwen3", dict(num_key_value_heads=2, head_dim=8, max_position_embeddings=8,
+                                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "qwen3-moe": ("qwen3_moe", dict(num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, experts_implementation="eager")),
+    "mixtral": ("mixtral", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=None, experts_implementation="eager")),
+    "gemma": ("gemma", dict(num_key_value_heads=1, head_dim=8)),
+    "gemma2-swa": ("gemma2", dict(num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=2.0,
+                                  query_pre_attn_scalar=8)),
+    "gemma3": ("gemma3", dict(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                              layer_types=["sliding_attention", "full_attention"])),
+    # (Phi-3's config, 4.48's included, names the rope type with the key "type")
+    "phi3-longrope": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=12, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2, rope_scaling={
+                                       "type": "longrope", "short_factor": [1.0, 1.0, 1.5, 2.0],
+                                       "long_factor": [2.0, 3.0, 5.0, 8.0]})),
+    # Phi-4-mini's partial rotary: only the first half of each head rotates
+    "phi3-partial": ("phi3", dict(num_key_value_heads=2, original_max_position_embeddings=12, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5, rope_scaling={
+                                      "type": "longrope", "short_factor": [1.0, 1.5],
+                                      "long_factor": [3.0, 6.0]})),
+    "granite": ("granite", dict(num_key_value_heads=2, attention_multiplier=0.25, embedding_multiplier=2.0,
+                                residual_multiplier=0.5, logits_scaling=2.0)),
+    "olmo2": ("olmo2", dict(num_key_value_heads=2)),
+    # a model outside MODEL_FAMILIES: attention and the ring through ring_attn, RoPE transformers' own, whose
+    # dynamic frequencies must still follow the global length over a ring
+    "starcoder2-dynamic": ("starcoder2", dict(num_key_value_heads=2, max_position_embeddings=8,
+                                              rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
 }
+# family -> (config class, model class) in transformers
+_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
+}
+# the stock reference implementation where sdpa is not it: transformers runs soft-capped Gemma 2 in eager
+_STOCK_ATTN = {"gemma2": "eager"}
+
+
+def available(name: str) -> bool:
+    """Whether the installed transformers has the model ``name`` needs (and, for Phi-3's partial rotary, a
+    modeling file that applies it: transformers >= 4.49)."""
+    import importlib
+
+    import transformers
+
+    family, kw = CONFIGS[name]
+    if not all(hasattr(transformers, c) for c in _CLASSES[family]):
+        return False
+    if kw.get("partial_rotary_factor", 1.0) != 1.0:
+        import inspect
+
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        return "rotary_dim" in inspect.getsource(mod.apply_rotary_pos_emb)
+    return True
 
 ORACLE_ATTN = "sdpa_sliding_window_oracle"
 
@@ -65,31 +131,41 @@ def _sdpa_sliding_window_oracle(module, query, key, value, attention_mask, dropo
                                   is_causal=False, **kwargs)
 
 
+def runs_whole(name: str) -> bool:
+    """Whether a patched ``name`` runs: transformers >= 4.53 hands any model's mask to the patch's mask function;
+    before that only the MODEL_FAMILIES' mask builders are wrapped, and other models build 4-D masks, which the
+    attention refuses (NotImplementedError)."""
+    import importlib.util
+
+    from ring_attn.integrations.hf import MODEL_FAMILIES
+
+    return (CONFIGS[name][0] in MODEL_FAMILIES
+            or importlib.util.find_spec("transformers.masking_utils") is not None)
+
+
 def oracle_attn(name: str) -> str:
-    """The attention implementation whose stock model is the reference for ``name``: ``"sdpa"``, or (where the
-    installed transformers' Qwen2 sdpa ignores the window) sdpa plus the window mask, registered here."""
+    """The attention implementation whose stock model is the reference for ``name``: ``"sdpa"`` (``"eager"`` for
+    soft-capped Gemma 2), or (where the installed transformers' Qwen2 sdpa ignores the window) sdpa plus the window
+    mask, registered here."""
     if not _stock_sdpa_ignores_window(name):
-        return "sdpa"
+        return _STOCK_ATTN.get(CONFIGS[name][0], "sdpa")
     from transformers import modeling_utils
 
     modeling_utils.ALL_ATTENTION_FUNCTIONS[ORACLE_ATTN] = _sdpa_sliding_window_oracle
     return ORACLE_ATTN
 
 
-def build(name: str, seed: int = 0, dtype=torch.float32, attn: str = "sdpa", **overrides):
-    """A fresh random model for ``name`` (same weights for the same seed), ``sdpa`` attention, eval mode.
-    ``attn="oracle"``: the stock reference implementation for ``name`` (see :func:`oracle_attn`)."""
+def build(name: str, seed: int = 0, dtype=torch.float32, attn: str | None = None, **overrides):
+    """A fresh random model for ``name`` (same weights for the same seed), eval mode, with attention ``attn``
+    (default: ``sdpa``, or ``eager`` where transformers refuses sdpa). ``attn="oracle"``: the stock reference
+    implementation for ``name`` (see :func:`oracle_attn`)."""
     import transformers
 
     family, kw = CONFIGS[name]
-    cls_cfg, cls_model = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[family]
+    cls_cfg, cls_model = (getattr(transformers, c) for c in _CLASSES[family])
     cfg = cls_cfg(**{**SMALL, **kw, **overrides})
     oracle = oracle_attn(name) if attn == "oracle" else None
-    cfg._attn_implementation = "sdpa" if oracle else attn
+    cfg._attn_implementation = _STOCK_ATTN.get(family, "sdpa") if oracle or attn is None else attn
     torch.manual_seed(seed)
     model = cls_model(cfg)
     if oracle:

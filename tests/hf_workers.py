@@ -9,8 +9,10 @@ with the stock model in one process. Error cases record what every rank raised.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
+import types
 
 import torch
 
@@ -35,6 +37,17 @@ CASES_2 = [
     # collectives again, in the same order on every rank; both of torch's checkpoint implementations
     dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=13, checkpointing="non-reentrant"),
     dict(kind="equiv", model="mistral-swa", layout="striped", b=2, s=11, checkpointing="reentrant"),
+    # the other families (cases the installed transformers cannot run are left out: hf_models.available and
+    # runs_whole; test_hf's single-device cases check the refusal): a length-dependent
+    # rope type on every side of its threshold (Qwen3 dynamic, Phi-3 LongRoPE, partial rotary; Starcoder2 is
+    # outside MODEL_FAMILIES, so its RoPE is transformers' own), Gemma 2's soft-capping with windows over shards,
+    # Gemma 3's per-layer-type frequencies
+    dict(kind="equiv", model="qwen3-dynamic", layout="zigzag", b=1, s=16),
+    dict(kind="equiv", model="phi3-longrope", layout="zigzag", b=1, s=16),
+    dict(kind="equiv", model="phi3-partial", layout="contiguous", b=1, s=16),
+    dict(kind="equiv", model="starcoder2-dynamic", layout="zigzag", b=1, s=16),
+    dict(kind="equiv", model="gemma2-swa", layout="zigzag", b=2, s=13),
+    dict(kind="equiv", model="gemma3", layout="striped", b=1, s=11),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 CASES_3 = [
@@ -44,12 +57,15 @@ CASES_3 = [
     dict(kind="equiv", model="mistral-swa", layout="striped", b=1, s=17),
     dict(kind="equiv", model="qwen2-swa", layout="zigzag", packed=[10, 4, 7]),
     dict(kind="equiv", model="llama", layout="zigzag", packed=[9, 5, 4], checkpointing="non-reentrant"),
+    dict(kind="equiv", model="phi3-longrope", layout="zigzag", b=1, s=18),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 
 
 def cases_for(world: int) -> list[dict]:
-    cases = CASES_2 if world == 2 else CASES_3
+    from hf_models import available, runs_whole
+
+    cases = [c for c in (CASES_2 if world == 2 else CASES_3) if available(c["model"]) and runs_whole(c["model"])]
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
                      + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else "")
@@ -164,6 +180,17 @@ def _errors_case(case, rank, world, store):
     mistral = build("mistral", sliding_window=8)
     with hf.patch_hf(mistral, group=dist.group.WORLD, layout=layout), torch.no_grad():
         attempt("sliding window and use_cache", lambda: mistral(**inputs, use_cache=True))
+        # a modeling module imported after the patch: its rotary embedding was not wrapped, so a length-dependent
+        # rope type would differ between ranks; the attention refuses before any collective
+        late = types.ModuleType("late_modeling_for_ring_attn_test")
+        late.LateRotaryEmbedding = type("LateRotaryEmbedding", (torch.nn.Module,), {
+            "__module__": late.__name__, "forward": lambda self, x, position_ids: (x, x)})
+        late.LateAttention = type("LateAttention", (torch.nn.Module,), {"__module__": late.__name__})
+        sys.modules[late.__name__] = late
+        q = torch.randn(1, 2, local["input_ids"].shape[1], 8)
+        attempt("rotary imported after the patch", lambda: hf.ring_attn_attention_forward(
+            late.LateAttention(), q, q, q, None, position_ids=local["position_ids"]))
+        del sys.modules[late.__name__]
     # the group is still usable afterwards (no rank hangs in a collective)
     t = torch.ones(1)
     dist.all_reduce(t)
@@ -171,8 +198,6 @@ def _errors_case(case, rank, world, store):
 
 
 def _worker(rank, world, init_file, outdir):
-    import sys
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from spawn_world import worker_group
 

@@ -12,14 +12,19 @@ Both transformers 4.48 and 5.x run this module (see docs/hf.md).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 import pytest
 import torch
 
+import ring_attn
+
 transformers = pytest.importorskip("transformers")
 
 from accuracy import BACKWARD, FORWARD, assert_within_rule  # noqa: E402
-from hf_models import VOCAB, batch_for, build, stock_reference  # noqa: E402
+from hf_models import (CONFIGS, SMALL, VOCAB, available, batch_for, build, runs_whole,  # noqa: E402
+                       stock_reference)
 from hf_workers import cases_for, run_world  # noqa: E402
 from ring_attn.integrations import hf  # noqa: E402
 
@@ -89,6 +94,7 @@ def test_ring_refusals(worlds, world):
         "unsharded positions": ("ValueError", "position_ids"),
         "dropout": ("NotImplementedError", "dropout"),
         "sliding window and use_cache": ("NotImplementedError", "use_cache"),
+        "rotary imported after the patch": ("NotImplementedError", "LateRotaryEmbedding"),
     }
     for rank in range(world):  # every rank raises the same error; nothing hangs
         st = _result(worlds, world, name, rank)
@@ -132,6 +138,70 @@ def _run_patched(model_name, case, **patch_kw):
 ])
 def test_single_device_equals_stock(model_name, case):
     _check_equivalence(f"single {model_name}", _run_patched(model_name, case), model_name, case)
+
+
+# one case per family beyond Llama / Mistral / Qwen2 (and Starcoder2, outside MODEL_FAMILIES)
+FAMILY_CASES = [
+    ("qwen3", dict(b=2, s=10)),
+    ("qwen3-moe", dict(b=1, s=9)),
+    ("mixtral", dict(b=1, s=9)),
+    ("gemma", dict(b=2, s=9)),
+    ("gemma2-swa", dict(b=2, s=10)),  # soft-capping and a window of 4 on alternate layers
+    ("gemma3", dict(b=1, s=11)),  # per-layer-type frequencies, q/k norms, a window on layer 0
+    ("phi3-longrope", dict(b=1, s=14)),  # past original_max_position_embeddings=12: the long factors
+    ("phi3-partial", dict(b=2, s=11)),  # partial rotary, short factors
+    ("granite", dict(b=1, s=9)),
+    ("olmo2", dict(b=1, s=9)),
+    ("starcoder2-dynamic", dict(b=1, s=12)),
+]
+
+
+@pytest.mark.parametrize("model_name,case", FAMILY_CASES)
+def test_every_family_single_device_equals_stock(model_name, case, monkeypatch):
+    """Each family's whole model (logits, loss, every gradient) equals stock, with its RoPE on the fused angle
+    kernel (one ``apply_rope`` per layer) when the family is in MODEL_FAMILIES, and transformers' own otherwise."""
+    if not available(model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name} model")
+    if not runs_whole(model_name):  # transformers < 4.53, a model outside MODEL_FAMILIES: 4-D masks, refused
+        with pytest.raises(NotImplementedError, match="4-D attention_mask"):
+            _run_patched(model_name, case)
+        return
+    calls = []
+    real = ring_attn.apply_rope
+    monkeypatch.setattr(ring_attn, "apply_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = _run_patched(model_name, case)
+    fused = CONFIGS[model_name][0] in hf.MODEL_FAMILIES
+    assert len(calls) == (SMALL["num_hidden_layers"] if fused else 0)
+    _check_equivalence(f"single {model_name}", got, model_name, case)
+
+
+def test_every_model_family_has_a_model_under_test():
+    """MODEL_FAMILIES (the modules whose RoPE the patch replaces) lists only families these tests run whole."""
+    tested = {CONFIGS[name][0] for name, _ in FAMILY_CASES} | {"llama", "mistral", "qwen2"}
+    assert set(hf.MODEL_FAMILIES) <= tested, set(hf.MODEL_FAMILIES) - tested
+
+
+def test_rotary_of_a_model_outside_transformers_is_wrapped_while_patched():
+    """A model whose modules come from outside transformers.models (remote code): its rotary embedding class is
+    wrapped by patch_hf(model) (so over a ring its frequencies follow the global length) and restored by undo."""
+    remote = types.ModuleType("remote_code_modeling_for_ring_attn_test")
+    rotary_cls = type("RemoteRotaryEmbedding", (torch.nn.Module,), {
+        "__module__": remote.__name__, "forward": lambda self, x, position_ids: (x, x)})
+    remote.RemoteRotaryEmbedding = rotary_cls
+    stock_forward = rotary_cls.forward
+    model = torch.nn.Sequential(rotary_cls())
+    model.config = types.SimpleNamespace(_attn_implementation="sdpa", use_cache=False)
+    sys.modules[remote.__name__] = remote
+    try:
+        with hf.patch_hf(model):
+            assert rotary_cls.forward is not stock_forward
+            assert model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
+            x = torch.randn(1, 3, 4)
+            assert model[0](x, torch.arange(3)[None])[0] is x  # the wrapper calls the stock forward
+        assert rotary_cls.forward is stock_forward
+        assert model.config._attn_implementation == "sdpa"
+    finally:
+        del sys.modules[remote.__name__]
 
 
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "qwen2-swa"])
@@ -266,8 +336,8 @@ def test_softcap_from_module_kwargs(window):
 def test_gemma2_softcap_and_window_from_the_model():
     """A whole model whose modules pass ``softcap`` and ``sliding_window`` (Gemma 2: attn_logit_softcapping,
     alternating windowed layers) equals stock ``eager`` (the implementation transformers uses for softcap). On
-    transformers < 4.53 Gemma 2 builds 4-D masks inside the model, which the patch refuses (NotImplementedError,
-    never silently wrong)."""
+    transformers < 4.53 Gemma 2's sliding layers slice a 4-D mask themselves, so a padding mask is handed to the
+    stock builder and its 4-D result refused (NotImplementedError, never silently wrong)."""
     cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                     max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=2.0,
@@ -283,12 +353,13 @@ def test_gemma2_softcap_and_window_from_the_model():
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         with hf.patch_hf(model):
+            got = model(ids, use_cache=False).logits
             if not hasattr(importlib.import_module("transformers.models.gemma2.modeling_gemma2"),
                            "create_sliding_window_causal_mask"):
+                pad = torch.ones_like(ids)
+                pad[0, :3] = 0
                 with pytest.raises(NotImplementedError, match="4-D attention_mask"):
-                    model(ids, use_cache=False)
-                return
-            got = model(ids, use_cache=False).logits
+                    model(ids, attention_mask=pad, use_cache=False)
         for layer in model.model.layers:
             layer.self_attn.attn_logit_softcapping = None
         uncapped = model(ids, use_cache=False).logits

@@ -1,9 +1,11 @@
-"""HuggingFace ``transformers`` drop-in: one call patches Llama, Mistral and Qwen2 models.
+"""HuggingFace ``transformers`` drop-in: one call patches Llama-family models (:data:`MODEL_FAMILIES`).
 
 * :func:`patch_hf` registers the attention implementation ``"ring_attn"`` (and its mask function, so that a
   padding mask is never silently dropped), switches a model to it, and (``fused_rope=True``) replaces the rotary
-  application of the Llama, Mistral and Qwen2 modeling modules with :func:`ring_attn.apply_rope`, whose angles are
-  formed in float64 from the global ``position_ids``. ``group=None`` (or a one-rank group): the single-device
+  application of the :data:`MODEL_FAMILIES` modeling modules with :func:`ring_attn.apply_rope`, whose angles are
+  formed in float64 from the global ``position_ids``. Every rotary embedding class of transformers' imported
+  modeling modules (and of ``model``) is wrapped so that, over a ring, rope types whose frequencies depend on the
+  sequence length see the global length on every rank. ``group=None`` (or a one-rank group): the single-device
   kernel, a faster drop-in for ``sdpa``. A larger group: ring attention over it, the sequence sharded by
   :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``). Sliding
   windows (Mistral's, Qwen2's per layer) and a ``softcap`` passed by a module run in the kernels in every mode
@@ -17,6 +19,8 @@ Supported transformers: 4.48 to 5.x (both ends are tested). See ``docs/hf.md``.
 from __future__ import annotations
 
 import importlib
+import inspect
+import sys
 from typing import Any, Mapping, Optional
 
 import torch
@@ -30,12 +34,15 @@ __all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss
 
 ATTN_IMPLEMENTATION = "ring_attn"
 IGNORE_INDEX = -100
-# modeling modules whose rotary application / rotary embedding / base model the patch touches
-MODEL_FAMILIES = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding", "LlamaModel"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRotaryEmbedding", "MistralModel"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", "Qwen2Model"),
-}
+# transformers model types (``transformers.models.<type>.modeling_<type>``) whose ``apply_rotary_pos_emb`` is HF's
+# half-split rotation of the first ``cos.shape[-1]`` dims (all of them, or Phi-3's partial rotary), so that
+# fused_rope=True replaces it by the fused kernel. Each one is tested whole against its stock model
+# (tests/test_hf.py). Other models still get the attention and the ring; their RoPE stays transformers' own.
+MODEL_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3",
+                  "granite", "olmo2")
+# transformers < 4.53 modeling modules whose decoder layers slice the 4-D mask themselves (Gemma 2's sliding
+# layers): a 2-D padding mask cannot be handed on there
+_MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
 # rope types whose frequencies depend on the sequence length (transformers recomputes them in forward)
 _SEQ_LEN_DEPENDENT = ("dynamic", "longrope")
 _ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
@@ -48,6 +55,7 @@ class _State:
 
     def __init__(self, group, layout: str, fused_rope: bool):
         self.layout, self.fused_rope = layout, fused_rope
+        self.rotary_checked: set = set()  # modeling modules whose rotary classes were found wrapped (ring mode)
         self.rank, self.world = _rank_world(group)
         # held weakly: a patch left active until the script ends must not keep the group (and gloo's threads)
         # alive past destroy_process_group, into interpreter exit
@@ -254,8 +262,9 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     Raises:
         NotImplementedError naming the setting (output_attentions, dropout, attention sinks ``s_aux``, padding
         in a sharded sequence, a KV cache in ring mode, 4-D masks, a sliding window over a padding mask with
-        holes); ValueError for position_ids that are not a layout shard in ring mode, a ``sliding_window`` that
-        is not a positive int, a negative ``softcap``.
+        holes, a rotary embedding class imported after the patch in ring mode); ValueError for position_ids that
+        are not a layout shard in ring mode, a ``sliding_window`` that is not a positive int, a negative
+        ``softcap``.
     """
     state = _active
     if state is None:
@@ -299,6 +308,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
                                          softcap=softcap), None
 
     # ring mode
+    _check_rotary_patched(module, state)
     if kwargs.get("use_cache") or s_q != s_k:
         raise NotImplementedError(
             f"a KV cache (use_cache=True{', s_q=%d != s_k=%d' % (s_q, s_k) if s_q != s_k else ''}) with ring "
@@ -394,13 +404,19 @@ def _global_max(position_ids: torch.Tensor, state: _State) -> torch.Tensor:
     return m.to(position_ids.device)
 
 
+def _seq_len_dependent(rope_type) -> bool:
+    """Whether a rotary embedding's ``rope_type`` (a str, or a dict per layer type as in Gemma 3) recomputes its
+    frequencies from the sequence length, i.e. from ``max(position_ids) + 1``."""
+    types = rope_type.values() if isinstance(rope_type, Mapping) else (rope_type,)
+    return any(isinstance(t, str) and any(d in t for d in _SEQ_LEN_DEPENDENT) for t in types)
+
+
 def _make_rotary_forward(original):
     def forward(self, x, position_ids, *args, **kwargs):
         state = _active
         if state is None:
             return original(self, x, position_ids, *args, **kwargs)
-        rope_type = getattr(self, "rope_type", "default")
-        if state.world > 1 and isinstance(rope_type, str) and any(t in rope_type for t in _SEQ_LEN_DEPENDENT):
+        if state.world > 1 and _seq_len_dependent(getattr(self, "rope_type", "default")):
             # transformers picks these frequencies from max(position_ids) + 1; on a shard that is not the global
             # length. One extra column carrying the global maximum makes every rank pick what one device would.
             col = _global_max(position_ids, state).reshape(1, 1).expand(position_ids.shape[0], 1)
@@ -409,9 +425,15 @@ def _make_rotary_forward(original):
             cos, sin = cos[:, :-1], sin[:, :-1]
         else:
             cos, sin = original(self, x, position_ids, *args, **kwargs)
-        if state.fused_rope and not args and not kwargs:
-            setattr(cos, _ROPE_TAG, (position_ids, self.inv_freq.detach().float().clone(),
-                                     float(self.attention_scaling)))
+        # the frequencies this call used, for the fused kernel: inv_freq, or (Gemma 3: one argument, the layer
+        # type) <layer_type>_inv_freq; with any other extra argument the tables are used as they are
+        extra = list(args) + list(kwargs.values())
+        if state.fused_rope and len(extra) <= 1 and set(kwargs) <= {"layer_type"}:
+            prefix = "" if not extra else f"{extra[0]}_" if isinstance(extra[0], str) else None
+            inv_freq = None if prefix is None else getattr(self, f"{prefix}inv_freq", None)
+            if isinstance(inv_freq, torch.Tensor):
+                setattr(cos, _ROPE_TAG, (position_ids, inv_freq.detach().float().clone(),
+                                         float(getattr(self, f"{prefix}attention_scaling", 1.0))))
         return cos, sin
 
     forward._ring_attn_original = original
@@ -419,31 +441,95 @@ def _make_rotary_forward(original):
 
 
 def _make_apply_rotary(original):
-    def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    # the stock signature: (q, k, cos, sin, position_ids=None, unsqueeze_dim=1) up to 4.x, (q, k, cos, sin,
+    # unsqueeze_dim=1) in 5.x; arguments are bound to it, so positional calls mean what they meant
+    signature = inspect.signature(original)
+
+    def apply_rotary_pos_emb(*args, **kwargs):
         state = _active
+        if state is None or not state.fused_rope:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        q, k, cos, sin = list(bound.arguments.values())[:4]
+        unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
         tag = getattr(cos, _ROPE_TAG, None)
-        if state is None or not state.fused_rope or tag is None or unsqueeze_dim != 1 or q.dim() != 4:
-            if state is not None and state.fused_rope:  # still the fused kernel, reading HF's tables
-                return ring_attn.apply_rope_cos_sin(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-            return original(q, k, cos, sin, position_ids, unsqueeze_dim)
+        if tag is None or unsqueeze_dim != 1 or q.dim() != 4:
+            # still the fused kernel, reading HF's tables (dims past cos.shape[-1] pass through, as in Phi-3)
+            return ring_attn.apply_rope_cos_sin(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         positions, inv_freq, scaling = tag
-        # q, k: [b, h, s, d] -> the kernel's [b, s, h, d] view; angles position * inv_freq formed in float64
+        # q, k: [b, h, s, d] -> the kernel's [b, s, h, d] view; angles position * inv_freq formed in float64; the
+        # first 2 * len(inv_freq) dims rotate (Phi-3's partial rotary), the rest pass through
         qr, kr = ring_attn.apply_rope(q.transpose(1, 2), k.transpose(1, 2), positions, inv_freq.to(q.device),
                                       attention_scaling=scaling)
         return qr.transpose(1, 2), kr.transpose(1, 2)
 
+    apply_rotary_pos_emb.__signature__ = signature
     apply_rotary_pos_emb._ring_attn_original = original
     return apply_rotary_pos_emb
 
 
-def _make_update_causal_mask(original):
+def _rotary_classes(module) -> list:
+    """The rotary embedding classes (``*RotaryEmbedding`` torch modules) a modeling module defines or imports."""
+    return [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+            and obj.__name__.endswith("RotaryEmbedding")]
+
+
+def _rotary_wrapped(cls) -> bool:
+    return getattr(getattr(cls, "forward", None), "_ring_attn_original", None) is not None
+
+
+def _check_rotary_patched(module, state: _State) -> None:
+    """Ring mode: the rotary embedding of the model calling attention must be wrapped, or rope types that depend on
+    the sequence length would pick different frequencies on different ranks (silently wrong)."""
+    name = type(module).__module__
+    if name in state.rotary_checked:
+        return
+    modeling = sys.modules.get(name)
+    missing = [c.__qualname__ for c in _rotary_classes(modeling) if not _rotary_wrapped(c)] if modeling else []
+    if missing:
+        raise NotImplementedError(
+            f"{', '.join(missing)} (module {name}) was imported after patch_hf, so ring attention cannot make its "
+            f"frequencies follow the global sequence length on every rank; call patch_hf(model, group) after the "
+            f"model is created")
+    state.rotary_checked.add(name)
+
+
+def _modeling_modules(model) -> list:
+    """Modeling modules the patch touches: the :data:`MODEL_FAMILIES` ones (imported here), every transformers
+    modeling module already imported, and those defining ``model``'s submodules (remote code included)."""
+    names = [f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a family this transformers version does not have
+            pass
+    names += [n for n in list(sys.modules) if n.startswith("transformers.models.") and ".modeling_" in n]
+    if model is not None and isinstance(model, torch.nn.Module):
+        names += [type(m).__module__ for m in model.modules()]
+    seen, out = set(), []
+    for name in names:
+        mod = sys.modules.get(name)
+        if mod is not None and name not in seen:
+            seen.add(name)
+            out.append(mod)
+    return out
+
+
+def _make_update_causal_mask(original, padding_2d: bool):
     # transformers < 4.53 builds masks inside the model: for "ring_attn" behave like flash_attention_2 there
     # (the 2-D mask when it pads, else None), so no O(s^2) mask is built and padding still reaches the check.
+    # padding_2d=False (decoder layers that slice a 4-D mask themselves): a padding mask goes to the stock
+    # builder, whose 4-D result the attention refuses with NotImplementedError.
     def _update_causal_mask(self, attention_mask, *args, **kwargs):
         if self.config._attn_implementation == ATTN_IMPLEMENTATION and _active is not None:
             if attention_mask is not None and attention_mask.dim() == 2:
-                return attention_mask if bool((attention_mask == 0).any()) else None
-            return attention_mask
+                if not bool((attention_mask == 0).any()):
+                    return None
+                if padding_2d:
+                    return attention_mask
+            else:
+                return attention_mask
         return original(self, attention_mask, *args, **kwargs)
 
     return _update_causal_mask
@@ -498,7 +584,12 @@ def _set_attn_implementation(model, name: str) -> None:
 
 
 def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = True) -> HFPatch:
-    """Route transformers attention (and RoPE) of Llama, Mistral and Qwen2 models through ring_attn.
+    """Route transformers attention (and RoPE) of Llama-family models through ring_attn.
+
+    Attention: any model that dispatches through transformers' ``AttentionInterface``. Fused RoPE: the
+    :data:`MODEL_FAMILIES` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 1/2/3, Phi-3, Granite, OLMo 2).
+    Over a ring, the rotary embedding of every transformers modeling module imported at patch time (and of
+    ``model``) sees the global sequence length, so ``dynamic`` / ``longrope`` pick the frequencies one device would.
 
     Args:
         model: a loaded model to switch to ``attn_implementation="ring_attn"`` (optional; models loaded later
@@ -508,9 +599,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             KV-cache generation). A larger ``torch.distributed`` group: ring attention over it; feed the model
             batches from :func:`shard_batch` with the same group and layout.
         layout: how sequences are sharded over ``group``: ``"zigzag"`` (default), ``"contiguous"``, ``"striped"``.
-        fused_rope: replace ``apply_rotary_pos_emb`` in the Llama/Mistral/Qwen2 modeling modules by the fused
-            kernel, angles from the model's own ``inv_freq`` (any rope type) and global ``position_ids``,
-            formed in float64 (stock forms them in float32).
+        fused_rope: replace ``apply_rotary_pos_emb`` in the :data:`MODEL_FAMILIES` modeling modules by the fused
+            kernel, angles from the model's own ``inv_freq`` (any rope type; Phi-3's partial rotary too) and global
+            ``position_ids``, formed in float64 (stock forms them in float32).
 
     Returns:
         :class:`HFPatch`; ``.undo()`` or ``with patch_hf(...):`` restores stock behaviour exactly.
@@ -547,20 +638,19 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         mask_interface = getattr(masking_utils, "AttentionMaskInterface", None)
         if mask_interface is not None:
             handle._setitem(mask_interface._global_mapping, ATTN_IMPLEMENTATION, ring_attn_mask)
-        # modeling modules
-        for _family, (module_name, rotary_name, model_name) in MODEL_FAMILIES.items():
-            try:
-                mod = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            rotary = getattr(mod, rotary_name, None)
-            if rotary is not None:
-                handle._setattr(rotary, "forward", _make_rotary_forward(rotary.forward))
-            if fused_rope and hasattr(mod, "apply_rotary_pos_emb"):
+        # modeling modules: rotary embeddings (global length over a ring), fused RoPE, < 4.53 mask builders
+        fused_modules = {f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES}
+        for mod in _modeling_modules(model):
+            for rotary in _rotary_classes(mod):
+                if "forward" in vars(rotary) and not _rotary_wrapped(rotary):
+                    handle._setattr(rotary, "forward", _make_rotary_forward(rotary.forward))
+            if fused_rope and mod.__name__ in fused_modules and callable(getattr(mod, "apply_rotary_pos_emb", None)):
                 handle._setattr(mod, "apply_rotary_pos_emb", _make_apply_rotary(mod.apply_rotary_pos_emb))
-            base = getattr(mod, model_name, None)
-            if mask_interface is None and base is not None and hasattr(base, "_update_causal_mask"):
-                handle._setattr(base, "_update_causal_mask", _make_update_causal_mask(base._update_causal_mask))
+            if mask_interface is None and mod.__name__ in fused_modules:
+                for base in vars(mod).values():
+                    if isinstance(base, type) and "_update_causal_mask" in vars(base):
+                        handle._setattr(base, "_update_causal_mask", _make_update_causal_mask(
+                            base._update_causal_mask, padding_2d=mod.__name__ not in _MASK_4D_LAYERS))
         _active = state
         if model is not None:
             previous = model.config._attn_implementation
