@@ -205,6 +205,55 @@ def test_rotary_of_a_model_outside_transformers_is_wrapped_while_patched():
         del sys.modules[remote.__name__]
 
 
+def _loss_and_grads(model, inputs, shift_labels, n):
+    logits = model(**inputs, use_cache=False).logits
+    loss = hf.causal_lm_loss(logits, shift_labels, n)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    return logits.detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("model_name,case", [
+    ("llama-gqa", dict(b=2, s=12)),
+    ("llama-gqa", dict(packed=[5, 7, 4])),  # boundaries given (cu_seq_lens_q), as flash-attn collators do
+    ("mistral-swa", dict(b=1, s=11)),  # a sliding-window mask creator
+    ("phi3-partial", dict(b=1, s=13)),  # LongRoPE past its switch, partial rotary
+    ("gemma3", dict(b=1, s=10)),  # per-layer-type frequencies and windows
+])
+def test_torch_compile_one_graph_forward_and_backward(model_name, case):
+    """The patched model compiles as one graph (``fullgraph=True``: no graph break in the attention, the RoPE
+    custom ops or the mask function), forward and backward through AOT autograd and the custom ops' fake
+    implementations, and computes what it computes eagerly."""
+    if not available(model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name} model")
+    model = build(model_name).train()
+    local = hf.shard_batch(batch_for(case))
+    inputs = {k: v for k, v in local.items() if k not in ("shift_labels", "num_items_in_batch")}
+    args = (local["shift_labels"], local["num_items_in_batch"])
+    with hf.patch_hf(model):
+        ref = _loss_and_grads(model, inputs, *args)  # eager (also runs transformers' lazy rope state once)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        got = _loss_and_grads(compiled, inputs, *args)
+    for label, a, b in [("logits", got[0], ref[0]), ("loss", got[1], ref[1])] + \
+            [(f"grad {i}", x, y) for i, (x, y) in enumerate(zip(got[2], ref[2]))]:
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), label
+
+
+def test_torch_compile_refuses_packed_positions_without_boundaries():
+    """Under torch.compile the attention cannot find packed sequences in position_ids (that needs a host read);
+    a batch whose positions restart without cu_seq_lens_q fails loudly (a device-side assert), never computes
+    attention across the packed sequences."""
+    model = build("llama").eval()
+    local = hf.shard_batch(batch_for(dict(packed=[5, 7])))
+    with hf.patch_hf(model), torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        n = local["input_ids"].shape[1]
+        compiled(input_ids=local["input_ids"], position_ids=torch.arange(n)[None], use_cache=False)  # one sequence
+        with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
+            compiled(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+
+
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "qwen2-swa"])
 def test_single_device_padding_matches_stock(model_name):
     """Left-padded batch (as in batched generation): real positions equal the stock model's (with a sliding

@@ -522,3 +522,42 @@ def test_gpu_angle_accuracy_at_large_positions(dtype, tol):
     compiler types them, libdevice sin/cos) keeps <= 2e-7 rad up to position 2^29 - 1."""
     err = _large_position_angle_error(dtype, "cuda")
     assert err <= tol, err
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    """apply_rope (learnable inv_freq too) and apply_rope_cos_sin are custom ops: torch.compile(fullgraph=True)
+    traces them without a graph break (the positions' value check runs inside the op, outside the graph) and
+    gives the eager values and gradients; torch.library.opcheck accepts the four ops (schema, fake tensor,
+    autograd registration)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 4, 8, generator=g)
+    k = torch.randn(2, 5, 2, 8, generator=g)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    inv = rope_scaling.rope_parameters("default", 8, 1e4)[0]
+    cos = torch.randn(2, 5, 6, generator=g)
+    sin = torch.randn(2, 5, 6, generator=g)
+
+    def f(q, k, inv, qh, kh):
+        qa, ka = apply_rope(q, k, pos, inv, attention_scaling=1.25)
+        qb, kb = apply_rope_cos_sin(qh, kh, cos, sin)  # HF layout [b, h, s, d], 6 of 8 dims rotated
+        return (qa * 2).sum() + ka.sum() + (qb * 3).sum() + kb.sum()
+
+    def inputs():
+        return [x.clone().requires_grad_() for x in (q, k, inv, q.transpose(1, 2), k.transpose(1, 2))]
+
+    args, eager_args = inputs(), inputs()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    y_eager = f(*eager_args)
+    y.backward()
+    y_eager.backward()
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)
+    ops = torch.ops.ring_attn
+    torch.library.opcheck(ops.rope_forward.default, (q, k, pos, inv.clone().requires_grad_(), 1.25, False, 8))
+    torch.library.opcheck(ops.rope_backward.default, (q, k, pos, inv, q, k, 1.0, True, 8))
+    torch.library.opcheck(ops.rope_table_forward.default, (q, k, cos, sin, torch.float32))
+    torch.library.opcheck(ops.rope_table_backward.default, (q, k, cos, sin, torch.float32))

@@ -154,6 +154,15 @@ def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple
     return result
 
 
+def _assert_not_packed(position_ids: torch.Tensor) -> None:
+    """Under torch.compile: a device-side check (no host read, no graph break) that ``position_ids`` hold one
+    sequence per row; packed sequences must come with their boundaries there."""
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    torch._assert_async(~restarts.any(), "ring_attn under torch.compile: position_ids restart inside a row (packed "
+                        "sequences) but no cu_seq_lens_q reached attention; pass the boundaries (e.g. "
+                        "DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or run eagerly")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The attention function (transformers' AttentionInterface signature)
 
@@ -289,9 +298,12 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
 
     if state.world == 1:
         if cu is None and s_q == s_k and keep is None and position_ids is not None and position_ids.dim() == 2:
-            found = _packed_cu_seqlens(position_ids, b)
-            if found is not None:
-                cu, max_len = found
+            if torch.compiler.is_compiling():
+                _assert_not_packed(position_ids)  # finding the boundaries needs a host read: a graph break per layer
+            else:
+                found = _packed_cu_seqlens(position_ids, b)
+                if found is not None:
+                    cu, max_len = found
         if cu is not None:
             window = sliding_window_size(sliding_window, int(max_len), causal)
             out = ring_attn.flash_attn_varlen_func(
@@ -348,7 +360,7 @@ def _mask_leaves(fn, seen=None) -> list[str]:
     if id(fn) in seen:
         return []
     seen.add(id(fn))
-    names = [getattr(fn, "__qualname__", repr(fn))]
+    names = [fn.__qualname__ if hasattr(fn, "__qualname__") else repr(fn)]  # (repr only when needed: traceable)
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             val = cell.cell_contents
@@ -358,6 +370,33 @@ def _mask_leaves(fn, seen=None) -> list[str]:
             if callable(item) and hasattr(item, "__qualname__") and not isinstance(item, torch.Tensor):
                 names += _mask_leaves(item, seen)
     return names
+
+
+# transformers' mask creators whose masks the kernels implement (causal, sliding window, with packing and padding)
+# when the caller adds no mask of its own (the arguments below, where the version has them)
+_MASK_CREATORS = ("create_causal_mask", "create_sliding_window_causal_mask")
+_EXTRA_MASK_ARGS = ("or_mask_function", "and_mask_function", "block_sequence_ids")
+# True while such a creator runs with no extra mask: ring_attn_mask then needs no walk over the mask function's
+# closures (which torch.compile cannot trace: a graph break per forward)
+_plain_mask_creation = False
+
+
+def _make_mask_creator(original):
+    params = list(inspect.signature(original).parameters)
+    extra = [(params.index(n), n) for n in _EXTRA_MASK_ARGS if n in params]
+
+    def create(*args, **kwargs):
+        global _plain_mask_creation
+        plain = all((args[i] if i < len(args) else kwargs.get(n)) is None for i, n in extra)
+        previous = _plain_mask_creation
+        _plain_mask_creation = plain
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _plain_mask_creation = previous
+
+    create._ring_attn_original = original
+    return create
 
 
 def ring_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -375,7 +414,10 @@ def ring_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
         NotImplementedError: a mask pattern the kernels cannot express (bidirectional, chunked, block-wise or
             custom ``or``/``and`` masks), or queries that are not the last ``q_length`` keys (a static cache).
     """
-    names = _mask_leaves(mask_function) if mask_function is not None else ["causal_mask_function"]
+    if mask_function is None or _plain_mask_creation:
+        names = ["causal_mask_function"]  # a causal / sliding-window creator with no extra mask: nothing to walk
+    else:
+        names = _mask_leaves(mask_function)
     bad = [n for n in names if not any(n == ok or n.startswith(ok + ".") for ok in _OK_MASK_PARTS)]
     if bad:
         raise NotImplementedError(f"attn_implementation='ring_attn' implements causal masks (with packed "
@@ -638,8 +680,16 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         mask_interface = getattr(masking_utils, "AttentionMaskInterface", None)
         if mask_interface is not None:
             handle._setitem(mask_interface._global_mapping, ATTN_IMPLEMENTATION, ring_attn_mask)
+            creator_modules = [masking_utils]
+        else:
+            creator_modules = []
         # modeling modules: rotary embeddings (global length over a ring), fused RoPE, < 4.53 mask builders
         fused_modules = {f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES}
+        for mod in creator_modules + _modeling_modules(model):  # the mask creators, where a module names them
+            for name in _MASK_CREATORS:
+                fn = vars(mod).get(name)
+                if callable(fn) and not hasattr(fn, "_ring_attn_original"):
+                    handle._setattr(mod, name, _make_mask_creator(fn))
         for mod in _modeling_modules(model):
             for rotary in _rotary_classes(mod):
                 if "forward" in vars(rotary) and not _rotary_wrapped(rotary):

@@ -20,6 +20,7 @@ with every tensor viewed 4-D (a packed ``[t, h, d]`` tensor as ``[1, t, h, d]``)
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 
@@ -124,7 +125,6 @@ def _validate(q, k, positions, inv_freq, rotary_dim):
         if positions.shape != (t,):
             raise ValueError(f"positions have shape {tuple(positions.shape)}; for packed q {tuple(q.shape)} "
                              f"expected [{t}]")
-    _check_nonnegative(positions)
     return rotary_dim
 
 
@@ -137,7 +137,124 @@ def _positions_2d(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # autograd
 
 
+# Custom ops: opaque to torch.compile (no graph break: the value check of the positions and the backend call run
+# outside the traced graph), differentiable via register_autograd. The in-place form stays an autograd Function.
+
+
+def _rope_launch(q, k, qo, ko, positions, inv_freq, scaling, interleaved, rotary_dim, backward, qy=None, ky=None,
+                 dtheta=None):
+    _select(q, rotary_dim).rope(_as4d(q), _as4d(k), _as4d(qo), _as4d(ko), rotary_dim=rotary_dim,
+                                interleaved=interleaved, backward=backward, copy_pass=True,
+                                pos2=_positions_2d(positions, q), inv_freq=inv_freq, scaling=scaling, cos3=None,
+                                sin3=None, qy4=None if qy is None else _as4d(qy),
+                                ky4=None if ky is None else _as4d(ky), dtheta=dtheta)
+
+
+@torch.library.custom_op("ring_attn::rope_forward", mutates_args=())
+def _rope_forward_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     scaling: float, interleaved: bool, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_nonnegative(positions)  # a host read (once per positions tensor): here, outside any traced graph
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    _rope_launch(q, k, qo, ko, positions, inv_freq, scaling, interleaved, rotary_dim, backward=False)
+    return qo, ko
+
+
+@_rope_forward_op.register_fake
+def _(q, k, positions, inv_freq, scaling, interleaved, rotary_dim):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("ring_attn::rope_backward", mutates_args=())
+def _rope_backward_op(gq: torch.Tensor, gk: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      qy: Optional[torch.Tensor], ky: Optional[torch.Tensor], scaling: float, interleaved: bool,
+                      rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, and d/dinv_freq when the rotated outputs ``qy``/``ky`` are given (else an empty tensor)."""
+    dq, dk = torch.empty_like(gq), torch.empty_like(gk)
+    dtheta = None
+    if qy is not None:
+        B, S = _as4d(gq).shape[:2]
+        acc = torch.float64 if gq.dtype == torch.float64 else torch.float32
+        dtheta = torch.empty((B * S, rotary_dim // 2), dtype=acc, device=gq.device)
+    _rope_launch(gq, gk, dq, dk, positions, inv_freq, scaling, interleaved, rotary_dim, backward=True, qy=qy,
+                 ky=ky, dtheta=dtheta)
+    if dtheta is None:
+        return dq, dk, inv_freq.new_empty(0)
+    B, S = _as4d(gq).shape[:2]
+    pos_tok = _positions_2d(positions, gq).expand(B, S).reshape(-1).to(torch.float64)
+    return dq, dk, (pos_tok[:, None] * dtheta.to(torch.float64)).sum(0).to(inv_freq.dtype)
+
+
+@_rope_backward_op.register_fake
+def _(gq, gk, positions, inv_freq, qy, ky, scaling, interleaved, rotary_dim):
+    return torch.empty_like(gq), torch.empty_like(gk), inv_freq.new_empty(inv_freq.shape if qy is not None else 0)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    q, k, positions, inv_freq, scaling, interleaved, rotary_dim = inputs
+    ctx.meta = (scaling, interleaved, rotary_dim)
+    ctx.need_dtheta = inv_freq.requires_grad
+    ctx.save_for_backward(positions, inv_freq, *(output if ctx.need_dtheta else ()))
+
+
+def _rope_backward(ctx, gq, gk):
+    positions, inv_freq, *rotated = ctx.saved_tensors
+    qy, ky = rotated if rotated else (None, None)
+    dq, dk, dinv = torch.ops.ring_attn.rope_backward(gq, gk, positions, inv_freq, qy, ky, *ctx.meta)
+    return dq, dk, None, dinv if ctx.need_dtheta else None, None, None, None
+
+
+torch.library.register_autograd("ring_attn::rope_forward", _rope_backward, setup_context=_rope_setup_context)
+
+
+@torch.library.custom_op("ring_attn::rope_table_forward", mutates_args=())
+def _rope_table_forward_op(q4: torch.Tensor, k4: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor,
+                           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    qo, ko = torch.empty_like(q4, dtype=out_dtype), torch.empty_like(k4, dtype=out_dtype)
+    _select(q4, cos3.shape[-1]).rope(q4, k4, qo, ko, rotary_dim=cos3.shape[-1], interleaved=False, backward=False,
+                                     copy_pass=True, pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3,
+                                     qy4=None, ky4=None, dtheta=None)
+    return qo, ko
+
+
+@_rope_table_forward_op.register_fake
+def _(q4, k4, cos3, sin3, out_dtype):
+    return torch.empty_like(q4, dtype=out_dtype), torch.empty_like(k4, dtype=out_dtype)
+
+
+@torch.library.custom_op("ring_attn::rope_table_backward", mutates_args=())
+def _rope_table_backward_op(gq: torch.Tensor, gk: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor,
+                            in_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    dq, dk = torch.empty_like(gq, dtype=in_dtype), torch.empty_like(gk, dtype=in_dtype)
+    _select(gq, cos3.shape[-1]).rope(gq, gk, dq, dk, rotary_dim=cos3.shape[-1], interleaved=False, backward=True,
+                                     copy_pass=True, pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3,
+                                     qy4=None, ky4=None, dtheta=None)
+    return dq, dk
+
+
+@_rope_table_backward_op.register_fake
+def _(gq, gk, cos3, sin3, in_dtype):
+    return torch.empty_like(gq, dtype=in_dtype), torch.empty_like(gk, dtype=in_dtype)
+
+
+def _rope_table_setup_context(ctx, inputs, output):
+    q4, k4, cos3, sin3, out_dtype = inputs
+    ctx.save_for_backward(cos3, sin3)
+    ctx.in_dtype = q4.dtype
+
+
+def _rope_table_backward(ctx, gq, gk):
+    cos3, sin3 = ctx.saved_tensors
+    dq, dk = torch.ops.ring_attn.rope_table_backward(gq, gk, cos3, sin3, ctx.in_dtype)
+    return dq, dk, None, None, None
+
+
+torch.library.register_autograd("ring_attn::rope_table_forward", _rope_table_backward,
+                                setup_context=_rope_table_setup_context)
+
+
 class _RopeFunction(torch.autograd.Function):
+    """The in-place form (``inplace=True``: q and k are overwritten and marked dirty)."""
+
     @staticmethod
     def forward(ctx, q, k, positions, inv_freq, scaling, interleaved, rotary_dim, inplace, impl):
         q4, k4 = _as4d(q), _as4d(k)
@@ -185,30 +302,6 @@ class _RopeFunction(torch.autograd.Function):
         return dq, dk, None, dinv, None, None, None, None, None
 
 
-class _RopeTableFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q4, k4, cos3, sin3, out_dtype, impl):
-        qo = torch.empty_like(q4, dtype=out_dtype)
-        ko = torch.empty_like(k4, dtype=out_dtype)
-        rot = cos3.shape[-1]
-        impl.rope(q4, k4, qo, ko, rotary_dim=rot, interleaved=False, backward=False, copy_pass=True, pos2=None,
-                  inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3, qy4=None, ky4=None, dtheta=None)
-        ctx.impl = impl
-        ctx.save_for_backward(cos3, sin3)
-        ctx.in_dtype = q4.dtype
-        return qo, ko
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gq, gk):
-        cos3, sin3 = ctx.saved_tensors
-        dq = torch.empty_like(gq, dtype=ctx.in_dtype)
-        dk = torch.empty_like(gk, dtype=ctx.in_dtype)
-        ctx.impl.rope(gq, gk, dq, dk, rotary_dim=cos3.shape[-1], interleaved=False, backward=True, copy_pass=True,
-                      pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3, qy4=None, ky4=None, dtheta=None)
-        return dq, dk, None, None, None, None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -243,8 +336,14 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
             different devices. All raised before any launch.
     """
     rotary_dim = _validate(q, k, positions, inv_freq, rotary_dim)
-    return _RopeFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
-                               rotary_dim, bool(inplace), _select(q, rotary_dim))
+    if not torch.compiler.is_compiling():
+        _select(q, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
+    if inplace:
+        _check_nonnegative(positions)
+        return _RopeFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
+                                   rotary_dim, True, _select(q, rotary_dim))
+    return torch.ops.ring_attn.rope_forward(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
+                                            rotary_dim)
 
 
 def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -291,7 +390,9 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
         if r % 2 or r <= 0 or r > d:
             raise ValueError(f"cos/sin last dim {r} must be even, positive and <= head dim {d}")
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
-        qo, ko = _RopeTableFunction.apply(q4, k4, cos, sin, out_dtype, _select(q4, r))
+        if not torch.compiler.is_compiling():
+            _select(q4, r)  # no backend for this device/dtype: the error, before anything runs
+        qo, ko = torch.ops.ring_attn.rope_table_forward(q4, k4, cos, sin, out_dtype)
         if unsqueeze_dim == 1:
             qo, ko = qo.transpose(1, 2), ko.transpose(1, 2)
         return qo, ko
