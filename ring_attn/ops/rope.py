@@ -206,14 +206,19 @@ def _rope_backward(ctx, gq, gk):
 torch.library.register_autograd("ring_attn::rope_forward", _rope_backward, setup_context=_rope_setup_context)
 
 
+def _rope_table(x, y, cos3, sin3, dtype, backward):
+    """One table-mode launch: (x, y) rotated by the cos/sin tables (backward: by their inverse) into ``dtype``."""
+    xo, yo = torch.empty_like(x, dtype=dtype), torch.empty_like(y, dtype=dtype)
+    _select(x, cos3.shape[-1]).rope(x, y, xo, yo, rotary_dim=cos3.shape[-1], interleaved=False, backward=backward,
+                                    copy_pass=True, pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3,
+                                    qy4=None, ky4=None, dtheta=None)
+    return xo, yo
+
+
 @torch.library.custom_op("ring_attn::rope_table_forward", mutates_args=())
 def _rope_table_forward_op(q4: torch.Tensor, k4: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor,
                            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    qo, ko = torch.empty_like(q4, dtype=out_dtype), torch.empty_like(k4, dtype=out_dtype)
-    _select(q4, cos3.shape[-1]).rope(q4, k4, qo, ko, rotary_dim=cos3.shape[-1], interleaved=False, backward=False,
-                                     copy_pass=True, pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3,
-                                     qy4=None, ky4=None, dtheta=None)
-    return qo, ko
+    return _rope_table(q4, k4, cos3, sin3, out_dtype, backward=False)
 
 
 @_rope_table_forward_op.register_fake
@@ -224,11 +229,7 @@ def _(q4, k4, cos3, sin3, out_dtype):
 @torch.library.custom_op("ring_attn::rope_table_backward", mutates_args=())
 def _rope_table_backward_op(gq: torch.Tensor, gk: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor,
                             in_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    dq, dk = torch.empty_like(gq, dtype=in_dtype), torch.empty_like(gk, dtype=in_dtype)
-    _select(gq, cos3.shape[-1]).rope(gq, gk, dq, dk, rotary_dim=cos3.shape[-1], interleaved=False, backward=True,
-                                     copy_pass=True, pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3,
-                                     qy4=None, ky4=None, dtheta=None)
-    return dq, dk
+    return _rope_table(gq, gk, cos3, sin3, in_dtype, backward=True)
 
 
 @_rope_table_backward_op.register_fake
