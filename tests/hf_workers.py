@@ -48,6 +48,8 @@ CASES_2 = [
     dict(kind="equiv", model="starcoder2-dynamic", layout="zigzag", b=1, s=16),
     dict(kind="equiv", model="gemma2-swa", layout="zigzag", b=2, s=13),
     dict(kind="equiv", model="gemma3", layout="striped", b=1, s=11),
+    # torch.compile over the ring: graph breaks at the collectives, the same values and gradients
+    dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=16, compile=True),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
 ]
 CASES_3 = [
@@ -69,7 +71,8 @@ def cases_for(world: int) -> list[dict]:
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
                      + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else "")
-                     + (f"-ckpt-{c['checkpointing']}" if c.get("checkpointing") else ""))
+                     + (f"-ckpt-{c['checkpointing']}" if c.get("checkpointing") else "")
+                     + ("-compiled" if c.get("compile") else ""))
     return cases
 
 
@@ -95,7 +98,8 @@ def _equiv_case(case, rank, world, store):
                      fused_rope=case.get("fused_rope", True)):
         attn_calls = _count_attention_calls()
         inputs = {k: v for k, v in local.items() if k not in ("shift_labels", "num_items_in_batch")}
-        logits = model(**inputs).logits
+        run = torch.compile(model, backend="aot_eager") if case.get("compile") else model
+        logits = run(**inputs).logits
         loss = hf.causal_lm_loss(logits, local["shift_labels"], local["num_items_in_batch"],
                                  grad_average_world=world)
         loss.backward()
