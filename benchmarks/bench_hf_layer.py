@@ -9,6 +9,7 @@ the README).
     PYTHONPATH=. python benchmarks/bench_hf_layer.py                   # GPU, CSV under $OUT
     PYTHONPATH=. python benchmarks/bench_hf_layer.py --quick           # tiny layer, any device (smoke test)
     PYTHONPATH=. python benchmarks/bench_hf_layer.py --tiny-model      # tiny model step, patched vs stock
+    PYTHONPATH=. python benchmarks/bench_hf_layer.py --compile         # each layer under torch.compile (inductor)
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=None, help="tokens (default 8192; --quick 64; --tiny-model 256)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--skip", nargs="*", default=[], choices=IMPLS, help="implementations to leave out")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="time every implementation under torch.compile(backend=BACKEND) (default inductor): the "
+                        "patched layer compiles as one graph, like sdpa's")
     p.add_argument("--rep", type=int, default=50, help="timing repetitions (ms budget on GPU)")
     p.add_argument("--csv", default="bench_hf_layer.csv", help="file name under $OUT (or ./bench_out)")
     args = p.parse_args(argv)
@@ -57,8 +61,8 @@ def _config(sizes: dict, impl: str):
     return cfg
 
 
-def bench_layer(impl: str, sizes: dict, seqlen: int, dtype, device, rep: int) -> float:
-    """Median ms of one decoder layer's forward + backward with ``impl``."""
+def bench_layer(impl: str, sizes: dict, seqlen: int, dtype, device, rep: int, compile_backend=None) -> float:
+    """Median ms of one decoder layer's forward + backward with ``impl`` (compiled with ``compile_backend``)."""
     import transformers
     from transformers.models.llama import modeling_llama
 
@@ -76,9 +80,10 @@ def bench_layer(impl: str, sizes: dict, seqlen: int, dtype, device, rep: int) ->
         if handle is not None:
             cfg._attn_implementation = "ring_attn"
         emb = rotary(x, pos)  # tagged for the fused kernel when patched
+        run = layer if compile_backend is None else torch.compile(layer, backend=compile_backend)
 
         def step():
-            out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=emb)
+            out = run(x, attention_mask=None, position_ids=pos, position_embeddings=emb)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(dy)
 
@@ -90,7 +95,7 @@ def bench_layer(impl: str, sizes: dict, seqlen: int, dtype, device, rep: int) ->
     return ms
 
 
-def bench_tiny_model(impl: str, seqlen: int, dtype, device, rep: int) -> float:
+def bench_tiny_model(impl: str, seqlen: int, dtype, device, rep: int, compile_backend=None) -> float:
     """Median ms of one training step (forward, loss, backward) of a tiny LlamaForCausalLM."""
     import transformers
 
@@ -102,8 +107,10 @@ def bench_tiny_model(impl: str, seqlen: int, dtype, device, rep: int) -> float:
     ids = torch.randint(0, cfg.vocab_size, (1, seqlen), device=device)
     handle = hf.patch_hf(model) if impl == "ring_attn" else None
     try:
+        run = model if compile_backend is None else torch.compile(model, backend=compile_backend)
+
         def step():
-            model(ids, labels=ids, use_cache=False).loss.backward()
+            run(ids, labels=ids, use_cache=False).loss.backward()
 
         ms = time_ms(step, rep=rep)
     finally:
@@ -125,17 +132,18 @@ def main(argv=None) -> int:
     for impl in IMPLS:
         if impl in args.skip:
             continue
+        torch._dynamo.reset()  # each implementation compiles from scratch
         if args.tiny_model:
-            ms = bench_tiny_model(impl, seqlen, dtype, device, args.rep)
+            ms = bench_tiny_model(impl, seqlen, dtype, device, args.rep, args.compile)
         else:
-            ms = bench_layer(impl, sizes, seqlen, dtype, device, args.rep)
-        rows.append(dict(bench=what, impl=impl, seqlen=seqlen, dtype=str(dtype).replace("torch.", ""),
-                         device=env["device"], ms=ms))
+            ms = bench_layer(impl, sizes, seqlen, dtype, device, args.rep, args.compile)
+        rows.append(dict(bench=what, impl=impl, compiled=args.compile or "no", seqlen=seqlen,
+                         dtype=str(dtype).replace("torch.", ""), device=env["device"], ms=ms))
     base = next((r["ms"] for r in rows if r["impl"] == "sdpa"), None)
     for r in rows:
         r["vs_sdpa"] = base / r["ms"] if base else float("nan")
     print(f"{what}: {sizes if not args.tiny_model else TINY_MODEL}, {seqlen} tokens, {dtype}, {env['device']}")
-    print_table(rows, ["impl", "seqlen", "dtype", "ms", "vs_sdpa"])
+    print_table(rows, ["impl", "compiled", "seqlen", "dtype", "ms", "vs_sdpa"])
     path = append_csv(out_dir() / args.csv, rows, env)
     print(f"CSV: {path}")
     return 0

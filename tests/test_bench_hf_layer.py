@@ -22,6 +22,17 @@ def test_quick_smoke(tmp_path, monkeypatch, capsys):
     assert all(float(r["ms"]) > 0 for r in rows)
 
 
+def test_compiled_smoke(tmp_path, monkeypatch, capsys):
+    """--compile: the patched and sdpa layers are timed under torch.compile (aot_eager here: no C++ build)."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert bench_hf_layer.main(["--quick", "--seqlen", "16", "--rep", "1", "--device", "cpu", "--skip", "eager",
+                                "--compile", "aot_eager"]) == 0
+    with open(tmp_path / "bench_hf_layer.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["impl"], r["compiled"]) for r in rows] == [("ring_attn", "aot_eager"), ("sdpa", "aot_eager")]
+    assert all(float(r["ms"]) > 0 for r in rows)
+
+
 def test_bad_seqlen():
     with pytest.raises(SystemExit) as e:
         bench_hf_layer.parse_args(["--seqlen", "0"])
