@@ -55,6 +55,20 @@ def test_cli_local_model_dir_and_text_output(tmp_path, capsys):
     assert "patched" in captured.err  # the progress bar goes to stderr
 
 
+@pytest.mark.parametrize("model_name", ["phi3-longrope", "gemma2-swa", "qwen3"])
+def test_cli_other_families(model_name, tmp_path, capsys):
+    """A saved model of another family (Phi-3 LongRoPE past its switch at 12 tokens, Gemma 2 soft-capping and
+    windows, Qwen3): the patched model's next-token distributions equal the stock model's."""
+    from hf_models import available, build
+
+    if not available(model_name):
+        pytest.skip(f"this transformers has no {model_name} model")
+    build(model_name).save_pretrained(tmp_path)
+    assert main(["kld", "--model", str(tmp_path), "--tokens", "32", "--ctx", "16", "--json", "--no-progress"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["kl"]["mean"] < 1e-5 and s["top1_agreement"]["value"] > 0.95
+
+
 @pytest.mark.parametrize("argv,word", [
     (["--tokens", "0"], "--tokens"),
     (["--ctx", "1"], "--ctx"),

@@ -1,8 +1,8 @@
 """``ring-attn kld``: how far the patched model's next-token distributions are from the stock model's.
 
-After llama.cpp's ``perplexity --kl-divergence`` statistics: both models (the stock one with ``sdpa``, then the
-same weights patched by :func:`ring_attn.integrations.hf.patch_hf`, one device) read the same tokens in windows
-of ``--ctx`` tokens; for every predicted token we compare ``p_stock`` and ``p_patched``:
+After llama.cpp's ``perplexity --kl-divergence`` statistics: both models (the stock one with transformers'
+default attention, ``sdpa`` or, where the model has no sdpa path, ``eager``; then the same weights patched by
+:func:`ring_attn.integrations.hf.patch_hf`, one device) read the same tokens in windows of ``--ctx`` tokens; for every predicted token we compare ``p_stock`` and ``p_patched``:
 
 * perplexity of each model, ``exp(mean NLL)``, with the standard error from the NLL's (``ppl * se(NLL)``);
 * ``KL(p_stock || p_patched)`` in nats: mean with its standard error; median and 99th percentile with a 95%
@@ -187,8 +187,8 @@ def _load(args, device, dtype):
         model = _tiny_llama(args.seed)
         title = "random tiny Llama (2 layers, hidden 64, vocab 256)"
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                                  attn_implementation="sdpa")
+        # transformers' default attention: sdpa where the model supports it, else eager (Gemma 2's soft-capping)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
         title = args.model
     model = model.to(device=device, dtype=dtype).eval()
     if args.text is not None:
@@ -227,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if ids.numel() < 3:
         raise SystemExit(f"ring-attn kld: error: only {ids.numel()} tokens to evaluate; need at least 3")
     n_pred = ids.numel() - 1
+    stock = model.config._attn_implementation
     show = not args.no_progress
     bar = Progress(n_pred, "stock  ", show)
     lp_stock, targets = _logprobs(model, ids, args.ctx, device, bar)
@@ -236,10 +237,10 @@ def run(args: argparse.Namespace) -> int:
         lp_patched, _ = _logprobs(model, ids, args.ctx, device, bar)
         bar.close()
     stats = kl_statistics(lp_stock, lp_patched, targets)
-    stats.update(model=title, dtype=args.dtype, device=str(device), ctx=args.ctx)
+    stats.update(model=title, stock_attention=stock, dtype=args.dtype, device=str(device), ctx=args.ctx)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
-        print(format_statistics(stats, f"KL divergence, stock (sdpa) vs ring_attn: {title}, {args.dtype}, "
+        print(format_statistics(stats, f"KL divergence, stock ({stock}) vs ring_attn: {title}, {args.dtype}, "
                                        f"{device}, windows of {args.ctx}"))
     return 0
