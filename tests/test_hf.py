@@ -427,6 +427,46 @@ def test_gemma2_softcap_and_window_from_the_model():
     assert (uncapped - ref).abs().max().item() > 1e-2  # the cap matters in this model
 
 
+def _create_mask(name, model, s, **extra):
+    """Call transformers' mask creator ``name`` (as the patched modeling modules see it) for ``s`` tokens, naming
+    the arguments as the installed version names them."""
+    import inspect
+
+    masking_utils = importlib.import_module("transformers.masking_utils")
+    creator = getattr(masking_utils, name)
+    emb = torch.zeros(1, s, model.config.hidden_size)
+    values = dict(config=model.config, inputs_embeds=emb, input_embeds=emb, attention_mask=None, cache=None,
+                  past_key_values=None, cache_position=torch.arange(s), position_ids=torch.arange(s)[None],
+                  **extra)
+    params = inspect.signature(creator).parameters
+    return creator(**{k: v for k, v in values.items() if k in params})
+
+
+def test_mask_function_refuses_masks_the_kernels_cannot_express():
+    """transformers >= 4.53 builds masks through the patch's mask function: causal and sliding-window masks need
+    none (None: the kernels mask), while a model's own extra masks (or/and mask functions, bidirectional
+    attention) are refused by name, also now that plain creators skip the walk over the mask's closures."""
+    if importlib.util.find_spec("transformers.masking_utils") is None:
+        pytest.skip(f"transformers {transformers.__version__} builds masks inside the models (no mask interface)")
+    model = build("mistral", sliding_window=4)
+
+    def look_ahead(batch_idx, head_idx, q_idx, kv_idx):  # a model's own extra mask: keys after the query
+        return kv_idx > q_idx
+
+    with hf.patch_hf(model):
+        assert _create_mask("create_causal_mask", model, 8) is None
+        assert _create_mask("create_sliding_window_causal_mask", model, 8) is None
+        for extra in ("or_mask_function", "and_mask_function"):
+            with pytest.raises(NotImplementedError, match="look_ahead"):
+                _create_mask("create_causal_mask", model, 8, **{extra: look_ahead})
+            with pytest.raises(NotImplementedError, match="look_ahead"):
+                _create_mask("create_sliding_window_causal_mask", model, 8, **{extra: look_ahead})
+        if hasattr(importlib.import_module("transformers.masking_utils"), "create_bidirectional_mask"):
+            with pytest.raises(NotImplementedError, match="bidirectional"):
+                _create_mask("create_bidirectional_mask", model, 8)
+        assert _create_mask("create_causal_mask", model, 8) is None  # the flag was restored after the refusals
+
+
 def test_sliding_window_longer_than_the_sequence_is_full_attention():
     """A window that cuts nothing is accepted (the mask function recognises transformers' sliding-window mask)."""
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))

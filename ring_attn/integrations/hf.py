@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import threading
 from typing import Any, Mapping, Optional
 
 import torch
@@ -376,9 +377,9 @@ def _mask_leaves(fn, seen=None) -> list[str]:
 # when the caller adds no mask of its own (the arguments below, where the version has them)
 _MASK_CREATORS = ("create_causal_mask", "create_sliding_window_causal_mask")
 _EXTRA_MASK_ARGS = ("or_mask_function", "and_mask_function", "block_sequence_ids")
-# True while such a creator runs with no extra mask: ring_attn_mask then needs no walk over the mask function's
-# closures (which torch.compile cannot trace: a graph break per forward)
-_plain_mask_creation = False
+# .plain is True (in this thread) while such a creator runs with no extra mask: ring_attn_mask then needs no walk
+# over the mask function's closures (which torch.compile cannot trace: a graph break per forward)
+_mask_creation = threading.local()
 
 
 def _make_mask_creator(original):
@@ -386,15 +387,16 @@ def _make_mask_creator(original):
     extra = [(params.index(n), n) for n in _EXTRA_MASK_ARGS if n in params]
 
     def create(*args, **kwargs):
-        global _plain_mask_creation
         plain = all((args[i] if i < len(args) else kwargs.get(n)) is None for i, n in extra)
-        previous = _plain_mask_creation
-        _plain_mask_creation = plain
+        previous = getattr(_mask_creation, "plain", False)
+        _mask_creation.plain = plain
         try:
             return original(*args, **kwargs)
         finally:
-            _plain_mask_creation = previous
+            _mask_creation.plain = previous
 
+    create.__signature__ = inspect.signature(original)
+    create.__name__, create.__qualname__, create.__doc__ = original.__name__, original.__qualname__, original.__doc__
     create._ring_attn_original = original
     return create
 
@@ -414,7 +416,7 @@ def ring_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
         NotImplementedError: a mask pattern the kernels cannot express (bidirectional, chunked, block-wise or
             custom ``or``/``and`` masks), or queries that are not the last ``q_length`` keys (a static cache).
     """
-    if mask_function is None or _plain_mask_creation:
+    if mask_function is None or getattr(_mask_creation, "plain", False):
         names = ["causal_mask_function"]  # a causal / sliding-window creator with no extra mask: nothing to walk
     else:
         names = _mask_leaves(mask_function)
