@@ -2,7 +2,8 @@
 
 After llama.cpp's ``perplexity --kl-divergence`` statistics: both models (the stock one with transformers'
 default attention, ``sdpa`` or, where the model has no sdpa path, ``eager``; then the same weights patched by
-:func:`ring_attn.integrations.hf.patch_hf`, one device) read the same tokens in windows of ``--ctx`` tokens; for every predicted token we compare ``p_stock`` and ``p_patched``:
+:func:`ring_attn.integrations.hf.patch_hf`, one device) read the same tokens in windows of ``--ctx`` tokens;
+for every predicted token we compare ``p_stock`` and ``p_patched``:
 
 * perplexity of each model, ``exp(mean NLL)``, with the standard error from the NLL's (``ppl * se(NLL)``);
 * ``KL(p_stock || p_patched)`` in nats: mean with its standard error; median and 99th percentile with a 95%
