@@ -576,6 +576,7 @@ def _make_update_causal_mask(original, padding_2d: bool):
                 return attention_mask
         return original(self, attention_mask, *args, **kwargs)
 
+    _update_causal_mask._ring_attn_original = original
     return _update_causal_mask
 
 
@@ -687,12 +688,13 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             creator_modules = []
         # modeling modules: rotary embeddings (global length over a ring), fused RoPE, < 4.53 mask builders
         fused_modules = {f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES}
-        for mod in creator_modules + _modeling_modules(model):  # the mask creators, where a module names them
+        modeling = _modeling_modules(model)
+        for mod in creator_modules + modeling:  # the mask creators, where a module names them
             for name in _MASK_CREATORS:
                 fn = vars(mod).get(name)
                 if callable(fn) and not hasattr(fn, "_ring_attn_original"):
                     handle._setattr(mod, name, _make_mask_creator(fn))
-        for mod in _modeling_modules(model):
+        for mod in modeling:
             for rotary in _rotary_classes(mod):
                 if "forward" in vars(rotary) and not _rotary_wrapped(rotary):
                     handle._setattr(rotary, "forward", _make_rotary_forward(rotary.forward))
@@ -700,7 +702,8 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
                 handle._setattr(mod, "apply_rotary_pos_emb", _make_apply_rotary(mod.apply_rotary_pos_emb))
             if mask_interface is None and mod.__name__ in fused_modules:
                 for base in vars(mod).values():
-                    if isinstance(base, type) and "_update_causal_mask" in vars(base):
+                    if isinstance(base, type) and "_update_causal_mask" in vars(base) \
+                            and not hasattr(base._update_causal_mask, "_ring_attn_original"):
                         handle._setattr(base, "_update_causal_mask", _make_update_causal_mask(
                             base._update_causal_mask, padding_2d=mod.__name__ not in _MASK_4D_LAYERS))
         _active = state
