@@ -9,9 +9,10 @@ from ``ring-attn rope-plan``'s rules for that length (the model's trained length
 sets YaRN scaling, ``--rope none`` keeps the model's; ``--plan FILE`` (repeatable) takes a stage from a
 ``ring-attn rope-plan --json`` output instead (length = its ``target``, theta = its ``ntk_theta`` or
 ``critical_theta`` per ``--rope``, or its ``yarn`` block). The sequence is sharded over all ranks (zigzag) by
-``shard_batch``; the loss is :func:`causal_lm_loss`, so averaged gradients equal one-process training on the
-whole sequence. bf16 autocast on GPU, gradient checkpointing, a progress bar with tokens/s and loss on stderr,
-a checkpoint at the end of every stage and every ``--ckpt-every`` steps, and ``--resume`` from the latest one.
+``shard_batch``; the loss is :func:`causal_lm_loss_from_hidden` (the output embedding applied one block of tokens
+at a time, so no logits tensor; :func:`causal_lm_loss` on the logits for models outside ``MODEL_FAMILIES``), so
+averaged gradients equal one-process training on the whole sequence. bf16 autocast on GPU, gradient
+checkpointing, a progress bar with tokens/s and loss on stderr, a checkpoint at the end of every stage and every ``--ckpt-every`` steps, and ``--resume`` from the latest one.
 Data: random tokens (a smoke run); plug your own loader into ``batches()``.
 """
 from __future__ import annotations
@@ -197,10 +198,15 @@ def main(argv=None):
             local = hf.shard_batch(next(data), layout=args.layout)
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in local.items()
                       if k not in ("shift_labels", "num_items_in_batch")}
+            labels = local["shift_labels"].to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                logits = model(**inputs).logits
-            loss = hf.causal_lm_loss(logits, local["shift_labels"].to(device), local["num_items_in_batch"],
-                                     grad_average_world=world)
+                if model.config.model_type in hf.MODEL_FAMILIES:  # the head applied per block: no logits tensor
+                    hidden = model.model(**inputs).last_hidden_state
+                    loss = hf.causal_lm_loss_from_hidden(model, hidden, labels, local["num_items_in_batch"],
+                                                         grad_average_world=world)
+                else:
+                    loss = hf.causal_lm_loss(model(**inputs).logits, labels, local["num_items_in_batch"],
+                                             grad_average_world=world)
             loss.backward()
             for p in model.parameters():  # data-parallel averaging (DDP does the same)
                 if p.grad is not None:

@@ -7,6 +7,7 @@ Public API (import from here; nothing else should import from deep paths):
 * ring attention: ``ring_attn_func``, ``ring_attn_varlen_func``, ``shard``, ``unshard``, ``shard_positions``
   and the varlen helpers
 * RoPE: ``apply_rope``, ``apply_rope_cos_sin``, ``rope_scaling.rope_parameters`` / ``from_hf_config``
+* loss: ``cross_entropy_sum``, ``linear_cross_entropy_sum`` (cross entropy without float32 copies of the logits)
 * backends: ``backend_info`` (which backend each op would use for given inputs, and why)
 
 Lower-level pieces the ring builds on (``attention_block_forward``/``attention_block_backward``) are
@@ -27,9 +28,12 @@ from ring_attn.backends import backend_info
 # --- RoPE (ops/rope.py, rope_scaling.py)
 from ring_attn import rope_scaling
 from ring_attn.ops.rope import apply_rope, apply_rope_cos_sin
+# --- loss (ops/loss.py)
+from ring_attn.ops.loss import cross_entropy_sum, linear_cross_entropy_sum
 
 __all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
            "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
            "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions", "shard_varlen",
            "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions",
-           "apply_rope", "apply_rope_cos_sin", "rope_scaling", "backend_info"]
+           "apply_rope", "apply_rope_cos_sin", "rope_scaling", "cross_entropy_sum", "linear_cross_entropy_sum",
+           "backend_info"]

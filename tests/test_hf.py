@@ -539,6 +539,36 @@ def test_shard_batch_errors(bad, match):
         hf.shard_batch(bad)
 
 
+@pytest.mark.parametrize("model_name", ["llama-gqa", "granite", "gemma2-swa"])
+def test_causal_lm_loss_from_hidden_equals_the_loss_on_logits(model_name):
+    """The head applied block by block, with the model's own logit transforms (Granite's logits_scaling, Gemma 2's
+    final soft-capping at 30): loss and every parameter gradient equal causal_lm_loss on ``model(...).logits``."""
+    model = build(model_name).train()
+    local = hf.shard_batch(batch_for(dict(b=2, s=9)))
+    ids, pos = local["input_ids"], local["position_ids"]
+    args = (local["shift_labels"], local["num_items_in_batch"])
+    with hf.patch_hf(model):
+        ref = hf.causal_lm_loss(model(input_ids=ids, position_ids=pos, use_cache=False).logits, *args,
+                                grad_average_world=2)
+        g_ref = torch.autograd.grad(ref, list(model.parameters()))
+        hidden = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        got = hf.causal_lm_loss_from_hidden(model, hidden, *args, grad_average_world=2)
+        g_got = torch.autograd.grad(got, list(model.parameters()))
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for (name, _), a, b in zip(model.named_parameters(), g_got, g_ref):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), name
+
+
+def test_causal_lm_loss_from_hidden_refuses_other_heads():
+    model = build("starcoder2-dynamic") if available("starcoder2-dynamic") else None
+    hidden, labels = torch.zeros(1, 3, SMALL["hidden_size"]), torch.zeros(1, 3, dtype=torch.long)
+    if model is not None:
+        with pytest.raises(NotImplementedError, match="starcoder2"):
+            hf.causal_lm_loss_from_hidden(model, hidden, labels, 3)
+    with pytest.raises(ValueError, match="shift_labels"):
+        hf.causal_lm_loss_from_hidden(build("llama"), hidden, labels[:, :2], 3)
+
+
 def test_causal_lm_loss_scaling():
     logits = torch.randn(1, 4, 7)
     labels = torch.tensor([[1, 2, -100, 3]])

@@ -30,8 +30,8 @@ import ring_attn
 from ring_attn.ring import layout as ring_layout
 from ring_attn.ring.comm import weak_group
 
-__all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "IGNORE_INDEX",
-           "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size"]
+__all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "causal_lm_loss_from_hidden",
+           "IGNORE_INDEX", "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size"]
 
 ATTN_IMPLEMENTATION = "ring_attn"
 IGNORE_INDEX = -100
@@ -870,8 +870,10 @@ def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_i
     """This rank's share of the causal-LM loss of the whole (unsharded) batch.
 
     ``sum over local tokens of cross_entropy(logits, shift_labels) / num_items_in_batch * grad_average_world``
-    (cross entropy in float32). Summed over the ranks of the ring, the unscaled value is exactly the mean loss
-    of the whole batch, so:
+    (cross entropy in float32 by :func:`ring_attn.cross_entropy_sum`, one block of tokens at a time: the float32
+    copy, saved log-softmax and float32 gradient of ``F.cross_entropy(logits.float())``, 3 x 16.8 GB at 32k
+    tokens x 128k vocabulary, are never made; :func:`causal_lm_loss_from_hidden` avoids the logits altogether).
+    Summed over the ranks of the ring, the unscaled value is exactly the mean loss of the whole batch, so:
 
     * gradients all-reduced with SUM over the ring: use ``grad_average_world=1``;
     * gradients *averaged* (DDP, ``all_reduce`` then divide by ``W``): pass ``grad_average_world=W`` so the
@@ -891,10 +893,50 @@ def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_i
     if logits.shape[:-1] != shift_labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)} must agree "
                          f"on [batch, seqlen]")
+    loss = ring_attn.cross_entropy_sum(logits, shift_labels.to(logits.device), ignore_index=ignore_index)
+    return loss * _loss_scale(num_items_in_batch, grad_average_world)
+
+
+def _loss_scale(num_items_in_batch, grad_average_world) -> float:
     n = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
     if not n or n < 0:
         raise ValueError(f"num_items_in_batch must be a positive count, got {num_items_in_batch!r}")
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             shift_labels.reshape(-1).to(logits.device),
-                                             ignore_index=ignore_index, reduction="sum")
-    return loss * (float(grad_average_world) / float(n))
+    return float(grad_average_world) / float(n)
+
+
+def causal_lm_loss_from_hidden(model, hidden_states: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch,
+                               grad_average_world: int = 1, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`causal_lm_loss` from the last hidden states: the logits are never formed whole.
+
+    ``model(...).logits`` at long context is the largest tensor of a step (32k tokens per rank x Llama 3's 128k
+    vocabulary: 8.4 GB in bf16, plus its gradient). Run the base model instead (``model.model(...)``, whose
+    ``last_hidden_state`` is ``[b, s_local, hidden]``) and pass the hidden states here: the output embedding
+    is applied one block of tokens at a time inside :func:`ring_attn.linear_cross_entropy_sum`, with the
+    model's own logit transforms (Granite's ``logits_scaling``, Gemma 2/3's ``final_logit_softcapping``).
+    Value and gradients equal :func:`causal_lm_loss` on ``model(...).logits``.
+
+    Args:
+        model: a causal LM of a :data:`MODEL_FAMILIES` type (its ``get_output_embeddings()`` and config say how
+            the logits are formed; other models raise NotImplementedError, since their heads may do more).
+        hidden_states: ``[b, s_local, hidden]``, the base model's ``last_hidden_state`` (after its final norm).
+        shift_labels, num_items_in_batch, grad_average_world, ignore_index: as :func:`causal_lm_loss`.
+
+    Returns:
+        float32 scalar.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FAMILIES:
+        raise NotImplementedError(f"causal_lm_loss_from_hidden: model_type={model_type!r} is not one of "
+                                  f"MODEL_FAMILIES {MODEL_FAMILIES}; use causal_lm_loss(model(...).logits, ...)")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("causal_lm_loss_from_hidden: the output embedding has a bias")
+    if hidden_states.shape[:-1] != shift_labels.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and shift_labels {tuple(shift_labels.shape)} "
+                         f"must agree on [batch, seqlen]")
+    scale = 1.0 / float(getattr(config, "logits_scaling", None) or 1.0)  # Granite divides the logits
+    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)  # Gemma 2 / 3
+    loss = ring_attn.linear_cross_entropy_sum(hidden_states, head.weight, shift_labels.to(hidden_states.device),
+                                              ignore_index=ignore_index, logit_scale=scale, softcap=softcap)
+    return loss * _loss_scale(num_items_in_batch, grad_average_world)

@@ -1,0 +1,129 @@
+"""ring_attn.cross_entropy_sum / linear_cross_entropy_sum: the float64 oracle, memory (what autograd keeps), errors.
+
+Accuracy rule (tests/accuracy.py): the oracle is the float64 computation; the baseline is what training code
+does without these functions (``F.cross_entropy(logits.float(), reduction="sum")`` on logits in the low
+precision, the logits formed by a matmul in that precision for the linear form).
+"""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from accuracy import BACKWARD, FORWARD, assert_within_rule
+import ring_attn
+
+F = torch.nn.functional
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _targets(n, vocab, ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[torch.randperm(n, generator=g)[:ignored]] = -100
+    return t
+
+
+def _capped(z, scale, cap):
+    z = z * scale
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+@given(n=st.integers(1, 12), vocab=st.integers(2, 40), ignored=st.integers(0, 3), rows=st.sampled_from([1, 3, 64]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_cross_entropy_sum_matches_the_oracle(n, vocab, ignored, rows, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
+    t = _targets(n, vocab, min(ignored, n), seed)
+    x64 = logits.double().requires_grad_()
+    oracle = F.cross_entropy(x64, t, reduction="sum")
+    (g_oracle,) = torch.autograd.grad(oracle, x64)
+    xb = logits.clone().requires_grad_()
+    base = F.cross_entropy(xb.float(), t, reduction="sum")
+    (g_base,) = torch.autograd.grad(base, xb)
+    x = logits.clone().requires_grad_()
+    got = ring_attn.cross_entropy_sum(x, t, block_bytes=4 * vocab * rows)
+    (g_got,) = torch.autograd.grad(got, x)
+    assert got.dtype == torch.float32 and g_got.dtype == dtype
+    assert_within_rule("loss", got.reshape(1), oracle.reshape(1), base.reshape(1), torch.float32, FORWARD)
+    assert_within_rule("grad", g_got, g_oracle, g_base, dtype, BACKWARD)
+    assert (g_got[t == -100] == 0).all()
+
+
+@given(n=st.integers(1, 10), vocab=st.integers(2, 30), hidden=st.integers(1, 12), ignored=st.integers(0, 2),
+       rows=st.sampled_from([1, 4, 64]), transform=st.sampled_from([(1.0, 0.0), (0.5, 0.0), (1.0, 2.0), (2.0, 3.0)]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_sum_matches_the_oracle(n, vocab, hidden, ignored, rows, transform, dtype, seed):
+    scale, cap = transform
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g).to(dtype)
+    w = torch.randn(vocab, hidden, generator=g).to(dtype)
+    t = _targets(n, vocab, min(ignored, n), seed)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    oracle = F.cross_entropy(_capped(h64 @ w64.t(), scale, cap), t, reduction="sum")
+    go = torch.autograd.grad(oracle, (h64, w64))
+    hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+    base = F.cross_entropy(_capped((hb @ wb.t()).float(), scale, cap), t, reduction="sum")
+    gb = torch.autograd.grad(base, (hb, wb))
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = ring_attn.linear_cross_entropy_sum(hg, wg, t, logit_scale=scale, softcap=cap,
+                                             block_bytes=4 * vocab * rows)
+    gg = torch.autograd.grad(got, (hg, wg))
+    assert_within_rule("loss", got.reshape(1), oracle.reshape(1), base.reshape(1), torch.float32, FORWARD)
+    for name, a, o, b in zip(("d hidden", "d weight"), gg, go, gb):
+        assert a.dtype == dtype
+        assert_within_rule(name, a, o, b, dtype, BACKWARD)
+
+
+def test_float64_inputs_are_computed_in_float64():
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, -100, 3, 3])
+    got = ring_attn.cross_entropy_sum(x, t)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, F.cross_entropy(x, t, reduction="sum"), rtol=1e-14, atol=1e-14)
+
+
+def _saved_sizes(fn):
+    """numel and storage pointer of every tensor autograd saves while ``fn`` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_autograd_keeps_no_logits_sized_float32_tensor():
+    """What makes these functions lean: ``F.cross_entropy(logits.float())`` saves a [N, V] float32 tensor (the
+    premise, checked), ``cross_entropy_sum`` saves the logits themselves (no copy) and [N]-sized tensors, and
+    ``linear_cross_entropy_sum`` saves nothing of the logits' size at all."""
+    n, vocab, hidden = 32, 64, 8
+    logits = torch.randn(n, vocab, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, vocab, (n,))
+    plain = _saved_sizes(lambda: F.cross_entropy(logits.float(), t, reduction="sum"))
+    assert any(numel >= n * vocab and ptr != logits.untyped_storage().data_ptr() for numel, ptr in plain)
+    ours = _saved_sizes(lambda: ring_attn.cross_entropy_sum(logits, t))
+    big = [(numel, ptr) for numel, ptr in ours if numel >= n * vocab]
+    assert big == [(n * vocab, logits.untyped_storage().data_ptr())]
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    assert max(numel for numel, _ in _saved_sizes(lambda: ring_attn.linear_cross_entropy_sum(h, w, t))) < n * vocab
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0.0, 1.0, 2.0])), TypeError, "targets"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 1])), ValueError, "targets"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, -3, 1])), RuntimeError, "target"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 5, 1])), RuntimeError, "target"),
+    (lambda: ring_attn.cross_entropy_sum(torch.arange(6).reshape(2, 3), torch.tensor([0, 1])), TypeError, "logits"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 3), torch.tensor([0, 1, 2])),
+     ValueError, "weight"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4).double(),
+                                                torch.tensor([0, 1, 2])), TypeError, "dtype"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                softcap=-1.0), ValueError, "softcap"),
+])
+def test_errors_name_the_argument(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
