@@ -12,7 +12,8 @@ sets YaRN scaling, ``--rope none`` keeps the model's; ``--plan FILE`` (repeatabl
 ``shard_batch``; the loss is :func:`causal_lm_loss_from_hidden` (the output embedding applied one block of tokens
 at a time, so no logits tensor; :func:`causal_lm_loss` on the logits for models outside ``MODEL_FAMILIES``), so
 averaged gradients equal one-process training on the whole sequence. bf16 autocast on GPU, gradient
-checkpointing, a progress bar with tokens/s and loss on stderr, a checkpoint at the end of every stage and every ``--ckpt-every`` steps, and ``--resume`` from the latest one.
+checkpointing, a progress bar with tokens/s and loss on stderr, a checkpoint at the end of every stage and every
+``--ckpt-every`` steps, and ``--resume`` from the latest one.
 Data: random tokens (a smoke run); plug your own loader into ``batches()``.
 """
 from __future__ import annotations
