@@ -28,6 +28,7 @@ __all__ = [
     "forward_fp32",
     "merge_partial",
     "backward_fp32",
+    "cross_entropy_sum",
 ]
 
 # Rows of queries processed at once by the fp32 CPU fallback, so [rows, s_k] scores stay bounded.
@@ -336,3 +337,20 @@ def rope_cos_sin(q, k, cos, sin, unsqueeze_dim=1, compute_dtype=None):
         return torch.cat((rot * cos + half * sin, x_pass), dim=-1)
 
     return one(q), one(k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss (ring_attn/ops/loss.py)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, logit_scale: float = 1.0,
+                      softcap: float = 0.0) -> torch.Tensor:
+    """float64 ``sum over rows with target != ignore_index of -log softmax(x)[target]``, where
+    ``x = softcap * tanh(logit_scale * logits / softcap)`` (``softcap=0``: ``x = logit_scale * logits``).
+    The whole ``[N, V]`` matrix at once, differentiable: the oracle of ``cross_entropy_sum`` (``logits``) and of
+    ``linear_cross_entropy_sum`` (``logits = hidden @ weight.T`` formed in float64 by the caller)."""
+    x = logits.double() * logit_scale
+    if softcap:
+        x = torch.tanh(x / softcap) * softcap
+    return torch.nn.functional.cross_entropy(x, targets.long(), ignore_index=ignore_index, reduction="sum")
+

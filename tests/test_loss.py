@@ -1,8 +1,8 @@
 """ring_attn.cross_entropy_sum / linear_cross_entropy_sum: the float64 oracle, memory (what autograd keeps), errors.
 
-Accuracy rule (tests/accuracy.py): the oracle is the float64 computation; the baseline is what training code
-does without these functions (``F.cross_entropy(logits.float(), reduction="sum")`` on logits in the low
-precision, the logits formed by a matmul in that precision for the linear form).
+Accuracy rule (tests/accuracy.py): the oracle is ``reference.cross_entropy_sum`` in float64; the baseline is what
+training code does without these functions (``F.cross_entropy(logits.float(), reduction="sum")`` on logits in the
+low precision, the logits formed by a matmul in that precision for the linear form).
 """
 import pytest
 import torch
@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 import ring_attn
+from ring_attn import reference
 
 F = torch.nn.functional
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,7 +35,7 @@ def test_cross_entropy_sum_matches_the_oracle(n, vocab, ignored, rows, dtype, se
     logits = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
     t = _targets(n, vocab, min(ignored, n), seed)
     x64 = logits.double().requires_grad_()
-    oracle = F.cross_entropy(x64, t, reduction="sum")
+    oracle = reference.cross_entropy_sum(x64, t)
     (g_oracle,) = torch.autograd.grad(oracle, x64)
     xb = logits.clone().requires_grad_()
     base = F.cross_entropy(xb.float(), t, reduction="sum")
@@ -58,7 +59,7 @@ def test_linear_cross_entropy_sum_matches_the_oracle(n, vocab, hidden, ignored, 
     w = torch.randn(vocab, hidden, generator=g).to(dtype)
     t = _targets(n, vocab, min(ignored, n), seed)
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
-    oracle = F.cross_entropy(_capped(h64 @ w64.t(), scale, cap), t, reduction="sum")
+    oracle = reference.cross_entropy_sum(h64 @ w64.t(), t, logit_scale=scale, softcap=cap)
     go = torch.autograd.grad(oracle, (h64, w64))
     hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
     base = F.cross_entropy(_capped((hb @ wb.t()).float(), scale, cap), t, reduction="sum")
