@@ -128,3 +128,24 @@ def test_autograd_keeps_no_logits_sized_float32_tensor():
 def test_errors_name_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
         call()
+
+
+def test_linear_form_under_autocast_computes_what_the_autocast_dtype_computes():
+    """Under autocast the head's matmuls run in autocast's dtype in the forward *and* in the backward's
+    recomputation (a backward that recomputed the logits in float32 would pair them with the forward's bf16
+    log-sum-exp): the result is bit for bit that of the same call on inputs already in bf16."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(9, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    t = _targets(9, 40, 2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ring_attn.linear_cross_entropy_sum(h, w, t, softcap=3.0, block_bytes=4 * 40 * 4)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    want = ring_attn.linear_cross_entropy_sum(hb, wb, t, softcap=3.0, block_bytes=4 * 40 * 4)
+    wh, ww = torch.autograd.grad(want, (hb, wb))
+    assert torch.equal(got, want)
+    assert torch.equal(gh, wh.float()) and torch.equal(gw.bfloat16(), ww)
+    with pytest.raises(TypeError, match="autocast"):
+        ring_attn.linear_cross_entropy_sum(h, w.detach().bfloat16(), t)  # mixed dtypes outside autocast

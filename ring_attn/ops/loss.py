@@ -126,47 +126,54 @@ def _scaled_logits(z: torch.Tensor, scale: float, softcap: float) -> torch.Tenso
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
+    # The matmuls run in ``mm_dtype`` with autocast off, in the forward and in the backward's recomputation alike
+    # (autocast's dtype when the call was made under autocast, else the inputs'): recomputed logits must be the
+    # forward's bit for bit, or softmax(x) - lse would not sum to one.
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, rows, scale, softcap):
+    def forward(ctx, hidden, weight, targets, ignore_index, rows, scale, softcap, mm_dtype):
         n = hidden.shape[0]
-        lse = torch.empty(n, dtype=_acc(hidden.dtype), device=hidden.device)
+        w = weight.to(mm_dtype)
+        lse = torch.empty(n, dtype=_acc(mm_dtype), device=hidden.device)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         valid = targets != ignore_index
         _check_target_values(targets, valid, weight.shape[0])
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            x = _scaled_logits(hidden[s:e] @ weight.t(), scale, softcap)
-            lse[s:e], part = _block_loss(x, targets[s:e], valid[s:e])
-            total += part
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                x = _scaled_logits(hidden[s:e].to(mm_dtype) @ w.t(), scale, softcap)
+                lse[s:e], part = _block_loss(x, targets[s:e], valid[s:e])
+                total += part
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.meta = (ignore_index, rows, scale, softcap)
+        ctx.meta = (ignore_index, rows, scale, softcap, mm_dtype)
         return total.to(lse.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         hidden, weight, targets, lse = ctx.saved_tensors
-        ignore_index, rows, scale, softcap = ctx.meta
+        ignore_index, rows, scale, softcap, mm_dtype = ctx.meta
         valid = targets != ignore_index
         g = g.to(lse.dtype)
+        w = weight.to(mm_dtype)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], rows):
-            e = min(hidden.shape[0], s + rows)
-            h = hidden[s:e]
-            x = _scaled_logits(h @ weight.t(), scale, softcap)
-            gx = _block_grad(x, lse[s:e], targets[s:e], valid[s:e], g)
-            if softcap:
-                gx.mul_(1.0 - (x / softcap) ** 2)  # d(cap·tanh(u/cap))/du
-            if scale != 1.0:
-                gx.mul_(scale)
-            gz = gx.to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[s:e] = gz @ weight
-            if grad_w is not None:
-                grad_w += gz.t() @ h
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], rows):
+                e = min(hidden.shape[0], s + rows)
+                h = hidden[s:e].to(mm_dtype)
+                x = _scaled_logits(h @ w.t(), scale, softcap)
+                gx = _block_grad(x, lse[s:e], targets[s:e], valid[s:e], g)
+                if softcap:
+                    gx.mul_(1.0 - (x / softcap) ** 2)  # d(cap·tanh(u/cap))/du
+                if scale != 1.0:
+                    gx.mul_(scale)
+                gz = gx.to(mm_dtype)
+                if grad_h is not None:
+                    grad_h[s:e] = gz @ w
+                if grad_w is not None:
+                    grad_w += gz.t() @ h
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -176,7 +183,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
     Args:
         hidden: ``[N, H]`` (or ``[b, s, H]``) last hidden states, float16/bfloat16/float32/float64.
-        weight: ``[V, H]`` output embedding (``lm_head.weight``), same dtype and device as ``hidden``.
+        weight: ``[V, H]`` output embedding (``lm_head.weight``), same dtype and device as ``hidden``. Under
+            autocast the matmuls run in autocast's dtype (as ``lm_head`` would), in the forward and in the
+            backward's recomputation alike, and the dtypes may differ.
         targets: int ``[N]`` (or ``[b, s]``); ``ignore_index`` rows add nothing.
         logit_scale: multiplies the logits (Granite divides by ``config.logits_scaling``: pass its inverse).
         softcap: 0 = off; else Gemma 2's ``final_logit_softcapping``.
@@ -192,9 +201,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} must be [vocab, hidden] with hidden = "
                          f"{hidden.shape[-1]} (hidden {tuple(hidden.shape)})")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if weight.device != hidden.device or (weight.dtype != hidden.dtype and not autocast):
         raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) "
-                        f"must share dtype and device")
+                        f"must share dtype and device (dtypes may differ under autocast)")
+    mm_dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -202,4 +213,4 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                        hidden.device)
     return _LinearCrossEntropySum.apply(h2, weight, t, int(ignore_index),
                                         _rows_per_block(weight.shape[0], block_bytes), float(logit_scale),
-                                        float(softcap))
+                                        float(softcap), mm_dtype)
