@@ -22,14 +22,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` and `ring_attn` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import append_csv, environment, out_dir, print_table, time_ms  # noqa: E402
+from benchmarks.common import DTYPES, append_csv, environment, out_dir, print_table, time_ms  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)
 QUICK = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
 TINY_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
 IMPLS = ("ring_attn", "sdpa", "eager")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,12 +21,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` and `ring_attn` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import append_csv, environment, out_dir, print_table, time_ms  # noqa: E402
+from benchmarks.common import DTYPES, append_csv, environment, out_dir, print_table, time_ms  # noqa: E402
 
 FULL = dict(tokens=16384, hidden=4096, vocab=128256)
 QUICK = dict(tokens=64, hidden=32, vocab=1000)
 IMPLS = ("torch", "compile", "ring_attn_logits", "ring_attn_linear", "liger")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

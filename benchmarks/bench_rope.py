@@ -19,12 +19,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` and `ring_attn` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import append_csv, environment, out_dir, print_table, time_ms  # noqa: E402
+from benchmarks.common import DTYPES, append_csv, environment, out_dir, print_table, time_ms  # noqa: E402
 
 FULL = dict(b=1, s=32768, hq=32, hk=8, d=128)
 SMALL = dict(b=1, s=8, hq=2, hk=1, d=16)
 IMPLS = ("ring_attn", "ring_attn_cos_sin", "hf_eager", "compile", "liger")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,6 +15,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+# the --dtype choices of the benchmark scripts
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def environment() -> dict:
     """GPU name, SM clock, memory clock, driver, and torch/triton/transformers versions."""
