@@ -559,6 +559,26 @@ def test_causal_lm_loss_from_hidden_equals_the_loss_on_logits(model_name):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), name
 
 
+def test_wrapped_models_are_unwrapped():
+    """DistributedDataParallel / FSDP-style wrappers (the model is their ``.module``) are accepted by patch_hf and
+    causal_lm_loss_from_hidden."""
+    class Wrapper(torch.nn.Module):  # what DDP looks like from here: no config, the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = build("llama")
+    with hf.patch_hf(Wrapper(Wrapper(model))):
+        assert model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
+        hidden = torch.randn(1, 3, SMALL["hidden_size"])
+        labels = torch.tensor([[1, 2, -100]])
+        torch.testing.assert_close(hf.causal_lm_loss_from_hidden(Wrapper(model), hidden, labels, 2),
+                                   hf.causal_lm_loss(model.lm_head(hidden), labels, 2))
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(TypeError, match="Linear .inside Wrapper"):
+        hf.patch_hf(Wrapper(torch.nn.Linear(2, 2)))
+
+
 def test_causal_lm_loss_from_hidden_refuses_other_heads():
     model = build("starcoder2-dynamic") if available("starcoder2-dynamic") else None
     hidden, labels = torch.zeros(1, 3, SMALL["hidden_size"]), torch.zeros(1, 3, dtype=torch.long)

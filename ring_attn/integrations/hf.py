@@ -621,6 +621,14 @@ class HFPatch:
         self.undo()
 
 
+def _unwrap(model):
+    """The transformers model inside DistributedDataParallel / FSDP-style wrappers (their ``.module``)."""
+    while model is not None and not hasattr(model, "config") and isinstance(getattr(model, "module", None),
+                                                                           torch.nn.Module):
+        model = model.module
+    return model
+
+
 def _set_attn_implementation(model, name: str) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -637,9 +645,10 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
     ``model``) sees the global sequence length, so ``dynamic`` / ``longrope`` pick the frequencies one device would.
 
     Args:
-        model: a loaded model to switch to ``attn_implementation="ring_attn"`` (optional; models loaded later
-            can ask for it with ``from_pretrained(..., attn_implementation="ring_attn")``). With a multi-rank
-            ``group`` its ``config.use_cache`` is set to False (restored by ``undo``).
+        model: a loaded model to switch to ``attn_implementation="ring_attn"``, or a DDP/FSDP-style wrapper of
+            one (its ``.module``) (optional; models loaded later can ask for it with ``from_pretrained(...,
+            attn_implementation="ring_attn")``). With a multi-rank ``group`` its ``config.use_cache`` is set to
+            False (restored by ``undo``).
         group: None or a one-rank group: single-device flash attention (a faster drop-in for ``sdpa``, with
             KV-cache generation). A larger ``torch.distributed`` group: ring attention over it; feed the model
             batches from :func:`shard_batch` with the same group and layout.
@@ -661,8 +670,10 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
     ring_layout.check_layout(layout)
     if _active is not None:
         raise RuntimeError("a ring_attn patch is already active; call .undo() on it before patching again")
+    given, model = model, _unwrap(model)
     if model is not None and not hasattr(model, "config"):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        inside = f" (inside {type(given).__name__})" if given is not model else ""
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}{inside}")
     if not isinstance(fused_rope, bool):
         raise TypeError(f"fused_rope must be a bool, got {fused_rope!r}")
     state = _State(group, layout, fused_rope)
@@ -916,14 +927,16 @@ def causal_lm_loss_from_hidden(model, hidden_states: torch.Tensor, shift_labels:
     Value and gradients equal :func:`causal_lm_loss` on ``model(...).logits``.
 
     Args:
-        model: a causal LM of a :data:`MODEL_FAMILIES` type (its ``get_output_embeddings()`` and config say how
-            the logits are formed; other models raise NotImplementedError, since their heads may do more).
+        model: a causal LM of a :data:`MODEL_FAMILIES` type, or a DDP/FSDP-style wrapper of one (its
+            ``.module``); its ``get_output_embeddings()`` and config say how the logits are formed (other models
+            raise NotImplementedError, since their heads may do more).
         hidden_states: ``[b, s_local, hidden]``, the base model's ``last_hidden_state`` (after its final norm).
         shift_labels, num_items_in_batch, grad_average_world, ignore_index: as :func:`causal_lm_loss`.
 
     Returns:
         float32 scalar.
     """
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_FAMILIES:
