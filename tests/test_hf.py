@@ -501,6 +501,8 @@ def test_patch_argument_errors():
         hf.patch_hf(model=object())
     with pytest.raises(TypeError, match="fused_rope"):
         hf.patch_hf(fused_rope="yes")
+    with pytest.raises(TypeError, match="fused_loss"):
+        hf.patch_hf(fused_loss=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,6 +559,66 @@ def test_causal_lm_loss_from_hidden_equals_the_loss_on_logits(model_name):
     assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for (name, _), a, b in zip(model.named_parameters(), g_got, g_ref):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), name
+
+
+@pytest.mark.parametrize("model_name", ["llama-gqa", "gemma2-swa", "granite", "phi3-longrope"])
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_fused_loss_equals_the_stock_loss(model_name, with_counts):
+    """patch_hf(model, fused_loss=True): in training with labels the loss comes from the hidden states (logits
+    None) and equals stock's, value and every gradient, with transformers' own normalisation: the mean over
+    labelled tokens, or the sum over num_items_in_batch (Trainer's gradient accumulation); eval mode and calls
+    without labels are stock."""
+    stock, model = build(model_name).train(), build(model_name).train()
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    kw = dict(num_items_in_batch=torch.tensor(40)) if with_counts else {}
+    ref = stock(ids, labels=labels, use_cache=False, **kw)
+    g_ref = torch.autograd.grad(ref.loss, list(stock.parameters()))
+    with hf.patch_hf(model, fused_loss=True):
+        out = model(ids, labels=labels, use_cache=False, **kw)
+        assert out.logits is None
+        g = torch.autograd.grad(out.loss, list(model.parameters()))
+        model.eval()
+        with torch.no_grad():
+            assert model(ids, labels=labels, use_cache=False).logits is not None
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    for (name, _), a, b in zip(model.named_parameters(), g, g_ref):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), name
+    assert "forward" not in vars(model)  # undone
+
+
+def test_fused_loss_with_shift_labels():
+    """transformers' ``shift_labels`` (labels already shifted, as shard_batch gives them for a ring) are used as
+    they are, as stock's loss uses them."""
+    import inspect
+
+    from transformers.loss import loss_utils
+
+    if "shift_labels" not in inspect.signature(loss_utils.ForCausalLMLoss).parameters:
+        pytest.skip(f"transformers {transformers.__version__}'s loss takes no shift_labels")
+    stock, model = build("llama").train(), build("llama").train()
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    shift = hf.shift_labels(ids)
+    shift[0, 2] = -100
+    ref = stock(ids, labels=ids, shift_labels=shift, use_cache=False).loss
+    with hf.patch_hf(model, fused_loss=True):
+        got = model(ids, labels=ids, shift_labels=shift, use_cache=False).loss
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+def test_fused_loss_refusals():
+    with pytest.raises(ValueError, match="needs the model"):
+        hf.patch_hf(fused_loss=True)
+    if available("starcoder2-dynamic"):
+        with pytest.raises(NotImplementedError, match="starcoder2"):
+            hf.patch_hf(build("starcoder2-dynamic"), fused_loss=True)
+    model = build("mixtral").train()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with hf.patch_hf(model, fused_loss=True):
+        model(ids, labels=ids, use_cache=False).loss.backward()  # no router loss asked: fused
+        with pytest.raises(NotImplementedError, match="output_router_logits"):
+            model(ids, labels=ids, use_cache=False, output_router_logits=True)
 
 
 def test_wrapped_models_are_unwrapped():

@@ -581,6 +581,75 @@ def _make_update_causal_mask(original, padding_2d: bool):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# fused_loss: the causal-LM loss from the hidden states (no logits tensor in training)
+
+_HEAD_ARGS = ("labels", "logits_to_keep", "num_logits_to_keep", "return_dict")  # the head's, not the base model's
+
+
+def _head_transforms(model) -> tuple[torch.Tensor, float, float]:
+    """(output embedding weight, logit scale, final soft-cap) of a :data:`MODEL_FAMILIES` causal LM."""
+    config = model.config
+    if getattr(config, "model_type", None) not in MODEL_FAMILIES:
+        raise NotImplementedError(f"model_type={getattr(config, 'model_type', None)!r} is not one of MODEL_FAMILIES "
+                                  f"{MODEL_FAMILIES}: its head may do more than a matmul; use the logits")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("the output embedding has a bias; use the logits")
+    scale = 1.0 / float(getattr(config, "logits_scaling", None) or 1.0)  # Granite divides the logits
+    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)  # Gemma 2 / 3
+    return head.weight, scale, softcap
+
+
+def _make_fused_loss_forward(model, original):
+    """``model.forward`` that, in training with ``labels``, runs the base model and computes transformers' causal-LM
+    loss (labels shifted, or ``shift_labels``; sum / ``num_items_in_batch``, else the mean over labelled tokens)
+    by :func:`ring_attn.linear_cross_entropy_sum`, returning ``logits=None``. Anything else: the stock forward."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    signature = inspect.signature(original)
+    var_kw = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+
+    def forward(*args, **kwargs):
+        if _active is None or not model.training:
+            return original(*args, **kwargs)
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        extra = dict(arguments.pop(var_kw, None) or {})
+        labels = arguments.get("labels")
+        if labels is None:
+            return original(*args, **kwargs)
+        router = arguments.get("output_router_logits", extra.get("output_router_logits"))
+        if router or (router is None and getattr(model.config, "output_router_logits", False)):
+            raise NotImplementedError("patch_hf(fused_loss=True) with output_router_logits: the router's auxiliary "
+                                      "loss is not added; set output_router_logits=False or fused_loss=False")
+        for name in _HEAD_ARGS:
+            arguments.pop(name, None)
+        shift = extra.pop("shift_labels", None)
+        num_items = extra.pop("num_items_in_batch", None)
+        outputs = getattr(model, model.base_model_prefix)(**arguments, **extra)
+        hidden = outputs[0]
+        if shift is None:  # transformers' ForCausalLMLoss: token t predicts label t + 1
+            shift = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        weight, scale, softcap = _head_transforms(model)
+        shift = shift.to(hidden.device)
+        total = ring_attn.linear_cross_entropy_sum(hidden, weight, shift, logit_scale=scale, softcap=softcap)
+        if num_items is None:
+            loss = total / (shift != IGNORE_INDEX).sum()
+        else:
+            loss = total / (num_items.to(total.device) if isinstance(num_items, torch.Tensor) else num_items)
+        out = dict(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                   attentions=getattr(outputs, "attentions", None))
+        for name in ("cache", "past_key_values"):
+            if name in fields:
+                out[name] = getattr(outputs, name, None)
+        return CausalLMOutputWithPast(**out)
+
+    forward.__signature__ = signature
+    forward._ring_attn_original = original
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Patch / undo
 
 
@@ -636,7 +705,8 @@ def _set_attn_implementation(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = True) -> HFPatch:
+def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = True,
+             fused_loss: bool = False) -> HFPatch:
     """Route transformers attention (and RoPE) of Llama-family models through ring_attn.
 
     Attention: any model that dispatches through transformers' ``AttentionInterface``. Fused RoPE: the
@@ -656,6 +726,11 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         fused_rope: replace ``apply_rotary_pos_emb`` in the :data:`MODEL_FAMILIES` modeling modules by the fused
             kernel, angles from the model's own ``inv_freq`` (any rope type; Phi-3's partial rotary too) and global
             ``position_ids``, formed in float64 (stock forms them in float32).
+        fused_loss: ``model`` in training, called with ``labels``, computes transformers' causal-LM loss from the
+            hidden states by :func:`ring_attn.linear_cross_entropy_sum` (the output embedding applied one block
+            of tokens at a time: no logits tensor, no float32 copies) and returns ``logits=None``; the same value
+            and gradients as stock (``shift_labels`` and ``num_items_in_batch`` as transformers takes them).
+            Needs ``model``, of a :data:`MODEL_FAMILIES` type; without labels, or in eval mode, nothing changes.
 
     Returns:
         :class:`HFPatch`; ``.undo()`` or ``with patch_hf(...):`` restores stock behaviour exactly.
@@ -674,8 +749,13 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
     if model is not None and not hasattr(model, "config"):
         inside = f" (inside {type(given).__name__})" if given is not model else ""
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}{inside}")
-    if not isinstance(fused_rope, bool):
-        raise TypeError(f"fused_rope must be a bool, got {fused_rope!r}")
+    for name, flag in (("fused_rope", fused_rope), ("fused_loss", fused_loss)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if fused_loss:
+        if model is None:
+            raise ValueError("fused_loss=True needs the model: patch_hf(model, fused_loss=True)")
+        _head_transforms(model)  # NotImplementedError for heads it cannot reproduce, before anything is patched
     state = _State(group, layout, fused_rope)
     handle = HFPatch()
     try:
@@ -722,6 +802,8 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             previous = model.config._attn_implementation
             _set_attn_implementation(model, ATTN_IMPLEMENTATION)
             handle._restore.append(lambda: _set_attn_implementation(model, previous))
+            if fused_loss:
+                handle._setattr(model, "forward", _make_fused_loss_forward(model, model.forward))
             if state.world > 1 and getattr(model.config, "use_cache", False):
                 model.config.use_cache = False
                 handle._restore.append(lambda: setattr(model.config, "use_cache", True))
@@ -937,19 +1019,15 @@ def causal_lm_loss_from_hidden(model, hidden_states: torch.Tensor, shift_labels:
         float32 scalar.
     """
     model = _unwrap(model)
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FAMILIES:
-        raise NotImplementedError(f"causal_lm_loss_from_hidden: model_type={model_type!r} is not one of "
-                                  f"MODEL_FAMILIES {MODEL_FAMILIES}; use causal_lm_loss(model(...).logits, ...)")
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("causal_lm_loss_from_hidden: the output embedding has a bias")
+    if not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    try:
+        weight, scale, softcap = _head_transforms(model)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"causal_lm_loss_from_hidden: {e} (causal_lm_loss(model(...).logits, ...))") from None
     if hidden_states.shape[:-1] != shift_labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and shift_labels {tuple(shift_labels.shape)} "
                          f"must agree on [batch, seqlen]")
-    scale = 1.0 / float(getattr(config, "logits_scaling", None) or 1.0)  # Granite divides the logits
-    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)  # Gemma 2 / 3
-    loss = ring_attn.linear_cross_entropy_sum(hidden_states, head.weight, shift_labels.to(hidden_states.device),
+    loss = ring_attn.linear_cross_entropy_sum(hidden_states, weight, shift_labels.to(hidden_states.device),
                                               ignore_index=ignore_index, logit_scale=scale, softcap=softcap)
     return loss * _loss_scale(num_items_in_batch, grad_average_world)
