@@ -607,6 +607,38 @@ def test_fused_loss_with_shift_labels():
     assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
 
 
+def test_trainer_with_fused_loss_trains_as_stock(tmp_path):
+    """HF Trainer (batch 2, gradient accumulation 2: it passes num_items_in_batch) on a patched model with
+    fused_loss: every logged loss and the weights after two optimizer steps equal the stock run's."""
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it (in the test extras)
+
+    class Data(torch.utils.data.Dataset):
+        ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    def train(fused):
+        model = build("llama").train()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(fused)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+            seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        with hf.patch_hf(model, fused_loss=fused):
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
+            trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    (stock_losses, stock_params), (losses, params) = train(False), train(True)
+    assert len(losses) == 2 and losses == pytest.approx(stock_losses, rel=1e-6)
+    for a, b in zip(params, stock_params):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
 def test_fused_loss_refusals():
     with pytest.raises(ValueError, match="needs the model"):
         hf.patch_hf(fused_loss=True)
