@@ -61,6 +61,13 @@ class _State:
         # held weakly: a patch left active until the script ends must not keep the group (and gloo's threads)
         # alive past destroy_process_group, into interpreter exit
         self._group = weak_group(group, "patch_hf")
+        # under torch.compile these run eagerly: one graph break per call, instead of one at every collective
+        # inside (the ring's P2P exchanges cannot be traced). Made here, not at import: patch_hf has imported
+        # transformers, which loads torch._dynamo, so importing ring_attn does not pay for it.
+        self.ring_func = torch.compiler.disable(ring_attn.ring_attn_func)
+        self.ring_varlen_func = torch.compiler.disable(ring_attn.ring_attn_varlen_func)
+        self.check_shard_positions = torch.compiler.disable(_check_shard_positions)
+        self.global_max = torch.compiler.disable(_global_max)
 
     @property
     def group(self):
@@ -336,15 +343,15 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
         window = sliding_window_size(sliding_window, int(max_len), causal)
         if b != 1:
             raise ValueError(f"packed sequences (cu_seq_lens_q) need batch size 1, got query {tuple(query.shape)}")
-        out = ring_attn.ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=int(max_len),
-                                              causal=causal, softmax_scale=scaling, window_size=window,
-                                              softcap=softcap, group=state.group, layout=state.layout)
+        out = state.ring_varlen_func(
+            q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=int(max_len), causal=causal, softmax_scale=scaling,
+            window_size=window, softcap=softcap, group=state.group, layout=state.layout)
         return out.unsqueeze(0), None
     window = sliding_window_size(sliding_window, s_q * state.world, causal)
     if position_ids is not None:
-        _check_shard_positions(position_ids, state, s_q)  # cached on the tensor: once per forward
-    out = ring_attn.ring_attn_func(q, k, v, causal=causal, softmax_scale=scaling, window_size=window,
-                                   softcap=softcap, group=state.group, layout=state.layout)
+        state.check_shard_positions(position_ids, state, s_q)  # cached on the tensor: once per forward
+    out = state.ring_func(q, k, v, causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap,
+                          group=state.group, layout=state.layout)
     return out, None
 
 
@@ -463,7 +470,7 @@ def _make_rotary_forward(original):
         if state.world > 1 and _seq_len_dependent(getattr(self, "rope_type", "default")):
             # transformers picks these frequencies from max(position_ids) + 1; on a shard that is not the global
             # length. One extra column carrying the global maximum makes every rank pick what one device would.
-            col = _global_max(position_ids, state).reshape(1, 1).expand(position_ids.shape[0], 1)
+            col = state.global_max(position_ids, state).reshape(1, 1).expand(position_ids.shape[0], 1)
             cos, sin = original(self, x, torch.cat([position_ids, col.to(position_ids.dtype)], dim=1),
                                 *args, **kwargs)
             cos, sin = cos[:, :-1], sin[:, :-1]
