@@ -639,6 +639,40 @@ def test_trainer_with_fused_loss_trains_as_stock(tmp_path):
         assert (a - b).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
+def test_fused_loss_with_a_peft_lora_model(order):
+    """A LoRA model (PEFT), patched before or after get_peft_model: the fused loss and the LoRA gradients equal
+    stock's (the patched forward is the causal LM's own, which PEFT calls, whichever object patch_hf was given)."""
+    peft = pytest.importorskip("peft")  # in the test extras
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(fused, order):
+        torch.manual_seed(0)
+        model = build("llama").train()
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        if order == "patch_then_peft":
+            handle = hf.patch_hf(model, fused_loss=fused)
+            lora = peft.get_peft_model(model, config)
+        else:
+            lora = peft.get_peft_model(model, config)
+            handle = hf.patch_hf(lora, fused_loss=fused)
+        with handle:
+            with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
+                for name, p in lora.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+            out = lora(input_ids=ids, labels=ids, use_cache=False)
+            grads = torch.autograd.grad(out.loss, [p for p in lora.parameters() if p.requires_grad])
+        return out, grads
+
+    (ref, g_ref), (got, g) = run(False, "patch_then_peft"), run(True, order)
+    assert got.logits is None and ref.logits is not None
+    assert abs(got.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    assert len(g) == len(g_ref) == 8  # lora_A and lora_B of q_proj and v_proj in 2 layers
+    for a, b in zip(g, g_ref):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
 def test_fused_loss_refusals():
     with pytest.raises(ValueError, match="needs the model"):
         hf.patch_hf(fused_loss=True)

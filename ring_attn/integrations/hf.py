@@ -698,10 +698,18 @@ class HFPatch:
 
 
 def _unwrap(model):
-    """The transformers model inside DistributedDataParallel / FSDP-style wrappers (their ``.module``)."""
-    while model is not None and not hasattr(model, "config") and isinstance(getattr(model, "module", None),
-                                                                           torch.nn.Module):
-        model = model.module
+    """The transformers model inside DistributedDataParallel / FSDP-style wrappers (their ``.module``) and PEFT
+    models (``get_base_model()``: the patched forward must be the causal LM's own, which PEFT calls)."""
+    while model is not None:
+        if callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
     return model
 
 
@@ -723,7 +731,7 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
 
     Args:
         model: a loaded model to switch to ``attn_implementation="ring_attn"``, or a DDP/FSDP-style wrapper of
-            one (its ``.module``) (optional; models loaded later can ask for it with ``from_pretrained(...,
+            one (its ``.module``) or a PEFT model (its ``get_base_model()``) (optional; models loaded later can ask for it with ``from_pretrained(...,
             attn_implementation="ring_attn")``). With a multi-rank ``group`` its ``config.use_cache`` is set to
             False (restored by ``undo``).
         group: None or a one-rank group: single-device flash attention (a faster drop-in for ``sdpa``, with
