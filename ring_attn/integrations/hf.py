@@ -730,10 +730,10 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
     ``model``) sees the global sequence length, so ``dynamic`` / ``longrope`` pick the frequencies one device would.
 
     Args:
-        model: a loaded model to switch to ``attn_implementation="ring_attn"``, or a DDP/FSDP-style wrapper of
-            one (its ``.module``) or a PEFT model (its ``get_base_model()``) (optional; models loaded later can ask for it with ``from_pretrained(...,
-            attn_implementation="ring_attn")``). With a multi-rank ``group`` its ``config.use_cache`` is set to
-            False (restored by ``undo``).
+        model: a loaded model to switch to ``attn_implementation="ring_attn"``, a DDP/FSDP-style wrapper of one
+            (its ``.module``) or a PEFT model (its ``get_base_model()``). Optional: models loaded later can ask
+            for it with ``from_pretrained(..., attn_implementation="ring_attn")``. With a multi-rank ``group``
+            its ``config.use_cache`` is set to False (restored by ``undo``).
         group: None or a one-rank group: single-device flash attention (a faster drop-in for ``sdpa``, with
             KV-cache generation). A larger ``torch.distributed`` group: ring attention over it; feed the model
             batches from :func:`shard_batch` with the same group and layout.
