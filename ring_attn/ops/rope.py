@@ -138,13 +138,14 @@ def _positions_2d(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # Custom ops: opaque to torch.compile (no graph break: the value check of the positions and the backend call run
-# outside the traced graph), differentiable via register_autograd. The in-place form stays an autograd Function.
+# outside the traced graph), differentiable via register_autograd. The in-place form stays an autograd Function
+# (_RopeInplaceFunction, below) with the same backward.
 
 
 def _rope_launch(q, k, qo, ko, positions, inv_freq, scaling, interleaved, rotary_dim, backward, qy=None, ky=None,
-                 dtheta=None):
+                 dtheta=None, copy_pass=True):
     _select(q, rotary_dim).rope(_as4d(q), _as4d(k), _as4d(qo), _as4d(ko), rotary_dim=rotary_dim,
-                                interleaved=interleaved, backward=backward, copy_pass=True,
+                                interleaved=interleaved, backward=backward, copy_pass=copy_pass,
                                 pos2=_positions_2d(positions, q), inv_freq=inv_freq, scaling=scaling, cos3=None,
                                 sin3=None, qy4=None if qy is None else _as4d(qy),
                                 ky4=None if ky is None else _as4d(ky), dtheta=dtheta)
@@ -253,54 +254,24 @@ torch.library.register_autograd("ring_attn::rope_table_forward", _rope_table_bac
                                 setup_context=_rope_table_setup_context)
 
 
-class _RopeFunction(torch.autograd.Function):
-    """The in-place form (``inplace=True``: q and k are overwritten and marked dirty)."""
+class _RopeInplaceFunction(torch.autograd.Function):
+    """The in-place form (``inplace=True``): q and k are overwritten (the dims past rotary_dim are left as they
+    are) and marked dirty; the backward is the ``rope_backward`` op, as for the out-of-place form."""
 
     @staticmethod
-    def forward(ctx, q, k, positions, inv_freq, scaling, interleaved, rotary_dim, inplace, impl):
-        q4, k4 = _as4d(q), _as4d(k)
-        qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
-        pos2 = _positions_2d(positions, q)
-        impl.rope(q4, k4, _as4d(qo), _as4d(ko), rotary_dim=rotary_dim, interleaved=interleaved, backward=False,
-                  copy_pass=not inplace, pos2=pos2, inv_freq=inv_freq, scaling=scaling, cos3=None, sin3=None,
-                  qy4=None, ky4=None, dtheta=None)
-        ctx.impl = impl
-        if inplace:
-            ctx.mark_dirty(q, k)
+    def forward(ctx, q, k, positions, inv_freq, scaling, interleaved, rotary_dim):
+        _rope_launch(q, k, q, k, positions, inv_freq, scaling, interleaved, rotary_dim, backward=False,
+                     copy_pass=False)
+        ctx.mark_dirty(q, k)
         ctx.need_dtheta = ctx.needs_input_grad[3]
         ctx.meta = (scaling, interleaved, rotary_dim)
-        if ctx.need_dtheta:
-            ctx.save_for_backward(positions, inv_freq, qo, ko)
-        else:
-            ctx.save_for_backward(positions, inv_freq)
-        return qo, ko
+        ctx.save_for_backward(positions, inv_freq, *((q, k) if ctx.need_dtheta else ()))
+        return q, k
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gq, gk):
-        scaling, interleaved, rotary_dim = ctx.meta
-        if ctx.need_dtheta:
-            positions, inv_freq, qy, ky = ctx.saved_tensors
-        else:
-            (positions, inv_freq), qy, ky = ctx.saved_tensors, None, None
-        dq, dk = torch.empty_like(gq), torch.empty_like(gk)
-        gq4 = _as4d(gq)
-        pos2 = _positions_2d(positions, gq)
-        dtheta = None
-        if ctx.need_dtheta:
-            B, S = gq4.shape[:2]
-            acc = torch.float64 if gq.dtype == torch.float64 else torch.float32
-            dtheta = torch.empty((B * S, rotary_dim // 2), dtype=acc, device=gq.device)
-        ctx.impl.rope(gq4, _as4d(gk), _as4d(dq), _as4d(dk), rotary_dim=rotary_dim, interleaved=interleaved,
-                      backward=True, copy_pass=True, pos2=pos2, inv_freq=inv_freq, scaling=scaling, cos3=None,
-                      sin3=None, qy4=_as4d(qy) if qy is not None else None,
-                      ky4=_as4d(ky) if ky is not None else None, dtheta=dtheta)
-        dinv = None
-        if dtheta is not None:
-            B, S = gq4.shape[:2]
-            pos_tok = pos2.expand(B, S).reshape(-1).to(torch.float64)
-            dinv = (pos_tok[:, None] * dtheta.to(torch.float64)).sum(0).to(inv_freq.dtype)
-        return dq, dk, None, dinv, None, None, None, None, None
+        return _rope_backward(ctx, gq, gk)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,8 +312,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
         _select(q, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if inplace:
         _check_nonnegative(positions)
-        return _RopeFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
-                                   rotary_dim, True, _select(q, rotary_dim))
+        return _RopeInplaceFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
+                                          rotary_dim)
     return torch.ops.ring_attn.rope_forward(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
                                             rotary_dim)
 
