@@ -41,6 +41,7 @@ IGNORE_INDEX = -100
 # (tests/test_hf.py). Other models still get the attention and the ring; their RoPE stays transformers' own.
 MODEL_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3",
                   "granite", "olmo2")
+_FAMILY_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES)
 # transformers < 4.53 modeling modules whose decoder layers slice the 4-D mask themselves (Gemma 2's sliding
 # layers): a 2-D padding mask cannot be handed on there
 _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
@@ -150,8 +151,7 @@ def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple
     if cached is not None and cached[0] == batch:
         return cached[1]
     pos = position_ids.expand(batch, -1)
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    starts = _sequence_starts(pos)
     result = None
     if bool(starts[:, 1:].any()):
         idx = starts.reshape(-1).nonzero().reshape(-1)
@@ -165,7 +165,7 @@ def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple
 def _assert_not_packed(position_ids: torch.Tensor) -> None:
     """Under torch.compile: a device-side check (no host read, no graph break) that ``position_ids`` hold one
     sequence per row; packed sequences must come with their boundaries there."""
-    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    restarts = _sequence_starts(position_ids)[:, 1:]
     torch._assert_async(~restarts.any(), "ring_attn under torch.compile: position_ids restart inside a row (packed "
                         "sequences) but no cu_seq_lens_q reached attention; pass the boundaries (e.g. "
                         "DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or run eagerly")
@@ -390,7 +390,8 @@ _mask_creation = threading.local()
 
 
 def _make_mask_creator(original):
-    params = list(inspect.signature(original).parameters)
+    signature = inspect.signature(original)
+    params = list(signature.parameters)
     extra = [(params.index(n), n) for n in _EXTRA_MASK_ARGS if n in params]
 
     def create(*args, **kwargs):
@@ -402,7 +403,7 @@ def _make_mask_creator(original):
         finally:
             _mask_creation.plain = previous
 
-    create.__signature__ = inspect.signature(original)
+    create.__signature__ = signature
     create.__name__, create.__qualname__, create.__doc__ = original.__name__, original.__qualname__, original.__doc__
     create._ring_attn_original = original
     return create
@@ -549,7 +550,7 @@ def _check_rotary_patched(module, state: _State) -> None:
 def _modeling_modules(model) -> list:
     """Modeling modules the patch touches: the :data:`MODEL_FAMILIES` ones (imported here), every transformers
     modeling module already imported, and those defining ``model``'s submodules (remote code included)."""
-    names = [f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES]
+    names = list(_FAMILY_MODULES)
     for name in names:
         try:
             importlib.import_module(name)
@@ -793,7 +794,6 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         else:
             creator_modules = []
         # modeling modules: rotary embeddings (global length over a ring), fused RoPE, < 4.53 mask builders
-        fused_modules = {f"transformers.models.{f}.modeling_{f}" for f in MODEL_FAMILIES}
         modeling = _modeling_modules(model)
         for mod in creator_modules + modeling:  # the mask creators, where a module names them
             for name in _MASK_CREATORS:
@@ -804,9 +804,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             for rotary in _rotary_classes(mod):
                 if "forward" in vars(rotary) and not _rotary_wrapped(rotary):
                     handle._setattr(rotary, "forward", _make_rotary_forward(rotary.forward))
-            if fused_rope and mod.__name__ in fused_modules and callable(getattr(mod, "apply_rotary_pos_emb", None)):
+            if fused_rope and mod.__name__ in _FAMILY_MODULES and callable(getattr(mod, "apply_rotary_pos_emb", None)):
                 handle._setattr(mod, "apply_rotary_pos_emb", _make_apply_rotary(mod.apply_rotary_pos_emb))
-            if mask_interface is None and mod.__name__ in fused_modules:
+            if mask_interface is None and mod.__name__ in _FAMILY_MODULES:
                 for base in vars(mod).values():
                     if isinstance(base, type) and "_update_causal_mask" in vars(base) \
                             and not hasattr(base._update_causal_mask, "_ring_attn_original"):
