@@ -192,6 +192,13 @@ def batch_for(case: dict, seed: int = 1) -> dict:
     return dict(input_ids=ids, labels=labels)
 
 
+def param_grads(model) -> dict:
+    """Every parameter's gradient by name; a parameter the step did not use (an MoE expert no token was routed
+    to, which transformers 4.x keeps as a separate module) has gradient zero."""
+    return {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for k, p in model.named_parameters()}
+
+
 def stock_reference(name: str, case: dict, dtype) -> dict:
     """Stock model (``sdpa``, one process) on the whole batch: logits, mean next-token loss, parameter grads.
     Packed batches run sequence by sequence (what packing means), so no version's packing support is assumed."""
@@ -214,5 +221,4 @@ def stock_reference(name: str, case: dict, dtype) -> dict:
         n = int((tgt != -100).sum())
     loss = total / n
     loss.backward()
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    return dict(logits=logits.detach(), loss=loss.detach(), grads=grads)
+    return dict(logits=logits.detach(), loss=loss.detach(), grads=param_grads(model))

@@ -80,7 +80,7 @@ def _equiv_case(case, rank, world, store):
     import torch.distributed as dist
 
     import ring_attn
-    from hf_models import batch_for, build
+    from hf_models import batch_for, build, param_grads
     from ring_attn.integrations import hf
 
     model = build(case["model"]).train()
@@ -105,8 +105,7 @@ def _equiv_case(case, rank, world, store):
         loss.backward()
     # data-parallel averaging of gradients and of the reported loss
     grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.detach().clone()
+    for name, g in param_grads(model).items():
         dist.all_reduce(g)
         grads[name] = g / world
     rep = loss.detach().clone()

@@ -24,7 +24,7 @@ import ring_attn
 transformers = pytest.importorskip("transformers")
 
 from accuracy import BACKWARD, FORWARD, assert_within_rule  # noqa: E402
-from hf_models import (CONFIGS, SMALL, VOCAB, available, batch_for, build, runs_whole,  # noqa: E402
+from hf_models import (CONFIGS, SMALL, VOCAB, available, batch_for, build, param_grads, runs_whole,  # noqa: E402
                        stock_reference)
 from hf_workers import cases_for, run_world  # noqa: E402
 from ring_attn.integrations import hf  # noqa: E402
@@ -126,7 +126,7 @@ def _run_patched(model_name, case, **patch_kw):
     else:
         logits = logits[:, :case["s"]]
     return dict(logits=logits.detach(), loss=loss.detach(),
-                grads={k: p.grad.detach().clone() for k, p in model.named_parameters()})
+                grads=param_grads(model))
 
 
 @pytest.mark.parametrize("model_name,case", [
@@ -229,6 +229,14 @@ def test_torch_compile_one_graph_forward_and_backward(model_name, case):
     local = hf.shard_batch(batch_for(case))
     inputs = {k: v for k, v in local.items() if k not in ("shift_labels", "num_items_in_batch")}
     args = (local["shift_labels"], local["num_items_in_batch"])
+    torch._dynamo.reset()
+    try:  # the stock model first (before 5.24, LongRoPE's frequency switch is a Python `if` on a tensor)
+        with torch.no_grad():
+            torch.compile(model, backend="eager", fullgraph=True)(**inputs, use_cache=False)
+    except torch._dynamo.exc.Unsupported as e:
+        pytest.skip(f"transformers {transformers.__version__}'s own {model_name} model does not compile as one "
+                    f"graph: {str(e).splitlines()[0]}")
+    torch._dynamo.reset()
     with hf.patch_hf(model):
         ref = _loss_and_grads(model, inputs, *args)  # eager (also runs transformers' lazy rope state once)
         torch._dynamo.reset()
@@ -465,6 +473,30 @@ def test_mask_function_refuses_masks_the_kernels_cannot_express():
             with pytest.raises(NotImplementedError, match="bidirectional"):
                 _create_mask("create_bidirectional_mask", model, 8)
         assert _create_mask("create_causal_mask", model, 8) is None  # the flag was restored after the refusals
+
+
+def test_mask_function_alignment_both_signatures():
+    """The mask function takes transformers 5.x's ``q_length``/``q_offset`` and 4.53-4.57's ``cache_position``;
+    queries that are the last keys, or one query that sees every key (4.x Phi-3 runs a lone token after dropping
+    its cache at the LongRoPE switch), pass; earlier queries (a static cache) are refused, eagerly and, as a
+    device-side assert, under torch.compile."""
+    with hf.patch_hf(build("llama")):
+        for q_len, q_start, kv_len, ok in [(3, 5, 8, True), (1, 7, 8, True), (1, 12, 1, True), (3, 4, 8, False),
+                                           (1, 3, 8, False), (2, 12, 1, False)]:
+            for kw in (dict(q_length=q_len, q_offset=q_start),
+                       dict(cache_position=torch.arange(q_start, q_start + q_len))):
+                if ok:
+                    assert hf.ring_attn_mask(1, kv_length=kv_len, **kw) is None
+                else:
+                    with pytest.raises(NotImplementedError, match="static cache"):
+                        hf.ring_attn_mask(1, kv_length=kv_len, **kw)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda pos, n: (hf.ring_attn_mask(1, kv_length=n, cache_position=pos), pos + 1)[1],
+                                 backend="aot_eager", fullgraph=True)
+        compiled(torch.arange(5, 8), 8)
+        compiled(torch.tensor([12]), 1)
+        with pytest.raises(RuntimeError, match="static cache"):
+            compiled(torch.arange(4, 7), 8)
 
 
 def test_sliding_window_longer_than_the_sequence_is_full_attention():

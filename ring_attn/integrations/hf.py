@@ -171,6 +171,13 @@ def _assert_not_packed(position_ids: torch.Tensor) -> None:
                         "DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or run eagerly")
 
 
+def _refuse_ring_cache(state: _State, detail: str = "") -> None:
+    raise NotImplementedError(
+        f"a KV cache (use_cache=True{detail}) with ring attention over {state.world} ranks: the cache would hold "
+        f"this rank's shard only; pass use_cache=False (patch_hf(model, group) sets config.use_cache=False), and "
+        f"generate with group=None")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The attention function (transformers' AttentionInterface signature)
 
@@ -330,10 +337,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     # ring mode
     _check_rotary_patched(module, state)
     if kwargs.get("use_cache") or s_q != s_k:
-        raise NotImplementedError(
-            f"a KV cache (use_cache=True{', s_q=%d != s_k=%d' % (s_q, s_k) if s_q != s_k else ''}) with ring "
-            f"attention over {state.world} ranks: the cache would hold this rank's shard only; pass "
-            f"use_cache=False (patch_hf(model, group) sets config.use_cache=False), and generate with group=None")
+        _refuse_ring_cache(state, f", s_q={s_q} != s_k={s_k}" if s_q != s_k else "")
     if keep is not None:
         raise NotImplementedError(
             "attention_mask with padding inside a sequence sharded over the ring: pack the sequences instead "
@@ -393,9 +397,21 @@ def _make_mask_creator(original):
     signature = inspect.signature(original)
     params = list(signature.parameters)
     extra = [(params.index(n), n) for n in _EXTRA_MASK_ARGS if n in params]
+    config_at = (params.index("config"), "config")
+    cache_at = next((params.index(n), n) for n in ("cache", "past_key_values") if n in params)  # 5.24: cache
 
     def create(*args, **kwargs):
-        plain = all((args[i] if i < len(args) else kwargs.get(n)) is None for i, n in extra)
+        def arg(i, name):
+            return args[i] if i < len(args) else kwargs.get(name)
+
+        plain = all(arg(i, n) is None for i, n in extra)
+        # a cache in ring mode is refused here, before any layer: transformers 4.53-4.57 pass neither use_cache nor
+        # the cache to the attention function, so a first call with use_cache=True would fill a cache with this
+        # rank's shard
+        state, config = _active, arg(*config_at)
+        if (state is not None and state.world > 1 and arg(*cache_at) is not None
+                and getattr(config, "_attn_implementation", None) == "ring_attn"):
+            _refuse_ring_cache(state)
         previous = getattr(_mask_creation, "plain", False)
         _mask_creation.plain = plain
         try:
@@ -409,13 +425,16 @@ def _make_mask_creator(original):
     return create
 
 
-def ring_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                   mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None, q_offset=0,
+                   kv_offset=0, mask_function=None, attention_mask: Optional[torch.Tensor] = None,
+                   cache_position: Optional[torch.Tensor] = None, **kwargs):
     """transformers ``AttentionMaskInterface`` entry for ``"ring_attn"``.
 
     The kernels apply causal masking themselves (packed sequences come from position_ids / cu_seq_lens and the
     sliding window from the attention call's ``sliding_window``), so the plain causal case returns None, like
-    ``flash_attention_2``'s. Anything else is kept or refused, never dropped:
+    ``flash_attention_2``'s. Anything else is kept or refused, never dropped. Takes both signatures of the
+    interface: ``q_length``/``q_offset`` (transformers 5.x) and ``cache_position`` (4.53 to 4.57: the int64
+    positions ``[q_length]`` of the queries).
 
     Returns:
         None, or the 2-D bool padding mask ``[batch, kv_length]`` (True = real token) when it masks anything.
@@ -432,9 +451,22 @@ def ring_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     if bad:
         raise NotImplementedError(f"attn_implementation='ring_attn' implements causal masks (with packed "
                                   f"sequences and padding) only; this model asks for a mask built from {bad}")
-    if int(q_offset) + q_length != int(kv_offset) + kv_length:
+    kv_end = int(kv_offset) + int(kv_length)
+    # stock masks let query position p see keys j <= p; the kernels align bottom-right (query i of q_length sees
+    # local key j <= i + kv_length - q_length). The same keys when the queries are the last keys, or when a single
+    # query sees every key (4.x Phi-3 drops its cache at the LongRoPE switch and runs the next token alone).
+    if cache_position is not None:  # 4.53-4.57: the int64 positions of the queries
+        q_length, q_start = cache_position.shape[0], cache_position[0]
+    else:
+        q_start = q_offset
+    if torch.compiler.is_compiling() and isinstance(q_start, torch.Tensor):
+        same = q_start + q_length == kv_end
+        torch._assert_async(same | (q_start >= kv_end - 1) if q_length == 1 else same,
+                            "attn_implementation='ring_attn': the queries are not the last keys of the cache (a "
+                            "static cache?); causal masks align bottom-right")
+    elif not (int(q_start) + q_length == kv_end or (q_length == 1 and int(q_start) >= kv_end - 1)):
         raise NotImplementedError(
-            f"queries at offset {int(q_offset)} (+{q_length}) are not the last of {kv_length} keys at offset "
+            f"queries at offset {int(q_start)} (+{q_length}) are not the last of {int(kv_length)} keys at offset "
             f"{int(kv_offset)} (a static cache?): attn_implementation='ring_attn' aligns causal masks bottom-right")
     if attention_mask is None:
         return None
