@@ -447,6 +447,8 @@ def _create_mask(name, model, s, **extra):
                   past_key_values=None, cache_position=torch.arange(s), position_ids=torch.arange(s)[None],
                   **extra)
     params = inspect.signature(creator).parameters
+    if "cache" in params:  # 5.24 renamed past_key_values (5.25 still lists the old name, deprecated)
+        values.pop("past_key_values")
     return creator(**{k: v for k, v in values.items() if k in params})
 
 

@@ -398,7 +398,7 @@ def _make_mask_creator(original):
     params = list(signature.parameters)
     extra = [(params.index(n), n) for n in _EXTRA_MASK_ARGS if n in params]
     config_at = (params.index("config"), "config")
-    cache_at = next((params.index(n), n) for n in ("cache", "past_key_values") if n in params)  # 5.24: cache
+    cache_args = [(params.index(n), n) for n in ("cache", "past_key_values") if n in params]  # 5.24 says cache
 
     def create(*args, **kwargs):
         def arg(i, name):
@@ -409,7 +409,7 @@ def _make_mask_creator(original):
         # the cache to the attention function, so a first call with use_cache=True would fill a cache with this
         # rank's shard
         state, config = _active, arg(*config_at)
-        if (state is not None and state.world > 1 and arg(*cache_at) is not None
+        if (state is not None and state.world > 1 and any(arg(*c) is not None for c in cache_args)
                 and getattr(config, "_attn_implementation", None) == "ring_attn"):
             _refuse_ring_cache(state)
         previous = getattr(_mask_creation, "plain", False)
