@@ -31,13 +31,16 @@ GQA/MQA K/V circulate with their own head count; ``window_size`` is a sliding wi
 (see :func:`ring_attn.ring_attn_func`); ``alibi_slopes`` biases by *global* distances (ring-flash-attn's
 steps use the distances within each block pair). Unsupported arguments raise, before any communication:
 ``dropout_p != 0``, ``alibi_slopes`` with the stripe functions (NotImplementedError naming the value).
-``llama3_flash_attn_*`` and the HF adapter (``substitute_hf_flash_attn``) are not provided.
+``llama3_flash_attn_*`` (K/V all-gathered over contiguous pieces of a packed batch) are
+:mod:`ring_attn.ring.allgather`; ring-flash-attn's HF adapter (``substitute_hf_flash_attn``,
+``update_ring_flash_attn_params``) is not provided: ``ring_attn.integrations.hf.patch_hf`` is the HF path.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
 from ring_attn.ring.attention import ring_attn_func, ring_attn_varlen_func
 
 __all__ = [
@@ -56,6 +59,10 @@ __all__ = [
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "llama3_flash_attn_prepare_cu_seqlens",
+    "llama3_flash_attn_varlen_func",
+    "llama3_flash_attn_varlen_kvpacked_func",
+    "llama3_flash_attn_varlen_qkvpacked_func",
 ]
 
 
@@ -253,3 +260,49 @@ def stripe_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, cau
     q, k, v = _split("stripe_flash_attn_qkvpacked_func", qkv, 3, True)
     return _dense("stripe_flash_attn_qkvpacked_func", "striped", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# llama3_flash_attn_* (all-gathered K/V over contiguous pieces of the packed stream: ring_attn.ring.allgather)
+
+
+def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
+    """ring-flash-attn's ``llama3_flash_attn_prepare_cu_seqlens``: global ``cu_seqlens`` -> this rank's
+    ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)`` (int32 tensors, ints, a slice);
+    see :func:`ring_attn.ring.allgather.prepare_cu_seqlens`."""
+    return prepare_cu_seqlens(cu_seqlens, causal, rank, world_size)
+
+
+def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                                  local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
+                                  window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                  return_attn_probs=False, group=None):
+    """ring-flash-attn's ``llama3_flash_attn_varlen_func``: q/k/v ``[total/W, h, d]``, this rank's contiguous
+    piece of the packed stream, with the local boundaries of :func:`llama3_flash_attn_prepare_cu_seqlens`.
+    Returns ``out`` or ``(out, lse [h_q, total/W], None)``; see
+    :func:`ring_attn.ring.allgather.allgather_attn_varlen_func`."""
+    return allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
+                                      alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                           causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                           deterministic=False, return_attn_probs=False, group=None):
+    """:func:`llama3_flash_attn_varlen_func` with ``kv`` ``[total/W, 2, h_kv, d]``."""
+    k, v = _split("llama3_flash_attn_varlen_kvpacked_func", kv, 2, False)
+    return allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
+                                      alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                            deterministic=False, return_attn_probs=False, group=None):
+    """:func:`llama3_flash_attn_varlen_func` with ``qkv`` ``[total/W, 3, h, d]``."""
+    q, k, v = _split("llama3_flash_attn_varlen_qkvpacked_func", qkv, 3, False)
+    return allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
+                                      alibi_slopes, deterministic, return_attn_probs, group)

@@ -48,6 +48,7 @@ def cases_for(world: int) -> list[dict]:
     cases.append(dict(kind="padding_varlen"))
     cases.append(dict(kind="call_forms"))
     cases.append(dict(kind="compat"))
+    cases.append(dict(kind="llama3"))
     if NATIVE_BUILT:  # the same ring cases on the native C++ backend
         cases += [dict(c, backend="native") for c in cases if c["kind"] in ("dense", "varlen", "determinism")]
     if world >= 2:
@@ -612,6 +613,75 @@ def _compat_case(rank, world, group, store):
         store["inputs"] = dict(qkv=qkv, dout=dout, pqkv=pqkv, pdout=pdout, cu=cu)
 
 
+# packed sequences for the all-gather (llama3) case: an empty one, and sequences crossing the cuts between ranks
+LLAMA3_CU = [0, 5, 5, 17, 30, 36]
+LLAMA3_CONFIGS = [dict(causal=True, stride=1), dict(causal=True, stride=2), dict(causal=False, stride=1),
+                  dict(causal=False, stride=2), dict(causal=True, stride=1, window=(3, 0)),
+                  dict(causal=True, stride=2, alibi=True)]
+
+
+def _llama3_case(rank, world, group, store):
+    """ring_attn.compat.llama3_flash_attn_*: each rank's contiguous piece of a packed batch of 36 * W / 3
+    tokens (W = 4: 48), every config of LLAMA3_CONFIGS; the pieces go to the parent, which checks the whole
+    against the oracle. Also: the three call forms agree bitwise, two runs agree bitwise, and a rank with a bad
+    argument makes every rank raise (no hang)."""
+    import ring_attn.backends as backends
+    from ring_attn import compat
+
+    scale = 4 if world == 4 else 3
+    cu = torch.tensor([c * scale // 3 for c in LLAMA3_CU[:-1]] + [12 * scale], dtype=torch.int32)
+    total, hq, hkv = int(cu[-1]), 4, 2
+    q, k, v, dout = _single_case_inputs(31, [(total, hq, HEAD_DIM), (total, hkv, HEAD_DIM), (total, hkv, HEAD_DIM),
+                                            (total, hq, HEAD_DIM)])
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    n = total // world
+    mine = slice(rank * n, (rank + 1) * n)
+    res = {}
+
+    def run(cfg, form="qkv"):
+        cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(cu, cfg["causal"], rank, world)
+        lq, lk, lv = (x[mine].detach().clone().requires_grad_() for x in (q, k, v))
+        kw = dict(causal=cfg["causal"], window_size=cfg.get("window", (-1, -1)),
+                  alibi_slopes=slopes if cfg.get("alibi") else None, return_attn_probs=True)
+        out, lse, none = compat.llama3_flash_attn_varlen_func(lq, lk, lv, cq, ck, mq, mk, cfg["stride"], ks, **kw)
+        out.backward(dout[mine])
+        return dict(out=out.detach(), lse=lse.detach(), dq=lq.grad, dk=lk.grad, dv=lv.grad, none=none is None)
+
+    with backends.force("reference"):
+        for i, cfg in enumerate(LLAMA3_CONFIGS):
+            res[i] = run(cfg)
+        # the packed forms, positionally, and a second run: bitwise the same
+        cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
+        qkv = torch.stack([q[mine], k[mine].repeat(1, 2, 1), v[mine].repeat(1, 2, 1)], 1).requires_grad_()
+        out_p = compat.llama3_flash_attn_varlen_qkvpacked_func(qkv, cq, ck, mq, mk, 2, ks, 0.0, None, True)
+        kv = torch.stack([k[mine], v[mine]], 1).requires_grad_()
+        out_kv = compat.llama3_flash_attn_varlen_kvpacked_func(q[mine], kv, cq, ck, mq, mk, 1, ks, 0.0, None, True)
+        lq, lk, lv = (x[mine] for x in (q, k, v))
+        out_plain = compat.llama3_flash_attn_varlen_func(lq, lk, lv, cq, ck, mq, mk, 1, ks, 0.0, None, True)
+        rerun = run(LLAMA3_CONFIGS[0])
+        out_rep = compat.llama3_flash_attn_varlen_func(lq, qkv[:, 1], qkv[:, 2], cq, ck, mq, mk, 2, ks, 0.0, None,
+                                                       True)
+        store["forms_agree"] = dict(kvpacked=torch.equal(out_kv, out_plain), qkvpacked=torch.equal(out_p, out_rep),
+                                    rerun=torch.equal(rerun["out"], res[0]["out"]) and all(
+                                        torch.equal(rerun[g], res[0][g]) for g in ("dq", "dk", "dv")))
+        # rank 0 passes a heads_k_stride that does not divide the K/V heads (and a local token count seen nowhere
+        # before, so no rank has this call's shapes validated): every rank raises, none waits in a collective
+        t0 = time.monotonic()
+        short = slice(rank * (n - 1), (rank + 1) * (n - 1))
+        cu_short = torch.tensor([0, (n - 1) * world], dtype=torch.int32)
+        cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(cu_short, True, rank, world)
+        try:
+            compat.llama3_flash_attn_varlen_func(q[short], k[short], v[short], cq, ck, mq, mk, 3 if rank == 0 else 1,
+                                                 ks, causal=True)
+            store["raised"] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects the type and message
+            store["raised"] = (type(e).__name__, str(e))
+        store["raise_seconds"] = time.monotonic() - t0
+    store["results"] = res
+    if rank == 0:
+        store["inputs"] = dict(q=q, k=k, v=v, dout=dout, cu=cu, slopes=slopes)
+
+
 def _mismatch_case(rank, world, group, store):
     import ring_attn
     import ring_attn.backends as backends
@@ -695,6 +765,8 @@ def _worker(rank, world, init_file, outdir):
                     _call_forms_case(rank, world, None, store)
                 elif kind == "compat":
                     _compat_case(rank, world, None, store)
+                elif kind == "llama3":
+                    _llama3_case(rank, world, None, store)
                 elif kind == "mismatch":
                     _mismatch_case(rank, world, None, store)
                 elif kind in ("subgroup", "mesh"):

@@ -449,7 +449,7 @@ _SIG_LEN = 24
 _validated: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _group_info(group):
+def group_info(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring attention needs torch.distributed: call torch.distributed.init_process_group "
                            "first (a one-rank group is fine)")
@@ -460,7 +460,7 @@ def _group_info(group):
     return pg, rank, dist.get_world_size(pg)
 
 
-def _check_backend(pg, device):
+def check_backend(pg, device):
     backend = str(dist.get_backend(pg)).lower()
     if device.type == "cuda" and backend == "gloo":
         raise ValueError("q is a CUDA tensor but the process group uses gloo, which cannot send CUDA tensors "
@@ -517,7 +517,13 @@ def _describe(sig: list[int]) -> str:
     return text
 
 
-def _validate_across_ranks(name, pg, backend, device, sig: list[int]) -> None:
+def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=None,
+                          what: str = "shapes, dtype, causal, layout, softmax_scale, window_size, softcap and "
+                                      "alibi_slopes or none") -> None:
+    """One all-gather of ``sig`` (int64 codes of what every rank must agree on), once per (group, signature):
+    ValueError on every rank, listing each rank's inputs (``describe(sig)``), when they differ. Collectives with
+    mismatched sizes would hang or corrupt; this turns that into an error first."""
+    describe = _describe if describe is None else describe
     seen = _validated.setdefault(pg, set())
     if tuple(sig) in seen:
         return
@@ -527,10 +533,9 @@ def _validate_across_ranks(name, pg, backend, device, sig: list[int]) -> None:
     dist.all_gather(parts, mine, group=pg)
     sigs = [p.tolist() for p in parts]
     if any(s != sigs[0] for s in sigs):
-        lines = "; ".join(f"rank {i}: {_describe(s)}" for i, s in enumerate(sigs))
+        lines = "; ".join(f"rank {i}: {describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
-                         f"pass the same shapes, dtype, causal, layout, softmax_scale, window_size, softcap and "
-                         f"alibi_slopes or none); {lines}")
+                         f"pass the same {what}); {lines}")
     seen.add(tuple(sig))
 
 
@@ -538,8 +543,8 @@ def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
     _h_q, _h_kv, d = check_qkv(q, k, v, packed=packed)
     scale = check_scale(softmax_scale, d)
     check_layout(layout)
-    pg, rank, world = _group_info(group)
-    backend = _check_backend(pg, q.device)
+    pg, rank, world = group_info(group)
+    backend = check_backend(pg, q.device)
     tok = 0 if packed else 1
     if k.shape[tok] != q.shape[tok]:
         raise ValueError(f"{name}: q and k must hold the same number of local tokens (each rank's shard of one "
@@ -551,7 +556,7 @@ _ORDER = ("q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
           "return_attn_probs, group (flash-attn's order)")
 
 
-def _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes, deterministic,
+def check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, group):
     """flash-attn's arguments, checked before anything else (no collective yet). Returns ``(causal, window,
     softcap)`` normalized. Supported values run; values naming a feature the ring does not have raise
@@ -768,7 +773,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         (``validate=True``). RuntimeError when torch.distributed is not initialized.
     """
     name = "ring_attn_func"
-    causal, window, softcap = _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
+    causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
                                                 deterministic, return_attn_probs, group)
     scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=False)
     b, s_local = q.shape[0], q.shape[1]
@@ -781,7 +786,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
     real = _check_seqlen(name, seqlen, padded, world, layout, causal, (q, k, v))
     if validate:
         sig = _signature(0, q, k, v, causal, layout, scale, [real], window, softcap, alibi)
-        _validate_across_ranks(name, pg, backend, q.device, sig)
+        validate_across_ranks(name, pg, backend, q.device, sig)
     want_lse = return_lse or return_attn_probs
     if real < padded:
         # every batch element is one sequence of `real` tokens padded to `padded`: the packed schedule masks
@@ -838,7 +843,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
         below the longest sequence, or ``q`` whose token count is not the padded total / ``W``.
     """
     name = "ring_attn_varlen_func"
-    causal, window, softcap = _check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
+    causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
                                                 deterministic, return_attn_probs, group)
     scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=True)
     check_cu_seqlens_form("cu_seqlens", cu_seqlens)
@@ -859,7 +864,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
         digest = int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(cu)}q", *cu), digest_size=8).digest(),
                                 "little", signed=True)
         sig = _signature(1, q, k, v, causal, layout, scale, [len(lens), digest], window, softcap, alibi)
-        _validate_across_ranks(name, pg, backend, q.device, sig)
+        validate_across_ranks(name, pg, backend, q.device, sig)
     want_lse = return_lse or return_attn_probs
     if world == 1 and pcu == cu:  # the whole sequence is local: the single-device op, no fp32 round trips
         res = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
