@@ -39,8 +39,8 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["ROPE_TYPES", "rope_parameters", "from_hf_config", "from_hf_config_per_layer_type",
-           "yarn_correction_range", "yarn_attention_factor"]
+__all__ = ["ROPE_TYPES", "LENGTH_DEPENDENT_ROPE_TYPES", "rope_parameters", "from_hf_config",
+           "from_hf_config_per_layer_type", "hf_rope_types", "yarn_correction_range", "yarn_attention_factor"]
 
 # rope type -> (required parameters, optional parameters with their defaults). One source of truth: the
 # error messages, the docs and the HF reader all read this table.
@@ -62,6 +62,8 @@ ROPE_TYPES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "proportional": ((), {"factor": 1.0}),
 }
 _COMMON = ("partial_rotary_factor",)
+# rope types whose frequencies transformers recomputes from the sequence length (``max(position_ids) + 1``)
+LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 
 
 def _needs(rope_type: str) -> str:
@@ -420,6 +422,28 @@ def _hf_rope_dicts(config: Any) -> tuple[dict[str, Any] | None, dict[str, dict[s
     return rope, {}
 
 
+def _hf_type_name(rope: Mapping[str, Any]) -> str:
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type == "su" or (rope_type == "yarn" and "short_factor" in rope and "long_factor" in rope):
+        rope_type = "longrope"  # Phi-3's legacy names, as transformers' Phi3Config maps them
+    return rope_type
+
+
+def hf_rope_types(config: Any) -> dict[str, str]:
+    """The rope type of a transformers config, as transformers reads it: ``{"all": type}``, or one entry per
+    layer type (Gemma 3: ``{"full_attention": ..., "sliding_attention": ...}``; layers without RoPE are left
+    out). Legacy names are mapped (Phi-3's ``su`` is ``longrope``). Reads ``rope_scaling`` (4.x) or
+    ``rope_parameters`` (5.x); a config with neither is ``{"all": "default"}``.
+
+    Raises:
+        TypeError: the rope parameters are not a dict.
+    """
+    flat, nested = _hf_rope_dicts(config)
+    if flat is not None:
+        return {"all": _hf_type_name(flat)}
+    return {k: _hf_type_name(v) for k, v in nested.items() if v is not None}
+
+
 def _hf_resolve(config: Any, rope: dict[str, Any], nested: bool, where: str
                 ) -> tuple[str, int, float, dict[str, Any]]:
     """``(rope_type, head_dim, theta, params)`` for one (flat or per-layer-type) rope dict, as transformers
@@ -432,9 +456,7 @@ def _hf_resolve(config: Any, rope: dict[str, Any], nested: bool, where: str
         head_dim = hidden // heads
     head_dim = _positive_int("<config>", "head_dim", head_dim)
 
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type == "su" or (rope_type == "yarn" and "short_factor" in rope and "long_factor" in rope):
-        rope_type = "longrope"  # Phi-3's legacy names, as transformers' Phi3Config maps them
+    rope_type = _hf_type_name(rope)
     if rope_type not in _HF_KEYS:
         raise ValueError(f"{where}: unknown rope_type {rope_type!r}; expected one of {sorted(_HF_KEYS)}")
     required, optional = _HF_KEYS[rope_type]

@@ -29,6 +29,7 @@ import torch
 import ring_attn
 from ring_attn.ring import layout as ring_layout
 from ring_attn.ring.comm import weak_group
+from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES
 
 __all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "causal_lm_loss_from_hidden",
            "IGNORE_INDEX", "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size"]
@@ -45,8 +46,6 @@ _FAMILY_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in MODEL_F
 # transformers < 4.53 modeling modules whose decoder layers slice the 4-D mask themselves (Gemma 2's sliding
 # layers): a 2-D padding mask cannot be handed on there
 _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
-# rope types whose frequencies depend on the sequence length (transformers recomputes them in forward)
-_SEQ_LEN_DEPENDENT = ("dynamic", "longrope")
 _ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
 _CU_TAG = "_ring_attn_cu"  # attribute on a position_ids tensor: its packed-sequence boundaries (cached)
 _CHECKED_TAG = "_ring_attn_checked"  # attribute on a position_ids tensor: shard layout verified
@@ -492,7 +491,7 @@ def _seq_len_dependent(rope_type) -> bool:
     """Whether a rotary embedding's ``rope_type`` (a str, or a dict per layer type as in Gemma 3) recomputes its
     frequencies from the sequence length, i.e. from ``max(position_ids) + 1``."""
     types = rope_type.values() if isinstance(rope_type, Mapping) else (rope_type,)
-    return any(isinstance(t, str) and any(d in t for d in _SEQ_LEN_DEPENDENT) for t in types)
+    return any(isinstance(t, str) and any(d in t for d in LENGTH_DEPENDENT_ROPE_TYPES) for t in types)
 
 
 def _make_rotary_forward(original):
@@ -526,8 +525,10 @@ def _make_rotary_forward(original):
 
 def _make_apply_rotary(original):
     # the stock signature: (q, k, cos, sin, position_ids=None, unsqueeze_dim=1) up to 4.x, (q, k, cos, sin,
-    # unsqueeze_dim=1) in 5.x; arguments are bound to it, so positional calls mean what they meant
-    signature = inspect.signature(original)
+    # unsqueeze_dim=1) in 5.x; arguments are bound to it, so positional calls mean what they meant. With the
+    # `kernels` package installed, transformers >= 5.25 turns the function into an nn.Module (a hub-kernel
+    # extension point) whose forward is the function and whose own signature is (*args, **kwargs)
+    signature = inspect.signature(original.forward if isinstance(original, torch.nn.Module) else original)
 
     def apply_rotary_pos_emb(*args, **kwargs):
         state = _active
