@@ -32,14 +32,20 @@ GQA/MQA K/V circulate with their own head count; ``window_size`` is a sliding wi
 steps use the distances within each block pair). Unsupported arguments raise, before any communication:
 ``dropout_p != 0``, ``alibi_slopes`` with the stripe functions (NotImplementedError naming the value).
 ``llama3_flash_attn_*`` (K/V all-gathered over contiguous pieces of a packed batch) are
-:mod:`ring_attn.ring.allgather`; ring-flash-attn's HF adapter (``substitute_hf_flash_attn``,
-``update_ring_flash_attn_params``) is not provided: ``ring_attn.integrations.hf.patch_hf`` is the HF path.
+:mod:`ring_attn.ring.allgather`. ring-flash-attn's HF adapter (``substitute_hf_flash_attn``,
+``update_ring_flash_attn_params``, and ``use_ring_attn`` of its adapters module) is
+:mod:`ring_attn.integrations.hf_adapter`: transformers' ``flash_attention_2`` becomes that all-gather scheme,
+with the ranks' inputs checked together once per batch. ``ring_attn.integrations.hf.patch_hf`` is ring-attn's
+own HF path (ring attention in three layouts, any rope type).
+
+This module is a facade over the ring and the integrations (it sits with the CLI at the top of the layers).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from ring_attn.integrations.hf_adapter import substitute_hf_flash_attn, update_ring_flash_attn_params, use_ring_attn
 from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
 from ring_attn.ring.attention import ring_attn_func, ring_attn_varlen_func
 
@@ -63,6 +69,9 @@ __all__ = [
     "llama3_flash_attn_varlen_func",
     "llama3_flash_attn_varlen_kvpacked_func",
     "llama3_flash_attn_varlen_qkvpacked_func",
+    "substitute_hf_flash_attn",
+    "update_ring_flash_attn_params",
+    "use_ring_attn",
 ]
 
 

@@ -32,10 +32,11 @@ CONFIGS = {
     "qwen2-swa": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
                                 max_window_layers=1)),
     # the other families: q/k norms (Qwen3, OLMo 2, Gemma 3), MoE blocks (Mixtral, Qwen3-MoE; transformers 5.x's
-    # eager experts, since its grouped matmul has no float64 for the oracle), scaled embeddings
-    # and soft-capping (Gemma), Granite's multipliers, and Phi-3's LongRoPE, whose frequencies switch from the
-    # short to the long factors past original_max_position_embeddings (12 here: over a ring of 2, zigzag or
-    # contiguous shards of 16 tokens see local maxima on both sides of it)
+    # eager experts, since its grouped matmul has no float64 for the oracle), scaled embeddings and soft-capping
+    # (Gemma 2: the cap, 0.02, is below this random model's largest scores, about 0.05, so that capping changes
+    # the result), Granite's multipliers, and Phi-3's LongRoPE, whose frequencies switch from the short to the
+    # long factors past original_max_position_embeddings (12 here: over a ring of 2, zigzag or contiguous shards
+    # of 16 tokens see local maxima on both sides of it)
     "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=8)),
     "qwen3-dynamic": ("qwen3", dict(num_key_value_heads=2, head_dim=8, max_position_embeddings=8,
                                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
@@ -44,7 +45,7 @@ CONFIGS = {
     "mixtral": ("mixtral", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=None, experts_implementation="eager")),
     "gemma": ("gemma", dict(num_key_value_heads=1, head_dim=8)),
-    "gemma2-swa": ("gemma2", dict(num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=2.0,
+    "gemma2-swa": ("gemma2", dict(num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=0.02,
                                   query_pre_attn_scalar=8)),
     "gemma3": ("gemma3", dict(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
                               layer_types=["sliding_attention", "full_attention"])),

@@ -51,6 +51,15 @@ CASES_2 = [
     # torch.compile over the ring: graph breaks at the collectives, the same values and gradients
     dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=16, compile=True),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
+    # ring-flash-attn's HF adapter (ring_attn.compat.substitute_hf_flash_attn): contiguous pieces of one packed
+    # row, K/V all-gathered; GQA, sliding windows across pieces, Gemma 2's soft-capping, Qwen2's biases,
+    # gradient checkpointing (the recomputed forward gathers again), positions counting through the batch
+    dict(kind="adapter", model="llama-gqa", layout="contiguous", packed=[5, 9, 2], stride=1),
+    dict(kind="adapter", model="mistral-swa", layout="contiguous", packed=[3, 10, 5], stride=2),
+    dict(kind="adapter", model="gemma2-swa", layout="contiguous", packed=[6, 7, 3], stride=1),
+    dict(kind="adapter", model="qwen2", layout="contiguous", packed=[7, 4, 5], stride=2,
+         checkpointing="non-reentrant", positions="running"),
+    dict(kind="adapter-errors", model="llama", layout="contiguous", packed=[5, 9, 2], stride=1),
 ]
 CASES_3 = [
     dict(kind="equiv", model="llama", layout="zigzag", b=2, s=13),
@@ -61,6 +70,9 @@ CASES_3 = [
     dict(kind="equiv", model="llama", layout="zigzag", packed=[9, 5, 4], checkpointing="non-reentrant"),
     dict(kind="equiv", model="phi3-longrope", layout="zigzag", b=1, s=18),
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
+    dict(kind="adapter", model="llama", layout="contiguous", packed=[7, 4, 7], stride=1),
+    dict(kind="adapter", model="mistral-swa", layout="contiguous", packed=[9, 3, 6], stride=2),
+    dict(kind="adapter-errors", model="llama", layout="contiguous", packed=[7, 4, 7], stride=1),
 ]
 
 
@@ -72,7 +84,7 @@ def cases_for(world: int) -> list[dict]:
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
                      + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else "")
                      + (f"-ckpt-{c['checkpointing']}" if c.get("checkpointing") else "")
-                     + ("-compiled" if c.get("compile") else ""))
+                     + ("-compiled" if c.get("compile") else "") + (f"-{c['positions']}" if c.get("positions") else ""))
     return cases
 
 
@@ -123,20 +135,173 @@ def _equiv_case(case, rank, world, store):
                  layers=model.config.num_hidden_layers)
 
 
-def _count_attention_calls() -> list:
-    """Wrap the registered "ring_attn" attention function (inside a patch) so that every call is recorded; the
+def _attempt(raised: dict, label: str, fn) -> None:
+    """Run ``fn``; record ``(type, message)`` of what it raised under ``label`` (None: it returned)."""
+    try:
+        fn()
+        raised[label] = None
+    except Exception as e:  # noqa: BLE001 - recorded for the parent
+        raised[label] = (type(e).__name__, str(e))
+
+
+def _adapter_inputs(case, rank, world):
+    """The packed row, its global cu_seqlens, next-token targets within each sequence, and this rank's slice."""
+    from hf_models import batch_for
+
+    batch = batch_for(case)
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    total = ids.shape[1]
+    cu = torch.tensor([0] + torch.tensor(case["packed"]).cumsum(0).tolist(), dtype=torch.int32)
+    tgt = torch.full_like(ids, -100)
+    tgt[0, :-1] = ids[0, 1:]
+    tgt[0, cu[1:].long() - 1] = -100  # a sequence's last token predicts nothing
+    if case.get("positions") == "running":
+        pos = torch.arange(total)[None]
+    n = total // world
+    return ids, pos, cu, tgt, slice(rank * n, (rank + 1) * n)
+
+
+def _adapter_case(case, rank, world, store):
+    """ring_attn.compat's substitute_hf_flash_attn / update_ring_flash_attn_params, used as ring-flash-attn's
+    users do: the model on flash_attention_2, each rank its contiguous piece of one packed row."""
+    import torch.distributed as dist
+
+    from hf_models import param_grads
+    from ring_attn import compat
+
+    model = build_for_adapter(case["model"]).train()
+    if case.get("checkpointing"):
+        kwargs = {"use_reentrant": case["checkpointing"] == "reentrant"}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    ids, pos, cu, tgt, mine = _adapter_inputs(case, rank, world)
+    with compat.substitute_hf_flash_attn(dist.group.WORLD, case["stride"]):
+        calls = _count_attention_calls("flash_attention_2")
+        compat.update_ring_flash_attn_params(cu, dist.group.WORLD)
+        logits = model(input_ids=ids[:, mine], position_ids=pos[:, mine], use_cache=False).logits
+        n_items = int((tgt != -100).sum())
+        loss = torch.nn.functional.cross_entropy(logits[0], tgt[0, mine], reduction="sum", ignore_index=-100) / n_items
+        loss.backward()
+    grads = {}
+    for name, g in param_grads(model).items():
+        dist.all_reduce(g)
+        grads[name] = g
+    rep = loss.detach().clone()
+    dist.all_reduce(rep)
+    parts = [torch.empty_like(logits.detach()) for _ in range(world)]
+    dist.all_gather(parts, logits.detach().contiguous())
+    store.update(logits=torch.cat(parts, 1), loss=rep, grads=grads, attn_calls=len(calls),
+                 layers=model.config.num_hidden_layers)
+
+
+def build_for_adapter(name, **overrides):
+    """A model of ``name`` switched to ``flash_attention_2`` after it is built (transformers would refuse the name
+    at construction where flash-attn is not installed; the adapter replaces the function behind it)."""
+    from hf_models import build
+
+    model = build(name, **overrides)
+    model.config._attn_implementation = "flash_attention_2"
+    return model
+
+
+def _adapter_errors_case(case, rank, world, store):
+    """The adapter's refusals over a real group: each raises on every rank (one rank's bad input included),
+    before any K/V collective, and the group stays usable."""
+    import torch.distributed as dist
+
+    from ring_attn import compat
+    from transformers import modeling_utils
+
+    ids, pos, cu, tgt, mine = _adapter_inputs(case, rank, world)
+    n = mine.stop - mine.start
+    raised = {}
+    table = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    before = table.get("flash_attention_2")
+    sentinel = []
+
+    def previous(module, query, key, value, attention_mask, **kwargs):  # stands for transformers' flash path
+        sentinel.append(1)
+        return query.transpose(1, 2), None
+
+    table["flash_attention_2"] = previous
+
+    def attempt(label, fn):
+        _attempt(raised, label, fn)
+
+    model = build_for_adapter(case["model"])
+    group = dist.group.WORLD
+    try:
+        handle = compat.substitute_hf_flash_attn(group, case["stride"])
+        with torch.no_grad():
+            attempt("no params", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            compat.update_ring_flash_attn_params(cu, group)
+            # every rank passes arange(n): right on rank 0 (it counts through the batch), wrong on the others
+            attempt("positions on some ranks", lambda: model(input_ids=ids[:, mine],
+                                                             position_ids=torch.arange(n)[None]))
+            attempt("batch of 2", lambda: model(input_ids=ids[:, mine].repeat(2, 1),
+                                                position_ids=pos[:, mine].repeat(2, 1)))
+            other = cu.clone()
+            other[2] += 1 if rank == 0 else 0  # rank 0 describes another batch of the same size (its own piece
+            # unchanged, so its positions still fit)
+            compat.update_ring_flash_attn_params(other, group)
+            attempt("cu_seqlens differ", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            compat.update_ring_flash_attn_params(torch.tensor([0, (n + 1) * world], dtype=torch.int32), group)
+            attempt("token count", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            compat.update_ring_flash_attn_params(cu, group)
+            pad = torch.ones_like(ids[:, mine])
+            pad[:, 0] = 0
+            attempt("padding mask", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine],
+                                                  attention_mask=pad))
+            dynamic = build_for_adapter("llama-dynamic")
+            attempt("dynamic rope", lambda: dynamic(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            compat.substitute_hf_flash_attn(group, 3)
+            attempt("heads_k_stride", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            compat.substitute_hf_flash_attn(group, case["stride"])
+            model.train()
+            for layer in model.model.layers:
+                layer.self_attn.attention_dropout = 0.1
+            attempt("dropout", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            model.eval()
+            ok = model(input_ids=ids[:, mine], position_ids=pos[:, mine]).logits  # the same model now runs
+            compat.use_ring_attn(False)
+            model(input_ids=ids[:, mine], position_ids=pos[:, mine])
+            compat.use_ring_attn(True)
+            store.update(switch_calls=len(sentinel), layers=model.config.num_hidden_layers)
+            handle.undo()
+            store["restored"] = table.get("flash_attention_2") is previous
+            handle.undo()  # idempotent
+        store["ran_after"] = bool(torch.isfinite(ok).all())
+    finally:
+        if hasattr(table, "_local_mapping"):  # transformers >= 4.50: drop the test's local entry
+            table._local_mapping.pop("flash_attention_2", None)
+        else:
+            table["flash_attention_2"] = before
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    store.update(raised=raised, after=t.item())
+
+
+def _count_attention_calls(key: str = "ring_attn") -> list:
+    """Wrap the attention function registered as ``key`` (inside a patch) so that every call is recorded; the
     patch's undo restores what was there before it, so the wrapper goes with it."""
     from transformers import modeling_utils
 
     interface = getattr(modeling_utils, "AttentionInterface", None)
-    mapping = interface._global_mapping if interface is not None else modeling_utils.ALL_ATTENTION_FUNCTIONS
-    real = mapping["ring_attn"]
+    # patch_hf registers "ring_attn" class-wide (transformers' register); the adapter sets its entry on
+    # ALL_ATTENTION_FUNCTIONS, as ring-flash-attn does (transformers < 4.50: a plain dict either way)
+    if key == "ring_attn" and interface is not None:
+        mapping = interface._global_mapping
+    else:
+        mapping = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    real = mapping[key]
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
-    mapping["ring_attn"] = counted
+    mapping[key] = counted
     return calls
 
 
@@ -152,11 +317,7 @@ def _errors_case(case, rank, world, store):
     raised = {}
 
     def attempt(label, fn):
-        try:
-            fn()
-            raised[label] = None
-        except Exception as e:  # noqa: BLE001 - recorded for the parent
-            raised[label] = (type(e).__name__, str(e))
+        _attempt(raised, label, fn)
 
     attempt("shard_batch padding", lambda: hf.shard_batch(
         dict(batch, attention_mask=torch.cat([torch.zeros(1, 2), torch.ones(1, case["s"] - 2)], 1).long()),
@@ -214,6 +375,10 @@ def _worker(rank, world, init_file, outdir):
                 elif case["kind"] == "equiv":
                     os.environ["RING_ATTN_BACKEND"] = case.get("backend", "reference")
                     _equiv_case(case, rank, world, store)
+                elif case["kind"] == "adapter":
+                    _adapter_case(case, rank, world, store)
+                elif case["kind"] == "adapter-errors":
+                    _adapter_errors_case(case, rank, world, store)
                 else:
                     _errors_case(case, rank, world, store)
             except Exception:  # noqa: BLE001 - reported to the parent, which fails the case

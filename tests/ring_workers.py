@@ -617,7 +617,7 @@ def _compat_case(rank, world, group, store):
 LLAMA3_CU = [0, 5, 5, 17, 30, 36]
 LLAMA3_CONFIGS = [dict(causal=True, stride=1), dict(causal=True, stride=2), dict(causal=False, stride=1),
                   dict(causal=False, stride=2), dict(causal=True, stride=1, window=(3, 0)),
-                  dict(causal=True, stride=2, alibi=True)]
+                  dict(causal=True, stride=2, alibi=True), dict(causal=True, stride=1, window=(4, 0), softcap=1.5)]
 
 
 def _llama3_case(rank, world, group, store):
@@ -625,8 +625,11 @@ def _llama3_case(rank, world, group, store):
     tokens (W = 4: 48), every config of LLAMA3_CONFIGS; the pieces go to the parent, which checks the whole
     against the oracle. Also: the three call forms agree bitwise, two runs agree bitwise, and a rank with a bad
     argument makes every rank raise (no hang)."""
+    import functools
+
     import ring_attn.backends as backends
     from ring_attn import compat
+    from ring_attn.ring.allgather import allgather_attn_varlen_func
 
     scale = 4 if world == 4 else 3
     cu = torch.tensor([c * scale // 3 for c in LLAMA3_CU[:-1]] + [12 * scale], dtype=torch.int32)
@@ -643,7 +646,11 @@ def _llama3_case(rank, world, group, store):
         lq, lk, lv = (x[mine].detach().clone().requires_grad_() for x in (q, k, v))
         kw = dict(causal=cfg["causal"], window_size=cfg.get("window", (-1, -1)),
                   alibi_slopes=slopes if cfg.get("alibi") else None, return_attn_probs=True)
-        out, lse, none = compat.llama3_flash_attn_varlen_func(lq, lk, lv, cq, ck, mq, mk, cfg["stride"], ks, **kw)
+        if cfg.get("softcap"):  # a keyword beyond ring-flash-attn's signature: ring_attn.ring.allgather's own
+            fn = functools.partial(allgather_attn_varlen_func, softcap=cfg["softcap"])
+        else:
+            fn = compat.llama3_flash_attn_varlen_func
+        out, lse, none = fn(lq, lk, lv, cq, ck, mq, mk, cfg["stride"], ks, **kw)
         out.backward(dout[mine])
         return dict(out=out.detach(), lse=lse.detach(), dq=lq.grad, dk=lk.grad, dv=lv.grad, none=none is None)
 

@@ -41,7 +41,8 @@ def test_same_name_and_signature_as_ring_flash_attn(name):
     assert name in compat.__all__
     assert set(compat.__all__) == set(RING_FLASH_ATTN_SIGNATURES) | {
         "llama3_flash_attn_prepare_cu_seqlens", "llama3_flash_attn_varlen_func",
-        "llama3_flash_attn_varlen_kvpacked_func", "llama3_flash_attn_varlen_qkvpacked_func"}
+        "llama3_flash_attn_varlen_kvpacked_func", "llama3_flash_attn_varlen_qkvpacked_func",
+        "substitute_hf_flash_attn", "update_ring_flash_attn_params", "use_ring_attn"}
 
 
 def _oracle_qkv(qkv, dout, causal, dtype, cu=None):
@@ -119,6 +120,39 @@ def test_llama3_names_and_signatures_are_ring_flash_attn_s():
         assert name in compat.__all__ and getattr(compat, name).__doc__
 
 
+def test_hf_adapter_names_and_signatures_are_ring_flash_attn_s():
+    """ring-flash-attn's HF adapter (ring_flash_attn.adapters): same names, parameters and order; its
+    flash_attention_2 entry takes transformers' AttentionInterface arguments."""
+    from ring_attn.integrations import hf_adapter
+
+    want = {"substitute_hf_flash_attn": ["process_group", "heads_k_stride"],
+            "update_ring_flash_attn_params": ["cu_seqlens", "process_group"], "use_ring_attn": ["flag"]}
+    for name, params in want.items():
+        fn = getattr(compat, name)
+        assert [p.name for p in inspect.signature(fn).parameters.values()] == params, name
+        assert fn is getattr(hf_adapter, name) and fn.__doc__ and name in compat.__all__
+    assert [p.name for p in inspect.signature(hf_adapter.flash_attention_forward).parameters.values()] == [
+        "module", "query", "key", "value", "attention_mask", "dropout", "scaling", "sliding_window", "softcap",
+        "kwargs"]
+
+
+def test_hf_adapter_argument_errors():
+    """Bad arguments raise naming them, before anything is registered; without torch.distributed the adapter
+    says to initialize it."""
+    with pytest.raises(TypeError, match="heads_k_stride"):
+        compat.substitute_hf_flash_attn(None, 1.5)
+    with pytest.raises(ValueError, match="heads_k_stride=0"):
+        compat.substitute_hf_flash_attn(None, 0)
+    with pytest.raises(TypeError, match="process_group"):
+        compat.substitute_hf_flash_attn("world", 1)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        compat.substitute_hf_flash_attn(None, 1)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        compat.update_ring_flash_attn_params(torch.tensor([0, 4], dtype=torch.int32), None)
+    with pytest.raises(TypeError, match="flag"):
+        compat.use_ring_attn("yes")
+
+
 def test_llama3_prepare_cu_seqlens():
     """Local boundaries of contiguous pieces: sequences cut by the pieces start at their true start on the key
     side (causal: keys end at the piece's end; non-causal: at the end of the last sequence)."""
@@ -140,8 +174,9 @@ def test_llama3_prepare_cu_seqlens():
 @pytest.mark.parametrize("world", WORLDS)
 def test_llama3_matches_the_oracle(ring_worlds, world):
     """Every rank's contiguous piece, put back together, against the float64 oracle on the whole packed batch
-    (causal and not, heads_k_stride 1 and 2, a causal window, causal ALiBi; out, lse and every gradient); the
-    packed call forms and a second run agree bitwise; a bad argument on one rank raises on every rank."""
+    (causal and not, heads_k_stride 1 and 2, a causal window, causal ALiBi, softcap with a window; out, lse and
+    every gradient); the packed call forms and a second run agree bitwise; a bad argument on one rank raises on
+    every rank."""
     from ring_workers import LLAMA3_CONFIGS
 
     name = next(c["name"] for c in cases_for(world) if c["kind"] == "llama3")
@@ -167,7 +202,7 @@ def test_llama3_matches_the_oracle(ring_worlds, world):
             alibi = inp["slopes"].to(dtype) if cfg.get("alibi") else None
             out, lse = reference.attention_varlen(*x, starts, lens, starts, lens, None, cfg["causal"],
                                                   compute_dtype=dtype, window=cfg.get("window", (-1, -1)),
-                                                  alibi_slopes=alibi)
+                                                  alibi_slopes=alibi, softcap=cfg.get("softcap", 0.0))
             (out.double() * inp["dout"].double()).sum().backward()
             ref[dtype] = dict(out=out.detach(), lse=lse.detach(), dq=x[0].grad, dk=x[1].grad, dv=x[2].grad)
         for g, rule in (("out", FORWARD), ("lse", FORWARD), ("dq", BACKWARD), ("dk", BACKWARD), ("dv", BACKWARD)):

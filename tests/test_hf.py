@@ -106,6 +106,48 @@ def test_ring_refusals(worlds, world):
             assert got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
 
 
+@pytest.mark.parametrize("world,name", [(w, c["name"]) for w in WORLDS for c in cases_for(w) if c["kind"] == "adapter"])
+def test_adapter_equals_stock(worlds, world, name):
+    """ring-flash-attn's HF adapter (ring_attn.compat.substitute_hf_flash_attn + update_ring_flash_attn_params):
+    the model on flash_attention_2, each rank its contiguous piece of one packed row; the gathered logits, the
+    loss and the summed gradients equal the stock model run sequence by sequence (tests/accuracy.py's rule)."""
+    st = _result(worlds, world, name)
+    for rank in range(1, world):
+        _result(worlds, world, name, rank)
+    _check_equivalence(name, st, st["case"]["model"], st["case"])
+    assert st["attn_calls"] == st["layers"] * (2 if st["case"].get("checkpointing") else 1)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_adapter_refusals(worlds, world):
+    """Each refusal of the adapter raises on every rank (a bad input on some ranks only included), nothing
+    waits in a collective; afterwards the model runs, use_ring_attn(False) reaches the previous function, undo
+    restores it."""
+    [name] = [c["name"] for c in cases_for(world) if c["kind"] == "adapter-errors"]
+    same_everywhere = {
+        "no params": ("RuntimeError", "update_ring_flash_attn_params"),
+        "batch of 2": ("ValueError", "batch size 2"),
+        "cu_seqlens differ": ("ValueError", "different cu_seqlens"),
+        "token count": ("ValueError", "tokens"),
+        "padding mask": ("NotImplementedError", "padding"),
+        "dynamic rope": ("NotImplementedError", "dynamic"),
+        "heads_k_stride": ("ValueError", "heads_k_stride=3"),
+        "dropout": ("NotImplementedError", "dropout"),
+    }
+    for rank in range(world):
+        st = _result(worlds, world, name, rank)
+        assert st["after"] == world and st["ran_after"] and st["restored"], st
+        assert st["switch_calls"] == st["layers"]  # use_ring_attn(False): every layer called the previous function
+        for label, (typ, word) in same_everywhere.items():
+            got = st["raised"][label]
+            assert got is not None and got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
+        got = st["raised"]["positions on some ranks"]  # arange(n) is rank 0's slice of running positions
+        if rank == 0:
+            assert got == ("ValueError", got[1]) and "rank(s) " in got[1] and "raised for this batch" in got[1], got
+        else:
+            assert got is not None and got[0] == "ValueError" and f"position_ids on rank {rank}" in got[1], got
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Single device (group=None): the Triton kernels (interpreter on CPU)
 

@@ -444,3 +444,24 @@ def test_integral_float_and_numpy_ints_accepted():
     b = rope_parameters("yarn", 64, 1e4, factor=np.float32(4.0), original_max_position_embeddings=np.int64(2048))
     c = rope_parameters("yarn", 64, 1e4, factor=4, original_max_position_embeddings=2048.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and a[1] == pytest.approx(b[1]) == c[1]
+
+
+def test_hf_rope_types():
+    """The rope type a config names, as transformers reads it: 4.x rope_scaling first, Phi-3's legacy "su" as
+    longrope, one entry per layer type where the dict is nested (layers without RoPE left out)."""
+    assert rope_scaling.hf_rope_types({"rope_theta": 1e4}) == {"all": "default"}
+    assert rope_scaling.hf_rope_types({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}) == {"all": "dynamic"}
+    assert rope_scaling.hf_rope_types({"rope_scaling": {"type": "su", "short_factor": [1.0],
+                                                        "long_factor": [2.0]}}) == {"all": "longrope"}
+    nested = {"layer_types": ["sliding_attention", "full_attention", "none"],
+              "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                  "none": None}}
+    assert rope_scaling.hf_rope_types(nested) == {"sliding_attention": "default", "full_attention": "linear"}
+    assert rope_scaling.hf_rope_types(LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                "original_max_position_embeddings": 8192})) == {
+        "all": "llama3"}
+    assert set(rope_scaling.LENGTH_DEPENDENT_ROPE_TYPES) <= set(rope_scaling.ROPE_TYPES)
+    with pytest.raises(TypeError, match="expected a dict"):
+        rope_scaling.hf_rope_types({"rope_scaling": "yarn"})

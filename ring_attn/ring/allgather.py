@@ -98,7 +98,7 @@ def _describe(sig: list[int]) -> str:
         return "invalid arguments (raised on that rank)"
     return (f"local tokens {sig[1]}, heads q/kv {sig[2]}/{sig[3]}, head_dim {sig[4]}, dtype code {sig[5]}, "
             f"causal={bool(sig[6])}, heads_k_stride={sig[7]}, window_size=({sig[8]}, {sig[9]}), "
-            f"alibi_slopes={'given' if sig[10] else 'None'}, softmax_scale digest {sig[11] & 0xFFFF:04x}")
+            f"alibi_slopes={'given' if sig[10] else 'None'}, softmax_scale/softcap digest {sig[11] & 0xFFFF:04x}")
 
 
 def _gather(buf: torch.Tensor, x: torch.Tensor, pg):
@@ -118,7 +118,7 @@ def _reduce_scatter(local: torch.Tensor, full: torch.Tensor, pg, backend: str) -
 
 class _AllGatherVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seqs, stride, k_slice, scale, causal, window, alibi, pg, backend, world):
+    def forward(ctx, q, k, v, seqs, stride, k_slice, scale, causal, window, softcap, alibi, pg, backend, world):
         t, h_q, d = q.shape
         h_kv = k.shape[1]
         group = h_q // h_kv
@@ -136,18 +136,18 @@ class _AllGatherVarlen(torch.autograd.Function):
                            _gather(nxt[1], v[:, i + stride:i + 2 * stride], pg)]
             qs = slice(i * group, (i + stride) * group)
             o_i, l_i = attention_block_forward(q[:, qs], buf[0][k_slice], buf[1][k_slice], scale, causal, None,
-                                               seqs, window=window,
+                                               seqs, window=window, softcap=softcap,
                                                alibi_slopes=None if alibi is None else alibi[..., qs])
             out[:, qs] = o_i
             lse[qs] = l_i
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (seqs, stride, k_slice, scale, causal, window, alibi, pg, backend, world)
+        ctx.args = (seqs, stride, k_slice, scale, causal, window, softcap, alibi, pg, backend, world)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        seqs, stride, k_slice, scale, causal, window, alibi, pg, backend, world = ctx.args
+        seqs, stride, k_slice, scale, causal, window, softcap, alibi, pg, backend, world = ctx.args
         t, h_q, d = q.shape
         h_kv = k.shape[1]
         group = h_q // h_kv
@@ -164,20 +164,20 @@ class _AllGatherVarlen(torch.autograd.Function):
             dkv.zero_()
             attention_block_backward(dout[:, qs], q[:, qs], kv[0][k_slice], kv[1][k_slice], lse[qs], delta[qs],
                                      dq_i, dkv[0][k_slice], dkv[1][k_slice], scale, causal, None, seqs,
-                                     accumulate=True, window=window,
+                                     accumulate=True, window=window, softcap=softcap,
                                      alibi_slopes=None if alibi is None else alibi[..., qs])
             dq[:, qs] = dq_i
             _reduce_scatter(dkv_local[0], dkv[0], pg, backend)
             _reduce_scatter(dkv_local[1], dkv[1], pg, backend)
             dk[:, i:i + stride] = dkv_local[0]
             dv[:, i:i + stride] = dkv_local[1]
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 11
 
 
 def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                                local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
                                window_size=(-1, -1), alibi_slopes=None, deterministic=False,
-                               return_attn_probs=False, group=None):
+                               return_attn_probs=False, group=None, *, softcap=0.0):
     """Attention of this rank's contiguous piece of a packed batch, keys all-gathered (ring-flash-attn's
     ``llama3_flash_attn_varlen_func``, same arguments in the same order).
 
@@ -197,6 +197,8 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         deterministic: accepted; the result is always deterministic.
         return_attn_probs: return ``(out, lse, None)``.
         group: the process group (default: the world).
+        softcap: logit soft-capping ``softcap * tanh(score / softcap)`` (0: off), keyword only (not in
+            ring-flash-attn's signature; what Gemma 2 needs through the HF adapter).
 
     Returns:
         ``out`` ``[total / W, h_q, d]`` in q's dtype; with ``return_attn_probs`` ``(out, lse, None)``, lse float32
@@ -206,12 +208,13 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         TypeError / ValueError for bad arguments, on every rank when the ranks disagree on shapes, dtype, causal,
         heads_k_stride, window, ALiBi or scale; all before the first K/V collective.
     """
-    causal, window, _softcap = check_flash_args(_NAME, dropout_p, causal, window_size, 0.0, alibi_slopes,
+    causal, window, softcap = check_flash_args(_NAME, dropout_p, causal, window_size, softcap, alibi_slopes,
                                                 deterministic, return_attn_probs, group)
     pg, _rank, world = group_info(group)
     try:  # a rank whose own arguments are bad must not leave the others waiting in a collective
         local = _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                             local_k_slice, softmax_scale, causal, window, window_size, alibi_slopes, world)
+                             local_k_slice, softmax_scale, causal, window, window_size, alibi_slopes, softcap,
+                             world)
         failed = None
     except (TypeError, ValueError, NotImplementedError) as exc:
         local, failed = None, exc
@@ -221,7 +224,7 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         validate_across_ranks(_NAME, pg, backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"),
                               sig, describe=_describe,
                               what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
-                                   "alibi_slopes or none and softmax_scale, all valid")
+                                   "alibi_slopes or none, softmax_scale and softcap, all valid")
     except ValueError:
         if failed is not None:
             raise failed from None
@@ -229,12 +232,12 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if failed is not None:  # every rank failed its own checks (the signatures agree): each raises its own error
         raise failed
     out, lse = _AllGatherVarlen.apply(q, k, v, local["seqs"], local["stride"], local["k_slice"], local["scale"],
-                                      causal, window, local["alibi"], pg, backend, world)
+                                      causal, window, softcap, local["alibi"], pg, backend, world)
     return (out, lse, None) if return_attn_probs else out
 
 
 def _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
-                 softmax_scale, causal, window, window_size, alibi_slopes, world) -> dict:
+                 softmax_scale, causal, window, window_size, alibi_slopes, softcap, world) -> dict:
     """This rank's own checks (no collective); what the ranks must agree on is returned as ``sig``."""
     h_q, h_kv, d = check_qkv(q, k, v, packed=True)
     scale = check_scale(softmax_scale, d)
@@ -276,7 +279,7 @@ def _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     alibi = None
     if alibi_slopes is not None:
         alibi = check_alibi_slopes(alibi_slopes, q.device, seqs.starts_q.numel(), h_q, "n_seqs")
-    scale_digest = int.from_bytes(hashlib.sha1(repr(scale).encode()).digest()[:4], "little")
+    scale_digest = int.from_bytes(hashlib.sha1(repr((scale, softcap)).encode()).digest()[:4], "little")
     sig = [t, h_q, h_kv, d, [torch.float16, torch.bfloat16, torch.float32].index(q.dtype), int(causal), stride,
            window[0], window[1], int(alibi is not None), scale_digest]
     return dict(sig=sig, seqs=seqs, stride=stride, k_slice=k_slice, scale=scale, alibi=alibi)

@@ -517,6 +517,16 @@ def _describe(sig: list[int]) -> str:
     return text
 
 
+def all_gather_ints(pg, backend: str, device, values: list[int]) -> list[list[int]]:
+    """Every rank's ``values`` (int64, the same count on every rank), in rank order: one small all-gather
+    (on ``device`` under NCCL, on the CPU under gloo) and one host read."""
+    dev = device if backend == "nccl" else torch.device("cpu")
+    mine = torch.tensor(values, dtype=torch.int64, device=dev)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(parts, mine, group=pg)
+    return [p.tolist() for p in parts]
+
+
 def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=None,
                           what: str = "shapes, dtype, causal, layout, softmax_scale, window_size, softcap and "
                                       "alibi_slopes or none") -> None:
@@ -527,11 +537,7 @@ def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=No
     seen = _validated.setdefault(pg, set())
     if tuple(sig) in seen:
         return
-    dev = device if backend == "nccl" else torch.device("cpu")
-    mine = torch.tensor(sig, dtype=torch.int64, device=dev)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
-    dist.all_gather(parts, mine, group=pg)
-    sigs = [p.tolist() for p in parts]
+    sigs = all_gather_ints(pg, backend, device, sig)
     if any(s != sigs[0] for s in sigs):
         lines = "; ".join(f"rank {i}: {describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
