@@ -61,9 +61,10 @@ class _Params:
     """What :func:`update_ring_flash_attn_params` computed for this rank (one packed batch)."""
 
     def __init__(self, cu_seqlens: torch.Tensor, group):
-        pg, rank, world = group_info(group)
-        self.cu_q, self.cu_k, self.max_q, self.max_k, self.k_slice = prepare_cu_seqlens(cu_seqlens, True, rank,
-                                                                                         world)
+        _pg, rank, world = group_info(group)
+        # kept on the CPU: every layer's call reads them on the host, with no device sync
+        self.cu_q, self.cu_k, self.max_q, self.max_k, self.k_slice = prepare_cu_seqlens(
+            cu_seqlens.detach().cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens, True, rank, world)
         cu = [int(c) for c in cu_seqlens.tolist()]
         self.rank, self.world, self.total, self.n_seqs = rank, world, cu[-1], len(cu) - 1
         self.local = cu[-1] // world
@@ -331,7 +332,7 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     window = sliding_window_size(sliding_window, params.longest, True)
-    out = sub.attend(q, k, v, params.cu_q.to(q.device), params.cu_k.to(q.device), params.max_q, params.max_k,
-                     sub.stride, params.k_slice, softmax_scale=scaling, causal=True, window_size=window,
-                     group=sub.group(), softcap=0.0 if softcap is None else softcap)
+    out = sub.attend(q, k, v, params.cu_q, params.cu_k, params.max_q, params.max_k, sub.stride, params.k_slice,
+                     softmax_scale=scaling, causal=True, window_size=window, group=sub.group(),
+                     softcap=0.0 if softcap is None else softcap)
     return out.unsqueeze(0), None

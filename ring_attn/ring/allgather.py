@@ -185,7 +185,8 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         q: ``[total / W, h_q, d]``; k, v: ``[total / W, h_kv, d]``: this rank's piece of the packed stream
             (rows ``rank * total / W`` onwards); fp16/bf16/fp32, one device, ``h_q % h_kv == 0``.
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice: from
-            :func:`prepare_cu_seqlens` (int32 tensors, ints, a ``slice`` of the gathered ``[total]`` rows).
+            :func:`prepare_cu_seqlens` (int32 tensors, ints, a ``slice`` of the gathered ``[total]`` rows). The
+            boundaries are read on the host each call: CPU tensors cost no device sync.
         heads_k_stride: K/V heads gathered at a time (divides ``h_kv``); the gather buffers hold
             ``2 x 2 x total x heads_k_stride x d`` elements in the forward.
         dropout_p: must be 0 (NotImplementedError otherwise).
@@ -258,18 +259,20 @@ def _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         raise ValueError(f"{_NAME}: local_k_slice must be a slice(start, stop) of the {world * t} gathered rows "
                          f"(from prepare_cu_seqlens), got {local_k_slice!r}")
     k_slice = slice(local_k_slice.start, local_k_slice.stop)
+    lens = []  # read once on the host (cu_seqlens on the CPU: no device sync)
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, t), ("cu_seqlens_k", cu_seqlens_k, k_slice.stop -
                                                                                   k_slice.start)):
         check_cu_seqlens_form(name, cu)
         vals = cu.tolist()
         if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals[:-1], vals[1:])):
             raise ValueError(f"{_NAME}: {name} must run from 0 to {total}, non-decreasing, got {vals}")
+        lens.append([b - a for a, b in zip(vals[:-1], vals[1:])])
     if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"{_NAME}: cu_seqlens_q and cu_seqlens_k must describe the same sequences; got lengths "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     seqs = VarlenSeqs.from_cu_seqlens(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device),
                                       _int("max_seqlen_q", max_seqlen_q), _int("max_seqlen_k", max_seqlen_k))
-    lens_q, lens_k = seqs.lens_q.tolist(), seqs.lens_k.tolist()
+    lens_q, lens_k = lens
     if any(a > b for a, b in zip(lens_q, lens_k)):
         raise ValueError(f"{_NAME}: a sequence has more local queries than keys (cu_seqlens_q "
                          f"{cu_seqlens_q.tolist()}, cu_seqlens_k {cu_seqlens_k.tolist()}); use prepare_cu_seqlens")
