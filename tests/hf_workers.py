@@ -53,12 +53,14 @@ CASES_2 = [
     dict(kind="errors", model="llama", layout="zigzag", b=1, s=12),
     # ring-flash-attn's HF adapter (ring_attn.compat.substitute_hf_flash_attn): contiguous pieces of one packed
     # row, K/V all-gathered; GQA, sliding windows across pieces, Gemma 2's soft-capping, Qwen2's biases,
-    # gradient checkpointing (the recomputed forward gathers again), positions counting through the batch
+    # gradient checkpointing (the recomputed forward gathers again), positions counting through the batch,
+    # torch.compile (graph breaks at the checks and the collectives)
     dict(kind="adapter", model="llama-gqa", layout="contiguous", packed=[5, 9, 2], stride=1),
     dict(kind="adapter", model="mistral-swa", layout="contiguous", packed=[3, 10, 5], stride=2),
     dict(kind="adapter", model="gemma2-swa", layout="contiguous", packed=[6, 7, 3], stride=1),
     dict(kind="adapter", model="qwen2", layout="contiguous", packed=[7, 4, 5], stride=2,
          checkpointing="non-reentrant", positions="running"),
+    dict(kind="adapter", model="llama-gqa", layout="contiguous", packed=[5, 9, 2], stride=1, compile=True),
     dict(kind="adapter-errors", model="llama", layout="contiguous", packed=[5, 9, 2], stride=1),
 ]
 CASES_3 = [
@@ -180,7 +182,8 @@ def _adapter_case(case, rank, world, store):
     with compat.substitute_hf_flash_attn(dist.group.WORLD, case["stride"]):
         calls = _count_attention_calls("flash_attention_2")
         compat.update_ring_flash_attn_params(cu, dist.group.WORLD)
-        logits = model(input_ids=ids[:, mine], position_ids=pos[:, mine], use_cache=False).logits
+        run = torch.compile(model, backend="aot_eager") if case.get("compile") else model
+        logits = run(input_ids=ids[:, mine], position_ids=pos[:, mine], use_cache=False).logits
         n_items = int((tgt != -100).sum())
         loss = torch.nn.functional.cross_entropy(logits[0], tgt[0, mine], reduction="sum", ignore_index=-100) / n_items
         loss.backward()
