@@ -61,6 +61,8 @@ CASES_2 = [
     dict(kind="adapter", model="qwen2", layout="contiguous", packed=[7, 4, 5], stride=2,
          checkpointing="non-reentrant", positions="running"),
     dict(kind="adapter", model="llama-gqa", layout="contiguous", packed=[5, 9, 2], stride=1, compile=True),
+    # the name transformers >= 5.x runs a flash_attention_2 model under where flash-attn is missing (a Hub kernel)
+    dict(kind="adapter", model="mistral-swa", layout="contiguous", packed=[8, 8], stride=1, attn="hub-kernel"),
     dict(kind="adapter-errors", model="llama", layout="contiguous", packed=[5, 9, 2], stride=1),
 ]
 CASES_3 = [
@@ -81,12 +83,14 @@ CASES_3 = [
 def cases_for(world: int) -> list[dict]:
     from hf_models import available, runs_whole
 
-    cases = [c for c in (CASES_2 if world == 2 else CASES_3) if available(c["model"]) and runs_whole(c["model"])]
+    cases = [c for c in (CASES_2 if world == 2 else CASES_3) if available(c["model"]) and runs_whole(c["model"])
+             and (c.get("attn") != "hub-kernel" or hub_kernel_fallback() is not None)]
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['model']}-{c['layout']}" + ("-packed" if c.get("packed") else "")
                      + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else "")
                      + (f"-ckpt-{c['checkpointing']}" if c.get("checkpointing") else "")
-                     + ("-compiled" if c.get("compile") else "") + (f"-{c['positions']}" if c.get("positions") else ""))
+                     + ("-compiled" if c.get("compile") else "") + (f"-{c['positions']}" if c.get("positions") else "")
+                     + ("-hubkernel" if c.get("attn") == "hub-kernel" else ""))
     return cases
 
 
@@ -137,6 +141,13 @@ def _equiv_case(case, rank, world, store):
                  layers=model.config.num_hidden_layers)
 
 
+def hub_kernel_fallback():
+    """The Hub kernel name transformers swaps in for flash_attention_2 without flash-attn (None before 5.x)."""
+    from transformers import modeling_flash_attention_utils as fa_utils
+
+    return getattr(fa_utils, "FLASH_ATTN_KERNEL_FALLBACK", {}).get("flash_attention_2")
+
+
 def _attempt(raised: dict, label: str, fn) -> None:
     """Run ``fn``; record ``(type, message)`` of what it raised under ``label`` (None: it returned)."""
     try:
@@ -171,7 +182,7 @@ def _adapter_case(case, rank, world, store):
     from hf_models import param_grads
     from ring_attn import compat
 
-    model = build_for_adapter(case["model"]).train()
+    model = build_for_adapter(case["model"], hub_kernel=case.get("attn") == "hub-kernel").train()
     if case.get("checkpointing"):
         kwargs = {"use_reentrant": case["checkpointing"] == "reentrant"}
         if hasattr(model, "activation_checkpointing_enable"):
@@ -180,7 +191,7 @@ def _adapter_case(case, rank, world, store):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     ids, pos, cu, tgt, mine = _adapter_inputs(case, rank, world)
     with compat.substitute_hf_flash_attn(dist.group.WORLD, case["stride"]):
-        calls = _count_attention_calls("flash_attention_2")
+        calls = _count_attention_calls(model.config._attn_implementation)
         compat.update_ring_flash_attn_params(cu, dist.group.WORLD)
         run = torch.compile(model, backend="aot_eager") if case.get("compile") else model
         logits = run(input_ids=ids[:, mine], position_ids=pos[:, mine], use_cache=False).logits
@@ -199,13 +210,18 @@ def _adapter_case(case, rank, world, store):
                  layers=model.config.num_hidden_layers)
 
 
-def build_for_adapter(name, **overrides):
+def build_for_adapter(name, hub_kernel=False, **overrides):
     """A model of ``name`` switched to ``flash_attention_2`` after it is built (transformers would refuse the name
-    at construction where flash-attn is not installed; the adapter replaces the function behind it)."""
+    at construction where flash-attn is not installed; the adapter replaces the function behind it). With
+    ``hub_kernel``: to the Hub kernel's name transformers >= 5.x swaps in for flash_attention_2 when flash-attn is
+    missing (loading it needs the network; the adapter takes the name over all the same)."""
     from hf_models import build
 
     model = build(name, **overrides)
-    model.config._attn_implementation = "flash_attention_2"
+    if hub_kernel:
+        model.config._attn_implementation = hub_kernel_fallback()
+    else:
+        model.config._attn_implementation = "flash_attention_2"
     return model
 
 
@@ -215,6 +231,7 @@ def _adapter_errors_case(case, rank, world, store):
     import torch.distributed as dist
 
     from ring_attn import compat
+    from ring_attn.integrations import hf_adapter
     from transformers import modeling_utils
 
     ids, pos, cu, tgt, mine = _adapter_inputs(case, rank, world)
@@ -272,8 +289,11 @@ def _adapter_errors_case(case, rank, world, store):
             model(input_ids=ids[:, mine], position_ids=pos[:, mine])
             compat.use_ring_attn(True)
             store.update(switch_calls=len(sentinel), layers=model.config.num_hidden_layers)
+            names = [n for n in table if table.get(n) is hf_adapter.flash_attention_forward]
             handle.undo()
-            store["restored"] = table.get("flash_attention_2") is previous
+            store["restored"] = table.get("flash_attention_2") is previous and not any(
+                table.get(n) is hf_adapter.flash_attention_forward for n in table)
+            store["names"] = names
             handle.undo()  # idempotent
         store["ran_after"] = bool(torch.isfinite(ok).all())
     finally:

@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 from accuracy import BACKWARD, FORWARD, assert_within_rule  # noqa: E402
 from hf_models import (CONFIGS, SMALL, VOCAB, available, batch_for, build, param_grads, runs_whole,  # noqa: E402
                        stock_reference)
-from hf_workers import cases_for, run_world  # noqa: E402
+from hf_workers import cases_for, hub_kernel_fallback, run_world  # noqa: E402
 from ring_attn.integrations import hf  # noqa: E402
 
 WORLDS = (2, 3)
@@ -138,6 +138,8 @@ def test_adapter_refusals(worlds, world):
         st = _result(worlds, world, name, rank)
         assert st["after"] == world and st["ran_after"] and st["restored"], st
         assert st["switch_calls"] == st["layers"]  # use_ring_attn(False): every layer called the previous function
+        # flash_attention_2 and the Hub kernel transformers would swap in for it were taken over, and given back
+        assert sorted(st["names"]) == sorted(n for n in ("flash_attention_2", hub_kernel_fallback()) if n), st["names"]
         for label, (typ, word) in same_everywhere.items():
             got = st["raised"][label]
             assert got is not None and got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"

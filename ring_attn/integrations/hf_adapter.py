@@ -6,7 +6,9 @@ update_ring_flash_attn_params``); the protocol is ring-flash-attn's:
 
 1. ``substitute_hf_flash_attn(group, heads_k_stride)`` once: transformers' ``"flash_attention_2"`` attention
    becomes the all-gather context parallelism of :mod:`ring_attn.ring.allgather` (K/V all-gathered
-   ``heads_k_stride`` heads at a time, what ring-flash-attn's ``llama3_flash_attn_varlen_func`` does).
+   ``heads_k_stride`` heads at a time, what ring-flash-attn's ``llama3_flash_attn_varlen_func`` does). So does
+   the Hub kernel transformers swaps in for it where flash-attn is not installed (5.x with the ``kernels``
+   package: ``kernels-community/flash-attn2``), which would otherwise run each rank's piece alone.
 2. The model runs with ``attn_implementation="flash_attention_2"``, batch size 1: a packed batch of
    ``total`` tokens (``total % W == 0``) cut into ``W`` contiguous pieces, rank ``r`` feeding
    ``input_ids[:, r*total/W:(r+1)*total/W]`` and the same slice of the ``position_ids``.
@@ -79,11 +81,11 @@ class _Params:
 
 
 class _Substitution:
-    def __init__(self, group, heads_k_stride: int, previous, had: bool, table, chain: object):
+    def __init__(self, group, heads_k_stride: int, previous: dict, had: dict, table, chain: object):
         self.group = weak_group(group, _NAME)
         self.stride = heads_k_stride
-        self.previous = previous  # the flash_attention_2 function before the first substitution
-        self.had = had  # whether the table itself held an entry then (transformers >= 4.50: a local override)
+        self.previous = previous  # name -> the function registered before the first substitution (or None)
+        self.had = had  # name -> whether the table itself held an entry then (transformers >= 4.50: a local one)
         self.table = table
         self.chain = chain  # shared by the substitutions made before an undo: any of their handles undoes them
         # under torch.compile these run eagerly (collectives and host reads cannot be traced)
@@ -108,10 +110,11 @@ class AdapterHandle:
         global _sub, _params
         if _sub is None or _sub.chain is not self._chain:  # already undone
             return
-        if _sub.had:
-            _sub.table[_KEY] = _sub.previous
-        elif _KEY in _own_entries(_sub.table):
-            del _sub.table[_KEY]  # transformers' class-wide function shows through again
+        for key, had in _sub.had.items():
+            if had:
+                _sub.table[key] = _sub.previous[key]
+            elif key in _own_entries(_sub.table):
+                del _sub.table[key]  # transformers' class-wide function shows through again
         _sub = None
         _params = None  # the next substitution starts without a batch
 
@@ -157,13 +160,32 @@ def substitute_hf_flash_attn(process_group, heads_k_stride: int) -> AdapterHandl
     if table is None:
         raise RuntimeError(f"{_NAME}: transformers {transformers.__version__} has no ALL_ATTENTION_FUNCTIONS; "
                            f"transformers 4.48 or newer is needed")
+    keys = _flash_names()
     if _sub is not None and table.get(_KEY) is flash_attention_forward:  # a second call: keep what was there first
         previous, had, chain = _sub.previous, _sub.had, _sub.chain
     else:
-        previous, had, chain = table.get(_KEY), _KEY in _own_entries(table), object()
-    table[_KEY] = flash_attention_forward
+        previous = {key: table.get(key) for key in keys}
+        had, chain = {key: key in _own_entries(table) for key in keys}, object()
+    for key in keys:
+        table[key] = flash_attention_forward
     _sub = _Substitution(process_group, heads_k_stride, previous, had, table, chain)
     return AdapterHandle(_sub)
+
+
+def _flash_names() -> list[str]:
+    """``flash_attention_2`` and the name transformers swaps it for where flash-attn is not installed (>= 5.x with
+    the ``kernels`` package: a Hub kernel such as ``kernels-community/flash-attn2``). A model loaded with
+    ``attn_implementation="flash_attention_2"`` then runs under the kernel's name; were that name left to the Hub
+    kernel, each rank would attend to its own piece only, silently."""
+    names = [_KEY]
+    try:
+        from transformers import modeling_flash_attention_utils as fa_utils
+    except ImportError:
+        return names
+    fallback = getattr(fa_utils, "FLASH_ATTN_KERNEL_FALLBACK", {}).get(_KEY)
+    if isinstance(fallback, str) and fallback not in names:
+        names.append(fallback)
+    return names
 
 
 def _own_entries(table) -> dict:
@@ -317,9 +339,13 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
     if sub is None:
         raise RuntimeError(f"{_NAME}: the substitution was undone; call substitute_hf_flash_attn again")
     if not _switch:
-        if sub.previous is None:
-            raise RuntimeError(f"use_ring_attn(False): no {_KEY} function was registered before the substitution")
-        return sub.previous(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        name = getattr(getattr(module, "config", None), "_attn_implementation", _KEY)
+        previous = sub.previous.get(name, sub.previous[_KEY])
+        if previous is None:  # registered class-wide after the substitution (a Hub kernel loaded with the model)
+            previous = getattr(sub.table, "_global_mapping", {}).get(name)
+        if previous is None:
+            raise RuntimeError(f"use_ring_attn(False): no {name} function was registered before the substitution")
+        return previous(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             sliding_window=sliding_window, softcap=softcap, **kwargs)
     if params is None:
         raise RuntimeError(f"{_NAME}: call update_ring_flash_attn_params(cu_seqlens, group) with the packed "
