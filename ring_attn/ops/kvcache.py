@@ -1,0 +1,211 @@
+"""flash-attn's ``flash_attn_with_kvcache``: attention of new queries over a preallocated KV cache, appending the
+new keys/values in place (incremental decoding), with optional rotary embedding of the new tokens.
+
+It runs the attention kernels on the packed layout: row ``i`` of the batch is one sequence whose keys are cache row
+``cache_batch_idx[i]`` up to ``cache_seqlens[i] + seqlen_new``, so nothing is copied out of the cache and the
+lengths never leave the device. No autograd (as flash-attn: no backward).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_qkv, check_scale, check_softcap, \
+    check_tensor, check_window
+from ring_attn.ops.attention_block import attention_block_forward
+
+__all__ = ["flash_attn_with_kvcache"]
+
+_NAME = "flash_attn_with_kvcache"
+
+
+def _per_row(name: str, x, b: int, device) -> tuple[torch.Tensor, list[int] | None]:
+    """An int32/int64 ``[b]`` tensor (on the CPU or q's device) as int32 on ``device``, and its values when
+    they can be read without a device sync (a CPU tensor), else None."""
+    check_tensor(name, x)
+    if x.dim() != 1 or x.shape[0] != b or x.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{_NAME}: {name} must be an int32 tensor of shape ({b},) (one per batch row), got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    if x.device.type != "cpu" and x.device != device:
+        raise ValueError(f"{_NAME}: {name} is on {x.device}; expected q's device ({device}) or the CPU")
+    return x.to(device=device, dtype=torch.int32), (x.tolist() if x.device.type == "cpu" else None)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of ``x`` ``[b, s, h, d]`` with per-token
+    ``cos``/``sin`` ``[b, s, rotary_dim / 2]`` (fp32 math; the rest of the head passes through)."""
+    half = cos.shape[-1]
+    rot, rest = x[..., :2 * half].float(), x[..., 2 * half:]
+    c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()
+    if interleaved:  # pairs (0, 1), (2, 3), ... (GPT-J)
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:  # pairs (i, i + rotary_dim / 2) (GPT-NeoX, Llama)
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention over a KV cache, with the new keys/values appended in place (flash-attn's signature).
+
+    Args:
+        q: ``[batch, seqlen_q, heads_q, head_dim]``, float16/bfloat16/float32.
+        k_cache, v_cache: ``[batch_cache, seqlen_cache, heads_kv, head_dim]``, q's dtype and device, last dim
+            contiguous; ``heads_q % heads_kv == 0``. Written in place when ``k``/``v`` are given.
+        k, v: None, or ``[batch, seqlen_new, heads_kv, head_dim]``: written into the cache at rows
+            ``cache_seqlens[i] ..`` of cache row ``cache_batch_idx[i]``, then attended to. Both or neither.
+        rotary_cos, rotary_sin: None, or ``[seqlen_ro, rotary_dim / 2]``: rotary embedding of the new ``k`` at
+            positions ``cache_seqlens[i] + j`` and of ``q`` at the same positions when ``causal`` or a window is
+            set, else all of ``q`` at position ``cache_seqlens[i]``; only with ``k``/``v``. The first
+            ``rotary_dim`` dims rotate, the rest pass through.
+        cache_seqlens: int, or int32 ``[batch]``: the filled length of each cache row before this call; None:
+            the whole cache (``seqlen_cache``), which then has no room for ``k``/``v``.
+        cache_batch_idx: None (row ``i`` uses cache row ``i``) or int32 ``[batch]``.
+        cache_leftpad, block_table: must be None (NotImplementedError: left-padded and paged caches).
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`ring_attn.flash_attn_func`, with
+            ``seqlen_k = cache_seqlens[i] + seqlen_new`` per row (bottom-right alignment).
+        rotary_interleaved: True: rotate dims pairs (0, 1), (2, 3), ...; False: (i, i + rotary_dim / 2).
+        num_splits: flash-attn's split-KV hint, an int >= 0; accepted and ignored (the kernels choose).
+        return_softmax_lse: also return the float32 LSE ``[batch, heads_q, seqlen_q]``.
+
+    Returns:
+        ``out`` ``[batch, seqlen_q, heads_q, head_dim]`` in q's dtype (rows that see no key: 0), or
+        ``(out, lse)``. No autograd.
+
+    Raises:
+        TypeError / ValueError naming the argument, before anything is written; NotImplementedError for
+        ``cache_leftpad`` / ``block_table``. A cache row overflowing (``cache_seqlens[i] + seqlen_new >
+        seqlen_cache``) or a ``cache_batch_idx`` out of range raises ValueError where the lengths are on the
+        CPU (an int, or a CPU tensor), and fails a device-side assert on a GPU (no host sync).
+    """
+    if block_table is not None:
+        raise NotImplementedError(f"{_NAME}: block_table (a paged KV cache) is not implemented; pass a contiguous "
+                                  f"cache [batch_cache, seqlen_cache, heads_kv, head_dim]")
+    if cache_leftpad is not None:
+        raise NotImplementedError(f"{_NAME}: cache_leftpad is not implemented; keep each cache row's keys from "
+                                  f"index 0")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{_NAME}: {name} must be 4-D [batch, seqlen, heads, head_dim], got shape "
+                             f"{tuple(x.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{_NAME}: k_cache and v_cache must have the same shape; got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    if cache_batch_idx is None and k_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"{_NAME}: k_cache holds {k_cache.shape[0]} rows but q's batch is {q.shape[0]}; pass "
+                         f"cache_batch_idx to pick the cache row of each batch row")
+    # dtypes, devices, head dims, GQA ratio (on one row: the cache may hold more rows than q)
+    h_q, h_kv, d = check_qkv(q[:1], k_cache[:1], v_cache[:1], packed=False)
+    b, s_q = q.shape[0], q.shape[1]
+    b_c, s_cache = k_cache.shape[0], k_cache.shape[1]
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"{_NAME}: k_cache and v_cache need a contiguous last dim (strides {k_cache.stride()}, "
+                         f"{v_cache.stride()})")
+    scale = check_scale(softmax_scale, d)
+    for name, val in (("causal", causal), ("rotary_interleaved", rotary_interleaved),
+                      ("return_softmax_lse", return_softmax_lse)):
+        if not isinstance(val, (bool, int)) or val not in (0, 1):
+            raise TypeError(f"{_NAME}: {name} must be a bool, got {val!r}")
+    causal = bool(causal)
+    window = check_window(window_size)
+    cap = check_softcap(softcap)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"{_NAME}: num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")
+    alibi = check_alibi_slopes(alibi_slopes, q.device, b, h_q, "batch")
+    if (k is None) != (v is None):
+        raise ValueError(f"{_NAME}: pass both k and v (the new keys and values) or neither")
+    s_new = 0
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x)
+            if x.dim() != 4 or x.shape[0] != b or tuple(x.shape[2:]) != (h_kv, d) or x.dtype != q.dtype or \
+                    x.device != q.device:
+                raise ValueError(f"{_NAME}: {name} must be [batch={b}, seqlen_new, heads_kv={h_kv}, head_dim={d}] "
+                                 f"{q.dtype} on {q.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        if v.shape[1] != k.shape[1]:
+            raise ValueError(f"{_NAME}: k and v must hold the same new tokens; got {tuple(k.shape)}, {tuple(v.shape)}")
+        s_new = k.shape[1]
+        if cache_seqlens is None:
+            raise ValueError(f"{_NAME}: k/v are appended at cache_seqlens: pass cache_seqlens (the filled length of "
+                             f"each cache row)")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"{_NAME}: pass both rotary_cos and rotary_sin or neither")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError(f"{_NAME}: rotary_cos/rotary_sin rotate the new k and q: they need k and v")
+        for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            check_tensor(name, x)
+            if x.dim() != 2 or x.shape != rotary_cos.shape or not 0 < 2 * x.shape[1] <= d or \
+                    x.device != q.device or not x.is_floating_point():
+                raise ValueError(f"{_NAME}: {name} must be a float tensor [seqlen_ro, rotary_dim / 2] with "
+                                 f"rotary_dim <= head_dim={d} on {q.device}, like rotary_cos; got {x.dtype} "
+                                 f"{tuple(x.shape)} on {x.device}")
+    # per-row filled lengths and cache rows, on q's device
+    if cache_seqlens is None:
+        lens = torch.full((b,), s_cache, dtype=torch.int32, device=q.device)
+        host_lens = [s_cache] * b
+    elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        lens = torch.full((b,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+        host_lens = [int(cache_seqlens)] * b
+    else:
+        lens, host_lens = _per_row("cache_seqlens", cache_seqlens, b, q.device)
+    if cache_batch_idx is None:
+        rows = torch.arange(b, dtype=torch.int32, device=q.device)
+        host_rows = list(range(b))
+    else:
+        rows, host_rows = _per_row("cache_batch_idx", cache_batch_idx, b, q.device)
+    ro = None if rotary_cos is None else rotary_cos.shape[0]
+    reach = max(s_new, s_q if (causal or window != (-1, -1)) else 1)  # rotary positions used past cache_seqlens
+    if host_lens is not None:
+        bad = [(i, n) for i, n in enumerate(host_lens) if not 0 <= n <= s_cache - s_new]
+        if bad:
+            raise ValueError(f"{_NAME}: cache_seqlens + seqlen_new must fit the cache (0 <= cache_seqlens[i] <= "
+                             f"{s_cache} - {s_new}); rows (index, cache_seqlens) {bad[:4]} do not")
+        if ro is not None and max(host_lens) + reach > ro:
+            raise ValueError(f"{_NAME}: rotary_cos/rotary_sin cover {ro} positions, but positions up to "
+                             f"{max(host_lens) + reach - 1} are rotated")
+    else:
+        torch._assert_async(((lens >= 0) & (lens <= s_cache - s_new)).all(),
+                            f"{_NAME}: cache_seqlens + seqlen_new overflows the cache ({s_cache} rows)")
+        if ro is not None:
+            torch._assert_async((lens + reach <= ro).all(), f"{_NAME}: rotary positions past rotary_cos")
+    if host_rows is not None:
+        if any(not 0 <= r < b_c for r in host_rows):
+            raise ValueError(f"{_NAME}: cache_batch_idx must index the {b_c} cache rows, got {host_rows}")
+    else:
+        torch._assert_async(((rows >= 0) & (rows < b_c)).all(),
+                            f"{_NAME}: cache_batch_idx out of range (cache batch {b_c})")
+
+    with torch.no_grad():
+        if rotary_cos is not None:
+            pos_k = lens[:, None].long() + torch.arange(s_new, device=q.device)  # [b, s_new]
+            k = _rotate(k, rotary_cos[pos_k], rotary_sin[pos_k], bool(rotary_interleaved))
+            if causal or window != (-1, -1):
+                pos_q = lens[:, None].long() + torch.arange(s_q, device=q.device)
+            else:
+                pos_q = lens[:, None].long().expand(b, s_q)
+            q = _rotate(q, rotary_cos[pos_q], rotary_sin[pos_q], bool(rotary_interleaved))
+        if k is not None:  # append in place: cache row rows[i], positions lens[i] .. lens[i] + s_new
+            pos = lens[:, None].long() + torch.arange(s_new, device=q.device)
+            idx = rows[:, None].long().expand(b, s_new)
+            k_cache[idx, pos] = k
+            v_cache[idx, pos] = v
+        seqs = VarlenSeqs(torch.arange(b, dtype=torch.int32, device=q.device) * s_q,
+                          torch.full((b,), s_q, dtype=torch.int32, device=q.device),
+                          rows * s_cache, lens + s_new, s_q, s_cache, True)
+        kc = k_cache.reshape(b_c * s_cache, h_kv, d)
+        vc = v_cache.reshape(b_c * s_cache, h_kv, d)
+        out, lse = attention_block_forward(q.reshape(b * s_q, h_q, d), kc, vc, scale, causal, None, seqs,
+                                           window=window, softcap=cap, alibi_slopes=alibi)
+    out = out.reshape(b, s_q, h_q, d)
+    if return_softmax_lse:
+        return out, lse.reshape(h_q, b, s_q).transpose(0, 1).contiguous()
+    return out
+
+

@@ -1,0 +1,219 @@
+"""flash_attn_with_kvcache (flash-attn's decoding entry point): signature, in-place cache update, attention over
+each row's filled cache against the float64 oracle (accuracy rule, tests/accuracy.py) on every backend that
+runs on CPU, rotary embedding of the new tokens (both pair layouts), and every refusal.
+
+Cases follow flash-attn's tests/test_flash_attn.py::test_flash_attn_kvcache (new tokens appended or not, a cache
+larger than the batch picked by cache_batch_idx, GQA, causal and local windows, softcap, ALiBi), shrunk for
+the Triton interpreter.
+"""
+import inspect
+
+import pytest
+import torch
+
+import ring_attn
+from accuracy import FORWARD, assert_within_rule
+from ring_attn import backends, reference
+
+# flash-attn 2.6/2.7's flash_attn_with_kvcache parameters, in order, with defaults
+SIGNATURE = ["q", "k_cache", "v_cache", "k=None", "v=None", "rotary_cos=None", "rotary_sin=None",
+             "cache_seqlens=None", "cache_batch_idx=None", "cache_leftpad=None", "block_table=None",
+             "softmax_scale=None", "causal=False", "window_size=(-1, -1)", "softcap=0.0", "rotary_interleaved=True",
+             "alibi_slopes=None", "num_splits=0", "return_softmax_lse=False"]
+
+
+def test_signature_is_flash_attn_s():
+    params = [str(p) for p in inspect.signature(ring_attn.flash_attn_with_kvcache).parameters.values()]
+    assert params == SIGNATURE
+    assert "flash_attn_with_kvcache" in ring_attn.__all__ and ring_attn.flash_attn_with_kvcache.__doc__
+
+
+def _rotary_ref(x, cos, sin, pos, interleaved):
+    """Rotary embedding in float64 of ``x`` ``[b, s, h, d]`` at integer positions ``pos`` ``[b, s]``."""
+    x = x.double()
+    c, s = cos.double()[pos][:, :, None], sin.double()[pos][:, :, None]
+    half = cos.shape[1]
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat([a * c - b * s, a * s + b * c], -1)
+    return torch.cat([out, rest], -1)
+
+
+def _expected(q, k_cache, v_cache, k, v, lens, rows, causal, window, softcap, alibi, rotary, compute):
+    """The updated cache rows and, per batch row, attention in ``compute`` over its filled cache."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    b, s_q = q.shape[:2]
+    s_new = 0 if k is None else k.shape[1]
+    q_use = q
+    if rotary is not None:
+        cos, sin, inter = rotary
+        pos_k = lens[:, None].long() + torch.arange(s_new)
+        k = _rotary_ref(k, cos, sin, pos_k, inter).to(k.dtype)
+        pos_q = lens[:, None].long() + (torch.arange(s_q) if causal or window != (-1, -1) else torch.zeros(s_q,
+                                                                                                           dtype=int))
+        q_use = _rotary_ref(q, cos, sin, pos_q, inter).to(q.dtype)
+    outs, lses = [], []
+    for i in range(b):
+        r, n = int(rows[i]), int(lens[i])
+        if k is not None:
+            kc[r, n:n + s_new], vc[r, n:n + s_new] = k[i], v[i]
+        sl = None if alibi is None else alibi[i:i + 1].to(compute)
+        o, l = reference.attention(q_use[i:i + 1].to(compute), kc[r:r + 1, :n + s_new].to(compute),
+                                   vc[r:r + 1, :n + s_new].to(compute), None, causal, compute_dtype=compute,
+                                   window=window, softcap=softcap, alibi_slopes=sl)
+        outs.append(o)
+        lses.append(l)
+    return kc, vc, torch.cat(outs), torch.cat(lses)
+
+
+CASES = [  # b, b_cache, s_cache, s_q, s_new, h_q, h_kv, d, causal, window, softcap, alibi, batch_idx, lens
+    (2, 2, 24, 1, 1, 4, 2, 16, True, (-1, -1), 0.0, False, False, [5, 17]),  # one decoding step
+    (3, 3, 20, 3, 3, 4, 1, 32, True, (-1, -1), 0.0, False, False, [0, 9, 14]),  # MQA, a chunk, an empty cache
+    (2, 4, 20, 2, 0, 2, 2, 16, False, (-1, -1), 0.0, False, True, [7, 20]),  # nothing appended, rows picked
+    (2, 3, 30, 4, 2, 4, 2, 8, True, (5, 0), 1.5, False, True, [12, 3]),  # a window and softcap
+    (2, 2, 18, 2, 2, 2, 1, 16, True, (-1, -1), 0.0, True, False, [4, 11]),  # ALiBi
+    (1, 1, 16, 1, 1, 2, 2, 16, False, (3, 3), 0.0, False, False, 6),  # int cache_seqlens, a symmetric window
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_matches_the_oracle_and_updates_the_cache(backend, case):
+    b, b_c, s_cache, s_q, s_new, h_q, h_kv, d, causal, window, softcap, use_alibi, use_idx, lens = case
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, s_q, h_q, d, generator=g)
+    k_cache, v_cache = (torch.randn(b_c, s_cache, h_kv, d, generator=g) for _ in range(2))
+    k, v = ((torch.randn(b, s_new, h_kv, d, generator=g) for _ in range(2)) if s_new else (None, None))
+    rows = torch.randperm(b_c, generator=g)[:b].to(torch.int32) if use_idx else torch.arange(b, dtype=torch.int32)
+    lens_t = torch.full((b,), lens, dtype=torch.int32) if isinstance(lens, int) else torch.tensor(lens,
+                                                                                                    dtype=torch.int32)
+    alibi = torch.rand(b, h_q, generator=g) if use_alibi else None
+    exp_k, exp_v, oracle, oracle_lse = _expected(q, k_cache, v_cache, k, v, lens_t, rows, causal, window, softcap,
+                                                 alibi, None, torch.float64)
+    _, _, base, base_lse = _expected(q, k_cache, v_cache, k, v, lens_t, rows, causal, window, softcap, alibi, None,
+                                     torch.float32)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with backends.force(backend):
+        out, lse = ring_attn.flash_attn_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=lens if isinstance(lens, int) else lens_t, cache_batch_idx=rows if use_idx else None, causal=causal,
+            window_size=window, softcap=softcap, alibi_slopes=alibi, return_softmax_lse=True)
+        plain = ring_attn.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), cache_seqlens=lens_t + s_new,
+                                                  cache_batch_idx=rows if use_idx else None, causal=causal,
+                                                  window_size=window, softcap=softcap, alibi_slopes=alibi)
+    assert torch.equal(plain, out)  # appending, then attending = attending to the already-filled cache
+    assert torch.equal(kc, exp_k) and torch.equal(vc, exp_v)  # appended in place, nothing else touched
+    assert out.shape == q.shape and lse.shape == (b, h_q, s_q) and lse.dtype == torch.float32
+    assert_within_rule(f"kvcache {backend} out", out, oracle, base, torch.float32, FORWARD)
+    assert_within_rule(f"kvcache {backend} lse", lse, oracle_lse, base_lse, torch.float32, FORWARD)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rotary_of_the_new_tokens(interleaved, causal):
+    """k is rotated at positions cache_seqlens + j before it is stored; q at the same positions (causal) or all
+    at cache_seqlens (not causal); dims past rotary_dim pass through."""
+    g = torch.Generator().manual_seed(5)
+    b, s_cache, s_q, h_q, h_kv, d, rd = 2, 20, 3, 4, 2, 32, 16
+    q = torch.randn(b, s_q, h_q, d, generator=g)
+    k_cache, v_cache = (torch.randn(b, s_cache, h_kv, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(b, s_q, h_kv, d, generator=g) for _ in range(2))
+    angles = torch.arange(s_cache)[:, None] * (10000.0 ** (-torch.arange(rd // 2) / (rd // 2)))
+    cos, sin = angles.cos(), angles.sin()
+    lens = torch.tensor([4, 13], dtype=torch.int32)
+    exp_k, exp_v, oracle, _ = _expected(q, k_cache, v_cache, k, v, lens, torch.arange(b), causal, (-1, -1), 0.0,
+                                        None, (cos, sin, interleaved), torch.float64)
+    _, _, base, _ = _expected(q, k_cache, v_cache, k, v, lens, torch.arange(b), causal, (-1, -1), 0.0, None,
+                              (cos, sin, interleaved), torch.float32)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ring_attn.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, cache_seqlens=lens, causal=causal,
+                                            rotary_interleaved=interleaved)
+    assert torch.allclose(kc, exp_k, atol=1e-6) and torch.equal(vc, exp_v)
+    assert_within_rule(f"kvcache rotary {interleaved} {causal}", out, oracle, base, torch.float32, FORWARD)
+    # the other pair layout rotates other dims: a different result
+    other = ring_attn.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cos, sin,
+                                              cache_seqlens=lens, causal=causal, rotary_interleaved=not interleaved)
+    assert (other - out).abs().max() > 1e-3
+
+
+def test_half_precision_and_no_autograd():
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 1, 4, 16, generator=g).half().requires_grad_()
+    kc, vc = (torch.randn(2, 10, 2, 16, generator=g).half() for _ in range(2))
+    out = ring_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([3, 10], dtype=torch.int32),
+                                            causal=True)
+    assert out.dtype == torch.float16 and not out.requires_grad
+    ref, _ = reference.attention(q[1:].detach().double(), kc[1:].double(), vc[1:].double(), None, True)
+    assert (out[1:].double() - ref).abs().max() < 2e-3
+
+
+def _bad_calls():
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    cos = torch.randn(8, 4)
+    return [
+        (NotImplementedError, "block_table", dict(block_table=torch.zeros(2, 1, dtype=torch.int32))),
+        (NotImplementedError, "cache_leftpad", dict(cache_leftpad=lens)),
+        (ValueError, "both k and v", dict(k=k, cache_seqlens=lens)),
+        (ValueError, "pass cache_seqlens", dict(k=k, v=v)),
+        (ValueError, "fit the cache", dict(k=k, v=v, cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))),
+        (ValueError, "fit the cache", dict(cache_seqlens=9)),
+        (ValueError, "fit the cache", dict(cache_seqlens=-1)),
+        (ValueError, "cache_batch_idx must index", dict(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32))),
+        (ValueError, "cache_seqlens must be an int32", dict(cache_seqlens=torch.tensor([3.0, 5.0]))),
+        (ValueError, "need k and v", dict(rotary_cos=cos, rotary_sin=cos, cache_seqlens=lens)),
+        (ValueError, "both rotary_cos and rotary_sin", dict(k=k, v=v, rotary_cos=cos, cache_seqlens=lens)),
+        (ValueError, "cover 6 positions", dict(k=k, v=v, rotary_cos=cos[:6], rotary_sin=cos[:6],
+                                               cache_seqlens=torch.tensor([3, 7], dtype=torch.int32),
+                                               causal=True)),
+        (ValueError, "rotary_dim <= head_dim", dict(k=k, v=v, rotary_cos=torch.randn(8, 9),
+                                                    rotary_sin=torch.randn(8, 9), cache_seqlens=lens)),
+        (ValueError, "num_splits", dict(num_splits=-1)),
+        (TypeError, "causal must be a bool", dict(causal="yes")),
+        (ValueError, "softcap", dict(softcap=-1.0)),
+        (ValueError, "k must be", dict(k=torch.randn(2, 1, 4, 16), v=v, cache_seqlens=lens)),
+    ], q, kc, vc
+
+
+def test_refusals_before_anything_is_written():
+    cases, q, kc, vc = _bad_calls()
+    for exc, msg, kw in cases:
+        k0, v0 = kc.clone(), vc.clone()
+        with pytest.raises(exc, match=msg):
+            ring_attn.flash_attn_with_kvcache(q, kc, vc, **kw)
+        assert torch.equal(kc, k0) and torch.equal(vc, v0), msg
+    with pytest.raises(ValueError, match="pass cache_batch_idx"):
+        ring_attn.flash_attn_with_kvcache(q, torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        ring_attn.flash_attn_with_kvcache(q, kc, torch.randn(2, 9, 2, 16))
+    with pytest.raises(TypeError, match="share a dtype"):
+        ring_attn.flash_attn_with_kvcache(q.half(), kc, vc)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        ring_attn.flash_attn_with_kvcache(torch.randn(2, 1, 3, 16), kc, vc)
+
+
+@pytest.mark.gpu
+def test_decoding_steps_on_gpu():
+    """bf16 on the GPU (the Triton kernels): eight decoding steps of four rows with different fill levels and
+    GQA 8/2, d=128, each step appending one token; every step's output against the float32 reference over the
+    filled cache."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, s_cache, h_q, h_kv, d = 4, 2048, 8, 2, 128
+    kc, vc = (torch.randn(b, s_cache, h_kv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    lens = torch.tensor([0, 100, 1000, 2000], dtype=torch.int32, device="cuda")
+    worst = 0.0
+    for step in range(8):
+        q = torch.randn(b, 1, h_q, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(b, 1, h_kv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        out = ring_attn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens + step, causal=True)
+        for i in range(b):
+            n = int(lens[i]) + step + 1
+            ref, _ = reference.attention(q[i:i + 1].float(), kc[i:i + 1, :n].float(), vc[i:i + 1, :n].float(),
+                                         None, True, compute_dtype=torch.float32)
+            worst = max(worst, (out[i:i + 1].float() - ref).abs().max().item())
+    assert worst < 2e-2, worst
