@@ -274,6 +274,10 @@ def _adapter_errors_case(case, rank, world, store):
             pad[:, 0] = 0
             attempt("padding mask", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine],
                                                   attention_mask=pad))
+            first = model(input_ids=ids[:, mine], position_ids=pos[:, mine], use_cache=True)
+            nxt = pos[:, mine][:, -1:] + 1
+            attempt("kv cache", lambda: model(input_ids=ids[:, mine][:, :1], position_ids=nxt,
+                                              past_key_values=first.past_key_values, use_cache=True))
             dynamic = build_for_adapter("llama-dynamic")
             attempt("dynamic rope", lambda: dynamic(input_ids=ids[:, mine], position_ids=pos[:, mine]))
             compat.substitute_hf_flash_attn(group, 3)

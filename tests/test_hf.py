@@ -131,6 +131,7 @@ def test_adapter_refusals(worlds, world):
         "token count": ("ValueError", "tokens"),
         "padding mask": ("NotImplementedError", "padding"),
         "dynamic rope": ("NotImplementedError", "dynamic"),
+        "kv cache": ("NotImplementedError", "KV cache"),
         "heads_k_stride": ("ValueError", "heads_k_stride=3"),
         "dropout": ("NotImplementedError", "dropout"),
     }

@@ -28,7 +28,8 @@ What it does beyond ring-flash-attn (whose adapter asserts or ignores these):
   and the ``sliding_window - 1`` keys before it), and ``softcap`` (Gemma 2) runs in the kernels.
 * fp32 inputs stay fp32 (the kernels take them; ring-flash-attn casts them to 16 bits for flash-attn).
 * Refused with NotImplementedError naming the setting: non-causal attention, attention dropout,
-  ``output_attentions``, attention sinks, a padding ``attention_mask``, and rope types whose frequencies
+  ``output_attentions``, attention sinks, a padding ``attention_mask``, a reused KV cache (generation), and rope
+  types whose frequencies
   transformers recomputes from the sequence length (``dynamic``, ``longrope``: on a piece of the batch they
   would differ from one device's; :func:`ring_attn.integrations.hf.patch_hf` handles those).
 
@@ -219,9 +220,13 @@ def use_ring_attn(flag: bool) -> None:
     _switch = flag
 
 
-def _call_checks(module, q: torch.Tensor, attention_mask, dropout, kwargs, params: _Params,
+def _call_checks(module, q: torch.Tensor, k: torch.Tensor, attention_mask, dropout, kwargs, params: _Params,
                  sub: _Substitution) -> None:
     """This rank's checks of every call: no collective, no host read unless a mask is passed."""
+    if k.shape[2] != q.shape[2]:
+        raise NotImplementedError(
+            f"{_NAME}: {q.shape[2]} queries over {k.shape[2]} cached keys (a KV cache, e.g. generate()): the "
+            f"adapter attends over pieces of one packed batch; generate after use_ring_attn(False) or undo()")
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         raise NotImplementedError(f"{_NAME}: output_attentions=True: the ring never materializes attention "
                                   f"probabilities")
@@ -275,14 +280,14 @@ def _batch_checks(module, pos, params: _Params) -> None:
                 f"would see")
 
 
-def _prepare(module, query, attention_mask, dropout, kwargs, params: _Params, sub: _Substitution) -> None:
+def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Params, sub: _Substitution) -> None:
     """Every call's checks; for a new batch (first call after update_ring_flash_attn_params, or position_ids not
     seen before: a new forward) also the batch checks and the ranks' agreement, so that a rank whose input is
     wrong makes every rank raise before the K/V all-gather. Runs eagerly under torch.compile."""
     pos = kwargs.get("position_ids")
     fresh = getattr(pos, _TAG, None) is not params if isinstance(pos, torch.Tensor) else not params.agreed
     try:
-        _call_checks(module, query, attention_mask, dropout, kwargs, params, sub)
+        _call_checks(module, query, key, attention_mask, dropout, kwargs, params, sub)
         if fresh:
             _batch_checks(module, pos, params)
         failed = None
@@ -350,7 +355,7 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
     if params is None:
         raise RuntimeError(f"{_NAME}: call update_ring_flash_attn_params(cu_seqlens, group) with the packed "
                            f"batch's boundaries before the forward")
-    sub.prepare(module, query, attention_mask, dropout, kwargs, params, sub)
+    sub.prepare(module, query, key, attention_mask, dropout, kwargs, params, sub)
     q, k, v = (x.transpose(1, 2)[0] for x in (query, key, value))  # [t, h, d] views
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
