@@ -216,8 +216,8 @@ def _memory_case(case, rank, world, group, store):
 
 
 def _local_errors_case(rank, world, group, store):
-    """Invalid calls made identically on every rank: each must raise before any collective (so no rank waits
-    for a peer), and the group must stay usable."""
+    """Invalid calls made identically on every rank: each raises its own error on every rank before any K/V
+    exchange (the ranks meet only in the signature exchange), and the group stays usable."""
     import ring_attn
 
     def q_(s, h=2, dtype=torch.float32):
@@ -249,10 +249,6 @@ def _local_errors_case(rank, world, group, store):
             return (type(e).__name__, str(e))
 
     store["raised"] = {name: attempt(call) for name, call in calls.items()}
-    # every call again on rank 0 alone: one that reached a collective would now wait for peers that never
-    # come (and fail with the group's timeout instead of the expected error)
-    if rank == 0:
-        store["raised_alone"] = {name: attempt(call) for name, call in calls.items()}
     t = torch.ones(1)
     torch.distributed.all_reduce(t, group=group)
     store["after"] = t.item()
@@ -712,6 +708,39 @@ def _mismatch_case(rank, world, group, store):
         store["raised_alibi"] = None
     except Exception as e:  # noqa: BLE001 - the test inspects the type and message
         store["raised_alibi"] = (type(e).__name__, str(e))
+
+    def attempt(label, fn):
+        t1 = time.monotonic()
+        try:
+            with backends.force("reference"):
+                fn()
+            store[label] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects the type and message
+            store[label] = (type(e).__name__, str(e))
+        store[label + "_seconds"] = time.monotonic() - t1
+
+    # rank 0 alone passes an argument its own checks refuse (shapes no rank has seen): it raises its error, the
+    # others learn it failed in the signature exchange and raise too, none waits for it
+    q, k, v = (torch.randn(1, 6, 2, HEAD_DIM) for _ in range(3))
+    attempt("raised_local", lambda: ring_attn.ring_attn_func(
+        q, k, v, causal=True, group=group, softmax_scale=float("nan") if rank == 0 else None))
+    cu = torch.tensor([0, 4 * world, 8 * world], dtype=torch.int32)
+    qp, kp, vp = (torch.randn(8, 2, HEAD_DIM) for _ in range(3))
+    attempt("raised_local_varlen", lambda: ring_attn.ring_attn_varlen_func(
+        qp, kp, vp, cu, 4 * world if rank else 1, causal=True, group=group))  # max_seqlen too small on rank 0
+    # a signature every rank has validated, then rank 0 alone goes bad: under RING_ATTN_VALIDATE=every the ranks
+    # compare at every call, so this raises everywhere too (under the default it would wait for a timeout)
+    with backends.force("reference"):
+        ring_attn.ring_attn_func(q, k, v, causal=True, group=group)
+    os.environ["RING_ATTN_VALIDATE"] = "every"
+    try:
+        attempt("raised_every", lambda: ring_attn.ring_attn_func(
+            q, k, v, causal=True, group=group, window_size=(-1, -1) if rank else (1, 2, 3)))
+        attempt("ok_every", lambda: ring_attn.ring_attn_func(q, k, v, causal=True, group=group))
+        os.environ["RING_ATTN_VALIDATE"] = "sometimes"
+        attempt("raised_mode", lambda: ring_attn.ring_attn_func(q, k, v, causal=True, group=group))
+    finally:
+        os.environ.pop("RING_ATTN_VALIDATE", None)
     # the group is still usable afterwards: one more collective succeeds
     t = torch.ones(1)
     torch.distributed.all_reduce(t, group=group)

@@ -132,7 +132,7 @@ def test_shard_unshard_with_a_process_group(worlds, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_invalid_inputs_raise_before_any_collective(worlds, world):
+def test_invalid_inputs_raise_on_every_rank(worlds, world):
     name = next(c["name"] for c in cases_for(world) if c["kind"] == "local_errors")
     expected = {
         "odd_zigzag": ("ValueError", "even number of local tokens"),
@@ -155,11 +155,8 @@ def test_invalid_inputs_raise_before_any_collective(worlds, world):
             assert got[0] == etype and needle in got[1], (call, got)
         if world > 1:
             assert "after padding" in st["raised"]["varlen_split"][1]
-        assert st["after"] == world  # the group is still in step
-    # rank 0 alone made every call again while its peers waited at the next collective: each raised the same
-    # error at once, so none of them reached a collective
-    st = _result(worlds, world, name, 0)
-    assert st["raised_alone"] == st["raised"]
+        assert st["after"] == world  # the group is still in step (one rank alone with a bad argument:
+        # test_mismatched_ranks_raise_on_every_rank)
 
 
 REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text the message must contain)
@@ -311,6 +308,17 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         assert f"alibi_slopes=given, seqlen={8 * world}; rank 1:" in msg, msg
         assert "alibi_slopes=None" in msg.split("rank 1:")[1], msg
         assert st["after"] == world
+        # one rank's own bad argument: that rank raises its error, every other rank a ValueError naming it
+        for label, own in (("raised_local", "softmax_scale"), ("raised_local_varlen", "max_seqlen"),
+                           ("raised_every", "window_size")):
+            etype, msg = st[label]
+            if rank == 0:
+                assert own in msg, (label, msg)
+            else:
+                assert etype == "ValueError" and "rank 0: invalid arguments (raised on that rank)" in msg, (label, msg)
+            assert st[label + "_seconds"] < 10.0
+        assert st["ok_every"] is None
+        assert st["raised_mode"][0] == "ValueError" and "RING_ATTN_VALIDATE='sometimes'" in st["raised_mode"][1]
 
 
 def test_peak_memory_does_not_grow_with_world_size(worlds):

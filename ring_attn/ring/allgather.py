@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_cu_seqlens_form, check_qkv, check_scale
 from ring_attn.ops.attention_block import attention_block_backward, attention_block_forward, attention_delta
-from ring_attn.ring.attention import check_backend, check_flash_args, group_info, validate_across_ranks
+from ring_attn.ring.attention import (FAILED, check_backend, check_flash_args, failed_signature,
+                                      failure_exchange_target, group_info, validate_across_ranks)
 
 __all__ = ["prepare_cu_seqlens", "allgather_attn_varlen_func"]
 
@@ -94,7 +95,7 @@ def _int(name, val) -> int:
 
 
 def _describe(sig: list[int]) -> str:
-    if sig[1] == -1:
+    if sig[1] == FAILED:
         return "invalid arguments (raised on that rank)"
     return (f"local tokens {sig[1]}, heads q/kv {sig[2]}/{sig[3]}, head_dim {sig[4]}, dtype code {sig[5]}, "
             f"causal={bool(sig[6])}, heads_k_stride={sig[7]}, window_size=({sig[8]}, {sig[9]}), "
@@ -216,22 +217,18 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         local = _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                              local_k_slice, softmax_scale, causal, window, window_size, alibi_slopes, softcap,
                              world)
+        backend, device, sig = check_backend(pg, q.device), q.device, [_SIG_KIND] + local["sig"]
         failed = None
     except (TypeError, ValueError, NotImplementedError) as exc:
-        local, failed = None, exc
-    backend = check_backend(pg, q.device) if isinstance(q, torch.Tensor) else "gloo"
-    sig = [_SIG_KIND] + ([-1] * 11 if failed is not None else local["sig"])
-    try:
-        validate_across_ranks(_NAME, pg, backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"),
-                              sig, describe=_describe,
-                              what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
-                                   "alibi_slopes or none, softmax_scale and softcap, all valid")
-    except ValueError:
-        if failed is not None:
-            raise failed from None
-        raise
-    if failed is not None:  # every rank failed its own checks (the signatures agree): each raises its own error
-        raise failed
+        failed = exc
+        joined = failure_exchange_target(group, q)
+        if joined is None:
+            raise
+        _pg, backend, device = joined
+        sig = failed_signature(_SIG_KIND, 12)
+    validate_across_ranks(_NAME, pg, backend, device, sig, describe=_describe,
+                          what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
+                               "alibi_slopes or none, softmax_scale and softcap, all valid", failed=failed)
     out, lse = _AllGatherVarlen.apply(q, k, v, local["seqs"], local["stride"], local["k_slice"], local["scale"],
                                       causal, window, softcap, local["alibi"], pg, backend, world)
     return (out, lse, None) if return_attn_probs else out

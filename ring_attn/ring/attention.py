@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import os
 import struct
 import weakref
 from typing import NamedTuple, Optional
@@ -443,6 +444,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _SIG_LEN = 24
+FAILED = -2  # a signature code no shape, flag or digest slot holds: "this rank's own checks failed"
 # Per process group: the signatures already checked across its ranks. Weak keys: nothing here keeps a group
 # (and gloo's worker threads) alive after the user drops it, so destroy_process_group really tears it down
 # before interpreter exit (a gloo group torn down during finalisation can abort the process).
@@ -501,6 +503,9 @@ def _signature(kind, q, k, v, causal, layout, scale, extra: list[int], window=_N
 
 
 def _describe(sig: list[int]) -> str:
+    if sig[2] == FAILED:
+        return "invalid arguments (raised on that rank)"
+
     def shape(xs):
         return "[" + ", ".join(str(x) for x in xs if x >= 0) + "]"
 
@@ -527,22 +532,77 @@ def all_gather_ints(pg, backend: str, device, values: list[int]) -> list[list[in
     return [p.tolist() for p in parts]
 
 
+def validate_mode() -> str:
+    """``RING_ATTN_VALIDATE``: ``first`` (default: the ranks compare a call signature the first time they see it)
+    or ``every`` (they compare at every call: one small all-gather and a host sync per call, and no call can
+    hang on one rank's new shapes or bad argument). Set it alike on every rank."""
+    mode = os.environ.get("RING_ATTN_VALIDATE", "first") or "first"
+    if mode not in ("first", "every"):
+        raise ValueError(f"RING_ATTN_VALIDATE={mode!r}: expected 'first' (compare each call signature once) or "
+                         f"'every' (compare at every call)")
+    return mode
+
+
+def failed_signature(kind: int, length: int) -> list[int]:
+    """The signature a rank whose own checks failed sends, so that it still joins the exchange (and the others
+    learn it failed instead of waiting for it): ``kind`` then :data:`FAILED` codes."""
+    return [kind] + [FAILED] * (length - 1)
+
+
 def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=None,
                           what: str = "shapes, dtype, causal, layout, softmax_scale, window_size, softcap and "
-                                      "alibi_slopes or none") -> None:
-    """One all-gather of ``sig`` (int64 codes of what every rank must agree on), once per (group, signature):
-    ValueError on every rank, listing each rank's inputs (``describe(sig)``), when they differ. Collectives with
-    mismatched sizes would hang or corrupt; this turns that into an error first."""
+                                      "alibi_slopes or none", failed: Optional[BaseException] = None) -> None:
+    """One all-gather of ``sig`` (int64 codes of what every rank must agree on), once per (group, signature)
+    (every call under ``RING_ATTN_VALIDATE=every``): ValueError on every rank, listing each rank's inputs
+    (``describe(sig)``), when they differ. Collectives with mismatched sizes would hang or corrupt; this turns
+    that into an error first. A rank whose own checks raised ``failed`` passes :func:`failed_signature` and
+    raises ``failed`` after the exchange, so the others raise too instead of waiting for it."""
     describe = _describe if describe is None else describe
+    mode = validate_mode()
     seen = _validated.setdefault(pg, set())
-    if tuple(sig) in seen:
+    if failed is None and tuple(sig) in seen and mode == "first":
         return
     sigs = all_gather_ints(pg, backend, device, sig)
+    if failed is not None:
+        raise failed
     if any(s != sigs[0] for s in sigs):
         lines = "; ".join(f"rank {i}: {describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
                          f"pass the same {what}); {lines}")
     seen.add(tuple(sig))
+
+
+def failure_exchange_target(group, q):
+    """``(pg, backend, device)`` for the signature exchange of a rank whose own checks failed, or None where even
+    the group cannot be used (then every rank fails the same way: torch.distributed not initialized, ...)."""
+    try:
+        pg, _rank, _world = group_info(group)
+        backend = str(dist.get_backend(pg)).lower()
+    except Exception:  # noqa: BLE001 - the caller raises its own error
+        return None
+    if backend != "nccl":
+        return pg, backend, torch.device("cpu")
+    on_gpu = isinstance(q, torch.Tensor) and q.device.type == "cuda"
+    return pg, backend, q.device if on_gpu else torch.device("cuda", torch.cuda.current_device())
+
+
+def _validate_or_raise(name, validate, group, q, kind, make_sig, failed):
+    """The cross-rank check of a ring call whose local checks ran: ``make_sig()`` where they passed,
+    :func:`failed_signature` where they raised ``failed`` (which is raised after the exchange)."""
+    if not validate:
+        if failed is not None:
+            raise failed
+        return
+    if failed is None:
+        pg, backend, device, sig = make_sig()
+    else:
+        joined = failure_exchange_target(group, q)
+        if joined is None:
+            raise failed
+        pg, backend, device = joined
+        sig = failed_signature(0x52494E47, _SIG_LEN)
+        sig[1] = kind
+    validate_across_ranks(name, pg, backend, device, sig, failed=failed)
 
 
 def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
@@ -769,30 +829,37 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         this rank's dq, dk, dv (input dtype).
 
     Raises:
-        NotImplementedError before any communication for ``dropout_p != 0``, ``alibi_slopes`` with the striped
-        layout. TypeError / ValueError naming the argument, before any communication: bad shapes, dtypes,
+        NotImplementedError for ``dropout_p != 0``, ``alibi_slopes`` with the striped layout. TypeError /
+        ValueError naming the argument: bad shapes, dtypes,
         ``alibi_slopes`` of the wrong dtype, shape or device,
         head counts, layout, an argument of the wrong kind (e.g. ``causal`` passed where ``dropout_p`` is),
         ``s_local`` odd with zigzag, a ``seqlen`` the shards cannot hold, non-causal attention without
         ``seqlen`` over shards known to be padded (see ``seqlen``), a CUDA tensor with a gloo group or
-        a CPU tensor with NCCL. ValueError on every rank when ranks pass inconsistent inputs
-        (``validate=True``). RuntimeError when torch.distributed is not initialized.
+        a CPU tensor with NCCL. All before any K/V is exchanged; with ``validate=True`` a rank whose own
+        arguments fail still joins the signature exchange, so every other rank raises ValueError naming it
+        instead of waiting. ValueError on every rank when ranks pass inconsistent inputs (``validate=True``;
+        see ``RING_ATTN_VALIDATE`` in :func:`validate_mode`). RuntimeError when torch.distributed is not
+        initialized.
     """
     name = "ring_attn_func"
-    causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
-                                                deterministic, return_attn_probs, group)
-    scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=False)
-    b, s_local = q.shape[0], q.shape[1]
-    alibi = _check_alibi(name, alibi_slopes, layout, q, b, "batch")
-    if layout == "zigzag" and s_local % 2:
-        raise ValueError(f"zigzag layout needs an even number of local tokens (global length a multiple of "
-                         f"2 * world_size = {2 * world}); q has s_local = {s_local} ({tuple(q.shape)}); shard the "
-                         f"global sequence with ring_attn.shard, which pads it")
-    padded = s_local * world
-    real = _check_seqlen(name, seqlen, padded, world, layout, causal, (q, k, v))
-    if validate:
-        sig = _signature(0, q, k, v, causal, layout, scale, [real], window, softcap, alibi)
-        validate_across_ranks(name, pg, backend, q.device, sig)
+    try:  # this rank's own checks; a failure still joins the signature exchange, so no other rank waits for it
+        causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
+                                                    deterministic, return_attn_probs, group)
+        scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=False)
+        b, s_local = q.shape[0], q.shape[1]
+        alibi = _check_alibi(name, alibi_slopes, layout, q, b, "batch")
+        if layout == "zigzag" and s_local % 2:
+            raise ValueError(f"zigzag layout needs an even number of local tokens (global length a multiple of "
+                             f"2 * world_size = {2 * world}); q has s_local = {s_local} ({tuple(q.shape)}); shard "
+                             f"the global sequence with ring_attn.shard, which pads it")
+        padded = s_local * world
+        real = _check_seqlen(name, seqlen, padded, world, layout, causal, (q, k, v))
+        failed = None
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        failed = exc
+    _validate_or_raise(name, validate, group, q, 0, lambda: (
+        pg, backend, q.device, _signature(0, q, k, v, causal, layout, scale, [real], window, softcap, alibi)),
+        failed)
     want_lse = return_lse or return_attn_probs
     if real < padded:
         # every batch element is one sequence of `real` tokens padded to `padded`: the packed schedule masks
@@ -849,28 +916,34 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
         below the longest sequence, or ``q`` whose token count is not the padded total / ``W``.
     """
     name = "ring_attn_varlen_func"
-    causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
-                                                deterministic, return_attn_probs, group)
-    scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=True)
-    check_cu_seqlens_form("cu_seqlens", cu_seqlens)
-    pcu = varlen_padded_cu_seqlens(cu_seqlens, world, layout)  # validates the values (host read)
-    cu = [int(c) for c in cu_seqlens.tolist()]
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    alibi = _check_alibi(name, alibi_slopes, layout, q, len(lens), "n_seqs")
-    max_seqlen = _as_int("max_seqlen", max_seqlen)
-    if max_seqlen < max(lens):
-        raise ValueError(f"{name}: max_seqlen must be >= the longest sequence ({max(lens)}), got {max_seqlen}")
-    if pcu[-1] != q.shape[0] * world:
-        padded = "" if pcu == cu else (f" after padding every sequence to a length layout {layout!r} can split "
-                                       f"(padded cu_seqlens {pcu[:6]}{'...' if len(pcu) > 6 else ''})")
-        raise ValueError(f"{name}: cu_seqlens {cu[:6]}{'...' if len(cu) > 6 else ''} means {pcu[-1] / world:g} "
-                         f"local tokens on each of {world} ranks{padded}, but q has {q.shape[0]} "
-                         f"({tuple(q.shape)}); shard packed inputs with ring_attn.shard_varlen")
-    if validate:
+    try:  # this rank's own checks; a failure still joins the signature exchange, so no other rank waits for it
+        causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
+                                                    deterministic, return_attn_probs, group)
+        scale, pg, rank, world, backend = _check_common(name, q, k, v, softmax_scale, layout, group, packed=True)
+        check_cu_seqlens_form("cu_seqlens", cu_seqlens)
+        pcu = varlen_padded_cu_seqlens(cu_seqlens, world, layout)  # validates the values (host read)
+        cu = [int(c) for c in cu_seqlens.tolist()]
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        alibi = _check_alibi(name, alibi_slopes, layout, q, len(lens), "n_seqs")
+        max_seqlen = _as_int("max_seqlen", max_seqlen)
+        if max_seqlen < max(lens):
+            raise ValueError(f"{name}: max_seqlen must be >= the longest sequence ({max(lens)}), got {max_seqlen}")
+        if pcu[-1] != q.shape[0] * world:
+            padded = "" if pcu == cu else (f" after padding every sequence to a length layout {layout!r} can "
+                                           f"split (padded cu_seqlens {pcu[:6]}{'...' if len(pcu) > 6 else ''})")
+            raise ValueError(f"{name}: cu_seqlens {cu[:6]}{'...' if len(cu) > 6 else ''} means "
+                             f"{pcu[-1] / world:g} local tokens on each of {world} ranks{padded}, but q has "
+                             f"{q.shape[0]} ({tuple(q.shape)}); shard packed inputs with ring_attn.shard_varlen")
+        failed = None
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        failed = exc
+
+    def varlen_signature():
         digest = int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(cu)}q", *cu), digest_size=8).digest(),
                                 "little", signed=True)
-        sig = _signature(1, q, k, v, causal, layout, scale, [len(lens), digest], window, softcap, alibi)
-        validate_across_ranks(name, pg, backend, q.device, sig)
+        return pg, backend, q.device, _signature(1, q, k, v, causal, layout, scale, [len(lens), digest], window,
+                                                 softcap, alibi)
+    _validate_or_raise(name, validate, group, q, 1, varlen_signature, failed)
     want_lse = return_lse or return_attn_probs
     if world == 1 and pcu == cu:  # the whole sequence is local: the single-device op, no fp32 round trips
         res = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
