@@ -29,6 +29,7 @@ __all__ = [
     "check_softcap",
     "check_max_seqlen",
     "check_dropout",
+    "check_flag",
     "check_alibi_slopes",
 ]
 
@@ -190,6 +191,15 @@ def check_softcap(softcap) -> float:
             softcap < 0:
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     return float(softcap)
+
+
+def check_flag(name: str, val) -> bool:
+    """A bool (numpy bools and the ints 0/1 too, as the ring accepts); TypeError otherwise (often an argument
+    in the wrong position)."""
+    ok = isinstance(val, bool) or type(val).__name__ == "bool_" or (isinstance(val, int) and val in (0, 1))
+    if not ok:
+        raise TypeError(f"{name} must be a bool, got {val!r} ({type(val).__name__})")
+    return bool(val)
 
 
 def check_dropout(dropout_p) -> float:

@@ -41,6 +41,7 @@ from ring_attn._contracts import (
     check_cu_seqlens,
     check_cu_seqlens_form,
     check_dropout,
+    check_flag,
     check_max_seqlen,
     check_qkv,
     check_scale,
@@ -151,15 +152,6 @@ torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setu
 # Argument checks shared by the public functions (all before any kernel launch)
 
 
-def _check_flag(name: str, val) -> bool:
-    """A bool (numpy bools and the ints 0/1 too, as the ring accepts); TypeError otherwise (often an argument
-    in the wrong position)."""
-    ok = isinstance(val, bool) or type(val).__name__ == "bool_" or (isinstance(val, int) and val in (0, 1))
-    if not ok:
-        raise TypeError(f"{name} must be a bool, got {val!r} ({type(val).__name__})")
-    return bool(val)
-
-
 def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
                    return_attn_probs, return_lse):
     """Validate flash-attn's options (``alibi_slopes`` is checked by the caller, which knows the batch);
@@ -169,13 +161,13 @@ def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softca
     if p > 0:
         raise NotImplementedError(f"dropout_p={dropout_p!r} is not implemented in ring_attn (attention dropout); "
                                   "expected 0.0 (flash-attn's value for evaluation)")
-    causal = _check_flag("causal", causal)
+    causal = check_flag("causal", causal)
     window = check_window(window_size)
     cap = check_softcap(softcap)
     # every backward is deterministic here, except the opt-in RING_ATTN_BWD=fused, which contradicts True
-    check_deterministic(_check_flag("deterministic", deterministic))
-    _check_flag("return_attn_probs", return_attn_probs)
-    _check_flag("return_lse", return_lse)
+    check_deterministic(check_flag("deterministic", deterministic))
+    check_flag("return_attn_probs", return_attn_probs)
+    check_flag("return_lse", return_lse)
     return scale, causal, window, cap
 
 

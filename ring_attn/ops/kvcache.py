@@ -11,8 +11,8 @@ import numbers
 
 import torch
 
-from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_qkv, check_scale, check_softcap, \
-    check_tensor, check_window
+from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_flag, check_qkv, check_scale, \
+    check_softcap, check_tensor, check_window
 from ring_attn.ops.attention_block import attention_block_forward
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -108,11 +108,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"{_NAME}: k_cache and v_cache need a contiguous last dim (strides {k_cache.stride()}, "
                          f"{v_cache.stride()})")
     scale = check_scale(softmax_scale, d)
-    for name, val in (("causal", causal), ("rotary_interleaved", rotary_interleaved),
-                      ("return_softmax_lse", return_softmax_lse)):
-        if not isinstance(val, (bool, int)) or val not in (0, 1):
-            raise TypeError(f"{_NAME}: {name} must be a bool, got {val!r}")
-    causal = bool(causal)
+    causal = check_flag("causal", causal)
+    interleaved = check_flag("rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = check_flag("return_softmax_lse", return_softmax_lse)
     window = check_window(window_size)
     cap = check_softcap(softcap)
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
@@ -183,19 +181,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             f"{_NAME}: cache_batch_idx out of range (cache batch {b_c})")
 
     with torch.no_grad():
+        if k is not None:
+            pos_new = lens[:, None].long() + torch.arange(s_new, device=q.device)  # [b, s_new]: where k/v go
         if rotary_cos is not None:
-            pos_k = lens[:, None].long() + torch.arange(s_new, device=q.device)  # [b, s_new]
-            k = _rotate(k, rotary_cos[pos_k], rotary_sin[pos_k], bool(rotary_interleaved))
+            k = _rotate(k, rotary_cos[pos_new], rotary_sin[pos_new], interleaved)
             if causal or window != (-1, -1):
                 pos_q = lens[:, None].long() + torch.arange(s_q, device=q.device)
             else:
                 pos_q = lens[:, None].long().expand(b, s_q)
-            q = _rotate(q, rotary_cos[pos_q], rotary_sin[pos_q], bool(rotary_interleaved))
+            q = _rotate(q, rotary_cos[pos_q], rotary_sin[pos_q], interleaved)
         if k is not None:  # append in place: cache row rows[i], positions lens[i] .. lens[i] + s_new
-            pos = lens[:, None].long() + torch.arange(s_new, device=q.device)
             idx = rows[:, None].long().expand(b, s_new)
-            k_cache[idx, pos] = k
-            v_cache[idx, pos] = v
+            k_cache[idx, pos_new] = k
+            v_cache[idx, pos_new] = v
         seqs = VarlenSeqs(torch.arange(b, dtype=torch.int32, device=q.device) * s_q,
                           torch.full((b,), s_q, dtype=torch.int32, device=q.device),
                           rows * s_cache, lens + s_new, s_q, s_cache, True)
