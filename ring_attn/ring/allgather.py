@@ -35,6 +35,7 @@ _NAME = "llama3_flash_attn_varlen_func"
 # torch >= 2.12 names it all_gather_single (all_gather_into_tensor warns there); the GPU image's 2.11 has the old name
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _SIG_KIND = 0x414C4C47  # "ALLG": a signature slot no ring call uses
+_SIG_LEN = 12  # _SIG_KIND and the 11 codes of _check_local's sig
 
 
 def prepare_cu_seqlens(cu_seqlens: torch.Tensor, causal: bool, rank: int, world_size: int):
@@ -225,7 +226,7 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         if joined is None:
             raise
         _pg, backend, device = joined
-        sig = failed_signature(_SIG_KIND, 12)
+        sig = failed_signature([_SIG_KIND], _SIG_LEN)
     validate_across_ranks(_NAME, pg, backend, device, sig, describe=_describe,
                           what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
                                "alibi_slopes or none, softmax_scale and softcap, all valid", failed=failed)

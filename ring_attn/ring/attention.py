@@ -444,6 +444,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _SIG_LEN = 24
+_SIG_MAGIC = 0x52494E47  # "RING": the first slot of every ring call signature
 FAILED = -2  # a signature code no shape, flag or digest slot holds: "this rank's own checks failed"
 # Per process group: the signatures already checked across its ranks. Weak keys: nothing here keeps a group
 # (and gloo's worker threads) alive after the user drops it, so destroy_process_group really tears it down
@@ -495,7 +496,7 @@ def _signature(kind, q, k, v, causal, layout, scale, extra: list[int], window=_N
     def dims(x):
         return list(x.shape) + [-1] * (4 - x.dim())
 
-    sig = [0x52494E47, kind] + dims(q) + dims(k) + dims(v)
+    sig = [_SIG_MAGIC, kind] + dims(q) + dims(k) + dims(v)
     sig += [_DTYPE_CODES[q.dtype], int(bool(causal)), LAYOUTS.index(layout), _double_bits(scale)] + extra
     sig = (sig + [0] * _SIG_LEN)[:_SIG_LEN]
     sig[_MASK_SLOTS] = [int(window[0]), int(window[1]), _double_bits(float(softcap)), int(alibi is not None)]
@@ -543,10 +544,11 @@ def validate_mode() -> str:
     return mode
 
 
-def failed_signature(kind: int, length: int) -> list[int]:
+def failed_signature(prefix: list[int], length: int) -> list[int]:
     """The signature a rank whose own checks failed sends, so that it still joins the exchange (and the others
-    learn it failed instead of waiting for it): ``kind`` then :data:`FAILED` codes."""
-    return [kind] + [FAILED] * (length - 1)
+    learn it failed instead of waiting for it): the caller's ``prefix`` (what kind of call), then
+    :data:`FAILED` codes up to ``length``."""
+    return list(prefix) + [FAILED] * (length - len(prefix))
 
 
 def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=None,
@@ -600,8 +602,7 @@ def _validate_or_raise(name, validate, group, q, kind, make_sig, failed):
         if joined is None:
             raise failed
         pg, backend, device = joined
-        sig = failed_signature(0x52494E47, _SIG_LEN)
-        sig[1] = kind
+        sig = failed_signature([_SIG_MAGIC, kind], _SIG_LEN)
     validate_across_ranks(name, pg, backend, device, sig, failed=failed)
 
 
