@@ -32,7 +32,8 @@ from ring_attn.ring.comm import weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES
 
 __all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "causal_lm_loss_from_hidden",
-           "IGNORE_INDEX", "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size"]
+           "IGNORE_INDEX", "ATTN_IMPLEMENTATION", "MODEL_FAMILIES", "sliding_window_size", "refuse_unsupported",
+           "to_compute_dtype"]
 
 ATTN_IMPLEMENTATION = "ring_attn"
 IGNORE_INDEX = -100
@@ -127,15 +128,27 @@ def sliding_window_size(sliding_window: Optional[int], longest: int, causal: boo
     return (left, 0 if causal else left)
 
 
-def _refuse_unsupported(module, dropout, kwargs) -> None:
+def refuse_unsupported(module, dropout, kwargs, who: str = f"attn_implementation='{ATTN_IMPLEMENTATION}'") -> None:
+    """NotImplementedError naming the setting, for what an AttentionInterface entry here cannot do:
+    ``output_attentions``, attention dropout in training, attention sinks (``s_aux``). ``who`` names the entry."""
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
-        raise NotImplementedError("output_attentions=True: attn_implementation='ring_attn' never materializes "
-                                  "attention probabilities; use attn_implementation='eager' to inspect them")
+        raise NotImplementedError(f"output_attentions=True: {who} never materializes attention probabilities; "
+                                  f"use attn_implementation='eager' to inspect them")
     if dropout:
-        raise NotImplementedError(f"attention dropout={dropout} (config.attention_dropout) in training: "
-                                  f"attn_implementation='ring_attn' has no dropout; set config.attention_dropout=0")
+        raise NotImplementedError(f"attention dropout={dropout} (config.attention_dropout) in training: {who} has "
+                                  f"no dropout; set config.attention_dropout=0")
     if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux): not implemented by attn_implementation='ring_attn'")
+        raise NotImplementedError(f"attention sinks (s_aux): not implemented by {who}")
+
+
+def to_compute_dtype(q, k, v):
+    """``q, k, v`` in the dtype attention computes in: the autocast dtype under autocast, else their promoted
+    dtype (transformers may hand over fp32 queries next to bf16 keys)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return tuple(x.to(dtype) for x in (q, k, v))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,16 +306,11 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     if state is None:
         raise RuntimeError("attn_implementation='ring_attn' is used but the ring_attn patch was undone; call "
                            "ring_attn.integrations.hf.patch_hf() again or switch the model back")
-    _refuse_unsupported(module, dropout, kwargs)
+    refuse_unsupported(module, dropout, kwargs)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     softcap = kwargs.get("softcap")
     softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [b, s, h, d] views
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    q, k, v = (x.to(dtype) for x in (q, k, v))
+    q, k, v = to_compute_dtype(*(x.transpose(1, 2) for x in (query, key, value)))  # [b, s, h, d] views
     b, s_q, h_q, d = q.shape
     s_k = k.shape[1]
     keep = _padding(attention_mask, s_k)

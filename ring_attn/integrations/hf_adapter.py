@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from ring_attn.integrations.hf import sliding_window_size
+from ring_attn.integrations.hf import refuse_unsupported, sliding_window_size, to_compute_dtype
 from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
 from ring_attn.ring.attention import all_gather_ints, check_backend, group_info
 from ring_attn.ring.comm import weak_group
@@ -65,10 +65,10 @@ class _Params:
 
     def __init__(self, cu_seqlens: torch.Tensor, group):
         _pg, rank, world = group_info(group)
-        # kept on the CPU: every layer's call reads them on the host, with no device sync
-        self.cu_q, self.cu_k, self.max_q, self.max_k, self.k_slice = prepare_cu_seqlens(
-            cu_seqlens.detach().cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens, True, rank, world)
-        cu = [int(c) for c in cu_seqlens.tolist()]
+        # kept on the CPU (one copy from the device): every layer's call reads them on the host, with no sync
+        cpu = cu_seqlens.detach().cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        self.cu_q, self.cu_k, self.max_q, self.max_k, self.k_slice = prepare_cu_seqlens(cpu, True, rank, world)
+        cu = [int(c) for c in cpu.tolist()]
         self.rank, self.world, self.total, self.n_seqs = rank, world, cu[-1], len(cu) - 1
         self.local = cu[-1] // world
         self.longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
@@ -227,14 +227,7 @@ def _call_checks(module, q: torch.Tensor, k: torch.Tensor, attention_mask, dropo
         raise NotImplementedError(
             f"{_NAME}: {q.shape[2]} queries over {k.shape[2]} cached keys (a KV cache, e.g. generate()): the "
             f"adapter attends over pieces of one packed batch; generate after use_ring_attn(False) or undo()")
-    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
-        raise NotImplementedError(f"{_NAME}: output_attentions=True: the ring never materializes attention "
-                                  f"probabilities")
-    if dropout:
-        raise NotImplementedError(f"{_NAME}: attention dropout={dropout} (config.attention_dropout) in training: "
-                                  f"not implemented; set config.attention_dropout=0")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{_NAME}: attention sinks (s_aux) are not implemented")
+    refuse_unsupported(module, dropout, kwargs, f"{_NAME}'s {_KEY}")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if not causal:
@@ -356,12 +349,7 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
         raise RuntimeError(f"{_NAME}: call update_ring_flash_attn_params(cu_seqlens, group) with the packed "
                            f"batch's boundaries before the forward")
     sub.prepare(module, query, key, attention_mask, dropout, kwargs, params, sub)
-    q, k, v = (x.transpose(1, 2)[0] for x in (query, key, value))  # [t, h, d] views
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    q, k, v = (x.to(dtype) for x in (q, k, v))
+    q, k, v = to_compute_dtype(*(x.transpose(1, 2)[0] for x in (query, key, value)))  # [t, h, d] views
     window = sliding_window_size(sliding_window, params.longest, True)
     out = sub.attend(q, k, v, params.cu_q, params.cu_k, params.max_q, params.max_k, sub.stride, params.k_slice,
                      softmax_scale=scaling, causal=True, window_size=window, group=sub.group(),
