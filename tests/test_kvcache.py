@@ -99,7 +99,8 @@ def test_matches_the_oracle_and_updates_the_cache(backend, case):
     kc, vc = k_cache.clone(), v_cache.clone()
     with backends.force(backend):
         out, lse = ring_attn.flash_attn_with_kvcache(
-            q, kc, vc, k, v, cache_seqlens=lens if isinstance(lens, int) else lens_t, cache_batch_idx=rows if use_idx else None, causal=causal,
+            q, kc, vc, k, v, cache_seqlens=lens if isinstance(lens, int) else lens_t,
+            cache_batch_idx=rows if use_idx else None, causal=causal,
             window_size=window, softcap=softcap, alibi_slopes=alibi, return_softmax_lse=True)
         plain = ring_attn.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), cache_seqlens=lens_t + s_new,
                                                   cache_batch_idx=rows if use_idx else None, causal=causal,
