@@ -90,7 +90,11 @@ for _name in ("fwd-d128", "fwd-d128-merge", "fwd-d128-full", "fwd-d64"):
 for _name in ("fwd-d128", "bwd-d128", "bwd-d64", "bwd-d128-fused"):
     CASES[_name + "-alibi"] = dict(CASES[_name], alibi=True)
 # A small case for the test: compiles in seconds.
+# decoding: one new token over a 32k-token cache (the 16-row decode tile, split-KV: SPLIT launches)
+for _name, _d in (("fwd-d128-decode", 128), ("fwd-d64-decode", 64), ("fwd-d256-decode", 256)):
+    CASES[_name] = dict(op="fwd", shape=(1, 1, 32, 8, _d), s_k=32768, causal=True, merge=False)
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
+CASES["tiny-decode"] = dict(op="fwd", shape=(1, 1, 2, 2, 64), s_k=4096, causal=True, merge=False)
 CASES["tiny-tma"] = dict(CASES["tiny"], env={"RING_ATTN_FWD": "tma"})
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,8 +137,9 @@ def _recording(log, arch):
 def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
     """Run the host launcher of ``case`` on uninitialised CPU tensors and return its kernel launches."""
     b, s, hq, hkv, d = case["shape"]
+    s_k = case.get("s_k", s)  # keys: as many as queries unless the case says (decoding)
     e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
-    q, k, v = e(b, s, hq, d), e(b, s, hkv, d), e(b, s, hkv, d)
+    q, k, v = e(b, s, hq, d), e(b, s_k, hkv, d), e(b, s_k, hkv, d)
     lse = e(b, hq, s, dt=torch.float32)
     alibi = e(b, hq, dt=torch.float32) if case.get("alibi") else None
     log = []
@@ -297,7 +302,9 @@ def run_case(name: str, dtype_name: str, arch: int, all_configs: bool, only_ship
             kw.update(cfg)
             rec = {"case": name, "kernel": kname, "config": _cfg_name(cfg), "shipped": shipped,
                    "dtype": dtype_name, "arch": arch, "head_dim": case["shape"][4], "causal": case["causal"],
-                   "merge": case.get("merge", False), "accumulate": case.get("accumulate", False)}
+                   "merge": case.get("merge", False), "accumulate": case.get("accumulate", False),
+                   # split-KV launches: the grid's third axis (key ranges) at the target's SM count
+                   "split_kv": (grid(kw)[2] if callable(grid) else grid[2]) if kwargs.get("SPLIT") else 1}
             t0 = time.time()
             try:
                 ck, signature, attrs = compile_launch(kernel, args, kw, arch)
@@ -352,6 +359,8 @@ def print_table(records):
                   f"| | | | | | FAILED {r['error'][:80]} |")
             continue
         note = "OVER SMEM LIMIT" if r["smem_over_limit"] else ("spills" if r["spill_bytes"] else "")
+        if r.get("split_kv", 1) > 1:
+            note = (note + " " if note else "") + f"split-KV: {r['split_kv']} key ranges"
         if r.get("setmaxnreg"):
             note = (note + " " if note else "") + f"warp-specialised: {r['warps']} warps, setmaxnreg " + \
                 ", ".join(r["setmaxnreg"])

@@ -86,9 +86,12 @@ def _alibi_args(alibi: Optional[torch.Tensor]) -> tuple:
 
 
 def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
-                      seqs, merge: bool, window=(-1, -1), softcap: float = 0.0, alibi=None) -> None:
+                      seqs, merge: bool, window=(-1, -1), softcap: float = 0.0, alibi=None,
+                      num_splits: int = 0) -> None:
     """Protocol ``attention_forward`` (see :mod:`ring_attn.backends.protocol`): writes ``out``/``lse`` in place.
-    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides)."""
+    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides). ``num_splits``: ignored (each row's keys
+    are one pass on a CPU thread)."""
+    del num_splits
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse), shape, seq, packed, float(softmax_scale),
                          *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi), bool(merge),

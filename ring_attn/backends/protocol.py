@@ -34,11 +34,14 @@ Conventions shared by every function
 Functions
 ---------
 ``attention_forward(q, k, v, out, lse, *, softmax_scale, causal, causal_offset, seqs, merge, window, softcap,
-alibi)``
+alibi, num_splits)``
     Writes ``out`` (shaped like q; q's dtype or fp32) and ``lse``. Packed: only rows inside a sequence are
     written. ``merge=True``: ``out`` and ``lse`` are fp32 running results of earlier key blocks for the same
     queries; this block is merged in place by LSE weighting (``new = logaddexp(lse, lse_blk)``,
     ``out = out·exp(lse - new) + out_blk·exp(lse_blk - new)``); a row that sees no key here is left unchanged.
+    ``num_splits`` (never with ``merge``): a scheduling hint, flash-attn's split-KV: 0 = the backend decides,
+    1 = one pass over the keys, n > 1 = up to n key ranges computed in parallel and combined by LSE. Results
+    agree up to rounding; a backend may ignore it (the CPU backends do).
 
 ``attention_delta(dout, out, delta, dlse)``
     ``delta = rowsum(dout · out) - dlse`` in fp32 (``dlse`` may be None), written into ``delta`` (LSE layout).
@@ -85,7 +88,7 @@ class Backend(Protocol):
     def attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, *, softmax_scale: float, causal: bool,
                           causal_offset: Optional[int], seqs, merge: bool, window: tuple[int, int],
-                          softcap: float, alibi: Optional[torch.Tensor] = None) -> None: ...
+                          softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0) -> None: ...
 
     def attention_delta(self, dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
                         dlse: Optional[torch.Tensor]) -> None: ...

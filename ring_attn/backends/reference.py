@@ -30,9 +30,11 @@ def _row(alibi: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
-                      softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
+                      softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0) -> None:
     """Protocol ``attention_forward`` through :func:`ring_attn.reference.forward_fp32` (and ``merge_partial``);
-    ``alibi``: fp32 slopes ``[n_batch, h_q]`` (row ``i``: batch entry or packed sequence ``i``) or None."""
+    ``alibi``: fp32 slopes ``[n_batch, h_q]`` (row ``i``: batch entry or packed sequence ``i``) or None.
+    ``num_splits``: ignored (one pass)."""
+    del num_splits
     def put(o_dst, l_dst, o, l):
         if merge:
             _ref.merge_partial(o_dst, l_dst, o, l)

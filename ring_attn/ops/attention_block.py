@@ -64,7 +64,8 @@ def lse_shape(q, packed: bool) -> tuple[int, ...]:
 def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: Optional[int] = None,
                             seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
                             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, *,
-                            window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, alibi_slopes=None):
+                            window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, alibi_slopes=None,
+                            num_splits: int = 0):
     """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
 
     Args:
@@ -87,6 +88,9 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         softcap: ``> 0``: scores ``softcap · tanh(s / softcap)`` (Gemma 2); 0: off (keyword-only).
         alibi_slopes: ALiBi (keyword-only): None, or fp32 ``[h_q]`` / ``[b, h_q]`` (packed: ``[n_seqs, h_q]``)
             on q's device; adds ``-slope · |i + offset - j|`` to each score (after the soft-cap).
+        num_splits: split-KV hint (keyword-only; ignored when merging): 0 = the backend decides (the Triton
+            backend splits the keys of decoding-shaped grids too small to fill the GPU), 1 = never split, n > 1 =
+            up to n key ranges in parallel, combined by LSE (equal up to rounding; same n, same bits).
 
     Returns:
         ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
@@ -126,7 +130,7 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
     for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
         impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw,
-                               alibi=part_alibi)
+                               alibi=part_alibi, num_splits=num_splits)
     return out, lse
 
 

@@ -70,7 +70,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`ring_attn.flash_attn_func`, with
             ``seqlen_k = cache_seqlens[i] + seqlen_new`` per row (bottom-right alignment).
         rotary_interleaved: True: rotate dims pairs (0, 1), (2, 3), ...; False: (i, i + rotary_dim / 2).
-        num_splits: flash-attn's split-KV hint, an int >= 0; accepted and ignored (the kernels choose).
+        num_splits: flash-attn's split-KV: 0 = the kernels decide (on a GPU, the keys of each row are split
+            into ranges computed in parallel when batch x heads alone would leave SMs idle), 1 = no split,
+            n > 1 = up to n ranges (at most one per key block). Results agree up to rounding.
         return_softmax_lse: also return the float32 LSE ``[batch, heads_q, seqlen_q]``.
 
     Returns:
@@ -200,7 +202,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         kc = k_cache.reshape(b_c * s_cache, h_kv, d)
         vc = v_cache.reshape(b_c * s_cache, h_kv, d)
         out, lse = attention_block_forward(q.reshape(b * s_q, h_q, d), kc, vc, scale, causal, None, seqs,
-                                           window=window, softcap=cap, alibi_slopes=alibi)
+                                           window=window, softcap=cap, alibi_slopes=alibi,
+                                           num_splits=int(num_splits))
     out = out.reshape(b, s_q, h_q, d)
     if return_softmax_lse:
         return out, lse.reshape(h_q, b, s_q).transpose(0, 1).contiguous()

@@ -17,7 +17,7 @@ from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotu
 from ring_attn.backends.triton.attention_kernels import fwd_tma_kernel
 
 __all__ = ["attention_forward", "attention_delta", "attention_backward", "bwd_blocks", "tma_forward_support",
-           "forward_variant"]
+           "forward_variant", "split_plan"]
 
 LOG2E = 1.4426950408889634
 
@@ -59,7 +59,9 @@ class _TableLaunched:
     process runs the same tile; with ``RING_ATTN_AUTOTUNE=1`` the autotuner picks by timing."""
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
+        def launch(*args, tile: Optional[dict] = None, **kwargs):
+            if tile is not None:  # the caller's tile (decode, split-KV): never autotuned
+                return fwd_autotuned_kernel.fn[grid](*args, **kwargs, **tile)
             if tiles.autotune_enabled():
                 return fwd_autotuned_kernel[grid](*args, **kwargs)
             key = tiles.FwdKey(tiles.current_arch(), int(kwargs["HEAD_DIM"]), _dtype_name(args[0].dtype),
@@ -205,9 +207,15 @@ def _alibi_args(alibi: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[lis
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
-                      softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
+                      softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0) -> None:
     """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``).
-    ``alibi``: fp32 slopes ``[n_batch, h_q]`` or None (then the TMA forward is never chosen)."""
+    ``alibi``: fp32 slopes ``[n_batch, h_q]`` or None (then the TMA forward is never chosen).
+
+    Launches whose longest query sequence has at most ``tiles.DECODE_MAX_Q`` rows (decoding) use the 16-row
+    decode tile. ``num_splits`` (split-KV, without ``merge`` only): 0 = :func:`split_plan` decides (on a GPU,
+    decoding-shaped grids that would leave SMs idle), 1 = one pass over the keys, n > 1 = n key ranges (at most one per
+    key block and ``tiles.MAX_SPLITS``) run in parallel and combined by LSE; equal up to rounding, and the
+    same split count always gives the same bits."""
     q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
     b, s_q, h_q, d = q4.shape
     s_k, h_kv = k4.shape[1], k4.shape[2]
@@ -219,10 +227,19 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     vl = seqs is not None
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
-    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl,
-                       alibi=alibi is not None)[0] == "tma":
+    key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
+    tile, splits = split_plan(key, max_q, s_k if seqs is None else seqs.max_len_k, n_batch * h_q, merge,
+                              num_splits)
+    common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=vl,
+                  BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
+                  **flags, **alibi_flag)
+    if splits > 1:
+        _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, h_q // h_kv,
+                       softmax_scale * LOG2E, mask_args, alibi_args, common)
+        return
+    if tile is None and forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl,
+                                        alibi=alibi is not None)[0] == "tma":
         _ensure_tma_allocator()
-        key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
         fwd_tma_kernel[grid](
             q4, k4, v4, o4, l3, *_seq_args(seqs, q),
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
@@ -236,11 +253,70 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
-        *mask_args, *alibi_args,
-        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=seqs is not None,
-        BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge), **flags,
-        **alibi_flag,
+        *mask_args, *alibi_args, 0, 0, 0, tile=tile, **common,
     )
+
+
+def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: bool,
+               num_splits: int = 0) -> tuple[Optional[dict], int]:
+    """``(tile, splits)`` of a forward launch: the tile (None: the table's or the autotuner's, as always) and
+    the number of key ranges (split-KV). Decoding-shaped launches (``max_q <= tiles.DECODE_MAX_Q``) take
+    the decode tile. Splits: ``num_splits`` > 0 as given (clamped to one per key block and
+    ``tiles.MAX_SPLITS``), 0: ``tiles.split_count`` for decoding-shaped launches on a GPU (never under the
+    interpreter, whose programs run one after another; longer queries keep one pass: their partial outputs
+    and the combine would cost more than the idle SMs); always 1 with ``merge`` (the ring's running result is
+    merged in the kernel)."""
+    decode = max_q <= tiles.DECODE_MAX_Q
+    tile = tiles.fwd_decode_tile(key) if decode else None
+    if merge or num_splits == 1 or max_k == 0 or (num_splits == 0 and (interpreter_enabled() or not decode)):
+        return tile, 1
+    if tile is None:
+        tile = tiles.fwd_tile(key)
+    key_blocks = triton.cdiv(max_k, tile["BLOCK_N"])
+    if num_splits == 0:
+        splits = tiles.split_count(triton.cdiv(max_q, tile["BLOCK_M"]) * heads, key_blocks, tiles.sm_count())
+    else:
+        splits = min(num_splits, key_blocks, tiles.MAX_SPLITS)
+    return (tile if decode or splits > 1 else None), splits
+
+
+def _covered_rows(seqs: VarlenSeqs, total: int, device) -> torch.Tensor:
+    """bool ``[total]``: the packed rows inside some query sequence of ``seqs`` (on the device, no sync)."""
+    edges = torch.zeros(total + 1, dtype=torch.int32, device=device)
+    ones = torch.ones_like(seqs.lens_q)
+    edges.index_add_(0, seqs.starts_q.long(), ones)
+    edges.index_add_(0, (seqs.starts_q + seqs.lens_q).long(), -ones)
+    return torch.cumsum(edges[:total], 0) > 0
+
+
+def _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, group, qk_scale, mask_args,
+                   alibi_args, common) -> None:
+    """Split-KV forward: ``splits`` programs per (query block, head), each over its own key range, write fp32
+    partial (out, lse) to scratch; they are combined by LSE into ``o4``/``l3`` (fp32 math, one fixed order)."""
+    s_q, s_k = q4.shape[1], k4.shape[1]
+    max_k = s_k if seqs is None else seqs.max_len_k
+    split_len = triton.cdiv(triton.cdiv(max_k, splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
+    splits = triton.cdiv(max_k, split_len)  # no split past the last key
+    o_part = torch.zeros((splits,) + tuple(o4.shape), dtype=torch.float32, device=o4.device)
+    l_part = torch.full((splits,) + tuple(l3.shape), float("-inf"), dtype=torch.float32, device=l3.device)
+    vl = seqs is not None
+    flags = dict(common, MERGE=False, ROUND_BF16=False)
+    fwd_kernel[lambda meta: grid(meta) + (splits,)](
+        q4, k4, v4, o_part[0], l_part[0], *_seq_args(seqs, q4),
+        *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o_part[0], vl),
+        *_strides(l_part[0], vl),
+        s_q, s_k, q4.shape[2], group, qk_scale, 0 if causal_offset is None else int(causal_offset),
+        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), tile=tile, SPLIT=True, **flags,
+    )
+    lse = torch.logsumexp(l_part, 0)  # [b, h, s]; -inf where no split saw a key
+    w = torch.exp(l_part - torch.where(torch.isinf(lse), 0.0, lse))  # 0 for a split that saw no key
+    out = (o_part * w.permute(0, 1, 3, 2)[..., None]).sum(0)  # [b, s, h, d]
+    if vl and not seqs.covers_all_q:  # rows outside this launch's sequences keep what they hold
+        rows = _covered_rows(seqs, s_q, o4.device)
+        out = torch.where(rows[None, :, None, None], out, o4.float())
+        lse = torch.where(rows[None, None, :], lse, l3)
+    o4.copy_(out)
+    l3.copy_(lse)
 
 
 def attention_delta(dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,

@@ -272,11 +272,11 @@ def fwd_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset, win_left, win_right, softcap_in,
-    softcap_out, ALIBI_SLOPES, stride_ab, stride_ah,
+    softcap_out, ALIBI_SLOPES, stride_ab, stride_ah, split_len, stride_o_split, stride_l_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False, SPLIT: tl.constexpr = False,
 ):
     # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
@@ -287,6 +287,9 @@ def fwd_kernel(
     # strides stride_ab/stride_ah; stride_ab = 0 for per-head slopes), in the unmasked loops too.
     # UPCAST: dot operands in fp32 (bf16 under the interpreter, whose bf16 tl.dot is wrong); ROUND_BF16:
     # round to nearest when storing bf16 there (its cast truncates).
+    # SPLIT (split-KV, for grids too small to fill the GPU, e.g. decoding): grid axis 2 is the split; split s
+    # visits only keys [s·split_len, (s+1)·split_len) (split_len a multiple of BLOCK_N) and writes its partial
+    # fp32 (out, lse) at O + s·stride_o_split, LSE + s·stride_l_split, for the host to combine by LSE. No MERGE.
     start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
                                                                   seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
                                                                   BLOCK_M)
@@ -313,6 +316,16 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_lo, off_hi, LOCAL, CAUSAL, BLOCK_M, BLOCK_N)
+    if SPLIT:  # clamp the ranges to this split's keys (monotone, block-aligned: their order and roles hold)
+        split = tl.program_id(2)
+        s0 = split * split_len
+        s1 = s0 + split_len
+        lo = tl.minimum(tl.maximum(lo, s0), s1)
+        full_lo = tl.minimum(tl.maximum(full_lo, s0), s1)
+        full_hi = tl.minimum(tl.maximum(full_hi, s0), s1)
+        hi = tl.minimum(tl.maximum(hi, s0), s1)
+        O += split.to(tl.int64) * stride_o_split
+        LSE += split.to(tl.int64) * stride_l_split
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     if LOCAL:  # the window's left edge (without a left window, lo = full_lo = 0: nothing to compile)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,

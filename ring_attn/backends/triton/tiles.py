@@ -20,7 +20,8 @@ from ring_attn.backends import interpreter_enabled
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
            "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
-           "dump_tuned", "SMEM_LIMIT"]
+           "dump_tuned", "SMEM_LIMIT", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count", "split_count",
+           "MAX_SPLITS"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SMEM_LIMIT = {9: 232448, 8: 166912}
@@ -160,6 +161,74 @@ def fwd_tile(key: FwdKey) -> dict:
             if fits(tile, key.head_dim, key.dtype, key.arch):
                 return dict(tile)
     return _tile(32, 32, 4, 1)  # unreachable for d <= 256; the smallest tile as a last resort
+
+
+# Launches whose longest query sequence has at most this many rows (decoding: 1 new token, or a few with
+# speculative decoding) take the decode tile: a 128-row block would compute 127 masked-out rows per token.
+DECODE_MAX_Q = 16
+# sm_90 decode tiles (compile report, benchmarks/NOTES.md): 16 query rows (the smallest tl.dot: mma.sync
+# m16n8k16; a 128-row tile would compute 8x the useless rows), 32 KB of K+V per 3-stage step at d <= 128
+# (d256: 32 KB too), no spill, 72-75 KB of shared memory so three programs share an SM: decoding is bound by
+# reading the cache, and this keeps ~190 KB of loads in flight per SM.
+_FWD_DECODE_TABLE = [
+    ((9, 64, "16"), _tile(16, 128, 4, 3)),   # 128 regs, 72 KB
+    ((9, 128, "16"), _tile(16, 64, 4, 3)),   # 123 regs, 72 KB
+    ((9, 256, "16"), _tile(16, 32, 4, 3)),   # 138 regs, 75 KB
+    ((None, None, None), _tile(16, 32, 4, 2)),
+]
+
+
+def fwd_decode_tile(key: FwdKey) -> dict:
+    """The forward tile for a launch whose longest query sequence has at most :data:`DECODE_MAX_Q` rows
+    (``RING_ATTN_TILES`` does not cover it; autotuning does not either). Under the interpreter: the small
+    interpreter tile (already 16 rows)."""
+    if interpreter_enabled():
+        return dict(INTERPRETER_TILE)
+    want = (key.arch // 10, _bucket(key.head_dim), "32" if key.dtype == "fp32" else "16")
+    for pattern, tile in _FWD_DECODE_TABLE:
+        if all(p is None or p == w for p, w in zip(pattern, want)) and fits(tile, key.head_dim, key.dtype,
+                                                                              key.arch):
+            return dict(tile)
+    return _tile(16, 32, 4, 1)
+
+
+# Split-KV: at most this many key ranges per (query block, head) (also under CUDA's 65535 grid limit).
+MAX_SPLITS = 128
+# Each split visits at least this many key blocks, so its q load, epilogue and partial write stay small next
+# to its loop.
+_MIN_BLOCKS_PER_SPLIT = 4
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current CUDA device; 132 (an H100 SXM, the compile report's target)
+    when there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def split_count(programs: int, key_blocks: int, sms: int) -> int:
+    """How many key ranges (split-KV) a forward launch of ``programs`` programs (query blocks x batch x heads),
+    each over up to ``key_blocks`` key blocks, should be cut into on a GPU with ``sms`` SMs: 1 when the grid
+    already fills the GPU (>= 80 % of the SMs busy) or the keys are few; else the count whose last wave is
+    fullest, the smallest within 15 % of the best (fewer splits: less partial output to combine), with at
+    least :data:`_MIN_BLOCKS_PER_SPLIT` key blocks per split and at most :data:`MAX_SPLITS` splits (flash-attn
+    decides the same way for its decoding kernel)."""
+    if programs <= 0 or programs >= 0.8 * sms:
+        return 1
+    cap = min(MAX_SPLITS, key_blocks // _MIN_BLOCKS_PER_SPLIT)
+    if cap < 2:
+        return 1
+
+    def efficiency(n: int) -> float:
+        total = programs * n
+        waves = -(-total // sms)
+        return total / (waves * sms)
+
+    best = max(efficiency(n) for n in range(1, cap + 1))
+    return next(n for n in range(1, cap + 1) if efficiency(n) >= 0.85 * best)
 
 
 def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
