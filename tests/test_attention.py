@@ -19,6 +19,7 @@ from ring_attn.ops.attention import (
     attention_delta,
 )
 from accuracy import BACKWARD, FORWARD, assert_within_rule
+from ring_attn.backends.triton.tiles import DECODE_MAX_Q
 
 # every test runs with automatic selection and pinned to the native and reference backends (conftest)
 pytestmark = pytest.mark.usefixtures("cpu_backend")
@@ -187,8 +188,13 @@ def test_varlen_equals_dense_per_sequence(case, group, d, causal, dtype):
             continue
         oi, li = ring_attn.flash_attn_func(qi, ki, vi, causal=causal, return_lse=True)
         oi.backward(dout[None, a:e])
-        torch.testing.assert_close(out[a:e], oi[0], rtol=0, atol=0)
-        torch.testing.assert_close(lse[:, a:e], li[0], rtol=0, atol=0)
+        # bitwise when both calls take the same forward path; a decoding-shaped call (<= 16 query rows) has
+        # its own tile and packs GQA groups, so against a longer batch it agrees to rounding only
+        same_path = (max(lens_q) <= DECODE_MAX_Q) == (e - a <= DECODE_MAX_Q) or group == 1
+        exact = dict(rtol=0, atol=0) if same_path else dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 \
+            else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(out[a:e], oi[0], **exact)
+        torch.testing.assert_close(lse[:, a:e], li[0], **exact)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(q.grad[a:e], qi.grad[0], **tol)
         torch.testing.assert_close(k.grad[ak:ek], ki.grad[0], **tol)

@@ -24,7 +24,8 @@ CASES = [  # b, s_q, s_k, h_q, h_kv, d, causal, window, softcap, alibi
     (1, 3, 90, 4, 1, 16, False, (-1, -1), 0.0, True),     # MQA, ALiBi, not causal
     (2, 2, 75, 2, 2, 32, True, (20, 0), 1.5, False),      # a window inside a few splits, softcap
     (1, 5, 64, 2, 2, 16, False, (5, 7), 0.0, False),      # a symmetric window: most splits see no key
-    (1, 20, 50, 2, 1, 16, True, (-1, -1), 0.0, False),    # 20 query rows (two row blocks)
+    (1, 20, 50, 2, 1, 16, True, (-1, -1), 0.0, False),    # 20 query rows (two row blocks, no packing)
+    (2, 6, 70, 8, 2, 16, True, (10, 0), 0.0, True),       # 6 tokens x 4 heads packed: 24 rows, two row blocks
 ]
 
 
@@ -82,6 +83,30 @@ def test_the_split_path_really_runs(monkeypatch):
     assert calls == [3, 5]
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_gqa_decoding_packs_the_group(monkeypatch, num_splits):
+    """Decoding-shaped GQA launches put the group's query heads in one program (PACK_GQA), split or not;
+    equal (to rounding) to the unpacked kernel run head by head, and to the oracle."""
+    plans = []
+    real = tri.split_plan
+    monkeypatch.setattr(tri, "split_plan", lambda *a, **kw: (plans.append(real(*a, **kw)), plans[-1])[1])
+    case = (2, 3, 70, 8, 2, 16, True, (-1, -1), 0.0, True)
+    q, k, v, kw = _inputs(case, torch.float32, seed=2)
+    with backends.force("triton"):
+        out, lse = attention_block_forward(q, k, v, 0.25, True, num_splits=num_splits, **kw)
+        # the same heads one kv head at a time (group 1: nothing to pack)
+        per_head = [attention_block_forward(q[:, :, h:h + 1], k[:, :, h // 4:h // 4 + 1], v[:, :, h // 4:h // 4 + 1],
+                                            0.25, True, num_splits=num_splits, window=kw["window"],
+                                            alibi_slopes=kw["alibi_slopes"][h:h + 1]) for h in range(8)]
+    assert plans[0][2] is True and all(p[2] is False for p in plans[1:])
+    assert torch.allclose(out, torch.cat([o for o, _ in per_head], 2), atol=1e-6, rtol=0)
+    assert torch.allclose(lse, torch.cat([l for _, l in per_head], 1), atol=1e-6, rtol=0)
+    oracle, oracle_lse = _oracle(q, k, v, True, kw, torch.float64)  # scale 0.25 = 16 ** -0.5, the default
+    base, base_lse = _oracle(q, k, v, True, kw, torch.float32)
+    assert_within_rule("packed out", out, oracle, base, torch.float32, FORWARD)
+    assert_within_rule("packed lse", lse, oracle_lse, base_lse, torch.float32, FORWARD)
+
+
 def test_packed_rows_outside_the_sequences_are_left_alone():
     """Packed layout with a gap between sequences, a sequence without keys and one without queries: rows
     outside every sequence keep what the output held; a row with no key gets out 0 and lse -inf."""
@@ -135,18 +160,23 @@ def test_split_plan_tiles_and_counts(monkeypatch):
     monkeypatch.setattr(tiles, "interpreter_enabled", lambda: False)
     monkeypatch.setattr(tiles, "sm_count", lambda: 132)
     key = tiles.FwdKey(90, 128, "bf16", True, False)
-    tile, n = tri.split_plan(key, 1, 131072, 32, False)
-    assert tile == dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3) and n == 4
+    tile, n, pack = tri.split_plan(key, 1, 131072, 32, False)
+    assert tile == dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3) and n == 4 and not pack
+    # GQA 32/8 packs the group's 4 heads into one program: 8 programs, so 15 ranges (120 of 132 SMs)
+    assert tri.split_plan(key, 1, 131072, 32, False, 0, 4) == (tile, 15, True)
+    assert tri.split_plan(key, 4, 131072, 32, False, 0, 4) == (tile, 15, True)  # 4 tokens x 4 heads: 16 rows
+    assert tri.split_plan(key, 5, 131072, 32, False, 0, 4) == (tile, 8, True)  # 20 rows: two row blocks
     assert tri.split_plan(key, 16, 131072, 32, False)[0]["BLOCK_M"] == 16
-    assert tri.split_plan(key, 1, 131072, 32, True) == (tile, 1)  # merge
-    assert tri.split_plan(key, 1, 131072, 32, False, 1) == (tile, 1)
-    assert tri.split_plan(key, 1, 200, 32, False, 50) == (tile, 4)  # 200 keys = 4 blocks of 64
+    assert tri.split_plan(key, 1, 131072, 32, True) == (tile, 1, False)  # merge
+    assert tri.split_plan(key, 1, 131072, 32, False, 1, 4) == (tile, 1, True)
+    assert tri.split_plan(key, 1, 200, 32, False, 50) == (tile, 4, False)  # 200 keys = 4 blocks of 64
     assert tri.split_plan(key, 1, 10 ** 7, 1, False, 1000)[1] == tiles.MAX_SPLITS
-    assert tri.split_plan(key, 1, 0, 32, False, 8) == (tile, 1)  # no keys
-    assert tri.split_plan(key, 4096, 4096, 32, False) == (None, 1)  # prefill: the table's tile, no split
+    assert tri.split_plan(key, 1, 0, 32, False, 8) == (tile, 1, False)  # no keys
+    # prefill: the table's tile, no split, no packing
+    assert tri.split_plan(key, 4096, 4096, 32, False, 0, 4) == (None, 1, False)
     # longer queries split only when asked (the combine is not worth it automatically), with the table's tile
-    assert tri.split_plan(key, 128, 131072, 32, False) == (None, 1)
-    assert tri.split_plan(key, 128, 131072, 32, False, 8) == (tiles.fwd_tile(key), 8)
+    assert tri.split_plan(key, 128, 131072, 32, False) == (None, 1, False)
+    assert tri.split_plan(key, 128, 131072, 32, False, 8) == (tiles.fwd_tile(key), 8, False)
     for d in (64, 128, 256):
         t = tiles.fwd_decode_tile(tiles.FwdKey(90, d, "bf16", True, False))
         assert t["BLOCK_M"] == 16 and tiles.fits(t, d, "bf16", 90)

@@ -223,16 +223,19 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     max_q = s_q if seqs is None else seqs.max_len_q
     if n_batch == 0 or max_q == 0 or h_q == 0:
         return
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     vl = seqs is not None
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
     key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
-    tile, splits = split_plan(key, max_q, s_k if seqs is None else seqs.max_len_k, n_batch * h_q, merge,
-                              num_splits)
+    tile, splits, pack = split_plan(key, max_q, s_k if seqs is None else seqs.max_len_k, n_batch * h_q, merge,
+                                    num_splits, h_q // h_kv)
+    if pack:  # a program per (row block of (token, head) pairs, batch, kv head)
+        grid = lambda meta: (triton.cdiv(max_q * (h_q // h_kv), meta["BLOCK_M"]), n_batch * h_kv)  # noqa: E731
+    else:
+        grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=vl,
                   BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
-                  **flags, **alibi_flag)
+                  PACK_GQA=pack, **flags, **alibi_flag)
     if splits > 1:
         _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, h_q // h_kv,
                        softmax_scale * LOG2E, mask_args, alibi_args, common)
@@ -258,26 +261,30 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
 
 
 def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: bool,
-               num_splits: int = 0) -> tuple[Optional[dict], int]:
-    """``(tile, splits)`` of a forward launch: the tile (None: the table's or the autotuner's, as always) and
-    the number of key ranges (split-KV). Decoding-shaped launches (``max_q <= tiles.DECODE_MAX_Q``) take
-    the decode tile. Splits: ``num_splits`` > 0 as given (clamped to one per key block and
+               num_splits: int = 0, group: int = 1) -> tuple[Optional[dict], int, bool]:
+    """``(tile, splits, pack)`` of a forward launch over ``heads`` = batch x query heads with GQA ``group``:
+    the tile (None: the table's or the autotuner's, as always), the number of key ranges (split-KV) and
+    whether the query heads of a GQA group share a program (``PACK_GQA``). Decoding-shaped launches
+    (``max_q <= tiles.DECODE_MAX_Q``) take the decode tile and, with ``group > 1``, pack: each program then
+    reads its kv head's keys once for the whole group instead of once per query head. Splits: ``num_splits`` > 0 as given (clamped to one per key block and
     ``tiles.MAX_SPLITS``), 0: ``tiles.split_count`` for decoding-shaped launches on a GPU (never under the
     interpreter, whose programs run one after another; longer queries keep one pass: their partial outputs
     and the combine would cost more than the idle SMs); always 1 with ``merge`` (the ring's running result is
     merged in the kernel)."""
     decode = max_q <= tiles.DECODE_MAX_Q
     tile = tiles.fwd_decode_tile(key) if decode else None
+    pack = decode and group > 1
     if merge or num_splits == 1 or max_k == 0 or (num_splits == 0 and (interpreter_enabled() or not decode)):
-        return tile, 1
+        return tile, 1, pack
     if tile is None:
         tile = tiles.fwd_tile(key)
     key_blocks = triton.cdiv(max_k, tile["BLOCK_N"])
     if num_splits == 0:
-        splits = tiles.split_count(triton.cdiv(max_q, tile["BLOCK_M"]) * heads, key_blocks, tiles.sm_count())
+        rows, programs = (max_q * group, heads // group) if pack else (max_q, heads)
+        splits = tiles.split_count(triton.cdiv(rows, tile["BLOCK_M"]) * programs, key_blocks, tiles.sm_count())
     else:
         splits = min(num_splits, key_blocks, tiles.MAX_SPLITS)
-    return (tile if decode or splits > 1 else None), splits
+    return (tile if decode or splits > 1 else None), splits, pack
 
 
 def _covered_rows(seqs: VarlenSeqs, total: int, device) -> torch.Tensor:

@@ -277,6 +277,7 @@ def fwd_kernel(
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    PACK_GQA: tl.constexpr = False,
 ):
     # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
@@ -289,26 +290,51 @@ def fwd_kernel(
     # round to nearest when storing bf16 there (its cast truncates).
     # SPLIT (split-KV, for grids too small to fill the GPU, e.g. decoding): grid axis 2 is the split; split s
     # visits only keys [s·split_len, (s+1)·split_len) (split_len a multiple of BLOCK_N) and writes its partial
-    # fp32 (out, lse) at O + s·stride_o_split, LSE + s·stride_l_split, for the host to combine by LSE. No MERGE.
-    start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q,
-                                                                  seqlen_k, n_heads_q, group, CAUSAL, VARLEN,
-                                                                  BLOCK_M)
+    # PACK_GQA (decoding with GQA): grid axis 1 is batch x kv head, and the BLOCK_M rows of a program are
+    # (token, query head) pairs of that kv head's group, row r = token·group + head-in-group, so a program
+    # reads its K/V once for the whole group. The key ranges are computed from the block's first token and
+    # BLOCK_M tokens (a superset: every row is masked by its own token).
+    if PACK_GQA:
+        pid_r = tl.program_id(0)
+        if CAUSAL:
+            pid_r = tl.num_programs(0) - 1 - pid_r
+        pid_bh = tl.program_id(1)
+        b = pid_bh // (n_heads_q // group)
+        hk = pid_bh % (n_heads_q // group)
+        q_start, len_q, k_start, len_k = _seq_bounds(b, SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q, seqlen_k,
+                                                     VARLEN)
+        rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = rows // group  # each row's token: what the masks and ALiBi see
+        h = hk * group + rows % group  # each row's query head
+        start_m = pid_r * BLOCK_M // group
+    else:
+        start_m, b, h, hk, q_start, len_q, k_start, len_k = _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN,
+                                                                      seqlen_q, seqlen_k, n_heads_q, group,
+                                                                      CAUSAL, VARLEN, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
     if start_m >= len_q:
         return
     offset = _diag_offset(len_q, len_k, causal_offset, BOTTOM_RIGHT)
     off_hi = offset + win_right
     off_lo = offset - win_left
     slope2 = _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI)
+    if PACK_GQA:
+        if ALIBI:
+            slope2 = slope2[:, None]  # one slope per row (its query head)
     bq = b.to(tl.int64)
-    Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m[:, None] < len_q
     d_ok = offs_d[None, :] < HEAD_DIM
-    q = tl.load(Q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok,
-                other=0.0)
+    if PACK_GQA:
+        q_rows = offs_m.to(tl.int64) * stride_qs + h.to(tl.int64) * stride_qh
+        q = tl.load(Q + bq * stride_qb + q_start * stride_qs + q_rows[:, None] + offs_d[None, :],
+                    mask=row_ok & d_ok, other=0.0)
+    else:
+        Q_base = Q + bq * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
+        q = tl.load(Q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok,
+                    other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -340,14 +366,19 @@ def fwd_kernel(
                                off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
                                ALIBI)
-    O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
-    o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
-    L_base = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start
-    acc, lse = _fwd_finish(acc, l_i, m_i, o_ptrs, L_base + offs_m, offs_m < len_q, row_ok & d_ok, MERGE)
+    if PACK_GQA:
+        o_rows = offs_m.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
+        o_ptrs = O + bq * stride_ob + q_start * stride_os + o_rows[:, None] + offs_d[None, :]
+        l_ptrs = LSE + bq * stride_lb + q_start + h.to(tl.int64) * stride_lh + offs_m
+    else:
+        O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
+        o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
+        l_ptrs = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    acc, lse = _fwd_finish(acc, l_i, m_i, o_ptrs, l_ptrs, offs_m < len_q, row_ok & d_ok, MERGE)
     if ROUND_BF16:
         acc = _round_bf16(acc)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
-    tl.store(L_base + offs_m, lse, mask=offs_m < len_q)
+    tl.store(l_ptrs, lse, mask=offs_m < len_q)
 
 @triton.jit
 def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, lo, hi, len_k, off_hi, qk_scale,

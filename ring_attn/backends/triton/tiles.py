@@ -12,6 +12,7 @@ A tile is a dict ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple, Optional
@@ -205,8 +206,15 @@ def sm_count() -> int:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        return _device_sms(torch.cuda.current_device())
     return 132
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_count(programs: int, key_blocks: int, sms: int) -> int:
