@@ -324,6 +324,55 @@ def test_single_device_padding_matches_stock(model_name):
     assert (got[real] - ref[real]).abs().max().item() < 1e-4
 
 
+def test_padding_is_analysed_once_per_forward_and_again_after_an_in_place_change(monkeypatch):
+    """The unpadding plan (gather indices, cu_seqlens, host reads) is built once per forward, not once per
+    layer; a mask buffer rewritten in place between forwards is analysed again (no stale plan)."""
+    model = build("llama", attn="oracle")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    built = []
+    real = hf._Unpad
+    monkeypatch.setattr(hf, "_Unpad", lambda *a: (built.append(1), real(*a))[1])
+    mask = torch.ones_like(ids)
+    for pad in (3, 5):
+        mask.fill_(1)
+        mask[0, :pad] = 0  # in place: the same tensor object, new contents
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+            with hf.patch_hf(model):
+                got = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        real_rows = mask.bool()
+        assert (got[real_rows] - ref[real_rows]).abs().max().item() < 1e-4, pad
+    assert len(built) == 2, built  # two forwards, each with several layers: one plan each
+    # the cache on a mask tensor follows in-place changes (transformers >= 4.53 hands the layers a fresh mask per
+    # forward, older releases the caller's own tensor)
+    keep = hf._padding(mask, 10)
+    assert keep is hf._padding(mask, 10) and hf._unpad_plan(keep, 10) is hf._unpad_plan(keep, 10)
+    mask.fill_(1)
+    assert hf._padding(mask, 10) is None
+    mask[1, 7:] = 0
+    assert torch.equal(hf._padding(mask, 10), mask.bool())
+
+
+@pytest.mark.parametrize("model_name", ["llama", "mistral-swa"])
+def test_batched_generation_with_left_padding_equals_stock(model_name):
+    """Batched greedy generation from prompts of different lengths (left padding, as tokenizers pad for
+    decoder-only generation), with a KV cache: the same tokens and, at every step, the same logits as stock."""
+    model = build(model_name, attn="oracle")
+    ids = torch.randint(1, VOCAB, (3, 8), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    ids = ids * mask  # pad token 0
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    with hf.patch_hf(model):
+        out = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(out.sequences, ref.sequences), (out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}: {(a - b).abs().max().item()}"
+
+
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "qwen2-swa", "qwen3", "gemma2-swa", "gemma3",
                                         "phi3-longrope"])
 def test_generate_with_kv_cache_equals_stock(model_name):

@@ -22,7 +22,7 @@ import importlib
 import inspect
 import sys
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -49,6 +49,7 @@ _FAMILY_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in MODEL_F
 _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
 _ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
 _CU_TAG = "_ring_attn_cu"  # attribute on a position_ids tensor: its packed-sequence boundaries (cached)
+_DERIVED_TAG = "_ring_attn_derived"  # attribute on a padding mask: its keep-mask and unpadding plan (cached)
 _CHECKED_TAG = "_ring_attn_checked"  # attribute on a position_ids tensor: shard layout verified
 
 
@@ -195,7 +196,9 @@ def _refuse_ring_cache(state: _State, detail: str = "") -> None:
 
 
 def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
-    """The 2-D keep-mask ``[b, kv_len]`` (True = real token) when it masks anything, else None."""
+    """The 2-D keep-mask ``[b, kv_len]`` (True = real token) when it masks anything, else None. Computed once
+    per mask tensor and length (every layer of a forward gets the same mask object: one host read per
+    forward, not one per layer)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
@@ -203,11 +206,63 @@ def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
             f"a {attention_mask.dim()}-D attention_mask {tuple(attention_mask.shape)}: attn_implementation="
             f"'ring_attn' implements causal attention with a 2-D padding mask only (custom 4-D masks are not "
             f"supported)")
+    cache = None if torch.compiler.is_compiling() else _tensor_cache(attention_mask)
+    if cache is not None and ("keep", kv_len) in cache:
+        return cache[("keep", kv_len)]
     mask = attention_mask[:, -kv_len:].bool()
     if mask.shape[1] != kv_len:
         raise NotImplementedError(f"attention_mask covers {mask.shape[1]} keys but there are {kv_len} "
                                   f"(a static cache?): not supported by attn_implementation='ring_attn'")
-    return None if bool(mask.all()) else mask
+    keep = None if bool(mask.all()) else mask
+    if cache is not None:
+        cache[("keep", kv_len)] = keep
+    return keep
+
+
+def _tensor_cache(t: torch.Tensor) -> dict:
+    """A dict stored on the tensor object ``t`` (what this module derives from it once per forward); emptied
+    when ``t`` has been modified in place since (its version counter moved), so a mask buffer a caller
+    rewrites between forwards is analysed again."""
+    cache = getattr(t, _DERIVED_TAG, None)
+    if cache is None or cache.get("version") != t._version:
+        cache = {"version": t._version}
+        setattr(t, _DERIVED_TAG, cache)
+    return cache
+
+
+class _Unpad(NamedTuple):
+    """How a padded batch becomes packed sequences: the real query and key rows of ``[b·s, ...]``, their
+    ``cu_seqlens`` and longest lengths, and whether some row's real tokens are not contiguous."""
+    idx_q: torch.Tensor
+    idx_k: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    holes: bool
+
+
+def _unpad_plan(keep: torch.Tensor, s_q: int) -> _Unpad:
+    """:class:`_Unpad` of the keep-mask ``keep`` ``[b, s_k]`` for the last ``s_q`` positions as queries; two host
+    reads, once per mask (cached on it: every layer of a forward shares it)."""
+    cache = None if torch.compiler.is_compiling() else _tensor_cache(keep)
+    if cache is not None and ("unpad", s_q) in cache:
+        return cache[("unpad", s_q)]
+    b, s_k = keep.shape
+    cols = torch.arange(s_k, device=keep.device).expand(b, s_k)
+    first = torch.where(keep, cols, s_k).min(1).values
+    last = torch.where(keep, cols, -1).max(1).values
+    len_q, len_k = keep[:, -s_q:].sum(1), keep.sum(1)
+    holes = ((last - first + 1 != len_k) & (len_k > 0)).any()
+    max_q, max_k, has_holes = torch.stack([len_q.max(), len_k.max(), holes.long()]).tolist()
+    zero = len_q.new_zeros(1)
+    cu_q = torch.cat([zero, len_q.cumsum(0)]).to(torch.int32)
+    cu_k = torch.cat([zero, len_k.cumsum(0)]).to(torch.int32)
+    plan = _Unpad(keep[:, -s_q:].reshape(-1).nonzero().reshape(-1), keep.reshape(-1).nonzero().reshape(-1),
+                  cu_q, cu_k, int(max_q), int(max_k), bool(has_holes))
+    if cache is not None:
+        cache[("unpad", s_q)] = plan
+    return plan
 
 
 def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window=(-1, -1), softcap=0.0):
@@ -215,31 +270,20 @@ def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window
     the varlen kernel. Queries are the last ``s_q`` key positions (true with a growing cache), so bottom-right
     causal alignment per sequence is exact even for masks with holes. A sliding window counts positions, so it
     needs each row's real tokens contiguous (left or right padding), else NotImplementedError. Padded query rows
-    get zeros."""
+    get zeros. The gather indices come from :func:`_unpad_plan`, once per forward."""
     b, s_q, h, d = q.shape
     s_k = k.shape[1]
-    if window != (-1, -1):
-        cols = torch.arange(s_k, device=keep.device).expand(b, s_k)
-        first = torch.where(keep, cols, s_k).min(1).values
-        last = torch.where(keep, cols, -1).max(1).values
-        count = keep.sum(1)
-        if bool(((last - first + 1 != count) & (count > 0)).any()):
-            raise NotImplementedError(
-                f"a sliding window (window_size={window}) with an attention_mask that has holes inside a row: "
-                f"attn_implementation='ring_attn' supports left or right padding with sliding windows")
-    keep_q = keep[:, -s_q:]
-    idx_q = keep_q.reshape(-1).nonzero().reshape(-1)
-    idx_k = keep.reshape(-1).nonzero().reshape(-1)
-    len_q, len_k = keep_q.sum(1), keep.sum(1)
-    zero = len_q.new_zeros(1)
-    cu_q = torch.cat([zero, len_q.cumsum(0)]).to(torch.int32)
-    cu_k = torch.cat([zero, len_k.cumsum(0)]).to(torch.int32)
+    plan = _unpad_plan(keep, s_q)
+    if window != (-1, -1) and plan.holes:
+        raise NotImplementedError(
+            f"a sliding window (window_size={window}) with an attention_mask that has holes inside a row: "
+            f"attn_implementation='ring_attn' supports left or right padding with sliding windows")
     out = ring_attn.flash_attn_varlen_func(
-        q.reshape(b * s_q, h, d).index_select(0, idx_q), k.reshape(b * s_k, -1, d).index_select(0, idx_k),
-        v.reshape(b * s_k, -1, d).index_select(0, idx_k), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=int(len_q.max()), max_seqlen_k=int(len_k.max()), causal=causal, softmax_scale=scale,
+        q.reshape(b * s_q, h, d).index_select(0, plan.idx_q), k.reshape(b * s_k, -1, d).index_select(0, plan.idx_k),
+        v.reshape(b * s_k, -1, d).index_select(0, plan.idx_k), cu_seqlens_q=plan.cu_q, cu_seqlens_k=plan.cu_k,
+        max_seqlen_q=plan.max_q, max_seqlen_k=plan.max_k, causal=causal, softmax_scale=scale,
         window_size=window, softcap=softcap)
-    full = out.new_zeros(b * s_q, h, d).index_copy(0, idx_q, out)
+    full = out.new_zeros(b * s_q, h, d).index_copy(0, plan.idx_q, out)
     return full.reshape(b, s_q, h, d)
 
 
