@@ -258,7 +258,7 @@ def analyse(ck, arch: int) -> dict:
 
 
 def _cfg_name(c: dict) -> str:
-    if "BLOCK_M" not in c:  # a kernel without attention tiles (RoPE): its block constexprs
+    if "BLOCK_N" not in c:  # a kernel without attention tiles (RoPE, the split-KV combine): its block constexprs
         return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in c.items())
     ws = {True: " ws", False: " no-ws"}.get(c.get("WARP_SPECIALIZE"), "")
     return f"M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{ws}"
@@ -316,7 +316,7 @@ def run_case(name: str, dtype_name: str, arch: int, all_configs: bool, only_ship
                                 and n not in fn.constexprs_names] if hasattr(fn, "constexprs_names") else
                     [fn.arg_names[i] for i, n in enumerate(fn.arg_names)
                      if signature[n] == "constexpr" and not fn.params[i].is_constexpr]}
-                if "BLOCK_M" in cfg:
+                if "BLOCK_N" in cfg:
                     rec["smem_estimate"] = T.smem_estimate(cfg, case["shape"][4], dtype_name, kname)
                     rec["fits_estimate"] = T.fits(cfg, case["shape"][4], dtype_name, arch, kname)
             except Exception as exc:  # report and go on: one failing config must not hide the others
@@ -343,6 +343,10 @@ def print_rope_table(records):
               f"| {r['sass_instructions']} | {mem} | {r['sass_f64']} | {r['sass_cvt64']} | {r['sass_mufu']} |")
 
 
+def _kb(n) -> str:
+    return "-" if n is None else f"{n / 1024:.0f}"
+
+
 def print_table(records):
     rope = [r for r in records if r["kernel"] == "rope_kernel"]
     records = [r for r in records if r["kernel"] != "rope_kernel"]
@@ -365,7 +369,7 @@ def print_table(records):
             note = (note + " " if note else "") + f"warp-specialised: {r['warps']} warps, setmaxnreg " + \
                 ", ".join(r["setmaxnreg"])
         print(f"| {r['case']} | {r['kernel']} | {r['config']} | {'yes' if r['shipped'] else ''} | {r['regs']} "
-              f"| {r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} ({r['smem_estimate'] / 1024:.0f}) "
+              f"| {r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} ({_kb(r.get('smem_estimate'))}) "
               f"| {_fmt_wgmma(r['wgmma'])} | {r['tma_loads']}/{r['cp_async_loads']} | {note} |")
 
 

@@ -82,14 +82,15 @@ def test_compile_check_tma_forward_is_warp_specialised():
 
 def test_compile_check_decode_case():
     """Decoding (one query row over a 4096-key cache): the 16-row decode tile, compiled as a split-KV launch
-    (the grid's key ranges at an H100's 132 SMs), mma.sync (16 rows are under wgmma's 64), no spill."""
+    (the grid's key ranges at an H100's 132 SMs), mma.sync (16 rows are under wgmma's 64), no spill; then the
+    combine kernel, no spill either."""
     pytest.importorskip("triton.backends.nvidia")
     res = _run("--cases", "tiny-decode", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     recs = json.loads(res.stdout)
-    assert len(recs) == 1
+    assert [r["kernel"] for r in recs] == ["fwd_kernel", "split_combine_kernel"]
+    assert all("error" not in r and r["shipped"] and r["spill_bytes"] == 0 for r in recs)
     r = recs[0]
-    assert "error" not in r and r["kernel"] == "fwd_kernel" and r["shipped"] is True
     assert r["config"].startswith("M16 ") and r["split_kv"] > 1
     assert r["spill_bytes"] == 0 and r["mma"] == "mma.sync" and not r["wgmma"]
     assert r["smem_bytes"] <= r["smem_estimate"]  # the estimate the tile check uses stays conservative

@@ -12,7 +12,8 @@ import triton
 from ring_attn._contracts import VarlenSeqs
 from ring_attn.backends import backward_mode, interpreter_enabled
 from ring_attn.backends.triton import tiles
-from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel
+from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, \
+    split_combine_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_kernel as fwd_autotuned_kernel
 from ring_attn.backends.triton.attention_kernels import fwd_tma_kernel
 
@@ -287,43 +288,38 @@ def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: boo
     return (tile if decode or splits > 1 else None), splits, pack
 
 
-def _covered_rows(seqs: VarlenSeqs, total: int, device) -> torch.Tensor:
-    """bool ``[total]``: the packed rows inside some query sequence of ``seqs`` (on the device, no sync)."""
-    edges = torch.zeros(total + 1, dtype=torch.int32, device=device)
-    ones = torch.ones_like(seqs.lens_q)
-    edges.index_add_(0, seqs.starts_q.long(), ones)
-    edges.index_add_(0, (seqs.starts_q + seqs.lens_q).long(), -ones)
-    return torch.cumsum(edges[:total], 0) > 0
-
-
 def _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, group, qk_scale, mask_args,
                    alibi_args, common) -> None:
     """Split-KV forward: ``splits`` programs per (query block, head), each over its own key range, write fp32
-    partial (out, lse) to scratch; they are combined by LSE into ``o4``/``l3`` (fp32 math, one fixed order)."""
+    partial (out, lse) to scratch; ``split_combine_kernel`` combines them by LSE into ``o4``/``l3`` (one fixed
+    order), touching only rows inside a sequence."""
     s_q, s_k = q4.shape[1], k4.shape[1]
     max_k = s_k if seqs is None else seqs.max_len_k
     split_len = triton.cdiv(triton.cdiv(max_k, splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
     splits = triton.cdiv(max_k, split_len)  # no split past the last key
-    o_part = torch.zeros((splits,) + tuple(o4.shape), dtype=torch.float32, device=o4.device)
-    l_part = torch.full((splits,) + tuple(l3.shape), float("-inf"), dtype=torch.float32, device=l3.device)
+    # every program of the SPLIT launch writes all of its rows inside a sequence, and only those are combined
+    o_part = torch.empty((splits,) + tuple(o4.shape), dtype=torch.float32, device=o4.device)
+    l_part = torch.empty((splits,) + tuple(l3.shape), dtype=torch.float32, device=l3.device)
     vl = seqs is not None
-    flags = dict(common, MERGE=False, ROUND_BF16=False)
     fwd_kernel[lambda meta: grid(meta) + (splits,)](
         q4, k4, v4, o_part[0], l_part[0], *_seq_args(seqs, q4),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o_part[0], vl),
         *_strides(l_part[0], vl),
         s_q, s_k, q4.shape[2], group, qk_scale, 0 if causal_offset is None else int(causal_offset),
-        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), tile=tile, SPLIT=True, **flags,
+        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), tile=tile, SPLIT=True,
+        **dict(common, MERGE=False, ROUND_BF16=False),
     )
-    lse = torch.logsumexp(l_part, 0)  # [b, h, s]; -inf where no split saw a key
-    w = torch.exp(l_part - torch.where(torch.isinf(lse), 0.0, lse))  # 0 for a split that saw no key
-    out = (o_part * w.permute(0, 1, 3, 2)[..., None]).sum(0)  # [b, s, h, d]
-    if vl and not seqs.covers_all_q:  # rows outside this launch's sequences keep what they hold
-        rows = _covered_rows(seqs, s_q, o4.device)
-        out = torch.where(rows[None, :, None, None], out, o4.float())
-        lse = torch.where(rows[None, None, :], lse, l3)
-    o4.copy_(out)
-    l3.copy_(lse)
+    n_batch = q4.shape[0] if seqs is None else seqs.starts_q.numel()
+    max_q = s_q if seqs is None else seqs.max_len_q
+    block_m = 16  # split launches are decoding-shaped (or asked for): few rows; d = 256 at 64 rows spills
+    h_q, d = q4.shape[2], q4.shape[3]
+    split_combine_kernel[(triton.cdiv(max_q, block_m), n_batch * h_q)](
+        o_part, l_part, o4, l3, *_seq_args(seqs, q4)[:2],
+        *_strides(o_part[0], vl), *_strides(l_part[0], vl), o_part.stride(0), l_part.stride(0),
+        *_strides(o4, vl), *_strides(l3, vl), s_q, h_q, splits,
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=vl, ROUND_BF16=common["ROUND_BF16"],
+        BLOCK_M=block_m, num_warps=4,
+    )
 
 
 def attention_delta(dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,

@@ -381,6 +381,60 @@ def fwd_kernel(
     tl.store(l_ptrs, lse, mask=offs_m < len_q)
 
 @triton.jit
+def split_combine_kernel(
+    OP, LP, O, LSE, SQ_START, SQ_LEN,
+    stride_opb, stride_ops, stride_oph, stride_lpb, stride_lph, stride_o_split, stride_l_split,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, n_heads_q, n_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # The split-KV epilogue: the fp32 partials (OP [splits, b, s, h, d], LP [splits, b, h, s]; packed: b = 1
+    # with sequences at SQ_START) of fwd_kernel's SPLIT launch, combined by LSE into O (its dtype) and LSE:
+    # lse = m + log(sum_s e^(lse_s - m)), out = sum_s e^(lse_s - lse)·out_s, splits added in increasing
+    # order. Grid: (cdiv(max s_q, BLOCK_M), b * h_q); only rows inside a sequence are read or written (a
+    # split that saw no key holds out 0 and lse -inf; a row no split saw gets 0 and -inf).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    if VARLEN:
+        q_start = tl.load(SQ_START + b).to(tl.int64)
+        len_q = tl.load(SQ_LEN + b)
+    else:
+        q_start = tl.full([], 0, tl.int64)
+        len_q = seqlen_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < len_q
+    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    bq = b.to(tl.int64)
+    lp = LP + bq * stride_lpb + h.to(tl.int64) * stride_lph + q_start + offs_m
+    op = OP + bq * stride_opb + (q_start + offs_m.to(tl.int64))[:, None] * stride_ops + \
+        h.to(tl.int64) * stride_oph + offs_d[None, :]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(lp + s * stride_l_split, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(0, n_splits):
+        w = tl.exp(tl.load(lp + s * stride_l_split, mask=row_ok, other=float("-inf")) - m_safe)
+        total += w
+        acc += w[:, None] * tl.load(op + s * stride_o_split, mask=o_mask, other=0.0)
+    empty = total == 0.0
+    acc = acc / tl.where(empty, 1.0, total)[:, None]
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
+    if ROUND_BF16:
+        acc = _round_bf16(acc)
+    o_ptrs = O + bq * stride_ob + (q_start + offs_m.to(tl.int64))[:, None] * stride_os + \
+        h.to(tl.int64) * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+@triton.jit
 def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, offs_m, lo, hi, len_k, off_hi, qk_scale,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
