@@ -267,11 +267,11 @@ def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: boo
     the tile (None: the table's or the autotuner's, as always), the number of key ranges (split-KV) and
     whether the query heads of a GQA group share a program (``PACK_GQA``). Decoding-shaped launches
     (``max_q <= tiles.DECODE_MAX_Q``) take the decode tile and, with ``group > 1``, pack: each program then
-    reads its kv head's keys once for the whole group instead of once per query head. Splits: ``num_splits`` > 0 as given (clamped to one per key block and
-    ``tiles.MAX_SPLITS``), 0: ``tiles.split_count`` for decoding-shaped launches on a GPU (never under the
-    interpreter, whose programs run one after another; longer queries keep one pass: their partial outputs
-    and the combine would cost more than the idle SMs); always 1 with ``merge`` (the ring's running result is
-    merged in the kernel)."""
+    reads its kv head's keys once for the whole group instead of once per query head. Splits:
+    ``num_splits`` > 0 as given (clamped to one per key block and ``tiles.MAX_SPLITS``), 0:
+    ``tiles.split_count`` for decoding-shaped launches on a GPU (never under the interpreter, whose programs
+    run one after another; longer queries keep one pass: their partial outputs and the combine would cost
+    more than the idle SMs); always 1 with ``merge`` (the ring's running result is merged in the kernel)."""
     decode = max_q <= tiles.DECODE_MAX_Q
     tile = tiles.fwd_decode_tile(key) if decode else None
     pack = decode and group > 1
