@@ -130,7 +130,7 @@ def _variant(q, k, v, out=None, **kw):
 
 def test_default_is_the_pointer_kernel(monkeypatch):
     monkeypatch.delenv("RING_ATTN_FWD", raising=False)
-    q, k, v = _qkv(1, 16, 16, 2, 2, 64, torch.float16)
+    q, k, v = _qkv(1, 17, 17, 2, 2, 64, torch.float16)
     assert _variant(q, k, v)[0] == "pointer"
     monkeypatch.setenv("RING_ATTN_FWD", "pointer")
     assert _variant(q, k, v) == ("pointer", "RING_ATTN_FWD=pointer")
@@ -140,29 +140,33 @@ def test_default_is_the_pointer_kernel(monkeypatch):
 
 def test_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv("RING_ATTN_FWD", "fast")
-    q, k, v = _qkv(1, 16, 16, 2, 2, 64, torch.float16)
+    q, k, v = _qkv(1, 17, 17, 2, 2, 64, torch.float16)
     with pytest.raises(ValueError, match="RING_ATTN_FWD='fast'"):
         _variant(q, k, v)
 
 
 def test_fallback_selection(monkeypatch):
     monkeypatch.setenv("RING_ATTN_FWD", "tma")
-    q, k, v = _qkv(1, 16, 16, 2, 2, 64, torch.float16)
+    q, k, v = _qkv(1, 17, 17, 2, 2, 64, torch.float16)
     assert _variant(q, k, v, window=(4, 0))[0] == "pointer"
     assert _variant(q, k, v, softcap=30.0)[0] == "pointer"
-    q80, k80, v80 = _qkv(1, 16, 16, 2, 2, 80, torch.float16)
+    q80, k80, v80 = _qkv(1, 17, 17, 2, 2, 80, torch.float16)
     assert _variant(q80, k80, v80) == ("pointer", "head dim 80 not in (64, 128)")
-    q32, k32, v32 = _qkv(1, 16, 16, 2, 2, 64, torch.float32)
+    q32, k32, v32 = _qkv(1, 17, 17, 2, 2, 64, torch.float32)
     assert _variant(q32, k32, v32)[1].startswith("dtype torch.float32")
     assert _variant(q[:, :0], k, v) == ("pointer", "an empty sequence dimension")
+    # decoding-shaped calls (<= 16 query rows in the longest sequence) take the pointer kernel's decode tile
+    assert _variant(q[:, :16], k, v) == ("pointer", "16 query rows: decoding-shaped (the decode tile)")
+    assert _variant(q[0], k[0], v[0], varlen=True, max_q=3)[0] == "pointer"
+    assert _variant(q[0], k[0], v[0], varlen=True, max_q=17)[0] == "tma"
     # last dim not contiguous
     qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert "last dim not contiguous" in _variant(qt, k, v)[1]
     # row stride of 2*64+4 halves = 264 B: not a 16-byte multiple
-    wide = torch.randn(1, 16, 2 * 64 + 4).half()[..., :128].unflatten(-1, (2, 64))
+    wide = torch.randn(1, 17, 2 * 64 + 4).half()[..., :128].unflatten(-1, (2, 64))
     assert "16-byte multiples" in _variant(wide, k, v)[1]
     # base pointer off by one element (2 B)
-    flat = torch.randn(16 * 2 * 64 + 1).half()[1:].view(1, 16, 2, 64)
+    flat = torch.randn(17 * 2 * 64 + 1).half()[1:].view(1, 17, 2, 64)
     assert "base pointer" in _variant(flat, k, v)[1]
     # a 16-bit output that is not aligned only matters when O is stored by TMA (not merged)
     assert "out:" in _variant(q, k, v, out=flat)[1]
@@ -180,7 +184,7 @@ def test_old_triton_keeps_the_pointer_kernel(monkeypatch):
 
     monkeypatch.setenv("RING_ATTN_FWD", "tma")
     monkeypatch.delattr(tl, "make_tensor_descriptor")
-    q, k, v = _qkv(1, 16, 16, 2, 2, 64, torch.float16)
+    q, k, v = _qkv(1, 17, 17, 2, 2, 64, torch.float16)
     variant, why = _variant(q, k, v)
     assert variant == "pointer" and "make_tensor_descriptor" in why
 

@@ -104,15 +104,17 @@ def _tma_ok(x: torch.Tensor, name: str) -> Optional[str]:
 
 def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,
                     window: tuple[int, int] = (-1, -1), softcap: float = 0.0, merge: bool = False,
-                    varlen: bool = False, alibi: bool = False) -> tuple[str, str]:
+                    varlen: bool = False, alibi: bool = False, max_q: Optional[int] = None) -> tuple[str, str]:
     """Which forward kernel :func:`attention_forward` launches for these tensors: ``("tma", why)`` or
     ``("pointer", why)``. The TMA variant (``fwd_tma_kernel``) runs only when asked for
     (``RING_ATTN_FWD=tma``; the default stays the pointer kernel until a GPU has measured it) AND it
     applies: Triton has tensor descriptors and warp specialisation, the GPU is sm_90 (or the interpreter
     runs the kernels), no window, soft-cap or ALiBi, head dim 64 or 128, fp16/bf16 Q/K/V of one dtype, contiguous
     last dims and 16-byte aligned bases and strides (also O's when it is 16-bit, dense and not merged,
-    since O is then stored by TMA), non-empty sequence dims. Dense and packed (``varlen``) inputs alike.
-    Raises ValueError for an unknown ``RING_ATTN_FWD``."""
+    since O is then stored by TMA), non-empty sequence dims, and more than ``tiles.DECODE_MAX_Q`` query rows
+    in the longest sequence (``max_q``: dense, q's sequence dim when not given; decoding-shaped calls take the
+    pointer kernel's decode tile). Dense and packed (``varlen``) inputs alike. Raises ValueError for an unknown
+    ``RING_ATTN_FWD``."""
     mode = tiles.forward_variant_mode()
     if mode != "tma":
         return "pointer", "RING_ATTN_FWD=tma not set" if mode == "" else "RING_ATTN_FWD=pointer"
@@ -132,6 +134,9 @@ def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
         return "pointer", f"dtype {q.dtype} (fp16/bf16 only)"
     if q.shape[-3] == 0 or k.shape[-3] == 0:
         return "pointer", "an empty sequence dimension"
+    rows = q.shape[-3] if max_q is None else max_q
+    if rows <= tiles.DECODE_MAX_Q:
+        return "pointer", f"{rows} query rows: decoding-shaped (the decode tile)"
     checks = [(q, "q"), (k, "k"), (v, "v")] + ([(out, "out")] if _o_desc(out, merge, varlen) else [])
     for x, name in checks:
         bad = _tma_ok(x, name)
@@ -241,8 +246,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, h_q // h_kv,
                        softmax_scale * LOG2E, mask_args, alibi_args, common)
         return
-    if tile is None and forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl,
-                                        alibi=alibi is not None)[0] == "tma":
+    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl,
+                       alibi=alibi is not None, max_q=max_q)[0] == "tma":
         _ensure_tma_allocator()
         fwd_tma_kernel[grid](
             q4, k4, v4, o4, l3, *_seq_args(seqs, q),
