@@ -20,6 +20,7 @@ __all__ = [
     "MAX_HEAD_DIM",
     "HEAD_DIM_MULTIPLE",
     "VarlenSeqs",
+    "Dropout",
     "check_tensor",
     "check_qkv",
     "check_scale",
@@ -65,6 +66,36 @@ class VarlenSeqs(NamedTuple):
         cq, ck = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
         return VarlenSeqs(cq[:-1], cq[1:] - cq[:-1], ck[:-1], ck[1:] - ck[:-1],
                           int(max_seqlen_q), int(max_seqlen_k), True)
+
+
+class Dropout(NamedTuple):
+    """Attention dropout of one call (flash-attn's ``dropout_p``): which probabilities are zeroed is a pure
+    function of ``seed`` and the element's place, so the backward regenerates the forward's mask and every
+    backend draws the same one.
+
+    Element (query row ``r``, query head ``h``, key ``j``) is kept iff
+    ``philox(seed, (h · rows + r) · keys + j) >= threshold`` (Philox-4x32, 10 rounds, counter
+    ``(offset_lo, offset_hi, 0, 0)``, key ``(seed_lo, seed_hi)``, first output word: Triton's ``tl.randint``;
+    ``ring_attn.reference.philox`` is the same in torch), with ``threshold = floor(p · 2^32)``. ``r`` is the row's
+    index in the call's query rows (dense: ``batch · s_q + i``; packed: the packed row), ``j`` the key's index in
+    its sequence; ``rows`` is the number of query rows (dense ``b · s_q``, packed ``t_q``) and ``keys`` the key
+    extent (dense ``s_k``, packed ``max_seqlen_k``). Kept probabilities are scaled by ``1 / (1 - p)``; the LSE is
+    that of the softmax before dropout (as flash-attn's). ``row0`` offsets ``r`` for a chunk of a larger call.
+    """
+
+    p: float
+    seed: int
+    rows: int
+    keys: int
+    row0: int = 0
+
+    @property
+    def threshold(self) -> int:
+        return min(int(self.p * 4294967296.0), 4294967295)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
 
 
 def check_tensor(name: str, x) -> None:

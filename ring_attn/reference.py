@@ -29,10 +29,49 @@ __all__ = [
     "merge_partial",
     "backward_fp32",
     "cross_entropy_sum",
+    "philox",
+    "dropout_keep",
 ]
 
 # Rows of queries processed at once by the fp32 CPU fallback, so [rows, s_k] scores stay bounded.
 _FALLBACK_SCORE_ELEMENTS = 1 << 24
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a · b`` for uint32 values held in int64 tensors (no int64 overflow: ``b`` is
+    split into 16-bit halves)."""
+    lo_part = a * (b & 0xFFFF)   # < 2^48
+    hi_part = a * (b >> 16)      # < 2^48
+    low = (lo_part + ((hi_part & 0xFFFF) << 16)) & _M32
+    high = ((lo_part >> 16) + hi_part) >> 16
+    return high, low
+
+
+def philox(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
+    """Philox-4x32 random words of Triton's ``tl.randint(seed, offsets)``: counter ``(offset_lo, offset_hi, 0, 0)``,
+    key ``(seed_lo, seed_hi)``, ``n_rounds`` rounds, the first word of the result. ``offsets``: int64 tensor
+    (>= 0). Returns the uint32 words as int64 (the dropout mask of :class:`ring_attn._contracts.Dropout`)."""
+    offsets = offsets.to(torch.int64)
+    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0
+
+
+def dropout_keep(dropout, head: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Bool keep-mask of :class:`ring_attn._contracts.Dropout` ``dropout`` at broadcastable int64 query heads,
+    query rows (in the call's row space, before ``row0``) and key indices."""
+    offsets = (head * dropout.rows + (row + dropout.row0)) * dropout.keys + col
+    return philox(dropout.seed, offsets) >= dropout.threshold
 
 
 def _visible_mask(s_q: int, s_k: int, causal: bool, causal_offset: int | None, device,
@@ -101,14 +140,28 @@ def _dense_scores(q, k, softmax_scale, causal, causal_offset, compute_dtype, row
     return s
 
 
+def _keep(dropout, b: int, h_q: int, s_q: int, r0: int, r1: int, s_k: int, row_base: int, device) -> torch.Tensor:
+    """Dropout keep-mask ``[b, h_q, r1 - r0, s_k]`` of query rows ``r0 .. r1`` of every batch entry; batch entry
+    ``bi``'s row ``i`` is row ``row_base + bi·s_q + i`` of the call (:class:`ring_attn._contracts.Dropout`)."""
+    head = torch.arange(h_q, device=device, dtype=torch.int64)[None, :, None, None]
+    row = (row_base + torch.arange(b, device=device, dtype=torch.int64)[:, None] * s_q +
+           torch.arange(r0, r1, device=device, dtype=torch.int64)[None, :])[:, None, :, None]
+    col = torch.arange(s_k, device=device, dtype=torch.int64)[None, None, None, :]
+    return dropout_keep(dropout, head, row, col)
+
+
 def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64,
-              window=(-1, -1), softcap=0.0, alibi_slopes=None):
+              window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout=None, row_base=0):
     """Dense attention. Returns ``(out [b, s_q, h_q, d], lse [b, h_q, s_q])``, both in ``compute_dtype``.
 
     ``window=(left, right)`` limits each query to keys ``i + off - left .. i + off + right`` (-1: unbounded;
     see :func:`_visible_mask`); ``softcap > 0`` caps scores as ``softcap * tanh(s / softcap)`` (Gemma 2).
     ``alibi_slopes`` (``[h_q]`` or ``[b, h_q]``, flash-attn's ALiBi) adds ``-slope * |i + off - j|`` to the
     (capped) score of query ``i`` and key ``j``; no gradient flows to the slopes.
+
+    ``dropout`` (:class:`ring_attn._contracts.Dropout`, or None): the probabilities (after the LSE) are
+    multiplied by its keep-mask and ``1 / (1 - p)``; batch entry ``bi``'s query ``i`` is row
+    ``row_base + bi·s_q + i`` of the call.
 
     Differentiable with torch autograd (the oracle's gradients come from here). With ``compute_dtype`` equal
     to the input dtype this is "plain torch in the same low precision", the baseline of the accuracy rule.
@@ -127,6 +180,9 @@ def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, com
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout is not None:
+        b, s_q, h_q = q.shape[:3]
+        p = p * _keep(dropout, b, h_q, s_q, 0, s_q, k.shape[1], row_base, q.device) * dropout.scale
     group = q.shape[2] // k.shape[2]
     vf = v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     out = torch.matmul(p.to(compute_dtype), vf).transpose(1, 2)
@@ -180,9 +236,11 @@ def _row_chunks(rows: int, s_k: int, heads: int, batch: int):
 
 
 @torch.no_grad()
-def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0, alibi=None):
+def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0, alibi=None,
+                 dropout=None, row_base=0):
     """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``(out, lse)``.
-    ``window``/``softcap`` as in :func:`attention`; ``alibi``: slopes ``[h_q]`` or ``[b, h_q]`` (or None)."""
+    ``window``/``softcap``/``dropout``/``row_base`` as in :func:`attention`; ``alibi``: slopes ``[h_q]`` or
+    ``[b, h_q]`` (or None)."""
     b, s_q, h_q, d = q.shape
     s_k = k.shape[1]
     out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
@@ -199,6 +257,8 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1),
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         e = torch.exp(s - m)
         denom = e.sum(dim=-1, keepdim=True)
+        if dropout is not None:  # the LSE is the softmax's before dropout
+            e = e * _keep(dropout, b, h_q, s_q, r0, r1, s_k, row_base, q.device) * dropout.scale
         out[:, r0:r1] = (torch.matmul(e, vf) / torch.where(denom == 0, 1.0, denom)).transpose(1, 2)
         lse[:, :, r0:r1] = (torch.log(denom) + m).squeeze(-1)
     return out, lse
@@ -219,7 +279,7 @@ def merge_partial(out_acc, lse_acc, out_blk, lse_blk) -> None:
 
 @torch.no_grad()
 def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0,
-                  alibi=None):
+                  alibi=None, dropout=None, row_base=0):
     """Dense backward from the *final* ``lse`` and ``delta = rowsum(dout * out)`` (both fp32 ``[b, h_q, s_q]``).
 
     Returns fp32 ``(dq, dk, dv)`` shaped like q, k, v. Rows with ``lse = -inf`` contribute nothing.
@@ -227,7 +287,9 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
     ``dQ = dS K · scale``, ``dK = dSᵀ Q · scale``; GQA sums dK/dV over the query heads of a group.
     ``window`` masks as in :func:`attention`; with ``softcap > 0``, ``S = c·tanh(S_raw / c)`` and ``dS`` is
     multiplied by ``1 - tanh²(S_raw / c)``. ``alibi`` slopes (``[h_q]`` / ``[b, h_q]``) add their bias to
-    ``S`` after the cap (it has no derivative with respect to q/k/v, so ``dS`` is unchanged).
+    ``S`` after the cap (it has no derivative with respect to q/k/v, so ``dS`` is unchanged). ``dropout``
+    (with ``row_base``, as in :func:`attention`): ``dV = (P ∘ keep / (1-p))ᵀ dO`` and ``dP`` is multiplied
+    by ``keep / (1-p)``; ``delta`` is the dropped output's.
     """
     b, s_q, h_q, d = q.shape
     s_k, h_kv = k.shape[1], k.shape[2]
@@ -248,8 +310,13 @@ def backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offse
             s = s + _alibi_bias(alibi, b, h_q, s_q, s_k, offset, r0, r1 - r0, torch.float32)
         p = torch.exp(s - safe_lse[:, :, r0:r1, None])
         do = dout[:, r0:r1].float().transpose(1, 2)  # [b, h_q, rows, d]
-        dv_full += torch.matmul(p.transpose(-1, -2), do)
         dp = torch.matmul(do, vf.transpose(-1, -2))
+        if dropout is not None:
+            keep = _keep(dropout, b, h_q, s_q, r0, r1, s_k, row_base, q.device) * dropout.scale
+            dv_full += torch.matmul((p * keep).transpose(-1, -2), do)
+            dp = dp * keep
+        else:
+            dv_full += torch.matmul(p.transpose(-1, -2), do)
         ds = p * (dp - delta[:, :, r0:r1, None])
         if softcap and softcap > 0:
             ds = ds * (1.0 - t * t)

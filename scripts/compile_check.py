@@ -47,6 +47,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from ring_attn._contracts import Dropout  # noqa: E402
 from ring_attn.backends.triton import attention as A  # noqa: E402
 from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
 R = importlib.import_module("ring_attn.backends.triton.rope")  # the module: the package re-exports the function
@@ -93,6 +94,9 @@ for _name in ("fwd-d128", "bwd-d128", "bwd-d64", "bwd-d128-fused"):
 # decoding: one new token over a 32k-token cache (the 16-row decode tile, split-KV: SPLIT launches)
 for _name, _d in (("fwd-d128-decode", 128), ("fwd-d64-decode", 64), ("fwd-d256-decode", 256)):
     CASES[_name] = dict(op="fwd", shape=(1, 1, 32, 8, _d), s_k=32768, causal=True, merge=False)
+# attention dropout (the Philox mask in the loops)
+for _name in ("fwd-d128", "bwd-d128", "bwd-d64"):
+    CASES[_name + "-dropout"] = dict(CASES[_name], dropout=True)
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
 CASES["tiny-decode"] = dict(op="fwd", shape=(1, 1, 2, 2, 64), s_k=4096, causal=True, merge=False)
 CASES["tiny-tma"] = dict(CASES["tiny"], env={"RING_ATTN_FWD": "tma"})
@@ -142,6 +146,7 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
     q, k, v = e(b, s, hq, d), e(b, s_k, hkv, d), e(b, s_k, hkv, d)
     lse = e(b, hq, s, dt=torch.float32)
     alibi = e(b, hq, dt=torch.float32) if case.get("alibi") else None
+    drop = Dropout(0.1, 2 ** 40 + 1, b * s, s_k) if case.get("dropout") else None
     log = []
     env = case.get("env", {})
     saved_env = {name: os.environ.get(name) for name in env}
@@ -161,14 +166,14 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
                 out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
                 A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],
                                     causal_offset=None, seqs=None, merge=case["merge"], window=(-1, -1),
-                                    softcap=0.0, alibi=alibi)
+                                    softcap=0.0, alibi=alibi, dropout=drop)
             else:
                 gdt = torch.float32 if case["accumulate"] else dtype
                 A.attention_backward(e(b, s, hq, d), q, k, v, lse, e(b, hq, s, dt=torch.float32),
                                      e(b, s, hq, d, dt=gdt), e(b, s, hkv, d, dt=gdt), e(b, s, hkv, d, dt=gdt),
                                      softmax_scale=d ** -0.5, causal=case["causal"], causal_offset=None,
                                      seqs=None, accumulate=case["accumulate"], window=(-1, -1), softcap=0.0,
-                                     alibi=alibi)
+                                     alibi=alibi, dropout=drop)
     finally:
         for name, val in saved_env.items():
             if val is None:

@@ -83,9 +83,12 @@ def test_positional_arguments_mean_what_they_mean_in_flash_attn():
     # flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, ...): the 6th positional is causal
     torch.testing.assert_close(ring_attn.flash_attn_func(q, k, v, 0.0, None, True), causal, rtol=0, atol=0)
     torch.testing.assert_close(ring_attn.flash_attn_func(q, k, v, 0.0, causal=True), causal, rtol=0, atol=0)
-    # the 4th positional is dropout_p: a non-zero value is refused, never read as causal
-    with pytest.raises(NotImplementedError, match=r"dropout_p=0\.1"):
-        ring_attn.flash_attn_func(q, k, v, 0.1)
+    # the 4th positional is dropout_p: 0.1 drops (as the keyword does under the same seed), never read as causal
+    torch.manual_seed(0)
+    positional = ring_attn.flash_attn_func(q, k, v, 0.1)
+    torch.manual_seed(0)
+    assert torch.equal(positional, ring_attn.flash_attn_func(q, k, v, dropout_p=0.1))
+    assert not torch.equal(positional, ring_attn.flash_attn_func(q, k, v))
     # every argument positionally: (dropout_p, scale, causal, window_size, softcap, alibi, deterministic, probs)
     res = ring_attn.flash_attn_func(q, k, v, 0.0, 0.3, True, (5, 0), 2.0, None, True, True)
     kw = ring_attn.flash_attn_func(q=q, k=k, v=v, dropout_p=0.0, softmax_scale=0.3, causal=True, window_size=(5, 0),
@@ -320,7 +323,7 @@ _q, _k, _v = _qkv(1, 8, 8, 4, 2, 16, torch.float32)
 _alibi = torch.rand(4)
 
 BAD_OPTIONS = [
-    (NotImplementedError, r"dropout_p=0\.1 is not implemented", dict(dropout_p=0.1)),
+    (ValueError, r"dropout_p must be a float in \[0, 1\), got nan", dict(dropout_p=float("nan"))),
     (ValueError, r"dropout_p must be a float in \[0, 1\), got 1\.0", dict(dropout_p=1.0)),
     (ValueError, r"dropout_p must be a float in \[0, 1\), got -0\.5", dict(dropout_p=-0.5)),
     (ValueError, r"dropout_p must be a float in \[0, 1\), got True", dict(dropout_p=True)),
@@ -361,7 +364,7 @@ BAD_VARLEN = [
     (TypeError, r"max_seqlen_q must be a non-negative int, got a tensor of shape \(2,\)",
      dict(max_seqlen_q=torch.tensor([5, 5]))),
     (ValueError, r"max_seqlen_k must be a non-negative int, got -1", dict(max_seqlen_k=np.int64(-1))),
-    (NotImplementedError, r"dropout_p=0\.2", dict(dropout_p=0.2)),
+    (ValueError, r"dropout_p must be a float in \[0, 1\), got 1\.5", dict(dropout_p=1.5)),
     (ValueError, r"softcap must be a finite float >= 0", dict(softcap=float("nan"))),
 ]
 

@@ -324,6 +324,32 @@ def test_single_device_padding_matches_stock(model_name):
     assert (got[real] - ref[real]).abs().max().item() < 1e-4
 
 
+def test_single_device_attention_dropout():
+    """config.attention_dropout > 0 in training on one device runs the kernels' dropout: reproducible under
+    torch.manual_seed, a fresh mask per call, gradients flow; in eval mode the patched model equals stock."""
+    model = build("llama", attn="oracle")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        stock = model(ids, use_cache=False).logits
+    with hf.patch_hf(model):
+        with torch.no_grad():
+            assert (model(ids, use_cache=False).logits - stock).abs().max().item() < 1e-4  # eval: no dropout
+        model.train()
+        torch.manual_seed(0)
+        a = model(ids, use_cache=False).logits
+        b = model(ids, use_cache=False).logits
+        torch.manual_seed(0)
+        c = model(ids, use_cache=False).logits
+        assert torch.equal(a, c) and not torch.equal(a, b)
+        assert (a - stock).abs().max().item() > 1e-2  # dropout changed the result
+        a.float().pow(2).mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.eval()
+
+
 def test_padding_is_analysed_once_per_forward_and_again_after_an_in_place_change(monkeypatch):
     """The unpadding plan (gather indices, cu_seqlens, host reads) is built once per forward, not once per
     layer; a mask buffer rewritten in place between forwards is analysed again (no stale plan)."""
@@ -616,10 +642,7 @@ def test_single_device_refusals():
             model(ids, attention_mask=holes, use_cache=False)
         with pytest.raises(NotImplementedError, match="output_attentions"):
             model(ids[:, :3], use_cache=False, output_attentions=True)
-    model = build("llama", attention_dropout=0.5).train()
-    with hf.patch_hf(model):
-        with pytest.raises(NotImplementedError, match="dropout"):
-            model(ids, use_cache=False)
+    # attention dropout in training runs on one device (test_single_device_attention_dropout), not over a ring
 
 
 def test_patch_argument_errors():

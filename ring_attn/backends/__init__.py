@@ -62,7 +62,8 @@ class Capability:
     dim). ``varlen``: packed sequences. ``merge``: the fp32 merge into a running (out, lse). ``deterministic``:
     bitwise-identical results for identical inputs. ``window``: sliding-window masks. ``softcap``: tanh
     logit soft-capping. ``alibi``: ALiBi slopes (flash-attn's ``alibi_slopes``). ``fp64``: float64 storage
-    with float64 math (RoPE).
+    with float64 math (RoPE). ``dropout``: attention dropout (flash-attn's ``dropout_p``, the mask of
+    ``ring_attn._contracts.Dropout``).
     """
 
     devices: Optional[tuple[str, ...]]
@@ -75,6 +76,7 @@ class Capability:
     softcap: bool = False
     alibi: bool = False
     fp64: bool = False
+    dropout: bool = False
 
 
 _ATTN_DTYPES = (_F16, _BF16, _F32)
@@ -82,14 +84,14 @@ _ROPE_DTYPES = (_F16, _BF16, _F32, _F64)
 
 CAPABILITIES: dict[tuple[str, str], Capability] = {
     ("triton", "attention"): Capability(devices=("cuda", "cpu"), dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
-                                        window=True, softcap=True, alibi=True),
+                                        window=True, softcap=True, alibi=True, dropout=True),
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
     ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(1, None, 1),
                                         window=True, softcap=True, alibi=True),
     ("native", "rope"): Capability(devices=("cpu",), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
     ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
-                                           window=True, softcap=True, alibi=True),
+                                           window=True, softcap=True, alibi=True, dropout=True),
     ("reference", "rope"): Capability(devices=None, dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
 }
 
@@ -158,7 +160,7 @@ def _availability_reasons(backend: str, device: torch.device) -> list[str]:
 def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.dtype] = None,
                           head_dim: Optional[int] = None, *, varlen: bool = False, merge: bool = False,
                           window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                          alibi: bool = False) -> list[str]:
+                          alibi: bool = False, dropout: bool = False) -> list[str]:
     """Why ``backend`` cannot run ``op`` on these inputs; an empty list means it can.
 
     Args:
@@ -170,6 +172,7 @@ def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.d
         varlen, merge: whether the call is packed / merges into a running result.
         window, softcap: the attention mask window (``(-1, -1)`` = none) and logit soft-cap (0 = none).
         alibi: whether the call adds an ALiBi bias.
+        dropout: whether the call has attention dropout.
 
     Returns:
         One ``"<backend>: <reason>"`` string per unmet requirement.
@@ -202,6 +205,8 @@ def not_supported_reasons(backend: str, op: str, device, dtype: Optional[torch.d
         reasons.append(f"{backend}: softcap={softcap!r} is not supported for {op}")
     if alibi and not cap.alibi:
         reasons.append(f"{backend}: alibi_slopes (ALiBi) is not supported for {op}")
+    if dropout and not cap.dropout:
+        reasons.append(f"{backend}: dropout_p > 0 (attention dropout) is not supported for {op}")
     return reasons
 
 
@@ -265,7 +270,7 @@ def _choose(op: str, device, dtype, head_dim, **flags) -> tuple[Optional[str], d
 
 def select(op: str, device, dtype: Optional[torch.dtype] = None, head_dim: Optional[int] = None, *,
            varlen: bool = False, merge: bool = False, window: tuple[int, int] = (-1, -1),
-           softcap: float = 0.0, alibi: bool = False) -> ModuleType:
+           softcap: float = 0.0, alibi: bool = False, dropout: bool = False) -> ModuleType:
     """The backend module that runs ``op`` on these inputs (imported now, on first use).
 
     Arguments as in :func:`not_supported_reasons`. The module has a ``NAME`` attribute and the functions of
@@ -278,7 +283,7 @@ def select(op: str, device, dtype: Optional[torch.dtype] = None, head_dim: Optio
     global _warned_fallback
     device = torch.device(device)
     name, rejected = _choose(op, device, dtype, head_dim, varlen=varlen, merge=merge, window=window,
-                             softcap=softcap, alibi=alibi)
+                             softcap=softcap, alibi=alibi, dropout=dropout)
     if name is None:
         pinned = forced()
         what = f"the pinned backend {pinned!r}" if pinned else "no ring_attn backend"

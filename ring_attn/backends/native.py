@@ -85,13 +85,20 @@ def _alibi_args(alibi: Optional[torch.Tensor]) -> tuple:
     return (alibi.data_ptr(), alibi.stride(0), alibi.stride(1))
 
 
+def _no_dropout(dropout) -> None:
+    if dropout is not None:  # the dispatcher never routes dropout here (CAPABILITIES); a direct caller learns why
+        raise NotImplementedError("native backend: attention dropout is not implemented (the Triton and reference "
+                                  "backends have it)")
+
+
 def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs, merge: bool, window=(-1, -1), softcap: float = 0.0, alibi=None,
-                      num_splits: int = 0) -> None:
+                      num_splits: int = 0, dropout=None) -> None:
     """Protocol ``attention_forward`` (see :mod:`ring_attn.backends.protocol`): writes ``out``/``lse`` in place.
     ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides). ``num_splits``: ignored (each row's keys
-    are one pass on a CPU thread)."""
+    are one pass on a CPU thread). ``dropout`` must be None (not in this backend's capabilities)."""
     del num_splits
+    _no_dropout(dropout)
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse), shape, seq, packed, float(softmax_scale),
                          *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi), bool(merge),
@@ -111,9 +118,11 @@ def attention_delta(dout, out, delta, dlse) -> None:
 
 def attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, *, softmax_scale: float, causal: bool,
                        causal_offset: Optional[int], seqs, accumulate: bool, window=(-1, -1),
-                       softcap: float = 0.0, alibi=None) -> None:
+                       softcap: float = 0.0, alibi=None, dropout=None) -> None:
     """Protocol ``attention_backward``: gradients added into (``accumulate``) or written to dq/dk/dv.
-    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides; they get no gradient)."""
+    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides; they get no gradient). ``dropout`` must be
+    None."""
+    _no_dropout(dropout)
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_backward(_t4(dout), _t4(q), _t4(k), _t4(v), _l3(lse), _l3(delta), _t4(dq), _t4(dk), _t4(dv),
                           shape, seq, packed, float(softmax_scale),

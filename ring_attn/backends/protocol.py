@@ -34,27 +34,32 @@ Conventions shared by every function
 Functions
 ---------
 ``attention_forward(q, k, v, out, lse, *, softmax_scale, causal, causal_offset, seqs, merge, window, softcap,
-alibi, num_splits)``
+alibi, num_splits, dropout)``
     Writes ``out`` (shaped like q; q's dtype or fp32) and ``lse``. Packed: only rows inside a sequence are
     written. ``merge=True``: ``out`` and ``lse`` are fp32 running results of earlier key blocks for the same
     queries; this block is merged in place by LSE weighting (``new = logaddexp(lse, lse_blk)``,
     ``out = out·exp(lse - new) + out_blk·exp(lse_blk - new)``); a row that sees no key here is left unchanged.
     ``num_splits`` (never with ``merge``): a scheduling hint, flash-attn's split-KV: 0 = the backend decides,
     1 = one pass over the keys, n > 1 = up to n key ranges computed in parallel and combined by LSE. Results
-    agree up to rounding; a backend may ignore it (the CPU backends do).
+    agree up to rounding; a backend may ignore it (the CPU backends do). ``dropout``: None, or a
+    ``ring_attn._contracts.Dropout`` (attention dropout; the mask is a pure function of its seed and each
+    element's place, so every backend draws the same one): probabilities after the LSE are multiplied by the
+    keep-mask and ``1 / (1 - p)``; a backend without ``dropout`` in its capabilities is never called with it.
 
 ``attention_delta(dout, out, delta, dlse)``
     ``delta = rowsum(dout · out) - dlse`` in fp32 (``dlse`` may be None), written into ``delta`` (LSE layout).
     Dense or packed, judged by ``out.dim()`` (4 or 3).
 
 ``attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, *, softmax_scale, causal, causal_offset, seqs,
-accumulate, window, softcap, alibi)``
+accumulate, window, softcap, alibi, dropout)``
     Gradients of the block pair from the *final* ``lse`` and ``delta``: ``p = exp(s - lse)``,
     ``ds = p · (dout·vᵀ - delta)``, times ``1 - tanh²(s_raw / softcap)`` with a softcap, then
     ``dq = softmax_scale · ds·k``, ``dk = softmax_scale · dsᵀ·q`` (summed over the query heads of a kv head),
     ``dv = pᵀ·dout``. ``accumulate=True``: dq/dk/dv are fp32 and the gradients are *added* (a ring step);
     ``accumulate=False``: they are overwritten (any storage dtype; packed: rows outside every sequence are
-    left untouched). Must be deterministic: the same inputs give bitwise-identical results.
+    left untouched). Must be deterministic: the same inputs give bitwise-identical results. With the forward's
+    ``dropout``: ``dv = (p ∘ keep / (1-p))ᵀ·dout`` and ``dout·vᵀ`` is multiplied by ``keep / (1-p)`` before
+    ``ds`` (``delta`` is the dropped output's).
 
 ``rope(q4, k4, qo4, ko4, *, rotary_dim, interleaved, backward, copy_pass, pos2, inv_freq, scaling, cos3, sin3,
 qy4, ky4, dtheta)``
@@ -88,7 +93,8 @@ class Backend(Protocol):
     def attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, *, softmax_scale: float, causal: bool,
                           causal_offset: Optional[int], seqs, merge: bool, window: tuple[int, int],
-                          softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0) -> None: ...
+                          softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0,
+                          dropout=None) -> None: ...
 
     def attention_delta(self, dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
                         dlse: Optional[torch.Tensor]) -> None: ...
@@ -97,7 +103,7 @@ class Backend(Protocol):
                            lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
                            dv: torch.Tensor, *, softmax_scale: float, causal: bool,
                            causal_offset: Optional[int], seqs, accumulate: bool, window: tuple[int, int],
-                           softcap: float, alibi: Optional[torch.Tensor] = None) -> None: ...
+                           softcap: float, alibi: Optional[torch.Tensor] = None, dropout=None) -> None: ...
 
     def rope(self, q4: torch.Tensor, k4: torch.Tensor, qo4: torch.Tensor, ko4: torch.Tensor, *,
              rotary_dim: int, interleaved: bool, backward: bool, copy_pass: bool,

@@ -30,10 +30,11 @@ def _row(alibi: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
-                      softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0) -> None:
+                      softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0,
+                      dropout=None) -> None:
     """Protocol ``attention_forward`` through :func:`ring_attn.reference.forward_fp32` (and ``merge_partial``);
     ``alibi``: fp32 slopes ``[n_batch, h_q]`` (row ``i``: batch entry or packed sequence ``i``) or None.
-    ``num_splits``: ignored (one pass)."""
+    ``num_splits``: ignored (one pass). ``dropout``: ``ring_attn._contracts.Dropout`` or None."""
     del num_splits
     def put(o_dst, l_dst, o, l):
         if merge:
@@ -43,14 +44,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             l_dst.copy_(l)
 
     if seqs is None:
-        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap, alibi)
+        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap, alibi, dropout)
         put(out, lse, o, l)
         return
     for n, (a_q, n_q, a_k, n_k) in enumerate(_segments(seqs)):
         if n_q == 0:
             continue
         o, l = _ref.forward_fp32(q[None, a_q:a_q + n_q], k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
-                                 softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n))
+                                 softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n), dropout, a_q)
         put(out[a_q:a_q + n_q], lse[:, a_q:a_q + n_q], o[0], l[0])
 
 
@@ -69,9 +70,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
                        softmax_scale: float, causal: bool, causal_offset: Optional[int],
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
-                       softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
-    """Protocol ``attention_backward`` through :func:`ring_attn.reference.backward_fp32` (``alibi`` as in
-    :func:`attention_forward`)."""
+                       softcap: float, alibi: Optional[torch.Tensor] = None, dropout=None) -> None:
+    """Protocol ``attention_backward`` through :func:`ring_attn.reference.backward_fp32` (``alibi`` and
+    ``dropout`` as in :func:`attention_forward`)."""
     def put(dst, val):
         if accumulate:
             dst += val
@@ -80,7 +81,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     if seqs is None:
         gq, gk, gv = _ref.backward_fp32(dout, q, k, v, lse, delta, softmax_scale, causal, causal_offset,
-                                        window, softcap, alibi)
+                                        window, softcap, alibi, dropout)
         put(dq, gq)
         put(dk, gk)
         put(dv, gv)
@@ -97,7 +98,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         gq, gk, gv = _ref.backward_fp32(dout[None, a_q:a_q + n_q], q[None, a_q:a_q + n_q],
                                         k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
                                         lse[None, :, a_q:a_q + n_q], delta[None, :, a_q:a_q + n_q],
-                                        softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n))
+                                        softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n),
+                                        dropout, a_q)
         dq[a_q:a_q + n_q] += gq[0]
         dk[a_k:a_k + n_k] += gk[0]
         dv[a_k:a_k + n_k] += gv[0]

@@ -129,15 +129,17 @@ def sliding_window_size(sliding_window: Optional[int], longest: int, causal: boo
     return (left, 0 if causal else left)
 
 
-def refuse_unsupported(module, dropout, kwargs, who: str = f"attn_implementation='{ATTN_IMPLEMENTATION}'") -> None:
+def refuse_unsupported(module, dropout, kwargs, who: str = f"attn_implementation='{ATTN_IMPLEMENTATION}'",
+                       dropout_ok: bool = False) -> None:
     """NotImplementedError naming the setting, for what an AttentionInterface entry here cannot do:
-    ``output_attentions``, attention dropout in training, attention sinks (``s_aux``). ``who`` names the entry."""
+    ``output_attentions``, attention dropout in training (unless ``dropout_ok``: on one device the kernels
+    apply it), attention sinks (``s_aux``). ``who`` names the entry."""
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         raise NotImplementedError(f"output_attentions=True: {who} never materializes attention probabilities; "
                                   f"use attn_implementation='eager' to inspect them")
-    if dropout:
+    if dropout and not dropout_ok:
         raise NotImplementedError(f"attention dropout={dropout} (config.attention_dropout) in training: {who} has "
-                                  f"no dropout; set config.attention_dropout=0")
+                                  f"no dropout over the ring (one device has it); set config.attention_dropout=0")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"attention sinks (s_aux): not implemented by {who}")
 
@@ -265,7 +267,8 @@ def _unpad_plan(keep: torch.Tensor, s_q: int) -> _Unpad:
     return plan
 
 
-def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window=(-1, -1), softcap=0.0):
+def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window=(-1, -1), softcap=0.0,
+                        dropout: float = 0.0):
     """Single-device attention with padding: gather the real tokens of every row into packed sequences and run
     the varlen kernel. Queries are the last ``s_q`` key positions (true with a growing cache), so bottom-right
     causal alignment per sequence is exact even for masks with holes. A sliding window counts positions, so it
@@ -281,7 +284,7 @@ def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window
     out = ring_attn.flash_attn_varlen_func(
         q.reshape(b * s_q, h, d).index_select(0, plan.idx_q), k.reshape(b * s_k, -1, d).index_select(0, plan.idx_k),
         v.reshape(b * s_k, -1, d).index_select(0, plan.idx_k), cu_seqlens_q=plan.cu_q, cu_seqlens_k=plan.cu_k,
-        max_seqlen_q=plan.max_q, max_seqlen_k=plan.max_k, causal=causal, softmax_scale=scale,
+        max_seqlen_q=plan.max_q, max_seqlen_k=plan.max_k, dropout_p=dropout, causal=causal, softmax_scale=scale,
         window_size=window, softcap=softcap)
     full = out.new_zeros(b * s_q, h, d).index_copy(0, plan.idx_q, out)
     return full.reshape(b, s_q, h, d)
@@ -340,17 +343,18 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
         ``(attn_output [b, s_q, h_q, d], None)``.
 
     Raises:
-        NotImplementedError naming the setting (output_attentions, dropout, attention sinks ``s_aux``, padding
-        in a sharded sequence, a KV cache in ring mode, 4-D masks, a sliding window over a padding mask with
-        holes, a rotary embedding class imported after the patch in ring mode); ValueError for position_ids that
-        are not a layout shard in ring mode, a ``sliding_window`` that is not a positive int, a negative
-        ``softcap``.
+        NotImplementedError naming the setting (output_attentions, dropout in ring mode, attention sinks
+        ``s_aux``, padding in a sharded sequence, a KV cache in ring mode, 4-D masks, a sliding window over a
+        padding mask with holes, a rotary embedding class imported after the patch in ring mode); ValueError for
+        position_ids that are not a layout shard in ring mode, a ``sliding_window`` that is not a positive int, a
+        negative ``softcap``.
     """
     state = _active
     if state is None:
         raise RuntimeError("attn_implementation='ring_attn' is used but the ring_attn patch was undone; call "
                            "ring_attn.integrations.hf.patch_hf() again or switch the model back")
-    refuse_unsupported(module, dropout, kwargs)
+    refuse_unsupported(module, dropout, kwargs, dropout_ok=state.world == 1)
+    dropout = float(dropout or 0.0)  # one device: the kernels' attention dropout (flash-attn's dropout_p)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     softcap = kwargs.get("softcap")
     softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
@@ -375,15 +379,15 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             out = ring_attn.flash_attn_varlen_func(
                 q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
                 cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_len), max_seqlen_k=int(max_len),
-                causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap)
+                dropout_p=dropout, causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap)
             return out.reshape(b, s_q, h_q, d), None
         window = sliding_window_size(sliding_window, s_k, causal)
         if keep is not None:
-            return _unpadded_attention(q, k, v, keep, causal, scaling, window, softcap), None
+            return _unpadded_attention(q, k, v, keep, causal, scaling, window, softcap, dropout), None
         # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q and, with a window,
         # j >= i + s_k - s_q - (sliding_window - 1)
-        return ring_attn.flash_attn_func(q, k, v, causal=causal, softmax_scale=scaling, window_size=window,
-                                         softcap=softcap), None
+        return ring_attn.flash_attn_func(q, k, v, dropout_p=dropout, causal=causal, softmax_scale=scaling,
+                                         window_size=window, softcap=softcap), None
 
     # ring mode
     _check_rotary_patched(module, state)

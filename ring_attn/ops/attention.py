@@ -10,7 +10,9 @@ Public (re-exported by ``ring_attn``):
 Every function has flash-attn's (2.6/2.7) signature: the same positional order, names, defaults and return
 conventions (``return_attn_probs=True`` gives ``(out, softmax_lse, None)``), so code written for flash-attn means
 the same thing here. ``window_size`` (sliding window), ``softcap`` (Gemma 2) and ``alibi_slopes`` (ALiBi) are
-implemented; ``dropout_p > 0`` and a paged ``block_table`` raise NotImplementedError. Our extra,
+implemented, and so is ``dropout_p`` (attention dropout: the mask is regenerated in the backward from a seed
+drawn from torch's default generator, so ``torch.manual_seed`` reproduces a call; see
+``ring_attn._contracts.Dropout``); a paged ``block_table`` raises NotImplementedError. Our extra,
 ``return_lse``, is keyword-only.
 
 Lower level, for the ring (documented, stable; defined in ``ring_attn.ops.attention_block`` and re-exported
@@ -36,6 +38,7 @@ import torch
 from ring_attn._contracts import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
+    Dropout,
     VarlenSeqs,
     check_alibi_slopes,
     check_cu_seqlens,
@@ -84,26 +87,48 @@ def _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return VarlenSeqs.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
+def _draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (``torch.manual_seed`` reproduces it; no device sync),
+    in ``[2^32, 2^62)`` so the kernels always receive a 64-bit integer (one compiled variant)."""
+    return int(torch.randint(2 ** 32, 2 ** 62, (1,), dtype=torch.int64).item())
+
+
+def _op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p: float, seed: int) -> Optional[Dropout]:
+    """The call's :class:`Dropout` (rows: dense ``b · s_q``, packed ``t_q``; keys: ``s_k`` / ``max_seqlen_k``)."""
+    if dropout_p <= 0:
+        return None
+    if cu_seqlens_q is None:
+        return Dropout(dropout_p, seed, q.shape[0] * q.shape[1], k.shape[1])
+    return Dropout(dropout_p, seed, q.shape[0], int(max_seqlen_k))
+
+
 @torch.library.custom_op("ring_attn::flash_attn_forward", mutates_args=())
 def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                            causal: bool, window_left: int, window_right: int,
-                           softcap: float, alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                           softcap: float, alibi_slopes: Optional[torch.Tensor],
+                           dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Returns (out, lse, seed): seed is an int64 CPU tensor [1], the dropout seed drawn here (at run time, not
+    # when a graph is traced, so every call gets a fresh one) for the backward; 0 without dropout.
     if cu_seqlens_q is not None:  # value checks need a host read; done here, outside any traced graph
         check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return attention_block_forward(q, k, v, softmax_scale, causal, None, seqs, window=(window_left, window_right),
-                                   softcap=softcap, alibi_slopes=alibi_slopes)
+    seed = _draw_seed() if dropout_p > 0 else 0
+    out, lse = attention_block_forward(q, k, v, softmax_scale, causal, None, seqs,
+                                       window=(window_left, window_right), softcap=softcap,
+                                       alibi_slopes=alibi_slopes,
+                                       dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, seed))
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
 @_flash_attn_forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, alibi_slopes):
+      window_right, softcap, alibi_slopes, dropout_p):
     packed = cu_seqlens_q is not None
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        q.new_empty(lse_shape(q, packed), dtype=torch.float32)
+        q.new_empty(lse_shape(q, packed), dtype=torch.float32), torch.empty(1, dtype=torch.int64)
 
 
 @torch.library.custom_op("ring_attn::flash_attn_backward", mutates_args=())
@@ -112,37 +137,41 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                             causal: bool, window_left: int, window_right: int, softcap: float,
-                            alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                            seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     delta = attention_delta(dout, out, dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
                              accumulate=False, window=(window_left, window_right), softcap=softcap,
-                             alibi_slopes=alibi_slopes)
+                             alibi_slopes=alibi_slopes,
+                             dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, int(seed[0])))
     return dq, dk, dv
 
 
 @_flash_attn_backward_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal, window_left, window_right, softcap, alibi_slopes):
+      causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, *meta, alibi = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    q, k, v, cu_q, cu_k, *meta, alibi, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed)
     ctx.meta = tuple(meta)  # max_q, max_k, scale, causal, window_left, window_right, softcap
+    ctx.dropout_p = dropout_p
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dseed):
+    q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.ring_attn.flash_attn_backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta,
-                                                         alibi)
-    # no gradient for cu_seqlens, the options and the ALiBi slopes (flash-attn gives the slopes none either)
-    return (dq, dk, dv) + (None,) * (2 + len(ctx.meta) + 1)
+                                                         alibi, ctx.dropout_p, seed)
+    # no gradient for cu_seqlens, the options, the ALiBi slopes (flash-attn gives the slopes none either) and
+    # dropout_p
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.meta) + 2)
 
 
 torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setup_context=_setup_context)
@@ -155,12 +184,9 @@ torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setu
 def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
                    return_attn_probs, return_lse):
     """Validate flash-attn's options (``alibi_slopes`` is checked by the caller, which knows the batch);
-    returns ``(scale, causal, (left, right), softcap)``."""
+    returns ``(scale, causal, (left, right), softcap, dropout_p)``."""
     scale = check_scale(softmax_scale, d)
     p = check_dropout(dropout_p)
-    if p > 0:
-        raise NotImplementedError(f"dropout_p={dropout_p!r} is not implemented in ring_attn (attention dropout); "
-                                  "expected 0.0 (flash-attn's value for evaluation)")
     causal = check_flag("causal", causal)
     window = check_window(window_size)
     cap = check_softcap(softcap)
@@ -168,7 +194,7 @@ def _check_options(d: int, dropout_p, softmax_scale, causal, window_size, softca
     check_deterministic(check_flag("deterministic", deterministic))
     check_flag("return_attn_probs", return_attn_probs)
     check_flag("return_lse", return_lse)
-    return scale, causal, window, cap
+    return scale, causal, window, cap, p
 
 
 def _result(out, lse, return_attn_probs, return_lse):
@@ -189,7 +215,12 @@ def _unbind_packed(name: str, x, n: int, dim: int, layout: str):
 # Public functions (flash-attn's signatures)
 
 _COMMON_DOC = """
-        dropout_p: must be 0.0 (attention dropout is not implemented: NotImplementedError otherwise).
+        dropout_p: attention dropout probability in [0, 1): each attention probability (after the softmax, whose
+            LSE is returned undropped) is zeroed with probability ``dropout_p`` and the rest scaled by
+            ``1 / (1 - dropout_p)``, as flash-attn does (pass 0.0 in evaluation). The mask comes from a seed drawn
+            from torch's default generator (``torch.manual_seed`` reproduces a call) and is regenerated in the
+            backward. Bits differ from flash-attn's (another random stream). Not on the native CPU backend
+            (RuntimeError when it is pinned; automatic selection picks another).
         softmax_scale: default ``1 / sqrt(head_dim)``.
         causal: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, as flash-attn
             >= 2.1). A query that sees no key gets output 0 and ``lse = -inf``.
@@ -202,8 +233,8 @@ _COMMON_DOC = """
             ``j`` (after the softcap, before masking; per sequence in varlen). The slopes get no gradient.
         deterministic: the backward is bitwise deterministic either way; True under the opt-in
             ``RING_ATTN_BWD=fused`` (unordered atomics) is refused with ValueError.
-        return_attn_probs: return ``(out, softmax_lse, None)``: flash-attn's ``S_dmask`` (only meaningful with
-            dropout, for its tests) is not materialised and is None.
+        return_attn_probs: return ``(out, softmax_lse, None)``: flash-attn's ``S_dmask`` (the dropout pattern,
+            for its tests) is not materialised and is None (``ring_attn.reference.dropout_keep`` computes it).
         return_lse (keyword-only, ours): return ``(out, lse)``."""
 
 
@@ -226,15 +257,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
     Raises:
         TypeError / ValueError naming the argument for wrong types, ranks, dtypes, devices, head counts, head
-        dims, option values or ``alibi_slopes`` (dtype, shape, device); NotImplementedError for
-        ``dropout_p > 0``; all before any kernel runs.
+        dims, option values (``dropout_p`` outside [0, 1)) or ``alibi_slopes`` (dtype, shape, device); all before
+        any kernel runs.
     """
     h_q, _h_kv, d = check_qkv(q, k, v, packed=False)
-    scale, causal, window, cap = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                deterministic, return_attn_probs, return_lse)
+    scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
+                                                   deterministic, return_attn_probs, return_lse)
     check_alibi_slopes(alibi_slopes, q.device, q.shape[0], h_q, "batch")
-    out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal,
-                                                      window[0], window[1], cap, alibi_slopes)
+    out, lse, _seed = torch.ops.ring_attn.flash_attn_forward(q, k, v, None, None, q.shape[1], k.shape[1], scale,
+                                                             causal, window[0], window[1], cap, alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
 
 
@@ -265,8 +296,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         ``max_seqlen`` (negative, float, bool), NotImplementedError for a ``block_table``.
     """
     h_q, _h_kv, d = check_qkv(q, k, v, packed=True)
-    scale, causal, window, cap = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                deterministic, return_attn_probs, return_lse)
+    scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
+                                                   deterministic, return_attn_probs, return_lse)
     if block_table is not None:
         what = f"a tensor of shape {tuple(block_table.shape)}" if isinstance(block_table, torch.Tensor) else \
             repr(block_table)
@@ -280,8 +311,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
     check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")
-    out, lse = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
-                                                      causal, window[0], window[1], cap, alibi_slopes)
+    out, lse, _seed = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                                                             scale, causal, window[0], window[1], cap, alibi_slopes,
+                                                             p)
     return _result(out, lse, return_attn_probs, return_lse)
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ring_attn import backends
-from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_softcap, check_window
+from ring_attn._contracts import Dropout, VarlenSeqs, check_alibi_slopes, check_softcap, check_window
 
 __all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape"]
 
@@ -51,6 +51,14 @@ def _alibi(alibi_slopes, q, seqs):
     return check_alibi_slopes(alibi_slopes, q.device, seqs.starts_q.numel(), q.shape[-2], "n_seqs")
 
 
+def _chunk_dropout(dropout: Optional[Dropout], sl: slice, q) -> Optional[Dropout]:
+    """The dropout of one batch chunk: dense chunks start at row ``sl.start · s_q`` of the call (packed chunks
+    keep the packed rows, already in the call's row space)."""
+    if dropout is None or not sl.start:
+        return dropout
+    return dropout._replace(row0=dropout.row0 + sl.start * q.shape[1])
+
+
 def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
     """``(window, softcap)`` validated and normalised: a negative side becomes -1, softcap a float >= 0."""
     return check_window(window), check_softcap(softcap)
@@ -65,7 +73,7 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
                             seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
                             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, *,
                             window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, alibi_slopes=None,
-                            num_splits: int = 0):
+                            num_splits: int = 0, dropout: Optional[Dropout] = None):
     """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
 
     Args:
@@ -91,6 +99,9 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         num_splits: split-KV hint (keyword-only; ignored when merging): 0 = the backend decides (the Triton
             backend splits the keys of decoding-shaped grids too small to fill the GPU), 1 = never split, n > 1 =
             up to n key ranges in parallel, combined by LSE (equal up to rounding; same n, same bits).
+        dropout: attention dropout (keyword-only; :class:`ring_attn._contracts.Dropout`, whose ``rows``/``keys``
+            describe this call: ``b · s_q`` / ``s_k`` dense, ``t_q`` / ``max_len_k`` packed), or None. The LSE is
+            the softmax's before dropout; the backward needs the same ``dropout``.
 
     Returns:
         ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
@@ -115,13 +126,13 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
     alibi = _alibi(alibi_slopes, q, seqs)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge,
-                           window=window, softcap=softcap, alibi=alibi is not None)
+                           window=window, softcap=softcap, alibi=alibi is not None, dropout=dropout is not None)
     kw = dict(softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, window=window,
               softcap=softcap)
     if merge:
         for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
             impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw,
-                                   alibi=part_alibi)
+                                   alibi=part_alibi, dropout=_chunk_dropout(dropout, sl, q))
         return out, lse
     out_dtype = q.dtype if out_dtype is None else out_dtype
     fill = packed and not seqs.covers_all_q
@@ -130,7 +141,7 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
     for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
         impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw,
-                               alibi=part_alibi, num_splits=num_splits)
+                               alibi=part_alibi, num_splits=num_splits, dropout=_chunk_dropout(dropout, sl, q))
     return out, lse
 
 
@@ -156,7 +167,7 @@ def attention_delta(dout, out, dlse=None):
 def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool,
                              causal_offset: Optional[int] = None, seqs: Optional[VarlenSeqs] = None,
                              accumulate: bool = True, *, window: tuple[int, int] = _NO_WINDOW,
-                             softcap: float = 0.0, alibi_slopes=None) -> None:
+                             softcap: float = 0.0, alibi_slopes=None, dropout: Optional[Dropout] = None) -> None:
     """Gradients of one block pair, from the *final* ``lse`` and ``delta`` (see :func:`attention_delta`).
 
     ``dq``/``dk``/``dv`` are caller-provided tensors shaped like q/k/v (any strides with a contiguous last
@@ -166,7 +177,8 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     ``lse`` and ``delta`` are fp32 ``[b, h_q, s_q]`` (packed ``[h_q, t_q]``) with unit stride along the
     sequence. ``window``/``softcap`` (keyword-only) as in :func:`attention_block_forward`; pass the same values
     as to the forward; so for ``alibi_slopes`` (keyword-only, as in :func:`attention_block_forward`; the
-    slopes get no gradient). Deterministic: no atomics, fixed block sizes (unless ``RING_ATTN_BWD=fused``).
+    slopes get no gradient); so for ``dropout`` (keyword-only: the forward's, so the same probabilities are
+    dropped). Deterministic: no atomics, fixed block sizes (unless ``RING_ATTN_BWD=fused``).
     """
     if accumulate:
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
@@ -182,8 +194,9 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     window, softcap = _mask_mode(window, softcap)
     alibi = _alibi(alibi_slopes, q, seqs)
     impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=seqs is not None, window=window,
-                           softcap=softcap, alibi=alibi is not None)
+                           softcap=softcap, alibi=alibi is not None, dropout=dropout is not None)
     for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
         impl.attention_backward(dout[sl], q[sl], k[sl], v[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl],
                                 softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, seqs=part,
-                                accumulate=accumulate, window=window, softcap=softcap, alibi=part_alibi)
+                                accumulate=accumulate, window=window, softcap=softcap, alibi=part_alibi,
+                                dropout=_chunk_dropout(dropout, sl, q))

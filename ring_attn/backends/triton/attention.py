@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import triton
 
-from ring_attn._contracts import VarlenSeqs
+from ring_attn._contracts import Dropout, VarlenSeqs
 from ring_attn.backends import backward_mode, interpreter_enabled
 from ring_attn.backends.triton import tiles
 from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, \
@@ -202,6 +202,15 @@ def _seq_args(seqs: VarlenSeqs | None, q):
     return seqs.starts_q, seqs.lens_q, seqs.starts_k, seqs.lens_k
 
 
+def _dropout_args(dropout: Optional[Dropout]) -> tuple[list, dict]:
+    """Runtime args ``[drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale]`` and the DROPOUT
+    constexpr (``ring_attn._contracts.Dropout``; zeros and off without dropout)."""
+    if dropout is None:
+        return [0, 0, 0, 0, 0, 1.0], dict(DROPOUT=False)
+    return [int(dropout.row0), int(dropout.rows), int(dropout.keys), int(dropout.seed), dropout.threshold,
+            dropout.scale], dict(DROPOUT=True)
+
+
 def _alibi_args(alibi: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[list, dict]:
     """Runtime args ``[ALIBI_SLOPES, stride_ab, stride_ah]`` and the ALIBI constexpr: the fp32 slopes
     ``[n_batch, h_q]`` (any strides), or, without ALiBi, an unused fp32 tensor of the launch and zero strides."""
@@ -213,9 +222,11 @@ def _alibi_args(alibi: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[lis
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
-                      softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0) -> None:
+                      softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0,
+                      dropout: Optional[Dropout] = None) -> None:
     """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``).
-    ``alibi``: fp32 slopes ``[n_batch, h_q]`` or None (then the TMA forward is never chosen).
+    ``alibi``: fp32 slopes ``[n_batch, h_q]`` or None (then the TMA forward is never chosen). ``dropout``:
+    attention dropout (``ring_attn._contracts.Dropout``; the pointer kernel only).
 
     Launches whose longest query sequence has at most ``tiles.DECODE_MAX_Q`` rows (decoding) use the 16-row
     decode tile. ``num_splits`` (split-KV, without ``merge`` only): 0 = :func:`split_plan` decides (on a GPU,
@@ -232,6 +243,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     vl = seqs is not None
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
+    drop_args, drop_flag = _dropout_args(dropout)
     key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
     tile, splits, pack = split_plan(key, max_q, s_k if seqs is None else seqs.max_len_k, n_batch * h_q, merge,
                                     num_splits, h_q // h_kv)
@@ -241,13 +253,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=vl,
                   BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
-                  PACK_GQA=pack, **flags, **alibi_flag)
+                  PACK_GQA=pack, **flags, **alibi_flag, **drop_flag)
     if splits > 1:
         _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, h_q // h_kv,
-                       softmax_scale * LOG2E, mask_args, alibi_args, common)
+                       softmax_scale * LOG2E, mask_args, alibi_args, drop_args, common)
         return
-    if forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge, varlen=vl,
-                       alibi=alibi is not None, max_q=max_q)[0] == "tma":
+    if dropout is None and forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge,
+                                           varlen=vl, alibi=alibi is not None, max_q=max_q)[0] == "tma":
         _ensure_tma_allocator()
         fwd_tma_kernel[grid](
             q4, k4, v4, o4, l3, *_seq_args(seqs, q),
@@ -262,7 +274,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
-        *mask_args, *alibi_args, 0, 0, 0, tile=tile, **common,
+        *mask_args, *alibi_args, 0, 0, 0, *drop_args, tile=tile, **common,
     )
 
 
@@ -294,7 +306,7 @@ def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: boo
 
 
 def _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, group, qk_scale, mask_args,
-                   alibi_args, common) -> None:
+                   alibi_args, drop_args, common) -> None:
     """Split-KV forward: ``splits`` programs per (query block, head), each over its own key range, write fp32
     partial (out, lse) to scratch; ``split_combine_kernel`` combines them by LSE into ``o4``/``l3`` (one fixed
     order), touching only rows inside a sequence."""
@@ -311,7 +323,7 @@ def _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, 
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o_part[0], vl),
         *_strides(l_part[0], vl),
         s_q, s_k, q4.shape[2], group, qk_scale, 0 if causal_offset is None else int(causal_offset),
-        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), tile=tile, SPLIT=True,
+        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), *drop_args, tile=tile, SPLIT=True,
         **dict(common, MERGE=False, ROUND_BF16=False),
     )
     n_batch = q4.shape[0] if seqs is None else seqs.starts_q.numel()
@@ -347,7 +359,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
                        softmax_scale: float, causal: bool, causal_offset: Optional[int],
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
-                       softcap: float, alibi: Optional[torch.Tensor] = None) -> None:
+                       softcap: float, alibi: Optional[torch.Tensor] = None,
+                       dropout: Optional[Dropout] = None) -> None:
     """Protocol ``attention_backward``. Default: the dK/dV kernel then the dQ kernel, 7 block matmuls per
     (query block, key block) pair, fixed blocks and no atomics: bitwise deterministic.
 
@@ -376,7 +389,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     mode = backward_mode() if max_q > 0 and max_k > 0 else ""
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, dk.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
-    flags.update(alibi_flag)
+    drop_args, drop_flag = _dropout_args(dropout)
+    flags.update(alibi_flag, **drop_flag)
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
                   VARLEN=seqs is not None, BOTTOM_RIGHT=causal_offset is None, ACCUMULATE=bool(accumulate),
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=blocks["num_warps"],
@@ -397,7 +411,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dk4, vl),
             *_strides(dv4, vl), *_strides(dqa4, vl), *_strides(l3, vl),
             s_q, s_k, h_kv, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args, n_qblocks,
-            *alibi_args,
+            *alibi_args, *drop_args,
             BLOCK_M=block_m, BLOCK_N=block_n, DQ_MODE={"": 0, "atomic": 1, "ordered": 2}[mode],
             SPIN_ASM=mode == "ordered" and not interpreter_enabled(), **common,
         )
@@ -415,6 +429,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(do4, vl), *_strides(dq4, vl),
             *_strides(l3, vl),
             s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, softmax_scale, offset, *mask_args, *alibi_args,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            *drop_args, BLOCK_M=block_m, BLOCK_N=block_n,
             **common | dict(ROUND_BF16=flags["UPCAST"] and dq.dtype == torch.bfloat16),
         )

@@ -88,6 +88,15 @@ def _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr):
         return qk * qk_scale
 
 @triton.jit
+def _dropout_keep(drop_base, rows, cols, drop_keys, drop_seed, drop_thresh):
+    """Keep-mask of attention dropout (``ring_attn._contracts.Dropout``) for broadcastable query rows and key
+    columns (indices within the sequence): Philox word of ``(drop_base + row)·keys + col`` against the
+    threshold; ``drop_base`` = head·rows + the sequence's first row in the call's row space (scalar, or one per
+    row when GQA heads are packed)."""
+    r = tl.randint(drop_seed, (drop_base + rows) * drop_keys + cols)
+    return (r.to(tl.int64) & 0xFFFFFFFF) >= drop_thresh
+
+@triton.jit
 def _alibi_bias(rows, cols, offset, slope2):
     """ALiBi in the log2 domain: ``-slope·log2(e)·|i + offset - j|`` (``slope2 = slope·log2(e)``) for
     broadcastable query rows ``i`` and key columns ``j`` (positions within the sequence)."""
@@ -155,6 +164,18 @@ def _query_range(start_n, len_q, off_lo, off_hi, LOCAL: tl.constexpr, CAUSAL: tl
     return lo, full_lo, full_hi, hi
 
 @triton.jit
+def _dropout_base(h, b, q_start, seqlen_q, drop_row0, drop_rows, VARLEN: tl.constexpr, DROPOUT: tl.constexpr):
+    """``head · rows + first row of the sequence`` in the dropout counter's row space (see
+    :func:`_dropout_keep`); ``h`` may be a vector (packed GQA heads). 0 without DROPOUT (nothing computed)."""
+    if DROPOUT:
+        if VARLEN:
+            return h.to(tl.int64) * drop_rows + drop_row0 + q_start
+        else:
+            return h.to(tl.int64) * drop_rows + drop_row0 + b.to(tl.int64) * seqlen_q
+    else:
+        return 0
+
+@triton.jit
 def _q_program(SQ_START, SQ_LEN, SK_START, SK_LEN, seqlen_q, seqlen_k, n_heads_q, group, CAUSAL: tl.constexpr,
                VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """Who a query-stationary program (grid ``(cdiv(max s_q, BLOCK_M), batch * h_q)``) is: its first query
@@ -197,7 +218,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
                softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                UPCAST: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr,
+               drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
     # [BLOCK_N, BLOCK_D] tensors of 64-bit pointers through the loop
@@ -250,8 +272,11 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax before dropout (its LSE is the output's)
         acc = acc * alpha[:, None]
+        if DROPOUT:  # zero the dropped probabilities; the kept ones are scaled once, at the end
+            p = tl.where(_dropout_keep(drop_base, offs_m[:, None], cols[None, :], drop_keys, drop_seed,
+                                       drop_thresh), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
         k_row += BLOCK_N * stride_ks
@@ -273,11 +298,12 @@ def fwd_kernel(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset, win_left, win_right, softcap_in,
     softcap_out, ALIBI_SLOPES, stride_ab, stride_ah, split_len, stride_o_split, stride_l_split,
+    drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False, SPLIT: tl.constexpr = False,
-    PACK_GQA: tl.constexpr = False,
+    PACK_GQA: tl.constexpr = False, DROPOUT: tl.constexpr = False,
 ):
     # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
@@ -321,6 +347,12 @@ def fwd_kernel(
     if PACK_GQA:
         if ALIBI:
             slope2 = slope2[:, None]  # one slope per row (its query head)
+    # DROPOUT (ring_attn._contracts.Dropout): row r of the call is drop_row0 + (packed: q_start; dense:
+    # b·seqlen_q) + i, and each head has drop_rows of them
+    drop_base = _dropout_base(h, b, q_start, seqlen_q, drop_row0, drop_rows, VARLEN, DROPOUT)
+    if PACK_GQA:
+        if DROPOUT:
+            drop_base = drop_base[:, None]  # one per row, broadcast against the rows' [BLOCK_M, 1] indices
     bq = b.to(tl.int64)
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
@@ -357,15 +389,15 @@ def fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
                                    off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                    True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-                                   ALIBI)
+                                   ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k,
                                off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset,
                                slope2, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N,
-                               DOT_PRECISION, ALIBI)
+                               DOT_PRECISION, ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
                                off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-                               ALIBI)
+                               ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     if PACK_GQA:
         o_rows = offs_m.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
         o_ptrs = O + bq * stride_ob + q_start * stride_os + o_rows[:, None] + offs_d[None, :]
@@ -374,6 +406,8 @@ def fwd_kernel(
         O_base = O + bq * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
         o_ptrs = O_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
         l_ptrs = LSE + bq * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    if DROPOUT:
+        acc = acc * drop_scale
     acc, lse = _fwd_finish(acc, l_i, m_i, o_ptrs, l_ptrs, offs_m < len_q, row_ok & d_ok, MERGE)
     if ROUND_BF16:
         acc = _round_bf16(acc)
@@ -628,7 +662,8 @@ def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                    UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr,
-                   ALIBI: tl.constexpr):
+                   ALIBI: tl.constexpr, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale,
+                   DROPOUT: tl.constexpr):
     # One (query block at start_m, key block) pair of the K/V-stationary backward.
     d_ok = offs_d[None, :] < HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -667,8 +702,13 @@ def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_
         pT = tl.where(keep, pT, 0.0)
     # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) [∘ (1 − tanh²)] ;  dK += dSᵀ Q
     # (scale applied once at the end) ;  fused: dQ(partial) = scale · dS K, added into DQ
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:  # dV += (P ∘ keep / (1-p))ᵀ dO ;  dP = (dO Vᵀ) ∘ keep / (1-p) ;  dS = P ∘ (dP − delta)
+        keepT = _dropout_keep(drop_base, offs_m[None, :], offs_n[:, None], drop_keys, drop_seed, drop_thresh)
+        dv = tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.where(keepT, tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * drop_scale, 0.0)
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -692,7 +732,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                     UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr,
-                    ALIBI: tl.constexpr):
+                    ALIBI: tl.constexpr, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale,
+                    DROPOUT: tl.constexpr):
     # Query blocks [lo, hi) (lo a multiple of BLOCK_M) in increasing order, or in decreasing order with a
     # fused dQ: then every key block reaches a given query block at the same step (all start from the last
     # one), the order in which the ordered dQ adds want them.
@@ -710,7 +751,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
                                     LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale,
                                     sm_scale, softcap_in, softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL,
                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                    ALIBI)
+                                    ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
             q_row -= BLOCK_M * stride_qs
             do_row -= BLOCK_M * stride_dos
             dq_row -= BLOCK_M * stride_dqs
@@ -721,7 +762,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_row + q_offs, do_row + do_offs, q_row, L_base, D_base, LOCK_base,
                                     start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
                                     softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL, SOFTCAP, UPCAST,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI,
+                                    drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
             q_row += BLOCK_M * stride_qs
             do_row += BLOCK_M * stride_dos
     return dk, dv
@@ -734,11 +776,12 @@ def bwd_dkdv_kernel(
     stride_dvh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
     softcap_in, softcap_out, n_qblocks, ALIBI_SLOPES, stride_ab, stride_ah,
+    drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_MODE: tl.constexpr = 0, SPIN_ASM: tl.constexpr = False,
-    ALIBI: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
 ):
     # K/V-stationary: one program owns BLOCK_N keys of one kv head and loops over the q rows of every
     # query head in its GQA group, so dK/dV are summed in registers: no atomics, deterministic.
@@ -790,36 +833,39 @@ def bwd_dkdv_kernel(
         DQ_base = DQ + bq * stride_dqb + q_start * stride_dqs + h * stride_dqh
         LOCK_base = LOCKS + (bq * n_heads_kv * group + h) * n_qblocks
         slope2 = _alibi_slope2(ALIBI_SLOPES, b, h, stride_ab, stride_ah, ALIBI)
+        drop_base = _dropout_base(h, b, q_start, seqlen_q, drop_row0, drop_rows, VARLEN, DROPOUT)
         # the three row ranges; a fused dQ walks them (and each range) backwards, see _bwd_dkdv_inner
         if DQ_MODE > 0:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                      mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                      stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
                                      SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                     ALIBI)
+                                     ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
         elif CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                      lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                      stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
                                      SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                     ALIBI)
+                                     ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                  mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                  stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, False, CAUSAL, LOCAL,
-                                 SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI)
+                                 SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI,
+                                 drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
         if DQ_MODE > 0:
             if CAUSAL:
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
                                          offs_d, lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
                                          softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
                                          CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
-                                         DQ_MODE, SPIN_ASM, ALIBI)
+                                         DQ_MODE, SPIN_ASM, ALIBI,
+                                         drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                      mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                      stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
                                      SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                     ALIBI)
+                                     ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
@@ -840,7 +886,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi
                   qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                   UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr, drop_base, drop_keys, drop_seed, drop_thresh,
+                  drop_scale, DROPOUT: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :]
     v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :]
@@ -877,6 +924,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi
             p = tl.where(keep, p, 0.0)
         # dP = dO Vᵀ ;  dS = P ∘ (dP − delta) [∘ (1 − tanh²)] ;  dQ += dS K   (scale applied once at the end)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:  # dP = (dO Vᵀ) ∘ keep / (1-p)
+            keep_d = _dropout_keep(drop_base, offs_m[:, None], cols[None, :], drop_keys, drop_seed, drop_thresh)
+            dp = tl.where(keep_d, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -890,10 +940,11 @@ def bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
     softcap_in, softcap_out, ALIBI_SLOPES, stride_ab, stride_ah,
+    drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
 ):
     # Q-stationary: one program owns BLOCK_M query rows of one head and loops over the visible keys.
     # CAUSAL / LOCAL / SOFTCAP / ALIBI / UPCAST / ROUND_BF16 as in fwd_kernel.
@@ -923,6 +974,7 @@ def bwd_dq_kernel(
     lse = tl.load(LSE + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + bq * stride_lb + hq * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
+    drop_base = _dropout_base(h, b, q_start, seqlen_q, drop_row0, drop_rows, VARLEN, DROPOUT)
     lo, full_lo, full_hi, hi = _key_range(start_m, len_k, off_lo, off_hi, LOCAL, CAUSAL, BLOCK_M, BLOCK_N)
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
@@ -930,13 +982,16 @@ def bwd_dq_kernel(
     if LOCAL:  # the window's left edge (as in fwd_kernel)
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo, off_hi,
                            qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
-                           SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
+                           SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI,
+                           drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo, off_hi,
                        qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, False, CAUSAL, LOCAL,
-                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
+                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI,
+                       drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo, off_hi,
                        qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
-                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI)
+                       SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI,
+                       drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dq = dq * sm_scale
     dq_ptrs = DQ + bq * stride_dqb + (q_start + rows) * stride_dqs + hq * stride_dqh + offs_d[None, :]
     if ACCUMULATE:
