@@ -245,7 +245,8 @@ def test_torch_compile_fullgraph_and_opcheck():
         torch.testing.assert_close(a.grad, b.grad)
     torch.library.opcheck(torch.ops.ring_attn.flash_attn_forward.default,
                           (*(x.clone().requires_grad_() for x in (q, k, v)), None, None, 20, 20, 0.25, True, -1, -1,
-                           0.0, alibi), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                           0.0, alibi, 0.0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # ----------------------------------------------------------------------- block-level API (explicit offsets)

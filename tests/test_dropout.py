@@ -254,3 +254,13 @@ def test_gpu_dropout_matches_the_reference(monkeypatch):
     assert (out.float() - ref).abs().max().item() < 3e-2
     for x, r in zip((q, k, v), leaves):
         assert (x.grad.float() - r.grad).abs().max().item() < 6e-2
+
+
+def test_opcheck_with_dropout():
+    """torch.library.opcheck accepts the forward op with dropout (schema, fake tensor: the seed output is an
+    int64 CPU tensor [1], autograd registration)."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g) for _ in range(3))
+    torch.library.opcheck(torch.ops.ring_attn.flash_attn_forward.default,
+                          (*(x.clone().requires_grad_() for x in (q, k, v)), None, None, 20, 20, 0.25, True, -1, -1,
+                           0.0, None, 0.3), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
