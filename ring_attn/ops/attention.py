@@ -11,7 +11,7 @@ Every function has flash-attn's (2.6/2.7) signature: the same positional order, 
 conventions (``return_attn_probs=True`` gives ``(out, softmax_lse, None)``), so code written for flash-attn means
 the same thing here. ``window_size`` (sliding window), ``softcap`` (Gemma 2) and ``alibi_slopes`` (ALiBi) are
 implemented, and so is ``dropout_p`` (attention dropout: the mask is regenerated in the backward from a seed
-drawn from torch's default generator, so ``torch.manual_seed`` reproduces a call; see
+drawn from torch's default CPU generator, so ``torch.manual_seed`` reproduces a call; see
 ``ring_attn._contracts.Dropout``); a paged ``block_table`` raises NotImplementedError. Our extra,
 ``return_lse``, is keyword-only.
 
@@ -218,7 +218,7 @@ _COMMON_DOC = """
         dropout_p: attention dropout probability in [0, 1): each attention probability (after the softmax, whose
             LSE is returned undropped) is zeroed with probability ``dropout_p`` and the rest scaled by
             ``1 / (1 - dropout_p)``, as flash-attn does (pass 0.0 in evaluation). The mask comes from a seed drawn
-            from torch's default generator (``torch.manual_seed`` reproduces a call) and is regenerated in the
+            from torch's default CPU generator (``torch.manual_seed`` reproduces a call) and is regenerated in the
             backward. Bits differ from flash-attn's (another random stream). Not on the native CPU backend
             (RuntimeError when it is pinned; automatic selection picks another).
         softmax_scale: default ``1 / sqrt(head_dim)``.
