@@ -68,7 +68,7 @@ def test_the_split_path_really_runs(monkeypatch):
     real = tri._forward_split
 
     def spy(*args, **kwargs):
-        calls.append(args[6])  # the split count
+        calls.append(args[7])  # the split count
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tri, "_forward_split", spy)
@@ -212,7 +212,7 @@ def test_gpu_decoding_splits(monkeypatch):
     sees it), and 0, 1 and 5 splits all match the float32 reference; a repeated call gives the same bits."""
     calls = []
     real = tri._forward_split
-    monkeypatch.setattr(tri, "_forward_split", lambda *a, **kw: (calls.append(a[6]), real(*a, **kw))[1])
+    monkeypatch.setattr(tri, "_forward_split", lambda *a, **kw: (calls.append(a[7]), real(*a, **kw))[1])
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(1, 8192, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))

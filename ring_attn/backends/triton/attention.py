@@ -230,14 +230,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
 
     Launches whose longest query sequence has at most ``tiles.DECODE_MAX_Q`` rows (decoding) use the 16-row
     decode tile. ``num_splits`` (split-KV, without ``merge`` only): 0 = :func:`split_plan` decides (on a GPU,
-    decoding-shaped grids that would leave SMs idle), 1 = one pass over the keys, n > 1 = n key ranges (at most one per
-    key block and ``tiles.MAX_SPLITS``) run in parallel and combined by LSE; equal up to rounding, and the
-    same split count always gives the same bits."""
+    decoding-shaped grids that would leave SMs idle), 1 = one pass over the keys, n > 1 = n key ranges (at
+    most one per key block and ``tiles.MAX_SPLITS``) run in parallel and combined by LSE; equal up to rounding,
+    and the same split count always gives the same bits."""
     q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
     b, s_q, h_q, d = q4.shape
     s_k, h_kv = k4.shape[1], k4.shape[2]
     n_batch = b if seqs is None else seqs.starts_q.numel()
     max_q = s_q if seqs is None else seqs.max_len_q
+    max_k = s_k if seqs is None else seqs.max_len_k
     if n_batch == 0 or max_q == 0 or h_q == 0:
         return
     vl = seqs is not None
@@ -245,8 +246,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
     drop_args, drop_flag = _dropout_args(dropout)
     key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
-    tile, splits, pack = split_plan(key, max_q, s_k if seqs is None else seqs.max_len_k, n_batch * h_q, merge,
-                                    num_splits, h_q // h_kv)
+    tile, splits, pack = split_plan(key, max_q, max_k, n_batch * h_q, merge, num_splits, h_q // h_kv)
     if pack:  # a program per (row block of (token, head) pairs, batch, kv head)
         grid = lambda meta: (triton.cdiv(max_q * (h_q // h_kv), meta["BLOCK_M"]), n_batch * h_kv)  # noqa: E731
     else:
@@ -255,7 +255,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
                   BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
                   PACK_GQA=pack, **flags, **alibi_flag, **drop_flag)
     if splits > 1:
-        _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, h_q // h_kv,
+        _forward_split(q4, k4, v4, o4, l3, seqs, (n_batch, max_q, max_k), splits, tile, grid, causal_offset,
                        softmax_scale * LOG2E, mask_args, alibi_args, drop_args, common)
         return
     if dropout is None and forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge,
@@ -305,13 +305,14 @@ def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: boo
     return (tile if decode or splits > 1 else None), splits, pack
 
 
-def _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, group, qk_scale, mask_args,
+def _forward_split(q4, k4, v4, o4, l3, seqs, sizes, splits, tile, grid, causal_offset, qk_scale, mask_args,
                    alibi_args, drop_args, common) -> None:
     """Split-KV forward: ``splits`` programs per (query block, head), each over its own key range, write fp32
     partial (out, lse) to scratch; ``split_combine_kernel`` combines them by LSE into ``o4``/``l3`` (one fixed
-    order), touching only rows inside a sequence."""
-    s_q, s_k = q4.shape[1], k4.shape[1]
-    max_k = s_k if seqs is None else seqs.max_len_k
+    order), touching only rows inside a sequence. ``sizes``: (batch or sequences, longest q, longest k), as the
+    caller computed them; ``common``: the caller's constexprs."""
+    n_batch, max_q, max_k = sizes
+    s_q, s_k, h_q = q4.shape[1], k4.shape[1], q4.shape[2]
     split_len = triton.cdiv(triton.cdiv(max_k, splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
     splits = triton.cdiv(max_k, split_len)  # no split past the last key
     # every program of the SPLIT launch writes all of its rows inside a sequence, and only those are combined
@@ -322,19 +323,16 @@ def _forward_split(q4, k4, v4, o4, l3, seqs, splits, tile, grid, causal_offset, 
         q4, k4, v4, o_part[0], l_part[0], *_seq_args(seqs, q4),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o_part[0], vl),
         *_strides(l_part[0], vl),
-        s_q, s_k, q4.shape[2], group, qk_scale, 0 if causal_offset is None else int(causal_offset),
+        s_q, s_k, h_q, h_q // k4.shape[2], qk_scale, 0 if causal_offset is None else int(causal_offset),
         *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), *drop_args, tile=tile, SPLIT=True,
         **dict(common, MERGE=False, ROUND_BF16=False),
     )
-    n_batch = q4.shape[0] if seqs is None else seqs.starts_q.numel()
-    max_q = s_q if seqs is None else seqs.max_len_q
     block_m = 16  # split launches are decoding-shaped (or asked for): few rows; d = 256 at 64 rows spills
-    h_q, d = q4.shape[2], q4.shape[3]
     split_combine_kernel[(triton.cdiv(max_q, block_m), n_batch * h_q)](
         o_part, l_part, o4, l3, *_seq_args(seqs, q4)[:2],
         *_strides(o_part[0], vl), *_strides(l_part[0], vl), o_part.stride(0), l_part.stride(0),
         *_strides(o4, vl), *_strides(l3, vl), s_q, h_q, splits,
-        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=vl, ROUND_BF16=common["ROUND_BF16"],
+        HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"], VARLEN=vl, ROUND_BF16=common["ROUND_BF16"],
         BLOCK_M=block_m, num_warps=4,
     )
 
