@@ -432,12 +432,8 @@ def split_combine_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
-    if VARLEN:
-        q_start = tl.load(SQ_START + b).to(tl.int64)
-        len_q = tl.load(SQ_LEN + b)
-    else:
-        q_start = tl.full([], 0, tl.int64)
-        len_q = seqlen_q
+    # the query bounds (the key ones are not needed: the q arrays stand in for them)
+    q_start, len_q, _, _ = _seq_bounds(b, SQ_START, SQ_LEN, SQ_START, SQ_LEN, seqlen_q, seqlen_q, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if pid_m * BLOCK_M >= len_q:
         return
