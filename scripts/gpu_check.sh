@@ -1,45 +1,95 @@
 #!/usr/bin/env bash
 # One command for the GPU test machine (one H100/H200; torch 2.11, triton 3.6, transformers 5.17, no network,
-# nothing to install). Runs the GPU tests, then the benchmarks; logs, CSV and PNG go under $OUT (or
-# ./bench_out). Stage limits: `tests` 180 s (with the decoding benchmark), `bench` 560 s (740 s in all: on a
-# machine with a 600 s limit per command, run `tests` and `bench` as two calls). Usage from the repository root:
+# nothing to install). Runs the GPU tests, then the benchmarks. Stage limits: `tests` 180 s (with the decoding
+# benchmark), `bench` 560 s (740 s in all: on a machine with a 600 s limit per command, run `tests` and `bench`
+# as two calls, the second while the machine is still warm). Usage from the repository root:
 #
 #     OUT=/some/dir scripts/gpu_check.sh            # everything
-#     scripts/gpu_check.sh tests                    # only the GPU tests
+#     scripts/gpu_check.sh tests                    # only the GPU tests (4 pytest processes, one GPU)
 #     scripts/gpu_check.sh bench                    # only the benchmarks
+#     scripts/gpu_check.sh selftest                 # this script's own plumbing, on any machine (CI runs it)
+#
+# What comes back: the device machine returns at most 8 files from $OUT, so the logs, CSV, PNG and JSON of
+# every stage are written under $GPU_CHECK_RAW/<what> (default /tmp/ring_attn_gpu_check) and packed, after each
+# stage, into ONE archive $OUT/gpu_check_<what>.tgz (`tar xzf` it), next to $OUT/summary_<what>.txt (one line
+# per stage: exit code and seconds). Each stage's output is also printed. $OUT defaults to ./bench_out.
 #
 # Each stage has its own time limit so one slow stage cannot eat the others' time; a failing stage is
 # reported and the script goes on, exiting non-zero at the end if any stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$PWD/bench_out}"
-mkdir -p "$OUT"
-export OUT
 what="${1:-all}"
+case "$what" in
+  all|tests|bench|selftest) ;;
+  *) echo "gpu_check.sh: unknown stage group '$what': expected all, tests, bench or selftest" >&2; exit 2 ;;
+esac
+DEST="${OUT:-$PWD/bench_out}"
+RAW="${GPU_CHECK_RAW:-/tmp/ring_attn_gpu_check}/$what"
+mkdir -p "$DEST"
+rm -rf "$RAW"
+mkdir -p "$RAW"
+export OUT="$RAW"  # the benchmarks write their CSV/PNG here
+SUMMARY="$DEST/summary_$what.txt"
+: > "$SUMMARY"
 failed=()
+
+bundle() {  # everything under $RAW into the one archive that comes back (rewritten after every stage)
+  tar -czf "$DEST/gpu_check_$what.tgz.part" -C "$RAW" . && mv "$DEST/gpu_check_$what.tgz.part" "$DEST/gpu_check_$what.tgz"
+}
+
+finish_stage() {  # finish_stage NAME RC T0
+  echo "=== $1: exit $2 after $((SECONDS - $3))s ===" | tee -a "$SUMMARY"
+  [ "$2" -eq 0 ] || failed+=("$1($2)")
+  bundle
+}
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   echo "=== $name (limit ${limit}s) ==="
   local t0=$SECONDS
-  timeout --signal=INT --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - t0))s ==="
-  [ "$rc" -eq 0 ] || failed+=("$name($rc)")
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > >(tee "$RAW/$name.log") 2>&1
+  finish_stage "$name" $? "$t0"
+}
+
+sharded_stage() {  # sharded_stage NAME SECONDS SHARDS COMMAND...: SHARDS copies at once, RING_ATTN_TEST_SHARD=i/SHARDS
+  local name=$1 limit=$2 shards=$3
+  shift 3
+  echo "=== $name (limit ${limit}s, $shards processes) ==="
+  local t0=$SECONDS rc=0 i
+  local pids=()
+  for ((i = 0; i < shards; i++)); do
+    RING_ATTN_TEST_SHARD="$i/$shards" timeout --signal=INT --kill-after=10 "$limit" "$@" > "$RAW/$name.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for ((i = 0; i < shards; i++)); do
+    wait "${pids[$i]}" || rc=$?
+    echo "--- $name shard $i/$shards (last lines; whole log in the archive) ---"
+    tail -n 40 "$RAW/$name.$i.log"
+  done
+  finish_stage "$name" "$rc" "$t0"
 }
 
 {
   nvidia-smi || true
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} > "$OUT/environment.txt" 2>&1
-cat "$OUT/environment.txt" | tail -n 1
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+} > "$RAW/environment.txt" 2>&1
+tail -n 1 "$RAW/environment.txt" | tee -a "$SUMMARY"
+bundle
 
+if [ "$what" = selftest ]; then
+  # the plumbing above on any machine: two pytest shards, a plain stage, the archive and the summary
+  sharded_stage selftest_shards 120 2 python -m pytest -q -p no:cacheprovider tests/test_package.py
+  stage selftest_plain 30 python -c "print('plain stage ran')"
+fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
   # the 5-matmul backward's own stage: its ordered dQ adds wait on counters, so if they were ever wrong on
   # real hardware the kernel would spin; its own time limit keeps that from costing the other GPU tests
-  stage gpu_tests 100 python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_fused_backward.py tests
+  # 4 processes: the time goes into compiling kernel variants (one core each), the GPU work is small
+  sharded_stage gpu_tests 100 4 python -m pytest -q -m gpu -p no:cacheprovider \
+    --ignore=tests/test_fused_backward.py tests
   stage gpu_tests_fused_bwd 40 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused_backward.py
   # decoding (flash_attn_with_kvcache): split-KV and the 16-row decode tile against one pass over the keys
   # and SDPA, as a share of copy bandwidth. Here, not under `bench`: that call is already at its limit
@@ -80,4 +130,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED stages: ${failed[*]}"
   exit 1
 fi
-echo "all stages passed; results under $OUT"
+echo "all stages passed; results in $DEST/gpu_check_$what.tgz"

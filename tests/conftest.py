@@ -5,6 +5,7 @@
 * Hypothesis profiles: ``ci`` (default, bounded so the suite runs in minutes on 2 cores) and ``thorough``;
   pick one with ``HYPOTHESIS_PROFILE=thorough``.
 * Markers: ``gpu`` tests are skipped without CUDA (one place decides that, below).
+* ``RING_ATTN_TEST_SHARD=i/n`` runs every n-th test only (see ``_shard``).
 * ``cpu_backend`` fixture: a module that uses it (``pytestmark = pytest.mark.usefixtures("cpu_backend")``) runs
   every test three times: automatic selection (the Triton interpreter on CPU here), pinned to the native C++
   backend (skipped, with the reason, when ``ring_attn._C`` is not built) and pinned to the plain-torch
@@ -34,11 +35,31 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _shard() -> tuple[int, int]:
+    """``RING_ATTN_TEST_SHARD=i/n``: this process runs every n-th collected test starting at the i-th (0-based),
+    so n processes run the whole selection between them (scripts/gpu_check.sh runs the GPU tests this way, to
+    compile kernels on several cores at once). Unset: ``(0, 1)``, everything."""
+    text = os.environ.get("RING_ATTN_TEST_SHARD", "")
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"RING_ATTN_TEST_SHARD={text!r}: expected 'i/n' with 0 <= i < n, e.g. '0/4'")
+    return i, n
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+    shard, shards = _shard()
+    if shards > 1:
+        config.hook.pytest_deselected(items=[t for j, t in enumerate(items) if j % shards != shard])
+        items[:] = [t for j, t in enumerate(items) if j % shards == shard]
 
 
 RING_WORLDS = (1, 2, 3, 4)
