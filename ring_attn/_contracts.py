@@ -73,14 +73,16 @@ class Dropout(NamedTuple):
     function of ``seed`` and the element's place, so the backward regenerates the forward's mask and every
     backend draws the same one.
 
-    Element (query row ``r``, query head ``h``, key ``j``) is kept iff
-    ``philox(seed, (h · rows + r) · keys + j) >= threshold`` (Philox-4x32, 10 rounds, counter
-    ``(offset_lo, offset_hi, 0, 0)``, key ``(seed_lo, seed_hi)``, first output word: Triton's ``tl.randint``;
-    ``ring_attn.reference.philox`` is the same in torch), with ``threshold = floor(p · 2^32)``. ``r`` is the row's
-    index in the call's query rows (dense: ``batch · s_q + i``; packed: the packed row), ``j`` the key's index in
-    its sequence; ``rows`` is the number of query rows (dense ``b · s_q``, packed ``t_q``) and ``keys`` the key
-    extent (dense ``s_k``, packed ``max_seqlen_k``). Kept probabilities are scaled by ``1 / (1 - p)``; the LSE is
-    that of the softmax before dropout (as flash-attn's). ``row0`` offsets ``r`` for a chunk of a larger call.
+    Element (query row ``r``, query head ``h``, key ``j``) is kept iff word ``j mod 4`` of
+    ``philox(seed, (h · rows + r) · groups + j div 4) >= threshold``, where ``groups = ceil(keys / 4)``: one
+    Philox call decides four adjacent keys (Philox-4x32, 10 rounds, counter ``(offset_lo, offset_hi, 0, 0)``, key
+    ``(seed_lo, seed_hi)``, its four output words in order: Triton's ``tl.randint4x``;
+    ``ring_attn.reference.philox4`` is the same in torch), with ``threshold = floor(p · 2^32)``. ``r`` is the
+    row's index in the call's query rows (dense: ``batch · s_q + i``; packed: the packed row), ``j`` the key's
+    index in its sequence; ``rows`` is the number of query rows (dense ``b · s_q``, packed ``t_q``) and ``keys``
+    the key extent (dense ``s_k``, packed ``max_seqlen_k``). Kept probabilities are scaled by ``1 / (1 - p)``;
+    the LSE is that of the softmax before dropout (as flash-attn's). ``row0`` offsets ``r`` for a chunk of a
+    larger call.
     """
 
     p: float
@@ -88,6 +90,11 @@ class Dropout(NamedTuple):
     rows: int
     keys: int
     row0: int = 0
+
+    @property
+    def groups(self) -> int:
+        """Philox counters per (head, row): one per four keys."""
+        return (int(self.keys) + 3) // 4
 
     @property
     def threshold(self) -> int:

@@ -29,7 +29,7 @@ __all__ = [
     "merge_partial",
     "backward_fp32",
     "cross_entropy_sum",
-    "philox",
+    "philox4",
     "dropout_keep",
 ]
 
@@ -50,10 +50,10 @@ def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
-    """Philox-4x32 random words of Triton's ``tl.randint(seed, offsets)``: counter ``(offset_lo, offset_hi, 0, 0)``,
-    key ``(seed_lo, seed_hi)``, ``n_rounds`` rounds, the first word of the result. ``offsets``: int64 tensor
-    (>= 0). Returns the uint32 words as int64 (the dropout mask of :class:`ring_attn._contracts.Dropout`)."""
+def philox4(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
+    """Philox-4x32 random words of Triton's ``tl.randint4x(seed, offsets)``: counter ``(offset_lo, offset_hi, 0,
+    0)``, key ``(seed_lo, seed_hi)``, ``n_rounds`` rounds. ``offsets``: int64 tensor (>= 0). Returns the four
+    uint32 words as int64, stacked on a new last dimension (``[..., 4]``; word 0 is ``tl.randint``'s)."""
     offsets = offsets.to(torch.int64)
     c0, c1 = offsets & _M32, (offsets >> 32) & _M32
     c2 = torch.zeros_like(c0)
@@ -64,14 +64,17 @@ def philox(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor
         hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    return c0
+    return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
 def dropout_keep(dropout, head: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """Bool keep-mask of :class:`ring_attn._contracts.Dropout` ``dropout`` at broadcastable int64 query heads,
-    query rows (in the call's row space, before ``row0``) and key indices."""
-    offsets = (head * dropout.rows + (row + dropout.row0)) * dropout.keys + col
-    return philox(dropout.seed, offsets) >= dropout.threshold
+    query rows (in the call's row space, before ``row0``) and key indices: word ``col mod 4`` of the Philox
+    counter ``(head · rows + row + row0) · groups + col div 4``."""
+    head, row, col = torch.broadcast_tensors(torch.as_tensor(head), torch.as_tensor(row), torch.as_tensor(col))
+    counters = (head * dropout.rows + (row + dropout.row0)) * dropout.groups + col // 4
+    words = philox4(dropout.seed, counters)
+    return torch.gather(words, -1, (col % 4).unsqueeze(-1)).squeeze(-1) >= dropout.threshold
 
 
 def _visible_mask(s_q: int, s_k: int, causal: bool, causal_offset: int | None, device,
@@ -146,8 +149,10 @@ def _keep(dropout, b: int, h_q: int, s_q: int, r0: int, r1: int, s_k: int, row_b
     head = torch.arange(h_q, device=device, dtype=torch.int64)[None, :, None, None]
     row = (row_base + torch.arange(b, device=device, dtype=torch.int64)[:, None] * s_q +
            torch.arange(r0, r1, device=device, dtype=torch.int64)[None, :])[:, None, :, None]
-    col = torch.arange(s_k, device=device, dtype=torch.int64)[None, None, None, :]
-    return dropout_keep(dropout, head, row, col)
+    # keys 0 .. s_k-1: each counter's four words are four adjacent keys, so draw per counter and flatten
+    groups = torch.arange((s_k + 3) // 4, device=device, dtype=torch.int64)[None, None, None, :]
+    counters = (head * dropout.rows + (row + dropout.row0)) * dropout.groups + groups
+    return philox4(dropout.seed, counters).flatten(-2)[..., :s_k] >= dropout.threshold
 
 
 def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64,

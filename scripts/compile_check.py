@@ -95,7 +95,7 @@ for _name in ("fwd-d128", "bwd-d128", "bwd-d64", "bwd-d128-fused"):
 for _name, _d in (("fwd-d128-decode", 128), ("fwd-d64-decode", 64), ("fwd-d256-decode", 256)):
     CASES[_name] = dict(op="fwd", shape=(1, 1, 32, 8, _d), s_k=32768, causal=True, merge=False)
 # attention dropout (the Philox mask in the loops)
-for _name in ("fwd-d128", "bwd-d128", "bwd-d64"):
+for _name in ("fwd-d128", "bwd-d128", "bwd-d64", "fwd-d256", "bwd-d256", "fwd-d128-decode"):
     CASES[_name + "-dropout"] = dict(CASES[_name], dropout=True)
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
 CASES["tiny-decode"] = dict(op="fwd", shape=(1, 1, 2, 2, 64), s_k=4096, causal=True, merge=False)
@@ -222,14 +222,17 @@ def _resource_usage(cubin: bytes) -> dict:
 def _sass_mix(cubin: bytes) -> dict:
     """Instruction mix of the machine code (SASS, from cuobjdump): total instructions, global loads/stores by
     width (``LDG.E.128`` = 16 bytes), fp64 arithmetic (DADD/DMUL/DFMA), conversions to/from 64-bit
-    (F2I.S64/I2F.F64/F2F.F64...), and special-function (MUFU) instructions. Static counts, not executed ones."""
+    (F2I.S64/I2F.F64/F2F.F64...), special-function (MUFU) and multiply-high (IMAD.HI) instructions. Static
+    counts, not executed ones."""
     text = _cuobjdump(cubin, "-sass")
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
     mem = Counter(o for o in ops if o.startswith(("LDG", "STG")))
     return {"sass_instructions": len(ops), "sass_gmem": dict(sorted(mem.items())),
             "sass_f64": sum(o.startswith(("DADD", "DMUL", "DFMA")) for o in ops),
             "sass_cvt64": sum(o.startswith(("F2I", "I2F", "F2F")) and "64" in o for o in ops),
-            "sass_mufu": sum(o.startswith("MUFU") for o in ops)}
+            "sass_mufu": sum(o.startswith("MUFU") for o in ops),
+            # 32-bit multiply-high: Philox's rounds (attention dropout), two per round per generated block
+            "sass_imad_hi": sum(o.startswith("IMAD.HI") for o in ops)}
 
 
 def analyse(ck, arch: int) -> dict:

@@ -22,23 +22,43 @@ from ring_attn.ops.attention_block import attention_block_backward, attention_bl
 pytestmark = pytest.mark.skipif(not backends.triton_available(), reason="needs triton")
 
 
-def test_philox_equals_tritons_randint():
+def test_philox4_equals_tritons_randint4x():
     import triton
     import triton.language as tl
 
     @triton.jit
     def words(OFF, OUT, seed, N: tl.constexpr):
         i = tl.arange(0, N)
-        r = tl.randint(seed, tl.load(OFF + i))
-        tl.store(OUT + i, r.to(tl.int64) & 0xFFFFFFFF)
+        r0, r1, r2, r3 = tl.randint4x(seed, tl.load(OFF + i))
+        tl.store(OUT + i * 4, r0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(OUT + i * 4 + 1, r1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(OUT + i * 4 + 2, r2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(OUT + i * 4 + 3, r3.to(tl.int64) & 0xFFFFFFFF)
 
     g = torch.Generator().manual_seed(0)
     off = torch.randint(0, 2 ** 42, (64,), generator=g, dtype=torch.int64)
     off[:4] = torch.tensor([0, 1, 2 ** 32 - 1, 2 ** 32 + 5])
     for seed in (0, 12345, 2 ** 40 + 77, 2 ** 62 + 3):
-        out = torch.empty(64, dtype=torch.int64)
+        out = torch.empty(64, 4, dtype=torch.int64)
         words[(1,)](off, out, seed, N=64)
-        assert torch.equal(out, reference.philox(seed, off)), seed
+        assert torch.equal(out, reference.philox4(seed, off)), seed
+
+
+def test_one_philox_call_decides_four_adjacent_keys():
+    """The contract's grouping: key j of a row takes word j mod 4 of counter row·groups + j div 4, so a row of
+    10 keys uses 3 counters (the last one's words 2 and 3 unused) and the next row starts a new counter."""
+    d = Dropout(0.5, 99, rows=3, keys=10)
+    assert d.groups == 3
+    keep = reference.dropout_keep(d, torch.tensor(1), torch.arange(3)[:, None], torch.arange(10)[None, :])
+    words = reference.philox4(99, (1 * 3 + torch.arange(3)[:, None]) * 3 + torch.arange(3)[None, :])
+    assert torch.equal(keep, words.flatten(-2)[:, :10] >= d.threshold)
+    # the oracle's whole-tensor form (per counter, flattened) equals the element-wise one, with row0
+    d2 = Dropout(0.3, 2 ** 35 + 1, rows=2 * 7, keys=13, row0=5)
+    b, h, s_q, s_k = 2, 3, 7, 13
+    whole = reference._keep(d2, b, h, s_q, 0, s_q, s_k, 0, "cpu")
+    row = (torch.arange(b)[:, None] * s_q + torch.arange(s_q)[None, :])[:, None, :, None]
+    each = reference.dropout_keep(d2, torch.arange(h)[None, :, None, None], row, torch.arange(s_k))
+    assert torch.equal(whole, each)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -48,6 +68,12 @@ def test_keep_rate(p):
                                   torch.arange(512)[None, None, :])
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / n) ** 0.5)
+    # the four words of one Philox call decide four adjacent keys: each pair of them is kept together at the
+    # rate of independent draws
+    for w in (1, 2, 3):
+        both = (keep[..., 0::4] & keep[..., w::4]).float()
+        q = (1 - p) ** 2
+        assert abs(both.mean().item() - q) < 4 * ((q * (1 - q) / both.numel()) ** 0.5), w
     other = reference.dropout_keep(d._replace(seed=d.seed + 1), torch.arange(4)[:, None, None],
                                    torch.arange(64)[None, :, None], torch.arange(512)[None, None, :])
     assert (keep != other).float().mean().item() > 0.5 * 2 * p * (1 - p)  # another seed: another mask

@@ -203,11 +203,11 @@ def _seq_args(seqs: VarlenSeqs | None, q):
 
 
 def _dropout_args(dropout: Optional[Dropout]) -> tuple[list, dict]:
-    """Runtime args ``[drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale]`` and the DROPOUT
+    """Runtime args ``[drop_row0, drop_rows, drop_groups, drop_seed, drop_thresh, drop_scale]`` and the DROPOUT
     constexpr (``ring_attn._contracts.Dropout``; zeros and off without dropout)."""
     if dropout is None:
         return [0, 0, 0, 0, 0, 1.0], dict(DROPOUT=False)
-    return [int(dropout.row0), int(dropout.rows), int(dropout.keys), int(dropout.seed), dropout.threshold,
+    return [int(dropout.row0), int(dropout.rows), dropout.groups, int(dropout.seed), dropout.threshold,
             dropout.scale], dict(DROPOUT=True)
 
 

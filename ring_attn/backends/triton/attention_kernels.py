@@ -88,13 +88,20 @@ def _log2_scores(qk, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr):
         return qk * qk_scale
 
 @triton.jit
-def _dropout_keep(drop_base, rows, cols, drop_keys, drop_seed, drop_thresh):
-    """Keep-mask of attention dropout (``ring_attn._contracts.Dropout``) for broadcastable query rows and key
-    columns (indices within the sequence): Philox word of ``(drop_base + row)·keys + col`` against the
-    threshold; ``drop_base`` = head·rows + the sequence's first row in the call's row space (scalar, or one per
-    row when GQA heads are packed)."""
-    r = tl.randint(drop_seed, (drop_base + rows) * drop_keys + cols)
-    return (r.to(tl.int64) & 0xFFFFFFFF) >= drop_thresh
+def _dropout_keep(drop_base, rows, first_key, drop_groups, drop_seed, drop_thresh, BLOCK_N: tl.constexpr):
+    """Keep-mask ``[rows, BLOCK_N]`` of attention dropout (``ring_attn._contracts.Dropout``) for the query ``rows``
+    (indices within the sequence, a vector) and the keys ``first_key + arange(BLOCK_N)`` (``first_key`` a
+    multiple of 4). One Philox call (``tl.randint4x``) gives the four words of four adjacent keys: word ``w`` of
+    counter ``(drop_base + row) · drop_groups + key // 4`` decides key ``4 · (key // 4) + w``. ``drop_base`` =
+    head·rows + the sequence's first row in the call's row space (scalar, or one per row when GQA heads are
+    packed); ``drop_groups`` = ceil(keys / 4); ``drop_thresh`` = floor(p · 2^32), compared as uint32."""
+    grp = (drop_base + rows)[:, None] * drop_groups + (first_key // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(drop_seed, grp)
+    thresh = drop_thresh.to(tl.uint32)
+    # [rows, BLOCK_N/4, 2, 2] with word 2a + c at [..., a, c], then row-major: key 4g + w takes word w
+    keep = tl.join(tl.join((r0 >= thresh).to(tl.int8), (r2 >= thresh).to(tl.int8)),
+                   tl.join((r1 >= thresh).to(tl.int8), (r3 >= thresh).to(tl.int8)))
+    return tl.reshape(keep, [rows.shape[0], BLOCK_N]) != 0
 
 @triton.jit
 def _alibi_bias(rows, cols, offset, slope2):
@@ -219,7 +226,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                UPCAST: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr,
-               drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT: tl.constexpr):
+               drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
     # [BLOCK_N, BLOCK_D] tensors of 64-bit pointers through the loop
@@ -275,8 +282,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax before dropout (its LSE is the output's)
         acc = acc * alpha[:, None]
         if DROPOUT:  # zero the dropped probabilities; the kept ones are scaled once, at the end
-            p = tl.where(_dropout_keep(drop_base, offs_m[:, None], cols[None, :], drop_keys, drop_seed,
-                                       drop_thresh), p, 0.0)
+            p = tl.where(_dropout_keep(drop_base, offs_m, start_n, drop_groups, drop_seed, drop_thresh, BLOCK_N),
+                         p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
         k_row += BLOCK_N * stride_ks
@@ -298,7 +305,7 @@ def fwd_kernel(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset, win_left, win_right, softcap_in,
     softcap_out, ALIBI_SLOPES, stride_ab, stride_ah, split_len, stride_o_split, stride_l_split,
-    drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale,
+    drop_row0, drop_rows, drop_groups, drop_seed, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -349,10 +356,8 @@ def fwd_kernel(
             slope2 = slope2[:, None]  # one slope per row (its query head)
     # DROPOUT (ring_attn._contracts.Dropout): row r of the call is drop_row0 + (packed: q_start; dense:
     # b·seqlen_q) + i, and each head has drop_rows of them
+    # (packed: one per row, a [BLOCK_M] vector like the rows' indices)
     drop_base = _dropout_base(h, b, q_start, seqlen_q, drop_row0, drop_rows, VARLEN, DROPOUT)
-    if PACK_GQA:
-        if DROPOUT:
-            drop_base = drop_base[:, None]  # one per row, broadcast against the rows' [BLOCK_M, 1] indices
     bq = b.to(tl.int64)
     K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
     V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
@@ -389,15 +394,16 @@ def fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
                                    off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                    True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-                                   ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                   ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k,
                                off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset,
                                slope2, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N,
-                               DOT_PRECISION, ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                               DOT_PRECISION, ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale,
+                               DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
                                off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-                               ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                               ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
     if PACK_GQA:
         o_rows = offs_m.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
         o_ptrs = O + bq * stride_ob + q_start * stride_os + o_rows[:, None] + offs_d[None, :]
@@ -658,7 +664,7 @@ def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                    UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr,
-                   ALIBI: tl.constexpr, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale,
+                   ALIBI: tl.constexpr, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale,
                    DROPOUT: tl.constexpr):
     # One (query block at start_m, key block) pair of the K/V-stationary backward.
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -699,7 +705,8 @@ def _bwd_dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, L_base, D_base, LOCK_
     # dV += Pᵀ dO ;  dPᵀ = V dOᵀ ;  dSᵀ = Pᵀ ∘ (dPᵀ − delta) [∘ (1 − tanh²)] ;  dK += dSᵀ Q
     # (scale applied once at the end) ;  fused: dQ(partial) = scale · dS K, added into DQ
     if DROPOUT:  # dV += (P ∘ keep / (1-p))ᵀ dO ;  dP = (dO Vᵀ) ∘ keep / (1-p) ;  dS = P ∘ (dP − delta)
-        keepT = _dropout_keep(drop_base, offs_m[None, :], offs_n[:, None], drop_keys, drop_seed, drop_thresh)
+        keepT = tl.trans(_dropout_keep(drop_base, offs_m, kblock * BLOCK_N, drop_groups, drop_seed, drop_thresh,
+                                       BLOCK_N))
         dv = tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.where(keepT, tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * drop_scale, 0.0)
     else:
@@ -728,7 +735,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                     UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, DQ_MODE: tl.constexpr, SPIN_ASM: tl.constexpr,
-                    ALIBI: tl.constexpr, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale,
+                    ALIBI: tl.constexpr, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale,
                     DROPOUT: tl.constexpr):
     # Query blocks [lo, hi) (lo a multiple of BLOCK_M) in increasing order, or in decreasing order with a
     # fused dQ: then every key block reaches a given query block at the same step (all start from the last
@@ -747,7 +754,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
                                     LOCK_base, top - i * BLOCK_M, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale,
                                     sm_scale, softcap_in, softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL,
                                     SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                    ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                    ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
             q_row -= BLOCK_M * stride_qs
             do_row -= BLOCK_M * stride_dos
             dq_row -= BLOCK_M * stride_dqs
@@ -759,7 +766,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK
                                     start_m, offs_n, offs_d, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in,
                                     softcap_out, kblock, offset, slope2, MASKED, CAUSAL, LOCAL, SOFTCAP, UPCAST,
                                     HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI,
-                                    drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                    drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
             q_row += BLOCK_M * stride_qs
             do_row += BLOCK_M * stride_dos
     return dk, dv
@@ -772,7 +779,7 @@ def bwd_dkdv_kernel(
     stride_dvh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
     softcap_in, softcap_out, n_qblocks, ALIBI_SLOPES, stride_ab, stride_ah,
-    drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale,
+    drop_row0, drop_rows, drop_groups, drop_seed, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -836,18 +843,18 @@ def bwd_dkdv_kernel(
                                      mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                      stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
                                      SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                     ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                     ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
         elif CAUSAL:  # the diagonal / right window edge (otherwise lo = mid_lo = 0: nothing to compile)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                      lo, mid_lo, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                      stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
                                      SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                     ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                     ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                  mid_lo, mid_hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                  stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, False, CAUSAL, LOCAL,
                                  SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM, ALIBI,
-                                 drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                 drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
         if DQ_MODE > 0:
             if CAUSAL:
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n,
@@ -855,13 +862,13 @@ def bwd_dkdv_kernel(
                                          softcap_out, stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True,
                                          CAUSAL, LOCAL, SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
                                          DQ_MODE, SPIN_ASM, ALIBI,
-                                         drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                         drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, LOCK_base, offs_n, offs_d,
                                      mid_hi, hi, len_q, off_lo, off_hi, qk_scale, sm_scale, softcap_in, softcap_out,
                                      stride_qs, stride_dos, stride_dqs, pid_n, offset, slope2, True, CAUSAL, LOCAL,
                                      SOFTCAP, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, DQ_MODE, SPIN_ASM,
-                                     ALIBI, drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                     ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dk = dk * sm_scale
     mask = n_ok & d_ok
     dk_ptrs = DK + bq * stride_dkb + (k_start + rows_n) * stride_dks + hk.to(tl.int64) * stride_dkh + \
@@ -882,7 +889,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi
                   qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                   UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr, drop_base, drop_keys, drop_seed, drop_thresh,
+                  DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr, drop_base, drop_groups, drop_seed, drop_thresh,
                   drop_scale, DROPOUT: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :]
@@ -921,7 +928,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, hi
         # dP = dO Vᵀ ;  dS = P ∘ (dP − delta) [∘ (1 − tanh²)] ;  dQ += dS K   (scale applied once at the end)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:  # dP = (dO Vᵀ) ∘ keep / (1-p)
-            keep_d = _dropout_keep(drop_base, offs_m[:, None], cols[None, :], drop_keys, drop_seed, drop_thresh)
+            keep_d = _dropout_keep(drop_base, offs_m, start_n, drop_groups, drop_seed, drop_thresh, BLOCK_N)
             dp = tl.where(keep_d, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -936,7 +943,7 @@ def bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, sm_scale, causal_offset, win_left, win_right,
     softcap_in, softcap_out, ALIBI_SLOPES, stride_ab, stride_ah,
-    drop_row0, drop_rows, drop_keys, drop_seed, drop_thresh, drop_scale,
+    drop_row0, drop_rows, drop_groups, drop_seed, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -979,15 +986,15 @@ def bwd_dq_kernel(
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo, off_hi,
                            qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
                            SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI,
-                           drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                           drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k, off_lo, off_hi,
                        qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, False, CAUSAL, LOCAL,
                        SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI,
-                       drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                       drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo, off_hi,
                        qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2, True, CAUSAL, LOCAL,
                        SOFTCAP, UPCAST, HEAD_DIM, BLOCK_N, DOT_PRECISION, ALIBI,
-                       drop_base, drop_keys, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                       drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
     dq = dq * sm_scale
     dq_ptrs = DQ + bq * stride_dqb + (q_start + rows) * stride_dqs + hq * stride_dqh + offs_d[None, :]
     if ACCUMULATE:
