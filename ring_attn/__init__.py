@@ -3,7 +3,8 @@
 Public API (import from here; nothing else should import from deep paths):
 
 * attention: ``flash_attn_func``, ``flash_attn_varlen_func`` and their qkv-/kv-packed forms, and
-  ``flash_attn_with_kvcache`` (decoding over a KV cache) (flash-attn's signatures)
+  ``flash_attn_with_kvcache`` (decoding over a KV cache) (flash-attn's signatures); ``padded_attention``
+  (a padded batch and its 2-D key-padding mask, one custom op: no graph break under torch.compile)
 * ring attention: ``ring_attn_func``, ``ring_attn_varlen_func``, ``shard``, ``unshard``, ``shard_positions``
   and the varlen helpers
 * RoPE: ``apply_rope``, ``apply_rope_cos_sin``, ``rope_scaling.rope_parameters`` / ``from_hf_config``
@@ -21,6 +22,7 @@ from ring_attn.ops.attention import (flash_attn_func, flash_attn_kvpacked_func, 
                                     flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                     flash_attn_varlen_qkvpacked_func)
 from ring_attn.ops.kvcache import flash_attn_with_kvcache
+from ring_attn.ops.padding import padded_attention
 # --- ring attention (ring/)
 from ring_attn.ring import (ring_attn_func, ring_attn_varlen_func, shard, shard_positions, shard_varlen,
                             unshard, unshard_varlen, varlen_local_cu_seqlens, varlen_positions)
@@ -34,7 +36,7 @@ from ring_attn.ops.loss import cross_entropy_sum, linear_cross_entropy_sum
 
 __all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
            "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_with_kvcache", "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions",
+           "flash_attn_with_kvcache", "padded_attention", "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions",
            "shard_varlen", "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions",
            "apply_rope", "apply_rope_cos_sin", "rope_scaling", "cross_entropy_sum", "linear_cross_entropy_sum",
            "backend_info"]

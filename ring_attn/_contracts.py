@@ -91,6 +91,12 @@ class Dropout(NamedTuple):
     keys: int
     row0: int = 0
 
+    @staticmethod
+    def draw_seed() -> int:
+        """A seed from torch's default CPU generator (``torch.manual_seed`` reproduces it; no device sync), in
+        ``[2^32, 2^62)`` so the kernels always receive a 64-bit integer (one compiled variant)."""
+        return int(torch.randint(2 ** 32, 2 ** 62, (1,), dtype=torch.int64).item())
+
     @property
     def groups(self) -> int:
         """Philox counters per (head, row): one per four keys."""

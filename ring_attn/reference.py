@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "attention",
     "attention_varlen",
+    "attention_padded",
     "forward_fp32",
     "merge_partial",
     "backward_fp32",
@@ -193,6 +194,24 @@ def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, com
     out = torch.matmul(p.to(compute_dtype), vf).transpose(1, 2)
     lse = (torch.log(denom) + m).squeeze(-1)  # log(0) = -inf for rows that see no key
     return out, lse
+
+
+def attention_padded(q, k, v, keep, softmax_scale=None, causal=False, compute_dtype=torch.float64, window=(-1, -1),
+                     softcap=0.0):
+    """Attention over a padded batch, one row at a time: row ``b``'s real queries (``keep[b, -s_q:]``) attend to
+    its real keys (``keep[b]``, bool ``[b, s_k]``) as one sequence, causal bottom-right aligned within it.
+    Returns ``out [b, s_q, h_q, d]`` in ``compute_dtype`` with zeros at padded query positions (differentiable
+    with torch autograd)."""
+    b, s_q = q.shape[:2]
+    rows = []
+    for i in range(b):
+        iq = keep[i, -s_q:].nonzero().reshape(-1)
+        ik = keep[i].nonzero().reshape(-1)
+        o, _ = attention(q[i:i + 1, iq], k[i:i + 1, ik], v[i:i + 1, ik], softmax_scale, causal,
+                         compute_dtype=compute_dtype, window=window, softcap=softcap)
+        full = o.new_zeros((1, s_q) + tuple(o.shape[2:]))
+        rows.append(full.index_copy(1, iq, o))
+    return torch.cat(rows, 0)
 
 
 def _segments(starts, lens):

@@ -16,7 +16,6 @@ import ring_attn
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 from ring_attn import backends, reference
 from ring_attn._contracts import Dropout, VarlenSeqs
-from ring_attn.ops import attention as ops_attention
 from ring_attn.ops.attention_block import attention_block_backward, attention_block_forward, attention_delta
 
 pytestmark = pytest.mark.skipif(not backends.triton_available(), reason="needs triton")
@@ -198,8 +197,8 @@ def test_packed_sequences_match_the_oracle():
 
 def _seed_spy(monkeypatch):
     seeds = []
-    real = ops_attention._draw_seed
-    monkeypatch.setattr(ops_attention, "_draw_seed", lambda: (seeds.append(real()), seeds[-1])[1])
+    real = Dropout.draw_seed
+    monkeypatch.setattr(Dropout, "draw_seed", staticmethod(lambda: (seeds.append(real()), seeds[-1])[1]))
     return seeds
 
 

@@ -28,6 +28,7 @@ from hf_models import (CONFIGS, SMALL, VOCAB, available, batch_for, build, param
                        stock_reference)
 from hf_workers import cases_for, hub_kernel_fallback, run_world  # noqa: E402
 from ring_attn.integrations import hf  # noqa: E402
+from ring_attn.ops import padding as padding_ops  # noqa: E402
 
 WORLDS = (2, 3)
 
@@ -292,6 +293,49 @@ def test_torch_compile_one_graph_forward_and_backward(model_name, case):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), label
 
 
+@pytest.mark.parametrize("model_name", ["llama", "mistral-swa"])
+def test_torch_compile_one_graph_with_a_padding_mask(model_name):
+    """A padded batch compiles as one graph (``fullgraph=True``): whether and where the 2-D mask pads is found
+    inside the padded-attention custom op, not by host reads in the traced code. Right padding (training: loss
+    and gradients), left padding with position_ids that restart at the first real token (batched generation's
+    prefill) and an all-ones mask all equal the eager patched model at the real positions."""
+    if not available(model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name} model")
+    model = build(model_name).train()
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(8))
+    torch._dynamo.reset()
+    try:  # the stock model itself (no mask) must compile as one graph for this to say anything
+        with torch.no_grad():
+            torch.compile(model, backend="eager", fullgraph=True)(ids, use_cache=False)
+    except torch._dynamo.exc.Unsupported as e:
+        pytest.skip(f"transformers {transformers.__version__}'s own {model_name} model does not compile as one "
+                    f"graph: {str(e).splitlines()[0]}")
+    right = torch.ones_like(ids)
+    right[0, 7:] = 0
+    right[2, 10:] = 0
+    left = torch.ones_like(ids)
+    left[1, :4] = 0
+    left_pos = (left.cumsum(1) - 1).masked_fill(left == 0, 1)  # what generate() passes
+
+    def run(m, mask, pos):
+        logits = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        real = mask.bool()
+        loss = logits[real].float().pow(2).mean()
+        return logits.detach(), torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    with hf.patch_hf(model):
+        for label, mask, pos in [("right", right, None), ("left", left, left_pos),
+                                 ("all ones", torch.ones_like(ids), None)]:
+            ref_logits, ref_grads = run(model, mask, pos)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            logits, grads = run(compiled, mask, pos)
+            real = mask.bool()
+            assert (logits[real] - ref_logits[real]).abs().max().item() < 1e-5, label
+            for i, (a, b) in enumerate(zip(grads, ref_grads)):
+                assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), (label, i)
+
+
 def test_torch_compile_refuses_packed_positions_without_boundaries():
     """Under torch.compile the attention cannot find packed sequences in position_ids (that needs a host read);
     a batch whose positions restart without cu_seq_lens_q fails loudly (a device-side assert), never computes
@@ -305,6 +349,10 @@ def test_torch_compile_refuses_packed_positions_without_boundaries():
         compiled(input_ids=local["input_ids"], position_ids=torch.arange(n)[None], use_cache=False)  # one sequence
         with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
             compiled(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+        # an all-ones attention_mask (tokenizers return one) does not hide the packing: still refused
+        with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
+            compiled(input_ids=local["input_ids"], position_ids=local["position_ids"],
+                     attention_mask=torch.ones_like(local["input_ids"]), use_cache=False)
 
 
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "qwen2-swa"])
@@ -356,8 +404,8 @@ def test_padding_is_analysed_once_per_forward_and_again_after_an_in_place_change
     model = build("llama", attn="oracle")
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     built = []
-    real = hf._Unpad
-    monkeypatch.setattr(hf, "_Unpad", lambda *a: (built.append(1), real(*a))[1])
+    real = padding_ops.UnpadPlan
+    monkeypatch.setattr(padding_ops, "UnpadPlan", lambda *a: (built.append(1), real(*a))[1])
     mask = torch.ones_like(ids)
     for pad in (3, 5):
         mask.fill_(1)
@@ -373,7 +421,7 @@ def test_padding_is_analysed_once_per_forward_and_again_after_an_in_place_change
     # the cache on a mask tensor follows in-place changes (transformers >= 4.53 hands the layers a fresh mask per
     # forward, older releases the caller's own tensor)
     keep = hf._padding(mask, 10)
-    assert keep is hf._padding(mask, 10) and hf._unpad_plan(keep, 10) is hf._unpad_plan(keep, 10)
+    assert keep is hf._padding(mask, 10) and padding_ops.unpad_plan(keep, 10) is padding_ops.unpad_plan(keep, 10)
     mask.fill_(1)
     assert hf._padding(mask, 10) is None
     mask[1, 7:] = 0

@@ -22,11 +22,12 @@ import importlib
 import inspect
 import sys
 import threading
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 import ring_attn
+from ring_attn.ops.padding import tensor_cache
 from ring_attn.ring import layout as ring_layout
 from ring_attn.ring.comm import weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES
@@ -49,7 +50,6 @@ _FAMILY_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in MODEL_F
 _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
 _ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
 _CU_TAG = "_ring_attn_cu"  # attribute on a position_ids tensor: its packed-sequence boundaries (cached)
-_DERIVED_TAG = "_ring_attn_derived"  # attribute on a padding mask: its keep-mask and unpadding plan (cached)
 _CHECKED_TAG = "_ring_attn_checked"  # attribute on a position_ids tensor: shard layout verified
 
 
@@ -177,11 +177,14 @@ def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple
     return result
 
 
-def _assert_not_packed(position_ids: torch.Tensor) -> None:
+def _assert_not_packed(position_ids: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
     """Under torch.compile: a device-side check (no host read, no graph break) that ``position_ids`` hold one
-    sequence per row; packed sequences must come with their boundaries there."""
-    restarts = _sequence_starts(position_ids)[:, 1:]
-    torch._assert_async(~restarts.any(), "ring_attn under torch.compile: position_ids restart inside a row (packed "
+    sequence per row; packed sequences must come with their boundaries there. With a padding mask ``keep``
+    the positions of padded batches may restart (left padding): checked only where ``keep`` pads nothing."""
+    restarts = _sequence_starts(position_ids)[:, 1:].any()
+    if keep is not None:
+        restarts = restarts & keep.all()
+    torch._assert_async(~restarts, "ring_attn under torch.compile: position_ids restart inside a row (packed "
                         "sequences) but no cu_seq_lens_q reached attention; pass the boundaries (e.g. "
                         "DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or run eagerly")
 
@@ -200,7 +203,7 @@ def _refuse_ring_cache(state: _State, detail: str = "") -> None:
 def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
     """The 2-D keep-mask ``[b, kv_len]`` (True = real token) when it masks anything, else None. Computed once
     per mask tensor and length (every layer of a forward gets the same mask object: one host read per
-    forward, not one per layer)."""
+    forward, not one per layer). Under torch.compile the mask whenever there is one (no host read)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
@@ -208,86 +211,20 @@ def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
             f"a {attention_mask.dim()}-D attention_mask {tuple(attention_mask.shape)}: attn_implementation="
             f"'ring_attn' implements causal attention with a 2-D padding mask only (custom 4-D masks are not "
             f"supported)")
-    cache = None if torch.compiler.is_compiling() else _tensor_cache(attention_mask)
+    compiling = torch.compiler.is_compiling()
+    cache = None if compiling else tensor_cache(attention_mask)
     if cache is not None and ("keep", kv_len) in cache:
         return cache[("keep", kv_len)]
     mask = attention_mask[:, -kv_len:].bool()
     if mask.shape[1] != kv_len:
         raise NotImplementedError(f"attention_mask covers {mask.shape[1]} keys but there are {kv_len} "
                                   f"(a static cache?): not supported by attn_implementation='ring_attn'")
+    if compiling:  # whether it pads needs a host read: padded_attention's op finds out (no graph break)
+        return mask
     keep = None if bool(mask.all()) else mask
     if cache is not None:
         cache[("keep", kv_len)] = keep
     return keep
-
-
-def _tensor_cache(t: torch.Tensor) -> dict:
-    """A dict stored on the tensor object ``t`` (what this module derives from it once per forward); emptied
-    when ``t`` has been modified in place since (its version counter moved), so a mask buffer a caller
-    rewrites between forwards is analysed again."""
-    cache = getattr(t, _DERIVED_TAG, None)
-    if cache is None or cache.get("version") != t._version:
-        cache = {"version": t._version}
-        setattr(t, _DERIVED_TAG, cache)
-    return cache
-
-
-class _Unpad(NamedTuple):
-    """How a padded batch becomes packed sequences: the real query and key rows of ``[b·s, ...]``, their
-    ``cu_seqlens`` and longest lengths, and whether some row's real tokens are not contiguous."""
-    idx_q: torch.Tensor
-    idx_k: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    max_q: int
-    max_k: int
-    holes: bool
-
-
-def _unpad_plan(keep: torch.Tensor, s_q: int) -> _Unpad:
-    """:class:`_Unpad` of the keep-mask ``keep`` ``[b, s_k]`` for the last ``s_q`` positions as queries; two host
-    reads, once per mask (cached on it: every layer of a forward shares it)."""
-    cache = None if torch.compiler.is_compiling() else _tensor_cache(keep)
-    if cache is not None and ("unpad", s_q) in cache:
-        return cache[("unpad", s_q)]
-    b, s_k = keep.shape
-    cols = torch.arange(s_k, device=keep.device).expand(b, s_k)
-    first = torch.where(keep, cols, s_k).min(1).values
-    last = torch.where(keep, cols, -1).max(1).values
-    len_q, len_k = keep[:, -s_q:].sum(1), keep.sum(1)
-    holes = ((last - first + 1 != len_k) & (len_k > 0)).any()
-    max_q, max_k, has_holes = torch.stack([len_q.max(), len_k.max(), holes.long()]).tolist()
-    zero = len_q.new_zeros(1)
-    cu_q = torch.cat([zero, len_q.cumsum(0)]).to(torch.int32)
-    cu_k = torch.cat([zero, len_k.cumsum(0)]).to(torch.int32)
-    plan = _Unpad(keep[:, -s_q:].reshape(-1).nonzero().reshape(-1), keep.reshape(-1).nonzero().reshape(-1),
-                  cu_q, cu_k, int(max_q), int(max_k), bool(has_holes))
-    if cache is not None:
-        cache[("unpad", s_q)] = plan
-    return plan
-
-
-def _unpadded_attention(q, k, v, keep: torch.Tensor, causal: bool, scale, window=(-1, -1), softcap=0.0,
-                        dropout: float = 0.0):
-    """Single-device attention with padding: gather the real tokens of every row into packed sequences and run
-    the varlen kernel. Queries are the last ``s_q`` key positions (true with a growing cache), so bottom-right
-    causal alignment per sequence is exact even for masks with holes. A sliding window counts positions, so it
-    needs each row's real tokens contiguous (left or right padding), else NotImplementedError. Padded query rows
-    get zeros. The gather indices come from :func:`_unpad_plan`, once per forward."""
-    b, s_q, h, d = q.shape
-    s_k = k.shape[1]
-    plan = _unpad_plan(keep, s_q)
-    if window != (-1, -1) and plan.holes:
-        raise NotImplementedError(
-            f"a sliding window (window_size={window}) with an attention_mask that has holes inside a row: "
-            f"attn_implementation='ring_attn' supports left or right padding with sliding windows")
-    out = ring_attn.flash_attn_varlen_func(
-        q.reshape(b * s_q, h, d).index_select(0, plan.idx_q), k.reshape(b * s_k, -1, d).index_select(0, plan.idx_k),
-        v.reshape(b * s_k, -1, d).index_select(0, plan.idx_k), cu_seqlens_q=plan.cu_q, cu_seqlens_k=plan.cu_k,
-        max_seqlen_q=plan.max_q, max_seqlen_k=plan.max_k, dropout_p=dropout, causal=causal, softmax_scale=scale,
-        window_size=window, softcap=softcap)
-    full = out.new_zeros(b * s_q, h, d).index_copy(0, plan.idx_q, out)
-    return full.reshape(b, s_q, h, d)
 
 
 def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: int) -> None:
@@ -383,7 +320,11 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             return out.reshape(b, s_q, h_q, d), None
         window = sliding_window_size(sliding_window, s_k, causal)
         if keep is not None:
-            return _unpadded_attention(q, k, v, keep, causal, scaling, window, softcap, dropout), None
+            if torch.compiler.is_compiling() and cu is None and s_q == s_k and position_ids is not None \
+                    and position_ids.dim() == 2:
+                _assert_not_packed(position_ids, keep)  # (eagerly an all-ones mask is None: packing found above)
+            # padded rows gathered into packed sequences inside one custom op (its host reads stay out of graphs)
+            return ring_attn.padded_attention(q, k, v, keep, dropout, scaling, causal, window, softcap), None
         # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q and, with a window,
         # j >= i + s_k - s_q - (sliding_window - 1)
         return ring_attn.flash_attn_func(q, k, v, dropout_p=dropout, causal=causal, softmax_scale=scaling,
@@ -526,6 +467,8 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:].bool()
+    if torch.compiler.is_compiling():  # whether it pads needs a host read: the attention's op finds out
+        return mask
     return None if (mask.shape[1] == kv_length and bool(mask.all())) else mask
 
 
@@ -665,6 +608,8 @@ def _make_update_causal_mask(original, padding_2d: bool):
     def _update_causal_mask(self, attention_mask, *args, **kwargs):
         if self.config._attn_implementation == ATTN_IMPLEMENTATION and _active is not None:
             if attention_mask is not None and attention_mask.dim() == 2:
+                if padding_2d and torch.compiler.is_compiling():  # no host read: the attention's op finds out
+                    return attention_mask
                 if not bool((attention_mask == 0).any()):
                     return None
                 if padding_2d:

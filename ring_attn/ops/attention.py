@@ -87,12 +87,6 @@ def _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return VarlenSeqs.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
-def _draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (``torch.manual_seed`` reproduces it; no device sync),
-    in ``[2^32, 2^62)`` so the kernels always receive a 64-bit integer (one compiled variant)."""
-    return int(torch.randint(2 ** 32, 2 ** 62, (1,), dtype=torch.int64).item())
-
-
 def _op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p: float, seed: int) -> Optional[Dropout]:
     """The call's :class:`Dropout` (rows: dense ``b · s_q``, packed ``t_q``; keys: ``s_k`` / ``max_seqlen_k``)."""
     if dropout_p <= 0:
@@ -115,7 +109,7 @@ def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    seed = _draw_seed() if dropout_p > 0 else 0
+    seed = Dropout.draw_seed() if dropout_p > 0 else 0
     out, lse = attention_block_forward(q, k, v, softmax_scale, causal, None, seqs,
                                        window=(window_left, window_right), softcap=softcap,
                                        alibi_slopes=alibi_slopes,
