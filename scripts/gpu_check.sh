@@ -13,6 +13,8 @@
 # every stage are written under $GPU_CHECK_RAW/<what> (default /tmp/ring_attn_gpu_check) and packed, after each
 # stage, into ONE archive $OUT/gpu_check_<what>.tgz (`tar xzf` it), next to $OUT/summary_<what>.txt (one line
 # per stage: exit code and seconds). Each stage's output is also printed. $OUT defaults to ./bench_out.
+# `python scripts/gpu_report.py gpu_check_tests.tgz gpu_check_bench.tgz` prints the markdown for
+# benchmarks/RESULTS.md from them, issue 9's targets checked.
 #
 # Each stage has its own time limit so one slow stage cannot eat the others' time; a failing stage is
 # reported and the script goes on, exiting non-zero at the end if any stage failed.
