@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for the GPU test machine (one H100/H200; torch 2.11, triton 3.6, transformers 5.17, no network,
-# nothing to install). Runs the GPU tests, then the benchmarks. Stage limits: `tests` 180 s (with the decoding
-# benchmark), `bench` 560 s (740 s in all: on a machine with a 600 s limit per command, run `tests` and `bench`
-# as two calls, the second while the machine is still warm). Usage from the repository root:
+# nothing to install). Runs the GPU tests, then the benchmarks. Stage limits: `tests` 210 s (with the decoding
+# and host-overhead benchmarks), `bench` 560 s (770 s in all: on a machine with a 600 s limit per command, run
+# `tests` and `bench` as two calls, the second while the machine is still warm). Usage from the repository root:
 #
 #     OUT=/some/dir scripts/gpu_check.sh            # everything
 #     scripts/gpu_check.sh tests                    # only the GPU tests (4 pytest processes, one GPU)
@@ -96,6 +96,8 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   # decoding (flash_attn_with_kvcache): split-KV and the 16-row decode tile against one pass over the keys
   # and SDPA, as a share of copy bandwidth. Here, not under `bench`: that call is already at its limit
   stage bench_decode 40 python benchmarks/bench_decode.py --rep 50
+  # host time per call (decoding steps and short sequences are host-bound) against SDPA / flash-attn
+  stage bench_overhead 30 python benchmarks/bench_overhead.py
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   # 1. the shipped tile table (issue 9: fixed tiles, heaviest-first causal order, no-duplication backward

@@ -14,8 +14,9 @@ one was packed from; a ``summary_<stages>.txt`` beside an archive is read too. W
 * the backward variants (tiles before issue 9, the 5-matmul backward with atomics and in a fixed order) and the
   forward variants (tuned tiles, TMA + warp specialisation) against the shipped default of the same run, and what
   the fixed order costs against atomics (target: at most 10 %);
-* RoPE (``bench_rope.csv``: share of copy bandwidth, target 90 %), decoding (``bench_decode.csv``), the HF layer
-  (``bench_hf_layer.csv``) and the ring (``bench_ring.csv``) as measured.
+* RoPE (``bench_rope.csv``: share of copy bandwidth, target 90 %), decoding (``bench_decode.csv``), host time per
+  call (``bench_overhead.csv``), the HF layer (``bench_hf_layer.csv``) and the ring (``bench_ring.csv``) as
+  measured.
 
 Reads only; nothing here needs a GPU (the test suite runs it on a synthetic archive).
 """
@@ -205,6 +206,8 @@ def report(args: list[str]) -> str:
             lines += rope_section(_read_csv(root / "bench_rope.csv"))
             lines += simple_section("Decoding (flash_attn_with_kvcache shapes)", _read_csv(root / "bench_decode.csv"),
                                     ["impl", "shape", "us", "GB/s", "of_copy", "max_err"])
+            lines += simple_section("Host time per call (us; tiny shapes, one sync per loop)",
+                                    _read_csv(root / "bench_overhead.csv"), ["case", "impl", "us_per_call", "mode"])
             lines += simple_section("Llama-3-8B decoder layer (patched vs sdpa vs eager)",
                                     _read_csv(root / "bench_hf_layer.csv"),
                                     ["impl", "compiled", "seqlen", "dtype", "ms", "vs_sdpa"])

@@ -53,6 +53,7 @@ from ring_attn._contracts import (
     check_window,
 )
 from ring_attn.backends import check_deterministic
+from ring_attn.ops._dispatch import traced
 from ring_attn.ops.attention_block import (
     attention_block_backward,
     attention_block_forward,
@@ -96,15 +97,12 @@ def _op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p: float, seed: int) -
     return Dropout(dropout_p, seed, q.shape[0], int(max_seqlen_k))
 
 
-@torch.library.custom_op("ring_attn::flash_attn_forward", mutates_args=())
-def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                           max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           causal: bool, window_left: int, window_right: int,
-                           softcap: float, alibi_slopes: Optional[torch.Tensor],
-                           dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Returns (out, lse, seed): seed is an int64 CPU tensor [1], the dropout seed drawn here (at run time, not
-    # when a graph is traced, so every call gets a fresh one) for the backward; 0 without dropout.
+def _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                  causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes,
+                  dropout_p: float):
+    """The forward of every public function: ``(out, lse, seed)``; seed is an int64 CPU tensor [1], the dropout
+    seed drawn here (at run time, not when a graph is traced, so every call gets a fresh one) for the backward;
+    0 without dropout. Runs inside the custom op (torch.compile, tracing) or directly (eager, :class:`_Eager`)."""
     if cu_seqlens_q is not None:  # value checks need a host read; done here, outside any traced graph
         check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
@@ -115,6 +113,31 @@ def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        alibi_slopes=alibi_slopes,
                                        dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, seed))
     return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+def _backward_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                   max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                   softcap: float, alibi_slopes, dropout_p: float, seed):
+    """``(dq, dk, dv)`` of :func:`_forward_impl` (``dlse``: the gradient into the LSE output, or None)."""
+    seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    delta = attention_delta(dout, out, dlse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
+                             accumulate=False, window=(window_left, window_right), softcap=softcap,
+                             alibi_slopes=alibi_slopes,
+                             dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, int(seed[0])))
+    return dq, dk, dv
+
+
+@torch.library.custom_op("ring_attn::flash_attn_forward", mutates_args=())
+def _flash_attn_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                           max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                           causal: bool, window_left: int, window_right: int,
+                           softcap: float, alibi_slopes: Optional[torch.Tensor],
+                           dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                         window_left, window_right, softcap, alibi_slopes, dropout_p)
 
 
 @_flash_attn_forward_op.register_fake
@@ -133,14 +156,8 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             causal: bool, window_left: int, window_right: int, softcap: float,
                             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
                             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    delta = attention_delta(dout, out, dlse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
-                             accumulate=False, window=(window_left, window_right), softcap=softcap,
-                             alibi_slopes=alibi_slopes,
-                             dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, int(seed[0])))
-    return dq, dk, dv
+    return _backward_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed)
 
 
 @_flash_attn_backward_op.register_fake
@@ -169,6 +186,43 @@ def _backward(ctx, dout, dlse, dseed):
 
 
 torch.library.register_autograd("ring_attn::flash_attn_forward", _backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The custom op's forward and backward as a plain autograd Function, for eager calls (see
+    ``ring_attn.ops._dispatch``): less host time per call, the same functions, the same bits."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, *meta):
+        *opts, alibi, dropout_p = meta
+        out, lse, seed = _forward_impl(q, k, v, cu_q, cu_k, *opts, alibi, dropout_p)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed)
+        ctx.meta, ctx.dropout_p = tuple(opts), dropout_p
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.meta, alibi, ctx.dropout_p,
+                                    seed)
+        return (dq, dk, dv) + (None,) * (2 + len(ctx.meta) + 2)
+
+
+def _attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, left: int, right: int,
+               cap: float, alibi, p: float):
+    """``(out, lse)`` of the public functions: the custom op when traced, else :class:`_Eager` (the same
+    implementation with less host overhead), or the forward alone when no gradient is wanted."""
+    if traced(q, k, v, cu_q, alibi):
+        out, lse, _seed = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal,
+                                                                 left, right, cap, alibi, p)
+        return out, lse
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Eager.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, cap, alibi, p)
+    out, lse, _seed = _forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, cap, alibi, p)
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,8 +312,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
                                                    deterministic, return_attn_probs, return_lse)
     check_alibi_slopes(alibi_slopes, q.device, q.shape[0], h_q, "batch")
-    out, lse, _seed = torch.ops.ring_attn.flash_attn_forward(q, k, v, None, None, q.shape[1], k.shape[1], scale,
-                                                             causal, window[0], window[1], cap, alibi_slopes, p)
+    out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal, window[0], window[1], cap,
+                          alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
 
 
@@ -305,9 +359,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
     check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")
-    out, lse, _seed = torch.ops.ring_attn.flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
-                                                             scale, causal, window[0], window[1], cap, alibi_slopes,
-                                                             p)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, window[0], window[1],
+                          cap, alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
 
 
