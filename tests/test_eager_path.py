@@ -117,3 +117,18 @@ def test_rope_eager_route_equals_the_custom_op(learn_theta, cpu_backend):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     with torch.no_grad():
         assert ring_attn.apply_rope(q, k, pos, inv)[0].grad_fn is None
+
+
+def test_jit_trace_records_the_custom_op(cpu_backend):
+    if cpu_backend is not None:
+        pytest.skip("the route does not depend on the backend")
+    import warnings
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 8, 2, 16, generator=g) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
+        traced_fn = torch.jit.trace(lambda a, b, c: ring_attn.flash_attn_func(a, b, c, causal=True), (q, k, v))
+    assert "ring_attn::flash_attn_forward" in [n.kind() for n in traced_fn.graph.nodes()]
+    q2 = torch.randn(1, 8, 2, 16, generator=g)
+    assert torch.equal(traced_fn(q2, k, v), ring_attn.flash_attn_func(q2, k, v, causal=True))
