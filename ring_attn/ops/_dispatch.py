@@ -20,9 +20,10 @@ __all__ = ["traced"]
 
 
 def traced(*tensors) -> bool:
-    """True when the call is being traced (torch.compile, export, torch.jit.trace), runs under a dispatch mode (FakeTensor, proxy
-    tracing, selective activation checkpointing) or on tensor subclasses (FakeTensor, DTensor, ...): then the
-    registered custom op must run. ``tensors``: the call's tensor arguments (None entries are skipped)."""
+    """True when the call is being traced (torch.compile, export, torch.jit.trace), runs under a dispatch mode
+    (FakeTensor, proxy tracing, selective activation checkpointing) or on tensor subclasses (FakeTensor, DTensor,
+    ...): then the registered custom op must run. ``tensors``: the call's tensor arguments (None entries are
+    skipped)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_mode() is not None:
         return True
     return any(t is not None and type(t) is not torch.Tensor for t in tensors)
