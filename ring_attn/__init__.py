@@ -36,7 +36,7 @@ from ring_attn.ops.loss import cross_entropy_sum, linear_cross_entropy_sum
 
 __all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
            "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_with_kvcache", "padded_attention", "ring_attn_func", "ring_attn_varlen_func", "shard", "unshard", "shard_positions",
-           "shard_varlen", "unshard_varlen", "varlen_local_cu_seqlens", "varlen_positions",
-           "apply_rope", "apply_rope_cos_sin", "rope_scaling", "cross_entropy_sum", "linear_cross_entropy_sum",
-           "backend_info"]
+           "flash_attn_with_kvcache", "padded_attention", "ring_attn_func", "ring_attn_varlen_func", "shard",
+           "unshard", "shard_positions", "shard_varlen", "unshard_varlen", "varlen_local_cu_seqlens",
+           "varlen_positions", "apply_rope", "apply_rope_cos_sin", "rope_scaling", "cross_entropy_sum",
+           "linear_cross_entropy_sum", "backend_info"]

@@ -68,13 +68,17 @@ def philox4(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tenso
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
+def _first_counter(dropout, head, row):
+    """The Philox counter of key 0..3 of (query head, row) (:class:`ring_attn._contracts.Dropout`)."""
+    return (head * dropout.rows + (row + dropout.row0)) * dropout.groups
+
+
 def dropout_keep(dropout, head: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """Bool keep-mask of :class:`ring_attn._contracts.Dropout` ``dropout`` at broadcastable int64 query heads,
     query rows (in the call's row space, before ``row0``) and key indices: word ``col mod 4`` of the Philox
     counter ``(head · rows + row + row0) · groups + col div 4``."""
     head, row, col = torch.broadcast_tensors(torch.as_tensor(head), torch.as_tensor(row), torch.as_tensor(col))
-    counters = (head * dropout.rows + (row + dropout.row0)) * dropout.groups + col // 4
-    words = philox4(dropout.seed, counters)
+    words = philox4(dropout.seed, _first_counter(dropout, head, row) + col // 4)
     return torch.gather(words, -1, (col % 4).unsqueeze(-1)).squeeze(-1) >= dropout.threshold
 
 
@@ -152,8 +156,8 @@ def _keep(dropout, b: int, h_q: int, s_q: int, r0: int, r1: int, s_k: int, row_b
            torch.arange(r0, r1, device=device, dtype=torch.int64)[None, :])[:, None, :, None]
     # keys 0 .. s_k-1: each counter's four words are four adjacent keys, so draw per counter and flatten
     groups = torch.arange((s_k + 3) // 4, device=device, dtype=torch.int64)[None, None, None, :]
-    counters = (head * dropout.rows + (row + dropout.row0)) * dropout.groups + groups
-    return philox4(dropout.seed, counters).flatten(-2)[..., :s_k] >= dropout.threshold
+    return philox4(dropout.seed, _first_counter(dropout, head, row) + groups).flatten(-2)[..., :s_k] >= \
+        dropout.threshold
 
 
 def attention(q, k, v, softmax_scale=None, causal=False, causal_offset=None, compute_dtype=torch.float64,

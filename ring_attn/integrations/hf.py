@@ -304,10 +304,10 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     max_len = kwargs.get("max_length_q")
 
     if state.world == 1:
-        if cu is None and s_q == s_k and keep is None and position_ids is not None and position_ids.dim() == 2:
-            if torch.compiler.is_compiling():
-                _assert_not_packed(position_ids)  # finding the boundaries needs a host read: a graph break per layer
-            else:
+        if cu is None and s_q == s_k and position_ids is not None and position_ids.dim() == 2:
+            if torch.compiler.is_compiling():  # finding the boundaries needs a host read: check instead
+                _assert_not_packed(position_ids, keep)
+            elif keep is None:  # (with padding the mask says where the sequences are)
                 found = _packed_cu_seqlens(position_ids, b)
                 if found is not None:
                     cu, max_len = found
@@ -320,9 +320,6 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             return out.reshape(b, s_q, h_q, d), None
         window = sliding_window_size(sliding_window, s_k, causal)
         if keep is not None:
-            if torch.compiler.is_compiling() and cu is None and s_q == s_k and position_ids is not None \
-                    and position_ids.dim() == 2:
-                _assert_not_packed(position_ids, keep)  # (eagerly an all-ones mask is None: packing found above)
             # padded rows gathered into packed sequences inside one custom op (its host reads stay out of graphs)
             return ring_attn.padded_attention(q, k, v, keep, dropout, scaling, causal, window, softcap), None
         # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q and, with a window,

@@ -88,31 +88,54 @@ def _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return VarlenSeqs.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
-def _op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p: float, seed: int) -> Optional[Dropout]:
-    """The call's :class:`Dropout` (rows: dense ``b · s_q``, packed ``t_q``; keys: ``s_k`` / ``max_seqlen_k``)."""
+def _call_dropout(q, k, seqs: Optional[VarlenSeqs], dropout_p: float, seed: int) -> Optional[Dropout]:
+    """The call's :class:`Dropout` (rows: dense ``b · s_q``, packed ``t_q``; keys: ``s_k`` / the longest key
+    sequence)."""
     if dropout_p <= 0:
         return None
-    if cu_seqlens_q is None:
+    if seqs is None:
         return Dropout(dropout_p, seed, q.shape[0] * q.shape[1], k.shape[1])
-    return Dropout(dropout_p, seed, q.shape[0], int(max_seqlen_k))
+    return Dropout(dropout_p, seed, q.shape[0], int(seqs.max_len_k))
+
+
+def attention_forward_seqs(q, k, v, seqs: Optional[VarlenSeqs], softmax_scale: float, causal: bool,
+                           window: tuple[int, int], softcap: float, alibi_slopes, dropout_p: float):
+    """The forward behind every public attention function, on validated arguments: dense ``[b, s, h, d]`` when
+    ``seqs`` is None, else packed ``[t, h, d]`` sequences. Returns ``(out, lse, seed)``: ``seed`` is an int64
+    CPU tensor ``[1]``, the dropout seed drawn here (at run time, not when a graph is traced, so every call gets
+    a fresh one) for :func:`attention_backward_seqs`; 0 without dropout. Also what ``ring_attn.ops.padding``
+    runs on the gathered rows."""
+    seed = Dropout.draw_seed() if dropout_p > 0 else 0
+    out, lse = attention_block_forward(q, k, v, softmax_scale, causal, None, seqs, window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes,
+                                       dropout=_call_dropout(q, k, seqs, dropout_p, seed))
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+def attention_backward_seqs(dout, q, k, v, out, lse, dlse, seqs: Optional[VarlenSeqs], softmax_scale: float,
+                            causal: bool, window: tuple[int, int], softcap: float, alibi_slopes, dropout_p: float,
+                            seed: torch.Tensor):
+    """``(dq, dk, dv)`` of :func:`attention_forward_seqs` (``dlse``: the gradient into the LSE output, or
+    None; ``seed``: the forward's)."""
+    delta = attention_delta(dout, out, dlse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
+                             accumulate=False, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                             dropout=_call_dropout(q, k, seqs, dropout_p, int(seed[0])))
+    return dq, dk, dv
 
 
 def _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                   causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes,
                   dropout_p: float):
-    """The forward of every public function: ``(out, lse, seed)``; seed is an int64 CPU tensor [1], the dropout
-    seed drawn here (at run time, not when a graph is traced, so every call gets a fresh one) for the backward;
-    0 without dropout. Runs inside the custom op (torch.compile, tracing) or directly (eager, :class:`_Eager`)."""
+    """:func:`attention_forward_seqs` in the custom op's arguments; runs inside the op (traced calls) or directly
+    (eager, :class:`_Eager`)."""
     if cu_seqlens_q is not None:  # value checks need a host read; done here, outside any traced graph
         check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    seed = Dropout.draw_seed() if dropout_p > 0 else 0
-    out, lse = attention_block_forward(q, k, v, softmax_scale, causal, None, seqs,
-                                       window=(window_left, window_right), softcap=softcap,
-                                       alibi_slopes=alibi_slopes,
-                                       dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, seed))
-    return out, lse, torch.tensor([seed], dtype=torch.int64)
+    return attention_forward_seqs(q, k, v, seqs, softmax_scale, causal, (window_left, window_right), softcap,
+                                  alibi_slopes, dropout_p)
 
 
 def _backward_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -120,13 +143,8 @@ def _backward_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, ma
                    softcap: float, alibi_slopes, dropout_p: float, seed):
     """``(dq, dk, dv)`` of :func:`_forward_impl` (``dlse``: the gradient into the LSE output, or None)."""
     seqs = _op_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    delta = attention_delta(dout, out, dlse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
-                             accumulate=False, window=(window_left, window_right), softcap=softcap,
-                             alibi_slopes=alibi_slopes,
-                             dropout=_op_dropout(q, k, cu_seqlens_q, max_seqlen_k, dropout_p, int(seed[0])))
-    return dq, dk, dv
+    return attention_backward_seqs(dout, q, k, v, out, lse, dlse, seqs, softmax_scale, causal,
+                                   (window_left, window_right), softcap, alibi_slopes, dropout_p, seed)
 
 
 @torch.library.custom_op("ring_attn::flash_attn_forward", mutates_args=())
@@ -193,11 +211,9 @@ class _Eager(torch.autograd.Function):
     ``ring_attn.ops._dispatch``): less host time per call, the same functions, the same bits."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, *meta):
-        *opts, alibi, dropout_p = meta
-        out, lse, seed = _forward_impl(q, k, v, cu_q, cu_k, *opts, alibi, dropout_p)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed)
-        ctx.meta, ctx.dropout_p = tuple(opts), dropout_p
+    def forward(ctx, *inputs):
+        out, lse, seed = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse, seed))  # what the op's autograd saves
         ctx.set_materialize_grads(False)
         return out, lse
 

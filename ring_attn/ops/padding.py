@@ -14,7 +14,7 @@ contiguous (left or right padding).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +28,7 @@ from ring_attn._contracts import (
     check_softcap,
     check_window,
 )
-from ring_attn.ops.attention_block import attention_block_backward, attention_block_forward, attention_delta
+from ring_attn.ops.attention import attention_backward_seqs, attention_forward_seqs
 
 __all__ = ["padded_attention", "unpad_plan", "UnpadPlan", "tensor_cache"]
 
@@ -92,10 +92,6 @@ def _plan_for(keep, s_q: int, window: tuple[int, int]) -> UnpadPlan:
     return plan
 
 
-def _dropout(dropout_p: float, seed: int, rows: int, keys: int) -> Optional[Dropout]:
-    return Dropout(dropout_p, seed, rows, keys) if dropout_p > 0 else None
-
-
 def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The rows ``idx`` of ``x`` ``[b, s, h, d]`` flattened to ``[b·s, h, d]``: ``[len(idx), h, d]``."""
     return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3]).index_select(0, idx)
@@ -112,26 +108,22 @@ def _padded_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
                        softmax_scale: float, causal: bool, window_left: int, window_right: int,
                        softcap: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Returns (out [b, s_q, h, d] with zeros at padded query rows, lse fp32 [b, h, s_q] with -inf there, seed:
-    # int64 CPU [1], drawn here at run time for dropout, 0 without).
+    # int64 CPU [1], drawn at run time for dropout, 0 without).
     window = (window_left, window_right)
     b, s_q, h, d = q.shape
     plan = _plan_for(keep, s_q, window)
-    seed = Dropout.draw_seed() if dropout_p > 0 else 0
     if plan.dense:
-        out, lse = attention_block_forward(q, k, v, softmax_scale, causal, None, None, window=window,
-                                           softcap=softcap, dropout=_dropout(dropout_p, seed, b * s_q, k.shape[1]))
-        return out, lse, torch.tensor([seed], dtype=torch.int64)
-    out = q.new_zeros(q.shape)
-    lse = torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device)
-    if plan.max_q > 0:
-        seqs = VarlenSeqs.from_cu_seqlens(plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
-        o, l = attention_block_forward(_rows(q, plan.idx_q), _rows(k, plan.idx_k), _rows(v, plan.idx_k),
-                                       softmax_scale, causal, None, seqs, window=window, softcap=softcap,
-                                       dropout=_dropout(dropout_p, seed, plan.idx_q.numel(), plan.max_k))
-        out = _scatter(o, plan.idx_q, q)
-        lse = torch.full((h, b * s_q), float("-inf"), dtype=torch.float32, device=q.device) \
-            .index_copy(1, plan.idx_q, l).reshape(h, b, s_q).permute(1, 0, 2).contiguous()
-    return out, lse, torch.tensor([seed], dtype=torch.int64)
+        return attention_forward_seqs(q, k, v, None, softmax_scale, causal, window, softcap, None, dropout_p)
+    if plan.max_q == 0:  # every query row padded
+        seed = Dropout.draw_seed() if dropout_p > 0 else 0
+        return q.new_zeros(q.shape), torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device), \
+            torch.tensor([seed], dtype=torch.int64)
+    seqs = VarlenSeqs.from_cu_seqlens(plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
+    o, l, seed = attention_forward_seqs(_rows(q, plan.idx_q), _rows(k, plan.idx_k), _rows(v, plan.idx_k), seqs,
+                                        softmax_scale, causal, window, softcap, None, dropout_p)
+    lse = torch.full((h, b * s_q), float("-inf"), dtype=torch.float32, device=q.device) \
+        .index_copy(1, plan.idx_q, l).reshape(h, b, s_q).permute(1, 0, 2).contiguous()
+    return _scatter(o, plan.idx_q, q), lse, seed
 
 
 @_padded_forward_op.register_fake
@@ -148,23 +140,16 @@ def _padded_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     window = (window_left, window_right)
     b, s_q, h, d = q.shape
     plan = _plan_for(keep, s_q, window)
-    seed_ = int(seed[0])
     if plan.dense:
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        attention_block_backward(dout, q, k, v, lse, attention_delta(dout, out), dq, dk, dv, softmax_scale, causal,
-                                 None, None, accumulate=False, window=window, softcap=softcap,
-                                 dropout=_dropout(dropout_p, seed_, b * s_q, k.shape[1]))
-        return dq, dk, dv
+        return attention_backward_seqs(dout, q, k, v, out, lse, None, None, softmax_scale, causal, window, softcap,
+                                       None, dropout_p, seed)
     if plan.max_q == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     seqs = VarlenSeqs.from_cu_seqlens(plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
-    qp, kp, vp = _rows(q, plan.idx_q), _rows(k, plan.idx_k), _rows(v, plan.idx_k)
-    dop, op = _rows(dout, plan.idx_q), _rows(out, plan.idx_q)
     lp = lse.permute(1, 0, 2).reshape(h, b * s_q).index_select(1, plan.idx_q)
-    dqp, dkp, dvp = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-    attention_block_backward(dop, qp, kp, vp, lp, attention_delta(dop, op), dqp, dkp, dvp, softmax_scale, causal,
-                             None, seqs, accumulate=False, window=window, softcap=softcap,
-                             dropout=_dropout(dropout_p, seed_, plan.idx_q.numel(), plan.max_k))
+    dqp, dkp, dvp = attention_backward_seqs(_rows(dout, plan.idx_q), _rows(q, plan.idx_q), _rows(k, plan.idx_k),
+                                            _rows(v, plan.idx_k), _rows(out, plan.idx_q), lp, None, seqs,
+                                            softmax_scale, causal, window, softcap, None, dropout_p, seed)
     return _scatter(dqp, plan.idx_q, q), _scatter(dkp, plan.idx_k, k), _scatter(dvp, plan.idx_k, v)
 
 
