@@ -5,8 +5,11 @@ Decoding reads the whole cache once per token and does little math, so every imp
 a share of the device-to-device copy bandwidth measured in the same run: ``bytes = K + V of the filled rows``
 (the query, output and LSE are noise). ``ring_attn`` is the default (split-KV chosen by the kernels,
 ``num_splits=0``); ``ring_attn_nosplit`` forces one pass over the keys (``num_splits=1``): the difference is
-what split-KV is worth at that shape. SDPA gets the cache as contiguous ``[b, h, s, d]`` tensors of exactly
-the filled length (its best case: no copy timed). Outputs are checked against a float32 reference first.
+what split-KV is worth at that shape. ``ring_attn_paged`` / ``ring_attn_paged16`` read the same cache from
+shuffled pages of 256 / 16 rows through a ``block_table`` (flash-attn's paged KV; 256: one table entry per key
+block, 16: rows gathered), and ``flash_attn_paged`` is flash-attn's with pages of 256 rows where installed.
+SDPA gets the cache as contiguous ``[b, h, s, d]`` tensors of exactly the filled length (its best case: no copy
+timed). Outputs are checked against a float32 reference first.
 
     PYTHONPATH=. python benchmarks/bench_decode.py                    # GPU: table + CSV under $OUT
     python benchmarks/bench_decode.py --device cpu --small            # smoke run anywhere (tests use it)
@@ -27,7 +30,7 @@ from benchmarks.common import DTYPES, append_csv, environment, out_dir, print_ta
 # (batch, filled cache length, heads_q, heads_kv, head_dim): Llama-3-8B's attention at long context, and a
 # batch of shorter rows (enough programs without splitting: the decode tile alone)
 FULL_SHAPES = [(1, 131072, 32, 8, 128), (4, 32768, 32, 8, 128), (32, 4096, 32, 8, 128)]
-SMALL_SHAPES = [(1, 48, 4, 2, 16), (2, 40, 2, 2, 16)]
+SMALL_SHAPES = [(1, 48, 4, 2, 16), (2, 32, 2, 2, 16)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +41,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     p.add_argument("--csv", default="bench_decode.csv", help="file name under $OUT (or ./bench_out)")
     return p.parse_args(argv)
+
+
+def paginate(kc, vc, page, g):
+    """The cache ``[b, s, h, d]`` as shuffled pages ``[b·s/page, page, h, d]`` and the int32 table
+    ``[b, s/page]`` that lists each row's pages in order."""
+    b, s = kc.shape[:2]
+    n = b * (s // page)
+    table = torch.randperm(n, generator=g).to(torch.int32).reshape(b, s // page)
+    kp = torch.empty((n, page) + tuple(kc.shape[2:]), dtype=kc.dtype, device=kc.device)
+    vp = torch.empty_like(kp)
+    flat = table.flatten().long().to(kc.device)
+    kp[flat] = kc.reshape(n, page, *kc.shape[2:])
+    vp[flat] = vc.reshape(n, page, *vc.shape[2:])
+    return kp, vp, table.to(kc.device)
 
 
 def build(b, s, hq, hk, d, dev, dtype):
@@ -61,12 +78,21 @@ def build(b, s, hq, hk, d, dev, dtype):
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=hq != hk).transpose(1, 2)
 
     impls["sdpa"] = sdpa
+    paged = {page: paginate(kc, vc, page, g) for page in (256, 16) if s % page == 0}
+    for page, (kp, vp, table) in paged.items():
+        impls["ring_attn_paged" + ("" if page == 256 else str(page))] = \
+            lambda kp=kp, vp=vp, table=table: ring_attn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens,
+                                                                                block_table=table, causal=True)
     try:
         from flash_attn import flash_attn_with_kvcache as fa_kvcache
     except Exception as exc:
         skipped["flash_attn"] = f"not importable ({type(exc).__name__})"
     else:
         impls["flash_attn"] = lambda: fa_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+        if 256 in paged:
+            kp, vp, table = paged[256]
+            impls["flash_attn_paged"] = lambda: fa_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table,
+                                                           causal=True)
     ref, _ = reference.attention(q.float(), kc.float(), vc.float(), None, True, compute_dtype=torch.float32)
     src = torch.empty(2 * kc.numel(), device=dev, dtype=dtype)
     dst = torch.empty_like(src)

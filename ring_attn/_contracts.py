@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ __all__ = [
     "HEAD_DIM_MULTIPLE",
     "VarlenSeqs",
     "Dropout",
+    "KVPages",
     "check_tensor",
     "check_qkv",
     "check_scale",
@@ -32,6 +33,8 @@ __all__ = [
     "check_dropout",
     "check_flag",
     "check_alibi_slopes",
+    "check_block_table",
+    "check_pages_used",
 ]
 
 #: storage dtypes of attention inputs (math is fp32 in every backend)
@@ -66,6 +69,28 @@ class VarlenSeqs(NamedTuple):
         cq, ck = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
         return VarlenSeqs(cq[:-1], cq[1:] - cq[:-1], ck[:-1], ck[1:] - ck[:-1],
                           int(max_seqlen_q), int(max_seqlen_k), True)
+
+
+class KVPages(NamedTuple):
+    """A paged KV cache (flash-attn's ``block_table``): the keys of packed sequence ``i`` live in pages of
+    ``page_size`` rows, listed in order by row ``i`` of ``block_table``.
+
+    With pages, packed k/v are the pages flattened to rows, ``[n_pages · page_size, h_kv, d]``, and key ``j``
+    of sequence ``i`` is row ``block_table[i, j // page_size] · page_size + j % page_size``
+    (``VarlenSeqs.starts_k`` is not read; ``lens_k[i] <= block_table.shape[1] · page_size``). ``block_table`` is
+    int32 ``[n_seqs, max_pages]`` on q's device with a unit last stride; entries past a sequence's last page are
+    never read (they may hold anything). Forward only (as flash-attn's: no gradient reaches a paged cache).
+    """
+
+    block_table: torch.Tensor
+    page_size: int
+
+    def key_rows(self, max_len_k: int, n_pages: int) -> torch.Tensor:
+        """int64 ``[n_seqs, max_len_k]``: the page row of each sequence's key ``j``. Table entries are clamped
+        to ``[0, n_pages)`` first, so the unread entries past a sequence's end index safely."""
+        j = torch.arange(max_len_k, device=self.block_table.device)
+        table = self.block_table.long().clamp(0, max(n_pages - 1, 0))
+        return table[:, j // self.page_size] * self.page_size + j % self.page_size
 
 
 class Dropout(NamedTuple):
@@ -174,9 +199,10 @@ def check_cu_seqlens_form(name: str, cu) -> None:
         raise ValueError(f"{name} must be 1-D of length n_seqs + 1 >= 2, got shape {tuple(cu.shape)}")
 
 
-def check_cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device) -> None:
+def check_cu_seqlens(name: str, cu, total: Optional[int], max_seqlen: int, max_name: str, device) -> None:
     """Validate a cu_seqlens tensor's values (one host read of a small tensor): starts at 0, non-decreasing,
-    ends at ``total``, no sequence longer than ``max_seqlen``, on ``device``. Raises TypeError/ValueError."""
+    ends at ``total`` (None: anywhere, e.g. keys in a paged cache), no sequence longer than ``max_seqlen``, on
+    ``device``. Raises TypeError/ValueError."""
     check_cu_seqlens_form(name, cu)
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}; expected the device of q ({device})")
@@ -187,7 +213,7 @@ def check_cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, 
     if any(n < 0 for n in lens):
         i = next(i for i, n in enumerate(lens) if n < 0)
         raise ValueError(f"{name} must be non-decreasing; {name}[{i + 1}] = {vals[i + 1]} < {name}[{i}] = {vals[i]}")
-    if vals[-1] != total:
+    if total is not None and vals[-1] != total:
         raise ValueError(f"{name}[-1] is {vals[-1]}; expected the number of packed tokens {total}")
     if max(lens) > max_seqlen:
         raise ValueError(f"{max_name} is {max_seqlen} but {name} has a sequence of length {max(lens)}")
@@ -281,3 +307,42 @@ def check_alibi_slopes(alibi_slopes, device, n_batch: int, n_heads: int, batch_n
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device}; expected q's device {device}")
     slopes = alibi_slopes.detach()
     return slopes[None].expand(n_batch, n_heads) if slopes.dim() == 1 else slopes
+
+
+def check_block_table(block_table, n_seqs: int, device, where: str) -> torch.Tensor:
+    """flash-attn's ``block_table`` (a paged KV cache): an int32 ``[n_seqs, max_pages]`` tensor on ``device`` with
+    a unit last stride. ``where`` prefixes the message (the public function's name)."""
+    check_tensor("block_table", block_table)
+    if block_table.dim() != 2 or block_table.shape[0] != n_seqs or block_table.dtype != torch.int32 or \
+            block_table.device != device or (block_table.numel() and block_table.stride(-1) != 1):
+        raise ValueError(f"{where}: block_table must be an int32 tensor [{n_seqs}, max_num_blocks_per_seq] on "
+                         f"{device} with a contiguous last dim, got {block_table.dtype} "
+                         f"{tuple(block_table.shape)} on {block_table.device}")
+    return block_table
+
+
+def check_pages(name: str, x: torch.Tensor, where: str) -> None:
+    """A paged cache ``[n_pages, page_size, h_kv, d]`` whose pages follow each other in memory (so the pages
+    flatten to rows without a copy) and hold at least one row each."""
+    if x.shape[1] == 0:
+        raise ValueError(f"{where}: {name} has pages of 0 rows (shape {tuple(x.shape)})")
+    if x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1):
+        raise ValueError(f"{where}: the pages of {name} must follow each other (stride(0) == page_block_size * "
+                         f"stride(1)), got shape {tuple(x.shape)} and strides {tuple(x.stride())}")
+
+
+def check_pages_used(block_table: torch.Tensor, lens_k: torch.Tensor, page_size: int, n_pages: int, where: str,
+                     sync: bool) -> None:
+    """Every table entry a sequence reads (its first ``ceil(lens_k[i] / page_size)``) names one of the
+    ``n_pages`` pages. ``sync``: read the answer on the host (ValueError naming the first bad entry); else a
+    device-side assert (no host sync: a GPU error at the next synchronisation)."""
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < \
+        lens_k.to(block_table.device)[:, None]
+    bad = used & ((block_table < 0) | (block_table >= n_pages))
+    if not sync:
+        torch._assert_async(~bad.any(), f"{where}: block_table names a page outside the cache ({n_pages} pages)")
+        return
+    if bad.any():
+        i, j = (int(t) for t in bad.nonzero()[0])
+        raise ValueError(f"{where}: block_table[{i}, {j}] = {int(block_table[i, j])} is read (sequence {i} has "
+                         f"{int(lens_k[i])} keys) but the cache has {n_pages} pages (k.shape[0])")

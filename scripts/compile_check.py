@@ -47,7 +47,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from ring_attn._contracts import Dropout  # noqa: E402
+from ring_attn._contracts import Dropout, KVPages, VarlenSeqs  # noqa: E402
 from ring_attn.backends.triton import attention as A  # noqa: E402
 from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
 R = importlib.import_module("ring_attn.backends.triton.rope")  # the module: the package re-exports the function
@@ -97,6 +97,10 @@ for _name, _d in (("fwd-d128-decode", 128), ("fwd-d64-decode", 64), ("fwd-d256-d
 # attention dropout (the Philox mask in the loops)
 for _name in ("fwd-d128", "bwd-d128", "bwd-d64", "fwd-d256", "bwd-d256", "fwd-d128-decode"):
     CASES[_name + "-dropout"] = dict(CASES[_name], dropout=True)
+# a paged KV cache (flash-attn's block_table): pages of 256 rows (flash-attn's minimum; one table entry per key
+# block) and of 16 rows (vLLM's default; a key block spans pages: rows gathered)
+CASES["fwd-d128-decode-paged"] = dict(CASES["fwd-d128-decode"], paged=256)
+CASES["fwd-d128-decode-paged16"] = dict(CASES["fwd-d128-decode"], paged=16)
 CASES["tiny"] = dict(op="fwd", shape=(1, 256, 2, 2, 64), causal=True, merge=False)
 CASES["tiny-decode"] = dict(op="fwd", shape=(1, 1, 2, 2, 64), s_k=4096, causal=True, merge=False)
 CASES["tiny-tma"] = dict(CASES["tiny"], env={"RING_ATTN_FWD": "tma"})
@@ -162,6 +166,14 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
                        inv_freq=None if tab else torch.empty(half, dtype=torch.float32), scaling=1.0,
                        cos3=e(1, s, d) if tab else None, sin3=e(1, s, d) if tab else None,
                        qy4=None, ky4=None, dtheta=None)
+            elif case["op"] == "fwd" and case.get("paged"):  # packed rows, keys through the page table
+                page = case["paged"]
+                i32 = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
+                seqs = VarlenSeqs(i32(b), i32(b) + s, i32(b), i32(b) + s_k, s, s_k, True)
+                A.attention_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), e(b * s, hq, d),
+                                    e(hq, b * s, dt=torch.float32), softmax_scale=d ** -0.5, causal=case["causal"],
+                                    causal_offset=None, seqs=seqs, merge=False, window=(-1, -1), softcap=0.0,
+                                    alibi=alibi, dropout=drop, pages=KVPages(i32(b, s_k // page), page))
             elif case["op"] == "fwd":
                 out = e(b, s, hq, d, dt=torch.float32 if case["merge"] else dtype)
                 A.attention_forward(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=case["causal"],

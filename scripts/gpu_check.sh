@@ -93,8 +93,9 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   sharded_stage gpu_tests 100 4 python -m pytest -q -m gpu -p no:cacheprovider \
     --ignore=tests/test_fused_backward.py tests
   stage gpu_tests_fused_bwd 40 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused_backward.py
-  # decoding (flash_attn_with_kvcache): split-KV and the 16-row decode tile against one pass over the keys
-  # and SDPA, as a share of copy bandwidth. Here, not under `bench`: that call is already at its limit
+  # decoding (flash_attn_with_kvcache): split-KV and the 16-row decode tile against one pass over the keys,
+  # paged caches (pages of 256 and 16 rows) and SDPA, as a share of copy bandwidth. Here, not under `bench`: that
+  # call is already at its limit
   stage bench_decode 40 python benchmarks/bench_decode.py --rep 50
   # host time per call (decoding steps and short sequences are host-bound) against SDPA / flash-attn
   stage bench_overhead 30 python benchmarks/bench_overhead.py

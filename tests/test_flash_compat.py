@@ -355,8 +355,8 @@ def test_refusals_dense(exc, msg, kwargs):
 _cu8 = torch.tensor([0, 3, 8], dtype=torch.int32)
 
 BAD_VARLEN = [
-    (NotImplementedError, r"block_table \(a tensor of shape \(2, 4\)\): paged KV caches are not implemented",
-     dict(block_table=torch.zeros(2, 4, dtype=torch.int32))),
+    (ValueError, r"with block_table, k must be a paged cache \[num_blocks, page_block_size, heads_kv, head_dim\], "
+                 r"got shape \(8, ", dict(block_table=torch.zeros(2, 4, dtype=torch.int32))),
     (TypeError, r"max_seqlen_q must be a non-negative int, got 5\.0", dict(max_seqlen_q=5.0)),
     (TypeError, r"max_seqlen_k must be a non-negative int, got True", dict(max_seqlen_k=True)),
     (TypeError, r"max_seqlen_q must be a non-negative int, got a tensor of shape \(\) and dtype torch\.float32",

@@ -1,6 +1,7 @@
 """flash_attn_with_kvcache (flash-attn's decoding entry point): signature, in-place cache update, attention over
 each row's filled cache against the float64 oracle (accuracy rule, tests/accuracy.py) on every backend that
-runs on CPU, rotary embedding of the new tokens (both pair layouts), and every refusal.
+runs on CPU, rotary embedding of the new tokens (both pair layouts), and every refusal. Paged and left-padded
+caches: tests/test_paged.py.
 
 Cases follow flash-attn's tests/test_flash_attn.py::test_flash_attn_kvcache (new tokens appended or not, a cache
 larger than the batch picked by cache_batch_idx, GQA, causal and local windows, softcap, ALiBi), shrunk for
@@ -158,8 +159,9 @@ def _bad_calls():
     lens = torch.tensor([3, 5], dtype=torch.int32)
     cos = torch.randn(8, 4)
     return [
-        (NotImplementedError, "block_table", dict(block_table=torch.zeros(2, 1, dtype=torch.int32))),
-        (NotImplementedError, "cache_leftpad", dict(cache_leftpad=lens)),
+        (NotImplementedError, "cache_leftpad with a paged cache", dict(block_table=torch.zeros(2, 1, dtype=torch.int32),
+                                                                       cache_leftpad=lens)),
+        (ValueError, "cache_leftpad must lie in", dict(cache_leftpad=lens + 1, cache_seqlens=lens)),
         (ValueError, "both k and v", dict(k=k, cache_seqlens=lens)),
         (ValueError, "pass cache_seqlens", dict(k=k, v=v)),
         (ValueError, "fit the cache", dict(k=k, v=v, cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))),

@@ -63,7 +63,9 @@ class Capability:
     bitwise-identical results for identical inputs. ``window``: sliding-window masks. ``softcap``: tanh
     logit soft-capping. ``alibi``: ALiBi slopes (flash-attn's ``alibi_slopes``). ``fp64``: float64 storage
     with float64 math (RoPE). ``dropout``: attention dropout (flash-attn's ``dropout_p``, the mask of
-    ``ring_attn._contracts.Dropout``).
+    ``ring_attn._contracts.Dropout``). ``paged``: the forward reads k/v through a page table
+    (``ring_attn._contracts.KVPages``, flash-attn's ``block_table``) itself; for a backend without it the ops
+    layer gathers each sequence's pages into contiguous rows first (same results, one extra copy).
     """
 
     devices: Optional[tuple[str, ...]]
@@ -77,6 +79,7 @@ class Capability:
     alibi: bool = False
     fp64: bool = False
     dropout: bool = False
+    paged: bool = False
 
 
 _ATTN_DTYPES = (_F16, _BF16, _F32)
@@ -84,7 +87,7 @@ _ROPE_DTYPES = (_F16, _BF16, _F32, _F64)
 
 CAPABILITIES: dict[tuple[str, str], Capability] = {
     ("triton", "attention"): Capability(devices=("cuda", "cpu"), dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
-                                        window=True, softcap=True, alibi=True, dropout=True),
+                                        window=True, softcap=True, alibi=True, dropout=True, paged=True),
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
     ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(1, None, 1),

@@ -93,12 +93,15 @@ def _no_dropout(dropout) -> None:
 
 def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs, merge: bool, window=(-1, -1), softcap: float = 0.0, alibi=None,
-                      num_splits: int = 0, dropout=None) -> None:
+                      num_splits: int = 0, dropout=None, pages=None) -> None:
     """Protocol ``attention_forward`` (see :mod:`ring_attn.backends.protocol`): writes ``out``/``lse`` in place.
     ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides). ``num_splits``: ignored (each row's keys
-    are one pass on a CPU thread). ``dropout`` must be None (not in this backend's capabilities)."""
+    are one pass on a CPU thread). ``dropout`` and ``pages`` must be None (not in this backend's capabilities:
+    the ops layer gathers a paged cache's rows before calling)."""
     del num_splits
     _no_dropout(dropout)
+    if pages is not None:
+        raise NotImplementedError("native backend: reads no page table (the ops layer gathers the pages first)")
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse), shape, seq, packed, float(softmax_scale),
                          *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi), bool(merge),

@@ -34,7 +34,7 @@ Conventions shared by every function
 Functions
 ---------
 ``attention_forward(q, k, v, out, lse, *, softmax_scale, causal, causal_offset, seqs, merge, window, softcap,
-alibi, num_splits, dropout)``
+alibi, num_splits, dropout, pages)``
     Writes ``out`` (shaped like q; q's dtype or fp32) and ``lse``. Packed: only rows inside a sequence are
     written. ``merge=True``: ``out`` and ``lse`` are fp32 running results of earlier key blocks for the same
     queries; this block is merged in place by LSE weighting (``new = logaddexp(lse, lse_blk)``,
@@ -45,6 +45,10 @@ alibi, num_splits, dropout)``
     ``ring_attn._contracts.Dropout`` (attention dropout; the mask is a pure function of its seed and each
     element's place, so every backend draws the same one): probabilities after the LSE are multiplied by the
     keep-mask and ``1 / (1 - p)``; a backend without ``dropout`` in its capabilities is never called with it.
+    ``pages`` (only for a backend with ``paged`` in its capabilities; packed only): None, or a
+    ``ring_attn._contracts.KVPages``: k/v are then the pages of a paged KV cache flattened to rows, and key ``j``
+    of sequence ``i`` is row ``block_table[i, j // page_size] · page_size + j % page_size`` (``seqs.starts_k``
+    is not read).
 
 ``attention_delta(dout, out, delta, dlse)``
     ``delta = rowsum(dout · out) - dlse`` in fp32 (``dlse`` may be None), written into ``delta`` (LSE layout).
@@ -94,7 +98,7 @@ class Backend(Protocol):
                           lse: torch.Tensor, *, softmax_scale: float, causal: bool,
                           causal_offset: Optional[int], seqs, merge: bool, window: tuple[int, int],
                           softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0,
-                          dropout=None) -> None: ...
+                          dropout=None, pages=None) -> None: ...
 
     def attention_delta(self, dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
                         dlse: Optional[torch.Tensor]) -> None: ...

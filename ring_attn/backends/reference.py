@@ -31,11 +31,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
                       softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0,
-                      dropout=None) -> None:
+                      dropout=None, pages=None) -> None:
     """Protocol ``attention_forward`` through :func:`ring_attn.reference.forward_fp32` (and ``merge_partial``);
     ``alibi``: fp32 slopes ``[n_batch, h_q]`` (row ``i``: batch entry or packed sequence ``i``) or None.
-    ``num_splits``: ignored (one pass). ``dropout``: ``ring_attn._contracts.Dropout`` or None."""
+    ``num_splits``: ignored (one pass). ``dropout``: ``ring_attn._contracts.Dropout`` or None. ``pages`` must be
+    None (no ``paged`` capability: the ops layer gathers a paged cache's rows before calling)."""
     del num_splits
+    if pages is not None:
+        raise NotImplementedError("reference backend: reads no page table (the ops layer gathers the pages first)")
     def put(o_dst, l_dst, o, l):
         if merge:
             _ref.merge_partial(o_dst, l_dst, o, l)

@@ -12,8 +12,9 @@ conventions (``return_attn_probs=True`` gives ``(out, softmax_lse, None)``), so 
 the same thing here. ``window_size`` (sliding window), ``softcap`` (Gemma 2) and ``alibi_slopes`` (ALiBi) are
 implemented, and so is ``dropout_p`` (attention dropout: the mask is regenerated in the backward from a seed
 drawn from torch's default CPU generator, so ``torch.manual_seed`` reproduces a call; see
-``ring_attn._contracts.Dropout``); a paged ``block_table`` raises NotImplementedError. Our extra,
-``return_lse``, is keyword-only.
+``ring_attn._contracts.Dropout``), and so is a paged KV cache (``flash_attn_varlen_func``'s ``block_table``;
+forward only, as in flash-attn: NotImplementedError when a gradient is wanted). Our extra, ``return_lse``, is
+keyword-only.
 
 Lower level, for the ring (documented, stable; defined in ``ring_attn.ops.attention_block`` and re-exported
 here): :func:`attention_block_forward`, :func:`attention_block_backward`, :func:`attention_delta`, and
@@ -39,13 +40,17 @@ from ring_attn._contracts import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     Dropout,
+    KVPages,
     VarlenSeqs,
     check_alibi_slopes,
+    check_block_table,
     check_cu_seqlens,
     check_cu_seqlens_form,
     check_dropout,
     check_flag,
     check_max_seqlen,
+    check_pages,
+    check_pages_used,
     check_qkv,
     check_scale,
     check_softcap,
@@ -348,7 +353,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             integer or a one-element integer tensor.
 {common}
             Causal alignment and windows are per sequence.
-        block_table: must be None (paged KV caches are not implemented: NotImplementedError otherwise).
+        block_table: None, or int32 ``[n_seqs, max_num_blocks_per_seq]`` on q's device: k and v are then a
+            paged cache ``[num_blocks, page_block_size, heads_kv, head_dim]`` and key ``j`` of sequence ``i``
+            is row ``j % page_block_size`` of page ``block_table[i, j // page_block_size]`` (``cu_seqlens_k``
+            gives the lengths, not rows of k). Forward only, without dropout, as in flash-attn; any
+            page size (flash-attn 2 needs a multiple of 256).
 
     Returns:
         ``out`` ``[total_q, heads_q, head_dim]``; with ``return_lse`` ``(out, lse)``; with ``return_attn_probs``
@@ -357,16 +366,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Raises:
         as :func:`flash_attn_func`, plus ValueError/TypeError for malformed ``cu_seqlens`` (wrong dtype, not
         starting at 0, decreasing, last entry not the token count, a sequence longer than ``max_seqlen``) or
-        ``max_seqlen`` (negative, float, bool), NotImplementedError for a ``block_table``.
+        ``max_seqlen`` (negative, float, bool); with ``block_table``, ValueError for a malformed table or one
+        naming a page outside the cache, NotImplementedError when a gradient is wanted or ``dropout_p > 0``.
     """
+    if block_table is not None:
+        out, lse = _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                 return_attn_probs, return_lse, block_table)
+        return _result(out, lse, return_attn_probs, return_lse)
     h_q, _h_kv, d = check_qkv(q, k, v, packed=True)
     scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
                                                    deterministic, return_attn_probs, return_lse)
-    if block_table is not None:
-        what = f"a tensor of shape {tuple(block_table.shape)}" if isinstance(block_table, torch.Tensor) else \
-            repr(block_table)
-        raise NotImplementedError(f"block_table ({what}): paged KV caches are not implemented in ring_attn; "
-                                  "expected None")
     check_cu_seqlens_form("cu_seqlens_q", cu_seqlens_q)
     check_cu_seqlens_form("cu_seqlens_k", cu_seqlens_k)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
@@ -378,6 +388,58 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, window[0], window[1],
                           cap, alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
+
+
+@torch.compiler.disable  # host reads (lengths, the table check) and no autograd: eager under torch.compile
+def _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse, block_table):
+    """``(out, lse)`` of :func:`flash_attn_varlen_func` over a paged cache (k/v ``[n_pages, page, h_kv, d]``,
+    ``block_table`` ``[n_seqs, max_pages]``): every check, then one forward reading the pages in place."""
+    name = "flash_attn_varlen_func"
+    for arg, x in (("k", k), ("v", v)):
+        check_tensor(arg, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name}: with block_table, {arg} must be a paged cache [num_blocks, page_block_size, "
+                             f"heads_kv, head_dim], got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_pages("k", k, name)
+    check_pages("v", v, name)
+    k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)  # views (check_pages): [n_pages * page, h_kv, d]
+    h_q, _h_kv, d = check_qkv(q, k_rows, v_rows, packed=True)
+    scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
+                                                   deterministic, return_attn_probs, return_lse)
+    if p > 0:
+        raise NotImplementedError(f"{name}: dropout_p={p} with block_table: a paged KV cache is forward-only "
+                                  f"(inference), as in flash-attn; pass dropout_p=0.0")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise NotImplementedError(f"{name}: no gradient flows through a paged KV cache (block_table), as in "
+                                  f"flash-attn; call it under torch.no_grad() or with tensors that do not require "
+                                  f"grad")
+    check_cu_seqlens_form("cu_seqlens_q", cu_seqlens_q)
+    check_cu_seqlens_form("cu_seqlens_k", cu_seqlens_k)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.shape[0]}; both must be n_seqs + 1")
+    n = cu_seqlens_q.shape[0] - 1
+    max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    check_alibi_slopes(alibi_slopes, q.device, n, h_q, "n_seqs")
+    block_table = check_block_table(block_table, n, q.device, name)
+    n_pages, page = k.shape[0], k.shape[1]
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_q, "max_seqlen_q", q.device)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None, max_k, "max_seqlen_k", q.device)
+    seqs = VarlenSeqs.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+    capacity = block_table.shape[1] * page
+    longest = int(seqs.lens_k.max()) if n else 0
+    if longest > capacity:
+        raise ValueError(f"{name}: cu_seqlens_k has a sequence of {longest} keys, but block_table holds "
+                         f"{block_table.shape[1]} pages of {page} rows ({capacity} keys) per sequence")
+    check_pages_used(block_table, seqs.lens_k, page, n_pages, name, sync=True)
+    with torch.no_grad():
+        return attention_block_forward(q, k_rows, v_rows, scale, causal, None,
+                                       seqs._replace(max_len_k=min(max_k, capacity)), window=window, softcap=cap,
+                                       alibi_slopes=alibi_slopes, pages=KVPages(block_table, page))
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ring_attn import backends
-from ring_attn._contracts import Dropout, VarlenSeqs, check_alibi_slopes, check_softcap, check_window
+from ring_attn._contracts import Dropout, KVPages, VarlenSeqs, check_alibi_slopes, check_softcap, check_window
 
 __all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape"]
 
@@ -25,23 +25,24 @@ _NO_WINDOW = (-1, -1)  # no sliding window
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries (batch or sequence) x heads
 
 
-def _batch_chunks(q, seqs, alibi=None):
+def _batch_chunks(q, seqs, alibi=None, pages=None):
     """Split the batch (dense) or the sequence list (packed) so batch x heads fits in one grid dimension.
-    Yields ``(slice for dense tensors, VarlenSeqs or None, the chunk's ALiBi slopes or None)``; one chunk in
-    all but extreme cases."""
+    Yields ``(slice for dense tensors, VarlenSeqs or None, the chunk's ALiBi slopes or None, its KVPages or
+    None)``; one chunk in all but extreme cases."""
     n = q.shape[0] if seqs is None else seqs.starts_q.numel()
     step = max(1, _MAX_GRID_Y // max(1, q.shape[-2]))
     if n <= step:
-        yield slice(None), seqs, alibi
+        yield slice(None), seqs, alibi, pages
         return
     for b0 in range(0, n, step):
         b1 = min(n, b0 + step)
         part_alibi = None if alibi is None else alibi[b0:b1]
         if seqs is None:
-            yield slice(b0, b1), None, part_alibi
+            yield slice(b0, b1), None, part_alibi, None
         else:
             yield slice(None), seqs._replace(starts_q=seqs.starts_q[b0:b1], lens_q=seqs.lens_q[b0:b1],
-                                             starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1]), part_alibi
+                                             starts_k=seqs.starts_k[b0:b1], lens_k=seqs.lens_k[b0:b1]), \
+                part_alibi, None if pages is None else pages._replace(block_table=pages.block_table[b0:b1])
 
 
 def _alibi(alibi_slopes, q, seqs):
@@ -59,6 +60,24 @@ def _chunk_dropout(dropout: Optional[Dropout], sl: slice, q) -> Optional[Dropout
     return dropout._replace(row0=dropout.row0 + sl.start * q.shape[1])
 
 
+def _unpage(k, v, seqs: VarlenSeqs, pages: KVPages):
+    """For a backend that cannot read pages itself: each sequence's keys/values gathered from the pages into
+    contiguous packed rows (sequence ``i`` at rows ``i · span ..``, ``span`` = its longest possible length), and
+    the matching ``VarlenSeqs``. Exact: the same rows, copied."""
+    n_pages_rows = k.shape[0]
+    span = min(seqs.max_len_k, pages.block_table.shape[1] * pages.page_size)
+    rows = pages.key_rows(span, n_pages_rows // pages.page_size).reshape(-1)
+    n = seqs.starts_q.numel()
+    starts = torch.arange(n, dtype=torch.int32, device=k.device) * span
+    return k[rows], v[rows], seqs._replace(starts_k=starts, max_len_k=span)
+
+
+def _with_pages(kw: dict, pages: Optional[KVPages]) -> dict:
+    """The launch keywords with one batch chunk's pages (unchanged without: only paged-capable backends take
+    the keyword)."""
+    return kw if pages is None else dict(kw, pages=pages)
+
+
 def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
     """``(window, softcap)`` validated and normalised: a negative side becomes -1, softcap a float >= 0."""
     return check_window(window), check_softcap(softcap)
@@ -73,7 +92,8 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
                             seqs: Optional[VarlenSeqs] = None, out_dtype: Optional[torch.dtype] = None,
                             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, *,
                             window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0, alibi_slopes=None,
-                            num_splits: int = 0, dropout: Optional[Dropout] = None):
+                            num_splits: int = 0, dropout: Optional[Dropout] = None,
+                            pages: Optional[KVPages] = None):
     """Attention of one (query block, key block) pair; no autograd, no input checks beyond the essentials.
 
     Args:
@@ -102,6 +122,9 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         dropout: attention dropout (keyword-only; :class:`ring_attn._contracts.Dropout`, whose ``rows``/``keys``
             describe this call: ``b · s_q`` / ``s_k`` dense, ``t_q`` / ``max_len_k`` packed), or None. The LSE is
             the softmax's before dropout; the backward needs the same ``dropout``.
+        pages: a paged KV cache (keyword-only, packed ``seqs`` only; :class:`ring_attn._contracts.KVPages`,
+            flash-attn's ``block_table``): k/v are ``[n_pages · page_size, h_kv, d]`` page rows and each
+            sequence's keys are read through its row of the table (``seqs.starts_k`` is not read). Forward only.
 
     Returns:
         ``(out, lse)``: out shaped like q (contiguous) in ``out_dtype``; lse fp32 ``[b, h_q, s_q]`` (packed:
@@ -122,26 +145,33 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
                              f"{tuple(q.shape)}; expected {tuple(q.shape)} / {lse_shape(q, packed)}")
         if out.stride(-1) != 1 or lse.stride(-1) != 1:
             raise ValueError("running out and lse need a contiguous last dim to merge into")
+    if pages is not None and not packed:
+        raise ValueError("attention_block_forward: pages (a paged KV cache) need packed seqs")
     window, softcap = _mask_mode(window, softcap)
     alibi = _alibi(alibi_slopes, q, seqs)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge,
                            window=window, softcap=softcap, alibi=alibi is not None, dropout=dropout is not None)
+    if pages is not None and not backends.CAPABILITIES[(impl.NAME, "attention")].paged:
+        k, v, seqs = _unpage(k, v, seqs, pages)
+        pages = None
     kw = dict(softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, window=window,
               softcap=softcap)
     if merge:
-        for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
-            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw,
-                                   alibi=part_alibi, dropout=_chunk_dropout(dropout, sl, q))
+        for sl, part, part_alibi, part_pages in _batch_chunks(q, seqs, alibi, pages):
+            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True,
+                                   **_with_pages(kw, part_pages), alibi=part_alibi,
+                                   dropout=_chunk_dropout(dropout, sl, q))
         return out, lse
     out_dtype = q.dtype if out_dtype is None else out_dtype
     fill = packed and not seqs.covers_all_q
     out = (torch.zeros if fill else torch.empty)(q.shape, dtype=out_dtype, device=q.device)
     lse = torch.full(lse_shape(q, packed), float("-inf"), dtype=torch.float32, device=q.device) if fill else \
         torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
-    for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
-        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw,
-                               alibi=part_alibi, num_splits=num_splits, dropout=_chunk_dropout(dropout, sl, q))
+    for sl, part, part_alibi, part_pages in _batch_chunks(q, seqs, alibi, pages):
+        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False,
+                               **_with_pages(kw, part_pages), alibi=part_alibi, num_splits=num_splits,
+                               dropout=_chunk_dropout(dropout, sl, q))
     return out, lse
 
 
@@ -195,7 +225,7 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     alibi = _alibi(alibi_slopes, q, seqs)
     impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=seqs is not None, window=window,
                            softcap=softcap, alibi=alibi is not None, dropout=dropout is not None)
-    for sl, part, part_alibi in _batch_chunks(q, seqs, alibi):
+    for sl, part, part_alibi, _ in _batch_chunks(q, seqs, alibi):
         impl.attention_backward(dout[sl], q[sl], k[sl], v[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl],
                                 softmax_scale=softmax_scale, causal=causal, causal_offset=causal_offset, seqs=part,
                                 accumulate=accumulate, window=window, softcap=softcap, alibi=part_alibi,

@@ -2,8 +2,10 @@
 new keys/values in place (incremental decoding), with optional rotary embedding of the new tokens.
 
 It runs the attention kernels on the packed layout: row ``i`` of the batch is one sequence whose keys are cache row
-``cache_batch_idx[i]`` up to ``cache_seqlens[i] + seqlen_new``, so nothing is copied out of the cache and the
-lengths never leave the device. No autograd (as flash-attn: no backward).
+``cache_batch_idx[i]`` from ``cache_leftpad[i]`` up to ``cache_seqlens[i] + seqlen_new``, or, with a paged cache
+(``block_table``), the pages listed by row ``i`` of the table (``ring_attn._contracts.KVPages``: the kernels read
+the pages in place). Nothing is copied out of the cache and the lengths never leave the device. No autograd (as
+flash-attn: no backward).
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numbers
 
 import torch
 
-from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_flag, check_qkv, check_scale, \
-    check_softcap, check_tensor, check_window
+from ring_attn._contracts import KVPages, VarlenSeqs, check_alibi_slopes, check_block_table, check_flag, \
+    check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window
 from ring_attn.ops.attention_block import attention_block_forward
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -55,20 +57,29 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     Args:
         q: ``[batch, seqlen_q, heads_q, head_dim]``, float16/bfloat16/float32.
-        k_cache, v_cache: ``[batch_cache, seqlen_cache, heads_kv, head_dim]``, q's dtype and device, last dim
+        k_cache, v_cache: ``[batch_cache, seqlen_cache, heads_kv, head_dim]``, or with ``block_table`` (a paged
+            cache) ``[num_blocks, page_block_size, heads_kv, head_dim]``; q's dtype and device, last dim
             contiguous; ``heads_q % heads_kv == 0``. Written in place when ``k``/``v`` are given.
         k, v: None, or ``[batch, seqlen_new, heads_kv, head_dim]``: written into the cache at rows
             ``cache_seqlens[i] ..`` of cache row ``cache_batch_idx[i]``, then attended to. Both or neither.
         rotary_cos, rotary_sin: None, or ``[seqlen_ro, rotary_dim / 2]``: rotary embedding of the new ``k`` at
             positions ``cache_seqlens[i] + j`` and of ``q`` at the same positions when ``causal`` or a window is
             set, else all of ``q`` at position ``cache_seqlens[i]``; only with ``k``/``v``. The first
-            ``rotary_dim`` dims rotate, the rest pass through.
+            ``rotary_dim`` dims rotate, the rest pass through. (Positions count from the start of the cache row,
+            ``cache_leftpad`` included, as flash-attn's.)
         cache_seqlens: int, or int32 ``[batch]``: the filled length of each cache row before this call; None:
             the whole cache (``seqlen_cache``), which then has no room for ``k``/``v``.
-        cache_batch_idx: None (row ``i`` uses cache row ``i``) or int32 ``[batch]``.
-        cache_leftpad, block_table: must be None (NotImplementedError: left-padded and paged caches).
+        cache_batch_idx: None (row ``i`` uses cache row ``i``) or int32 ``[batch]``; not with ``block_table``.
+        cache_leftpad: None, or int32 ``[batch]``: row ``i``'s keys start at cache index ``cache_leftpad[i]``
+            (``<= cache_seqlens[i]``; a left-padded batch); causal alignment, windows and ALiBi count from
+            there. Not with ``block_table`` (NotImplementedError, as flash-attn).
+        block_table: None, or int32 ``[batch, max_num_blocks_per_seq]`` on q's device: a paged cache, where
+            position ``p`` of row ``i`` is row ``p % page_block_size`` of page ``block_table[i, p //
+            page_block_size]`` (flash-attn's paged KV; any page size here, flash-attn 2 needs a multiple of
+            256). ``seqlen_cache = max_num_blocks_per_seq · page_block_size``. Pages may be shared between rows;
+            entries past a row's last page are not read.
         softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`ring_attn.flash_attn_func`, with
-            ``seqlen_k = cache_seqlens[i] + seqlen_new`` per row (bottom-right alignment).
+            ``seqlen_k = cache_seqlens[i] + seqlen_new - cache_leftpad[i]`` per row (bottom-right alignment).
         rotary_interleaved: True: rotate dims pairs (0, 1), (2, 3), ...; False: (i, i + rotary_dim / 2).
         num_splits: flash-attn's split-KV: 0 = the kernels decide (on a GPU, the keys of each row are split
             into ranges computed in parallel when batch x heads alone would leave SMs idle), 1 = no split,
@@ -81,16 +92,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     Raises:
         TypeError / ValueError naming the argument, before anything is written; NotImplementedError for
-        ``cache_leftpad`` / ``block_table``. A cache row overflowing (``cache_seqlens[i] + seqlen_new >
-        seqlen_cache``) or a ``cache_batch_idx`` out of range raises ValueError where the lengths are on the
-        CPU (an int, or a CPU tensor), and fails a device-side assert on a GPU (no host sync).
+        ``cache_leftpad`` with ``block_table``. A cache row overflowing (``cache_seqlens[i] + seqlen_new >
+        seqlen_cache``), a ``cache_batch_idx`` out of range, a ``cache_leftpad`` past ``cache_seqlens`` or a
+        ``block_table`` entry in use naming no page raises ValueError where the values are on the CPU (an int,
+        or a CPU tensor), and fails a device-side assert on a GPU (no host sync).
     """
-    if block_table is not None:
-        raise NotImplementedError(f"{_NAME}: block_table (a paged KV cache) is not implemented; pass a contiguous "
-                                  f"cache [batch_cache, seqlen_cache, heads_kv, head_dim]")
-    if cache_leftpad is not None:
-        raise NotImplementedError(f"{_NAME}: cache_leftpad is not implemented; keep each cache row's keys from "
-                                  f"index 0")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, x)
         if x.dim() != 4:
@@ -99,16 +105,31 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{_NAME}: k_cache and v_cache must have the same shape; got {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)}")
-    if cache_batch_idx is None and k_cache.shape[0] != q.shape[0]:
+    paged = block_table is not None
+    if paged:
+        if cache_leftpad is not None:
+            raise NotImplementedError(f"{_NAME}: cache_leftpad with a paged cache (block_table) is not "
+                                      f"implemented (nor in flash-attn); pass one or the other")
+        if cache_batch_idx is not None:
+            raise ValueError(f"{_NAME}: cache_batch_idx cannot be used with block_table (a paged cache: each "
+                             f"row's pages are its row of block_table), as in flash-attn")
+    elif cache_batch_idx is None and k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{_NAME}: k_cache holds {k_cache.shape[0]} rows but q's batch is {q.shape[0]}; pass "
                          f"cache_batch_idx to pick the cache row of each batch row")
     # dtypes, devices, head dims, GQA ratio (on one row: the cache may hold more rows than q)
     h_q, h_kv, d = check_qkv(q[:1], k_cache[:1], v_cache[:1], packed=False)
     b, s_q = q.shape[0], q.shape[1]
-    b_c, s_cache = k_cache.shape[0], k_cache.shape[1]
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{_NAME}: k_cache and v_cache need a contiguous last dim (strides {k_cache.stride()}, "
                          f"{v_cache.stride()})")
+    if paged:
+        block_table = check_block_table(block_table, b, q.device, _NAME)
+        check_pages("k_cache", k_cache, _NAME)
+        check_pages("v_cache", v_cache, _NAME)
+        n_pages, page = k_cache.shape[0], k_cache.shape[1]
+        b_c, s_cache = b, block_table.shape[1] * page
+    else:
+        b_c, s_cache = k_cache.shape[0], k_cache.shape[1]
     scale = check_scale(softmax_scale, d)
     causal = check_flag("causal", causal)
     interleaved = check_flag("rotary_interleaved", rotary_interleaved)
@@ -146,7 +167,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 raise ValueError(f"{_NAME}: {name} must be a float tensor [seqlen_ro, rotary_dim / 2] with "
                                  f"rotary_dim <= head_dim={d} on {q.device}, like rotary_cos; got {x.dtype} "
                                  f"{tuple(x.shape)} on {x.device}")
-    # per-row filled lengths and cache rows, on q's device
+    # per-row filled lengths, cache rows and left pads, on q's device
     if cache_seqlens is None:
         lens = torch.full((b,), s_cache, dtype=torch.int32, device=q.device)
         host_lens = [s_cache] * b
@@ -160,6 +181,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         host_rows = list(range(b))
     else:
         rows, host_rows = _per_row("cache_batch_idx", cache_batch_idx, b, q.device)
+    pad, host_pad = (None, None) if cache_leftpad is None else _per_row("cache_leftpad", cache_leftpad, b, q.device)
     ro = None if rotary_cos is None else rotary_cos.shape[0]
     reach = max(s_new, s_q if (causal or window != (-1, -1)) else 1)  # rotary positions used past cache_seqlens
     if host_lens is not None:
@@ -181,6 +203,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         torch._assert_async(((rows >= 0) & (rows < b_c)).all(),
                             f"{_NAME}: cache_batch_idx out of range (cache batch {b_c})")
+    if pad is not None:
+        if host_pad is not None and host_lens is not None:
+            bad = [(i, p, n) for i, (p, n) in enumerate(zip(host_pad, host_lens)) if not 0 <= p <= n]
+            if bad:
+                raise ValueError(f"{_NAME}: cache_leftpad must lie in [0, cache_seqlens[i]]; rows (index, "
+                                 f"cache_leftpad, cache_seqlens) {bad[:4]} do not")
+        else:
+            torch._assert_async(((pad >= 0) & (pad <= lens)).all(),
+                                f"{_NAME}: cache_leftpad outside [0, cache_seqlens]")
+    if paged:
+        check_pages_used(block_table, lens + s_new, page, n_pages, _NAME, sync=q.device.type == "cpu")
 
     with torch.no_grad():
         if k is not None:
@@ -192,21 +225,31 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             else:
                 pos_q = lens[:, None].long().expand(b, s_q)
             q = _rotate(q, rotary_cos[pos_q], rotary_sin[pos_q], interleaved)
-        if k is not None:  # append in place: cache row rows[i], positions lens[i] .. lens[i] + s_new
-            idx = rows[:, None].long().expand(b, s_new)
-            k_cache[idx, pos_new] = k
-            v_cache[idx, pos_new] = v
+        if paged:  # the pages as rows [n_pages * page, h_kv, d] (views: the checks above keep them views)
+            kc, vc = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+            pages = KVPages(block_table, page)
+            if k is not None:  # position p of row i is page row table[i, p // page] * page + p % page
+                dest = block_table.long().gather(1, pos_new // page) * page + pos_new % page
+                kc[dest] = k
+                vc[dest] = v
+            starts_k = torch.zeros(b, dtype=torch.int32, device=q.device)
+        else:
+            kc = k_cache.reshape(b_c * s_cache, h_kv, d)
+            vc = v_cache.reshape(b_c * s_cache, h_kv, d)
+            pages = None
+            if k is not None:  # append in place: cache row rows[i], positions lens[i] .. lens[i] + s_new
+                idx = rows[:, None].long().expand(b, s_new)
+                k_cache[idx, pos_new] = k
+                v_cache[idx, pos_new] = v
+            starts_k = rows * s_cache if pad is None else rows * s_cache + pad
+        lens_k = lens + s_new if pad is None else lens + s_new - pad
         seqs = VarlenSeqs(torch.arange(b, dtype=torch.int32, device=q.device) * s_q,
                           torch.full((b,), s_q, dtype=torch.int32, device=q.device),
-                          rows * s_cache, lens + s_new, s_q, s_cache, True)
-        kc = k_cache.reshape(b_c * s_cache, h_kv, d)
-        vc = v_cache.reshape(b_c * s_cache, h_kv, d)
+                          starts_k, lens_k, s_q, s_cache, True)
         out, lse = attention_block_forward(q.reshape(b * s_q, h_q, d), kc, vc, scale, causal, None, seqs,
                                            window=window, softcap=cap, alibi_slopes=alibi,
-                                           num_splits=int(num_splits))
+                                           num_splits=int(num_splits), pages=pages)
     out = out.reshape(b, s_q, h_q, d)
     if return_softmax_lse:
         return out, lse.reshape(h_q, b, s_q).transpose(0, 1).contiguous()
     return out
-
-

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import triton
 
-from ring_attn._contracts import Dropout, VarlenSeqs
+from ring_attn._contracts import Dropout, KVPages, VarlenSeqs
 from ring_attn.backends import backward_mode, interpreter_enabled
 from ring_attn.backends.triton import tiles
 from ring_attn.backends.triton.attention_kernels import bwd_dkdv_kernel, bwd_dq_kernel, delta_kernel, \
@@ -219,14 +219,27 @@ def _alibi_args(alibi: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[lis
     return [alibi, alibi.stride(0), alibi.stride(1)], dict(ALIBI=True)
 
 
+def _page_args(pages: Optional[KVPages], dummy: torch.Tensor) -> tuple[list, dict]:
+    """Runtime args ``[BLOCK_TABLE, stride_btb, page_size]`` and the PAGED / PAGE_ALIGN constexprs: the int32
+    page table ``[n_seqs, max_pages]``, or, without pages, an unused tensor of the launch. PAGE_ALIGN is the
+    largest power of two dividing the page size, capped at 256: a key block of at most that many rows never
+    straddles two pages (flash-attn's pages, multiples of 256, always take that path)."""
+    if pages is None:
+        return [dummy, 0, 1], dict(PAGED=False)
+    page = int(pages.page_size)
+    return [pages.block_table, pages.block_table.stride(0), page], dict(PAGED=True,
+                                                                        PAGE_ALIGN=min(page & -page, 256))
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
                       seqs: Optional[VarlenSeqs], merge: bool, window: tuple[int, int],
                       softcap: float, alibi: Optional[torch.Tensor] = None, num_splits: int = 0,
-                      dropout: Optional[Dropout] = None) -> None:
+                      dropout: Optional[Dropout] = None, pages: Optional[KVPages] = None) -> None:
     """Protocol ``attention_forward``: one launch of the forward kernel (MERGE epilogue when ``merge``).
     ``alibi``: fp32 slopes ``[n_batch, h_q]`` or None (then the TMA forward is never chosen). ``dropout``:
-    attention dropout (``ring_attn._contracts.Dropout``; the pointer kernel only).
+    attention dropout (``ring_attn._contracts.Dropout``; the pointer kernel only). ``pages``: a paged KV cache
+    (``ring_attn._contracts.KVPages``, packed only; the pointer kernel reads each key block through the table).
 
     Launches whose longest query sequence has at most ``tiles.DECODE_MAX_Q`` rows (decoding) use the 16-row
     decode tile. ``num_splits`` (split-KV, without ``merge`` only): 0 = :func:`split_plan` decides (on a GPU,
@@ -245,6 +258,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, out.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)
     drop_args, drop_flag = _dropout_args(dropout)
+    page_args, page_flag = _page_args(pages, l3)
     key = tiles.FwdKey(tiles.current_arch(), d, _dtype_name(q.dtype), bool(causal), bool(merge))
     tile, splits, pack = split_plan(key, max_q, max_k, n_batch * h_q, merge, num_splits, h_q // h_kv)
     if pack:  # a program per (row block of (token, head) pairs, batch, kv head)
@@ -253,13 +267,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * h_q)  # noqa: E731
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), VARLEN=vl,
                   BOTTOM_RIGHT=causal_offset is None, DOT_PRECISION=_dot_precision(q.dtype), MERGE=bool(merge),
-                  PACK_GQA=pack, **flags, **alibi_flag, **drop_flag)
+                  PACK_GQA=pack, **flags, **alibi_flag, **drop_flag, **page_flag)
     if splits > 1:
         _forward_split(q4, k4, v4, o4, l3, seqs, (n_batch, max_q, max_k), splits, tile, grid, causal_offset,
-                       softmax_scale * LOG2E, mask_args, alibi_args, drop_args, common)
+                       softmax_scale * LOG2E, mask_args, alibi_args, drop_args + page_args, common)
         return
-    if dropout is None and forward_variant(q4, k4, v4, o4, window=window, softcap=softcap, merge=merge,
-                                           varlen=vl, alibi=alibi is not None, max_q=max_q)[0] == "tma":
+    if dropout is None and pages is None and forward_variant(q4, k4, v4, o4, window=window, softcap=softcap,
+                                                             merge=merge, varlen=vl, alibi=alibi is not None,
+                                                             max_q=max_q)[0] == "tma":
         _ensure_tma_allocator()
         fwd_tma_kernel[grid](
             q4, k4, v4, o4, l3, *_seq_args(seqs, q),
@@ -274,7 +289,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         q4, k4, v4, o4, l3, *_seq_args(seqs, q),
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o4, vl), *_strides(l3, vl),
         s_q, s_k, h_q, h_q // h_kv, softmax_scale * LOG2E, 0 if causal_offset is None else int(causal_offset),
-        *mask_args, *alibi_args, 0, 0, 0, *drop_args, tile=tile, **common,
+        *mask_args, *alibi_args, 0, 0, 0, *drop_args, *page_args, tile=tile, **common,
     )
 
 
@@ -306,11 +321,12 @@ def split_plan(key: tiles.FwdKey, max_q: int, max_k: int, heads: int, merge: boo
 
 
 def _forward_split(q4, k4, v4, o4, l3, seqs, sizes, splits, tile, grid, causal_offset, qk_scale, mask_args,
-                   alibi_args, drop_args, common) -> None:
+                   alibi_args, tail_args, common) -> None:
     """Split-KV forward: ``splits`` programs per (query block, head), each over its own key range, write fp32
     partial (out, lse) to scratch; ``split_combine_kernel`` combines them by LSE into ``o4``/``l3`` (one fixed
     order), touching only rows inside a sequence. ``sizes``: (batch or sequences, longest q, longest k), as the
-    caller computed them; ``common``: the caller's constexprs."""
+    caller computed them; ``tail_args``: the kernel's dropout and page-table arguments; ``common``: the caller's
+    constexprs."""
     n_batch, max_q, max_k = sizes
     s_q, s_k, h_q = q4.shape[1], k4.shape[1], q4.shape[2]
     split_len = triton.cdiv(triton.cdiv(max_k, splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
@@ -324,7 +340,7 @@ def _forward_split(q4, k4, v4, o4, l3, seqs, sizes, splits, tile, grid, causal_o
         *_strides(q4, vl), *_strides(k4, vl), *_strides(v4, vl), *_strides(o_part[0], vl),
         *_strides(l_part[0], vl),
         s_q, s_k, h_q, h_q // k4.shape[2], qk_scale, 0 if causal_offset is None else int(causal_offset),
-        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), *drop_args, tile=tile, SPLIT=True,
+        *mask_args, *alibi_args, split_len, o_part.stride(0), l_part.stride(0), *tail_args, tile=tile, SPLIT=True,
         **dict(common, MERGE=False, ROUND_BF16=False),
     )
     block_m = 16  # split launches are decoding-shaped (or asked for): few rows; d = 256 at 64 rows spills

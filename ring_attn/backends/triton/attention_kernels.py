@@ -226,7 +226,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
                UPCAST: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIBI: tl.constexpr,
-               drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT: tl.constexpr):
+               drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT: tl.constexpr,
+               BT_row, page_size, PAGED: tl.constexpr, PAGE_ALIGN: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     # loop-invariant int32 offsets + a scalar int64 base per step: far fewer registers than carrying
     # [BLOCK_N, BLOCK_D] tensors of 64-bit pointers through the loop
@@ -237,8 +238,19 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
     v_row = V_base + lo.to(tl.int64) * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs = k_row + k_offs
-        v_ptrs = v_row + v_offs
+        if PAGED:  # key j is row table[j // page_size] * page_size + j % page_size of the flattened pages
+            if BLOCK_N <= PAGE_ALIGN:  # BLOCK_N divides page_size: the block lies in one page, a strided tile
+                prow0 = tl.load(BT_row + start_n // page_size).to(tl.int64) * page_size + start_n % page_size
+                k_ptrs = K_base + prow0 * stride_ks + k_offs
+                v_ptrs = V_base + prow0 * stride_vs + v_offs
+            else:  # the block spans pages: one table entry per key, rows gathered
+                page = tl.load(BT_row + cols // page_size, mask=cols < len_k, other=0).to(tl.int64)
+                prow = page * page_size + cols % page_size
+                k_ptrs = K_base + (prow * stride_ks)[:, None] + offs_d[None, :]
+                v_ptrs = V_base + (prow * stride_vs)[:, None] + offs_d[None, :]
+        else:
+            k_ptrs = k_row + k_offs
+            v_ptrs = v_row + v_offs
         if MASKED:
             kv_mask = (cols[:, None] < len_k) & d_ok
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -305,12 +317,13 @@ def fwd_kernel(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_q, group, qk_scale, causal_offset, win_left, win_right, softcap_in,
     softcap_out, ALIBI_SLOPES, stride_ab, stride_ah, split_len, stride_o_split, stride_l_split,
-    drop_row0, drop_rows, drop_groups, drop_seed, drop_thresh, drop_scale,
+    drop_row0, drop_rows, drop_groups, drop_seed, drop_thresh, drop_scale, BLOCK_TABLE, stride_btb, page_size,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr,
     LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr = False, SPLIT: tl.constexpr = False,
-    PACK_GQA: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+    PACK_GQA: tl.constexpr = False, DROPOUT: tl.constexpr = False, PAGED: tl.constexpr = False,
+    PAGE_ALIGN: tl.constexpr = 1,
 ):
     # Q [b, s_q, h_q, d] (varlen: b = n_seqs, rows at SQ_START[b]..+SQ_LEN[b] of a packed [t, h_q, d]);
     # K, V [b, s_k, h_kv, d]; O like Q (its own strides); LSE [b, h_q, s_q] with unit stride along s.
@@ -327,6 +340,11 @@ def fwd_kernel(
     # (token, query head) pairs of that kv head's group, row r = token·group + head-in-group, so a program
     # reads its K/V once for the whole group. The key ranges are computed from the block's first token and
     # BLOCK_M tokens (a superset: every row is masked by its own token).
+    # PAGED (a paged KV cache, ring_attn._contracts.KVPages; packed only): K/V are the pages flattened to rows
+    # and key j of sequence b is row BLOCK_TABLE[b, j // page_size] * page_size + j % page_size (SK_START is
+    # not read). PAGE_ALIGN: a power of two dividing page_size; when BLOCK_N <= PAGE_ALIGN every key block lies
+    # in one page (one table entry, a strided tile as without pages), else each block loads its BLOCK_N table
+    # entries and gathers rows.
     if PACK_GQA:
         pid_r = tl.program_id(0)
         if CAUSAL:
@@ -359,8 +377,13 @@ def fwd_kernel(
     # (packed: one per row, a [BLOCK_M] vector like the rows' indices)
     drop_base = _dropout_base(h, b, q_start, seqlen_q, drop_row0, drop_rows, VARLEN, DROPOUT)
     bq = b.to(tl.int64)
-    K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
-    V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
+    if PAGED:
+        K_base = K + hk.to(tl.int64) * stride_kh
+        V_base = V + hk.to(tl.int64) * stride_vh
+    else:
+        K_base = K + bq * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
+        V_base = V + bq * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
+    BT_row = BLOCK_TABLE + bq * stride_btb
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m[:, None] < len_q
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -394,16 +417,18 @@ def fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, full_lo, len_k, off_lo,
                                    off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                    True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-                                   ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                                   ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT,
+                                   BT_row, page_size, PAGED, PAGE_ALIGN)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_lo, full_hi, len_k,
                                off_lo, off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset,
                                slope2, False, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N,
                                DOT_PRECISION, ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale,
-                               DROPOUT)
+                               DROPOUT, BT_row, page_size, PAGED, PAGE_ALIGN)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, full_hi, hi, len_k, off_lo,
                                off_hi, qk_scale, softcap_in, softcap_out, stride_ks, stride_vs, offset, slope2,
                                True, CAUSAL, LOCAL, SOFTCAP, UPCAST, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-                               ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT)
+                               ALIBI, drop_base, drop_groups, drop_seed, drop_thresh, drop_scale, DROPOUT,
+                               BT_row, page_size, PAGED, PAGE_ALIGN)
     if PACK_GQA:
         o_rows = offs_m.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
         o_ptrs = O + bq * stride_ob + q_start * stride_os + o_rows[:, None] + offs_d[None, :]
