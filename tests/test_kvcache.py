@@ -220,3 +220,33 @@ def test_decoding_steps_on_gpu():
                                          None, True, compute_dtype=torch.float32)
             worst = max(worst, (out[i:i + 1].float() - ref).abs().max().item())
     assert worst < 2e-2, worst
+
+
+def test_shape_only_index_tensors_are_made_once():
+    """The per-row offsets that depend only on shapes (query starts, query lengths, cache-row starts) come from a
+    cache keyed by (device, stream, n, step, first): a decoding step launches no kernels for them. Not while
+    traced (FakeTensor, compile), where a cached tensor would outlive its trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ring_attn.ops import kvcache
+
+    a = kvcache._steps(torch.device("cpu"), 5, 7, 2)
+    assert a.tolist() == [2, 9, 16, 23, 30] and a.dtype == torch.int32
+    assert kvcache._steps(torch.device("cpu"), 5, 7, 2) is a  # reused
+    assert kvcache._steps(torch.device("cpu"), 5, 7, 2, cache=False) is not a
+    assert kvcache._steps(torch.device("cpu"), 4, 7, 2).tolist() == [2, 9, 16, 23]
+    q = torch.randn(2, 1, 2, 16)
+    assert kvcache._reusable(q)
+    with FakeTensorMode() as mode:
+        assert not kvcache._reusable(mode.from_tensor(q))
+    # two batch sizes and two cache lengths in a row: each call gets its own offsets
+    g = torch.Generator().manual_seed(4)
+    for b, s in ((3, 12), (2, 12), (2, 20)):
+        q = torch.randn(b, 1, 2, 16, generator=g)
+        kc, vc = (torch.randn(b, s, 2, 16, generator=g) for _ in range(2))
+        lens = torch.randint(1, s + 1, (b,), generator=g, dtype=torch.int32)
+        out = ring_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+        for i in range(b):
+            ref, _ = reference.attention(q[i:i + 1].double(), kc[i:i + 1, :lens[i]].double(),
+                                         vc[i:i + 1, :lens[i]].double(), None, False)
+            assert (out[i:i + 1].double() - ref).abs().max() < 1e-5

@@ -316,8 +316,9 @@ def test_varlen_block_table_under_torch_compile():
 
 @pytest.mark.gpu
 def test_paged_decoding_on_gpu():
-    """bf16 on the GPU: decoding steps over a paged cache (pages of 256 and 16 rows, shuffled) give the bits
-    of the same steps over the contiguous cache, split-KV and GQA packing included."""
+    """bf16 on the GPU: decoding steps over a paged cache (pages of 256 and 16 rows, shuffled) give what the
+    same steps over the contiguous cache give, split-KV and GQA packing included (the same tiles and order;
+    a different compiled kernel, so equality is asked up to one bf16 rounding of values below 1)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     b, s_cache, h_q, h_kv, d = 4, 2048, 8, 2, 128
     kc, vc = (torch.randn(b, s_cache, h_kv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
@@ -336,5 +337,6 @@ def test_paged_decoding_on_gpu():
             flat = ring_attn.flash_attn_with_kvcache(q, k2, v2, k, v, cache_seqlens=lens + step, causal=True)
             paged = ring_attn.flash_attn_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens + step, causal=True,
                                                       block_table=table)
-            assert torch.equal(paged, flat), (page, step)
+            worst = (paged.float() - flat.float()).abs().max().item()
+            assert worst <= 2 ** -8, (page, step, worst)
         torch.cuda.synchronize()

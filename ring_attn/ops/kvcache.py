@@ -9,17 +9,44 @@ flash-attn: no backward).
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
 
 from ring_attn._contracts import KVPages, VarlenSeqs, check_alibi_slopes, check_block_table, check_flag, \
     check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window
+from ring_attn.ops._dispatch import traced
 from ring_attn.ops.attention_block import attention_block_forward
 
 __all__ = ["flash_attn_with_kvcache"]
 
 _NAME = "flash_attn_with_kvcache"
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_steps(device: torch.device, stream: int, n: int, step: int, first: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int32, device=device) * step + first
+
+
+def _reusable(*tensors) -> bool:
+    """Whether this call may take shape-only index tensors from :func:`_steps`'s cache: not while traced
+    (compile, FakeTensor: the cache would keep traced values) nor during CUDA graph capture (the tensor would
+    live in the graph's private pool)."""
+    if traced(*tensors):
+        return False
+    return tensors[0].device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _steps(device: torch.device, n: int, step: int, first: int = 0, cache: bool = True) -> torch.Tensor:
+    """int32 ``[first, first + step, ..., first + (n-1)·step]`` on ``device``: the per-row offsets and lengths
+    that depend only on shapes, made once per (device, stream, n, step, first) and reused, so a decoding step
+    launches no kernels for them (read-only: the kernels never write them; per stream, so a first use is
+    ordered after the launch that made it). ``cache=False`` makes a fresh one."""
+    if not cache:
+        return torch.arange(n, dtype=torch.int32, device=device) * step + first
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    return _cached_steps(device, stream, n, step, first)
 
 
 def _per_row(name: str, x, b: int, device) -> tuple[torch.Tensor, list[int] | None]:
@@ -176,8 +203,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         host_lens = [int(cache_seqlens)] * b
     else:
         lens, host_lens = _per_row("cache_seqlens", cache_seqlens, b, q.device)
+    reuse = _reusable(q, k_cache)  # shape-only index tensors come from a cache (not while traced or captured)
     if cache_batch_idx is None:
-        rows = torch.arange(b, dtype=torch.int32, device=q.device)
+        rows = _steps(q.device, b, 1, cache=reuse)
         host_rows = list(range(b))
     else:
         rows, host_rows = _per_row("cache_batch_idx", cache_batch_idx, b, q.device)
@@ -232,7 +260,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 dest = block_table.long().gather(1, pos_new // page) * page + pos_new % page
                 kc[dest] = k
                 vc[dest] = v
-            starts_k = torch.zeros(b, dtype=torch.int32, device=q.device)
+            starts_k = _steps(q.device, b, 0, cache=reuse)
         else:
             kc = k_cache.reshape(b_c * s_cache, h_kv, d)
             vc = v_cache.reshape(b_c * s_cache, h_kv, d)
@@ -241,10 +269,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 idx = rows[:, None].long().expand(b, s_new)
                 k_cache[idx, pos_new] = k
                 v_cache[idx, pos_new] = v
-            starts_k = rows * s_cache if pad is None else rows * s_cache + pad
-        lens_k = lens + s_new if pad is None else lens + s_new - pad
-        seqs = VarlenSeqs(torch.arange(b, dtype=torch.int32, device=q.device) * s_q,
-                          torch.full((b,), s_q, dtype=torch.int32, device=q.device),
+            starts_k = _steps(q.device, b, s_cache, cache=reuse) if cache_batch_idx is None else rows * s_cache
+            if pad is not None:
+                starts_k = starts_k + pad
+        lens_k = lens + s_new if s_new else lens
+        if pad is not None:
+            lens_k = lens_k - pad
+        seqs = VarlenSeqs(_steps(q.device, b, s_q, cache=reuse), _steps(q.device, b, 0, s_q, cache=reuse),
                           starts_k, lens_k, s_q, s_cache, True)
         out, lse = attention_block_forward(q.reshape(b * s_q, h_q, d), kc, vc, scale, causal, None, seqs,
                                            window=window, softcap=cap, alibi_slopes=alibi,
