@@ -108,6 +108,18 @@ def cases(dev, dtype):
              lambda: ring_attn.flash_attn_with_kvcache(q1, kc, vc, cache_seqlens=lens, causal=True)),
             ("decode 1x1024 8/2 d64", "sdpa",
              lambda: F.scaled_dot_product_attention(q1t, kct, vct, enable_gqa=True))]
+    # a right-padded batch of two (HF's attention_mask), the mask reused across calls as across layers
+    qp, kp, vp = mk(2, s, hq, d, grad=True), mk(2, s, hk, d, grad=True), mk(2, s, hk, d, grad=True)
+    keep = torch.ones(2, s, dtype=torch.bool, device=dev)
+    keep[1, s // 2:] = False
+    allowed = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None] & keep[:, None, None, :]
+    qpt, kpt, vpt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (qp, kp, vp))
+    doutp = mk(2, s, hq, d)
+    out += [("padded fwd+bwd 2x128 8/2 d64", "ring_attn",
+             fwd_bwd(lambda: ring_attn.padded_attention(qp, kp, vp, keep, causal=True), (qp, kp, vp), doutp)),
+            ("padded fwd+bwd 2x128 8/2 d64", "sdpa",
+             fwd_bwd(lambda: F.scaled_dot_product_attention(qpt, kpt, vpt, attn_mask=allowed, enable_gqa=True),
+                     (qpt, kpt, vpt), doutp.transpose(1, 2).contiguous()))]
     if dev.type == "cuda":
         try:
             import flash_attn

@@ -132,3 +132,46 @@ def test_jit_trace_records_the_custom_op(cpu_backend):
     assert "ring_attn::flash_attn_forward" in [n.kind() for n in traced_fn.graph.nodes()]
     q2 = torch.randn(1, 8, 2, 16, generator=g)
     assert torch.equal(traced_fn(q2, k, v), ring_attn.flash_attn_func(q2, k, v, causal=True))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_padded_attention_eager_route_equals_the_custom_op(p, cpu_backend):
+    """padded_attention eagerly runs the custom ops' bodies through a plain autograd Function: the same bits as
+    the registered op, forward and gradients; no autograd graph under no_grad; the op under FakeTensor."""
+    if p and cpu_backend == "native":
+        pytest.skip("the native backend has no dropout")
+    from ring_attn.ops import padding as ops_padding
+
+    q, k, v = _inputs()
+    k, v = k.detach()[:, :11].requires_grad_(), v.detach()[:, :11].requires_grad_()
+    q = q.detach()[:, :7].requires_grad_()
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[0, :3] = False  # left padding
+    keep[1, 9:] = False  # right padding
+    torch.manual_seed(4)
+    out = ring_attn.padded_attention(q, k, v, keep, dropout_p=p, causal=True)
+    assert "_EagerPadded" in type(out.grad_fn).__name__
+    torch.manual_seed(4)
+    out2 = torch.ops.ring_attn.padded_attention_forward(q, k, v, keep, 0.25, True, -1, -1, 0.0, p)[0]
+    assert torch.equal(out, out2)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(out2, (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with torch.no_grad():
+        torch.manual_seed(4)
+        plain = ring_attn.padded_attention(q, k, v, keep, dropout_p=p, causal=True)
+    assert plain.grad_fn is None and torch.equal(plain, out)
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    eager = []
+    orig = ops_padding._EagerPadded.apply
+    ops_padding._EagerPadded.apply = lambda *a: (eager.append(1), orig(*a))[1]
+    try:
+        mode = FakeTensorMode()
+        fq, fk, fv, fkeep = (mode.from_tensor(x.detach()) for x in (q, k, v, keep))
+        with mode:
+            fake = ring_attn.padded_attention(fq, fk, fv, fkeep, causal=True)
+    finally:
+        ops_padding._EagerPadded.apply = orig
+    assert not eager and isinstance(fake, FakeTensor) and tuple(fake.shape) == tuple(q.shape)
