@@ -47,6 +47,10 @@ CASES = [  # b, s_cache, page, s_q, s_new, h_q, h_kv, d, causal, window, softcap
     (2, 24, 4, 2, 0, 2, 2, 16, False, (-1, -1), 0.0, False, False, [7, 24], 2),  # nothing appended, split-KV
     (2, 30, 3, 4, 2, 4, 2, 8, True, (5, 0), 1.5, False, False, [12, 3], 0),  # odd page size, window, softcap
     (2, 16, 1, 2, 2, 2, 1, 16, True, (-1, -1), 0.0, True, False, [4, 11], 0),  # one-row pages, ALiBi
+    # several key blocks per loop (the next block's table entries are loaded one block ahead): a block inside
+    # one page (pages of 16 = the interpreter's BLOCK_N), and blocks spanning pages (pages of 8)
+    (2, 96, 16, 1, 1, 4, 2, 16, True, (-1, -1), 0.0, False, False, [70, 94], 0),
+    (2, 96, 8, 1, 1, 4, 2, 16, False, (-1, -1), 0.0, False, False, [70, 94], 0),
 ]
 
 

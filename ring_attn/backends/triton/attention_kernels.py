@@ -236,16 +236,25 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, offs_d, lo, hi, len_k, 
     d_ok = offs_d[None, :] < HEAD_DIM
     k_row = K_base + lo.to(tl.int64) * stride_ks  # scalar pointers to the current block's first row
     v_row = V_base + lo.to(tl.int64) * stride_vs
+    # paged: the next block's table entries are loaded one block ahead (a table load in front of every K/V load
+    # would leave the pipeliner one K/V stage instead of two); masked past the last key. One entry when a block
+    # lies inside one page, else one per key.
+    if BLOCK_N <= PAGE_ALIGN:
+        page_next = tl.load(BT_row + lo // page_size, mask=(lo < len_k) & PAGED, other=0)
+    else:
+        page_next = tl.load(BT_row + (lo + offs_n) // page_size, mask=((lo + offs_n) < len_k) & PAGED, other=0)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if PAGED:  # key j is row table[j // page_size] * page_size + j % page_size of the flattened pages
             if BLOCK_N <= PAGE_ALIGN:  # BLOCK_N divides page_size: the block lies in one page, a strided tile
-                prow0 = tl.load(BT_row + start_n // page_size).to(tl.int64) * page_size + start_n % page_size
+                prow0 = page_next.to(tl.int64) * page_size + start_n % page_size
+                nxt = start_n + BLOCK_N
+                page_next = tl.load(BT_row + nxt // page_size, mask=nxt < len_k, other=0)
                 k_ptrs = K_base + prow0 * stride_ks + k_offs
                 v_ptrs = V_base + prow0 * stride_vs + v_offs
             else:  # the block spans pages: one table entry per key, rows gathered
-                page = tl.load(BT_row + cols // page_size, mask=cols < len_k, other=0).to(tl.int64)
-                prow = page * page_size + cols % page_size
+                prow = page_next.to(tl.int64) * page_size + cols % page_size
+                page_next = tl.load(BT_row + (cols + BLOCK_N) // page_size, mask=(cols + BLOCK_N) < len_k, other=0)
                 k_ptrs = K_base + (prow * stride_ks)[:, None] + offs_d[None, :]
                 v_ptrs = V_base + (prow * stride_vs)[:, None] + offs_d[None, :]
         else:
