@@ -10,6 +10,8 @@ Public API (re-exported from ``ring_attn``):
   read. Differentiable with respect to q, k and (when it requires grad) ``inv_freq``.
 * :func:`apply_rope_cos_sin` ``(q, k, cos, sin, unsqueeze_dim=1)``: HF's ``apply_rotary_pos_emb`` signature,
   reading the given tables, for drop-in use.
+* :func:`apply_rotary_emb` ``(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+  max_seqlen=None)``: flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb`` (``ring_attn.layers.rotary``).
 
 Backend: ``ring_attn.backends.select("rope", ...)`` per call: Triton on CUDA (and on CPU under
 ``TRITON_INTERPRET=1``), the native CPU extension when built, else the plain-torch reference backend (float32
@@ -27,7 +29,7 @@ import torch
 from ring_attn import backends, reference
 from ring_attn.ops._dispatch import traced
 
-__all__ = ["apply_rope", "apply_rope_cos_sin"]
+__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -402,3 +404,139 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
         return qo, ko
     q_out, k_out = reference.rope_cos_sin(q, k, cos, sin, unsqueeze_dim)
     return q_out, k_out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flash-attn's apply_rotary_emb (ring_attn.layers.rotary): one tensor, cos/sin tables indexed by position
+
+
+def _rotary_table_launch(x4: torch.Tensor, out4: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor,
+                         interleaved: bool, backward: bool) -> None:
+    """One table-mode launch rotating ``x4`` ``[B, S, H, D]`` into ``out4`` (the same tensor when in place: the
+    dims past the table's are then left as they are; else copied). The protocol's second tensor is empty."""
+    none = x4[:, :, :0]
+    _select(x4, cos3.shape[-1]).rope(x4, none, out4, out4[:, :, :0], rotary_dim=cos3.shape[-1],
+                                     interleaved=interleaved, backward=backward, copy_pass=out4 is not x4,
+                                     pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3, qy4=None,
+                                     ky4=None, dtheta=None)
+
+
+class _RotaryEmb(torch.autograd.Function):
+    """``x`` rotated by per-token tables ``cos3``/``sin3`` ``[B or 1, S, rotary_dim]`` (each element's own
+    value); the backward is the transpose rotation (another launch)."""
+
+    @staticmethod
+    def forward(ctx, x, cos3, sin3, interleaved, inplace):
+        out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+        _rotary_table_launch(_as4d(x), _as4d(out), cos3, sin3, interleaved, backward=False)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(cos3, sin3)
+        ctx.interleaved = interleaved
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos3, sin3 = ctx.saved_tensors
+        gx = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        _rotary_table_launch(_as4d(grad), _as4d(gx), cos3, sin3, ctx.interleaved, backward=True)
+        return gx, None, None, None, None
+
+
+def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, int]:
+    """Each token's row of the cos/sin tables, int64 ``[B, S]`` (packed: ``[1, total]``), and the largest one
+    when it is known on the host (else -1: checked on the device)."""
+    dev = x.device
+    if cu_seqlens is None:
+        b, s = x.shape[0], x.shape[1]
+        base = torch.arange(s, device=dev)[None, :]
+        n_seqs = b
+    else:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or \
+                cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != dev:
+            raise ValueError(f"cu_seqlens must be an int32 tensor [batch + 1] on {dev}")
+        total = x.shape[0]
+        t = torch.arange(total, device=dev)
+        seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True).clamp(max=cu_seqlens.numel() - 2)
+        base = (t - cu_seqlens.long()[seq])[None, :]
+        n_seqs = cu_seqlens.numel() - 1
+    if isinstance(seqlen_offsets, torch.Tensor):
+        if seqlen_offsets.dim() != 1 or seqlen_offsets.shape[0] != n_seqs or seqlen_offsets.dtype not in \
+                (torch.int32, torch.int64) or seqlen_offsets.device != dev:
+            raise ValueError(f"seqlen_offsets must be an int or an int32/int64 tensor [batch={n_seqs}] on {dev}, got "
+                             f"{seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)} on {seqlen_offsets.device}")
+        offs = seqlen_offsets.long()
+        pos = base + (offs[:, None] if cu_seqlens is None else offs[seq][None, :])
+        return pos, (int(pos.max()) if dev.type == "cpu" and pos.numel() else -1)
+    if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int) or seqlen_offsets < 0:
+        raise ValueError(f"seqlen_offsets must be an int >= 0 or a tensor [batch], got {seqlen_offsets!r}")
+    pos = base + seqlen_offsets
+    if cu_seqlens is None:
+        return pos, seqlen_offsets + x.shape[1] - 1
+    if max_seqlen is not None:  # flash-attn's bound: the tables cover max_seqlen rows past the offset
+        return pos, seqlen_offsets + int(max_seqlen) - 1
+    return pos, (int(pos.max()) if dev.type == "cpu" and pos.numel() else -1)
+
+
+@torch.compiler.disable  # host reads and Triton launches outside any graph (a graph break under compile)
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     max_seqlen=None):
+    """flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb``: rotary embedding of the first ``rotary_dim``
+    dims of ``x`` from cos/sin tables, one fused launch (the backend's RoPE kernel in table mode).
+
+    Args:
+        x: ``[batch, seqlen, heads, head_dim]``, or packed ``[total, heads, head_dim]`` with ``cu_seqlens``;
+            float16, bfloat16, float32 or float64.
+        cos, sin: ``[seqlen_ro, rotary_dim / 2]`` (row ``p``: position ``p``), floating, on x's device;
+            ``rotary_dim <= head_dim``.
+        interleaved: True rotates dims pairs ``(2i, 2i+1)`` (GPT-J); False ``(i, i + rotary_dim / 2)`` (GPT-NeoX).
+        inplace: write the result into ``x`` and return it.
+        seqlen_offsets: int, or int32/int64 ``[batch]``: token ``j`` of sequence ``b`` takes row
+            ``j + seqlen_offsets[b]`` of the tables (decoding with a KV cache).
+        cu_seqlens: None, or int32 ``[batch + 1]`` for packed x (positions restart at each sequence).
+        max_seqlen: the longest packed sequence (an upper bound; used for the host-side table check).
+
+    Returns:
+        ``x`` rotated, same shape and dtype (math in float32, float64 for float64 x); dims past ``rotary_dim``
+        unchanged. Differentiable with respect to x (not cos/sin).
+
+    Raises:
+        TypeError / ValueError naming the argument, before any launch; ValueError when a position reaches past
+        ``seqlen_ro`` (flash-attn leaves such tokens unrotated; here it is an error: on the host when the
+        offsets are an int or CPU tensors, a device-side assert otherwise).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _STORAGE_DTYPES:
+        raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() != (3 if cu_seqlens is not None else 4):
+        raise ValueError(f"x must be [batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with "
+                         f"cu_seqlens), got shape {tuple(x.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 or t.device != x.device:
+            raise ValueError(f"{name} must be a floating tensor [seqlen_ro, rotary_dim / 2] on {x.device}, got "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                             f"{' ' + str(tuple(t.shape)) if isinstance(t, torch.Tensor) else ''}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    rotary_dim = 2 * cos.shape[1]
+    if not 0 < rotary_dim <= x.shape[-1]:
+        raise ValueError(f"rotary_dim = 2 * cos.shape[1] = {rotary_dim} must be in [2, head_dim={x.shape[-1]}]")
+    interleaved, inplace = bool(interleaved), bool(inplace)
+    pos, longest = _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
+    if longest >= cos.shape[0]:
+        raise ValueError(f"positions reach {longest} but cos/sin have {cos.shape[0]} rows (seqlen_ro): every "
+                         f"position (token index + seqlen_offsets) must have a row")
+    if longest < 0 and pos.numel():
+        torch._assert_async(pos.max() < cos.shape[0], "apply_rotary_emb: a position reaches past cos/sin")
+    _select(x, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
+    c, s = cos[pos.clamp(max=cos.shape[0] - 1)], sin[pos.clamp(max=cos.shape[0] - 1)]  # [B or 1, S, rd/2]
+    if interleaved:  # each element's own value: pairs (2i, 2i+1) share row i
+        cos3, sin3 = c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
+    else:
+        cos3, sin3 = torch.cat([c, c], -1), torch.cat([s, s], -1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RotaryEmb.apply(x, cos3, sin3, interleaved, inplace)
+    out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+    _rotary_table_launch(_as4d(x), _as4d(out), cos3, sin3, interleaved, backward=False)
+    return out
