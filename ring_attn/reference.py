@@ -409,6 +409,15 @@ def rope(q, k, positions, inv_freq, attention_scaling=1.0, interleaved=False, ro
             rope_rotate(k, cos, sin, rotary_dim, interleaved, compute_dtype))
 
 
+def rotary_emb(x, cos, sin, positions, interleaved=False, compute_dtype=torch.float64):
+    """flash-attn's rotary embedding from tables (the oracle of ``ring_attn.layers.rotary.apply_rotary_emb`` and
+    of ``flash_attn_with_kvcache``'s ``rotary_cos``/``rotary_sin``): ``x`` ``[..., h, d]`` whose leading dims
+    match the int ``positions``; each token rotates its first ``2 · cos.shape[1]`` dims by row
+    ``positions[...]`` of ``cos``/``sin`` ``[seqlen_ro, r/2]``. Result in ``compute_dtype``."""
+    c, s = cos.to(compute_dtype)[positions][..., None, :], sin.to(compute_dtype)[positions][..., None, :]
+    return rope_rotate(x, c, s, 2 * cos.shape[1], interleaved, compute_dtype)
+
+
 def rope_table(positions, inv_freq, attention_scaling=1.0, dtype=torch.float32):
     """HF-style cos/sin tables ``[..., r]`` (angles in float32, halves duplicated), rounded to ``dtype``: what
     peers read, and the plain-torch baseline of the accuracy rule."""

@@ -31,17 +31,7 @@ def test_signature_is_flash_attn_s():
 
 def _rotary_ref(x, cos, sin, pos, interleaved):
     """Rotary embedding in float64 of ``x`` ``[b, s, h, d]`` at integer positions ``pos`` ``[b, s]``."""
-    x = x.double()
-    c, s = cos.double()[pos][:, :, None], sin.double()[pos][:, :, None]
-    half = cos.shape[1]
-    rot, rest = x[..., :2 * half], x[..., 2 * half:]
-    if interleaved:
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
-    else:
-        a, b = rot[..., :half], rot[..., half:]
-        out = torch.cat([a * c - b * s, a * s + b * c], -1)
-    return torch.cat([out, rest], -1)
+    return reference.rotary_emb(x, cos, sin, pos, interleaved)
 
 
 def _expected(q, k_cache, v_cache, k, v, lens, rows, causal, window, softcap, alibi, rotary, compute):

@@ -103,15 +103,6 @@ def test_rows_may_share_pages(backend):
     assert torch.equal(out, flat)
 
 
-def _rotate_half_split(x, cos, sin, pos):
-    """GPT-NeoX rotary embedding (pairs ``(i, i + rotary_dim / 2)``) in float64 at positions ``pos`` ``[b, s]``,
-    rounded back to x's dtype; dims past ``rotary_dim`` pass through."""
-    half = cos.shape[1]
-    c, s_ = cos.double()[pos][:, :, None], sin.double()[pos][:, :, None]
-    x1, x2, rest = x[..., :half].double(), x[..., half:2 * half].double(), x[..., 2 * half:]
-    return torch.cat([(x1 * c - x2 * s_).to(x.dtype), (x1 * s_ + x2 * c).to(x.dtype), rest], -1)
-
-
 def _leftpad_oracle(q, k_cache, v_cache, k, v, lens, pad, causal, window, alibi, rotary, compute):
     """Per row: the new tokens written at ``lens[i]`` (rotated at the cache index, as flash-attn), then attention
     in ``compute`` over cache positions ``pad[i] .. lens[i] + s_new``."""
@@ -120,9 +111,9 @@ def _leftpad_oracle(q, k_cache, v_cache, k, v, lens, pad, causal, window, alibi,
     s_new = 0 if k is None else k.shape[1]
     if rotary is not None:
         cos, sin = rotary
-        k = _rotate_half_split(k, cos, sin, lens[:, None].long() + torch.arange(s_new))
+        k = reference.rotary_emb(k, cos, sin, lens[:, None].long() + torch.arange(s_new)).to(k.dtype)
         pos = lens[:, None].long() + (torch.arange(s_q) if causal else torch.zeros(s_q, dtype=torch.long))
-        q = _rotate_half_split(q, cos, sin, pos)
+        q = reference.rotary_emb(q, cos, sin, pos).to(q.dtype)
     outs = []
     for i in range(b):
         n, p = int(lens[i]), int(pad[i])

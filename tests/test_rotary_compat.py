@@ -6,6 +6,7 @@ import inspect
 import pytest
 import torch
 
+from ring_attn import reference
 from ring_attn.layers.rotary import apply_rotary_emb
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
@@ -18,18 +19,7 @@ def test_signature_is_flash_attn_s(cpu_backend):
 
 
 def _oracle(x, cos, sin, pos, interleaved):
-    """float64: token with table row ``pos`` (``x``'s leading shape) rotates its first ``2·cos.shape[1]`` dims."""
-    half = cos.shape[1]
-    c, s = cos.double()[pos][..., None, :], sin.double()[pos][..., None, :]
-    xd = x.double()
-    rot, rest = xd[..., :2 * half], xd[..., 2 * half:]
-    if interleaved:
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
-    else:
-        a, b = rot[..., :half], rot[..., half:]
-        out = torch.cat([a * c - b * s, a * s + b * c], -1)
-    return torch.cat([out, rest], -1)
+    return reference.rotary_emb(x, cos, sin, pos, interleaved)
 
 
 def _tables(g, rows, half, dtype=torch.float32):
