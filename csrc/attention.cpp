@@ -85,6 +85,41 @@ RA_INLINE void transpose(const float* src, int64_t rows, int64_t ld, int64_t d, 
 
 RA_INLINE float softcap_fn(float x, float cap) { return cap * std::tanh(x / cap); }
 
+// Philox-4x32-10 (Triton's tl.randint4x): counter (ctr_lo, ctr_hi, 0, 0), key (seed_lo, seed_hi).
+RA_INLINE void philox4x32(uint64_t seed, uint64_t ctr, uint32_t w[4]) {
+    uint32_t c0 = uint32_t(ctr), c1 = uint32_t(ctr >> 32), c2 = 0, c3 = 0;
+    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+        const uint64_t pb = uint64_t(c2) * 0xCD9E8D57u, pa = uint64_t(c0) * 0xD2511F53u;
+        const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0, n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+        c1 = uint32_t(pb); c3 = uint32_t(pa); c0 = n0; c2 = n2;
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    w[0] = c0; w[1] = c1; w[2] = c2; w[3] = c3;
+}
+
+// Dropout multipliers of keys j0 .. j0+n-1 for (query head h, call row r): drop_scale where kept, 0 where
+// dropped, written to out[c * stride] (one Philox call per group of four keys).
+RA_INLINE void dropout_row(const AttnArgs& a, int64_t h, int64_t r, int64_t j0, int64_t n, float* out,
+                           int64_t stride) {
+    const uint64_t base = (uint64_t(h) * uint64_t(a.drop_rows) + uint64_t(r + a.drop_row0)) * uint64_t(a.drop_groups);
+    uint32_t w[4];
+    int64_t group = -1;
+    for (int64_t c = 0; c < n; ++c) {
+        const int64_t j = j0 + c;
+        if ((j >> 2) != group) {
+            group = j >> 2;
+            philox4x32(a.drop_seed, base + uint64_t(group), w);
+        }
+        out[c * stride] = w[j & 3] >= a.drop_threshold ? a.drop_scale : 0.f;
+    }
+}
+
+// The call's query row of row i of sequence s (the dropout contract's r, before drop_row0).
+RA_INLINE int64_t call_row(const AttnArgs& a, const Seq& sq, int64_t s, int64_t i) {
+    return a.starts_q ? sq.start_q + i : s * a.s_q + i;
+}
+
 // ALiBi distances |base - c| for the 8 columns c = c0 .. c0+7 (base = i + off - j0 of the row), as floats.
 RA_INLINE v8f alibi_dist8(float base, int64_t c0) {
     const v8f x = splat8(base) - (__builtin_convertvector(iota8(), v8f) + float(c0));
@@ -167,7 +202,7 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
 #pragma omp parallel num_threads(num_threads)
     {
         std::vector<float> Qb(group * BM * dp), Kt(dp * BN), Vb(BN * dp), S(BM * BN), O(group * BM * dp),
-            m(group * BM), l(group * BM), orow(dp);
+            m(group * BM), l(group * BM), orow(dp), keep(BN);
         std::vector<int64_t> lo(BM), hi(BM);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; ++task) {
@@ -207,6 +242,14 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
                         fwd_rows(S.data(), mq, lo.data(), hi.data(), a.scale, a.softcap,
                                  alibi_slope(a, s, hk * group + g), i0 + sq.off - j0, m.data() + g * BM,
                                  l.data() + g * BM, Og, dp);
+                        if (a.dropout) {  // after the row sums (the LSE is the softmax's before dropout)
+                            for (int64_t r = 0; r < mq; ++r) {
+                                dropout_row(a, hk * group + g, call_row(a, sq, s, i0 + r), j0, nb, keep.data(), 1);
+                                float* srow = S.data() + r * BN;
+                                // kept: the probability (drop_scale is applied once, in the epilogue)
+                                for (int64_t c = 0; c < nb; ++c) srow[c] = keep[c] != 0.f ? srow[c] : 0.f;
+                            }
+                        }
                         gemm(mq, dp, nb, S.data(), BN, Vb.data(), dp, Og, dp, true);
                     }
                 }
@@ -218,7 +261,7 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
                     const float mr = m[g * BM + r], lr = l[g * BM + r];
                     float* lp = lse_addr(lse, s, h, row);
                     const float lse_blk = lr > 0.f ? mr + std::log(lr) : NEG_INF;
-                    const float inv = lr > 0.f ? 1.f / lr : 0.f;
+                    const float inv = lr > 0.f ? (a.dropout ? a.drop_scale : 1.f) / lr : 0.f;
                     const float* o = O.data() + (g * BM + r) * dp;
                     if (!merge) {
                         for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
@@ -356,7 +399,7 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
         std::vector<float> dKp(KG * BN * dp), dVp(KG * BN * dp);
         std::vector<int> npairs(KG);
         std::vector<float> Qb(BM * dp), Qt(dp * BM), dOb(BM * dp), dOt(dp * BM);
-        std::vector<float> St(BN * BM), dPt(BN * BM), lsev(BM), delv(BM), row(dp);
+        std::vector<float> St(BN * BM), dPt(BN * BM), Dt(a.dropout ? BN * BM : 0), lsev(BM), delv(BM), row(dp);
         std::vector<int64_t> ra(BN), rz(BN), kbs(KG);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; ++task) {
@@ -420,8 +463,15 @@ void attention_backward(const AttnArgs& a, const Ten& dout, const Ten& q, const 
                             }
                             gemm(nb, BM, d, Kb, dp, Qt.data(), BM, St.data(), BM, false);
                             gemm(nb, BM, d, Vb, dp, dOt.data(), BM, dPt.data(), BM, false);
+                            if (a.dropout) {  // dP of the dropped output: dO·Vᵀ times keep / (1 - p)
+                                for (int64_t r = 0; r < mq; ++r)
+                                    dropout_row(a, h, call_row(a, sq, s, i0 + r), j0, nb, Dt.data() + r, BM);
+                                for (int64_t e = 0; e < nb * BM; ++e) dPt[e] *= Dt[e];
+                            }
                             bwd_elems(St.data(), dPt.data(), nb, ra.data(), rz.data(), lsev.data(), delv.data(),
                                       a.scale, a.softcap, alibi_slope(a, s, h), i0 + sq.off - j0);
+                            if (a.dropout)  // dV takes the dropped probabilities
+                                for (int64_t e = 0; e < nb * BM; ++e) St[e] *= Dt[e];
                             gemm(nb, dp, mq, St.data(), BM, dOb.data(), dp, dVp.data() + x * BN * dp, dp, true);
                             gemm(nb, dp, mq, dPt.data(), BM, Qb.data(), dp, dKp.data() + x * BN * dp, dp, true);
                             if (++npairs[x] == FOLD) fold(x);

@@ -31,6 +31,15 @@ struct AttnArgs {
     float softcap;        // 0 = none
     const float* alibi;   // ALiBi slopes [nseq, h_q] (fp32, element strides below); null = none
     int64_t alibi_sb, alibi_sh;
+    // Attention dropout (ring_attn._contracts.Dropout): element (query head h, row r, key j) is kept iff word
+    // j % 4 of Philox-4x32-10(seed, (h·drop_rows + r + drop_row0)·drop_groups + j / 4) >= drop_threshold, where
+    // r is the call's query row (dense: batch·s_q + i; packed: the packed row) and j the key's index in its
+    // sequence. Kept probabilities are scaled by drop_scale = 1 / (1 - p).
+    bool dropout;
+    uint64_t drop_seed;
+    int64_t drop_rows, drop_groups, drop_row0;
+    uint32_t drop_threshold;
+    float drop_scale;
 };
 
 void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten& v, const Ten& out, const Lse& lse,

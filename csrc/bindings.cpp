@@ -20,13 +20,15 @@ using L3 = std::array<int64_t, 3>;   // (ptr, stride_b, stride_h)
 using A6 = std::array<int64_t, 6>;   // shape (nseq, s_q, s_k, h_q, h_kv, d) / seqs (4 ptrs, max_q, max_k)
 using R6 = std::array<int64_t, 6>;   // rope tensor (ptr, dtype, sb, ss, sh, sd)
 using S3 = std::array<int64_t, 3>;   // ALiBi slopes (ptr or 0, stride_b, stride_h) of an fp32 [nseq, h_q] tensor
+using D5 = std::array<int64_t, 5>;   // dropout (enabled, seed, rows, groups, row0); threshold and scale apart
 
 static Ten ten(const T5& t) { return Ten{reinterpret_cast<char*>(t[0]), int(t[1]), t[2], t[3], t[4]}; }
 static Lse lse(const L3& t) { return Lse{reinterpret_cast<float*>(t[0]), t[1], t[2]}; }
 static RTen rten(const R6& t) { return RTen{reinterpret_cast<char*>(t[0]), int(t[1]), t[2], t[3], t[4], t[5]}; }
 
 static AttnArgs args(const A6& shape, const A6& seqs, bool packed, double scale, bool causal, bool bottom_right,
-                     int64_t offset, int64_t left, int64_t right, double softcap, const S3& alibi) {
+                     int64_t offset, int64_t left, int64_t right, double softcap, const S3& alibi, const D5& drop,
+                     int64_t drop_threshold, double drop_scale) {
     AttnArgs a{};
     a.nseq = shape[0]; a.s_q = shape[1]; a.s_k = shape[2]; a.h_q = shape[3]; a.h_kv = shape[4]; a.d = shape[5];
     if (packed) {
@@ -39,18 +41,22 @@ static AttnArgs args(const A6& shape, const A6& seqs, bool packed, double scale,
     a.scale = float(scale); a.causal = causal; a.bottom_right = bottom_right; a.offset = offset;
     a.left = left; a.right = right; a.softcap = float(softcap);
     a.alibi = reinterpret_cast<const float*>(alibi[0]); a.alibi_sb = alibi[1]; a.alibi_sh = alibi[2];
+    a.dropout = drop[0] != 0; a.drop_seed = uint64_t(drop[1]); a.drop_rows = drop[2]; a.drop_groups = drop[3];
+    a.drop_row0 = drop[4]; a.drop_threshold = uint32_t(drop_threshold); a.drop_scale = float(drop_scale);
     return a;
 }
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "ring_attn native CPU backend (C++17/OpenMP, no libtorch). Called only by ring_attn.backends.native.";
-    m.attr("ABI_VERSION") = 2;  // 2: attention_forward/backward take the ALiBi slopes (S3) after softcap
+    // 2: attention_forward/backward take the ALiBi slopes (S3) after softcap; 3: and then the dropout (D5,
+    // threshold, scale)
+    m.attr("ABI_VERSION") = 3;
     m.def("attention_forward",
           [](T5 q, T5 k, T5 v, T5 out, L3 l, A6 shape, A6 seqs, bool packed, double scale, bool causal,
-             bool bottom_right, int64_t offset, int64_t left, int64_t right, double softcap, S3 alibi, bool merge,
-             int threads) {
+             bool bottom_right, int64_t offset, int64_t left, int64_t right, double softcap, S3 alibi, D5 drop,
+             int64_t drop_threshold, double drop_scale, bool merge, int threads) {
               ra::attention_forward(args(shape, seqs, packed, scale, causal, bottom_right, offset, left, right, softcap,
-                                         alibi),
+                                         alibi, drop, drop_threshold, drop_scale),
                                     ten(q), ten(k), ten(v), ten(out), lse(l), merge, threads);
           },
           py::call_guard<py::gil_scoped_release>());
@@ -63,9 +69,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("attention_backward",
           [](T5 dout, T5 q, T5 k, T5 v, L3 l, L3 delta, T5 dq, T5 dk, T5 dv, A6 shape, A6 seqs, bool packed,
              double scale, bool causal, bool bottom_right, int64_t offset, int64_t left, int64_t right, double softcap,
-             S3 alibi, bool accumulate, int threads) {
+             S3 alibi, D5 drop, int64_t drop_threshold, double drop_scale, bool accumulate, int threads) {
               ra::attention_backward(args(shape, seqs, packed, scale, causal, bottom_right, offset, left, right, softcap,
-                                          alibi),
+                                          alibi, drop, drop_threshold, drop_scale),
                                      ten(dout), ten(q), ten(k), ten(v), lse(l), lse(delta), ten(dq), ten(dk), ten(dv),
                                      accumulate, threads);
           },

@@ -2,12 +2,13 @@
 (``ring_attn._contracts.Dropout``), so the backward regenerates the forward's and every backend draws the same.
 
 * the torch Philox of the oracle equals Triton's ``tl.randint`` bit for bit, and the keep rate is 1 - p;
-* block level: the Triton kernels (interpreter) and the reference backend, forward and backward, against the
+* block level: the Triton kernels (interpreter), the native C++ backend and the reference backend, forward and
+  backward, against the
   float64 oracle with the same mask, over causal / windows / softcap / ALiBi / GQA / packed sequences / a
   chunked batch / the split-KV and packed-GQA decoding paths / the fused backwards;
 * the public functions: ``flash_attn_func`` and ``flash_attn_varlen_func`` with ``dropout_p``, gradients
   against the oracle with the seed the call drew, ``torch.manual_seed`` reproducibility, fresh masks per call,
-  refusals (the native backend pinned, the ring).
+  refusals (the ring).
 """
 import pytest
 import torch
@@ -118,10 +119,12 @@ def _oracle(q, k, v, case, drop, dout, alibi, compute):
     return out.detach(), lse.detach(), *(x.grad for x in leaves)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
 def test_block_matches_the_oracle(backend, dtype, case):
+    if backend == "native" and not backends.native_available():
+        pytest.skip("the native extension ring_attn._C is not built")
     q, k, v = _qkv(case, dtype)
     drop = Dropout(0.3, 2 ** 40 + 11, rows=q.shape[0] * q.shape[1], keys=k.shape[1])
     got = _block(q, k, v, case, drop, backend)
@@ -182,7 +185,7 @@ def test_packed_sequences_match_the_oracle():
     seqs = VarlenSeqs.from_cu_seqlens(cq, ck, max(lens_q), max(lens_k))
     drop = Dropout(0.3, 123456789, rows=q.shape[0], keys=max(lens_k))
     outs = {}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "native", "reference") if backends.native_available() else ("triton", "reference"):
         with backends.force(backend):
             outs[backend] = attention_block_forward(q, k, v, 0.25, True, seqs=seqs, dropout=drop)[0]
     for i in range(len(lens_q)):
@@ -252,10 +255,6 @@ def test_varlen_dropout_and_the_rng(monkeypatch):
 
 def test_refusals():
     q = torch.randn(1, 8, 2, 16)
-    with backends.force("native"):
-        if backends.native_available():
-            with pytest.raises(RuntimeError, match="dropout_p > 0"):
-                ring_attn.flash_attn_func(q, q, q, dropout_p=0.1)
     for bad in (1.0, -0.1, float("nan"), True):
         with pytest.raises(ValueError, match="dropout_p"):
             ring_attn.flash_attn_func(q, q, q, dropout_p=bad)

@@ -31,8 +31,6 @@ def _op_route(q, k, v, cu, maxlen, p=0.0):
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "varlen"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_eager_route_equals_the_custom_op(dense, p, cpu_backend):
-    if p and cpu_backend == "native":
-        pytest.skip("the native backend has no dropout")
     q, k, v = _inputs(dense)
     cu = None if dense else torch.tensor([0, 5, 5, 17], dtype=torch.int32)
     if dense:
@@ -138,8 +136,6 @@ def test_jit_trace_records_the_custom_op(cpu_backend):
 def test_padded_attention_eager_route_equals_the_custom_op(p, cpu_backend):
     """padded_attention eagerly runs the custom ops' bodies through a plain autograd Function: the same bits as
     the registered op, forward and gradients; no autograd graph under no_grad; the op under FakeTensor."""
-    if p and cpu_backend == "native":
-        pytest.skip("the native backend has no dropout")
     from ring_attn.ops import padding as ops_padding
 
     q, k, v = _inputs()

@@ -91,8 +91,6 @@ def test_all_ones_mask_is_the_dense_call():
 
 
 def test_dropout_equals_the_varlen_call_on_the_real_rows(cpu_backend):
-    if cpu_backend == "native":
-        pytest.skip("the native backend has no dropout (selection moves on when not pinned)")
     g = torch.Generator().manual_seed(2)
     b, s, h, d = 2, 10, 2, 16
     q, k, v = (torch.randn(b, s, h, d, generator=g).requires_grad_() for _ in range(3))

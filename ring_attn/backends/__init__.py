@@ -91,7 +91,7 @@ CAPABILITIES: dict[tuple[str, str], Capability] = {
     ("triton", "rope"): Capability(devices=("cuda", "cpu"), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2),
                                    fp64=True),
     ("native", "attention"): Capability(devices=("cpu",), dtypes=_ATTN_DTYPES, head_dim=(1, None, 1),
-                                        window=True, softcap=True, alibi=True),
+                                        window=True, softcap=True, alibi=True, dropout=True),
     ("native", "rope"): Capability(devices=("cpu",), dtypes=_ROPE_DTYPES, head_dim=(2, None, 2), fp64=True),
     ("reference", "attention"): Capability(devices=None, dtypes=_ATTN_DTYPES, head_dim=(1, 256, 1),
                                            window=True, softcap=True, alibi=True, dropout=True),
@@ -119,8 +119,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# csrc/bindings.cpp's ABI_VERSION this package calls (2: attention entry points take the ALiBi slopes)
-_NATIVE_ABI = 2
+# csrc/bindings.cpp's ABI_VERSION this package calls (2: attention entry points take the ALiBi slopes; 3: and
+# the dropout)
+_NATIVE_ABI = 3
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ working across torch releases. Kernels release the GIL and use ``torch.get_num_t
 
 Supported: CPU tensors; attention storage fp32/fp16/bf16 (fp32 math), any head dim, dense and varlen, merge,
 accumulate/overwrite, causal (explicit offset or bottom-right), window, softcap, GQA, ALiBi slopes (fp32
-``[n_batch, h_q]``, any strides, read in place); RoPE storage
+``[n_batch, h_q]``, any strides, read in place), attention dropout (the contract's Philox mask); RoPE storage
 fp16/bf16/fp32 (fp32 math) and fp64 (fp64 math), angle and table mode, both pairings, dtheta.
 Backward results are deterministic (bitwise) for any thread count.
 
@@ -85,10 +85,13 @@ def _alibi_args(alibi: Optional[torch.Tensor]) -> tuple:
     return (alibi.data_ptr(), alibi.stride(0), alibi.stride(1))
 
 
-def _no_dropout(dropout) -> None:
-    if dropout is not None:  # the dispatcher never routes dropout here (CAPABILITIES); a direct caller learns why
-        raise NotImplementedError("native backend: attention dropout is not implemented (the Triton and reference "
-                                  "backends have it)")
+def _dropout_args(dropout) -> tuple:
+    """``((enabled, seed, rows, groups, row0), threshold, scale)`` of a ``ring_attn._contracts.Dropout`` (the
+    mask is the contract's Philox function: the same bits as the Triton and reference backends), or off."""
+    if dropout is None:
+        return (0, 0, 0, 0, 0), 0, 1.0
+    return (1, int(dropout.seed), int(dropout.rows), int(dropout.groups), int(dropout.row0)), \
+        int(dropout.threshold), float(dropout.scale)
 
 
 def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, causal_offset: Optional[int],
@@ -96,16 +99,15 @@ def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, 
                       num_splits: int = 0, dropout=None, pages=None) -> None:
     """Protocol ``attention_forward`` (see :mod:`ring_attn.backends.protocol`): writes ``out``/``lse`` in place.
     ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides). ``num_splits``: ignored (each row's keys
-    are one pass on a CPU thread). ``dropout`` and ``pages`` must be None (not in this backend's capabilities:
-    the ops layer gathers a paged cache's rows before calling)."""
+    are one pass on a CPU thread). ``dropout``: a ``ring_attn._contracts.Dropout`` or None. ``pages`` must be None
+    (not in this backend's capabilities: the ops layer gathers a paged cache's rows before calling)."""
     del num_splits
-    _no_dropout(dropout)
     if pages is not None:
         raise NotImplementedError("native backend: reads no page table (the ops layer gathers the pages first)")
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse), shape, seq, packed, float(softmax_scale),
-                         *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi), bool(merge),
-                         torch.get_num_threads())
+                         *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi),
+                         *_dropout_args(dropout), bool(merge), torch.get_num_threads())
     del keep
 
 
@@ -123,14 +125,13 @@ def attention_backward(dout, q, k, v, lse, delta, dq, dk, dv, *, softmax_scale: 
                        causal_offset: Optional[int], seqs, accumulate: bool, window=(-1, -1),
                        softcap: float = 0.0, alibi=None, dropout=None) -> None:
     """Protocol ``attention_backward``: gradients added into (``accumulate``) or written to dq/dk/dv.
-    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides; they get no gradient). ``dropout`` must be
-    None."""
-    _no_dropout(dropout)
+    ``alibi``: None or fp32 ``[n_batch, h_q]`` slopes (any strides; they get no gradient). ``dropout``: the
+    forward's ``ring_attn._contracts.Dropout`` or None."""
     shape, seq, packed, keep = _seq_args(seqs, q, k)
     _C.attention_backward(_t4(dout), _t4(q), _t4(k), _t4(v), _l3(lse), _l3(delta), _t4(dq), _t4(dk), _t4(dv),
                           shape, seq, packed, float(softmax_scale),
                           *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi),
-                          bool(accumulate), torch.get_num_threads())
+                          *_dropout_args(dropout), bool(accumulate), torch.get_num_threads())
     del keep
 
 
