@@ -45,7 +45,7 @@ def _steps(device: torch.device, n: int, step: int, first: int = 0, cache: bool 
     ordered after the launch that made it). ``cache=False`` makes a fresh one."""
     if not cache:
         return torch.arange(n, dtype=torch.int32, device=device) * step + first
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0  # the raw handle
     return _cached_steps(device, stream, n, step, first)
 
 
