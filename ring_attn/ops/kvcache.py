@@ -18,6 +18,7 @@ from ring_attn._contracts import KVPages, VarlenSeqs, check_alibi_slopes, check_
     check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window
 from ring_attn.ops._dispatch import traced
 from ring_attn.ops.attention_block import attention_block_forward
+from ring_attn.ops.rope import rotate_by_tables
 
 __all__ = ["flash_attn_with_kvcache"]
 
@@ -59,21 +60,6 @@ def _per_row(name: str, x, b: int, device) -> tuple[torch.Tensor, list[int] | No
     if x.device.type != "cpu" and x.device != device:
         raise ValueError(f"{_NAME}: {name} is on {x.device}; expected q's device ({device}) or the CPU")
     return x.to(device=device, dtype=torch.int32), (x.tolist() if x.device.type == "cpu" else None)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of ``x`` ``[b, s, h, d]`` with per-token
-    ``cos``/``sin`` ``[b, s, rotary_dim / 2]`` (fp32 math; the rest of the head passes through)."""
-    half = cos.shape[-1]
-    rot, rest = x[..., :2 * half].float(), x[..., 2 * half:]
-    c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()
-    if interleaved:  # pairs (0, 1), (2, 3), ... (GPT-J)
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
-    else:  # pairs (i, i + rotary_dim / 2) (GPT-NeoX, Llama)
-        x1, x2 = rot[..., :half], rot[..., half:]
-        out = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return torch.cat([out.to(x.dtype), rest], dim=-1)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -240,19 +226,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         else:
             torch._assert_async(((pad >= 0) & (pad <= lens)).all(),
                                 f"{_NAME}: cache_leftpad outside [0, cache_seqlens]")
+    filled = lens + s_new if s_new else lens  # each row's keys after the append, counted from cache index 0
     if paged:
-        check_pages_used(block_table, lens + s_new, page, n_pages, _NAME, sync=q.device.type == "cpu")
+        check_pages_used(block_table, filled, page, n_pages, _NAME, sync=q.device.type == "cpu")
 
     with torch.no_grad():
         if k is not None:
             pos_new = lens[:, None].long() + torch.arange(s_new, device=q.device)  # [b, s_new]: where k/v go
         if rotary_cos is not None:
-            k = _rotate(k, rotary_cos[pos_new], rotary_sin[pos_new], interleaved)
+            k = rotate_by_tables(k, rotary_cos, rotary_sin, pos_new, interleaved)
             if causal or window != (-1, -1):
                 pos_q = lens[:, None].long() + torch.arange(s_q, device=q.device)
             else:
                 pos_q = lens[:, None].long().expand(b, s_q)
-            q = _rotate(q, rotary_cos[pos_q], rotary_sin[pos_q], interleaved)
+            q = rotate_by_tables(q, rotary_cos, rotary_sin, pos_q, interleaved)
         if paged:  # the pages as rows [n_pages * page, h_kv, d] (views: the checks above keep them views)
             kc, vc = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
             pages = KVPages(block_table, page)
@@ -272,9 +259,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             starts_k = _steps(q.device, b, s_cache, cache=reuse) if cache_batch_idx is None else rows * s_cache
             if pad is not None:
                 starts_k = starts_k + pad
-        lens_k = lens + s_new if s_new else lens
-        if pad is not None:
-            lens_k = lens_k - pad
+        lens_k = filled if pad is None else filled - pad
         seqs = VarlenSeqs(_steps(q.device, b, s_q, cache=reuse), _steps(q.device, b, 0, s_q, cache=reuse),
                           starts_k, lens_k, s_q, s_cache, True)
         out, lse = attention_block_forward(q.reshape(b * s_q, h_q, d), kc, vc, scale, causal, None, seqs,

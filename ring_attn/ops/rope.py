@@ -29,7 +29,7 @@ import torch
 from ring_attn import backends, reference
 from ring_attn.ops._dispatch import traced
 
-__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb"]
+__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "rotate_by_tables"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -421,6 +421,29 @@ def _rotary_table_launch(x4: torch.Tensor, out4: torch.Tensor, cos3: torch.Tenso
                                      ky4=None, dtheta=None)
 
 
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's table-mode tables ``[B or 1, S, rotary_dim]`` (each element's own cos/sin) from flash-attn's
+    ``[seqlen_ro, rotary_dim / 2]`` rows at int ``positions`` ``[B or 1, S]``."""
+    c, s = cos[positions], sin[positions]
+    if interleaved:  # pairs (2i, 2i+1) share row i
+        return c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
+    return torch.cat([c, c], -1), torch.cat([s, s], -1)
+
+
+def rotate_by_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                     interleaved: bool, inplace: bool = False) -> torch.Tensor:
+    """``x`` ``[B, S, H, D]`` (or packed ``[T, H, D]`` with ``positions`` ``[1, T]``) with each token's first
+    ``2 · cos.shape[1]`` dims rotated by row ``positions[b, s]`` of ``cos``/``sin`` ``[seqlen_ro, rotary_dim / 2]``
+    (one table-mode launch of the RoPE kernel; fp32 math, fp64 for fp64 x; the other dims copied, or left as they
+    are in place). No autograd and no checks: the caller has validated the shapes and that every position has
+    a row. What :func:`apply_rotary_emb` and ``flash_attn_with_kvcache``'s rotary embedding run."""
+    cos3, sin3 = _rotary_tables(cos, sin, positions, interleaved)
+    out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+    _rotary_table_launch(_as4d(x), _as4d(out), cos3, sin3, interleaved, backward=False)
+    return out
+
+
 class _RotaryEmb(torch.autograd.Function):
     """``x`` rotated by per-token tables ``cos3``/``sin3`` ``[B or 1, S, rotary_dim]`` (each element's own
     value); the backward is the transpose rotation (another launch)."""
@@ -530,13 +553,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     if longest < 0 and pos.numel():
         torch._assert_async(pos.max() < cos.shape[0], "apply_rotary_emb: a position reaches past cos/sin")
     _select(x, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
-    c, s = cos[pos.clamp(max=cos.shape[0] - 1)], sin[pos.clamp(max=cos.shape[0] - 1)]  # [B or 1, S, rd/2]
-    if interleaved:  # each element's own value: pairs (2i, 2i+1) share row i
-        cos3, sin3 = c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
-    else:
-        cos3, sin3 = torch.cat([c, c], -1), torch.cat([s, s], -1)
+    pos = pos.clamp(max=cos.shape[0] - 1)  # in bounds while a device-side check is pending
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RotaryEmb.apply(x, cos3, sin3, interleaved, inplace)
-    out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-    _rotary_table_launch(_as4d(x), _as4d(out), cos3, sin3, interleaved, backward=False)
-    return out
+        return _RotaryEmb.apply(x, *_rotary_tables(cos, sin, pos, interleaved), interleaved, inplace)
+    return rotate_by_tables(x, cos, sin, pos, interleaved, inplace)
