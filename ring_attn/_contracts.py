@@ -34,6 +34,7 @@ __all__ = [
     "check_flag",
     "check_alibi_slopes",
     "check_block_table",
+    "check_pages",
     "check_pages_used",
 ]
 

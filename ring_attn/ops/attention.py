@@ -369,11 +369,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         ``max_seqlen`` (negative, float, bool); with ``block_table``, ValueError for a malformed table or one
         naming a page outside the cache, NotImplementedError when a gradient is wanted or ``dropout_p > 0``.
     """
-    if block_table is not None:
-        out, lse = _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                 return_attn_probs, return_lse, block_table)
-        return _result(out, lse, return_attn_probs, return_lse)
+    paged = block_table is not None
+    if paged:  # a paged cache [n_pages, page, h_kv, d], checked as such and seen as its rows [n_pages·page, h_kv, d]
+        k, v, page = _page_rows(k, v)
     h_q, _h_kv, d = check_qkv(q, k, v, packed=True)
     scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
                                                    deterministic, return_attn_probs, return_lse)
@@ -385,57 +383,57 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
     check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")
-    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, window[0], window[1],
-                          cap, alibi_slopes, p)
+    if paged:
+        out, lse = _paged_varlen(q, k, v, page, block_table, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal,
+                                 window, cap, alibi_slopes, p)
+    else:
+        out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, window[0],
+                              window[1], cap, alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
 
 
-@torch.compiler.disable  # host reads (lengths, the table check) and no autograd: eager under torch.compile
-def _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse, block_table):
-    """``(out, lse)`` of :func:`flash_attn_varlen_func` over a paged cache (k/v ``[n_pages, page, h_kv, d]``,
-    ``block_table`` ``[n_seqs, max_pages]``): every check, then one forward reading the pages in place."""
-    name = "flash_attn_varlen_func"
+_VARLEN = "flash_attn_varlen_func"
+
+
+def _page_rows(k, v):
+    """``(k_rows, v_rows, page)``: a paged cache ``[n_pages, page, h_kv, d]`` checked and viewed as its rows
+    ``[n_pages · page, h_kv, d]`` (views: ``check_pages`` guarantees the pages follow each other)."""
     for arg, x in (("k", k), ("v", v)):
         check_tensor(arg, x)
         if x.dim() != 4:
-            raise ValueError(f"{name}: with block_table, {arg} must be a paged cache [num_blocks, page_block_size, "
-                             f"heads_kv, head_dim], got shape {tuple(x.shape)}")
+            raise ValueError(f"{_VARLEN}: with block_table, {arg} must be a paged cache [num_blocks, "
+                             f"page_block_size, heads_kv, head_dim], got shape {tuple(x.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"{name}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    check_pages("k", k, name)
-    check_pages("v", v, name)
-    k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)  # views (check_pages): [n_pages * page, h_kv, d]
-    h_q, _h_kv, d = check_qkv(q, k_rows, v_rows, packed=True)
-    scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                   deterministic, return_attn_probs, return_lse)
+        raise ValueError(f"{_VARLEN}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_pages("k", k, _VARLEN)
+    check_pages("v", v, _VARLEN)
+    return k.flatten(0, 1), v.flatten(0, 1), k.shape[1]
+
+
+@torch.compiler.disable  # host reads (lengths, the table check) and no autograd: eager under torch.compile
+def _paged_varlen(q, k_rows, v_rows, page: int, block_table, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int,
+                  scale: float, causal: bool, window, cap: float, alibi_slopes, p: float):
+    """``(out, lse)`` of :func:`flash_attn_varlen_func` over a paged cache whose arguments the caller has checked
+    (``k_rows``/``v_rows``: the pages' rows, from :func:`_page_rows`): what only a paged call checks, then one
+    forward reading the pages in place."""
     if p > 0:
-        raise NotImplementedError(f"{name}: dropout_p={p} with block_table: a paged KV cache is forward-only "
+        raise NotImplementedError(f"{_VARLEN}: dropout_p={p} with block_table: a paged KV cache is forward-only "
                                   f"(inference), as in flash-attn; pass dropout_p=0.0")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise NotImplementedError(f"{name}: no gradient flows through a paged KV cache (block_table), as in "
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_rows, v_rows)):
+        raise NotImplementedError(f"{_VARLEN}: no gradient flows through a paged KV cache (block_table), as in "
                                   f"flash-attn; call it under torch.no_grad() or with tensors that do not require "
                                   f"grad")
-    check_cu_seqlens_form("cu_seqlens_q", cu_seqlens_q)
-    check_cu_seqlens_form("cu_seqlens_k", cu_seqlens_k)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
-                         f"{cu_seqlens_k.shape[0]}; both must be n_seqs + 1")
     n = cu_seqlens_q.shape[0] - 1
-    max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    check_alibi_slopes(alibi_slopes, q.device, n, h_q, "n_seqs")
-    block_table = check_block_table(block_table, n, q.device, name)
-    n_pages, page = k.shape[0], k.shape[1]
+    block_table = check_block_table(block_table, n, q.device, _VARLEN)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_q, "max_seqlen_q", q.device)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None, max_k, "max_seqlen_k", q.device)
     seqs = VarlenSeqs.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_q, max_k)
     capacity = block_table.shape[1] * page
     longest = int(seqs.lens_k.max()) if n else 0
     if longest > capacity:
-        raise ValueError(f"{name}: cu_seqlens_k has a sequence of {longest} keys, but block_table holds "
+        raise ValueError(f"{_VARLEN}: cu_seqlens_k has a sequence of {longest} keys, but block_table holds "
                          f"{block_table.shape[1]} pages of {page} rows ({capacity} keys) per sequence")
-    check_pages_used(block_table, seqs.lens_k, page, n_pages, name, sync=True)
+    check_pages_used(block_table, seqs.lens_k, page, k_rows.shape[0] // page, _VARLEN, sync=True)
     with torch.no_grad():
         return attention_block_forward(q, k_rows, v_rows, scale, causal, None,
                                        seqs._replace(max_len_k=min(max_k, capacity)), window=window, softcap=cap,

@@ -72,12 +72,6 @@ def _unpage(k, v, seqs: VarlenSeqs, pages: KVPages):
     return k[rows], v[rows], seqs._replace(starts_k=starts, max_len_k=span)
 
 
-def _with_pages(kw: dict, pages: Optional[KVPages]) -> dict:
-    """The launch keywords with one batch chunk's pages (unchanged without: only paged-capable backends take
-    the keyword)."""
-    return kw if pages is None else dict(kw, pages=pages)
-
-
 def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
     """``(window, softcap)`` validated and normalised: a negative side becomes -1, softcap a float >= 0."""
     return check_window(window), check_softcap(softcap)
@@ -159,9 +153,8 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
               softcap=softcap)
     if merge:
         for sl, part, part_alibi, part_pages in _batch_chunks(q, seqs, alibi, pages):
-            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True,
-                                   **_with_pages(kw, part_pages), alibi=part_alibi,
-                                   dropout=_chunk_dropout(dropout, sl, q))
+            impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=True, **kw,
+                                   alibi=part_alibi, dropout=_chunk_dropout(dropout, sl, q), pages=part_pages)
         return out, lse
     out_dtype = q.dtype if out_dtype is None else out_dtype
     fill = packed and not seqs.covers_all_q
@@ -169,9 +162,9 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
     lse = torch.full(lse_shape(q, packed), float("-inf"), dtype=torch.float32, device=q.device) if fill else \
         torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
     for sl, part, part_alibi, part_pages in _batch_chunks(q, seqs, alibi, pages):
-        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False,
-                               **_with_pages(kw, part_pages), alibi=part_alibi, num_splits=num_splits,
-                               dropout=_chunk_dropout(dropout, sl, q))
+        impl.attention_forward(q[sl], k[sl], v[sl], out[sl], lse[sl], seqs=part, merge=False, **kw,
+                               alibi=part_alibi, num_splits=num_splits, dropout=_chunk_dropout(dropout, sl, q),
+                               pages=part_pages)
     return out, lse
 
 
