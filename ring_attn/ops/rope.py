@@ -12,6 +12,9 @@ Public API (re-exported from ``ring_attn``):
   reading the given tables, for drop-in use.
 * :func:`apply_rotary_emb` ``(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
   max_seqlen=None)``: flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb`` (``ring_attn.layers.rotary``).
+* :func:`rotate_parts_`: the q and k parts of one packed tensor rotated in place from tables (one launch when
+  they share tables): what ``ring_attn.layers.rotary``'s ``apply_rotary_emb_qkv_``, ``apply_rotary_emb_kv_``
+  and ``RotaryEmbedding`` run.
 
 Backend: ``ring_attn.backends.select("rope", ...)`` per call: Triton on CUDA (and on CPU under
 ``TRITON_INTERPRET=1``), the native CPU extension when built, else the plain-torch reference backend (float32
@@ -29,7 +32,7 @@ import torch
 from ring_attn import backends, reference
 from ring_attn.ops._dispatch import traced
 
-__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "rotate_by_tables"]
+__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "rotate_by_tables", "rotate_parts_"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -502,6 +505,47 @@ def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen) -> tuple[torch.
     return pos, (int(pos.max()) if dev.type == "cpu" and pos.numel() else -1)
 
 
+def _check_rotary_x(name: str, x, dims: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _STORAGE_DTYPES:
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+
+
+def _check_rotary_tables(x: torch.Tensor, cos, sin, names: tuple[str, str] = ("cos", "sin"),
+                         head_dim: Optional[int] = None) -> int:
+    """flash-attn's ``[seqlen_ro, rotary_dim / 2]`` tables for ``x``: floating, on x's device, alike, with
+    ``2 <= rotary_dim <= head_dim`` (x's last dim unless given). Returns ``rotary_dim``."""
+    for name, t in zip(names, (cos, sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 or t.device != x.device:
+            raise ValueError(f"{name} must be a floating tensor [seqlen_ro, rotary_dim / 2] on {x.device}, got "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                             f"{' ' + str(tuple(t.shape)) if isinstance(t, torch.Tensor) else ''}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"{names[0]} {tuple(cos.shape)} and {names[1]} {tuple(sin.shape)} must have the same "
+                         f"shape")
+    rotary_dim = 2 * cos.shape[1]
+    head_dim = x.shape[-1] if head_dim is None else head_dim
+    if not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim = 2 * {names[0]}.shape[1] = {rotary_dim} must be in [2, head_dim={head_dim}]")
+    return rotary_dim
+
+
+def _rotary_rows(x, tables, seqlen_offsets, cu_seqlens, max_seqlen, name: str) -> torch.Tensor:
+    """Each token's table row (:func:`_rotary_positions`), checked against the row count of every table in
+    ``tables`` (``(cos,)`` or ``(cos, cos_k)``; on the host where the largest is known there, else a device-side assert) and clamped in bounds
+    while a device-side check is pending."""
+    pos, longest = _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
+    rows, which = min((t.shape[0], "cos/sin" if i == 0 else "cos_k/sin_k") for i, t in enumerate(tables))
+    if longest >= rows:
+        raise ValueError(f"positions reach {longest} but {which} have {rows} rows (seqlen_ro): every "
+                         f"position (token index + seqlen_offsets) must have a row")
+    if longest < 0 and pos.numel():
+        torch._assert_async(pos.max() < rows, f"{name}: a position reaches past cos/sin")
+    return pos.clamp(max=rows - 1)
+
+
 @torch.compiler.disable  # host reads and Triton launches outside any graph (a graph break under compile)
 def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
                      max_seqlen=None):
@@ -529,31 +573,84 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         ``seqlen_ro`` (flash-attn leaves such tokens unrotated; here it is an error: on the host when the
         offsets are an int or CPU tensors, a device-side assert otherwise).
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in _STORAGE_DTYPES:
-        raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() != (3 if cu_seqlens is not None else 4):
-        raise ValueError(f"x must be [batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with "
-                         f"cu_seqlens), got shape {tuple(x.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 or t.device != x.device:
-            raise ValueError(f"{name} must be a floating tensor [seqlen_ro, rotary_dim / 2] on {x.device}, got "
-                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
-                             f"{' ' + str(tuple(t.shape)) if isinstance(t, torch.Tensor) else ''}")
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
-    rotary_dim = 2 * cos.shape[1]
-    if not 0 < rotary_dim <= x.shape[-1]:
-        raise ValueError(f"rotary_dim = 2 * cos.shape[1] = {rotary_dim} must be in [2, head_dim={x.shape[-1]}]")
+    _check_rotary_x("x", x, 3 if cu_seqlens is not None else 4,
+                    "[batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with cu_seqlens)")
+    rotary_dim = _check_rotary_tables(x, cos, sin)
     interleaved, inplace = bool(interleaved), bool(inplace)
-    pos, longest = _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
-    if longest >= cos.shape[0]:
-        raise ValueError(f"positions reach {longest} but cos/sin have {cos.shape[0]} rows (seqlen_ro): every "
-                         f"position (token index + seqlen_offsets) must have a row")
-    if longest < 0 and pos.numel():
-        torch._assert_async(pos.max() < cos.shape[0], "apply_rotary_emb: a position reaches past cos/sin")
+    pos = _rotary_rows(x, (cos,), seqlen_offsets, cu_seqlens, max_seqlen, "apply_rotary_emb")
     _select(x, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
-    pos = pos.clamp(max=cos.shape[0] - 1)  # in bounds while a device-side check is pending
     if torch.is_grad_enabled() and x.requires_grad:
         return _RotaryEmb.apply(x, *_rotary_tables(cos, sin, pos, interleaved), interleaved, inplace)
     return rotate_by_tables(x, cos, sin, pos, interleaved, inplace)
+
+
+# flash-attn's in-place forms (apply_rotary_emb_qkv_, apply_rotary_emb_kv_, RotaryEmbedding): the q and k parts
+# of one packed tensor rotated where they lie
+
+
+def _rotate_parts_launch(t: torch.Tensor, split, tq, tk, interleaved: bool, backward: bool) -> None:
+    """Rotate in place the two 4-D views ``split(t)`` (either may have no heads): one launch when both take the
+    same tables ``tq``, else one per view."""
+    q4, k4 = split(t)
+    if tk is None:
+        _select(q4, tq[0].shape[-1]).rope(q4, k4, q4, k4, rotary_dim=tq[0].shape[-1], interleaved=interleaved,
+                                          backward=backward, copy_pass=False, pos2=None, inv_freq=None,
+                                          scaling=1.0, cos3=tq[0], sin3=tq[1], qy4=None, ky4=None, dtheta=None)
+        return
+    for part, (c3, s3) in ((q4, tq), (k4, tk)):
+        if part.shape[2]:
+            _rotary_table_launch(part, part, c3, s3, interleaved, backward)
+
+
+class _RotaryParts(torch.autograd.Function):
+    """``base`` with the views ``split(base)`` rotated in place (marked dirty); the backward rotates the same
+    views of a copy of the gradient by the transpose rotation."""
+
+    @staticmethod
+    def forward(ctx, base, split, tq, tk, interleaved):
+        _rotate_parts_launch(base, split, tq, tk, interleaved, backward=False)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(*tq, *(tk if tk is not None else ()))
+        ctx.split, ctx.interleaved = split, interleaved
+        return base
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        tq, tk = saved[:2], (saved[2:] if len(saved) == 4 else None)
+        g = grad.clone(memory_format=torch.contiguous_format)
+        _rotate_parts_launch(g, ctx.split, tq, tk, ctx.interleaved, backward=True)
+        return g, None, None, None, None
+
+
+@torch.compiler.disable  # host reads and Triton launches outside any graph (a graph break under compile)
+def rotate_parts_(x: torch.Tensor, split, head_dim: int, cos, sin, cos_k=None, sin_k=None, interleaved=False,
+                  seqlen_offsets=0, name: str = "rotary") -> torch.Tensor:
+    """In place: the q-part and k-part of ``x`` (``[batch, seqlen, ...]``), the two 4-D views
+    ``split(t) -> (q [b, s, h_q, head_dim], k [b, s, h_k, head_dim])`` of ``x`` (or of its gradient, same shape),
+    rotated by flash-attn's tables: q by ``cos``/``sin``, k by ``cos_k``/``sin_k`` (default the same), row
+    ``j + seqlen_offsets[b]`` for token ``j`` of sequence ``b``. Returns ``x``; differentiable with respect to
+    x (the transpose rotation), not the tables. ``x`` has been shape-checked by the caller; the tables and
+    offsets are checked here, before any launch (a position past a table raises, as in
+    :func:`apply_rotary_emb`)."""
+    rotary_dim = _check_rotary_tables(x, cos, sin, head_dim=head_dim)
+    tables = (cos,)
+    if cos_k is not None or sin_k is not None:
+        if cos_k is None or sin_k is None:
+            raise ValueError(f"{name}: cos_k and sin_k go together (got only "
+                             f"{'cos_k' if sin_k is None else 'sin_k'})")
+        if _check_rotary_tables(x, cos_k, sin_k, ("cos_k", "sin_k"), head_dim) != rotary_dim:
+            raise ValueError(f"{name}: cos_k {tuple(cos_k.shape)} must cover the rotary dims of cos "
+                             f"{tuple(cos.shape)}")
+        tables = (cos, cos_k)
+    interleaved = bool(interleaved)
+    pos = _rotary_rows(x, tables, seqlen_offsets, None, None, name)
+    q4, _ = split(x)
+    _select(q4, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
+    tq = _rotary_tables(cos, sin, pos, interleaved)
+    tk = None if len(tables) == 1 else _rotary_tables(cos_k, sin_k, pos, interleaved)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RotaryParts.apply(x, split, tq, tk, interleaved)
+    _rotate_parts_launch(x, split, tq, tk, interleaved, backward=False)
+    return x
