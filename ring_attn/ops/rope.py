@@ -534,8 +534,8 @@ def _check_rotary_tables(x: torch.Tensor, cos, sin, names: tuple[str, str] = ("c
 
 def _rotary_rows(x, tables, seqlen_offsets, cu_seqlens, max_seqlen, name: str) -> torch.Tensor:
     """Each token's table row (:func:`_rotary_positions`), checked against the row count of every table in
-    ``tables`` (``(cos,)`` or ``(cos, cos_k)``; on the host where the largest is known there, else a device-side assert) and clamped in bounds
-    while a device-side check is pending."""
+    ``tables`` (``(cos,)`` or ``(cos, cos_k)``; on the host where the largest is known there, else a device-side
+    assert) and clamped in bounds while a device-side check is pending."""
     pos, longest = _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
     rows, which = min((t.shape[0], "cos/sin" if i == 0 else "cos_k/sin_k") for i, t in enumerate(tables))
     if longest >= rows:
