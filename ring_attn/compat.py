@@ -30,7 +30,7 @@ Differences, all in the direction of doing more: zigzag and stripe also compute 
 GQA/MQA K/V circulate with their own head count; ``window_size`` is a sliding window over global positions
 (see :func:`ring_attn.ring_attn_func`); ``alibi_slopes`` biases by *global* distances (ring-flash-attn's
 steps use the distances within each block pair). Unsupported arguments raise, before any communication:
-``dropout_p != 0``, ``alibi_slopes`` with the stripe functions (NotImplementedError naming the value).
+``dropout_p != 0`` (NotImplementedError naming the value).
 ``llama3_flash_attn_*`` (K/V all-gathered over contiguous pieces of a packed batch) are
 :mod:`ring_attn.ring.allgather`. ring-flash-attn's HF adapter (``substitute_hf_flash_attn``,
 ``update_ring_flash_attn_params``, and ``use_ring_attn`` of its adapters module) is

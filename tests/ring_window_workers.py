@@ -38,8 +38,8 @@ def cases_for(world: int) -> list[dict]:
                           lens=[2 * world, 6 * world - 1, 0, 1, 8 * world]))
         cases.append(dict(kind="varlen", layout=layout, causal=False, window=(2, 5), softcap=0.0,
                           lens=[5 * world + 1, 2 * world]))
-    # ALiBi (contiguous and zigzag; striped refuses it): slopes [h_q] ("heads"), [b, h_q] / [n_seqs, h_q] ("rows")
-    for layout in ("contiguous", "zigzag"):
+    # ALiBi: slopes [h_q] ("heads"), [b, h_q] / [n_seqs, h_q] ("rows")
+    for layout in ("contiguous", "zigzag", "striped"):
         cases.append(dict(kind="dense", layout=layout, causal=True, window=(-1, -1), softcap=0.0, S=6 * 2 * world,
                           alibi="heads"))
         cases.append(dict(kind="dense", layout=layout, causal=False, window=(-1, -1), softcap=0.0, S=6 * 2 * world,
@@ -58,6 +58,8 @@ def cases_for(world: int) -> list[dict]:
                               triton=True))
         cases.append(dict(kind="dense", layout="zigzag", causal=True, window=(-1, -1), softcap=0.0, S=36,
                           alibi="rows", triton=True))
+        cases.append(dict(kind="dense", layout="striped", causal=False, window=(5, 3), softcap=0.0, S=36,
+                          alibi="heads", triton=True))
     for i, c in enumerate(cases):
         c["name"] = (f"w{world}-{i:02d}-{c['kind']}-{c['layout']}-{'causal' if c['causal'] else 'full'}-"
                      f"win{c['window'][0]}_{c['window'][1]}-cap{c['softcap']}" + ("-triton" if c.get("triton") else "")

@@ -270,7 +270,6 @@ def _refusals(world):
         "dropout": lambda: ring_attn.ring_attn_func(x, x, x, 0.1),
         "dropout_kw": lambda: ring_attn.ring_attn_func(x, x, x, dropout_p=0.5, causal=True),
         "old_positional_causal": lambda: ring_attn.ring_attn_func(x, x, x, True),
-        "alibi_striped": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(2), layout="striped"),
         "alibi_shape": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(3)),
         "alibi_dtype": lambda: ring_attn.ring_attn_func(x, x, x, alibi_slopes=torch.ones(1, 2, dtype=torch.float64)),
         "varlen_alibi_rows": lambda: ring_attn.ring_attn_varlen_func(pv, pv, pv, cu, 2 * world,
@@ -304,9 +303,9 @@ def _refusals(world):
         "compat_qkv_shape": lambda: compat.ring_flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, HEAD_DIM)),
         "compat_kv_shape": lambda: compat.zigzag_ring_flash_attn_varlen_kvpacked_func(
             pv, torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2),
-        # ring-flash-attn has no softcap: its 8th positional argument is alibi_slopes (striped refuses ALiBi)
+        # ring-flash-attn has no softcap: its 8th positional argument is alibi_slopes (checked as slopes)
         "compat_alibi_positional": lambda: compat.stripe_flash_attn_func(x, x, x, 0.0, None, True, (-1, -1),
-                                                                         torch.ones(2)),
+                                                                         torch.ones(3)),
         "compat_dropout": lambda: compat.ring_flash_attn_varlen_qkvpacked_func(
             torch.randn(4, 3, 2, HEAD_DIM), cu // world, 2, 0.1),
     }

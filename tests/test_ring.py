@@ -163,7 +163,6 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
     "dropout": ("NotImplementedError", "dropout_p=0.1 is not supported"),
     "dropout_kw": ("NotImplementedError", "dropout_p=0.5 is not supported"),
     "old_positional_causal": ("TypeError", "dropout_p must be a float, got True"),
-    "alibi_striped": ("NotImplementedError", "alibi_slopes with layout='striped' is not supported"),
     "alibi_shape": ("ValueError", "alibi_slopes has shape (3,); expected (heads_q,) = (2,)"),
     "alibi_dtype": ("TypeError", "alibi_slopes must be float32"),
     "varlen_alibi_rows": ("ValueError", "expected (heads_q,) = (2,) or (n_seqs, heads_q) = (2, 2)"),
@@ -185,7 +184,7 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
     "compat_zigzag_odd": ("ValueError", "local sequence 0 (cu_seqlens[0:2] = [0, 3]) has odd length 3"),
     "compat_qkv_shape": ("ValueError", "qkv must be [batch, seqlen, 3, heads, head_dim]"),
     "compat_kv_shape": ("ValueError", "kv must be [total_tokens, 2, heads, head_dim]"),
-    "compat_alibi_positional": ("NotImplementedError", "alibi_slopes with layout='striped' is not supported"),
+    "compat_alibi_positional": ("ValueError", "alibi_slopes has shape (3,); expected (heads_q,) = (2,)"),
     "compat_dropout": ("NotImplementedError", "dropout_p=0.1 is not supported"),
 }
 

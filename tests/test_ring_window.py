@@ -1,7 +1,7 @@
 """Sliding windows, softcap and ALiBi through the ring: the plans against global masks (brute force, no
 kernels), and ring_attn_func / ring_attn_varlen_func with window_size / softcap / alibi_slopes on gloo (W = 2, 3)
-against single-device flash_attn_func on the whole sequence, for every layout (ALiBi: contiguous and zigzag;
-forward, LSE and gradients)."""
+against single-device flash_attn_func on the whole sequence, for every layout (ALiBi included: striped runs
+its pieces with slopes times W and a shifted LSE; forward, LSE and gradients)."""
 import itertools
 
 import pytest
@@ -25,12 +25,12 @@ def _protocol_mask(n_q, n_k, causal, offset, window):
     return m
 
 
-def _check_plan(plan, layout, windows, check_distance=False):
+def _check_plan(plan, layout, windows, check_distance=False, n_locals=(2, 4, 6)):
     """For W 1..4, local lengths 2..6, causal or not and each window: at every (rank, src) pair the union of
     ``plan``'s pieces (each masked as the kernels mask it) is the global windowed mask restricted to (rank's
     queries, src's keys), no query/key pair is computed twice, and with ``check_distance`` every computed pair's
     kernel distance ``|i + offset - j|`` (local rows of the piece) is its global distance ``|q - k|``."""
-    for world, n_local, causal, window in itertools.product((1, 2, 3, 4), (2, 4, 6), (False, True), windows):
+    for world, n_local, causal, window in itertools.product((1, 2, 3, 4), n_locals, (False, True), windows):
         if causal and window[1] >= 0:
             window = (window[0], -1)  # what ring_attn_func normalises to
         S = n_local * world
@@ -45,10 +45,13 @@ def _check_plan(plan, layout, windows, check_distance=False):
                 qi, ki = torch.arange(n_local)[rows[p.q_part]], torch.arange(n_local)[rows[p.k_part]]
                 m = _protocol_mask(len(qi), len(ki), p.causal, p.offset, p.window)
                 got[qi[:, None], ki[None, :]] += m.int()
-                if check_distance:
+                if check_distance:  # striped: the kernel runs slopes times W, the LSE shifted by alibi_shift
                     i, j = torch.arange(len(qi))[:, None], torch.arange(len(ki))[None, :]
                     true = (pos_q[qi][:, None] - pos_k[ki][None, :]).abs()
-                    assert torch.equal((i + p.offset - j).abs()[m], true[m]), where + (p,)
+                    step = world if layout == "striped" else 1
+                    assert p.alibi_shift >= 0 and (layout == "striped" or p.alibi_shift == 0), where + (p,)
+                    kernel = step * (i + p.offset - j).abs() + p.alibi_shift
+                    assert torch.equal(kernel[m], true[m]), where + (p,)
             assert got.max() <= 1, where + ("pair computed twice",)
             assert torch.equal(got.bool(), glob[pos_q][:, pos_k]), where
 
@@ -59,10 +62,11 @@ def test_window_plan_covers_exactly_the_global_mask(layout):
                                          (13, 1)])
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_alibi_plan_covers_the_global_mask_with_exact_distances(layout):
-    _check_plan(ring_mod._alibi_plan, layout, [(-1, -1), (0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (9, -1)],
-                check_distance=True)
+    _check_plan(ring_mod._alibi_plan, layout, [(-1, -1), (0, 0), (1, -1), (3, 0), (-1, 2), (5, 5), (9, -1), (0, -1),
+                                               (-1, 0), (2, 7), (13, 1)], check_distance=True,
+                n_locals=(1, 2, 3, 5, 6) if layout == "striped" else (2, 4, 6))
 
 
 # ---------------------------------------------------------------------------------- gloo, W = 2 and 3

@@ -105,6 +105,7 @@ class _Piece(NamedTuple):
     causal: bool
     offset: Optional[int]
     window: tuple[int, int] = (-1, -1)
+    alibi_shift: int = 0  # striped ALiBi: global distance = W * |i + offset - j| + alibi_shift (_alibi_plan)
 
 
 _NO_WINDOW = (-1, -1)
@@ -117,7 +118,8 @@ def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int
     Sliding windows (``window_size``; ``world`` and ``n_local``, the local rows per sequence, are needed then)
     are computed HERE and nowhere else (:func:`_window_plan`; ``backends/protocol.py``: key ``j`` visible to
     query ``i`` iff ``j <= i + off`` when causal, ``j >= i + off - left`` and ``j <= i + off + right``, with
-    ``off`` the piece's ``causal_offset`` and a negative bound meaning unbounded). Recipe (checked by brute force against global masks for contiguous and striped, W 1..4, windows up to 9):
+    ``off`` the piece's ``causal_offset`` and a negative bound meaning unbounded). Recipe (checked by brute
+    force against global masks for contiguous and striped, W 1..4, windows up to 9):
     for a piece whose rows satisfy ``global(k_j) - global(q_i) = (j - i) - D`` with one constant ``D``, the
     visible keys are ``lo <= j - i <= hi`` with ``hi = min(D if causal, D + right if right >= 0)`` and
     ``lo = D - left`` (if ``left >= 0``). Skip the piece when ``lo > hi`` or the band misses the block
@@ -209,19 +211,54 @@ def _window_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[i
 
 def _alibi_plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
                 n_local: int) -> list[_Piece]:
-    """Pieces of the (rank's queries, src's keys) pair under ALiBi (contiguous and zigzag layouts): the bias
-    ``-slope · |global(q_i) - global(k_j)|`` needs the *exact* distance, and the kernels' bias is
-    ``-slope · |i + offset - j|`` with the piece's ``causal_offset``, so every piece is an affine run of rows
-    (:func:`_chunk_pairs`) launched with ``offset = D`` (``global(k_j) - global(q_i) = (j - i) - D``) and the
-    caller's own window: with that offset, ``causal`` and ``window=(left, right)`` mask exactly the global
-    ``k <= q``, ``q - left <= k <= q + right``. Runs whose band misses the block are skipped
-    (:func:`_chunk_band` decides). Striped positions ``t * W + rank`` step by ``W``, which no offset
-    expresses: ALiBi is refused for that layout before any collective."""
+    """Pieces of the (rank's queries, src's keys) pair under ALiBi: the bias ``-slope · |global(q_i) -
+    global(k_j)|`` needs the *exact* distance, and the kernels' bias is ``-slope · |i + offset - j|`` with the
+    piece's ``causal_offset``.
+
+    * contiguous and zigzag: every piece is an affine run of rows (:func:`_chunk_pairs`) launched with
+      ``offset = D`` (``global(k_j) - global(q_i) = (j - i) - D``) and the caller's own window: with that offset,
+      ``causal`` and ``window=(left, right)`` mask exactly the global ``k <= q``, ``q - left <= k <= q + right``.
+      Runs whose band misses the block are skipped (:func:`_chunk_band` decides).
+    * striped (global position ``t * W + rank``): :func:`_striped_alibi_plan`; its pieces carry an
+      ``alibi_shift`` and the ring launches them with slopes times ``W``."""
+    if layout == "striped":
+        return _striped_alibi_plan(causal, rank, src, window, world, n_local)
     pieces = []
     for run in _chunk_pairs(layout, rank, src, world, n_local):
         if _chunk_band(run, causal, window):  # some key is visible: the whole run, with its exact offset
             q_part, k_part, _, d = run
             pieces.append(_Piece(q_part, k_part, causal, d, window))
+    return pieces
+
+
+def _striped_alibi_plan(causal: bool, rank: int, src: int, window: tuple[int, int], world: int,
+                        n_local: int) -> list[_Piece]:
+    """Striped ALiBi pieces. With ``delta = rank - src``, ``global(q_i) - global(k_j) = W (i - j) + delta``: no
+    integer offset gives that distance, but on each side of the diagonal it is affine. Keys at or before their
+    query (``j - i <= hi0 = floor(delta / W)``) form one piece launched causal with ``offset = hi`` (``hi0``, or
+    the window's right bound if lower), where the distance is ``W (i + hi - j) + (delta - W hi)``; keys after it
+    (``j - i >= hi0 + 1``, non-causal calls only) one launched with ``offset = lo`` and window ``(0, right)``,
+    distance ``W (j - i - lo) + (W lo - delta)``. So every visible pair's distance is
+    ``W · |i + offset - j| + alibi_shift``: the ring launches the pieces with slopes times ``W`` and shifts each
+    piece's LSE by ``-slope · alibi_shift`` (a per-row constant: the softmax within the piece is unchanged)."""
+    delta, (left, right) = rank - src, window
+    hi0 = delta // world
+    lo_w = -((left - delta) // world) if left >= 0 else None  # ceil((delta - left) / W)
+    hi_w = (delta + right) // world if right >= 0 else None
+    pieces = []
+
+    def visible(lo, hi):  # the band lo <= j - i <= hi (None: unbounded) meets the n_local x n_local block
+        return not ((lo is not None and hi is not None and lo > hi) or (lo is not None and lo > n_local - 1)
+                    or (hi is not None and hi < -(n_local - 1)))
+
+    hi = hi0 if hi_w is None else min(hi0, hi_w)
+    if visible(lo_w, hi):
+        pieces.append(_Piece("all", "all", True, hi, (-1, -1) if lo_w is None else (hi - lo_w, -1),
+                             delta - world * hi))
+    if not causal:
+        lo = hi0 + 1 if lo_w is None else max(hi0 + 1, lo_w)
+        if visible(lo, hi_w):
+            pieces.append(_Piece("all", "all", False, lo, (0, -1 if hi_w is None else hi_w - lo), world * lo - delta))
     return pieces
 
 
@@ -237,14 +274,23 @@ def _pieces(layout, causal, rank, src, window, world, addr, alibi: bool = False)
     return [(p, grp) for n, grp in addr.groups() for p in _plan(layout, causal, rank, src, window, world, n)]
 
 
-def _kernel_options(softcap: float, alibi: Optional[torch.Tensor] = None) -> dict:
+def _kernel_options(softcap: float, alibi: Optional[torch.Tensor] = None, layout: str = "", world: int = 1) -> dict:
     """Keyword arguments every piece's kernel call gets besides the piece's own (window and offset go per
     piece, see :func:`_plan`): ``softcap`` (a per-score transform) and the ALiBi slopes ``[n_batch, h_q]``
-    (their distances come from the piece's offset, :func:`_alibi_plan`), the same for every piece."""
+    (their distances come from the piece's offset, :func:`_alibi_plan`; times ``W`` for the striped layout,
+    whose local rows are ``W`` global positions apart), the same for every piece."""
     opts = {"softcap": softcap} if softcap else {}
     if alibi is not None:
-        opts["alibi_slopes"] = alibi
+        opts["alibi_slopes"] = alibi * world if layout == "striped" else alibi
     return opts
+
+
+def _alibi_lse_shift(addr, alibi: Optional[torch.Tensor], piece: _Piece) -> Optional[torch.Tensor]:
+    """``slope · alibi_shift`` per LSE row for a striped ALiBi piece (None for every other piece): the piece's
+    kernel leaves ``-slope · alibi_shift`` out of every score, so its true LSE is the kernel's minus this."""
+    if alibi is None or not piece.alibi_shift:
+        return None
+    return addr.per_row(alibi) * float(piece.alibi_shift)
 
 
 class _Dense:
@@ -266,6 +312,10 @@ class _Dense:
 
     def lse(self, part):  # slice of [b, h, s]
         return (_ALL, _ALL, self._rows(part))
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """``[b, h]`` values (per batch element and head) broadcast over the LSE's ``[b, h, s]``."""
+        return values[:, :, None]
 
     def groups(self):
         """``[(local rows per sequence, group key)]``: one group (every batch element has ``s_local`` rows)."""
@@ -324,6 +374,11 @@ class _Packed:
     def lse(self, part):
         return (_ALL, _ALL)
 
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """``[n_seqs, h]`` values (per sequence and head) as the LSE's ``[h, t_local]`` (each local row takes its
+        sequence's)."""
+        return values.t().repeat_interleave(self._n_t, dim=1, output_size=sum(self._n))
+
     def groups(self):
         """``[(n, n or None)]``: the distinct local row counts ``n`` of the sequences (0 dropped); the group key
         is None when there is one group. A window's offsets depend on ``n``, so each group is planned and
@@ -359,7 +414,7 @@ class _Packed:
 def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW, softcap=0.0,
                   alibi=None):
     world, rank = comm.world_size, comm.rank
-    opts = _kernel_options(softcap, alibi)
+    opts = _kernel_options(softcap, alibi, layout, world)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
     out_acc = lse_acc = None
     if tuple(window) != _NO_WINDOW or alibi is not None:  # pieces may be halves at any step: merge into 0 / -inf
@@ -381,9 +436,15 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
                                                            piece.offset, addr.piece_seqs(piece, src, grp),
                                                            out_dtype=torch.float32, window=piece.window, **opts)
             else:  # merged into the running fp32 result in the kernel's epilogue
+                lse_v = lse_acc[addr.lse(piece.q_part)]
+                shift = _alibi_lse_shift(addr, alibi, piece)
+                if shift is not None:  # merge(acc, blk - shift) = merge(acc + shift, blk) - shift
+                    lse_v.add_(shift)
                 attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
-                                        addr.piece_seqs(piece, src, grp), out=out_acc[qs],
-                                        lse=lse_acc[addr.lse(piece.q_part)], window=piece.window, **opts)
+                                        addr.piece_seqs(piece, src, grp), out=out_acc[qs], lse=lse_v,
+                                        window=piece.window, **opts)
+                if shift is not None:
+                    lse_v.sub_(shift)
         if handle is not None:
             comm.wait(handle)
             cur = nxt
@@ -393,7 +454,7 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
 def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW,
                    softcap=0.0, alibi=None):
     world, rank = comm.world_size, comm.rank
-    opts = _kernel_options(softcap, alibi)
+    opts = _kernel_options(softcap, alibi, layout, world)
     delta = attention_delta(dout, out, dlse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv_bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
@@ -419,7 +480,9 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
             dv_t.zero_()
         for piece, grp in _pieces(layout, causal, rank, src, window, world, addr, alibi is not None):
             qs, ks, ls = addr.q(piece.q_part), addr.k(piece.k_part), addr.lse(piece.q_part)
-            attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse[ls], delta[ls], dq[qs], dk_t[ks],
+            shift = _alibi_lse_shift(addr, alibi, piece)  # the LSE of the scores the piece's kernel forms
+            lse_p = lse[ls] if shift is None else lse[ls] + shift
+            attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse_p, delta[ls], dq[qs], dk_t[ks],
                                      dv_t[ks], scale, piece.causal, piece.offset,
                                      addr.piece_seqs(piece, src, grp), accumulate=True, window=piece.window,
                                      **opts)
@@ -728,18 +791,14 @@ def _refuse_unsaid_padding(name, padded: int, world: int, layout: str, qkv) -> N
 
 
 def _check_alibi(name, alibi_slopes, layout, q, n_batch: int, batch_name: str) -> Optional[torch.Tensor]:
-    """Validated ALiBi slopes as fp32 ``[n_batch, h_q]`` (see ``check_alibi_slopes``), or None; refused for
-    the striped layout (positions step by ``W`` there; :func:`_alibi_plan`). Raised before any collective."""
+    """Validated ALiBi slopes as fp32 ``[n_batch, h_q]`` (see ``check_alibi_slopes``), or None. Raised before any
+    collective."""
     if alibi_slopes is None:
         return None
     try:
         slopes = check_alibi_slopes(alibi_slopes, q.device, n_batch, q.shape[-2], batch_name)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{name}: {exc}") from None
-    if layout == "striped":
-        raise NotImplementedError(f"{name}: alibi_slopes with layout='striped' is not supported (the bias needs "
-                                  f"global distances, which step by the world size there); use layout='zigzag' "
-                                  f"or 'contiguous'")
     return slopes
 
 
@@ -803,8 +862,8 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         softcap: ``> 0``: scores ``softcap * tanh(s / softcap)`` (Gemma 2); 0 is off.
         alibi_slopes: ALiBi: None, or fp32 ``[heads_q]`` / ``[batch, heads_q]`` on q's device (varlen:
             ``[n_seqs, heads_q]``); adds ``-slope * |q - k|`` over *global* positions, exactly as single-device
-            ``flash_attn_func`` on the whole sequence (each piece runs with its true offset). Layouts zigzag and
-            contiguous; with ``layout="striped"`` NotImplementedError (positions step by ``W`` there).
+            ``flash_attn_func`` on the whole sequence (each piece runs with its true offset; striped pieces with
+            slopes times ``W`` and a shifted LSE), for every layout.
         deterministic: the ring's forward and backward are bitwise deterministic either way; True under the
             opt-in ``RING_ATTN_BWD=fused`` (unordered atomics) is refused with ValueError.
         return_attn_probs: return ``(out, lse, None)`` like flash-attn / ring-flash-attn (no probabilities).
@@ -830,7 +889,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         this rank's dq, dk, dv (input dtype).
 
     Raises:
-        NotImplementedError for ``dropout_p != 0``, ``alibi_slopes`` with the striped layout. TypeError /
+        NotImplementedError for ``dropout_p != 0``. TypeError /
         ValueError naming the argument: bad shapes, dtypes,
         ``alibi_slopes`` of the wrong dtype, shape or device,
         head counts, layout, an argument of the wrong kind (e.g. ``causal`` passed where ``dropout_p`` is),
