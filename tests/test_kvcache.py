@@ -190,6 +190,38 @@ def test_refusals_before_anything_is_written():
         ring_attn.flash_attn_with_kvcache(torch.randn(2, 1, 3, 16), kc, vc)
 
 
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_strided_caches_are_read_and_written_in_place(backend):
+    """A heads-major buffer ``[b, h, s, d]`` passed as ``[b, s, h, d]`` (HF's cache layout, transposed): its rows do
+    not flatten to a view, yet the append must land in the caller's buffer and the attention must read it there
+    (flash-attn takes any batch/row/head strides). Bit for bit what the same call on contiguous copies gives,
+    with cache_batch_idx and GQA. A layout whose batch stride is not a multiple of its row stride raises before
+    anything is written."""
+    if backend == "native" and not backends.native_available():
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(7)
+    b, b_c, s_c, h_q, h_kv, d = 2, 3, 12, 4, 2, 16
+    q = torch.randn(b, 2, h_q, d, generator=g)
+    k, v = (torch.randn(b, 2, h_kv, d, generator=g) for _ in range(2))
+    heads_major = [torch.randn(b_c, h_kv, s_c, d, generator=g) for _ in range(2)]
+    kc, vc = (t.transpose(1, 2) for t in heads_major)  # [b_c, s_c, h_kv, d] views of the buffers
+    kc2, vc2 = kc.contiguous(), vc.contiguous()
+    lens, rows = torch.tensor([3, 9], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32)
+    with backends.force(backend):
+        out = ring_attn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, cache_batch_idx=rows,
+                                                causal=True)
+        ref = ring_attn.flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=lens, cache_batch_idx=rows,
+                                                causal=True)
+    assert torch.equal(out, ref)
+    assert torch.equal(heads_major[0].transpose(1, 2), kc2) and torch.equal(heads_major[1].transpose(1, 2), vc2)
+    seq_major = torch.randn(s_c, b_c, h_kv, d, generator=g).transpose(0, 1)  # batch stride h*d < row stride
+    before = seq_major.clone()
+    with backends.force(backend), pytest.raises(ValueError, match="k_cache .* cannot be read in place"):
+        ring_attn.flash_attn_with_kvcache(q, seq_major, seq_major.clone(), k, v, cache_seqlens=lens,
+                                          cache_batch_idx=rows)
+    assert torch.equal(seq_major, before)
+
+
 @pytest.mark.gpu
 def test_decoding_steps_on_gpu():
     """bf16 on the GPU (the Triton kernels): eight decoding steps of four rows with different fill levels and

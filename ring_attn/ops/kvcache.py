@@ -50,6 +50,24 @@ def _steps(device: torch.device, n: int, step: int, first: int = 0, cache: bool 
     return _cached_steps(device, stream, n, step, first)
 
 
+def _rows_view(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A contiguous-style cache ``[b_c, s_cache, h_kv, d]`` as packed rows ``[n, h_kv, d]`` *of the same memory*
+    (what the kernels read is what the append writes), and the rows between two batch rows' starts: ``s_cache``
+    when the rows follow each other, else ``stride(0) / stride(1)`` (e.g. a heads-major buffer ``[b, h, s, d]``
+    seen as ``[b, s, h, d]``: batch row ``i`` starts at flat row ``i · h · s``; the rows in between belong to other
+    heads and are never read). ValueError when ``stride(0)`` is not a multiple of ``stride(1)``."""
+    b_c, s_c, h, d = x.shape
+    st = x.stride()
+    if b_c == 1 or s_c == 1 or st[0] == s_c * st[1]:
+        return x.view(b_c * s_c, h, d), s_c
+    if st[1] > 0 and st[0] % st[1] == 0 and st[0] // st[1] >= s_c:
+        per = st[0] // st[1]
+        return x.as_strided(((b_c - 1) * per + s_c, h, d), (st[1], st[2], st[3]), x.storage_offset()), per
+    raise ValueError(f"{_NAME}: {name} (shape {tuple(x.shape)}, strides {tuple(st)}) cannot be read in place: "
+                     f"stride(0) must be a multiple of stride(1) (at least seqlen_cache times it), as in a "
+                     f"[batch, seqlen, heads, head_dim] or a heads-major [batch, heads, seqlen, head_dim] buffer")
+
+
 def _per_row(name: str, x, b: int, device) -> tuple[torch.Tensor, list[int] | None]:
     """An int32/int64 ``[b]`` tensor (on the CPU or q's device) as int32 on ``device``, and its values when
     they can be read without a device sync (a CPU tensor), else None."""
@@ -143,6 +161,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         b_c, s_cache = b, block_table.shape[1] * page
     else:
         b_c, s_cache = k_cache.shape[0], k_cache.shape[1]
+        (kc, per_k), (vc, per_v) = _rows_view("k_cache", k_cache), _rows_view("v_cache", v_cache)
+        if per_k != per_v:
+            raise ValueError(f"{_NAME}: k_cache and v_cache must have the same layout; got strides "
+                             f"{tuple(k_cache.stride())} and {tuple(v_cache.stride())}")
     scale = check_scale(softmax_scale, d)
     causal = check_flag("causal", causal)
     interleaved = check_flag("rotary_interleaved", rotary_interleaved)
@@ -248,15 +270,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 kc[dest] = k
                 vc[dest] = v
             starts_k = _steps(q.device, b, 0, cache=reuse)
-        else:
-            kc = k_cache.reshape(b_c * s_cache, h_kv, d)
-            vc = v_cache.reshape(b_c * s_cache, h_kv, d)
+        else:  # kc, vc: views of the caches' memory (_rows_view), so they see the append
             pages = None
             if k is not None:  # append in place: cache row rows[i], positions lens[i] .. lens[i] + s_new
                 idx = rows[:, None].long().expand(b, s_new)
                 k_cache[idx, pos_new] = k
                 v_cache[idx, pos_new] = v
-            starts_k = _steps(q.device, b, s_cache, cache=reuse) if cache_batch_idx is None else rows * s_cache
+            starts_k = _steps(q.device, b, per_k, cache=reuse) if cache_batch_idx is None else rows * per_k
             if pad is not None:
                 starts_k = starts_k + pad
         lens_k = filled if pad is None else filled - pad
