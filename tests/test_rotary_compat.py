@@ -63,6 +63,23 @@ def test_packed_sequences_restart_their_positions(interleaved, cpu_backend):
     torch.testing.assert_close(out0.double(), _oracle(x, cos, sin, pos0, interleaved), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_packed_rows_outside_every_sequence_are_left_as_they_are(inplace, cpu_backend):
+    """Rows past cu_seqlens[-1] (a packed buffer with room to spare) belong to no sequence: not rotated (flash-attn
+    never touches them), their gradient passes through unchanged."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(10, 2, 8, generator=g)
+    cos, sin = _tables(g, 12, 4)
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    pos = torch.cat([torch.arange(4), torch.arange(3)])
+    out = apply_rotary_emb(x.clone() if inplace else x, cos, sin, cu_seqlens=cu, max_seqlen=4, inplace=inplace)
+    torch.testing.assert_close(out[:7].double(), _oracle(x[:7], cos, sin, pos, False), rtol=0, atol=2e-6)
+    assert torch.equal(out[7:], x[7:])
+    leaf = x.double().requires_grad_()
+    (grad,) = torch.autograd.grad(apply_rotary_emb(leaf, cos.double(), sin.double(), cu_seqlens=cu).sum(), leaf)
+    assert torch.equal(grad[7:], torch.ones_like(grad[7:]))
+
+
 def test_half_precision_in_place_and_gradients(cpu_backend):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 2, 16, generator=g)
@@ -109,6 +126,12 @@ def test_refusals(cpu_backend):
         apply_rotary_emb(x.int(), cos, sin)
     with pytest.raises(ValueError, match="cu_seqlens must be an int32"):
         apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0.0, 5.0]))
+    with pytest.raises(ValueError, match="put a token at position -1: positions must be >= 0"):
+        apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, -1]))
+    # packed, CPU cu_seqlens: the real longest sequence is checked, whatever max_seqlen claims
+    with pytest.raises(ValueError, match="positions reach 6 but cos/sin have 6 rows"):
+        apply_rotary_emb(torch.randn(11, 2, 8), cos, sin, cu_seqlens=torch.tensor([0, 4, 11], dtype=torch.int32),
+                         max_seqlen=3)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -424,24 +424,28 @@ def _rotary_table_launch(x4: torch.Tensor, out4: torch.Tensor, cos3: torch.Tenso
                                      ky4=None, dtheta=None)
 
 
-def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool,
+                   inside: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's table-mode tables ``[B or 1, S, rotary_dim]`` (each element's own cos/sin) from flash-attn's
-    ``[seqlen_ro, rotary_dim / 2]`` rows at int ``positions`` ``[B or 1, S]``."""
+    ``[seqlen_ro, rotary_dim / 2]`` rows at int ``positions`` ``[B or 1, S]``; tokens where ``inside`` (bool, the
+    shape of ``positions``) is False get the identity rotation (cos 1, sin 0: left as they are)."""
     c, s = cos[positions], sin[positions]
+    if inside is not None:
+        c, s = torch.where(inside[..., None], c, 1), torch.where(inside[..., None], s, 0)
     if interleaved:  # pairs (2i, 2i+1) share row i
         return c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
     return torch.cat([c, c], -1), torch.cat([s, s], -1)
 
 
 def rotate_by_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                     interleaved: bool, inplace: bool = False) -> torch.Tensor:
+                     interleaved: bool, inplace: bool = False, inside: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` ``[B, S, H, D]`` (or packed ``[T, H, D]`` with ``positions`` ``[1, T]``) with each token's first
     ``2 · cos.shape[1]`` dims rotated by row ``positions[b, s]`` of ``cos``/``sin`` ``[seqlen_ro, rotary_dim / 2]``
     (one table-mode launch of the RoPE kernel; fp32 math, fp64 for fp64 x; the other dims copied, or left as they
     are in place). No autograd and no checks: the caller has validated the shapes and that every position has
-    a row. What :func:`apply_rotary_emb` and ``flash_attn_with_kvcache``'s rotary embedding run."""
-    cos3, sin3 = _rotary_tables(cos, sin, positions, interleaved)
+    a row; tokens where ``inside`` is False are left unrotated. What :func:`apply_rotary_emb` and
+    ``flash_attn_with_kvcache``'s rotary embedding run."""
+    cos3, sin3 = _rotary_tables(cos, sin, positions, interleaved, inside)
     out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     _rotary_table_launch(_as4d(x), _as4d(out), cos3, sin3, interleaved, backward=False)
     return out
@@ -470,10 +474,13 @@ class _RotaryEmb(torch.autograd.Function):
         return gx, None, None, None, None
 
 
-def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, int]:
-    """Each token's row of the cos/sin tables, int64 ``[B, S]`` (packed: ``[1, total]``), and the largest one
-    when it is known on the host (else -1: checked on the device)."""
+def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen):
+    """Each token's row of the cos/sin tables, int64 ``[B, S]`` (packed: ``[1, total]``); for packed ``x`` the
+    rows that lie in some sequence (bool ``[1, total]``; the others keep position 0 and are left unrotated), else
+    None; and ``(lowest, highest)`` position of those rows when known on the host without a device sync (an int
+    offset over a dense ``x``, or anything on the CPU), else None (checked on the device)."""
     dev = x.device
+    inside = None
     if cu_seqlens is None:
         b, s = x.shape[0], x.shape[1]
         base = torch.arange(s, device=dev)[None, :]
@@ -482,11 +489,12 @@ def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen) -> tuple[torch.
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or \
                 cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != dev:
             raise ValueError(f"cu_seqlens must be an int32 tensor [batch + 1] on {dev}")
-        total = x.shape[0]
-        t = torch.arange(total, device=dev)
-        seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True).clamp(max=cu_seqlens.numel() - 2)
-        base = (t - cu_seqlens.long()[seq])[None, :]
-        n_seqs = cu_seqlens.numel() - 1
+        cu = cu_seqlens.long()
+        t = torch.arange(x.shape[0], device=dev)
+        seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=cu.numel() - 2)
+        inside = ((t >= cu[0]) & (t < cu[-1]))[None, :]  # rows past cu_seqlens[-1] belong to no sequence
+        base = torch.where(inside, (t - cu[seq])[None, :], 0)
+        n_seqs = cu.numel() - 1
     if isinstance(seqlen_offsets, torch.Tensor):
         if seqlen_offsets.dim() != 1 or seqlen_offsets.shape[0] != n_seqs or seqlen_offsets.dtype not in \
                 (torch.int32, torch.int64) or seqlen_offsets.device != dev:
@@ -494,15 +502,18 @@ def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen) -> tuple[torch.
                              f"{seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)} on {seqlen_offsets.device}")
         offs = seqlen_offsets.long()
         pos = base + (offs[:, None] if cu_seqlens is None else offs[seq][None, :])
-        return pos, (int(pos.max()) if dev.type == "cpu" and pos.numel() else -1)
-    if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int) or seqlen_offsets < 0:
-        raise ValueError(f"seqlen_offsets must be an int >= 0 or a tensor [batch], got {seqlen_offsets!r}")
-    pos = base + seqlen_offsets
-    if cu_seqlens is None:
-        return pos, seqlen_offsets + x.shape[1] - 1
-    if max_seqlen is not None:  # flash-attn's bound: the tables cover max_seqlen rows past the offset
-        return pos, seqlen_offsets + int(max_seqlen) - 1
-    return pos, (int(pos.max()) if dev.type == "cpu" and pos.numel() else -1)
+    else:
+        if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int) or seqlen_offsets < 0:
+            raise ValueError(f"seqlen_offsets must be an int >= 0 or a tensor [batch], got {seqlen_offsets!r}")
+        pos = base + seqlen_offsets
+        if cu_seqlens is None:
+            return pos, None, ((seqlen_offsets, seqlen_offsets + x.shape[1] - 1) if x.shape[1] else None)
+    if inside is not None:
+        pos = torch.where(inside, pos, 0)
+    if dev.type == "cpu":
+        used = pos if inside is None else pos[inside]
+        return pos, inside, ((int(used.min()), int(used.max())) if used.numel() else None)
+    return pos, inside, None
 
 
 def _check_rotary_x(name: str, x, dims: int, layout: str) -> None:
@@ -532,18 +543,24 @@ def _check_rotary_tables(x: torch.Tensor, cos, sin, names: tuple[str, str] = ("c
     return rotary_dim
 
 
-def _rotary_rows(x, tables, seqlen_offsets, cu_seqlens, max_seqlen, name: str) -> torch.Tensor:
-    """Each token's table row (:func:`_rotary_positions`), checked against the row count of every table in
-    ``tables`` (``(cos,)`` or ``(cos, cos_k)``; on the host where the largest is known there, else a device-side
-    assert) and clamped in bounds while a device-side check is pending."""
-    pos, longest = _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
+def _rotary_rows(x, tables, seqlen_offsets, cu_seqlens, max_seqlen, name: str):
+    """Each token's table row and the packed rows in some sequence (:func:`_rotary_positions`), checked against
+    the row count of every table in ``tables`` (``(cos,)`` or ``(cos, cos_k)``): on the host where the positions
+    are known there (ValueError), else a device-side assert; clamped in bounds while that check is pending."""
+    pos, inside, bounds = _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
     rows, which = min((t.shape[0], "cos/sin" if i == 0 else "cos_k/sin_k") for i, t in enumerate(tables))
-    if longest >= rows:
-        raise ValueError(f"positions reach {longest} but {which} have {rows} rows (seqlen_ro): every "
+    highest = bounds[1] if bounds is not None else None
+    if highest is None and isinstance(seqlen_offsets, int) and max_seqlen is not None:
+        highest = seqlen_offsets + int(max_seqlen) - 1  # flash-attn's bound: the tables cover max_seqlen rows
+    if highest is not None and highest >= rows:
+        raise ValueError(f"positions reach {highest} but {which} have {rows} rows (seqlen_ro): every "
                          f"position (token index + seqlen_offsets) must have a row")
-    if longest < 0 and pos.numel():
-        torch._assert_async(pos.max() < rows, f"{name}: a position reaches past cos/sin")
-    return pos.clamp(max=rows - 1)
+    if bounds is not None and bounds[0] < 0:
+        raise ValueError(f"seqlen_offsets put a token at position {bounds[0]}: positions must be >= 0")
+    if bounds is None and pos.numel():
+        torch._assert_async(((pos >= 0) & (pos < rows)).all(),
+                            f"{name}: a position is negative or reaches past {which} ({rows} rows)")
+    return pos.clamp(0, rows - 1), inside
 
 
 @torch.compiler.disable  # host reads and Triton launches outside any graph (a graph break under compile)
@@ -577,11 +594,11 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
                     "[batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with cu_seqlens)")
     rotary_dim = _check_rotary_tables(x, cos, sin)
     interleaved, inplace = bool(interleaved), bool(inplace)
-    pos = _rotary_rows(x, (cos,), seqlen_offsets, cu_seqlens, max_seqlen, "apply_rotary_emb")
+    pos, inside = _rotary_rows(x, (cos,), seqlen_offsets, cu_seqlens, max_seqlen, "apply_rotary_emb")
     _select(x, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RotaryEmb.apply(x, *_rotary_tables(cos, sin, pos, interleaved), interleaved, inplace)
-    return rotate_by_tables(x, cos, sin, pos, interleaved, inplace)
+        return _RotaryEmb.apply(x, *_rotary_tables(cos, sin, pos, interleaved, inside), interleaved, inplace)
+    return rotate_by_tables(x, cos, sin, pos, interleaved, inplace, inside)
 
 
 # flash-attn's in-place forms (apply_rotary_emb_qkv_, apply_rotary_emb_kv_, RotaryEmbedding): the q and k parts
@@ -645,7 +662,7 @@ def rotate_parts_(x: torch.Tensor, split, head_dim: int, cos, sin, cos_k=None, s
                              f"{tuple(cos.shape)}")
         tables = (cos, cos_k)
     interleaved = bool(interleaved)
-    pos = _rotary_rows(x, tables, seqlen_offsets, None, None, name)
+    pos, _ = _rotary_rows(x, tables, seqlen_offsets, None, None, name)
     q4, _ = split(x)
     _select(q4, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     tq = _rotary_tables(cos, sin, pos, interleaved)
