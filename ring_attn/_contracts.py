@@ -143,9 +143,10 @@ def check_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def check_qkv(q, k, v, packed: bool) -> tuple[int, int, int]:
+def check_qkv(q, k, v, packed: bool, names: tuple[str, str, str] = ("q", "k", "v")) -> tuple[int, int, int]:
     """Validate attention q/k/v: ranks (4-D dense ``[b, s, h, d]`` or 3-D packed ``[t, h, d]``), dtypes
-    (:data:`SUPPORTED_DTYPES`, shared), one device, k/v shapes, head dims and the GQA head ratio.
+    (:data:`SUPPORTED_DTYPES`, shared), one device, k/v shapes, head dims and the GQA head ratio. ``names``: what
+    the caller calls the three tensors (e.g. ``q, k_cache, v_cache``), used in the messages.
 
     Returns:
         ``(h_q, h_kv, d)``.
@@ -153,31 +154,33 @@ def check_qkv(q, k, v, packed: bool) -> tuple[int, int, int]:
     Raises:
         TypeError / ValueError naming the argument, the value and what was expected.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    nq, nk, nv = names
+    for name, x in ((nq, q), (nk, k), (nv, v)):
         check_tensor(name, x)
     layout = "[total_tokens, heads, head_dim]" if packed else "[batch, seqlen, heads, head_dim]"
     ndim = 3 if packed else 4
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x in ((nq, q), (nk, k), (nv, v)):
         if x.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}.dtype is {x.dtype}; expected one of float16, bfloat16, float32")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise TypeError(f"{nq}, {nk}, {nv} must share a dtype; got {nq} {q.dtype}, {nk} {k.dtype}, {nv} {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device; got {nq} {q.device}, {nk} {k.device}, "
+                         f"{nv} {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{nk} and {nv} must have the same shape; got {nk} {tuple(k.shape)}, {nv} {tuple(v.shape)}")
     if not packed and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k batch size {k.shape[0]} != q batch size {q.shape[0]} (shapes {layout})")
+        raise ValueError(f"{nk} batch size {k.shape[0]} != {nq} batch size {q.shape[0]} (shapes {layout})")
     d = q.shape[-1]
     if k.shape[-1] != d:
-        raise ValueError(f"k head_dim {k.shape[-1]} != q head_dim {d}")
+        raise ValueError(f"{nk} head_dim {k.shape[-1]} != {nq} head_dim {d}")
     if d % HEAD_DIM_MULTIPLE != 0 or not 0 < d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} is not supported; expected 1 .. {MAX_HEAD_DIM}")
     h_q, h_kv = q.shape[-2], k.shape[-2]
     if h_kv == 0 or h_q % h_kv != 0:
-        raise ValueError(f"q heads ({h_q}) must be a positive multiple of k/v heads ({h_kv}) for GQA/MQA")
+        raise ValueError(f"{nq} heads ({h_q}) must be a positive multiple of {nk}/{nv} heads ({h_kv}) for GQA/MQA")
     return h_q, h_kv, d
 
 

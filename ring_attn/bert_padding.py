@@ -12,6 +12,8 @@ outside it, one compiled graph).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ring_attn._contracts import check_tensor
@@ -20,11 +22,22 @@ __all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "pad_input
            "unpad_input_for_concatenated_sequences"]
 
 
-def _check_indices(indices, name: str = "indices") -> None:
+def _check_indices(indices, rows: int, name: str = "indices") -> None:
+    """1-D int row indices in ``[0, rows)``: checked on the host for CPU indices (ValueError naming the first bad
+    one), by a device-side assert otherwise (no host sync). torch would wrap a negative index to the last rows."""
     check_tensor(name, indices)
     if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int64 (or int32) tensor of row indices, got {indices.dtype} "
                          f"{tuple(indices.shape)}")
+    if not indices.numel():
+        return
+    bad = (indices < 0) | (indices >= rows)
+    if indices.device.type == "cpu":
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}[{i}] = {int(indices[i])} is not a row index in [0, {rows})")
+    else:
+        torch._assert_async(~bad.any(), f"{name}: a row index outside [0, {rows})")
 
 
 class _IndexFirstAxis(torch.autograd.Function):
@@ -69,7 +82,7 @@ def index_first_axis(input, indices):
     check_tensor("input", input)
     if input.dim() < 2:
         raise ValueError(f"input must be at least 2-D [rows, ...], got shape {tuple(input.shape)}")
-    _check_indices(indices)
+    _check_indices(indices, input.shape[0])
     return _IndexFirstAxis.apply(input, indices.long())
 
 
@@ -79,16 +92,31 @@ def index_put_first_axis(values, indices, first_axis_dim):
 
     Args:
         values: ``[n, ...]`` (at least 2-D).
-        indices: int64 ``[n]``, distinct row indices below ``first_axis_dim``.
+        indices: int64 ``[n]``, distinct row indices in ``[0, first_axis_dim)``.
         first_axis_dim: int, the number of rows of the result.
     """
-    check_tensor("values", values)
+    return _index_put("values", values, indices, _count("first_axis_dim", first_axis_dim))
+
+
+def _count(name: str, n) -> int:
+    """``n`` as an int >= 0 (Python, numpy or one-element integer tensor), else ValueError naming ``name``."""
+    try:
+        value = operator.index(n) if not isinstance(n, bool) else -1
+    except TypeError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    return value
+
+
+def _index_put(name: str, values, indices, rows: int):
+    check_tensor(name, values)
     if values.dim() < 2:
-        raise ValueError(f"values must be at least 2-D [n, ...], got shape {tuple(values.shape)}")
-    _check_indices(indices)
+        raise ValueError(f"{name} must be at least 2-D [n, ...], got shape {tuple(values.shape)}")
+    _check_indices(indices, rows)
     if indices.shape[0] != values.shape[0]:
-        raise ValueError(f"indices has {indices.shape[0]} entries but values has {values.shape[0]} rows")
-    return _IndexPutFirstAxis.apply(values, indices.long(), int(first_axis_dim))
+        raise ValueError(f"indices has {indices.shape[0]} entries but {name} has {values.shape[0]} rows")
+    return _IndexPutFirstAxis.apply(values, indices.long(), rows)
 
 
 def _check_batch(hidden_states, mask, name: str) -> None:
@@ -126,7 +154,8 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
     max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen, seqused
+    # indices come from the mask itself: in range by construction (no check, no device-side assert)
+    return _IndexFirstAxis.apply(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen, seqused
 
 
 def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
@@ -150,7 +179,7 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
     max_seqlen = int(samples.max()) if samples.numel() else 0
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(samples, dim=0, dtype=torch.int32), (1, 0))
-    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
+    return _IndexFirstAxis.apply(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
 
 
 def pad_input(hidden_states, indices, batch, seqlen):
@@ -162,5 +191,6 @@ def pad_input(hidden_states, indices, batch, seqlen):
         indices: int64 ``[total]`` (from :func:`unpad_input`).
         batch, seqlen: ints, the padded shape.
     """
-    out = index_put_first_axis(hidden_states, indices, int(batch) * int(seqlen))
-    return out.reshape((int(batch), int(seqlen)) + tuple(hidden_states.shape[1:]))
+    batch, seqlen = _count("batch", batch), _count("seqlen", seqlen)
+    out = _index_put("hidden_states", hidden_states, indices, batch * seqlen)
+    return out.reshape((batch, seqlen) + tuple(hidden_states.shape[1:]))

@@ -3,6 +3,7 @@ layout against plain boolean indexing, round trips, gradients (gradcheck), conca
 unpad -> flash_attn_varlen_func -> pad against padded_attention, and refusals."""
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,17 @@ def test_refusals():
         bp.index_first_axis(torch.randn(5), torch.tensor([0]))
     with pytest.raises(ValueError, match="indices has 2 entries but values has 3 rows"):
         bp.index_put_first_axis(torch.randn(3, 2), torch.tensor([0, 1]), 4)
+    # row indices outside the rows (torch would raise from inside the Function, or wrap a negative one)
+    with pytest.raises(ValueError, match=r"indices\[2\] = 99 is not a row index in \[0, 10\)"):
+        bp.pad_input(torch.randn(3, 4), torch.tensor([0, 1, 99]), 2, 5)
+    with pytest.raises(ValueError, match=r"indices\[0\] = 7 is not a row index in \[0, 5\)"):
+        bp.index_first_axis(torch.randn(5, 3), torch.tensor([7]))
+    with pytest.raises(ValueError, match=r"indices\[2\] = -1 is not a row index in \[0, 10\)"):
+        bp.index_put_first_axis(torch.randn(3, 4), torch.tensor([0, 1, -1]), 10)
+    with pytest.raises(ValueError, match="hidden_states must be at least 2-D"):
+        bp.pad_input(torch.randn(3), torch.tensor([0, 1, 2]), 1, 3)
+    with pytest.raises(ValueError, match="seqlen must be an int >= 0, got 2.5"):
+        bp.pad_input(torch.randn(3, 4), torch.tensor([0, 1, 2]), 2, 2.5)
+    # sizes as numpy / tensor ints still work (shapes often come from there)
+    out = bp.pad_input(torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.tensor(1), np.int64(3))
+    assert out.shape == (1, 3, 4)

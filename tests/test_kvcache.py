@@ -186,8 +186,15 @@ def test_refusals_before_anything_is_written():
         ring_attn.flash_attn_with_kvcache(q, kc, torch.randn(2, 9, 2, 16))
     with pytest.raises(TypeError, match="share a dtype"):
         ring_attn.flash_attn_with_kvcache(q.half(), kc, vc)
-    with pytest.raises(ValueError, match="multiple of k/v heads"):
+    with pytest.raises(ValueError, match="multiple of k_cache/v_cache heads"):
         ring_attn.flash_attn_with_kvcache(torch.randn(2, 1, 3, 16), kc, vc)
+    with pytest.raises(TypeError, match="q, k_cache, v_cache must share a dtype; got q torch.float32, k_cache "
+                                        "torch.float16"):
+        ring_attn.flash_attn_with_kvcache(q, kc.half(), vc)
+    for bad in (3.0, True, [3, 4]):
+        with pytest.raises(TypeError, match="flash_attn_with_kvcache: cache_seqlens must be an int or an int32 "
+                                            "tensor of shape"):
+            ring_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=bad)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])

@@ -348,6 +348,8 @@ def test_in_place_refusals(cpu_backend):
         apply_rotary_emb_qkv_(x, cos, sin, cos[:5], sin[:5], seqlen_offsets=2)
     with pytest.raises(ValueError, match="dim must be an even int"):
         RotaryEmbedding(7)
+    with pytest.raises(ValueError, match=r"RotaryEmbedding\(dim=32\) rotates 32 dims but the heads have head_dim=16"):
+        RotaryEmbedding(32)(torch.randn(1, 2, 3, 1, 16))
     with pytest.raises(NotImplementedError, match="pos_idx_in_fp32=False"):
         RotaryEmbedding(8, pos_idx_in_fp32=False)
 

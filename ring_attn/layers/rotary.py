@@ -189,6 +189,9 @@ class RotaryEmbedding(torch.nn.Module):
         if not isinstance(qkv, torch.Tensor) or qkv.dim() < 2:
             raise ValueError(f"qkv must be a tensor [batch, seqlen, ...], got "
                              f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+        if qkv.shape[-1] < self.dim:
+            raise ValueError(f"RotaryEmbedding(dim={self.dim}) rotates {self.dim} dims but the heads have "
+                             f"head_dim={qkv.shape[-1]}")
         seqlen = qkv.shape[1]
         if max_seqlen is not None:
             self._update_cos_sin_cache(int(max_seqlen), device=qkv.device, dtype=qkv.dtype)

@@ -71,7 +71,9 @@ def _rows_view(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _per_row(name: str, x, b: int, device) -> tuple[torch.Tensor, list[int] | None]:
     """An int32/int64 ``[b]`` tensor (on the CPU or q's device) as int32 on ``device``, and its values when
     they can be read without a device sync (a CPU tensor), else None."""
-    check_tensor(name, x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_NAME}: {name} must be " + ("an int or " if name == "cache_seqlens" else "") +
+                        f"an int32 tensor of shape ({b},) (one per batch row), got {x!r}")
     if x.dim() != 1 or x.shape[0] != b or x.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{_NAME}: {name} must be an int32 tensor of shape ({b},) (one per batch row), got "
                          f"{x.dtype} {tuple(x.shape)}")
@@ -148,7 +150,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"{_NAME}: k_cache holds {k_cache.shape[0]} rows but q's batch is {q.shape[0]}; pass "
                          f"cache_batch_idx to pick the cache row of each batch row")
     # dtypes, devices, head dims, GQA ratio (on one row: the cache may hold more rows than q)
-    h_q, h_kv, d = check_qkv(q[:1], k_cache[:1], v_cache[:1], packed=False)
+    h_q, h_kv, d = check_qkv(q[:1], k_cache[:1], v_cache[:1], packed=False, names=("q", "k_cache", "v_cache"))
     b, s_q = q.shape[0], q.shape[1]
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{_NAME}: k_cache and v_cache need a contiguous last dim (strides {k_cache.stride()}, "
