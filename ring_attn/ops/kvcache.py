@@ -92,7 +92,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q: ``[batch, seqlen_q, heads_q, head_dim]``, float16/bfloat16/float32.
         k_cache, v_cache: ``[batch_cache, seqlen_cache, heads_kv, head_dim]``, or with ``block_table`` (a paged
             cache) ``[num_blocks, page_block_size, heads_kv, head_dim]``; q's dtype and device, last dim
-            contiguous; ``heads_q % heads_kv == 0``. Written in place when ``k``/``v`` are given.
+            contiguous; ``heads_q % heads_kv == 0``. Written in place when ``k``/``v`` are given. Other strides
+            are read in place too, e.g. a heads-major ``[batch, heads, seqlen, head_dim]`` buffer passed as
+            ``.transpose(1, 2)`` (``stride(0)`` must be a multiple of ``stride(1)``).
         k, v: None, or ``[batch, seqlen_new, heads_kv, head_dim]``: written into the cache at rows
             ``cache_seqlens[i] ..`` of cache row ``cache_batch_idx[i]``, then attended to. Both or neither.
         rotary_cos, rotary_sin: None, or ``[seqlen_ro, rotary_dim / 2]``: rotary embedding of the new ``k`` at
