@@ -251,6 +251,25 @@ def test_decoding_steps_on_gpu():
     assert worst < 2e-2, worst
 
 
+@pytest.mark.gpu
+def test_heads_major_cache_on_gpu():
+    """bf16 on the GPU: a heads-major cache buffer [b, h, s, d] passed transposed (the Triton kernel reads rows
+    whose head stride exceeds the row stride) gives what contiguous copies give, and the appends land in it."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, s_cache, h_q, h_kv, d = 3, 1024, 8, 2, 128
+    bufs = [torch.randn(b, h_kv, s_cache, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2)]
+    kc, vc = (t.transpose(1, 2) for t in bufs)
+    kc2, vc2 = kc.contiguous(), vc.contiguous()
+    lens = torch.tensor([0, 300, 1000], dtype=torch.int32, device="cuda")
+    for step in range(3):
+        q = torch.randn(b, 1, h_q, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(b, 1, h_kv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        out = ring_attn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens + step, causal=True)
+        ref = ring_attn.flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=lens + step, causal=True)
+        assert (out.float() - ref.float()).abs().max().item() <= 2 ** -8
+    assert torch.equal(bufs[0].transpose(1, 2), kc2) and torch.equal(bufs[1].transpose(1, 2), vc2)
+
+
 def test_shape_only_index_tensors_are_made_once():
     """The per-row offsets that depend only on shapes (query starts, query lengths, cache-row starts) come from a
     cache keyed by (device, stream, n, step, first): a decoding step launches no kernels for them. Not while
