@@ -191,6 +191,9 @@ def test_refusals_before_anything_is_written():
     with pytest.raises(TypeError, match="q, k_cache, v_cache must share a dtype; got q torch.float32, k_cache "
                                         "torch.float16"):
         ring_attn.flash_attn_with_kvcache(q, kc.half(), vc)
+    with pytest.raises(ValueError, match=r"cache_batch_idx \[1, 1\] names a cache row twice"):
+        ring_attn.flash_attn_with_kvcache(q, kc, vc, torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16),
+                                          cache_seqlens=1, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32))
     for bad in (3.0, True, [3, 4]):
         with pytest.raises(TypeError, match="flash_attn_with_kvcache: cache_seqlens must be an int or an int32 "
                                             "tensor of shape"):

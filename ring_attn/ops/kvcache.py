@@ -240,6 +240,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if host_rows is not None:
         if any(not 0 <= r < b_c for r in host_rows):
             raise ValueError(f"{_NAME}: cache_batch_idx must index the {b_c} cache rows, got {host_rows}")
+        if s_new and len(set(host_rows)) < len(host_rows):  # two rows appending into one cache row: a race
+            raise ValueError(f"{_NAME}: cache_batch_idx {host_rows} names a cache row twice; with k/v appended "
+                             f"each batch row needs its own cache row")
     else:
         torch._assert_async(((rows >= 0) & (rows < b_c)).all(),
                             f"{_NAME}: cache_batch_idx out of range (cache batch {b_c})")
