@@ -1,4 +1,6 @@
-"""RoPE benchmark: ring_attn.apply_rope against HF eager, HF under torch.compile and Liger-Kernel.
+"""RoPE benchmark: ring_attn.apply_rope against HF eager, HF under torch.compile and Liger-Kernel; and flash-attn's
+rotary helper (``apply_rotary_emb``, cos/sin tables ``[s, d / 2]``, one call per tensor) as ring_attn.layers.rotary
+runs it and, where installed, as flash-attn runs it.
 
 Shape (the peers' shape, benchmarks/RESULTS.md): q [1, 32768, 32, 128] + k [1, 32768, 8, 128], bf16, forward and forward+backward. Every
 implementation is reported as a share of the device-to-device copy bandwidth measured in the same run: the copy
@@ -23,7 +25,7 @@ from benchmarks.common import DTYPES, append_csv, environment, out_dir, print_ta
 
 FULL = dict(b=1, s=32768, hq=32, hk=8, d=128)
 SMALL = dict(b=1, s=8, hq=2, hk=1, d=16)
-IMPLS = ("ring_attn", "ring_attn_cos_sin", "hf_eager", "compile", "liger")
+IMPLS = ("ring_attn", "ring_attn_cos_sin", "ring_attn_rotary", "hf_eager", "compile", "liger", "flash_attn")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +91,25 @@ def build(args, shape):
         return apply_rope_cos_sin(q_, k_, cos, sin)
 
     impls["ring_attn_cos_sin"] = (lambda: ours_tables(qh, kh), _fwd_bwd(ours_tables, leaf(qh), leaf(kh), gqh, gkh))
+
+    # flash-attn's rotary helper (tables [s, d / 2], one call per tensor), ring_attn's and flash-attn's own
+    from ring_attn.layers.rotary import apply_rotary_emb
+
+    cos2, sin2 = cos[0, :, : d // 2].contiguous(), sin[0, :, : d // 2].contiguous()
+
+    def flash_style(rotary):
+        return lambda q_, k_: (rotary(q_, cos2, sin2), rotary(k_, cos2, sin2))
+
+    impls["ring_attn_rotary"] = (lambda: flash_style(apply_rotary_emb)(q, k),
+                                 _fwd_bwd(flash_style(apply_rotary_emb), leaf(q), leaf(k), gq, gk))
+    if "flash_attn" not in args.skip:
+        try:
+            from flash_attn.layers.rotary import apply_rotary_emb as fa_rotary
+        except Exception as exc:
+            skipped["flash_attn"] = f"not importable ({type(exc).__name__})"
+        else:
+            impls["flash_attn"] = (lambda: flash_style(fa_rotary)(q, k),
+                                   _fwd_bwd(flash_style(fa_rotary), leaf(q), leaf(k), gq, gk))
 
     try:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
