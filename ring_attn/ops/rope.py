@@ -424,12 +424,16 @@ def _rotary_table_launch(x4: torch.Tensor, out4: torch.Tensor, cos3: torch.Tenso
                                      ky4=None, dtheta=None)
 
 
-def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool,
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions, interleaved: bool,
                    inside: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's table-mode tables ``[B or 1, S, rotary_dim]`` (each element's own cos/sin) from flash-attn's
-    ``[seqlen_ro, rotary_dim / 2]`` rows at int ``positions`` ``[B or 1, S]``; tokens where ``inside`` (bool, the
-    shape of ``positions``) is False get the identity rotation (cos 1, sin 0: left as they are)."""
-    c, s = cos[positions], sin[positions]
+    ``[seqlen_ro, rotary_dim / 2]`` rows at int ``positions`` ``[B or 1, S]`` (or a ``slice`` of rows shared by
+    every batch row); tokens where ``inside`` (bool, the shape of ``positions``) is False get the identity
+    rotation (cos 1, sin 0: left as they are)."""
+    if isinstance(positions, slice):
+        c, s = cos[positions][None], sin[positions][None]
+    else:
+        c, s = cos[positions], sin[positions]
     if inside is not None:
         c, s = torch.where(inside[..., None], c, 1), torch.where(inside[..., None], s, 0)
     if interleaved:  # pairs (2i, 2i+1) share row i
@@ -437,7 +441,7 @@ def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
     return torch.cat([c, c], -1), torch.cat([s, s], -1)
 
 
-def rotate_by_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+def rotate_by_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions,
                      interleaved: bool, inplace: bool = False, inside: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` ``[B, S, H, D]`` (or packed ``[T, H, D]`` with ``positions`` ``[1, T]``) with each token's first
     ``2 · cos.shape[1]`` dims rotated by row ``positions[b, s]`` of ``cos``/``sin`` ``[seqlen_ro, rotary_dim / 2]``
@@ -475,12 +479,21 @@ class _RotaryEmb(torch.autograd.Function):
 
 
 def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen):
-    """Each token's row of the cos/sin tables, int64 ``[B, S]`` (packed: ``[1, total]``); for packed ``x`` the
-    rows that lie in some sequence (bool ``[1, total]``; the others keep position 0 and are left unrotated), else
-    None; and ``(lowest, highest)`` position of those rows when known on the host without a device sync (an int
-    offset over a dense ``x``, or anything on the CPU), else None (checked on the device)."""
+    """Each token's row of the cos/sin tables, int64 ``[B, S]`` (packed: ``[1, total]``; dense ``x`` with an int
+    offset: the ``slice`` of rows every batch row reads); for packed ``x`` the rows that lie in some sequence
+    (bool ``[1, total]``; the others keep position 0 and are left unrotated), else None; and ``(lowest,
+    highest)`` position of those rows when known on the host without a device sync (an int offset over a dense
+    ``x``, or anything on the CPU), else None (checked on the device)."""
     dev = x.device
     inside = None
+    if not isinstance(seqlen_offsets, torch.Tensor) and (isinstance(seqlen_offsets, bool) or
+                                                         not isinstance(seqlen_offsets, int) or seqlen_offsets < 0):
+        raise ValueError(f"seqlen_offsets must be an int >= 0 or a tensor [batch], got {seqlen_offsets!r}")
+    if cu_seqlens is None and not isinstance(seqlen_offsets, torch.Tensor):
+        # every row reads table rows off .. off + s - 1: a slice of the tables (no index tensor, no gather)
+        s = x.shape[1]
+        return slice(seqlen_offsets, seqlen_offsets + s), None, ((seqlen_offsets, seqlen_offsets + s - 1) if s
+                                                                  else None)
     if cu_seqlens is None:
         b, s = x.shape[0], x.shape[1]
         base = torch.arange(s, device=dev)[None, :]
@@ -503,11 +516,7 @@ def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen):
         offs = seqlen_offsets.long()
         pos = base + (offs[:, None] if cu_seqlens is None else offs[seq][None, :])
     else:
-        if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int) or seqlen_offsets < 0:
-            raise ValueError(f"seqlen_offsets must be an int >= 0 or a tensor [batch], got {seqlen_offsets!r}")
         pos = base + seqlen_offsets
-        if cu_seqlens is None:
-            return pos, None, ((seqlen_offsets, seqlen_offsets + x.shape[1] - 1) if x.shape[1] else None)
     if inside is not None:
         pos = torch.where(inside, pos, 0)
     if dev.type == "cpu":
@@ -557,6 +566,8 @@ def _rotary_rows(x, tables, seqlen_offsets, cu_seqlens, max_seqlen, name: str):
                          f"position (token index + seqlen_offsets) must have a row")
     if bounds is not None and bounds[0] < 0:
         raise ValueError(f"seqlen_offsets put a token at position {bounds[0]}: positions must be >= 0")
+    if isinstance(pos, slice):  # in bounds: checked above
+        return pos, inside
     if bounds is None and pos.numel():
         torch._assert_async(((pos >= 0) & (pos < rows)).all(),
                             f"{name}: a position is negative or reaches past {which} ({rows} rows)")
