@@ -301,3 +301,74 @@ def test_shape_only_index_tensors_are_made_once():
             ref, _ = reference.attention(q[i:i + 1].double(), kc[i:i + 1, :lens[i]].double(),
                                          vc[i:i + 1, :lens[i]].double(), None, False)
             assert (out[i:i + 1].double() - ref).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property-based: random shapes, fill levels, cache layouts and options against the float64 oracle
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def kvcache_case(draw):
+    b = draw(st.integers(1, 3))
+    c = dict(b=b, b_c=b + draw(st.integers(0, 2)), s_cache=draw(st.integers(4, 40)), s_new=draw(st.integers(0, 3)),
+             s_q=draw(st.integers(1, 4)), h_kv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 4])),
+             d=draw(st.sampled_from([16, 32, 48])), causal=draw(st.booleans()),
+             window=draw(st.sampled_from([(-1, -1), (3, 0), (2, 2), (0, -1)])),
+             softcap=draw(st.sampled_from([0.0, 2.0])), alibi=draw(st.booleans()),
+             heads_major=draw(st.booleans()), int_lens=draw(st.booleans()),
+             rotary=draw(st.sampled_from([None, True, False])), seed=draw(st.integers(0, 2**16)))
+    c["s_new"] = min(c["s_new"], c["s_cache"])
+    room = c["s_cache"] - c["s_new"]
+    c["lens"] = [draw(st.integers(0, room))] * b if c["int_lens"] else \
+        [draw(st.integers(0, room)) for _ in range(b)]
+    c["rows"] = draw(st.permutations(list(range(c["b_c"]))))[:b] if c["b_c"] > b or draw(st.booleans()) else None
+    if c["rotary"] is not None and not c["s_new"]:
+        c["rotary"] = None  # rotary rotates the new tokens: only with k/v
+    return c
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@given(c=kvcache_case())
+def test_random_calls_match_the_oracle(backend, c):
+    """Any mix of fill levels (int or per row), appends, cache rows picked by cache_batch_idx, contiguous or
+    heads-major caches, GQA, causal/windows/softcap/ALiBi and rotary of the new tokens: the output, the LSE and
+    the cache after the append against the float64 oracle."""
+    if backend == "native" and not backends.native_available():
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(c["seed"])
+    b, b_c, s_c, s_q, s_new, h_kv, d = (c[x] for x in ("b", "b_c", "s_cache", "s_q", "s_new", "h_kv", "d"))
+    h_q = h_kv * c["group"]
+    q = torch.randn(b, s_q, h_q, d, generator=g)
+    caches = [torch.randn(b_c, h_kv, s_c, d, generator=g) for _ in range(2)]
+    if c["heads_major"]:
+        kc, vc = (t.transpose(1, 2) for t in caches)
+    else:
+        kc, vc = (t.transpose(1, 2).contiguous() for t in caches)
+    k, v = (torch.randn(b, s_new, h_kv, d, generator=g) for _ in range(2)) if s_new else (None, None)
+    lens = torch.tensor(c["lens"], dtype=torch.int32)
+    rows = torch.arange(b, dtype=torch.int32) if c["rows"] is None else torch.tensor(c["rows"], dtype=torch.int32)
+    alibi = torch.rand(b, h_q, generator=g) * 0.5 if c["alibi"] else None
+    rotary = None
+    if c["rotary"] is not None:
+        angle = torch.rand(s_c + s_q, d // 4, generator=g, dtype=torch.float64) * 6.3
+        rotary = (angle.cos().float(), angle.sin().float(), c["rotary"])
+    window = c["window"]
+    exp_k, exp_v, oracle, oracle_lse = _expected(q, kc, vc, k, v, lens, rows, c["causal"], window, c["softcap"],
+                                                 alibi, rotary, torch.float64)
+    _, _, base, base_lse = _expected(q, kc, vc, k, v, lens, rows, c["causal"], window, c["softcap"], alibi, rotary,
+                                     torch.float32)
+    with backends.force(backend):
+        out, lse = ring_attn.flash_attn_with_kvcache(
+            q, kc, vc, k, v, *(rotary[:2] if rotary else (None, None)),
+            cache_seqlens=c["lens"][0] if c["int_lens"] else lens, cache_batch_idx=None if c["rows"] is None else rows,
+            causal=c["causal"], window_size=window, softcap=c["softcap"], alibi_slopes=alibi,
+            rotary_interleaved=bool(c["rotary"]), return_softmax_lse=True)
+    torch.testing.assert_close(kc, exp_k, rtol=0, atol=1e-6)
+    assert torch.equal(vc, exp_v)
+    seen = torch.isfinite(oracle_lse)  # rows that see no key: output 0, LSE -inf
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert_within_rule(f"kvcache {backend} out", out, oracle, base, torch.float32, FORWARD)
+    assert_within_rule(f"kvcache {backend} lse", lse[seen], oracle_lse[seen], base_lse[seen], torch.float32, FORWARD)

@@ -382,3 +382,84 @@ def test_in_place_forms_on_gpu(cpu_backend):
     want = torch.stack([reference.rotary_emb(w[:, :, i], cos, -sin, pos0) if i < 2 else  # the transpose
                         w[:, :, 2].double() for i in range(3)], dim=2)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property-based: random layouts, offsets and packing against the float64 oracle
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# the backend fixture pins one backend for every example of a test (that is the point of it)
+_one_backend = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_one_backend
+@given(b=st.integers(1, 3), s=st.integers(1, 9), h=st.integers(1, 3), d=st.sampled_from([8, 16, 24]),
+       half=st.integers(1, 4), interleaved=st.booleans(), offsets=st.sampled_from(["int", "tensor"]),
+       packed=st.booleans(), spare=st.integers(0, 3), inplace=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_apply_rotary_emb_calls(b, s, h, d, half, interleaved, offsets, packed, spare, inplace, seed,
+                                       cpu_backend):
+    """Dense or packed x (sequences of random lengths, spare rows past cu_seqlens[-1] left as they are), int or
+    per-sequence offsets, partial rotary dims, in place or not: against the float64 oracle."""
+    g = torch.Generator().manual_seed(seed)
+    rd = 2 * min(half, d // 2)
+    lens = torch.randint(0, s + 1, (b,), generator=g).tolist()
+    off = (int(torch.randint(0, 5, (1,), generator=g)) if offsets == "int" else
+           torch.randint(0, 5, (b,), generator=g))
+    rows = s + 5
+    cos, sin = _tables(g, rows, rd // 2)
+    if packed:
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        x = torch.randn(int(cu[-1]) + spare, h, d, generator=g)
+        offs = off if isinstance(off, torch.Tensor) else torch.full((b,), off)
+        pos = torch.cat([torch.arange(n) + o for n, o in zip(lens, offs.tolist())]).long()
+        kw = dict(cu_seqlens=cu, max_seqlen=max(lens))
+        n_real = int(cu[-1])
+    else:
+        x = torch.randn(b, s, h, d, generator=g)
+        pos = _positions(b, s, off)
+        kw = {}
+        n_real = None
+    x0 = x.clone()
+    out = apply_rotary_emb(x, cos, sin, interleaved, inplace, off, **kw)
+    assert (out is x) == inplace and out.shape == x0.shape
+    real = out if n_real is None else out[:n_real]
+    src = x0 if n_real is None else x0[:n_real]
+    torch.testing.assert_close(real.double(), _oracle(src, cos, sin, pos, interleaved), rtol=0, atol=2e-6)
+    if n_real is not None:
+        assert torch.equal(out[n_real:], x0[n_real:])
+
+
+@_one_backend
+@given(b=st.integers(1, 2), s=st.integers(1, 6), hq=st.integers(1, 4), hk=st.integers(1, 2),
+       d=st.sampled_from([8, 16]), layout=st.sampled_from(["5d", "4d", "kv"]), xpos=st.booleans(),
+       interleaved=st.booleans(), offset=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_random_in_place_calls(b, s, hq, hk, d, layout, xpos, interleaved, offset, seed, cpu_backend):
+    """apply_rotary_emb_qkv_ (5-D and GQA-packed) and apply_rotary_emb_kv_ with random shapes, separate k tables
+    or not: q/k parts against the oracle, v untouched, the same tensor returned."""
+    g = torch.Generator().manual_seed(seed)
+    cos, sin = _tables(g, s + 4, d // 4)
+    cos_k, sin_k = (t * 1.25 for t in _tables(g, s + 4, d // 4)) if xpos else (None, None)
+    pos = _positions(b, s, offset)
+    if layout == "5d":
+        x = torch.randn(b, s, 3, hq, d, generator=g)
+        parts = lambda t: (t[:, :, 0], t[:, :, 1], t[:, :, 2])  # noqa: E731
+        call = lambda: apply_rotary_emb_qkv_(x, cos, sin, cos_k, sin_k, interleaved, offset)  # noqa: E731
+    elif layout == "4d":
+        x = torch.randn(b, s, hq * hk + 2 * hk, d, generator=g)
+        parts = lambda t: t.split([hq * hk, hk, hk], dim=2)  # noqa: E731
+        call = lambda: apply_rotary_emb_qkv_(x, cos, sin, cos_k, sin_k, interleaved, offset, hq * hk)  # noqa: E731
+    else:
+        x = torch.randn(b, s, 2, hk, d, generator=g)
+        parts = lambda t: (None, t[:, :, 0], t[:, :, 1])  # noqa: E731
+        call = lambda: apply_rotary_emb_kv_(x, cos if cos_k is None else cos_k,  # noqa: E731
+                                            sin if sin_k is None else sin_k, interleaved, offset)
+    q0, k0, v0 = (None if t is None else t.clone() for t in parts(x))
+    assert call() is x
+    q, k, v = parts(x)
+    ck, sk = (cos, sin) if cos_k is None else (cos_k, sin_k)
+    if q0 is not None:
+        torch.testing.assert_close(q.double(), _oracle(q0, cos, sin, pos, interleaved), rtol=0, atol=2e-6)
+    torch.testing.assert_close(k.double(), _oracle(k0, ck, sk, pos, interleaved), rtol=0, atol=2e-6)
+    assert torch.equal(v, v0)
