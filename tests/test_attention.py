@@ -118,6 +118,20 @@ def test_lse_is_differentiable(dtype):
     _check_against_oracle(*_qkv(2, 37, 29, 4, 2, 32, dtype), causal=True, use_lse_grad=True)
 
 
+def test_empty_sequences_backward_with_an_expanded_gradient():
+    """Zero tokens (dense S = 0, and a packed batch of empty sequences): forward and backward run, and
+    ``out.sum().backward()`` hands the backward an expanded gradient (every stride 0), which an empty tensor's
+    checks must not refuse."""
+    x = torch.randn(2, 0, 2, 16, requires_grad=True)
+    ring_attn.flash_attn_func(x, x, x, causal=True).sum().backward()
+    assert x.grad.shape == x.shape
+    xv = torch.randn(0, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    out, lse = ring_attn.flash_attn_varlen_func(xv, xv, xv, cu, cu, 0, 0, causal=True, return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    assert xv.grad.shape == xv.shape and lse.shape == (2, 0)
+
+
 def test_rows_that_see_no_key():
     # causal with s_q > s_k: query i sees keys j <= i - 7, so the first 7 rows see nothing
     q, k, v = _qkv(1, 40, 33, 2, 1, 16, torch.float32)
