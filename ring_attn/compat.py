@@ -46,8 +46,8 @@ import torch
 import torch.distributed as dist
 
 from ring_attn.integrations.hf_adapter import substitute_hf_flash_attn, update_ring_flash_attn_params, use_ring_attn
-from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
-from ring_attn.ring.attention import ring_attn_func, ring_attn_varlen_func
+from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens, signature_kind
+from ring_attn.ring.attention import raise_with_the_group, ring_attn_func, ring_attn_varlen_func, ring_signature_kind
 
 __all__ = [
     "ring_flash_attn_func",
@@ -89,9 +89,32 @@ def _world(group) -> int:
     return dist.get_world_size(group)
 
 
+# the call the other ranks make, whose signature exchange a rank failing compat's own checks joins
+_KINDS = {"dense": lambda: ring_signature_kind(False), "varlen": lambda: ring_signature_kind(True),
+          "allgather": signature_kind}
+
+
+def _on_every_rank(target: str, group, q, check):
+    """``check()``, compat's own argument checks before a ``target`` call (``"dense"``, ``"varlen"``,
+    ``"allgather"``); when they raise, the error is raised after joining that call's signature exchange, so the
+    other ranks raise ValueError naming this rank instead of waiting for it."""
+    try:
+        return check()
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise_with_the_group(exc, group, q, *_KINDS[target]())
+
+
 def _varlen(name, layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
             alibi_slopes, deterministic, return_attn_probs, group):
     """Local cu_seqlens/max_seqlen (ring-flash-attn's) -> global ones (ring_attn_varlen_func's)."""
+    world = _on_every_rank("varlen", group, q, lambda: _check_varlen(name, layout, cu_seqlens, max_seqlen, group))
+    return ring_attn_varlen_func(q, k, v, cu_seqlens * world, max_seqlen * world, dropout_p, softmax_scale, causal,
+                                 window_size, 0.0, alibi_slopes, deterministic, return_attn_probs, group,
+                                 layout=layout)
+
+
+def _check_varlen(name, layout, cu_seqlens, max_seqlen, group) -> int:
+    """compat's own checks of ring-flash-attn's local ``cu_seqlens`` / ``max_seqlen``; returns the world size."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name}: cu_seqlens must be an int32 tensor of local boundaries, got "
                         f"{type(cu_seqlens).__name__}")
@@ -108,20 +131,24 @@ def _varlen(name, layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_sc
                                  f"ring_attn.ring_attn_varlen_func with the global cu_seqlens)")
     if isinstance(max_seqlen, bool):
         raise TypeError(f"{name}: max_seqlen must be an int, got {max_seqlen!r}")
-    return ring_attn_varlen_func(q, k, v, cu_seqlens * world, max_seqlen * world, dropout_p, softmax_scale, causal,
-                                 window_size, 0.0, alibi_slopes, deterministic, return_attn_probs, group,
-                                 layout=layout)
+    return world
 
 
-def _split(name, packed, n, dense):
-    """qkv ``[b, s, 3, h, d]`` / kv ``[b, s, 2, h, d]`` (varlen: without ``b``) -> views of q, k, v."""
+def _split(name, packed, n, target, group):
+    """qkv ``[b, s, 3, h, d]`` / kv ``[b, s, 2, h, d]`` (varlen and allgather targets: without ``b``) -> views of
+    q, k, v; a bad shape raises on every rank (:func:`_on_every_rank`)."""
+    dense = target == "dense"
     ndim = 5 if dense else 4
     what = "qkv" if n == 3 else "kv"
-    if not isinstance(packed, torch.Tensor) or packed.dim() != ndim or packed.shape[ndim - 3] != n:
-        shape = ("[batch, seqlen, " if dense else "[total_tokens, ") + f"{n}, heads, head_dim]"
-        got = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
-        raise ValueError(f"{name}: {what} must be {shape}, got {got}")
-    return packed.unbind(ndim - 3)
+
+    def check():
+        if not isinstance(packed, torch.Tensor) or packed.dim() != ndim or packed.shape[ndim - 3] != n:
+            shape = ("[batch, seqlen, " if dense else "[total_tokens, ") + f"{n}, heads, head_dim]"
+            got = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
+            raise ValueError(f"{name}: {what} must be {shape}, got {got}")
+        return packed.unbind(ndim - 3)
+
+    return _on_every_rank(target, group, packed, check)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +167,7 @@ def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fals
 def ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                                   alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
     """:func:`ring_flash_attn_func` with ``kv`` ``[b, S/W, 2, h_kv, d]``."""
-    k, v = _split("ring_flash_attn_kvpacked_func", kv, 2, True)
+    k, v = _split("ring_flash_attn_kvpacked_func", kv, 2, "dense", group)
     return _dense("ring_flash_attn_kvpacked_func", "contiguous", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
 
@@ -148,7 +175,7 @@ def ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, caus
 def ring_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
     """:func:`ring_flash_attn_func` with ``qkv`` ``[b, S/W, 3, h, d]``."""
-    q, k, v = _split("ring_flash_attn_qkvpacked_func", qkv, 3, True)
+    q, k, v = _split("ring_flash_attn_qkvpacked_func", qkv, 3, "dense", group)
     return _dense("ring_flash_attn_qkvpacked_func", "contiguous", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
 
@@ -167,7 +194,7 @@ def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_
                                          causal=False, window_size=(-1, -1), alibi_slopes=None,
                                          deterministic=False, return_attn_probs=False, group=None):
     """:func:`ring_flash_attn_varlen_func` with ``kv`` ``[t_local, 2, h_kv, d]``."""
-    k, v = _split("ring_flash_attn_varlen_kvpacked_func", kv, 2, False)
+    k, v = _split("ring_flash_attn_varlen_kvpacked_func", kv, 2, "varlen", group)
     return _varlen("ring_flash_attn_varlen_kvpacked_func", "contiguous", q, k, v, cu_seqlens, max_seqlen,
                    dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
                    group)
@@ -177,7 +204,7 @@ def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p
                                           causal=False, window_size=(-1, -1), alibi_slopes=None,
                                           deterministic=False, return_attn_probs=False, group=None):
     """:func:`ring_flash_attn_varlen_func` with ``qkv`` ``[t_local, 3, h, d]``."""
-    q, k, v = _split("ring_flash_attn_varlen_qkvpacked_func", qkv, 3, False)
+    q, k, v = _split("ring_flash_attn_varlen_qkvpacked_func", qkv, 3, "varlen", group)
     return _varlen("ring_flash_attn_varlen_qkvpacked_func", "contiguous", q, k, v, cu_seqlens, max_seqlen,
                    dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
                    group)
@@ -199,7 +226,7 @@ def zigzag_ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=Non
                                          window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                          return_attn_probs=False, group=None):
     """:func:`zigzag_ring_flash_attn_func` with ``kv`` ``[b, S/W, 2, h_kv, d]``."""
-    k, v = _split("zigzag_ring_flash_attn_kvpacked_func", kv, 2, True)
+    k, v = _split("zigzag_ring_flash_attn_kvpacked_func", kv, 2, "dense", group)
     return _dense("zigzag_ring_flash_attn_kvpacked_func", "zigzag", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
 
@@ -208,7 +235,7 @@ def zigzag_ring_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None
                                           window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                           return_attn_probs=False, group=None):
     """:func:`zigzag_ring_flash_attn_func` with ``qkv`` ``[b, S/W, 3, h, d]``."""
-    q, k, v = _split("zigzag_ring_flash_attn_qkvpacked_func", qkv, 3, True)
+    q, k, v = _split("zigzag_ring_flash_attn_qkvpacked_func", qkv, 3, "dense", group)
     return _dense("zigzag_ring_flash_attn_qkvpacked_func", "zigzag", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
 
@@ -227,7 +254,7 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, d
                                                 causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                 deterministic=False, return_attn_probs=False, group=None):
     """:func:`zigzag_ring_flash_attn_varlen_func` with ``kv`` ``[t_local, 2, h_kv, d]``."""
-    k, v = _split("zigzag_ring_flash_attn_varlen_kvpacked_func", kv, 2, False)
+    k, v = _split("zigzag_ring_flash_attn_varlen_kvpacked_func", kv, 2, "varlen", group)
     return _varlen("zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag", q, k, v, cu_seqlens, max_seqlen,
                    dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
                    group)
@@ -237,7 +264,7 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dr
                                                  causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                  deterministic=False, return_attn_probs=False, group=None):
     """:func:`zigzag_ring_flash_attn_varlen_func` with ``qkv`` ``[t_local, 3, h, d]``."""
-    q, k, v = _split("zigzag_ring_flash_attn_varlen_qkvpacked_func", qkv, 3, False)
+    q, k, v = _split("zigzag_ring_flash_attn_varlen_qkvpacked_func", qkv, 3, "varlen", group)
     return _varlen("zigzag_ring_flash_attn_varlen_qkvpacked_func", "zigzag", q, k, v, cu_seqlens, max_seqlen,
                    dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
                    group)
@@ -258,7 +285,7 @@ def stripe_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fa
 def stripe_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
     """:func:`stripe_flash_attn_func` with ``kv`` ``[b, S/W, 2, h_kv, d]``."""
-    k, v = _split("stripe_flash_attn_kvpacked_func", kv, 2, True)
+    k, v = _split("stripe_flash_attn_kvpacked_func", kv, 2, "dense", group)
     return _dense("stripe_flash_attn_kvpacked_func", "striped", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
 
@@ -266,7 +293,7 @@ def stripe_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, ca
 def stripe_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                                      alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
     """:func:`stripe_flash_attn_func` with ``qkv`` ``[b, S/W, 3, h, d]``."""
-    q, k, v = _split("stripe_flash_attn_qkvpacked_func", qkv, 3, True)
+    q, k, v = _split("stripe_flash_attn_qkvpacked_func", qkv, 3, "dense", group)
     return _dense("stripe_flash_attn_qkvpacked_func", "striped", q, k, v, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, return_attn_probs, group)
 
@@ -300,7 +327,7 @@ def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, ma
                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
                                            deterministic=False, return_attn_probs=False, group=None):
     """:func:`llama3_flash_attn_varlen_func` with ``kv`` ``[total/W, 2, h_kv, d]``."""
-    k, v = _split("llama3_flash_attn_varlen_kvpacked_func", kv, 2, False)
+    k, v = _split("llama3_flash_attn_varlen_kvpacked_func", kv, 2, "allgather", group)
     return allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
                                       alibi_slopes, deterministic, return_attn_probs, group)
@@ -311,7 +338,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max
                                             causal=False, window_size=(-1, -1), alibi_slopes=None,
                                             deterministic=False, return_attn_probs=False, group=None):
     """:func:`llama3_flash_attn_varlen_func` with ``qkv`` ``[total/W, 3, h, d]``."""
-    q, k, v = _split("llama3_flash_attn_varlen_qkvpacked_func", qkv, 3, False)
+    q, k, v = _split("llama3_flash_attn_varlen_qkvpacked_func", qkv, 3, "allgather", group)
     return allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
                                       alibi_slopes, deterministic, return_attn_probs, group)

@@ -727,6 +727,21 @@ def _mismatch_case(rank, world, group, store):
     qp, kp, vp = (torch.randn(8, 2, HEAD_DIM) for _ in range(3))
     attempt("raised_local_varlen", lambda: ring_attn.ring_attn_varlen_func(
         qp, kp, vp, cu, 4 * world if rank else 1, causal=True, group=group))  # max_seqlen too small on rank 0
+    # compat's own checks (ring-flash-attn's local cu_seqlens, packed kv) and llama3's run before the ring call's:
+    # one bad rank still raises on every rank instead of leaving the others in the signature exchange
+    from ring_attn import compat
+
+    qz, kz, vz = (torch.randn(8, 2, HEAD_DIM) for _ in range(3))
+    cu_local = torch.tensor([0, 3, 8] if rank == 0 else [0, 4, 8], dtype=torch.int32)  # odd length on rank 0
+    attempt("raised_compat_varlen", lambda: compat.zigzag_ring_flash_attn_varlen_func(
+        qz, kz, vz, cu_local, 4, causal=True, group=group))
+    qd, kv = torch.randn(1, 12, 2, HEAD_DIM), torch.randn(1, 12, 3 if rank == 0 else 2, 2, HEAD_DIM)
+    attempt("raised_compat_packed", lambda: compat.zigzag_ring_flash_attn_kvpacked_func(qd, kv, causal=True,
+                                                                                        group=group))
+    cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(
+        torch.tensor([0, 5, 8 * world], dtype=torch.int32), True, rank, world)
+    attempt("raised_compat_llama3", lambda: compat.llama3_flash_attn_varlen_func(
+        qz, kz, vz, cq, ck, mq, mk, 1, ks, 0.1 if rank == 0 else 0.0, None, True, group=group))
     # a signature every rank has validated, then rank 0 alone goes bad: under RING_ATTN_VALIDATE=every the ranks
     # compare at every call, so this raises everywhere too (under the default it would wait for a timeout)
     with backends.force("reference"):

@@ -309,7 +309,8 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         assert st["after"] == world
         # one rank's own bad argument: that rank raises its error, every other rank a ValueError naming it
         for label, own in (("raised_local", "softmax_scale"), ("raised_local_varlen", "max_seqlen"),
-                           ("raised_every", "window_size")):
+                           ("raised_compat_varlen", "has odd length 3"), ("raised_compat_packed", "kv must be"),
+                           ("raised_compat_llama3", "dropout_p=0.1"), ("raised_every", "window_size")):
             etype, msg = st[label]
             if rank == 0:
                 assert own in msg, (label, msg)

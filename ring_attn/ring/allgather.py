@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_cu_seqlens_form, check_qkv, check_scale
 from ring_attn.ops.attention_block import attention_block_backward, attention_block_forward, attention_delta
-from ring_attn.ring.attention import (FAILED, check_backend, check_flash_args, failed_signature,
-                                      failure_exchange_target, group_info, validate_across_ranks)
+from ring_attn.ring.attention import (FAILED, check_backend, check_flash_args, group_info, raise_with_the_group,
+                                      validate_across_ranks)
 
 __all__ = ["prepare_cu_seqlens", "allgather_attn_varlen_func"]
 
@@ -211,28 +211,28 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         TypeError / ValueError for bad arguments, on every rank when the ranks disagree on shapes, dtype, causal,
         heads_k_stride, window, ALiBi or scale; all before the first K/V collective.
     """
-    causal, window, softcap = check_flash_args(_NAME, dropout_p, causal, window_size, softcap, alibi_slopes,
-                                                deterministic, return_attn_probs, group)
-    pg, _rank, world = group_info(group)
     try:  # a rank whose own arguments are bad must not leave the others waiting in a collective
+        causal, window, softcap = check_flash_args(_NAME, dropout_p, causal, window_size, softcap, alibi_slopes,
+                                                    deterministic, return_attn_probs, group)
+        pg, _rank, world = group_info(group)
         local = _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                              local_k_slice, softmax_scale, causal, window, window_size, alibi_slopes, softcap,
                              world)
         backend, device, sig = check_backend(pg, q.device), q.device, [_SIG_KIND] + local["sig"]
-        failed = None
     except (TypeError, ValueError, NotImplementedError) as exc:
-        failed = exc
-        joined = failure_exchange_target(group, q)
-        if joined is None:
-            raise
-        _pg, backend, device = joined
-        sig = failed_signature([_SIG_KIND], _SIG_LEN)
+        raise_with_the_group(exc, group, q, *signature_kind())
     validate_across_ranks(_NAME, pg, backend, device, sig, describe=_describe,
                           what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
-                               "alibi_slopes or none, softmax_scale and softcap, all valid", failed=failed)
+                               "alibi_slopes or none, softmax_scale and softcap, all valid")
     out, lse = _AllGatherVarlen.apply(q, k, v, local["seqs"], local["stride"], local["k_slice"], local["scale"],
                                       causal, window, softcap, local["alibi"], pg, backend, world)
     return (out, lse, None) if return_attn_probs else out
+
+
+def signature_kind() -> tuple[list[int], int]:
+    """``(prefix, length)`` of the signature :func:`allgather_attn_varlen_func` exchanges (for
+    ``ring_attn.ring.attention.raise_with_the_group``)."""
+    return [_SIG_KIND], _SIG_LEN
 
 
 def _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,

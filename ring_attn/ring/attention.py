@@ -651,6 +651,26 @@ def failure_exchange_target(group, q):
     return pg, backend, q.device if on_gpu else torch.device("cuda", torch.cuda.current_device())
 
 
+def raise_with_the_group(exc: BaseException, group, q, prefix: list[int], length: int) -> None:
+    """Raise ``exc`` (this rank's own check failed) after joining the signature exchange that the other ranks'
+    call makes with :func:`failed_signature` (``prefix``, ``length``: that call's signature kind and length, e.g.
+    :func:`ring_signature_kind`), so every other rank raises ValueError naming this rank instead of waiting for it
+    in the exchange. Without a usable group (then every rank fails alike) ``exc`` is raised at once."""
+    joined = failure_exchange_target(group, q)
+    if joined is None:
+        raise exc
+    pg, backend, device = joined
+    validate_across_ranks("", pg, backend, device, failed_signature(prefix, length), failed=exc)
+    raise exc  # not reached: the exchange raises ``exc`` itself
+
+
+def ring_signature_kind(varlen: bool) -> tuple[list[int], int]:
+    """``(prefix, length)`` of the signature :func:`ring_attn_func` (``varlen=False``) or
+    :func:`ring_attn_varlen_func` exchanges: what a caller that fails before reaching them passes to
+    :func:`raise_with_the_group`."""
+    return [_SIG_MAGIC, int(varlen)], _SIG_LEN
+
+
 def _validate_or_raise(name, validate, group, q, kind, make_sig, failed):
     """The cross-rank check of a ring call whose local checks ran: ``make_sig()`` where they passed,
     :func:`failed_signature` where they raised ``failed`` (which is raised after the exchange)."""
@@ -658,15 +678,10 @@ def _validate_or_raise(name, validate, group, q, kind, make_sig, failed):
         if failed is not None:
             raise failed
         return
-    if failed is None:
-        pg, backend, device, sig = make_sig()
-    else:
-        joined = failure_exchange_target(group, q)
-        if joined is None:
-            raise failed
-        pg, backend, device = joined
-        sig = failed_signature([_SIG_MAGIC, kind], _SIG_LEN)
-    validate_across_ranks(name, pg, backend, device, sig, failed=failed)
+    if failed is not None:
+        raise_with_the_group(failed, group, q, *ring_signature_kind(bool(kind)))
+    pg, backend, device, sig = make_sig()
+    validate_across_ranks(name, pg, backend, device, sig)
 
 
 def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
