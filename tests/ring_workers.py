@@ -742,6 +742,16 @@ def _mismatch_case(rank, world, group, store):
         torch.tensor([0, 5, 8 * world], dtype=torch.int32), True, rank, world)
     attempt("raised_compat_llama3", lambda: compat.llama3_flash_attn_varlen_func(
         qz, kz, vz, cq, ck, mq, mk, 1, ks, 0.1 if rank == 0 else 0.0, None, True, group=group))
+    # unshard / unshard_varlen: shards of different shapes, one rank's bad seqlen, different cu_seqlens raise on
+    # every rank (a small signature gather first) instead of hanging or aborting in the data gather
+    attempt("raised_unshard_shape", lambda: ring_attn.unshard(torch.randn(1, 6 if rank == 0 else 4, 2), 1, group))
+    attempt("raised_unshard_seqlen", lambda: ring_attn.unshard(torch.randn(1, 4, 2), 1, group,
+                                                                seqlen=1 if rank == 0 else 4 * world))
+    from ring_attn.ring.layout import unshard_varlen
+
+    cu_u = [0, 2 * world, 6 * world] if rank == 0 else [0, 4 * world, 6 * world]
+    attempt("raised_unshard_varlen", lambda: unshard_varlen(torch.randn(6, 2), torch.tensor(cu_u), 0, group))
+    store["unshard_ok"] = ring_attn.unshard(torch.full((1, 2, 1), float(rank)), 1, group).flatten().tolist()
     # a signature every rank has validated, then rank 0 alone goes bad: under RING_ATTN_VALIDATE=every the ranks
     # compare at every call, so this raises everywhere too (under the default it would wait for a timeout)
     with backends.force("reference"):

@@ -317,6 +317,14 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
             else:
                 assert etype == "ValueError" and "rank 0: invalid arguments (raised on that rank)" in msg, (label, msg)
             assert st[label + "_seconds"] < 10.0
+        for label in ("raised_unshard_shape", "raised_unshard_varlen"):
+            etype, msg = st[label]
+            assert etype == "ValueError" and "every rank must pass a shard of the same shape" in msg, (label, msg)
+            assert st[label + "_seconds"] < 10.0
+        assert "rank 0: shape (1, 6, 2)" in st["raised_unshard_shape"][1]
+        etype, msg = st["raised_unshard_seqlen"]
+        assert ("seqlen" in msg) if rank == 0 else "rank 0: invalid arguments (raised on that rank)" in msg, msg
+        assert len(st["unshard_ok"]) == 2 * world  # the group gathers normally afterwards
         assert st["ok_every"] is None
         assert st["raised_mode"][0] == "ValueError" and "RING_ATTN_VALIDATE='sometimes'" in st["raised_mode"][1]
 
