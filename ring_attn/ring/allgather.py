@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_cu_seqlens_form, check_qkv, check_scale
 from ring_attn.ops.attention_block import attention_block_backward, attention_block_forward, attention_delta
-from ring_attn.ring.attention import (FAILED, check_backend, check_flash_args, group_info, raise_with_the_group,
-                                      validate_across_ranks)
+from ring_attn.ring.attention import (FAILED, check_backend, check_flash_args, group_info, named_error,
+                                      raise_with_the_group, validate_across_ranks)
 
 __all__ = ["prepare_cu_seqlens", "allgather_attn_varlen_func"]
 
@@ -95,10 +95,14 @@ def _int(name, val) -> int:
     return val
 
 
+_SIG_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # signature code -> dtype
+
+
 def _describe(sig: list[int]) -> str:
     if sig[1] == FAILED:
         return "invalid arguments (raised on that rank)"
-    return (f"local tokens {sig[1]}, heads q/kv {sig[2]}/{sig[3]}, head_dim {sig[4]}, dtype code {sig[5]}, "
+    dtype = str(_SIG_DTYPES[sig[5]]).replace("torch.", "") if 0 <= sig[5] < len(_SIG_DTYPES) else "?"
+    return (f"local tokens {sig[1]}, heads q/kv {sig[2]}/{sig[3]}, head_dim {sig[4]}, dtype {dtype}, "
             f"causal={bool(sig[6])}, heads_k_stride={sig[7]}, window_size=({sig[8]}, {sig[9]}), "
             f"alibi_slopes={'given' if sig[10] else 'None'}, softmax_scale/softcap digest {sig[11] & 0xFFFF:04x}")
 
@@ -220,7 +224,7 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                              world)
         backend, device, sig = check_backend(pg, q.device), q.device, [_SIG_KIND] + local["sig"]
     except (TypeError, ValueError, NotImplementedError) as exc:
-        raise_with_the_group(exc, group, q, *signature_kind())
+        raise_with_the_group(named_error(_NAME, exc), group, q, *signature_kind())
     validate_across_ranks(_NAME, pg, backend, device, sig, describe=_describe,
                           what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
                                "alibi_slopes or none, softmax_scale and softcap, all valid")
@@ -281,6 +285,6 @@ def _check_local(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     if alibi_slopes is not None:
         alibi = check_alibi_slopes(alibi_slopes, q.device, seqs.starts_q.numel(), h_q, "n_seqs")
     scale_digest = int.from_bytes(hashlib.sha1(repr((scale, softcap)).encode()).digest()[:4], "little")
-    sig = [t, h_q, h_kv, d, [torch.float16, torch.bfloat16, torch.float32].index(q.dtype), int(causal), stride,
+    sig = [t, h_q, h_kv, d, _SIG_DTYPES.index(q.dtype), int(causal), stride,
            window[0], window[1], int(alibi is not None), scale_digest]
     return dict(sig=sig, seqs=seqs, stride=stride, k_slice=k_slice, scale=scale, alibi=alibi)

@@ -651,6 +651,15 @@ def failure_exchange_target(group, q):
     return pg, backend, q.device if on_gpu else torch.device("cuda", torch.cuda.current_device())
 
 
+def named_error(name: str, exc: BaseException) -> BaseException:
+    """``exc`` with its message led by the public function's ``name`` (checks shared with other entry points,
+    e.g. ``check_qkv``, do not know who called them), unless it already is."""
+    text = str(exc)
+    if text.startswith(name) or type(exc) not in (TypeError, ValueError, NotImplementedError):
+        return exc
+    return type(exc)(f"{name}: {text}").with_traceback(exc.__traceback__)
+
+
 def raise_with_the_group(exc: BaseException, group, q, prefix: list[int], length: int) -> None:
     """Raise ``exc`` (this rank's own check failed) after joining the signature exchange that the other ranks'
     call makes with :func:`failed_signature` (``prefix``, ``length``: that call's signature kind and length, e.g.
@@ -931,7 +940,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         real = _check_seqlen(name, seqlen, padded, world, layout, causal, (q, k, v))
         failed = None
     except (TypeError, ValueError, NotImplementedError) as exc:
-        failed = exc
+        failed = named_error(name, exc)
     _validate_or_raise(name, validate, group, q, 0, lambda: (
         pg, backend, q.device, _signature(0, q, k, v, causal, layout, scale, [real], window, softcap, alibi)),
         failed)
@@ -1011,7 +1020,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
                              f"{q.shape[0]} ({tuple(q.shape)}); shard packed inputs with ring_attn.shard_varlen")
         failed = None
     except (TypeError, ValueError, NotImplementedError) as exc:
-        failed = exc
+        failed = named_error(name, exc)
 
     def varlen_signature():
         digest = int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(cu)}q", *cu), digest_size=8).digest(),
