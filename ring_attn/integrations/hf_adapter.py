@@ -48,7 +48,8 @@ import torch
 
 from ring_attn.integrations.hf import refuse_unsupported, sliding_window_size, to_compute_dtype
 from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
-from ring_attn.ring.attention import all_gather_ints, check_backend, group_info
+from ring_attn.ring.attention import check_backend, group_info
+from ring_attn.ring.comm import all_gather_ints
 from ring_attn.ring.comm import weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES, hf_rope_types
 

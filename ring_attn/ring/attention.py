@@ -79,7 +79,7 @@ from ring_attn.ops.attention import (
     flash_attn_func,
     flash_attn_varlen_func,
 )
-from ring_attn.ring.comm import RingComm
+from ring_attn.ring.comm import RingComm, all_gather_ints
 from ring_attn.ring.layout import (
     LAYOUTS,
     check_layout,
@@ -152,6 +152,12 @@ def _plan(layout: str, causal: bool, rank: int, src: int, window: tuple[int, int
     return [_Piece("all", "all", True, 0 if src < rank else -1)]
 
 
+def _band_misses(lo: Optional[int], hi: Optional[int], n_q: int, n_k: int) -> bool:
+    """Whether no key of the ``n_q x n_k`` block lies in the band ``lo <= j - i <= hi`` (None: unbounded)."""
+    return ((hi is not None and lo is not None and lo > hi) or (lo is not None and lo > n_k - 1)
+            or (hi is not None and hi < -(n_q - 1)))
+
+
 def _band_piece(q_part: str, k_part: str, causal: bool, d_hi: Optional[int], d_right: Optional[int],
                 d_lo: Optional[int], n_q: int, n_k: int) -> list[_Piece]:
     """The piece for local rows where key ``j`` is visible to query ``i`` iff ``lo <= j - i <= hi``, with
@@ -161,8 +167,7 @@ def _band_piece(q_part: str, k_part: str, causal: bool, d_hi: Optional[int], d_r
     his = [x for x in ((d_hi if causal else None), d_right) if x is not None]
     hi = min(his) if his else None
     lo = d_lo
-    if (hi is not None and lo is not None and lo > hi) or (lo is not None and lo > n_k - 1) or \
-            (hi is not None and hi < -(n_q - 1)):
+    if _band_misses(lo, hi, n_q, n_k):
         return []
     if hi is not None and hi >= n_k - 1:
         hi = None
@@ -246,18 +251,13 @@ def _striped_alibi_plan(causal: bool, rank: int, src: int, window: tuple[int, in
     lo_w = -((left - delta) // world) if left >= 0 else None  # ceil((delta - left) / W)
     hi_w = (delta + right) // world if right >= 0 else None
     pieces = []
-
-    def visible(lo, hi):  # the band lo <= j - i <= hi (None: unbounded) meets the n_local x n_local block
-        return not ((lo is not None and hi is not None and lo > hi) or (lo is not None and lo > n_local - 1)
-                    or (hi is not None and hi < -(n_local - 1)))
-
     hi = hi0 if hi_w is None else min(hi0, hi_w)
-    if visible(lo_w, hi):
+    if not _band_misses(lo_w, hi, n_local, n_local):
         pieces.append(_Piece("all", "all", True, hi, (-1, -1) if lo_w is None else (hi - lo_w, -1),
                              delta - world * hi))
     if not causal:
         lo = hi0 + 1 if lo_w is None else max(hi0 + 1, lo_w)
-        if visible(lo, hi_w):
+        if not _band_misses(lo, hi_w, n_local, n_local):
             pieces.append(_Piece("all", "all", False, lo, (0, -1 if hi_w is None else hi_w - lo), world * lo - delta))
     return pieces
 
@@ -285,12 +285,19 @@ def _kernel_options(softcap: float, alibi: Optional[torch.Tensor] = None, layout
     return opts
 
 
-def _alibi_lse_shift(addr, alibi: Optional[torch.Tensor], piece: _Piece) -> Optional[torch.Tensor]:
+def _alibi_row_slopes(addr, alibi: Optional[torch.Tensor], layout: str) -> Optional[torch.Tensor]:
+    """The ALiBi slopes per LSE row (``addr.per_row``), made once per call, where pieces carry an
+    ``alibi_shift`` (the striped layout); else None."""
+    return addr.per_row(alibi) if alibi is not None and layout == "striped" else None
+
+
+def _alibi_lse_shift(row_slopes: Optional[torch.Tensor], piece: _Piece) -> Optional[torch.Tensor]:
     """``slope · alibi_shift`` per LSE row for a striped ALiBi piece (None for every other piece): the piece's
-    kernel leaves ``-slope · alibi_shift`` out of every score, so its true LSE is the kernel's minus this."""
-    if alibi is None or not piece.alibi_shift:
+    kernel leaves ``-slope · alibi_shift`` out of every score, so its true LSE is the kernel's minus this.
+    ``row_slopes``: :func:`_alibi_row_slopes`."""
+    if row_slopes is None or not piece.alibi_shift:
         return None
-    return addr.per_row(alibi) * float(piece.alibi_shift)
+    return row_slopes * float(piece.alibi_shift)
 
 
 class _Dense:
@@ -415,6 +422,7 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
                   alibi=None):
     world, rank = comm.world_size, comm.rank
     opts = _kernel_options(softcap, alibi, layout, world)
+    row_slopes = _alibi_row_slopes(addr, alibi, layout)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
     out_acc = lse_acc = None
     if tuple(window) != _NO_WINDOW or alibi is not None:  # pieces may be halves at any step: merge into 0 / -inf
@@ -437,7 +445,7 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
                                                            out_dtype=torch.float32, window=piece.window, **opts)
             else:  # merged into the running fp32 result in the kernel's epilogue
                 lse_v = lse_acc[addr.lse(piece.q_part)]
-                shift = _alibi_lse_shift(addr, alibi, piece)
+                shift = _alibi_lse_shift(row_slopes, piece)
                 if shift is not None:  # merge(acc, blk - shift) = merge(acc + shift, blk) - shift
                     lse_v.add_(shift)
                 attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
@@ -455,6 +463,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
                    softcap=0.0, alibi=None):
     world, rank = comm.world_size, comm.rank
     opts = _kernel_options(softcap, alibi, layout, world)
+    row_slopes = _alibi_row_slopes(addr, alibi, layout)
     delta = attention_delta(dout, out, dlse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv_bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
@@ -480,7 +489,7 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: R
             dv_t.zero_()
         for piece, grp in _pieces(layout, causal, rank, src, window, world, addr, alibi is not None):
             qs, ks, ls = addr.q(piece.q_part), addr.k(piece.k_part), addr.lse(piece.q_part)
-            shift = _alibi_lse_shift(addr, alibi, piece)  # the LSE of the scores the piece's kernel forms
+            shift = _alibi_lse_shift(row_slopes, piece)  # the LSE of the scores the piece's kernel forms
             lse_p = lse[ls] if shift is None else lse[ls] + shift
             attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], lse_p, delta[ls], dq[qs], dk_t[ks],
                                      dv_t[ks], scale, piece.causal, piece.offset,
@@ -584,16 +593,6 @@ def _describe(sig: list[int]) -> str:
     else:
         text += f", seqlen={sig[18]}"
     return text
-
-
-def all_gather_ints(pg, backend: str, device, values: list[int]) -> list[list[int]]:
-    """Every rank's ``values`` (int64, the same count on every rank), in rank order: one small all-gather
-    (on ``device`` under NCCL, on the CPU under gloo) and one host read."""
-    dev = device if backend == "nccl" else torch.device("cpu")
-    mine = torch.tensor(values, dtype=torch.int64, device=dev)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
-    dist.all_gather(parts, mine, group=pg)
-    return [p.tolist() for p in parts]
 
 
 def validate_mode() -> str:

@@ -32,7 +32,7 @@ if dist.is_available():
     except Exception:  # noqa: BLE001 - a build without parts of torch.distributed: nothing to pin it then either
         pass
 
-__all__ = ["RingComm", "weak_group"]
+__all__ = ["RingComm", "all_gather_ints", "weak_group"]
 
 
 def weak_group(group, owner: str):
@@ -144,3 +144,13 @@ class RingComm:
         else:
             for w in works:
                 w.wait()
+
+
+def all_gather_ints(pg, backend: str, device, values: list[int]) -> list[list[int]]:
+    """Every rank's ``values`` (int64, the same count on every rank), in rank order: one small all-gather
+    (on ``device`` under NCCL, on the CPU under gloo) and one host read."""
+    dev = device if backend == "nccl" else torch.device("cpu")
+    mine = torch.tensor(values, dtype=torch.int64, device=dev)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(parts, mine, group=pg)
+    return [p.tolist() for p in parts]

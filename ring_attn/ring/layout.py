@@ -47,6 +47,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ring_attn.ring.comm import all_gather_ints
+
 __all__ = [
     "LAYOUTS",
     "check_layout",
@@ -382,14 +384,10 @@ def _agree_before_gather(name: str, group, x_local, make_sig, failed: Optional[B
     import torch.distributed as dist
 
     backend = str(dist.get_backend(group)).lower()
-    dev = x_local.device if backend == "nccl" and isinstance(x_local, torch.Tensor) else torch.device("cpu")
-    sig = [1] * _AGREE_LEN if failed is not None else make_sig()
-    mine = torch.tensor(sig, dtype=torch.int64, device=dev)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
+    dev = x_local.device if isinstance(x_local, torch.Tensor) else torch.device("cpu")
+    sigs = all_gather_ints(group, backend, dev, [1] * _AGREE_LEN if failed is not None else make_sig())
     if failed is not None:
         raise failed
-    sigs = [p.tolist() for p in parts]
     if any(s != sigs[0] for s in sigs):
         ranks = "; ".join(f"rank {i}: {_show_signature(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: every rank must pass a shard of the same shape and dtype, with the same dim, "
