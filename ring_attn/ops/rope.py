@@ -414,14 +414,15 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
 
 
 def _rotary_table_launch(x4: torch.Tensor, out4: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor,
-                         interleaved: bool, backward: bool) -> None:
+                         interleaved: bool, backward: bool, k4: Optional[torch.Tensor] = None) -> None:
     """One table-mode launch rotating ``x4`` ``[B, S, H, D]`` into ``out4`` (the same tensor when in place: the
-    dims past the table's are then left as they are; else copied). The protocol's second tensor is empty."""
-    none = x4[:, :, :0]
-    _select(x4, cos3.shape[-1]).rope(x4, none, out4, out4[:, :, :0], rotary_dim=cos3.shape[-1],
-                                     interleaved=interleaved, backward=backward, copy_pass=out4 is not x4,
-                                     pos2=None, inv_freq=None, scaling=1.0, cos3=cos3, sin3=sin3, qy4=None,
-                                     ky4=None, dtheta=None)
+    dims past the table's are then left as they are; else copied). ``k4``: a second tensor rotated in place by
+    the same tables in the same launch (the protocol's k), else none."""
+    k4 = x4[:, :, :0] if k4 is None else k4
+    kout4 = out4[:, :, :0] if k4.shape[2] == 0 else k4
+    _select(x4, cos3.shape[-1]).rope(x4, k4, out4, kout4, rotary_dim=cos3.shape[-1], interleaved=interleaved,
+                                     backward=backward, copy_pass=out4 is not x4, pos2=None, inv_freq=None,
+                                     scaling=1.0, cos3=cos3, sin3=sin3, qy4=None, ky4=None, dtheta=None)
 
 
 def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, positions, interleaved: bool,
@@ -621,9 +622,7 @@ def _rotate_parts_launch(t: torch.Tensor, split, tq, tk, interleaved: bool, back
     same tables ``tq``, else one per view."""
     q4, k4 = split(t)
     if tk is None:
-        _select(q4, tq[0].shape[-1]).rope(q4, k4, q4, k4, rotary_dim=tq[0].shape[-1], interleaved=interleaved,
-                                          backward=backward, copy_pass=False, pos2=None, inv_freq=None,
-                                          scaling=1.0, cos3=tq[0], sin3=tq[1], qy4=None, ky4=None, dtheta=None)
+        _rotary_table_launch(q4, q4, *tq, interleaved, backward, k4=k4)
         return
     for part, (c3, s3) in ((q4, tq), (k4, tk)):
         if part.shape[2]:
