@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from ring_attn.ops.rope import apply_rotary_emb, rotate_parts_
+from ring_attn.ops.rope import apply_rotary_emb, check_rotary_x, rotate_parts_
 
 __all__ = ["RotaryEmbedding", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
            "apply_rotary_emb_qkv_"]
@@ -37,14 +37,6 @@ def _qkv_split(num_heads_q: Optional[int], num_heads_k: int):
 def _split_k(t: torch.Tensor):
     k = t[:, :, 0]
     return k, k[:, :, :0]
-
-
-def _check_packed(name: str, x, layout: str, dims: tuple[int, ...]) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor {layout}, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() not in dims:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
 
 
 def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False,
@@ -71,7 +63,7 @@ def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=Fal
         reaches past a table (flash-attn leaves such tokens unrotated).
     """
     layout = "[batch, seqlen, 3, heads, head_dim] or [batch, seqlen, num_heads_q + 2 * num_heads_k, head_dim]"
-    _check_packed("qkv", qkv, layout, (4, 5))
+    check_rotary_x("qkv", qkv, (4, 5), layout)
     if qkv.dim() == 5:
         if qkv.shape[2] != 3:
             raise ValueError(f"qkv must be {layout}, got shape {tuple(qkv.shape)} (dim 2 must be 3)")
@@ -105,7 +97,7 @@ def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets: Union[
         to kv when it is not a leaf.
     """
     layout = "[batch, seqlen, 2, heads, head_dim]"
-    _check_packed("kv", kv, layout, (5,))
+    check_rotary_x("kv", kv, (5,), layout)
     if kv.shape[2] != 2:
         raise ValueError(f"kv must be {layout}, got shape {tuple(kv.shape)} (dim 2 must be 2)")
     return rotate_parts_(kv, _split_k, kv.shape[-1], cos, sin, None, None, interleaved, seqlen_offsets,

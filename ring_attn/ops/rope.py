@@ -32,7 +32,8 @@ import torch
 from ring_attn import backends, reference
 from ring_attn.ops._dispatch import traced
 
-__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "rotate_by_tables", "rotate_parts_"]
+__all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "check_rotary_x", "rotate_by_tables",
+           "rotate_parts_"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -526,11 +527,13 @@ def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen):
     return pos, inside, None
 
 
-def _check_rotary_x(name: str, x, dims: int, layout: str) -> None:
+def check_rotary_x(name: str, x, dims, layout: str) -> None:
+    """``x`` for the flash-attn rotary functions: a float16/bfloat16/float32/float64 tensor (TypeError) with
+    ``dims`` dimensions (an int or a tuple of the accepted counts), else ValueError showing ``layout``."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _STORAGE_DTYPES:
-        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got "
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor {layout}, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() != dims:
+    if x.dim() not in ((dims,) if isinstance(dims, int) else dims):
         raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
 
 
@@ -602,8 +605,8 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         ``seqlen_ro`` (flash-attn leaves such tokens unrotated; here it is an error: on the host when the
         offsets are an int or CPU tensors, a device-side assert otherwise).
     """
-    _check_rotary_x("x", x, 3 if cu_seqlens is not None else 4,
-                    "[batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with cu_seqlens)")
+    check_rotary_x("x", x, 3 if cu_seqlens is not None else 4,
+                   "[batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with cu_seqlens)")
     rotary_dim = _check_rotary_tables(x, cos, sin)
     interleaved, inplace = bool(interleaved), bool(inplace)
     pos, inside = _rotary_rows(x, (cos,), seqlen_offsets, cu_seqlens, max_seqlen, "apply_rotary_emb")
