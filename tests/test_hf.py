@@ -11,6 +11,7 @@ Both transformers 4.48 and 5.x run this module (see docs/hf.md).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -420,12 +421,14 @@ def test_padding_is_analysed_once_per_forward_and_again_after_an_in_place_change
     assert len(built) == 2, built  # two forwards, each with several layers: one plan each
     # the cache on a mask tensor follows in-place changes (transformers >= 4.53 hands the layers a fresh mask per
     # forward, older releases the caller's own tensor)
-    keep = hf._padding(mask, 10)
-    assert keep is hf._padding(mask, 10) and padding_ops.unpad_plan(keep, 10) is padding_ops.unpad_plan(keep, 10)
+    keep, n = hf._padding(mask, 10)
+    assert n == 10 and keep is hf._padding(mask, 10)[0]
+    assert padding_ops.unpad_plan(keep, 10) is padding_ops.unpad_plan(keep, 10)
     mask.fill_(1)
-    assert hf._padding(mask, 10) is None
+    assert hf._padding(mask, 10) == (None, 10)
     mask[1, 7:] = 0
-    assert torch.equal(hf._padding(mask, 10), mask.bool())
+    assert torch.equal(hf._padding(mask, 10)[0], mask.bool())
+    assert hf._padding(mask[:, :6], 10)[1] == 6  # a static cache's filled slots: the attention uses 6 keys
 
 
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa"])
@@ -438,7 +441,13 @@ def test_batched_generation_with_left_padding_equals_stock(model_name):
     mask[0, :3] = 0
     mask[2, :6] = 0
     ids = ids * mask  # pad token 0
-    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    _assert_generates_as_stock(model, ids, mask)
+
+
+def _assert_generates_as_stock(model, ids, mask, max_new_tokens=5, **kw):
+    """Greedy ``generate`` patched and stock: the same tokens, and every step's logits within 1e-4."""
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True, **kw)
     ref = model.generate(ids, attention_mask=mask, **kw)
     with hf.patch_hf(model):
         out = model.generate(ids, attention_mask=mask, **kw)
@@ -648,25 +657,97 @@ def test_mask_function_refuses_masks_the_kernels_cannot_express():
 def test_mask_function_alignment_both_signatures():
     """The mask function takes transformers 5.x's ``q_length``/``q_offset`` and 4.53-4.57's ``cache_position``;
     queries that are the last keys, or one query that sees every key (4.x Phi-3 runs a lone token after dropping
-    its cache at the LongRoPE switch), pass; earlier queries (a static cache) are refused, eagerly and, as a
-    device-side assert, under torch.compile."""
+    its cache at the LongRoPE switch), pass. Queries ending before the last key are a static cache's (slots
+    past the queries are empty): the mask of the filled slots is returned, also when nothing is padded, as
+    flash_attention_2's mask function does. Queries past the keys are refused, eagerly and, as a device-side
+    assert, under torch.compile."""
+    cpu = torch.device("cpu")
     with hf.patch_hf(build("llama")):
-        for q_len, q_start, kv_len, ok in [(3, 5, 8, True), (1, 7, 8, True), (1, 12, 1, True), (3, 4, 8, False),
-                                           (1, 3, 8, False), (2, 12, 1, False)]:
-            for kw in (dict(q_length=q_len, q_offset=q_start),
+        for q_len, q_start, kv_len, filled in [(3, 5, 8, None), (1, 7, 8, None), (1, 12, 1, None), (3, 4, 8, 7),
+                                               (1, 3, 8, 4), (2, 12, 1, "refused")]:
+            for kw in (dict(q_length=q_len, q_offset=q_start, device=cpu),
                        dict(cache_position=torch.arange(q_start, q_start + q_len))):
-                if ok:
+                if filled == "refused":
+                    with pytest.raises(NotImplementedError, match="not the last"):
+                        hf.ring_attn_mask(1, kv_length=kv_len, **kw)
+                elif filled is None:
                     assert hf.ring_attn_mask(1, kv_length=kv_len, **kw) is None
                 else:
-                    with pytest.raises(NotImplementedError, match="static cache"):
-                        hf.ring_attn_mask(1, kv_length=kv_len, **kw)
+                    assert torch.equal(hf.ring_attn_mask(1, kv_length=kv_len, **kw), torch.ones(1, filled).bool())
+        # a static cache's caller mask: covering the filled slots (generate's), or every slot (cut), else refused
+        pad = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0]])
+        kw = dict(q_length=3, q_offset=4, kv_length=8, device=cpu)
+        assert torch.equal(hf.ring_attn_mask(1, attention_mask=pad[:, :7], **kw), pad[:, :7].bool())
+        assert torch.equal(hf.ring_attn_mask(1, attention_mask=pad, **kw), pad[:, :7].bool())
+        with pytest.raises(NotImplementedError, match="covers 5"):
+            hf.ring_attn_mask(1, attention_mask=pad[:, :5], **kw)
+        with pytest.raises(ValueError, match="covers 6 keys, but the queries see 8"):  # no static cache: too short
+            hf.ring_attn_mask(1, attention_mask=pad[:, :6], q_length=3, q_offset=5, kv_length=8)
         torch._dynamo.reset()
-        compiled = torch.compile(lambda pos, n: (hf.ring_attn_mask(1, kv_length=n, cache_position=pos), pos + 1)[1],
+        compiled = torch.compile(lambda pos, n, m=None: (hf.ring_attn_mask(1, kv_length=n, cache_position=pos,
+                                                                            attention_mask=m), pos + 1),
                                  backend="aot_eager", fullgraph=True)
         compiled(torch.arange(5, 8), 8)
         compiled(torch.tensor([12]), 1)
-        with pytest.raises(RuntimeError, match="static cache"):
+        got, _ = compiled(torch.arange(4, 7), 8, pad[:, :7])  # a static cache with its mask
+        assert torch.equal(got, pad[:, :7].bool())
+        with pytest.raises(RuntimeError, match="does not end at the last query"):
+            compiled(torch.arange(3, 6), 8, pad[:, :7])
+        with pytest.raises(RuntimeError, match="static cache"):  # earlier queries and no mask to say which keys
             compiled(torch.arange(4, 7), 8)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "mistral-swa", "gemma2-swa", "gemma3"])
+@pytest.mark.parametrize("prompt_len", [2, 7])
+def test_generate_with_a_static_cache_equals_stock(model_name, prompt_len):
+    """``cache_implementation="static"``: transformers hands the attention every slot of the preallocated cache,
+    filled only up to the queries. Batched greedy generation with left padding gives stock's tokens and logits
+    at every step; the windowed models' caches are shorter than the window (prompt 2: not yet full, static
+    shape) or cut by it. transformers < 4.53 builds a 4-D mask for a static cache in generate: refused."""
+    if not available(model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name} model")
+    model = build(model_name, attn="oracle")
+    ids = torch.randint(1, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :prompt_len // 2] = 0
+    ids = ids * mask
+    if importlib.util.find_spec("transformers.masking_utils") is None:
+        with hf.patch_hf(model), pytest.raises(NotImplementedError, match="4-D attention_mask|StaticCache"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, cache_implementation="static")
+        return
+    _assert_generates_as_stock(model, ids, mask, max_new_tokens=6, cache_implementation="static")
+
+
+def test_forward_with_a_static_cache_equals_stock():
+    """A forward over a ``StaticCache`` (prefill, then one decoding step), with and without an attention_mask:
+    only the filled slots are attended (transformers < 4.53 included, where an all-ones mask would otherwise
+    reach the attention as None and the empty slots would be attended)."""
+    from transformers import StaticCache
+
+    model = build("llama", attn="oracle")
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
+
+    def new_cache():
+        try:
+            return StaticCache(config=model.config, max_cache_len=16)
+        except TypeError:  # transformers 4.x
+            return StaticCache(config=model.config, batch_size=1, max_cache_len=16, dtype=torch.float32)
+
+    with torch.no_grad():
+        for with_mask in (False, True):
+            outs = []
+            for patched in (False, True):
+                cache = new_cache()
+                with hf.patch_hf(model) if patched else contextlib.nullcontext():
+                    extra = dict(attention_mask=torch.ones(1, 6, dtype=torch.long)) if with_mask else {}
+                    first = model(ids, past_key_values=cache, use_cache=True, **extra).logits
+                    if with_mask:
+                        extra = dict(attention_mask=torch.ones(1, 7, dtype=torch.long))
+                    nxt = model(ids[:, :1], past_key_values=cache, use_cache=True, cache_position=torch.tensor([6]),
+                                **extra).logits
+                outs.append((first, nxt))
+            for a, b in zip(*outs):
+                assert (a - b).abs().max().item() < 1e-4, (with_mask, (a - b).abs().max().item())
 
 
 def test_sliding_window_longer_than_the_sequence_is_full_attention():

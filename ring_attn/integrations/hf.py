@@ -200,31 +200,30 @@ def _refuse_ring_cache(state: _State, detail: str = "") -> None:
 # The attention function (transformers' AttentionInterface signature)
 
 
-def _padding(attention_mask, kv_len: int) -> Optional[torch.Tensor]:
-    """The 2-D keep-mask ``[b, kv_len]`` (True = real token) when it masks anything, else None. Computed once
-    per mask tensor and length (every layer of a forward gets the same mask object: one host read per
-    forward, not one per layer). Under torch.compile the mask whenever there is one (no host read)."""
+def _padding(attention_mask, kv_len: int) -> tuple[Optional[torch.Tensor], int]:
+    """The 2-D keep-mask ``[b, n]`` (True = real token) when it masks anything, else None; and ``n``, the number
+    of keys to use: ``kv_len``, or fewer when the mask is shorter (flash_attention_2's convention: a static
+    cache's filled slots are its first ``n``, see :func:`ring_attn_mask`). Computed once per mask tensor and
+    length (every layer of a forward gets the same mask object: one host read per forward, not one per layer).
+    Under torch.compile the mask whenever there is one (no host read)."""
     if attention_mask is None:
-        return None
+        return None, kv_len
     if attention_mask.dim() != 2:
         raise NotImplementedError(
             f"a {attention_mask.dim()}-D attention_mask {tuple(attention_mask.shape)}: attn_implementation="
-            f"'ring_attn' implements causal attention with a 2-D padding mask only (custom 4-D masks are not "
-            f"supported)")
+            f"'ring_attn' implements causal attention with a 2-D padding mask only (custom 4-D masks, and on "
+            f"transformers < 4.53 generate's mask for a static cache, are not supported)")
     compiling = torch.compiler.is_compiling()
     cache = None if compiling else tensor_cache(attention_mask)
     if cache is not None and ("keep", kv_len) in cache:
         return cache[("keep", kv_len)]
     mask = attention_mask[:, -kv_len:].bool()
-    if mask.shape[1] != kv_len:
-        raise NotImplementedError(f"attention_mask covers {mask.shape[1]} keys but there are {kv_len} "
-                                  f"(a static cache?): not supported by attn_implementation='ring_attn'")
     if compiling:  # whether it pads needs a host read: padded_attention's op finds out (no graph break)
-        return mask
-    keep = None if bool(mask.all()) else mask
+        return mask, mask.shape[1]
+    found = (None if bool(mask.all()) else mask), mask.shape[1]
     if cache is not None:
-        cache[("keep", kv_len)] = keep
-    return keep
+        cache[("keep", kv_len)] = found
+    return found
 
 
 def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: int) -> None:
@@ -268,7 +267,8 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
         module: the attention module (reads ``is_causal``, ``config``).
         query: ``[b, h_q, s_q, d]``; key, value: ``[b, h_kv, s_k, d]`` (transformers' layout), any float dtype
             (cast to the autocast dtype when autocast is on).
-        attention_mask: None, or the 2-D padding mask our mask function returned.
+        attention_mask: None, or the 2-D padding mask our mask function returned (shorter than the keys for a
+            static cache: then only its first keys, the filled slots, are attended).
         dropout, scaling, sliding_window, is_causal: as transformers passes them.
         kwargs: ``position_ids``, ``cu_seq_lens_q`` / ``max_length_q`` (packed sequences), ``use_cache``,
             ``softcap`` (logit soft-capping, e.g. Gemma 2's ``attn_logit_softcapping``; None or 0: off) ...
@@ -297,8 +297,9 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
     q, k, v = to_compute_dtype(*(x.transpose(1, 2) for x in (query, key, value)))  # [b, s, h, d] views
     b, s_q, h_q, d = q.shape
-    s_k = k.shape[1]
-    keep = _padding(attention_mask, s_k)
+    keep, s_k = _padding(attention_mask, k.shape[1])
+    if s_k < k.shape[1]:  # a static cache: its first s_k slots are filled
+        k, v = k[:, :s_k], v[:, :s_k]
     position_ids = kwargs.get("position_ids")
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
@@ -430,11 +431,14 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     positions ``[q_length]`` of the queries).
 
     Returns:
-        None, or the 2-D bool padding mask ``[batch, kv_length]`` (True = real token) when it masks anything.
+        None, or the 2-D bool padding mask ``[batch, kv_length]`` (True = real token) when it masks anything;
+        with a static cache (queries ending before ``kv_length``), the mask ``[batch, filled]`` of the filled
+        slots, always.
 
     Raises:
         NotImplementedError: a mask pattern the kernels cannot express (bidirectional, chunked, block-wise or
-            custom ``or``/``and`` masks), or queries that are not the last ``q_length`` keys (a static cache).
+            custom ``or``/``and`` masks), queries past the last key (other than one query seeing every key), or a
+            static cache's attention_mask that covers neither the filled keys nor every slot.
     """
     if mask_function is None or getattr(_mask_creation, "plain", False):
         names = ["causal_mask_function"]  # a causal / sliding-window creator with no extra mask: nothing to walk
@@ -447,26 +451,59 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     kv_end = int(kv_offset) + int(kv_length)
     # stock masks let query position p see keys j <= p; the kernels align bottom-right (query i of q_length sees
     # local key j <= i + kv_length - q_length). The same keys when the queries are the last keys, or when a single
-    # query sees every key (4.x Phi-3 drops its cache at the LongRoPE switch and runs the next token alone).
+    # query sees every key (4.x Phi-3 drops its cache at the LongRoPE switch and runs the next token alone). A
+    # static cache hands over all kv_length slots, filled up to the queries' end only: the mask then covers the
+    # filled keys (flash_attention_2's convention) and the attention uses just those.
     if cache_position is not None:  # 4.53-4.57: the int64 positions of the queries
         q_length, q_start = cache_position.shape[0], cache_position[0]
     else:
         q_start = q_offset
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -int(kv_length):].bool()
     if torch.compiler.is_compiling() and isinstance(q_start, torch.Tensor):
+        if attention_mask is not None and attention_mask.shape[1] < kv_length and int(kv_offset) == 0:
+            end = attention_mask.shape[1]  # a static cache (the mask's length is a static shape here)
+            torch._assert_async(q_start + q_length == end, "attn_implementation='ring_attn': the attention_mask "
+                                "does not end at the last query (a static cache needs a mask up to the queries)")
+            return attention_mask
         same = q_start + q_length == kv_end
         torch._assert_async(same | (q_start >= kv_end - 1) if q_length == 1 else same,
                             "attn_implementation='ring_attn': the queries are not the last keys of the cache (a "
-                            "static cache?); causal masks align bottom-right")
-    elif not (int(q_start) + q_length == kv_end or (q_length == 1 and int(q_start) >= kv_end - 1)):
+                            "static cache?) and no attention_mask says which keys are filled")
+        # whether it pads needs a host read: the attention's op finds out
+        return attention_mask
+    q_start = int(q_start)
+    if int(kv_offset) == 0 and q_start + q_length < kv_end and q_start >= 0:
+        return _static_cache_mask(attention_mask, batch_size, q_start + q_length, int(kv_length),
+                                  kwargs.get("device", cache_position.device if cache_position is not None else None))
+    if not (q_start + q_length == kv_end or (q_length == 1 and q_start >= kv_end - 1)):
         raise NotImplementedError(
-            f"queries at offset {int(q_start)} (+{q_length}) are not the last of {int(kv_length)} keys at offset "
-            f"{int(kv_offset)} (a static cache?): attn_implementation='ring_attn' aligns causal masks bottom-right")
+            f"queries at offset {q_start} (+{q_length}) are not the last of {int(kv_length)} keys at offset "
+            f"{int(kv_offset)}: attn_implementation='ring_attn' aligns causal masks bottom-right")
+    if attention_mask is None or torch.compiler.is_compiling():  # (whether it pads needs a host read)
+        return attention_mask
+    if attention_mask.shape[1] != kv_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, but the queries see {kv_length}")
+    return None if (attention_mask.shape[1] == kv_length and bool(attention_mask.all())) else attention_mask
+
+
+def _static_cache_mask(attention_mask, batch_size: int, filled: int, kv_length: int, device) -> torch.Tensor:
+    """The 2-D keep-mask ``[batch, filled]`` of a static cache whose first ``filled`` of ``kv_length`` slots hold
+    keys (the rest are empty slots no query may see): the caller's mask when it covers exactly the filled keys
+    (what ``generate`` passes) or all ``kv_length`` slots (then cut), else all True. Returned even when it masks
+    nothing: its length tells the attention how many keys to use."""
     if attention_mask is None:
-        return None
-    mask = attention_mask[:, -kv_length:].bool()
-    if torch.compiler.is_compiling():  # whether it pads needs a host read: the attention's op finds out
-        return mask
-    return None if (mask.shape[1] == kv_length and bool(mask.all())) else mask
+        if device is None:
+            raise NotImplementedError("a static cache without an attention_mask on transformers without the mask "
+                                      "function's device argument: pass attention_mask")
+        return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+    if attention_mask.shape[1] == kv_length:
+        return attention_mask[:, :filled]
+    if attention_mask.shape[1] != filled:
+        raise NotImplementedError(f"a static cache of {kv_length} slots holds {filled} keys, but the "
+                                  f"attention_mask covers {attention_mask.shape[1]} (expected {filled} or "
+                                  f"{kv_length}): attn_implementation='ring_attn' cannot tell which keys are real")
+    return attention_mask
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -597,6 +634,23 @@ def _modeling_modules(model) -> list:
     return out
 
 
+def _static_cache_2d(attention_mask, input_tensor=None, cache_position=None, past_key_values=None, *args, **kwargs):
+    """transformers < 4.53: the 2-D mask of a fixed-size cache's filled slots (:func:`_static_cache_mask`) when
+    ``past_key_values`` is a ``StaticCache`` not yet full, else None. Other fixed-size caches (sliding-window,
+    hybrid) are refused: their slots are not in position order."""
+    size = getattr(past_key_values, "get_max_cache_shape", lambda: None)()
+    if not isinstance(size, int) or cache_position is None or (attention_mask is not None and
+                                                                attention_mask.dim() != 2):
+        return None
+    filled = int(cache_position[-1]) + 1
+    if filled >= size:
+        return None
+    if type(past_key_values).__name__ != "StaticCache":
+        raise NotImplementedError(f"a {type(past_key_values).__name__} on transformers < 4.53 with "
+                                  f"attn_implementation='ring_attn': use a DynamicCache or a StaticCache")
+    return _static_cache_mask(attention_mask, input_tensor.shape[0], filled, size, input_tensor.device)
+
+
 def _make_update_causal_mask(original, padding_2d: bool):
     # transformers < 4.53 builds masks inside the model: for "ring_attn" behave like flash_attention_2 there
     # (the 2-D mask when it pads, else None), so no O(s^2) mask is built and padding still reaches the check.
@@ -604,6 +658,12 @@ def _make_update_causal_mask(original, padding_2d: bool):
     # builder, whose 4-D result the attention refuses with NotImplementedError.
     def _update_causal_mask(self, attention_mask, *args, **kwargs):
         if self.config._attn_implementation == ATTN_IMPLEMENTATION and _active is not None:
+            static = _static_cache_2d(attention_mask, *args, **kwargs)
+            if static is not None:
+                if not padding_2d:  # its layers slice a 4-D mask
+                    raise NotImplementedError(f"a StaticCache with {type(self).__name__} on transformers < 4.53 "
+                                              f"and attn_implementation='ring_attn': use a DynamicCache")
+                return static
             if attention_mask is not None and attention_mask.dim() == 2:
                 if padding_2d and torch.compiler.is_compiling():  # no host read: the attention's op finds out
                     return attention_mask
