@@ -841,14 +841,18 @@ def test_causal_lm_loss_from_hidden_equals_the_loss_on_logits(model_name):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), name
 
 
-@pytest.mark.parametrize("model_name", ["llama-gqa", "gemma2-swa", "granite", "phi3-longrope"])
+@pytest.mark.parametrize("model_name", ["llama-gqa", "gemma2-swa", "gemma3", "granite", "phi3-longrope"])
 @pytest.mark.parametrize("with_counts", [False, True])
 def test_fused_loss_equals_the_stock_loss(model_name, with_counts):
     """patch_hf(model, fused_loss=True): in training with labels the loss comes from the hidden states (logits
     None) and equals stock's, value and every gradient, with transformers' own normalisation: the mean over
     labelled tokens, or the sum over num_items_in_batch (Trainer's gradient accumulation); eval mode and calls
-    without labels are stock."""
-    stock, model = build(model_name).train(), build(model_name).train()
+    without labels are stock. Gemma 3's text model (model_type 'gemma3_text') with a final soft-cap small enough
+    to change its logits."""
+    if not available(model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name} model")
+    extra = dict(final_logit_softcapping=0.05) if model_name == "gemma3" else {}
+    stock, model = build(model_name, **extra).train(), build(model_name, **extra).train()
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()
     labels[0, :4] = -100
@@ -953,12 +957,36 @@ def test_fused_loss_with_a_peft_lora_model(order):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
 
 
+def test_fused_loss_return_dict_and_logits_to_keep_as_stock():
+    """return_dict=False gives a tuple with the loss first, as stock's; logits_to_keep (logits of the last
+    positions only) runs the stock forward, whatever stock makes of it."""
+    stock, model = build("llama").train(), build("llama").train()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    ref = stock(ids, labels=ids, use_cache=False, return_dict=False)
+    with hf.patch_hf(model, fused_loss=True):
+        got = model(ids, labels=ids, use_cache=False, return_dict=False)
+        assert isinstance(got, tuple) and isinstance(ref, tuple)
+        assert abs(got[0].item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
+        for keep in (1, 3):
+            try:
+                want = stock(ids, labels=ids[:, -keep:], use_cache=False, logits_to_keep=keep)
+            except Exception as e:  # noqa: BLE001 (stock's own verdict, whatever it is)
+                with pytest.raises(type(e)):
+                    model(ids, labels=ids[:, -keep:], use_cache=False, logits_to_keep=keep)
+                continue
+            out = model(ids, labels=ids[:, -keep:], use_cache=False, logits_to_keep=keep)
+            assert out.logits.shape == want.logits.shape and torch.allclose(out.loss, want.loss, atol=1e-6,
+                                                                                   equal_nan=True)
+
+
 def test_fused_loss_refusals():
     with pytest.raises(ValueError, match="needs the model"):
         hf.patch_hf(fused_loss=True)
     if available("starcoder2-dynamic"):
         with pytest.raises(NotImplementedError, match="starcoder2"):
             hf.patch_hf(build("starcoder2-dynamic"), fused_loss=True)
+    with pytest.raises(NotImplementedError, match="LlamaModel .*not the causal LM"):  # no head of its own
+        hf.patch_hf(build("llama").model, fused_loss=True)
     model = build("mixtral").train()
     ids = torch.randint(0, VOCAB, (1, 6))
     with hf.patch_hf(model, fused_loss=True):

@@ -687,10 +687,13 @@ _HEAD_ARGS = ("labels", "logits_to_keep", "num_logits_to_keep", "return_dict")  
 
 def _head_transforms(model) -> tuple[torch.Tensor, float, float]:
     """(output embedding weight, logit scale, final soft-cap) of a :data:`MODEL_FAMILIES` causal LM."""
+    # the family is the modeling module's (Gemma 3's text-only model says model_type='gemma3_text'), and only its
+    # causal LM, whose head is the matmul + scale + cap reproduced here (a multimodal model's is not checked)
     config = model.config
-    if getattr(config, "model_type", None) not in MODEL_FAMILIES:
-        raise NotImplementedError(f"model_type={getattr(config, 'model_type', None)!r} is not one of MODEL_FAMILIES "
-                                  f"{MODEL_FAMILIES}: its head may do more than a matmul; use the logits")
+    if type(model).__module__ not in _FAMILY_MODULES or not type(model).__name__.endswith("ForCausalLM"):
+        raise NotImplementedError(f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}) is "
+                                  f"not the causal LM of one of MODEL_FAMILIES {MODEL_FAMILIES}: its head may do "
+                                  f"more than a matmul; use the logits")
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("the output embedding has a bias; use the logits")
@@ -715,8 +718,12 @@ def _make_fused_loss_forward(model, original):
         arguments = dict(signature.bind(*args, **kwargs).arguments)
         extra = dict(arguments.pop(var_kw, None) or {})
         labels = arguments.get("labels")
-        if labels is None:
-            return original(*args, **kwargs)
+        keep = arguments.get("logits_to_keep", extra.get("logits_to_keep", arguments.get("num_logits_to_keep")))
+        if labels is None or not (keep is None or (isinstance(keep, int) and keep == 0)):
+            return original(*args, **kwargs)  # (logits of some positions only: stock's loss over those)
+        return_dict = arguments.get("return_dict", extra.pop("return_dict", None))
+        if return_dict is None:
+            return_dict = getattr(model.config, "use_return_dict", getattr(model.config, "return_dict", True))
         router = arguments.get("output_router_logits", extra.get("output_router_logits"))
         if router or (router is None and getattr(model.config, "output_router_logits", False)):
             raise NotImplementedError("patch_hf(fused_loss=True) with output_router_logits: the router's auxiliary "
@@ -725,7 +732,8 @@ def _make_fused_loss_forward(model, original):
             arguments.pop(name, None)
         shift = extra.pop("shift_labels", None)
         num_items = extra.pop("num_items_in_batch", None)
-        outputs = getattr(model, model.base_model_prefix)(**arguments, **extra)
+        outputs = model.get_decoder()(**arguments, **extra)  # the base model (base_model_prefix is
+        # not its attribute name everywhere: 4.57 Gemma 3 says language_model)
         hidden = outputs[0]
         if shift is None:  # transformers' ForCausalLMLoss: token t predicts label t + 1
             shift = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -741,7 +749,8 @@ def _make_fused_loss_forward(model, original):
         for name in ("cache", "past_key_values"):
             if name in fields:
                 out[name] = getattr(outputs, name, None)
-        return CausalLMOutputWithPast(**out)
+        out = CausalLMOutputWithPast(**out)
+        return out if return_dict else out.to_tuple()  # (the tuple skips logits=None: loss first, as stock's)
 
     forward.__signature__ = signature
     forward._ring_attn_original = original
