@@ -363,6 +363,20 @@ def _errors_case(case, rank, world, store):
             s_local = inputs["input_ids"].shape[1]
             attempt("unsharded positions", lambda: model(input_ids=inputs["input_ids"],
                                                          position_ids=torch.arange(s_local)[None]))
+            # one rank's own refusal: every other rank raises too (the ranks agree before the ring), none waits
+            last = rank == world - 1
+            attempt("padding mask on one rank", lambda: model(**inputs, attention_mask=pad if last else None))
+            attempt("use_cache on one rank", lambda: model(**inputs, use_cache=last))
+            n_local = inputs["input_ids"].shape[1]
+            cu = torch.tensor([0, n_local], dtype=torch.int32)
+            packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n_local, max_length_k=n_local)
+            attempt("packed on one rank", lambda: model(**inputs, **(packed if last else {})))
+            # a position_ids buffer checked once, then rewritten in place with positions numbered from 0
+            buf = inputs["position_ids"].clone()
+            model(input_ids=inputs["input_ids"], position_ids=buf)
+            buf.copy_(torch.arange(n_local)[None] + (1 if rank == 0 else 0))  # rank 0: not the others' offset
+            attempt("position buffer rewritten in place", lambda: model(input_ids=inputs["input_ids"],
+                                                                        position_ids=buf))
         model.train()
         model.config.attention_dropout = 0.1
         for layer in model.model.layers:
@@ -382,6 +396,12 @@ def _errors_case(case, rank, world, store):
         attempt("rotary imported after the patch", lambda: hf.ring_attn_attention_forward(
             late.LateAttention(), q, q, q, None, position_ids=local["position_ids"]))
         del sys.modules[late.__name__]
+    # shards numbered from 0 on every rank (no position_ids): contiguous shards are each a run of positions,
+    # off from the global ones by a different constant per rank
+    contiguous = hf.shard_batch(batch, layout="contiguous")
+    model.eval()
+    with hf.patch_hf(model, group=dist.group.WORLD, layout="contiguous"), torch.no_grad():
+        attempt("contiguous shards without position_ids", lambda: model(input_ids=contiguous["input_ids"]))
     # the group is still usable afterwards (no rank hangs in a collective)
     t = torch.ones(1)
     dist.all_reduce(t)

@@ -99,12 +99,23 @@ def test_ring_refusals(worlds, world):
         "sliding window and use_cache": ("NotImplementedError", "use_cache"),
         "rotary imported after the patch": ("NotImplementedError", "LateRotaryEmbedding"),
     }
-    for rank in range(world):  # every rank raises the same error; nothing hangs
+    everywhere = {  # the same error on every rank, though only some ranks' own inputs are bad
+        "position buffer rewritten in place": ("ValueError", "offsets from the global positions"),
+        "contiguous shards without position_ids": ("ValueError", "offsets from the global positions"),
+        "packed on one rank": ("ValueError", f"packed sequences (cu_seq_lens_q) on rank(s) [{world - 1}]"),
+    }
+    one_rank = {  # the last rank's own refusal there, and on every other rank an error naming that rank
+        "padding mask on one rank": ("NotImplementedError", "padding"),
+        "use_cache on one rank": ("NotImplementedError", "use_cache"),
+    }
+    for rank in range(world):  # every rank raises; nothing hangs
         st = _result(worlds, world, name, rank)
         assert st["after"] == world
-        for label, (typ, word) in expected.items():
+        for label, (typ, word) in {**expected, **everywhere, **one_rank}.items():
             got = st["raised"][label]
             assert got is not None, f"rank {rank}: {label} did not raise"
+            if label in one_rank and rank != world - 1:
+                typ, word = "ValueError", f"rank(s) [{world - 1}] of {world} raised on this call"
             assert got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
 
 

@@ -25,11 +25,12 @@ import threading
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 import ring_attn
 from ring_attn.ops.padding import tensor_cache
 from ring_attn.ring import layout as ring_layout
-from ring_attn.ring.comm import weak_group
+from ring_attn.ring.comm import all_gather_ints, weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES
 
 __all__ = ["patch_hf", "HFPatch", "shard_batch", "shift_labels", "causal_lm_loss", "causal_lm_loss_from_hidden",
@@ -49,8 +50,6 @@ _FAMILY_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in MODEL_F
 # layers): a 2-D padding mask cannot be handed on there
 _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
 _ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
-_CU_TAG = "_ring_attn_cu"  # attribute on a position_ids tensor: its packed-sequence boundaries (cached)
-_CHECKED_TAG = "_ring_attn_checked"  # attribute on a position_ids tensor: shard layout verified
 
 
 class _State:
@@ -68,8 +67,14 @@ class _State:
         # transformers, which loads torch._dynamo, so importing ring_attn does not pay for it.
         self.ring_func = torch.compiler.disable(ring_attn.ring_attn_func)
         self.ring_varlen_func = torch.compiler.disable(ring_attn.ring_attn_varlen_func)
-        self.check_shard_positions = torch.compiler.disable(_check_shard_positions)
+        self.agree = torch.compiler.disable(_agree_over_ring)
         self.global_max = torch.compiler.disable(_global_max)
+        self.forwards = 0  # ring mode: model forwards begun (counted by the rotary embedding, once per forward)
+        self.pending_failure: Optional[BaseException] = None  # raised by the next ring attention call
+        self.next_forward = torch.compiler.disable(self._next_forward)
+
+    def _next_forward(self) -> None:
+        self.forwards += 1
 
     @property
     def group(self):
@@ -162,9 +167,9 @@ def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple
     """Boundaries of the sequences packed in ``position_ids`` ``[b, s]`` (a new sequence starts wherever the
     position does not follow its predecessor by one, and at every row): (cu_seqlens int32, longest), or None
     when every row holds one sequence. Cached on the tensor (one host sync per forward, not per layer)."""
-    cached = getattr(position_ids, _CU_TAG, None)
-    if cached is not None and cached[0] == batch:
-        return cached[1]
+    cache = tensor_cache(position_ids)  # (emptied when the buffer is rewritten in place)
+    if ("cu", batch) in cache:
+        return cache[("cu", batch)]
     pos = position_ids.expand(batch, -1)
     starts = _sequence_starts(pos)
     result = None
@@ -173,7 +178,7 @@ def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int) -> Optional[tuple
         total = pos.numel()
         cu = torch.cat([idx, idx.new_tensor([total])]).to(torch.int32)
         result = (cu, int((cu[1:] - cu[:-1]).max()))
-    setattr(position_ids, _CU_TAG, (batch, result))
+    cache[("cu", batch)] = result
     return result
 
 
@@ -190,7 +195,11 @@ def _assert_not_packed(position_ids: torch.Tensor, keep: Optional[torch.Tensor] 
 
 
 def _refuse_ring_cache(state: _State, detail: str = "") -> None:
-    raise NotImplementedError(
+    raise _ring_cache_error(state, detail)
+
+
+def _ring_cache_error(state: _State, detail: str = "") -> NotImplementedError:
+    return NotImplementedError(
         f"a KV cache (use_cache=True{detail}) with ring attention over {state.world} ranks: the cache would hold "
         f"this rank's shard only; pass use_cache=False (patch_hf(model, group) sets config.use_cache=False), and "
         f"generate with group=None")
@@ -226,36 +235,64 @@ def _padding(attention_mask, kv_len: int) -> tuple[Optional[torch.Tensor], int]:
     return found
 
 
-def _check_shard_positions(position_ids: torch.Tensor, state: _State, s_local: int) -> None:
-    """In ring mode without packing, every row of ``position_ids`` must be this rank's layout shard of one
-    sequence (global positions plus a constant offset); anything else (an unsharded batch, another layout,
-    packed sequences without shard_batch's cu_seq_lens) would be silently wrong."""
-    if getattr(position_ids, _CHECKED_TAG, False):
-        return
-    s_global = s_local * state.world
-    expected = ring_layout.shard_positions(s_global, state.rank, state.world, state.layout,
-                                           device=position_ids.device)
-    diff = position_ids.reshape(-1, s_local) - expected  # [1, s] or [b, s]
-    import torch.distributed as dist
+_AGREE_FIELDS = 6  # failed, packed, positions not a shard, then the per-row offsets' max, min and weighted sum
 
-    # agreed over the group, so that every rank raises (one rank entering the ring alone would hang)
-    ok = torch.tensor([int(bool((diff == diff[:, :1]).all()))])
-    if str(dist.get_backend(state.group)).lower() != "gloo":
-        ok = ok.to(position_ids.device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=state.group)
-    if not bool(ok.item()):
+
+def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                     s_local: int, packed: bool, failure: Optional[BaseException], device: torch.device) -> None:
+    """Ring mode, before any K/V moves: one small all-gather in which every rank says whether its own checks of
+    this call failed, whether it runs packed sequences, and (dense calls) whether its ``position_ids`` are its
+    layout shard of one sequence, each row's offset from the global positions (the same on every rank, else
+    a rank numbered its shard on its own, e.g. from 0). Every rank raises if any fails, so none waits in the ring
+    for one that raised. Once per forward for a given ``position_ids`` tensor (the layers of a forward share it;
+    a buffer rewritten in place is checked again), counted alike on every rank by :attr:`_State.forwards`;
+    ``anchor`` (position_ids, else cu_seq_lens_q) holds that record; ``device``: the queries' (NCCL's)."""
+    cache = None if anchor is None else tensor_cache(anchor)
+    key = ("ring agreed", id(state), state.forwards, s_local)
+    if cache is not None and key in cache:
+        if failure is not None:
+            raise failure
+        return
+    sig = [int(failure is not None), int(packed)] + [0] * (_AGREE_FIELDS - 2)
+    if failure is None and not packed and position_ids is not None:
+        expected = ring_layout.shard_positions(s_local * state.world, state.rank, state.world, state.layout,
+                                               device=position_ids.device)
+        diff = position_ids.reshape(-1, s_local).long() - expected  # [1, s] or [b, s]
+        offsets = diff[:, 0]
+        weights = torch.arange(1, offsets.numel() + 1, device=offsets.device)
+        stats = torch.stack([(diff != diff[:, :1]).any().long(), offsets.max(), offsets.min(),
+                             (offsets * weights).sum()])
+        sig[2:] = stats.tolist()
+    sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig)
+    failed = [r for r, g in enumerate(sigs) if g[0]]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ValueError(f"attn_implementation='ring_attn': rank(s) {failed} of {state.world} raised on this call "
+                         f"(see their error); every rank raises so that none waits in the ring")
+    if len({g[1] for g in sigs}) > 1:
+        raise ValueError(f"attn_implementation='ring_attn': packed sequences (cu_seq_lens_q) on rank(s) "
+                         f"{[r for r, g in enumerate(sigs) if g[1]]} but not on the others; shard every rank's batch "
+                         f"with ring_attn.integrations.hf.shard_batch")
+    if any(g[2] for g in sigs) or len({tuple(g[3:]) for g in sigs}) > 1:
+        s_global = s_local * state.world
         hint = ""
-        if bool((position_ids.reshape(-1, s_local).diff(dim=-1) < 0).any()):  # restarts: packed sequences
+        if sig[2] and bool((position_ids.reshape(-1, s_local).diff(dim=-1) < 0).any()):
             hint = ("; these position_ids restart, as packed sequences do, but the model passed no cu_seq_lens_q "
                     "to attention: under gradient checkpointing some transformers versions (4.48 does) call the "
                     "decoder layers without the attention kwargs, so there disable gradient checkpointing or "
                     "upgrade transformers")
+        shards = [r for r, g in enumerate(sigs) if g[2]]
+        offsets = {r: (g[4], g[3]) for r, g in enumerate(sigs) if not g[2]}
         raise ValueError(
-            f"position_ids {tuple(position_ids.shape)} (on this rank or another) are not a {state.layout!r} shard "
-            f"of one sequence of {s_global} tokens over {state.world} ranks: shard the batch with "
-            f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) (packed sequences "
-            f"need the cu_seq_lens_q it returns){hint}")
-    setattr(position_ids, _CHECKED_TAG, True)
+            f"position_ids {None if position_ids is None else tuple(position_ids.shape)} are not a "
+            f"{state.layout!r} shard of one sequence of "
+            f"{s_global} tokens over {state.world} ranks (not a shard on rank(s) {shards}; offsets from the global "
+            f"positions, (lowest, highest) per rank, must agree: {offsets}): shard the batch with "
+            f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) and pass its "
+            f"position_ids (packed sequences need the cu_seq_lens_q it returns){hint}")
+    if cache is not None:
+        cache[key] = True
 
 
 def ring_attn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -290,7 +327,10 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     if state is None:
         raise RuntimeError("attn_implementation='ring_attn' is used but the ring_attn patch was undone; call "
                            "ring_attn.integrations.hf.patch_hf() again or switch the model back")
-    refuse_unsupported(module, dropout, kwargs, dropout_ok=state.world == 1)
+    if state.world > 1:
+        return _ring_attention(state, module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                               is_causal, kwargs)
+    refuse_unsupported(module, dropout, kwargs, dropout_ok=True)
     dropout = float(dropout or 0.0)  # one device: the kernels' attention dropout (flash-attn's dropout_p)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     softcap = kwargs.get("softcap")
@@ -304,50 +344,73 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
 
-    if state.world == 1:
-        if cu is None and s_q == s_k and position_ids is not None and position_ids.dim() == 2:
-            if torch.compiler.is_compiling():  # finding the boundaries needs a host read: check instead
-                _assert_not_packed(position_ids, keep)
-            elif keep is None:  # (with padding the mask says where the sequences are)
-                found = _packed_cu_seqlens(position_ids, b)
-                if found is not None:
-                    cu, max_len = found
-        if cu is not None:
-            window = sliding_window_size(sliding_window, int(max_len), causal)
-            out = ring_attn.flash_attn_varlen_func(
-                q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
-                cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_len), max_seqlen_k=int(max_len),
-                dropout_p=dropout, causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap)
-            return out.reshape(b, s_q, h_q, d), None
-        window = sliding_window_size(sliding_window, s_k, causal)
-        if keep is not None:
-            # padded rows gathered into packed sequences inside one custom op (its host reads stay out of graphs)
-            return ring_attn.padded_attention(q, k, v, keep, dropout, scaling, causal, window, softcap), None
-        # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q and, with a window,
-        # j >= i + s_k - s_q - (sliding_window - 1)
-        return ring_attn.flash_attn_func(q, k, v, dropout_p=dropout, causal=causal, softmax_scale=scaling,
-                                         window_size=window, softcap=softcap), None
-
-    # ring mode
-    _check_rotary_patched(module, state)
-    if kwargs.get("use_cache") or s_q != s_k:
-        _refuse_ring_cache(state, f", s_q={s_q} != s_k={s_k}" if s_q != s_k else "")
-    if keep is not None:
-        raise NotImplementedError(
-            "attention_mask with padding inside a sequence sharded over the ring: pack the sequences instead "
-            "(position_ids restarting at 0, see shard_batch), or drop the attention_mask (padding at the end "
-            "with ignored labels needs no mask under causal attention)")
+    if cu is None and s_q == s_k and position_ids is not None and position_ids.dim() == 2:
+        if torch.compiler.is_compiling():  # finding the boundaries needs a host read: check instead
+            _assert_not_packed(position_ids, keep)
+        elif keep is None:  # (with padding the mask says where the sequences are)
+            found = _packed_cu_seqlens(position_ids, b)
+            if found is not None:
+                cu, max_len = found
     if cu is not None:
         window = sliding_window_size(sliding_window, int(max_len), causal)
-        if b != 1:
-            raise ValueError(f"packed sequences (cu_seq_lens_q) need batch size 1, got query {tuple(query.shape)}")
+        out = ring_attn.flash_attn_varlen_func(
+            q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
+            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_len), max_seqlen_k=int(max_len),
+            dropout_p=dropout, causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap)
+        return out.reshape(b, s_q, h_q, d), None
+    window = sliding_window_size(sliding_window, s_k, causal)
+    if keep is not None:
+        # padded rows gathered into packed sequences inside one custom op (its host reads stay out of graphs)
+        return ring_attn.padded_attention(q, k, v, keep, dropout, scaling, causal, window, softcap), None
+    # s_q != s_k (a KV cache): bottom-right causal, query i sees keys j <= i + s_k - s_q and, with a window,
+    # j >= i + s_k - s_q - (sliding_window - 1)
+    return ring_attn.flash_attn_func(q, k, v, dropout_p=dropout, causal=causal, softmax_scale=scaling,
+                                     window_size=window, softcap=softcap), None
+
+
+def _ring_attention(state: _State, module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                    is_causal, kwargs):
+    """:func:`ring_attn_attention_forward` over the ring: this rank's own checks, then their agreement over the
+    group (:func:`_agree_over_ring`: a rank whose checks failed still joins it, so every rank raises instead of
+    waiting in the ring for one that did not come), then the ring call."""
+    position_ids, cu = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
+    s_q, failure = query.shape[2], None
+    try:
+        if state.pending_failure is not None:  # found by the mask creator of this forward
+            failure, state.pending_failure = state.pending_failure, None
+            raise failure
+        refuse_unsupported(module, dropout, kwargs)
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        softcap = kwargs.get("softcap")
+        softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
+        q, k, v = to_compute_dtype(*(x.transpose(1, 2) for x in (query, key, value)))  # [b, s, h, d] views
+        b, s_q, s_k = q.shape[0], q.shape[1], k.shape[1]
+        _check_rotary_patched(module, state)
+        keep, s_kept = _padding(attention_mask, s_k)
+        if kwargs.get("use_cache") or s_q != s_k or s_kept != s_k:
+            _refuse_ring_cache(state, f", s_q={s_q} != s_k={s_k}" if s_q != s_k else "")
+        if keep is not None:
+            raise NotImplementedError(
+                "attention_mask with padding inside a sequence sharded over the ring: pack the sequences instead "
+                "(position_ids restarting at 0, see shard_batch), or drop the attention_mask (padding at the end "
+                "with ignored labels needs no mask under causal attention)")
+        if cu is not None:
+            max_len = int(kwargs.get("max_length_q"))
+            window = sliding_window_size(sliding_window, max_len, causal)
+            if b != 1:
+                raise ValueError(f"packed sequences (cu_seq_lens_q) need batch size 1, got query "
+                                 f"{tuple(query.shape)}")
+        else:
+            window = sliding_window_size(sliding_window, s_q * state.world, causal)
+    except (NotImplementedError, ValueError, TypeError) as e:
+        failure = e
+    state.agree(state, position_ids if position_ids is not None else cu, position_ids if cu is None else None,
+                s_q, cu is not None, failure, query.device)
+    if cu is not None:
         out = state.ring_varlen_func(
-            q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=int(max_len), causal=causal, softmax_scale=scaling,
+            q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=max_len, causal=causal, softmax_scale=scaling,
             window_size=window, softcap=softcap, group=state.group, layout=state.layout)
         return out.unsqueeze(0), None
-    window = sliding_window_size(sliding_window, s_q * state.world, causal)
-    if position_ids is not None:
-        state.check_shard_positions(position_ids, state, s_q)  # cached on the tensor: once per forward
     out = state.ring_func(q, k, v, causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap,
                           group=state.group, layout=state.layout)
     return out, None
@@ -405,7 +468,8 @@ def _make_mask_creator(original):
         state, config = _active, arg(*config_at)
         if (state is not None and state.world > 1 and any(arg(*c) is not None for c in cache_args)
                 and getattr(config, "_attn_implementation", None) == "ring_attn"):
-            _refuse_ring_cache(state)
+            # raised by the first attention call, after the ranks' agreement, so that the others raise too
+            state.pending_failure = _ring_cache_error(state)
         previous = getattr(_mask_creation, "plain", False)
         _mask_creation.plain = plain
         try:
@@ -532,6 +596,8 @@ def _make_rotary_forward(original):
         state = _active
         if state is None:
             return original(self, x, position_ids, *args, **kwargs)
+        if state.world > 1:
+            state.next_forward()
         if state.world > 1 and _seq_len_dependent(getattr(self, "rope_type", "default")):
             # transformers picks these frequencies from max(position_ids) + 1; on a shard that is not the global
             # length. One extra column carrying the global maximum makes every rank pick what one device would.
