@@ -442,6 +442,23 @@ def test_padding_is_analysed_once_per_forward_and_again_after_an_in_place_change
     assert hf._padding(mask[:, :6], 10)[1] == 6  # a static cache's filled slots: the attention uses 6 keys
 
 
+def test_packed_position_buffer_rewritten_in_place_is_analysed_again():
+    """The packed-sequence boundaries found from position_ids are cached per tensor (once per forward, not per
+    layer); a buffer rewritten in place for the next batch gets its own boundaries, not the previous batch's."""
+    model = build("llama", attn="oracle")
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    first = torch.cat([torch.arange(4), torch.arange(12)])[None]
+    second = torch.cat([torch.arange(10), torch.arange(6)])[None]
+    with torch.no_grad():
+        ref = torch.cat([model(ids[:, :10], use_cache=False).logits, model(ids[:, 10:], use_cache=False).logits], 1)
+        with hf.patch_hf(model):
+            buf = first.clone()
+            model(input_ids=ids, position_ids=buf, use_cache=False)
+            buf.copy_(second)
+            got = model(input_ids=ids, position_ids=buf, use_cache=False).logits
+    assert (got - ref).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa"])
 def test_batched_generation_with_left_padding_equals_stock(model_name):
     """Batched greedy generation from prompts of different lengths (left padding, as tokenizers pad for
