@@ -402,6 +402,16 @@ def _errors_case(case, rank, world, store):
     model.eval()
     with hf.patch_hf(model, group=dist.group.WORLD, layout="contiguous"), torch.no_grad():
         attempt("contiguous shards without position_ids", lambda: model(input_ids=contiguous["input_ids"]))
+    # the fused loss given a shard's labels but not shard_batch's shift_labels: shifted within the shard, wrong
+    fused = build(case["model"]).train()
+    with hf.patch_hf(fused, group=dist.group.WORLD, layout=layout, fused_loss=True):
+        attempt("fused loss without shift_labels", lambda: fused(**inputs, labels=inputs["input_ids"]))
+        # and with them: this rank's share of the one-process loss (the shares sum to it)
+        share = fused(**inputs, labels=local["shift_labels"], shift_labels=local["shift_labels"],
+                      num_items_in_batch=local["num_items_in_batch"]).loss.detach().reshape(1)
+    dist.all_reduce(share)
+    whole = build(case["model"]).train()(**batch, use_cache=False).loss.item()
+    store.update(fused_loss_sum=share.item(), stock_loss=whole)
     # the group is still usable afterwards (no rank hangs in a collective)
     t = torch.ones(1)
     dist.all_reduce(t)

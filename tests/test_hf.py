@@ -103,6 +103,7 @@ def test_ring_refusals(worlds, world):
         "position buffer rewritten in place": ("ValueError", "offsets from the global positions"),
         "contiguous shards without position_ids": ("ValueError", "offsets from the global positions"),
         "packed on one rank": ("ValueError", f"packed sequences (cu_seq_lens_q) on rank(s) [{world - 1}]"),
+        "fused loss without shift_labels": ("ValueError", "shift_labels"),
     }
     one_rank = {  # the last rank's own refusal there, and on every other rank an error naming that rank
         "padding mask on one rank": ("NotImplementedError", "padding"),
@@ -111,6 +112,8 @@ def test_ring_refusals(worlds, world):
     for rank in range(world):  # every rank raises; nothing hangs
         st = _result(worlds, world, name, rank)
         assert st["after"] == world
+        # (a positive control of the fused loss over the ring: the ranks' shares sum to the one-process loss)
+        assert abs(st["fused_loss_sum"] - st["stock_loss"]) <= 1e-5 * abs(st["stock_loss"]), st
         for label, (typ, word) in {**expected, **everywhere, **one_rank}.items():
             got = st["raised"][label]
             assert got is not None, f"rank {rank}: {label} did not raise"

@@ -798,8 +798,17 @@ def _make_fused_loss_forward(model, original):
             arguments.pop(name, None)
         shift = extra.pop("shift_labels", None)
         num_items = extra.pop("num_items_in_batch", None)
+        refused = None
+        if shift is None and _active.world > 1:  # raised by the ring attention, after the ranks agree
+            refused = _active.pending_failure = ValueError(
+                "patch_hf(fused_loss=True) over a ring: labels without shift_labels would be shifted within each "
+                "rank's shard (every shard's last token would predict nothing, or the wrong token); pass "
+                "shard_batch's shift_labels and num_items_in_batch with the labels")
         outputs = model.get_decoder()(**arguments, **extra)  # the base model (base_model_prefix is
         # not its attribute name everywhere: 4.57 Gemma 3 says language_model)
+        if refused is not None:  # (no ring attention ran to raise it)
+            _active.pending_failure = None
+            raise refused
         hidden = outputs[0]
         if shift is None:  # transformers' ForCausalLMLoss: token t predicts label t + 1
             shift = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
