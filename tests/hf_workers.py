@@ -260,6 +260,11 @@ def _adapter_errors_case(case, rank, world, store):
             # every rank passes arange(n): right on rank 0 (it counts through the batch), wrong on the others
             attempt("positions on some ranks", lambda: model(input_ids=ids[:, mine],
                                                              position_ids=torch.arange(n)[None]))
+            # a position buffer agreed on, then rewritten in place (every rank) with those same arange(n)
+            buf = pos[:, mine].clone()
+            model(input_ids=ids[:, mine], position_ids=buf)
+            buf.copy_(torch.arange(n)[None])
+            attempt("positions rewritten in place", lambda: model(input_ids=ids[:, mine], position_ids=buf))
             attempt("batch of 2", lambda: model(input_ids=ids[:, mine].repeat(2, 1),
                                                 position_ids=pos[:, mine].repeat(2, 1)))
             other = cu.clone()

@@ -160,11 +160,16 @@ def test_adapter_refusals(worlds, world):
         for label, (typ, word) in same_everywhere.items():
             got = st["raised"][label]
             assert got is not None and got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
-        got = st["raised"]["positions on some ranks"]  # arange(n) is rank 0's slice of running positions
-        if rank == 0:
-            assert got == ("ValueError", got[1]) and "rank(s) " in got[1] and "raised for this batch" in got[1], got
-        else:
-            assert got is not None and got[0] == "ValueError" and f"position_ids on rank {rank}" in got[1], got
+        for label in ("positions on some ranks", "positions rewritten in place"):
+            _assert_some_ranks_positions(st["raised"][label], rank)
+
+
+def _assert_some_ranks_positions(got, rank):
+    """arange(n) is rank 0's slice of running positions: the others' own error, and rank 0 names them."""
+    if rank == 0:
+        assert got == ("ValueError", got[1]) and "rank(s) " in got[1] and "raised for this batch" in got[1], got
+    else:
+        assert got is not None and got[0] == "ValueError" and f"position_ids on rank {rank}" in got[1], got
 
 
 # ---------------------------------------------------------------------------------------------------------

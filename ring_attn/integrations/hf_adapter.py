@@ -23,7 +23,8 @@ What it does beyond ring-flash-attn (whose adapter asserts or ignores these):
   passes them) equal to this rank's slice of the packed positions, either restarting at 0 at every sequence or
   counting through the whole batch, and the same ``cu_seqlens`` on every rank. A rank whose input is wrong
   raises its own error and every other rank raises too: nothing waits in a collective, nothing is silently
-  wrong. (The ranks must behave alike: all pass fresh ``position_ids`` per forward, or all reuse them.)
+  wrong. (The ranks must behave alike: all pass fresh ``position_ids`` per forward, or all reuse them; a buffer
+  rewritten in place counts as fresh and is checked again.)
 * Sliding windows are exact over the whole packed sequence (transformers' mask semantics: a query sees itself
   and the ``sliding_window - 1`` keys before it), and ``softcap`` (Gemma 2) runs in the kernels.
 * fp32 inputs stay fp32 (the kernels take them; ring-flash-attn casts them to 16 bits for flash-attn).
@@ -49,6 +50,7 @@ import torch
 from ring_attn.integrations.hf import refuse_unsupported, sliding_window_size, to_compute_dtype
 from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
 from ring_attn.ring.attention import check_backend, group_info
+from ring_attn.ops.padding import tensor_cache
 from ring_attn.ring.comm import all_gather_ints
 from ring_attn.ring.comm import weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES, hf_rope_types
@@ -58,7 +60,7 @@ __all__ = ["substitute_hf_flash_attn", "update_ring_flash_attn_params", "use_rin
 
 _NAME = "substitute_hf_flash_attn"
 _KEY = "flash_attention_2"
-_TAG = "_ring_attn_adapter_batch"  # attribute on a position_ids tensor: the _Params it was agreed under
+_TAG = "adapter batch"  # in a position_ids tensor's tensor_cache: the _Params it was agreed under
 
 
 class _Params:
@@ -279,7 +281,8 @@ def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Param
     seen before: a new forward) also the batch checks and the ranks' agreement, so that a rank whose input is
     wrong makes every rank raise before the K/V all-gather. Runs eagerly under torch.compile."""
     pos = kwargs.get("position_ids")
-    fresh = getattr(pos, _TAG, None) is not params if isinstance(pos, torch.Tensor) else not params.agreed
+    # (the record is dropped when the tensor is rewritten in place: a reused buffer with new positions is checked)
+    fresh = tensor_cache(pos).get(_TAG) is not params if isinstance(pos, torch.Tensor) else not params.agreed
     try:
         _call_checks(module, query, key, attention_mask, dropout, kwargs, params, sub)
         if fresh:
@@ -308,7 +311,7 @@ def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Param
                          f"rank must pass the whole batch's); {lines}")
     params.agreed = True
     if isinstance(pos, torch.Tensor):
-        setattr(pos, _TAG, params)
+        tensor_cache(pos)[_TAG] = params
 
 
 def flash_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
