@@ -263,10 +263,8 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
         stats = torch.stack([(diff != diff[:, :1]).any().long(), offsets.max(), offsets.min(),
                              (offsets * weights).sum()])
         sig[2:] = stats.tolist()
-    sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig)
+    sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig, failure)
     failed = [r for r, g in enumerate(sigs) if g[0]]
-    if failure is not None:
-        raise failure
     if failed:
         raise ValueError(f"attn_implementation='ring_attn': rank(s) {failed} of {state.world} raised on this call "
                          f"(see their error); every rank raises so that none waits in the ring")

@@ -48,11 +48,10 @@ from typing import Optional
 import torch
 
 from ring_attn.integrations.hf import refuse_unsupported, sliding_window_size, to_compute_dtype
+from ring_attn.ops.padding import tensor_cache
 from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
 from ring_attn.ring.attention import check_backend, group_info
-from ring_attn.ops.padding import tensor_cache
-from ring_attn.ring.comm import all_gather_ints
-from ring_attn.ring.comm import weak_group
+from ring_attn.ring.comm import all_gather_ints, weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES, hf_rope_types
 
 __all__ = ["substitute_hf_flash_attn", "update_ring_flash_attn_params", "use_ring_attn", "flash_attention_forward",
@@ -297,9 +296,7 @@ def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Param
     pg, _rank, _world = group_info(sub.group())
     device = query.device
     mine = [int(failed is not None), params.total, params.n_seqs, params.digest]
-    every = all_gather_ints(pg, check_backend(pg, device), device, mine)
-    if failed is not None:
-        raise failed
+    every = all_gather_ints(pg, check_backend(pg, device), device, mine, failed)
     bad = [r for r, s in enumerate(every) if s[0]]
     if bad:
         raise ValueError(f"{_NAME}: rank(s) {bad} raised for this batch (see their errors); every rank stops here, "

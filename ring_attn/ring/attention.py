@@ -626,9 +626,7 @@ def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=No
     seen = _validated.setdefault(pg, set())
     if failed is None and tuple(sig) in seen and mode == "first":
         return
-    sigs = all_gather_ints(pg, backend, device, sig)
-    if failed is not None:
-        raise failed
+    sigs = all_gather_ints(pg, backend, device, sig, failed)
     if any(s != sigs[0] for s in sigs):
         lines = "; ".join(f"rank {i}: {describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "

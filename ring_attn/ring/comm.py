@@ -146,11 +146,16 @@ class RingComm:
                 w.wait()
 
 
-def all_gather_ints(pg, backend: str, device, values: list[int]) -> list[list[int]]:
+def all_gather_ints(pg, backend: str, device, values: list[int],
+                    failed: Optional[BaseException] = None) -> list[list[int]]:
     """Every rank's ``values`` (int64, the same count on every rank), in rank order: one small all-gather
-    (on ``device`` under NCCL, on the CPU under gloo) and one host read."""
+    (on ``device`` under NCCL, on the CPU under gloo) and one host read. ``failed``: this rank's own checks
+    raised it; the rank still joins the exchange (its ``values`` tell the others so), then raises it, so that
+    no other rank waits for it."""
     dev = device if backend == "nccl" else torch.device("cpu")
     mine = torch.tensor(values, dtype=torch.int64, device=dev)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
     dist.all_gather(parts, mine, group=pg)
+    if failed is not None:
+        raise failed
     return [p.tolist() for p in parts]

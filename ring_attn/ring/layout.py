@@ -385,9 +385,7 @@ def _agree_before_gather(name: str, group, x_local, make_sig, failed: Optional[B
 
     backend = str(dist.get_backend(group)).lower()
     dev = x_local.device if isinstance(x_local, torch.Tensor) else torch.device("cpu")
-    sigs = all_gather_ints(group, backend, dev, [1] * _AGREE_LEN if failed is not None else make_sig())
-    if failed is not None:
-        raise failed
+    sigs = all_gather_ints(group, backend, dev, [1] * _AGREE_LEN if failed is not None else make_sig(), failed)
     if any(s != sigs[0] for s in sigs):
         ranks = "; ".join(f"rank {i}: {_show_signature(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: every rank must pass a shard of the same shape and dtype, with the same dim, "
