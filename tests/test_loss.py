@@ -82,6 +82,59 @@ def test_float64_inputs_are_computed_in_float64():
     torch.testing.assert_close(got, F.cross_entropy(x, t, reduction="sum"), rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("offset", [1e4, -1e4, 300.0])
+def test_logits_sharing_a_large_offset_keep_float32_accuracy(offset):
+    """The log-sum-exp is kept as (row max, log of the shifted sum): one float32 LSE of logits near 1e4 rounds by
+    5e-4, which went into every probability (gradient error 4.7e-5 where F.cross_entropy's is 2e-8, found by a
+    randomized run). Loss and gradient must be as accurate as F.cross_entropy on the same float32 logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = offset + 2 * torch.randn(8, 1000, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    x64 = logits.double().requires_grad_()
+    oracle = F.cross_entropy(x64, t, reduction="sum")
+    (g_oracle,) = torch.autograd.grad(oracle, x64)
+    for blocks in (4 * 1000, 4 * 1000 * 8):
+        x = logits.clone().requires_grad_()
+        got = ring_attn.cross_entropy_sum(x, t, block_bytes=blocks)
+        (g_got,) = torch.autograd.grad(got, x)
+        assert abs(got.item() - oracle.item()) <= 2e-7 * oracle.item()
+        assert (g_got.double() - g_oracle).abs().max().item() <= 1e-7
+    h = torch.cat([torch.randn(8, 15, generator=g), torch.ones(8, 1)], 1)
+    w = torch.cat([torch.randn(1000, 15, generator=g), torch.full((1000, 1), offset)], 1)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    oracle = F.cross_entropy(h64 @ w64.t(), t, reduction="sum")
+    go = torch.autograd.grad(oracle, (h64, w64))
+    hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+    base = F.cross_entropy(hb @ wb.t(), t, reduction="sum")
+    gb = torch.autograd.grad(base, (hb, wb))
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = ring_attn.linear_cross_entropy_sum(hg, wg, t, block_bytes=4 * 1000 * 3)
+    gg = torch.autograd.grad(got, (hg, wg))
+    assert_within_rule("loss", got.reshape(1), oracle.reshape(1), base.reshape(1), torch.float32, FORWARD)
+    for name, a, o, b in zip(("d hidden", "d weight"), gg, go, gb):
+        assert_within_rule(name, a, o, b, torch.float32, BACKWARD)
+
+
+@pytest.mark.parametrize("ignore_index", [7, 100, 2**40])
+def test_ignore_index_may_be_any_int(ignore_index):
+    """F.cross_entropy accepts an ignore_index at or past the vocabulary (the ignored rows were gathered at it:
+    an index error)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, ignore_index, 3, ignore_index])
+    want = F.cross_entropy(x, t, ignore_index=ignore_index, reduction="sum")
+    got = ring_attn.cross_entropy_sum(x, t, ignore_index=ignore_index)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+    h = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    want = F.cross_entropy(h @ w.t(), t, ignore_index=ignore_index, reduction="sum")
+    got = ring_attn.linear_cross_entropy_sum(h, w, t, ignore_index=ignore_index)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        torch.testing.assert_close(a, b)
+
+
 def _saved_sizes(fn):
     """numel and storage pointer of every tensor autograd saves while ``fn`` runs."""
     saved = []
@@ -124,6 +177,23 @@ def test_autograd_keeps_no_logits_sized_float32_tensor():
                                                 torch.tensor([0, 1, 2])), TypeError, "dtype"),
     (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
                                                 softcap=-1.0), ValueError, "softcap"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                softcap=float("nan")), ValueError, "softcap"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                logit_scale=float("inf")), ValueError, "logit_scale"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                logit_scale="2"), TypeError, "logit_scale"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(4), torch.randn(5, 4), torch.tensor([0])),
+     ValueError, "hidden"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(0, 4), torch.tensor([0, 1, 2])),
+     ValueError, "vocab"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 0), torch.tensor([0, 1, 2])), ValueError, "vocabulary"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 1, 2]), ignore_index=1.5),
+     TypeError, "ignore_index"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 1, 2]), block_bytes="1k"),
+     TypeError, "block_bytes"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 1, 2]), block_bytes=0),
+     ValueError, "block_bytes"),
 ])
 def test_errors_name_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):

@@ -6,7 +6,7 @@ At 32k tokens per rank and Llama 3's 128,256-entry vocabulary the logits alone a
 block of rows at a time:
 
 * :func:`cross_entropy_sum` ``(logits [N, V], targets [N])``: autograd keeps the logits (a reference, not a
-  copy) and one float32 log-sum-exp per row; the backward writes the gradient straight in the logits' dtype.
+  copy) and two float32 numbers per row (its log-sum-exp as max and shifted log-sum); the backward writes the gradient straight in the logits' dtype.
   Extra memory: one block of rows in float32 (``block_bytes``, 256 MB by default) instead of ~50 GB above.
 * :func:`linear_cross_entropy_sum` ``(hidden [N, H], weight [V, H], targets [N])``: the logits
   ``hidden @ weight.T`` (optionally scaled and soft-capped, as Granite and Gemma 2 do) are formed one block at a
@@ -16,6 +16,8 @@ Both return the float32 *sum* over rows whose target is not ``ignore_index`` (di
 average over), are deterministic (a fixed block order, no atomics) and run on any device (plain torch ops).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,6 +39,27 @@ def _check_targets(targets: torch.Tensor, n: int, device) -> torch.Tensor:
     return targets.to(device=device, dtype=torch.int64)
 
 
+def _int_option(name: str, value, minimum=None) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value.__index__())
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _float_option(name: str, value, what: str, ok) -> float:
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})") from None
+    if isinstance(value, bool) or not math.isfinite(x) or not ok(x):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return x
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """The math dtype: float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -50,16 +73,29 @@ def _check_target_values(targets: torch.Tensor, valid: torch.Tensor, vocab: int)
 
 
 def _block_loss(x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits block ``x`` [R, V] in the math dtype: (log-sum-exp per row, summed NLL of the valid rows)."""
-    lse = torch.logsumexp(x, dim=-1)
-    picked = x.gather(1, t.clamp(min=0)[:, None])[:, 0]
-    return lse, torch.where(valid, lse - picked, 0.0).sum(dtype=torch.float64)
+    """Logits block ``x`` [R, V] in the math dtype: (``[2, R]``: each row's max and the log of its shifted
+    exponential sum, the summed NLL of the valid rows).
+
+    The log-sum-exp is kept as its two parts, ``max + log(sum(exp(x - max)))``, never added into one number: at
+    logits sharing a large offset (1e4) one float32 LSE carries a rounding error of half an ulp of the offset
+    (5e-4) into every probability, where ``x - max`` is exact (F.cross_entropy's log_softmax does the same)."""
+    m = x.amax(dim=-1)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # a row of -inf: log(0) = -inf below, as logsumexp
+    log_sum = torch.exp(x - m[:, None]).sum(dim=-1).log()
+    picked = x.gather(1, _gather_index(t, valid))[:, 0]
+    return torch.stack((m, log_sum)), torch.where(valid, (m - picked) + log_sum, 0.0).sum(dtype=torch.float64)
+
+
+def _gather_index(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # ignored rows read (and write) class 0: their ignore_index may be any int, e.g. vocab itself
+    return torch.where(valid, t, 0)[:, None]
 
 
 def _block_grad(x: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, g) -> torch.Tensor:
-    """d(sum NLL)/dx for the float32 block ``x``, times the upstream gradient ``g``: softmax - one-hot."""
-    p = torch.exp(x - lse[:, None])
-    p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(lse, -1.0)[:, None])
+    """d(sum NLL)/dx for the float32 block ``x``, times the upstream gradient ``g``: softmax - one-hot.
+    ``lse``: :func:`_block_loss`'s ``[2, R]`` (row max, log of the shifted sum)."""
+    p = torch.exp((x - lse[0][:, None]) - lse[1][:, None])
+    p.scatter_add_(1, _gather_index(t, valid), torch.full_like(lse[1], -1.0)[:, None])
     return p.mul_(torch.where(valid, g, 0.0)[:, None])
 
 
@@ -67,13 +103,13 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, rows):
         n, acc = logits.shape[0], _acc(logits.dtype)
-        lse = torch.empty(n, dtype=acc, device=logits.device)
+        lse = torch.empty(2, n, dtype=acc, device=logits.device)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         valid = targets != ignore_index
         _check_target_values(targets, valid, logits.shape[1])
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            lse[s:e], part = _block_loss(logits[s:e].to(acc), targets[s:e], valid[s:e])
+            lse[:, s:e], part = _block_loss(logits[s:e].to(acc), targets[s:e], valid[s:e])
             total += part
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.rows = ignore_index, rows
@@ -88,7 +124,7 @@ class _CrossEntropySum(torch.autograd.Function):
         g = g.to(lse.dtype)
         for s in range(0, logits.shape[0], ctx.rows):
             e = min(logits.shape[0], s + ctx.rows)
-            grad[s:e] = _block_grad(logits[s:e].to(lse.dtype), lse[s:e], targets[s:e], valid[s:e], g)
+            grad[s:e] = _block_grad(logits[s:e].to(lse.dtype), lse[:, s:e], targets[s:e], valid[s:e], g)
         return grad, None, None, None
 
 
@@ -99,21 +135,32 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     Args:
         logits: ``[N, V]`` float16/bfloat16/float32/float64 (a ``[b, s, V]`` tensor is viewed as ``[b*s, V]``).
         targets: int ``[N]`` (or ``[b, s]``); rows equal to ``ignore_index`` add nothing and get zero gradient.
-        block_bytes: float32 bytes of one block of rows (memory of the temporaries).
+        ignore_index: any int (also one >= vocab, as F.cross_entropy).
+        block_bytes: float32 bytes of one block of rows (memory of the temporaries), an int >= 1.
 
     Returns:
         float32 scalar (float64 for float64 logits): summed over the non-ignored rows (accumulated in float64),
-        differentiable w.r.t. logits.
+        differentiable w.r.t. logits. As accurate as F.cross_entropy on the float32 logits, also for logits
+        sharing a large offset (the log-sum-exp is kept as the row max and the log of the shifted sum).
+
+    Raises:
+        TypeError / ValueError naming the argument (dtypes, shapes, an empty vocabulary, a non-int
+        ``ignore_index``); a target outside ``[0, V)`` that is not ignored fails a device-side assert
+        (RuntimeError), as in F.cross_entropy.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
     if logits.dim() < 2:
         raise ValueError(f"logits have shape {tuple(logits.shape)}; expected [N, vocab] (or [b, s, vocab])")
     vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"logits have shape {tuple(logits.shape)}: a vocabulary of 0 classes")
+    ignore_index = _int_option("ignore_index", ignore_index)
+    block_bytes = _int_option("block_bytes", block_bytes, minimum=1)
     logits2 = logits.reshape(-1, vocab)
     t = _check_targets(targets.reshape(-1) if isinstance(targets, torch.Tensor) else targets, logits2.shape[0],
                        logits.device)
-    return _CrossEntropySum.apply(logits2, t, int(ignore_index), _rows_per_block(vocab, block_bytes))
+    return _CrossEntropySum.apply(logits2, t, ignore_index, _rows_per_block(vocab, block_bytes))
 
 
 def _scaled_logits(z: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
@@ -133,7 +180,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, rows, scale, softcap, mm_dtype):
         n = hidden.shape[0]
         w = weight.to(mm_dtype)
-        lse = torch.empty(n, dtype=_acc(mm_dtype), device=hidden.device)
+        lse = torch.empty(2, n, dtype=_acc(mm_dtype), device=hidden.device)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         valid = targets != ignore_index
         _check_target_values(targets, valid, weight.shape[0])
@@ -141,7 +188,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             for s in range(0, n, rows):
                 e = min(n, s + rows)
                 x = _scaled_logits(hidden[s:e].to(mm_dtype) @ w.t(), scale, softcap)
-                lse[s:e], part = _block_loss(x, targets[s:e], valid[s:e])
+                lse[:, s:e], part = _block_loss(x, targets[s:e], valid[s:e])
                 total += part
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.meta = (ignore_index, rows, scale, softcap, mm_dtype)
@@ -163,7 +210,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 e = min(hidden.shape[0], s + rows)
                 h = hidden[s:e].to(mm_dtype)
                 x = _scaled_logits(h @ w.t(), scale, softcap)
-                gx = _block_grad(x, lse[s:e], targets[s:e], valid[s:e], g)
+                gx = _block_grad(x, lse[:, s:e], targets[s:e], valid[s:e], g)
                 if softcap:
                     gx.mul_(1.0 - (x / softcap) ** 2)  # d(cap·tanh(u/cap))/du
                 if scale != 1.0:
@@ -189,7 +236,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         targets: int ``[N]`` (or ``[b, s]``); ``ignore_index`` rows add nothing.
         logit_scale: multiplies the logits (Granite divides by ``config.logits_scaling``: pass its inverse).
         softcap: 0 = off; else Gemma 2's ``final_logit_softcapping``.
-        block_bytes: float32 bytes of one block of logits rows.
+        ignore_index: any int, as :func:`cross_entropy_sum`.
+        block_bytes: float32 bytes of one block of logits rows, an int >= 1.
 
     Returns:
         float32 scalar (float64 for float64 inputs), summed over the non-ignored rows; differentiable w.r.t.
@@ -198,19 +246,22 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"weight {tuple(weight.shape)} must be [vocab, hidden] with hidden = "
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected [N, hidden] (or [b, s, hidden])")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [vocab, hidden] with vocab >= 1 and hidden = "
                          f"{hidden.shape[-1]} (hidden {tuple(hidden.shape)})")
     autocast = torch.is_autocast_enabled(hidden.device.type)
     if weight.device != hidden.device or (weight.dtype != hidden.dtype and not autocast):
         raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) "
                         f"must share dtype and device (dtypes may differ under autocast)")
     mm_dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
+    ignore_index = _int_option("ignore_index", ignore_index)
+    block_bytes = _int_option("block_bytes", block_bytes, minimum=1)
+    logit_scale = _float_option("logit_scale", logit_scale, "a finite number", lambda x: True)
+    softcap = _float_option("softcap", softcap, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = _check_targets(targets.reshape(-1) if isinstance(targets, torch.Tensor) else targets, h2.shape[0],
                        hidden.device)
-    return _LinearCrossEntropySum.apply(h2, weight, t, int(ignore_index),
-                                        _rows_per_block(weight.shape[0], block_bytes), float(logit_scale),
-                                        float(softcap), mm_dtype)
+    return _LinearCrossEntropySum.apply(h2, weight, t, ignore_index, _rows_per_block(weight.shape[0], block_bytes),
+                                        logit_scale, softcap, mm_dtype)
