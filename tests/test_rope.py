@@ -450,6 +450,18 @@ def test_negative_positions_detected_after_in_place_edit():
         apply_rope(**args)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_positions_past_the_exact_range_are_refused(inplace):
+    """Below 2^29 the angle's float64 product is exact (the <= 2e-7 rad bound); past it the error grows silently
+    (5e-5 rad at 2^40, ~1 rad at 2^53), so such positions raise, also after an in-place edit."""
+    args = _ok()
+    args["positions"] = torch.arange(args["q"].shape[1]) + (2**29 - args["q"].shape[1])  # last one 2^29 - 1
+    apply_rope(**args, inplace=inplace)
+    args["positions"][-1] = 2**29
+    with pytest.raises(ValueError, match=r"positions must be < 2\^29 = 536870912.*maximum of 536870912"):
+        apply_rope(**args, inplace=inplace)
+
+
 def test_cos_sin_bad_tables():
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
     cos = torch.ones(1, 5, 8)

@@ -33,7 +33,7 @@ from ring_attn import backends, reference
 from ring_attn.ops._dispatch import traced
 
 __all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "check_rotary_x", "rotate_by_tables",
-           "rotate_parts_"]
+           "rotate_parts_", "MAX_POSITION"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -52,21 +52,28 @@ def _select(q: torch.Tensor, rotary_dim: int):
 # ---------------------------------------------------------------------------------------------------------
 # Validation (everything is checked before any launch)
 
-# Positions already checked non-negative: id(tensor) -> (weakref, version). A model calls apply_rope once per
-# layer with the same positions tensor; checking a CUDA tensor costs a device sync, so each tensor (at each
-# in-place version) is checked once.
+#: positions must lie in [0, MAX_POSITION): below 2^29 a position times a float32 inv_freq is exact in float64,
+#: which the in-kernel angle's accuracy (<= 2e-7 rad) rests on; past it the error grows (5e-5 rad at 2^40)
+MAX_POSITION = 2**29
+
+# Positions already checked to lie in [0, MAX_POSITION): id(tensor) -> (weakref, version). A model calls
+# apply_rope once per layer with the same positions tensor; checking a CUDA tensor costs a device sync, so each
+# tensor (at each in-place version) is checked once.
 _CHECKED_POSITIONS: dict[int, tuple[weakref.ref, int]] = {}
 
 
-def _check_nonnegative(positions: torch.Tensor) -> None:
+def _check_position_range(positions: torch.Tensor) -> None:
     key = id(positions)
     seen = _CHECKED_POSITIONS.get(key)
     if seen is not None and seen[0]() is positions and seen[1] == positions._version:
         return
     if positions.numel():
-        low = int(positions.min())
+        low, high = (int(x) for x in torch.stack(torch.aminmax(positions)).tolist())
         if low < 0:
             raise ValueError(f"positions must be >= 0 (global token positions), got a minimum of {low}")
+        if high >= MAX_POSITION:
+            raise ValueError(f"positions must be < 2^29 = {MAX_POSITION} (the angle's float64 product is exact "
+                             f"only below it), got a maximum of {high}")
     if len(_CHECKED_POSITIONS) > 64:
         _CHECKED_POSITIONS.clear()
     try:
@@ -160,7 +167,7 @@ def _rope_launch(q, k, qo, ko, positions, inv_freq, scaling, interleaved, rotary
 
 def _rope_forward_impl(q, k, positions, inv_freq, scaling: float, interleaved: bool, rotary_dim: int):
     """The out-of-place forward: inside the custom op (traced calls) or directly (eager, :class:`_EagerRope`)."""
-    _check_nonnegative(positions)  # a host read (once per positions tensor): here, outside any traced graph
+    _check_position_range(positions)  # a host read (once per positions tensor): here, outside any traced graph
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     _rope_launch(q, k, qo, ko, positions, inv_freq, scaling, interleaved, rotary_dim, backward=False)
     return qo, ko
@@ -333,19 +340,19 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
     Returns:
         ``(q_rot, k_rot)``, same shapes and dtypes as q and k (new contiguous tensors unless ``inplace``).
         Pair ``i`` at position ``p`` rotates by ``p * inv_freq[i]``, computed in float64 and reduced mod 2π in
-        the kernel (accurate to ~1e-7 rad for positions up to 2^24).
+        the kernel (accurate to <= 2e-7 rad for every position below 2^29 = ``MAX_POSITION``).
 
     Raises:
         TypeError: wrong dtypes (q/k not floating, q and k differ, positions not int32/int64, inv_freq not float).
         ValueError: bad shapes (q/k disagree, positions not ``[s]``/``[b, s]``/``[t]``), odd, non-positive or
-            too-large ``rotary_dim``, ``len(inv_freq) != rotary_dim / 2``, negative positions, tensors on
+            too-large ``rotary_dim``, ``len(inv_freq) != rotary_dim / 2``, positions < 0 or >= 2^29, tensors on
             different devices. All raised before any launch.
     """
     rotary_dim = _validate(q, k, positions, inv_freq, rotary_dim)
     if not torch.compiler.is_compiling():
         _select(q, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if inplace:
-        _check_nonnegative(positions)
+        _check_position_range(positions)
         return _RopeInplaceFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
                                           rotary_dim)
     if traced(q, k, positions, inv_freq):
@@ -369,8 +376,9 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
 
     Returns:
         ``(q_embed, k_embed)`` shaped like q/k, in ``promote_types(q.dtype, cos.dtype)`` (as HF), fp32 math.
-        Other shapes (3-D tables, other ``unsqueeze_dim``), or tables that require grad, run HF's formula in
-        plain torch so the result and its autograd stay exactly HF's.
+        Other shapes (tables that are not 3-D, e.g. 2-D ``[s, r]``; q/k that are not 4-D; another
+        ``unsqueeze_dim``), or tables that require grad, run HF's formula in plain torch so the result and its
+        autograd stay exactly HF's.
 
     Raises:
         TypeError / ValueError: as :func:`apply_rope` for q/k; tables of the wrong shape or device.
