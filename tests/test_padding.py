@@ -144,6 +144,23 @@ def test_bad_masks_name_the_argument(mask, err, match):
         padding.padded_attention(q, k, v, mask)
 
 
+@pytest.mark.parametrize("b,s_q,s_k", [(0, 4, 4), (2, 0, 0), (2, 0, 5)])
+def test_empty_batches_and_no_queries_give_empty_results(b, s_q, s_k):
+    """Empty shapes are what flash_attn_func returns for them (they failed in the plan's reductions, and with no
+    query but some keys the plan took every key as a query)."""
+    q = torch.randn(b, s_q, 2, 8, requires_grad=True)
+    k = torch.randn(b, s_k, 1, 8, requires_grad=True)
+    m = torch.ones(b, s_k, dtype=torch.bool)
+    if b and s_k:
+        m[0, :2] = False
+    out = ring_attn.padded_attention(q, k, k, m, causal=True)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and not k.grad.any()
+    compiled = torch.compile(ring_attn.padded_attention, backend="aot_eager", fullgraph=True)
+    assert compiled(q, k, k, m).shape == q.shape
+
+
 def test_more_queries_than_keys_is_refused():
     q, k = torch.randn(1, 9, 1, 16), torch.randn(1, 8, 1, 16)
     with pytest.raises(ValueError, match="seqlen_q"):

@@ -39,7 +39,8 @@ _CACHE_TAG = "_ring_attn_derived"  # attribute on a mask tensor: what is derived
 def tensor_cache(t: torch.Tensor) -> dict:
     """A dict stored on the tensor object ``t`` (what is derived from it once, e.g. per forward); emptied when
     ``t`` has been modified in place since (its version counter moved), so a mask buffer a caller rewrites
-    between forwards is analysed again."""
+    between forwards is analysed again. Writes that bypass the version counter (through ``t.data``, ``t.numpy()``
+    or another tensor sharing its storage without being a view of it) are not seen: the cached result is used."""
     cache = getattr(t, _CACHE_TAG, None)
     if cache is None or cache.get("version") != t._version:
         cache = {"version": t._version}
@@ -68,6 +69,10 @@ def unpad_plan(keep: torch.Tensor, s_q: int) -> UnpadPlan:
     if cache is not None and ("unpad", s_q) in cache:
         return cache[("unpad", s_q)]
     b, s_k = keep.shape
+    if keep.numel() == 0 or s_q == 0:  # nothing to attend or no query: the dense call of empty shapes
+        none = keep.new_zeros(0, dtype=torch.int64)
+        cu = keep.new_zeros(b + 1, dtype=torch.int32)
+        return UnpadPlan(none, none, cu, cu, 0, 0, False, True)
     cols = torch.arange(s_k, device=keep.device).expand(b, s_k)
     first = torch.where(keep, cols, s_k).min(1).values
     last = torch.where(keep, cols, -1).max(1).values
@@ -222,7 +227,9 @@ def padded_attention(q, k, v, key_padding_mask, dropout_p=0.0, softmax_scale=Non
             ``seqlen_q`` of the ``seqlen_k`` positions (a prefix cache or none).
         k, v: ``[batch, seqlen_k, heads_kv, head_dim]``, same dtype and device; ``heads_q % heads_kv == 0``.
         key_padding_mask: ``[batch, seqlen_k]`` bool or integer tensor on q's device, nonzero = real token
-            (HuggingFace's 2-D ``attention_mask``); the last ``seqlen_q`` columns are the queries'.
+            (HuggingFace's 2-D ``attention_mask``); the last ``seqlen_q`` columns are the queries'. What is
+            derived from it is cached on the tensor until it is modified in place; a write that bypasses autograd's
+            version counter (``mask.data[...] = ...``, through ``mask.numpy()``) is not seen: pass a new tensor.
         dropout_p, softmax_scale, causal, window_size, softcap: as in :func:`ring_attn.flash_attn_func`, applied
             per row to its real tokens (causal: bottom-right aligned per row; a window needs each row's real
             tokens contiguous, i.e. left or right padding).
