@@ -132,6 +132,11 @@ def test_refusals(cpu_backend):
     with pytest.raises(ValueError, match="positions reach 6 but cos/sin have 6 rows"):
         apply_rotary_emb(torch.randn(11, 2, 8), cos, sin, cu_seqlens=torch.tensor([0, 4, 11], dtype=torch.int32),
                          max_seqlen=3)
+    # cu_seqlens decreasing, negative or past the packed rows (accepted silently before; flash-attn's kernel
+    # would write past the end of x)
+    for cu in ([0, 5, 3, 5], [0, 9], [-1, 4], [0, 2, 5, 100]):
+        with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing, from >= 0 to at most the 5"):
+            apply_rotary_emb(torch.randn(5, 2, 8), cos, sin, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -513,6 +513,14 @@ def _rotary_positions(x, seqlen_offsets, cu_seqlens, max_seqlen):
                 cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != dev:
             raise ValueError(f"cu_seqlens must be an int32 tensor [batch + 1] on {dev}")
         cu = cu_seqlens.long()
+        sane = (cu[0] >= 0) & (cu[-1] <= x.shape[0]) & (cu[1:] >= cu[:-1]).all()
+        what = f"cu_seqlens must be non-decreasing, from >= 0 to at most the {x.shape[0]} packed rows of x"
+        if dev.type == "cpu":
+            if not bool(sane):
+                shown = cu.tolist()
+                raise ValueError(f"{what}, got {shown if len(shown) <= 10 else shown[:10] + ['...']}")
+        else:
+            torch._assert_async(sane, what)
         t = torch.arange(x.shape[0], device=dev)
         seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=cu.numel() - 2)
         inside = ((t >= cu[0]) & (t < cu[-1]))[None, :]  # rows past cu_seqlens[-1] belong to no sequence
