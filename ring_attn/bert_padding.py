@@ -167,6 +167,8 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
         ``(hidden_states [total, ...], indices int64 [total], cu_seqlens int32 [samples + 1], max_seqlen int)``.
     """
     _check_batch(hidden_states, attention_mask_in_length, "attention_mask_in_length")
+    if attention_mask_in_length.is_floating_point() or attention_mask_in_length.is_complex():
+        raise TypeError(f"attention_mask_in_length must hold integer lengths, got {attention_mask_in_length.dtype}")
     lens = attention_mask_in_length.to(torch.int64)
     if (lens < 0).any():
         raise ValueError("attention_mask_in_length holds a negative length")

@@ -81,6 +81,8 @@ def test_concatenated_samples():
     assert torch.equal(packed, x.flatten(0, 1)[indices])
     with pytest.raises(ValueError, match="add up to more than seqlen=6"):
         bp.unpad_input_for_concatenated_sequences(x, torch.tensor([[4, 3, 0, 0, 0, 0]] * 3))
+    with pytest.raises(TypeError, match="integer lengths"):  # 2.5 was truncated to 2
+        bp.unpad_input_for_concatenated_sequences(x, torch.tensor([[2.5, 3, 0, 0, 0, 0]] * 3))
 
 
 def test_the_flash_attn_pipeline_equals_padded_attention():
