@@ -51,9 +51,9 @@ class VarlenSeqs(NamedTuple):
 
     Sequence ``i`` is q rows ``starts_q[i] : starts_q[i] + lens_q[i]`` attending to k/v rows
     ``starts_k[i] : starts_k[i] + lens_k[i]``. All four are int32 tensors of length ``n_seqs`` on the device of
-    q; ``max_len_q``/``max_len_k`` are Python ints at least as large as every length (they size the grid).
-    ``covers_all_q`` says whether every q row belongs to a sequence; when False, outputs are initialised to
-    0 / ``-inf`` so rows outside every sequence are well defined.
+    q with a unit stride; ``max_len_q``/``max_len_k`` are Python ints at least as large as every length (they
+    size the grid). ``covers_all_q`` says whether every q row belongs to a sequence; when False, outputs are
+    initialised to 0 / ``-inf`` so rows outside every sequence are well defined.
     """
 
     starts_q: torch.Tensor
@@ -66,8 +66,10 @@ class VarlenSeqs(NamedTuple):
 
     @staticmethod
     def from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> "VarlenSeqs":
-        """The sequences of flash-attn style ``cu_seqlens`` (int32 ``[n_seqs + 1]``); ``covers_all_q`` is True."""
-        cq, ck = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        """The sequences of flash-attn style ``cu_seqlens`` (int32 ``[n_seqs + 1]``, any stride); ``covers_all_q``
+        is True."""
+        # contiguous: the kernels read starts with a unit stride (a strided cu_seqlens was misread by Triton)
+        cq, ck = cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
         return VarlenSeqs(cq[:-1], cq[1:] - cq[:-1], ck[:-1], ck[1:] - ck[:-1],
                           int(max_seqlen_q), int(max_seqlen_k), True)
 

@@ -19,7 +19,8 @@ import torch
 from ring_attn import backends
 from ring_attn._contracts import Dropout, KVPages, VarlenSeqs, check_alibi_slopes, check_softcap, check_window
 
-__all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape"]
+__all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape",
+           "forward_backend"]
 
 _NO_WINDOW = (-1, -1)  # no sliding window
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries (batch or sequence) x heads
@@ -80,6 +81,16 @@ def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
 def lse_shape(q, packed: bool) -> tuple[int, ...]:
     """Shape of the fp32 LSE of q: ``[b, h, s]`` dense, ``[h, t]`` packed."""
     return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def forward_backend(q, packed: bool, *, window: tuple[int, int] = _NO_WINDOW, softcap: float = 0.0,
+                    alibi: bool = False, merge: bool = False, dropout: bool = False):
+    """The backend module :func:`attention_block_forward` runs these inputs on (RuntimeError naming every reason
+    when none can, or not the pinned one): for callers that must fail before they write anything, e.g. the KV
+    cache's append."""
+    window, softcap = _mask_mode(window, softcap)
+    return backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge, window=window,
+                           softcap=softcap, alibi=alibi, dropout=dropout)
 
 
 def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: Optional[int] = None,
@@ -144,8 +155,8 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
     window, softcap = _mask_mode(window, softcap)
     alibi = _alibi(alibi_slopes, q, seqs)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    impl = backends.select("attention", q.device, q.dtype, q.shape[-1], varlen=packed, merge=merge,
-                           window=window, softcap=softcap, alibi=alibi is not None, dropout=dropout is not None)
+    impl = forward_backend(q, packed, window=window, softcap=softcap, alibi=alibi is not None, merge=merge,
+                           dropout=dropout is not None)
     if pages is not None and not backends.CAPABILITIES[(impl.NAME, "attention")].paged:
         k, v, seqs = _unpage(k, v, seqs, pages)
         pages = None

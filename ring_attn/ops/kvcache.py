@@ -17,7 +17,7 @@ import torch
 from ring_attn._contracts import KVPages, VarlenSeqs, check_alibi_slopes, check_block_table, check_flag, \
     check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window
 from ring_attn.ops._dispatch import traced
-from ring_attn.ops.attention_block import attention_block_forward
+from ring_attn.ops.attention_block import attention_block_forward, forward_backend
 from ring_attn.ops.rope import rotate_by_tables
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -73,13 +73,14 @@ def _per_row(name: str, x, b: int, device) -> tuple[torch.Tensor, list[int] | No
     they can be read without a device sync (a CPU tensor), else None."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_NAME}: {name} must be " + ("an int or " if name == "cache_seqlens" else "") +
-                        f"an int32 tensor of shape ({b},) (one per batch row), got {x!r}")
+                        f"an int32 (or int64) tensor of shape ({b},) (one per batch row), got {x!r}")
     if x.dim() != 1 or x.shape[0] != b or x.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{_NAME}: {name} must be an int32 tensor of shape ({b},) (one per batch row), got "
-                         f"{x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"{_NAME}: {name} must be an int32 (or int64) tensor of shape ({b},) (one per batch row), "
+                         f"got {x.dtype} {tuple(x.shape)}")
     if x.device.type != "cpu" and x.device != device:
         raise ValueError(f"{_NAME}: {name} is on {x.device}; expected q's device ({device}) or the CPU")
-    return x.to(device=device, dtype=torch.int32), (x.tolist() if x.device.type == "cpu" else None)
+    # contiguous: the kernels read a per-row tensor with a unit stride (a strided view was misread by Triton)
+    return x.to(device=device, dtype=torch.int32).contiguous(), (x.tolist() if x.device.type == "cpu" else None)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -92,9 +93,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q: ``[batch, seqlen_q, heads_q, head_dim]``, float16/bfloat16/float32.
         k_cache, v_cache: ``[batch_cache, seqlen_cache, heads_kv, head_dim]``, or with ``block_table`` (a paged
             cache) ``[num_blocks, page_block_size, heads_kv, head_dim]``; q's dtype and device, last dim
-            contiguous; ``heads_q % heads_kv == 0``. Written in place when ``k``/``v`` are given. Other strides
-            are read in place too, e.g. a heads-major ``[batch, heads, seqlen, head_dim]`` buffer passed as
-            ``.transpose(1, 2)`` (``stride(0)`` must be a multiple of ``stride(1)``).
+            contiguous; ``heads_q % heads_kv == 0``; both with the same strides. Written in place when ``k``/``v``
+            are given. Other strides are read in place too, e.g. a heads-major ``[batch, heads, seqlen,
+            head_dim]`` buffer passed as ``.transpose(1, 2)`` (``stride(0)`` must be a multiple of
+            ``stride(1)``); a paged cache's pages must follow each other (``stride(0) == page_block_size ·
+            stride(1)``), so a heads-major paged buffer is refused.
         k, v: None, or ``[batch, seqlen_new, heads_kv, head_dim]``: written into the cache at rows
             ``cache_seqlens[i] ..`` of cache row ``cache_batch_idx[i]``, then attended to. Both or neither.
         rotary_cos, rotary_sin: None, or ``[seqlen_ro, rotary_dim / 2]``: rotary embedding of the new ``k`` at
@@ -102,8 +105,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             set, else all of ``q`` at position ``cache_seqlens[i]``; only with ``k``/``v``. The first
             ``rotary_dim`` dims rotate, the rest pass through. (Positions count from the start of the cache row,
             ``cache_leftpad`` included, as flash-attn's.)
-        cache_seqlens: int, or int32 ``[batch]``: the filled length of each cache row before this call; None:
-            the whole cache (``seqlen_cache``), which then has no room for ``k``/``v``.
+        cache_seqlens: int, or int32 ``[batch]`` (int64 accepted too, here and in the next two): the filled
+            length of each cache row before this call; None: the whole cache (``seqlen_cache``), which then has
+            no room for ``k``/``v``.
         cache_batch_idx: None (row ``i`` uses cache row ``i``) or int32 ``[batch]``; not with ``block_table``.
         cache_leftpad: None, or int32 ``[batch]``: row ``i``'s keys start at cache index ``cache_leftpad[i]``
             (``<= cache_seqlens[i]``; a left-padded batch); causal alignment, windows and ALiBi count from
@@ -204,7 +208,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             if x.dim() != 2 or x.shape != rotary_cos.shape or not 0 < 2 * x.shape[1] <= d or \
                     x.device != q.device or not x.is_floating_point():
                 raise ValueError(f"{_NAME}: {name} must be a float tensor [seqlen_ro, rotary_dim / 2] with "
-                                 f"rotary_dim <= head_dim={d} on {q.device}, like rotary_cos; got {x.dtype} "
+                                 f"rotary_dim <= head_dim={d} on {q.device}" + (", shaped like rotary_cos" if
+                                 name != "rotary_cos" else "") + f"; got {x.dtype} "
                                  f"{tuple(x.shape)} on {x.device}")
     # per-row filled lengths, cache rows and left pads, on q's device
     if cache_seqlens is None:
@@ -259,6 +264,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if paged:
         check_pages_used(block_table, filled, page, n_pages, _NAME, sync=q.device.type == "cpu")
 
+    # a backend that cannot run these inputs (e.g. a pinned one) raises here, before the append writes the cache
+    forward_backend(q, True, window=window, softcap=cap, alibi=alibi is not None)
     with torch.no_grad():
         if k is not None:
             pos_new = lens[:, None].long() + torch.arange(s_new, device=q.device)  # [b, s_new]: where k/v go
