@@ -48,6 +48,7 @@ import torch.distributed as dist
 from ring_attn.integrations.hf_adapter import substitute_hf_flash_attn, update_ring_flash_attn_params, use_ring_attn
 from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens, signature_kind
 from ring_attn.ring.attention import raise_with_the_group, ring_attn_func, ring_attn_varlen_func, ring_signature_kind
+from ring_attn.ring.layout import shard_info
 
 __all__ = [
     "ring_flash_attn_func",
@@ -77,9 +78,16 @@ __all__ = [
 
 def _dense(name, layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
            return_attn_probs, group):
+    # Every token is real, as in ring-flash-attn (which has no seqlen): said explicitly for non-causal calls, so
+    # ring_attn_func's guess from the last sequence ring_attn.shard padded to this size (which compat users cannot
+    # answer with seqlen=) is not consulted. Shards ring_attn.shard made itself keep its exact check (seqlen None).
+    seqlen = None
+    if not causal and not any(shard_info(x) is not None for x in (q, k, v)) and isinstance(q, torch.Tensor) and \
+            q.dim() == 4 and dist.is_available() and dist.is_initialized():
+        seqlen = q.shape[1] * dist.get_world_size(group)
     # ring-flash-attn has no softcap argument: 0.0 goes in flash-attn's softcap position
     return ring_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, 0.0, alibi_slopes, deterministic,
-                          return_attn_probs, group, layout=layout)
+                          return_attn_probs, group, layout=layout, seqlen=seqlen)
 
 
 def _world(group) -> int:

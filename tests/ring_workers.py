@@ -561,6 +561,15 @@ def _compat_case(rank, world, group, store):
                 b = [local_qkv[:, :, i].clone().requires_grad_() for i in range(3)]
                 out2 = getattr(compat, f"{base}_func")(b[0], b[1], b[2], 0.0, None, causal)
                 out2.backward(local_dout)
+                if not causal:
+                    # an unrelated sequence ring_attn.shard padded to this size (another batch's labels): the
+                    # dense forms still take every token as real, as ring-flash-attn's (they refused, advising a
+                    # seqlen= they do not take), and give the same bits
+                    ring_attn.shard(torch.zeros(1, s - 1), dim=1, layout=layout)
+                    again = getattr(compat, f"{base}_func")(b[0].detach(), b[1].detach(), b[2].detach(), 0.0, None,
+                                                            causal)
+                    res[("after_unrelated_shard", family)] = torch.equal(again, out2)
+                    ring_attn.shard(torch.zeros(1, s), dim=1, layout=layout)  # the record: unpadded again
                 c = [local_qkv[:, :, 0].clone().requires_grad_(), local_qkv[:, :, 1:].clone().requires_grad_()]
                 out3 = getattr(compat, f"{base}_kvpacked_func")(c[0], c[1], 0.0, None, causal, (-1, -1), None,
                                                                 False, False, None)
@@ -752,10 +761,17 @@ def _mismatch_case(rank, world, group, store):
     cu_u = [0, 2 * world, 6 * world] if rank == 0 else [0, 4 * world, 6 * world]
     attempt("raised_unshard_varlen", lambda: unshard_varlen(torch.randn(6, 2), torch.tensor(cu_u), 0, group))
     store["unshard_ok"] = ring_attn.unshard(torch.full((1, 2, 1), float(rank)), 1, group).flatten().tolist()
-    # a signature every rank has validated, then rank 0 alone goes bad: under RING_ATTN_VALIDATE=every the ranks
-    # compare at every call, so this raises everywhere too (under the default it would wait for a timeout)
+    # a signature every rank has validated, then rank 0 alone goes bad: every call is compared (on gloo on the
+    # host, under the default mode too), so this raises everywhere (before 2026-12-07 the default skipped seen
+    # signatures: the bad argument waited for the group's timeout, and a switch between two seen signatures ran
+    # silently with mismatched masks)
     with backends.force("reference"):
         ring_attn.ring_attn_func(q, k, v, causal=True, group=group)
+        ring_attn.ring_attn_func(q, k, v, causal=False, group=group, seqlen=6 * world)
+    attempt("raised_seen_local", lambda: ring_attn.ring_attn_func(
+        q, k, v, causal=True, group=group, window_size=(-1, -1) if rank else (1, 2, 3)))
+    attempt("raised_seen_switch", lambda: ring_attn.ring_attn_func(q, k, v, causal=rank != 0, group=group,
+                                                                   seqlen=6 * world))
     os.environ["RING_ATTN_VALIDATE"] = "every"
     try:
         attempt("raised_every", lambda: ring_attn.ring_attn_func(

@@ -79,6 +79,8 @@ def test_ring_flash_attn_test_pattern_matches_the_oracle(ring_worlds, world, fam
             got = st["results"][(kind, family, causal)]
             assert got["none"] is True  # return_attn_probs=True -> (out, lse, None)
             assert got["same_across_forms"] is True, (r, causal)  # qkv-packed == q/k/v == kv-packed, bitwise
+            if kind == "dense":
+                assert st["results"][("after_unrelated_shard", family)] is True
         got = results[0]["results"][(kind, family, causal)]["gathered"]
         qkv, dout, cu = (inp["qkv"], inp["dout"], None) if kind == "dense" else (inp["pqkv"], inp["pdout"], inp["cu"])
         oracle = _oracle_qkv(qkv, dout, causal, torch.float64, cu)
@@ -163,6 +165,13 @@ def test_llama3_prepare_cu_seqlens():
     assert cq.tolist() == [0, 5, 12] and ck.tolist() == [0, 12, 25] and (mq, mk) == (7, 13) and ks == slice(5, 30)
     cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 3)  # the empty sequence stays
     assert cq.tolist() == [0, 5, 5, 12] and ck.tolist() == [0, 5, 5, 12] and ks == slice(0, 12)
+    # empty sequences at a piece's first boundary stay, as in ring-flash-attn (its searchsorted finds the first
+    # copy of the boundary); those at its last boundary go, as there (they were dropped at both ends)
+    cu = torch.tensor([0, 6, 6, 6, 12, 12], dtype=torch.int32)
+    cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(cu, False, 1, 2)  # tokens 6..12
+    assert cq.tolist() == [0, 0, 0, 6] and ck.tolist() == [0, 0, 0, 6] and (mq, mk) == (6, 6) and ks == slice(6, 12)
+    cq, ck, mq, mk, ks = compat.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 2)  # tokens 0..6
+    assert cq.tolist() == [0, 6] and ck.tolist() == [0, 6] and ks == slice(0, 6)
     with pytest.raises(ValueError, match="equal pieces"):
         compat.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 5)
     with pytest.raises(ValueError, match="non-decreasing"):

@@ -310,7 +310,8 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         # one rank's own bad argument: that rank raises its error, every other rank a ValueError naming it
         for label, own in (("raised_local", "softmax_scale"), ("raised_local_varlen", "max_seqlen"),
                            ("raised_compat_varlen", "has odd length 3"), ("raised_compat_packed", "kv must be"),
-                           ("raised_compat_llama3", "dropout_p=0.1"), ("raised_every", "window_size")):
+                           ("raised_compat_llama3", "dropout_p=0.1"), ("raised_every", "window_size"),
+                           ("raised_seen_local", "window_size")):
             etype, msg = st[label]
             if rank == 0:
                 assert own in msg, (label, msg)
@@ -325,6 +326,8 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         etype, msg = st["raised_unshard_seqlen"]
         assert ("seqlen" in msg) if rank == 0 else "rank 0: invalid arguments (raised on that rank)" in msg, msg
         assert len(st["unshard_ok"]) == 2 * world  # the group gathers normally afterwards
+        etype, msg = st["raised_seen_switch"]  # two signatures every rank has seen, mixed across ranks
+        assert etype == "ValueError" and "inconsistent inputs" in msg and "rank 0:" in msg, msg
         assert st["ok_every"] is None
         assert st["raised_mode"][0] == "ValueError" and "RING_ATTN_VALIDATE='sometimes'" in st["raised_mode"][1]
 
@@ -403,7 +406,14 @@ h = comm.exchange([q.contiguous(), k.contiguous()], bufs)
 comm.wait(h)
 checks = [(bufs[0] * 2).sum() == (q * 2).sum(), torch.equal(bufs[1], k)]  # read on the compute stream
 torch.cuda.synchronize()
-print("WORST", worst, "SELF_P2P", all(bool(c) for c in checks))
+# the signature check: host read at a signature's first call, the device-side comparison at the second
+from ring_attn.ring.attention import _validated, validate_across_ranks
+pg = dist.group.WORLD
+for _ in range(2):
+    validate_across_ranks("t", pg, "nccl", torch.device("cuda"), [7, 1, 2])
+torch.cuda.synchronize()
+seen = _validated[pg].get((7, 1, 2))
+print("WORST", worst, "SELF_P2P", all(bool(c) for c in checks), "SEEN", seen is not None and seen.is_cuda)
 dist.destroy_process_group()
 """
 
@@ -420,4 +430,4 @@ def test_nccl_single_rank_ring_on_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORST")][-1].split()
     assert float(line[1]) < 1e-2, line  # same kernels, one block pair: tiny differences only
-    assert line[3] == "True"
+    assert line[3] == "True" and line[5] == "True"

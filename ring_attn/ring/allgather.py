@@ -20,7 +20,9 @@ dtype), then rounded once. Deterministic: fixed kernels and a fixed collective s
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+
 import torch
 import torch.distributed as dist
 
@@ -74,11 +76,17 @@ def prepare_cu_seqlens(cu_seqlens: torch.Tensor, causal: bool, rank: int, world_
                          f"packed batch to a multiple of world_size")
     n = total // world_size
     lo, hi = rank * n, (rank + 1) * n
-    inner = [c for c in cu if lo < c < hi]  # boundaries inside this rank's piece (repeats: empty sequences)
-    first = max(c for c in cu if c <= lo)  # start of the sequence holding this rank's first token
-    last = hi if causal else min(c for c in cu if c >= hi)
-    q_bounds = [0] + [c - lo for c in inner] + [n]
-    k_bounds = [0] + [c - first for c in inner] + [last - first]
+    # ring-flash-attn's boundaries, empty sequences included where it keeps them: from the first boundary at lo
+    # (or the last one before it) through the first boundary at or past hi
+    left = bisect.bisect_left(cu, lo)
+    if cu[left] != lo:
+        left -= 1
+    right = bisect.bisect_left(cu, hi)
+    bounds = cu[left:right + 1]
+    first = bounds[0]  # start of the sequence holding this rank's first token
+    last = hi if causal else bounds[-1]
+    q_bounds = [0] + [c - lo for c in bounds[1:-1]] + [n]
+    k_bounds = [0] + [c - first for c in bounds[1:-1]] + [last - first]
     dev = cu_seqlens.device
     cu_q = torch.tensor(q_bounds, dtype=torch.int32, device=dev)
     cu_k = torch.tensor(k_bounds, dtype=torch.int32, device=dev)

@@ -518,7 +518,8 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _SIG_LEN = 24
 _SIG_MAGIC = 0x52494E47  # "RING": the first slot of every ring call signature
 FAILED = -2  # a signature code no shape, flag or digest slot holds: "this rank's own checks failed"
-# Per process group: the signatures already checked across its ranks. Weak keys: nothing here keeps a group
+# Per NCCL process group: the signatures already checked across its ranks (-> the signature as a device tensor,
+# compared on the device at later calls). Weak keys: nothing here keeps a group
 # (and gloo's worker threads) alive after the user drops it, so destroy_process_group really tears it down
 # before interpreter exit (a gloo group torn down during finalisation can abort the process).
 _validated: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -596,9 +597,14 @@ def _describe(sig: list[int]) -> str:
 
 
 def validate_mode() -> str:
-    """``RING_ATTN_VALIDATE``: ``first`` (default: the ranks compare a call signature the first time they see it)
-    or ``every`` (they compare at every call: one small all-gather and a host sync per call, and no call can
-    hang on one rank's new shapes or bad argument). Set it alike on every rank."""
+    """``RING_ATTN_VALIDATE``: ``first`` (default) or ``every``; set it alike on every rank.
+
+    Every call compares the ranks' signatures with one small all-gather; the modes differ in how, on NCCL:
+    ``first`` reads the gathered signatures on the host (the error lists every rank's inputs) the first time a
+    signature is seen on the group, and at later calls compares them on the device, no host sync: a mismatch
+    there fails a device-side assert on every rank (loud, never silent, never a hang) instead of a ValueError.
+    ``every`` reads them on the host at every call (a host sync per call; a ValueError listing every rank's
+    inputs). On gloo (CPU tensors) the host read costs nothing and every call is compared as under ``every``."""
     mode = os.environ.get("RING_ATTN_VALIDATE", "first") or "first"
     if mode not in ("first", "every"):
         raise ValueError(f"RING_ATTN_VALIDATE={mode!r}: expected 'first' (compare each call signature once) or "
@@ -616,22 +622,30 @@ def failed_signature(prefix: list[int], length: int) -> list[int]:
 def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=None,
                           what: str = "shapes, dtype, causal, layout, softmax_scale, window_size, softcap and "
                                       "alibi_slopes or none", failed: Optional[BaseException] = None) -> None:
-    """One all-gather of ``sig`` (int64 codes of what every rank must agree on), once per (group, signature)
-    (every call under ``RING_ATTN_VALIDATE=every``): ValueError on every rank, listing each rank's inputs
-    (``describe(sig)``), when they differ. Collectives with mismatched sizes would hang or corrupt; this turns
+    """One all-gather of ``sig`` (int64 codes of what every rank must agree on) at every call, read on the host
+    (or, on NCCL for a signature already checked on the group, compared on the device: see
+    :func:`validate_mode`): ValueError on every rank, listing each rank's inputs (``describe(sig)``), when they
+    differ. Collectives with mismatched sizes would hang or corrupt; this turns
     that into an error first. A rank whose own checks raised ``failed`` passes :func:`failed_signature` and
     raises ``failed`` after the exchange, so the others raise too instead of waiting for it."""
     describe = _describe if describe is None else describe
     mode = validate_mode()
-    seen = _validated.setdefault(pg, set())
-    if failed is None and tuple(sig) in seen and mode == "first":
+    seen = _validated.setdefault(pg, {})
+    mine = seen.get(tuple(sig)) if failed is None and mode == "first" and backend == "nccl" else None
+    if mine is not None:  # seen before on this group: compared on the device, no host sync
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+        dist.all_gather(parts, mine, group=pg)
+        torch._assert_async(torch.stack(parts).eq(mine).all(),
+                            f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
+                            f"pass the same {what}); RING_ATTN_VALIDATE=every lists each rank's inputs")
         return
     sigs = all_gather_ints(pg, backend, device, sig, failed)
     if any(s != sigs[0] for s in sigs):
         lines = "; ".join(f"rank {i}: {describe(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: the ranks of the process group passed inconsistent inputs (every rank must "
                          f"pass the same {what}); {lines}")
-    seen.add(tuple(sig))
+    if backend == "nccl":
+        seen[tuple(sig)] = torch.tensor(sig, dtype=torch.int64, device=device)
 
 
 def failure_exchange_target(group, q):
@@ -899,9 +913,10 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
             the most recent sequence ``shard`` split into ``W * s_local`` tokens in this process was padded
             (:func:`ring_attn.ring.layout.recorded_padding`). Passing it is always correct.
         return_lse: (keyword) return ``(out, lse)``.
-        validate: (keyword) the first time a call signature is seen on ``group``, check with one small
-            ``all_gather`` that every rank passes the same shapes/dtype/causal/layout/scale/seqlen/window/
-            softcap and ALiBi or none.
+        validate: (keyword) check with one small ``all_gather`` per call that every rank passes the same
+            shapes/dtype/causal/layout/scale/seqlen/window/softcap and ALiBi or none (on NCCL, a signature
+            already checked on ``group`` is compared on the device, without a host sync: see
+            ``RING_ATTN_VALIDATE`` in :func:`validate_mode`). ``False`` skips it.
 
     Returns:
         ``out`` ``[batch, s_local, heads_q, head_dim]``: this rank's output shard in the input dtype; with
