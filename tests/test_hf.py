@@ -109,16 +109,19 @@ def test_ring_refusals(worlds, world):
         "padding mask on one rank": ("NotImplementedError", "padding"),
         "use_cache on one rank": ("NotImplementedError", "use_cache"),
     }
+    later = {"later layer on one rank": ("NotImplementedError", "dropout")}  # the others: the ring's own check
     for rank in range(world):  # every rank raises; nothing hangs
         st = _result(worlds, world, name, rank)
         assert st["after"] == world
         # (a positive control of the fused loss over the ring: the ranks' shares sum to the one-process loss)
         assert abs(st["fused_loss_sum"] - st["stock_loss"]) <= 1e-5 * abs(st["stock_loss"]), st
-        for label, (typ, word) in {**expected, **everywhere, **one_rank}.items():
+        for label, (typ, word) in {**expected, **everywhere, **one_rank, **later}.items():
             got = st["raised"][label]
             assert got is not None, f"rank {rank}: {label} did not raise"
             if label in one_rank and rank != world - 1:
                 typ, word = "ValueError", f"rank(s) [{world - 1}] of {world} raised on this call"
+            if label in later and rank != world - 1:
+                typ, word = "ValueError", f"rank {world - 1}: invalid arguments (raised on that rank)"
             assert got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
 
 

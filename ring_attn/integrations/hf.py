@@ -30,6 +30,7 @@ import torch.distributed as dist
 import ring_attn
 from ring_attn.ops.padding import tensor_cache
 from ring_attn.ring import layout as ring_layout
+from ring_attn.ring.attention import raise_with_the_group, ring_signature_kind
 from ring_attn.ring.comm import all_gather_ints, weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES
 
@@ -251,7 +252,9 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
     key = ("ring agreed", id(state), state.forwards, s_local)
     if cache is not None and key in cache:
         if failure is not None:
-            raise failure
+            # a later layer of a forward the ranks agreed on, refused on this rank only: the others are in the
+            # ring call's own signature exchange, which this rank joins as failed, so they raise instead of waiting
+            raise_with_the_group(failure, state.group, torch.empty(0, device=device), *ring_signature_kind(packed))
         return
     sig = [int(failure is not None), int(packed)] + [0] * (_AGREE_FIELDS - 2)
     if failure is None and not packed and position_ids is not None:
