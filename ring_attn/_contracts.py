@@ -36,6 +36,7 @@ __all__ = [
     "check_block_table",
     "check_pages",
     "check_pages_used",
+    "last_dim_contiguous",
 ]
 
 #: storage dtypes of attention inputs (math is fp32 in every backend)
@@ -44,6 +45,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: head dim inside, with masks: no copies)
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 1
+
+
+def last_dim_contiguous(x: torch.Tensor) -> bool:
+    """Whether the kernels can address ``x``'s last dim with a unit stride: its stride is 1, or the stride says
+    nothing (a last dim of size 1, whose stride torch leaves arbitrary even in ``.contiguous()`` results, or an
+    empty tensor)."""
+    return x.stride(-1) == 1 or x.shape[-1] <= 1 or x.numel() == 0
 
 
 class VarlenSeqs(NamedTuple):

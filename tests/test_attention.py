@@ -132,6 +132,23 @@ def test_empty_sequences_backward_with_an_expanded_gradient():
     assert xv.grad.shape == xv.shape and lse.shape == (2, 0)
 
 
+def test_head_dim_one_with_any_last_stride_and_no_keys():
+    """head_dim 1, whose last stride torch leaves arbitrary (a permuted tensor is "contiguous" with stride 12
+    there, and its gradient buffers inherit it), and a packed batch whose keys are all empty (zero-size k/v with
+    stride 0): the backward refused its own gradient buffers ("dq must have a contiguous last dim"; found by a
+    randomized run). Forward and gradients match the float64 oracle."""
+    q = torch.randn(1, 1, 4, 3, dtype=torch.float64).permute(0, 2, 3, 1).float()  # [1, 4, 3, 1], strides (12,3,1,12)
+    assert q.stride(-1) == 12 and q.is_contiguous()
+    k, v = torch.randn(1, 5, 3, 1), torch.randn(1, 5, 3, 1)
+    _check_against_oracle(q, k, v, causal=True)
+    qv = torch.randn(4, 3, 1, requires_grad=True)
+    kv = torch.empty_strided((0, 1, 1), (1, 0, 0)).requires_grad_()
+    out = ring_attn.flash_attn_varlen_func(qv, kv, kv, torch.tensor([0, 4], dtype=torch.int32),
+                                           torch.tensor([0, 0], dtype=torch.int32), 4, 0, causal=True)
+    out.sum().backward()
+    assert not out.any() and not qv.grad.any() and kv.grad.shape == kv.shape
+
+
 def test_rows_that_see_no_key():
     # causal with s_q > s_k: query i sees keys j <= i - 7, so the first 7 rows see nothing
     q, k, v = _qkv(1, 40, 33, 2, 1, 16, torch.float32)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ring_attn import _C
+from ring_attn._contracts import last_dim_contiguous
 
 NAME = "native"
 
@@ -37,7 +38,7 @@ def _code(t: torch.Tensor) -> int:
 def _t4(x: torch.Tensor) -> tuple:
     """``(ptr, dtype, stride_b, stride_s, stride_h)`` of a dense ``[b, s, h, d]`` or packed ``[t, h, d]``
     tensor (packed: batch stride 0, rows addressed through the sequence starts)."""
-    if x.stride(-1) != 1 and x.shape[-1] > 1 and x.numel():  # an empty tensor's strides say nothing (no rows)
+    if not last_dim_contiguous(x):
         raise ValueError(f"native backend: the last dim must be contiguous, got strides {tuple(x.stride())}")
     if x.dim() == 4:
         return (x.data_ptr(), _code(x), x.stride(0), x.stride(1), x.stride(2))
@@ -48,7 +49,7 @@ def _l3(x: torch.Tensor) -> tuple:
     """``(ptr, stride_b, stride_h)`` of an fp32 LSE-layout ``[b, h, s]`` (packed ``[h, t]``) tensor."""
     if x.dtype != torch.float32:
         raise TypeError(f"native backend: LSE-layout tensors must be float32, got {x.dtype}")
-    if x.stride(-1) != 1 and x.shape[-1] > 1 and x.numel():
+    if not last_dim_contiguous(x):
         raise ValueError(f"native backend: LSE-layout tensors need unit stride along s, got {tuple(x.stride())}")
     if x.dim() == 3:
         return (x.data_ptr(), x.stride(0), x.stride(1))

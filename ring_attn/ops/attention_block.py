@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from ring_attn import backends
-from ring_attn._contracts import Dropout, KVPages, VarlenSeqs, check_alibi_slopes, check_softcap, check_window
+from ring_attn._contracts import Dropout, KVPages, VarlenSeqs, check_alibi_slopes, check_softcap, check_window, \
+    last_dim_contiguous
 
 __all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape",
            "forward_backend"]
@@ -148,7 +149,7 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         if out.shape != q.shape or lse.shape != lse_shape(q, packed):
             raise ValueError(f"running out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q "
                              f"{tuple(q.shape)}; expected {tuple(q.shape)} / {lse_shape(q, packed)}")
-        if out.stride(-1) != 1 or lse.stride(-1) != 1:
+        if not (last_dim_contiguous(out) and last_dim_contiguous(lse)):
             raise ValueError("running out and lse need a contiguous last dim to merge into")
     if pages is not None and not packed:
         raise ValueError("attention_block_forward: pages (a paged KV cache) need packed seqs")
@@ -221,7 +222,7 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     for name, g, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if g.shape != ref.shape:
             raise ValueError(f"{name} has shape {tuple(g.shape)}; expected {tuple(ref.shape)}")
-        if g.stride(-1) != 1:
+        if not last_dim_contiguous(g):
             raise ValueError(f"{name} must have a contiguous last dim, got strides {g.stride()}")
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     lse, delta = (x if x.stride(-1) == 1 else x.contiguous() for x in (lse, delta))

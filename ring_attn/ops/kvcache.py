@@ -15,7 +15,8 @@ import numbers
 import torch
 
 from ring_attn._contracts import KVPages, VarlenSeqs, check_alibi_slopes, check_block_table, check_flag, \
-    check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window
+    check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window, \
+    last_dim_contiguous
 from ring_attn.ops._dispatch import traced
 from ring_attn.ops.attention_block import attention_block_forward, forward_backend
 from ring_attn.ops.rope import rotate_by_tables
@@ -158,7 +159,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # dtypes, devices, head dims, GQA ratio (on one row: the cache may hold more rows than q)
     h_q, h_kv, d = check_qkv(q[:1], k_cache[:1], v_cache[:1], packed=False, names=("q", "k_cache", "v_cache"))
     b, s_q = q.shape[0], q.shape[1]
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+    if not (last_dim_contiguous(k_cache) and last_dim_contiguous(v_cache)):
         raise ValueError(f"{_NAME}: k_cache and v_cache need a contiguous last dim (strides {k_cache.stride()}, "
                          f"{v_cache.stride()})")
     if paged:
