@@ -249,7 +249,9 @@ def forced() -> Optional[str]:
 
 @contextlib.contextmanager
 def force(name: Optional[str]) -> Iterator[None]:
-    """Pin the backend inside a ``with`` block (``None`` restores automatic selection)."""
+    """Pin the backend inside a ``with`` block (``None`` restores automatic selection). It is read when an op
+    runs: around a ``torch.compile``'d call, not inside the compiled function (the graph runs after such a
+    block has exited)."""
     global _forced
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend {name!r} is not one of {BACKENDS}")

@@ -61,6 +61,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
 def attention_delta(dout: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
                     dlse: Optional[torch.Tensor]) -> None:
     """Protocol ``attention_delta``: ``delta = rowsum(dout · out) - dlse`` in fp32."""
+    dout = dout.contiguous()  # the bits must not depend on the upstream gradient's layout (see attention_backward)
     dense = out.dim() == 4
     val = (dout.float() * out.float()).sum(-1)
     val = val.transpose(1, 2) if dense else val.transpose(0, 1)
@@ -75,7 +76,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        seqs: Optional[VarlenSeqs], accumulate: bool, window: tuple[int, int],
                        softcap: float, alibi: Optional[torch.Tensor] = None, dropout=None) -> None:
     """Protocol ``attention_backward`` through :func:`ring_attn.reference.backward_fp32` (``alibi`` and
-    ``dropout`` as in :func:`attention_forward`)."""
+    ``dropout`` as in :func:`attention_forward`). ``dout`` is made contiguous first: torch's matmuls round
+    differently for other layouts, and torch.compile hands the backward a contiguous gradient where eager may
+    pass a strided one, so the bits would differ between the two."""
+    dout = dout.contiguous()
+
     def put(dst, val):
         if accumulate:
             dst += val
