@@ -242,6 +242,21 @@ def test_kvpacked_gqa():
                     window=(12, 0))
 
 
+def test_varlen_errors_name_the_callers_arguments_and_huge_bounds_are_fine():
+    """flash_attn_varlen_qkvpacked_func's errors name its own cu_seqlens/max_seqlen (they said cu_seqlens_q /
+    max_seqlen_q); an upper bound of 2^40 on max_seqlen costs nothing (the native grid was sized by it: minutes
+    for 7 tokens). Both found by a randomized run."""
+    qkv = torch.randn(7, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"^max_seqlen is 2 but cu_seqlens has a sequence of length 4$"):
+        ring_attn.flash_attn_varlen_qkvpacked_func(qkv, _cu([3, 4]), 2)
+    with pytest.raises(TypeError, match=r"^cu_seqlens.dtype is torch.int64"):
+        ring_attn.flash_attn_varlen_qkvpacked_func(qkv, _cu([3, 4]).long(), 4)
+    want = ring_attn.flash_attn_varlen_qkvpacked_func(qkv, _cu([3, 4]), 4, causal=True)
+    for bound in (8, 2**40):
+        got = ring_attn.flash_attn_varlen_func(*qkv.unbind(1), _cu([3, 4]), _cu([3, 4]), bound, bound, causal=True)
+        assert torch.equal(got, want)
+
+
 def test_varlen_qkvpacked_and_kvpacked():
     lens = [13, 0, 29]
     cu = _cu(lens)

@@ -288,8 +288,7 @@ _COMMON_DOC = """
             LSE is returned undropped) is zeroed with probability ``dropout_p`` and the rest scaled by
             ``1 / (1 - dropout_p)``, as flash-attn does (pass 0.0 in evaluation). The mask comes from a seed drawn
             from torch's default CPU generator (``torch.manual_seed`` reproduces a call) and is regenerated in the
-            backward. Bits differ from flash-attn's (another random stream). Not on the native CPU backend
-            (RuntimeError when it is pinned; automatic selection picks another).
+            backward. Bits differ from flash-attn's (another random stream). Every backend runs it.
         softmax_scale: default ``1 / sqrt(head_dim)``.
         causal: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, as flash-attn
             >= 2.1). A query that sees no key gets output 0 and ``lse = -inf``.
@@ -380,8 +379,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
                          f"{cu_seqlens_k.shape[0]}; both must be n_seqs + 1")
-    max_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    # an upper bound is fine, and none is needed past the token count: the grids are sized by these (a bound of
+    # 2^40 made the native backend loop for minutes over 7 tokens)
+    max_q = min(check_max_seqlen("max_seqlen_q", max_seqlen_q), q.shape[0])
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if not paged:
+        max_k = min(max_k, k.shape[0])
     check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")
     if paged:
         out, lse = _paged_varlen(q, k, v, page, block_table, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal,
@@ -470,9 +473,18 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     q, k, v are views of ``qkv`` (no copies). Other arguments, returns and raises as
     :func:`flash_attn_varlen_func`."""
     q, k, v = _unbind_packed("qkv", qkv, 3, 1, "[total_tokens, 3, heads, head_dim]")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs, return_lse=return_lse)
+    try:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                      return_attn_probs, return_lse=return_lse)
+    except (TypeError, ValueError, NotImplementedError) as exc:  # name the arguments this caller passed
+        text = str(exc)
+        for ours, theirs in (("cu_seqlens_q", "cu_seqlens"), ("cu_seqlens_k", "cu_seqlens"),
+                             ("max_seqlen_q", "max_seqlen"), ("max_seqlen_k", "max_seqlen")):
+            text = text.replace(ours, theirs)
+        if text == str(exc):
+            raise
+        raise type(exc)(text).with_traceback(exc.__traceback__) from None
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
