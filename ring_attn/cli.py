@@ -29,7 +29,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (so one subcommand's imports cannot break another)."""
-    parser = OneLineErrorParser(prog="ring-attn", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="ring-attn", description="ring-attn: exact attention over long sequences "
+                                                              "(ring attention, fused RoPE) from the command line "
+                                                              "(also python -m ring_attn)")
     from ring_attn import __version__
 
     parser.add_argument("--version", action="version", version=f"ring-attn {__version__}")

@@ -46,6 +46,9 @@ def _one_line_error(argv, capsys, *pieces):
     (["--world-size", "two"], ["--world-size", "invalid int value: 'two'"]),
     (["--layout", "spiral"], ["--layout", "invalid choice"]),
     (["--dtype", "float64"], ["--dtype", "invalid choice"]),
+    # a randomized CLI run spawned 300 gloo ranks for --world-size 100000 (orphaned when it was killed)
+    (["--world-size", "100000", "--seqlen", "16", "--device", "cpu"], ["--world-size 100000", "at most 64"]),
+    (["-n", "5", "-s", "4"], ["--world-size 5 --seqlen 4", "at least one token per rank"]),
 ])
 def test_demo_bad_arguments(flags, pieces, capsys):
     _one_line_error(["demo", *flags], capsys, *pieces)
@@ -209,6 +212,34 @@ def test_a_hang_fails_with_its_output_and_leaves_no_process():
         pytest.fail(f"process {child} of the hung command is still running")
     with pytest.raises(pytest.fail.Exception, match="still running after 3 s"):
         _run_watched([sys.executable, "-c", "while True: pass"], stall_s=60, cap_s=3)
+
+
+def test_spawned_ranks_die_with_the_demo_process():
+    """A rank process exits when the demo process is killed (prctl PR_SET_PDEATHSIG), instead of running on as an
+    orphan: a child that called demo._die_with_parent outlives its SIGKILLed parent by well under 5 s."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    parent = ("import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+              "'import os, time; from ring_attn.ring import demo; demo._die_with_parent(os.getppid()); "
+              "print(\"armed\", flush=True); time.sleep(600)']); print('child', c.pid, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline().split()[1])
+        assert proc.stdout.readline().strip() == "armed"  # the child shares the pipe
+    finally:
+        proc.kill()
+        proc.wait()
+    for _ in range(50):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail(f"rank-like child {child} outlived the killed parent")
 
 
 def test_demo_prints_configuration_and_progress():

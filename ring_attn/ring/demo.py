@@ -9,10 +9,13 @@ Under ``torchrun`` it uses the job's ranks instead of spawning.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
 import resource
+import signal
+import sys
 import tempfile
 import time
 
@@ -77,8 +80,8 @@ class PeakTensorMemory:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpus = torch.cuda.device_count()
     parser.add_argument("--world-size", "-n", type=int, default=None,
-                        help=f"ranks (default: the number of GPUs, or 4 gloo ranks on CPU; this machine: "
-                             f"{gpus or 4})")
+                        help=f"ranks (default: the number of GPUs, or 4 gloo ranks on CPU, at most "
+                             f"{MAX_CPU_RANKS} there; here: {gpus or 4})")
     parser.add_argument("--seqlen", "-s", type=int, default=16384, help="global sequence length (default 16384)")
     parser.add_argument("--batch", "-b", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--heads", type=int, default=None,
@@ -87,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Llama-3-8B)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads, GQA (default: 1 on CPU, 8 on GPU)")
     parser.add_argument("--head-dim", type=int, default=None, help="head dim (default: 64 on CPU, 128 on GPU)")
-    parser.add_argument("--layout", choices=("zigzag", "contiguous", "striped"), default="zigzag")
+    parser.add_argument("--layout", choices=("zigzag", "contiguous", "striped"), default="zigzag",
+                        help="how the sequence is split over the ranks (default zigzag: balanced causal work)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
@@ -122,7 +126,12 @@ def _resolve(args) -> dict:
                 heads=pick(args.heads, d["heads"]), kv_heads=pick(args.kv_heads, d["kv_heads"]),
                 head_dim=pick(args.head_dim, d["head_dim"]), dtype=pick(args.dtype, d["dtype"]),
                 layout=args.layout, causal=args.causal, backward=not args.forward_only,
-                iters=pick(args.iters, 10 if use_cuda else 1), check=args.check, t0=time.monotonic())
+                iters=pick(args.iters, 10 if use_cuda else 1), check=args.check, t0=time.monotonic(),
+                parent=os.getpid())
+
+
+#: gloo ranks the demo spawns at most on one machine's CPU (each is a process with its own torch)
+MAX_CPU_RANKS = 64
 
 
 def check_args(args) -> None:
@@ -130,8 +139,9 @@ def check_args(args) -> None:
 
     Ranges: ``--world-size``, ``--seqlen``, ``--batch``, ``--heads``, ``--kv-heads``, ``--iters`` >= 1;
     ``--heads`` a multiple of ``--kv-heads``; ``--head-dim`` in [1, 256]; ``--device cuda`` needs a visible GPU and
-    ``--world-size`` at most the GPU count (any ``--seqlen`` works: ``shard`` pads what the layout cannot
-    split and the ring masks the padding). Last, one tiny ``flash_attn_func`` call with the run's heads,
+    ``--world-size`` at most the GPU count, on the CPU at most :data:`MAX_CPU_RANKS`, and at most ``--seqlen``
+    (any ``--seqlen`` from there works: ``shard`` pads what the layout cannot split and the ring masks the
+    padding). Last, one tiny ``flash_attn_func`` call with the run's heads,
     head dim and dtype on the CPU reference backend, so that anything the attention op refuses is reported
     here rather than by every rank.
 
@@ -151,6 +161,13 @@ def check_args(args) -> None:
     if use_cuda and cfg["world"] > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
         raise ValueError(f"--world-size {cfg['world']}: needs {cfg['world']} GPUs (NCCL ranks cannot share a GPU); "
                          f"{torch.cuda.device_count()} visible")
+    spawned = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
+    if not use_cuda and spawned and cfg["world"] > MAX_CPU_RANKS:
+        raise ValueError(f"--world-size {cfg['world']}: expected at most {MAX_CPU_RANKS} gloo ranks (processes) on "
+                         f"this machine's CPU")
+    if cfg["world"] > cfg["seqlen"]:
+        raise ValueError(f"--world-size {cfg['world']} --seqlen {cfg['seqlen']}: expected at least one token per rank "
+                         f"(--seqlen >= --world-size)")
     if cfg["heads"] % cfg["kv_heads"]:
         raise ValueError(f"--heads {cfg['heads']} --kv-heads {cfg['kv_heads']}: expected --heads to be a multiple "
                          "of --kv-heads (grouped-query attention)")
@@ -205,8 +222,24 @@ def _sync(cfg):
         torch.cuda.synchronize()
 
 
+def _die_with_parent(parent: int) -> None:
+    """A spawned rank exits when the demo process dies (killed, timed out): no orphaned ranks left running.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere ranks end at the group's timeout."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
     import torch.distributed as dist
+
+    if init != "env://":
+        _die_with_parent(cfg["parent"])
 
     if not cfg["cuda"]:
         # the Triton interpreter is far too slow here: the native C++ backend when built, else the reference
