@@ -49,6 +49,7 @@ def _one_line_error(argv, capsys, *pieces):
     # a randomized CLI run spawned 300 gloo ranks for --world-size 100000 (orphaned when it was killed)
     (["--world-size", "100000", "--seqlen", "16", "--device", "cpu"], ["--world-size 100000", "at most 64"]),
     (["-n", "5", "-s", "4"], ["--world-size 5 --seqlen 4", "at least one token per rank"]),
+    (["-n", "2", "-s", "99999999999", "--device", "cpu"], ["--seqlen 99999999999", "GiB", "this machine's"]),
 ])
 def test_demo_bad_arguments(flags, pieces, capsys):
     _one_line_error(["demo", *flags], capsys, *pieces)

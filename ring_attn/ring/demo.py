@@ -141,7 +141,7 @@ def check_args(args) -> None:
     ``--heads`` a multiple of ``--kv-heads``; ``--head-dim`` in [1, 256]; ``--device cuda`` needs a visible GPU and
     ``--world-size`` at most the GPU count, on the CPU at most :data:`MAX_CPU_RANKS`, and at most ``--seqlen``
     (any ``--seqlen`` from there works: ``shard`` pads what the layout cannot split and the ring masks the
-    padding). Last, one tiny ``flash_attn_func`` call with the run's heads,
+    padding); the inputs every rank builds on the host fit this machine's memory. Last, one tiny ``flash_attn_func`` call with the run's heads,
     head dim and dtype on the CPU reference backend, so that anything the attention op refuses is reported
     here rather than by every rank.
 
@@ -168,10 +168,29 @@ def check_args(args) -> None:
     if cfg["world"] > cfg["seqlen"]:
         raise ValueError(f"--world-size {cfg['world']} --seqlen {cfg['seqlen']}: expected at least one token per rank "
                          f"(--seqlen >= --world-size)")
+    _check_host_memory(cfg)
     if cfg["heads"] % cfg["kv_heads"]:
         raise ValueError(f"--heads {cfg['heads']} --kv-heads {cfg['kv_heads']}: expected --heads to be a multiple "
                          "of --kv-heads (grouped-query attention)")
     _trial_call(cfg)
+
+
+def _check_host_memory(cfg: dict) -> None:
+    """Every rank process builds the whole run's q, k, v and dout in float32 on the host (seeded, so the ranks
+    agree) before keeping its shard: refuse up front a run whose processes on this machine together need more
+    than its physical memory (a typo such as --seqlen 99999999999 otherwise fails in every rank with a
+    traceback)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not reported on this platform: nothing to compare with
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg["world"]))
+    per_rank = 4 * cfg["batch"] * cfg["seqlen"] * cfg["head_dim"] * 2 * (cfg["heads"] + cfg["kv_heads"])
+    if local * per_rank > physical:
+        raise ValueError(f"--seqlen {cfg['seqlen']} --batch {cfg['batch']} --heads {cfg['heads']} --kv-heads "
+                         f"{cfg['kv_heads']} --head-dim {cfg['head_dim']}: each rank builds the whole inputs on the "
+                         f"host ({per_rank / 2**30:.3g} GiB in float32, {local} rank process(es) here), more than "
+                         f"this machine's {physical / 2**30:.3g} GiB")
 
 
 def _trial_call(cfg: dict) -> None:
