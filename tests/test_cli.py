@@ -191,6 +191,20 @@ def _run_demo(argv) -> subprocess.CompletedProcess:
     return _run_watched([sys.executable, "-u", "-m", "ring_attn", "demo", *argv], stall_s=120.0, cap_s=900.0)
 
 
+def _ends_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone, or a zombie until its (new) parent reaps it, within ``seconds`` (/proc)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_hang_fails_with_its_output_and_leaves_no_process():
     """The watchdog itself: a command whose processes all sleep fails (with what it printed) once no CPU was used
     for stall_s, and its child is killed with it; a command that spins fails at the cap."""
@@ -201,15 +215,7 @@ def test_a_hang_fails_with_its_output_and_leaves_no_process():
     with pytest.raises(pytest.fail.Exception, match="no CPU used by any of its processes for 2 s") as info:
         _run_watched([sys.executable, "-c", sleeper], stall_s=2, cap_s=120)
     child = int(re.search(r"child (\d+)", str(info.value)).group(1))
-    for _ in range(50):  # SIGKILLed: gone, or a zombie until its new parent reaps it
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
-                    break
-        except OSError:
-            break
-        time.sleep(0.1)
-    else:
+    if not _ends_within(child, 5.0):
         pytest.fail(f"process {child} of the hung command is still running")
     with pytest.raises(pytest.fail.Exception, match="still running after 3 s"):
         _run_watched([sys.executable, "-c", "while True: pass"], stall_s=60, cap_s=3)
@@ -230,15 +236,7 @@ def test_spawned_ranks_die_with_the_demo_process():
     finally:
         proc.kill()
         proc.wait()
-    for _ in range(50):
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
-                    break
-        except OSError:
-            break
-        time.sleep(0.1)
-    else:
+    if not _ends_within(child, 5.0):
         os.kill(child, 9)
         pytest.fail(f"rank-like child {child} outlived the killed parent")
 
