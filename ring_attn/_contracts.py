@@ -37,6 +37,7 @@ __all__ = [
     "check_pages",
     "check_pages_used",
     "last_dim_contiguous",
+    "check_int",
 ]
 
 #: storage dtypes of attention inputs (math is fp32 in every backend)
@@ -245,6 +246,16 @@ def _as_int(name: str, val, what: str) -> int:
         return operator.index(val)
     except TypeError:
         raise TypeError(f"{name} must be {what}, got {val!r} ({type(val).__name__})") from None
+
+
+def check_int(name: str, val, minimum: Optional[int] = None) -> int:
+    """An integer argument (an int, a numpy integer or a one-element integer tensor) as a Python int, at least
+    ``minimum`` when given. TypeError for floats/bools/others, ValueError below ``minimum``."""
+    what = "an int" if minimum is None else f"an int >= {minimum}"
+    n = _as_int(name, val, what)
+    if minimum is not None and n < minimum:
+        raise ValueError(f"{name} must be {what}, got {n}")
+    return n
 
 
 def check_max_seqlen(name: str, val) -> int:

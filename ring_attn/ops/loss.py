@@ -6,7 +6,8 @@ At 32k tokens per rank and Llama 3's 128,256-entry vocabulary the logits alone a
 block of rows at a time:
 
 * :func:`cross_entropy_sum` ``(logits [N, V], targets [N])``: autograd keeps the logits (a reference, not a
-  copy) and two float32 numbers per row (its log-sum-exp as max and shifted log-sum); the backward writes the gradient straight in the logits' dtype.
+  copy) and two float32 numbers per row (its log-sum-exp as max and shifted log-sum); the backward writes the
+  gradient straight in the logits' dtype.
   Extra memory: one block of rows in float32 (``block_bytes``, 256 MB by default) instead of ~50 GB above.
 * :func:`linear_cross_entropy_sum` ``(hidden [N, H], weight [V, H], targets [N])``: the logits
   ``hidden @ weight.T`` (optionally scaled and soft-capped, as Granite and Gemma 2 do) are formed one block at a
@@ -18,8 +19,11 @@ average over), are deterministic (a fixed block order, no atomics) and run on an
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+
+from ring_attn._contracts import check_int, check_softcap
 
 __all__ = ["cross_entropy_sum", "linear_cross_entropy_sum", "BLOCK_BYTES"]
 
@@ -39,25 +43,12 @@ def _check_targets(targets: torch.Tensor, n: int, device) -> torch.Tensor:
     return targets.to(device=device, dtype=torch.int64)
 
 
-def _int_option(name: str, value, minimum=None) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    value = int(value.__index__())
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _float_option(name: str, value, what: str, ok) -> float:
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})") from None
-    if isinstance(value, bool) or not math.isfinite(x) or not ok(x):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return x
+def _check_logit_scale(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"logit_scale must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"logit_scale must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -155,8 +146,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError(f"logits have shape {tuple(logits.shape)}: a vocabulary of 0 classes")
-    ignore_index = _int_option("ignore_index", ignore_index)
-    block_bytes = _int_option("block_bytes", block_bytes, minimum=1)
+    ignore_index = check_int("ignore_index", ignore_index)
+    block_bytes = check_int("block_bytes", block_bytes, minimum=1)
     logits2 = logits.reshape(-1, vocab)
     t = _check_targets(targets.reshape(-1) if isinstance(targets, torch.Tensor) else targets, logits2.shape[0],
                        logits.device)
@@ -256,10 +247,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) "
                         f"must share dtype and device (dtypes may differ under autocast)")
     mm_dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-    ignore_index = _int_option("ignore_index", ignore_index)
-    block_bytes = _int_option("block_bytes", block_bytes, minimum=1)
-    logit_scale = _float_option("logit_scale", logit_scale, "a finite number", lambda x: True)
-    softcap = _float_option("softcap", softcap, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
+    ignore_index = check_int("ignore_index", ignore_index)
+    block_bytes = check_int("block_bytes", block_bytes, minimum=1)
+    logit_scale = _check_logit_scale(logit_scale)
+    softcap = check_softcap(softcap)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = _check_targets(targets.reshape(-1) if isinstance(targets, torch.Tensor) else targets, h2.shape[0],
                        hidden.device)
