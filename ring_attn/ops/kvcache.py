@@ -265,8 +265,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if paged:
         check_pages_used(block_table, filled, page, n_pages, _NAME, sync=q.device.type == "cpu")
 
-    # a backend that cannot run these inputs (e.g. a pinned one) raises here, before the append writes the cache
-    forward_backend(q, True, window=window, softcap=cap, alibi=alibi is not None)
+    if k is not None:  # a backend that cannot run these inputs (e.g. a pinned one) raises before the append
+        forward_backend(q, True, window=window, softcap=cap, alibi=alibi is not None)
     with torch.no_grad():
         if k is not None:
             pos_new = lens[:, None].long() + torch.arange(s_new, device=q.device)  # [b, s_new]: where k/v go
