@@ -107,8 +107,13 @@ def _use_cuda(args) -> bool:
     return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
 
+def _under_torchrun() -> bool:
+    """Whether this process is a rank of a launched job (torchrun): its ranks exist already, none is spawned."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def _world(args, use_cuda: bool) -> int:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun the job decides
+    if _under_torchrun():  # the job decides
         return int(os.environ["WORLD_SIZE"])
     if args.world_size is not None:
         return args.world_size
@@ -141,9 +146,9 @@ def check_args(args) -> None:
     ``--heads`` a multiple of ``--kv-heads``; ``--head-dim`` in [1, 256]; ``--device cuda`` needs a visible GPU and
     ``--world-size`` at most the GPU count, on the CPU at most :data:`MAX_CPU_RANKS`, and at most ``--seqlen``
     (any ``--seqlen`` from there works: ``shard`` pads what the layout cannot split and the ring masks the
-    padding); the inputs every rank builds on the host fit this machine's memory. Last, one tiny ``flash_attn_func`` call with the run's heads,
-    head dim and dtype on the CPU reference backend, so that anything the attention op refuses is reported
-    here rather than by every rank.
+    padding); the inputs every rank builds on the host fit this machine's memory. Last, one tiny
+    ``flash_attn_func`` call with the run's heads, head dim and dtype on the CPU reference backend, so that
+    anything the attention op refuses is reported here rather than by every rank.
 
     Raises:
         ValueError: naming the flag, the value and what is accepted.
@@ -158,11 +163,10 @@ def check_args(args) -> None:
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible (use --device cpu for gloo ranks on the CPU)")
     cfg = _resolve(args)
-    if use_cuda and cfg["world"] > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+    if use_cuda and cfg["world"] > torch.cuda.device_count() and not _under_torchrun():
         raise ValueError(f"--world-size {cfg['world']}: needs {cfg['world']} GPUs (NCCL ranks cannot share a GPU); "
                          f"{torch.cuda.device_count()} visible")
-    spawned = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
-    if not use_cuda and spawned and cfg["world"] > MAX_CPU_RANKS:
+    if not use_cuda and not _under_torchrun() and cfg["world"] > MAX_CPU_RANKS:
         raise ValueError(f"--world-size {cfg['world']}: expected at most {MAX_CPU_RANKS} gloo ranks (processes) on "
                          f"this machine's CPU")
     if cfg["world"] > cfg["seqlen"]:
@@ -403,7 +407,7 @@ def _run_rank(rank, cfg, result_path):
 def run(args) -> int:
     """Run the demo (``check_args`` has checked ``args``); return 0, or 1 when the check against one device fails."""
     cfg = _resolve(args)
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    under_torchrun = _under_torchrun()
     if not under_torchrun or int(os.environ["RANK"]) == 0:
         print(_describe(cfg), flush=True)
     with tempfile.TemporaryDirectory(prefix="ring-attn-demo-") as tmp:
