@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -64,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             check(args)
         except (ValueError, TypeError) as exc:
             parser.subcommand_parsers[args.command].error(str(exc))  # exits with status 2
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except BrokenPipeError:
+        # the reader of stdout went away (``ring-attn rope-plan ... | head``): no traceback. Python's own recipe:
+        # point stdout at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

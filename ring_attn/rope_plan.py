@@ -240,6 +240,11 @@ def plan(head_dim: int, theta: float, trained: int, target: int, rope_type: str 
         pairs.append(row)
     never_trained = [p["pair"] for p in pairs if p["rotations_trained"] < 1]
     never_target = [p["pair"] for p in pairs if p["rotations_target"] < 1]
+    warnings = []
+    if target < trained:
+        warnings.append(f"--target {target:,} is shorter than --trained {trained:,}: no extension is needed; the "
+                        f"theta rules and scaled rope types below are for a factor s = {s:.6g} < 1, which shrinks "
+                        "the positions (transformers warns on scaling factors below 1; YaRN is shown at factor 1)")
     return {
         "head_dim": head_dim, "rotary_dim": dim, "theta": theta, "trained": trained, "target": target,
         "factor": s, "rope_type": rope_type, "effective_theta": eff_theta, "attention_scaling": scale,
@@ -254,6 +259,7 @@ def plan(head_dim: int, theta: float, trained: int, target: int, rope_type: str 
         "pairs_never_rotating_in_trained": never_trained,
         "pairs_never_rotating_in_target": never_target,
         "table_angle_error_at_target": table_angle_errors(inv, target),
+        "warnings": warnings,
     }
 
 
@@ -269,7 +275,7 @@ def _span(pairs: list[int]) -> str:
 
 def format_plan(p: dict) -> str:
     d, s = p["rotary_dim"], p["factor"]
-    lines = [
+    lines = [f"warning: {w}" for w in p["warnings"]] + [
         f"RoPE plan: rotary dim {d} ({d // 2} pairs) of head dim {p['head_dim']}, theta {p['theta']:.6g}, "
         f"trained {p['trained']:,} -> target {p['target']:,} tokens (factor s = {s:.6g})",
         "",

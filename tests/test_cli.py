@@ -256,3 +256,17 @@ def test_demo_prints_configuration_and_progress():
     elapsed = [float(re.match(r"\[\s*(\d+\.\d) s\]", line).group(1)) for line in progress]
     assert elapsed == sorted(elapsed)
     assert any("-> PASS" in line for line in lines)
+
+
+def test_a_closed_stdout_is_not_a_traceback():
+    """``ring-attn rope-plan ... | head -1``: the reader leaves before the plan is written; the command ends with
+    status 1 and nothing on stderr (it used to print a BrokenPipeError traceback)."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ring_attn", *PLAN], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120, cwd=ROOT)
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1

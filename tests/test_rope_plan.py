@@ -113,3 +113,13 @@ def test_through_the_console_script(capsys):
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         rope_plan.plan(**kwargs)
+
+
+def test_target_below_trained_warns(capsys):
+    """A 'plan' that shrinks the context (factor < 1) is printed with a warning first, and the JSON carries it."""
+    out = _run(["--head-dim", "128", "--theta", "5e5", "--trained", "8192", "--target", "4096"], capsys)
+    assert out.splitlines()[0].startswith("warning: --target 4,096 is shorter than --trained 8,192")
+    p = json.loads(_run(["--head-dim", "128", "--theta", "5e5", "--trained", "8192", "--target", "4096", "--json"],
+                        capsys))
+    assert len(p["warnings"]) == 1 and "factor s = 0.5 < 1" in p["warnings"][0]
+    assert json.loads(_run(LLAMA3 + ["--json"], capsys))["warnings"] == []
