@@ -716,6 +716,23 @@ def _mismatch_case(rank, world, group, store):
         store["raised_alibi"] = None
     except Exception as e:  # noqa: BLE001 - the test inspects the type and message
         store["raised_alibi"] = (type(e).__name__, str(e))
+    # ALiBi on every rank, but different values on the last rank: the slopes themselves are compared (before
+    # 2026-12-07 only "given or None" was, and each rank scored its queries with its own slopes, silently)
+    slopes = torch.tensor([0.5, 0.25]) if rank < world - 1 else torch.tensor([0.5, 0.125])
+    for label, call in (("raised_alibi_values", lambda: ring_attn.ring_attn_func(
+            q, k, v, causal=True, group=group, alibi_slopes=slopes)),
+            ("raised_alibi_values_varlen", lambda: ring_attn.ring_attn_varlen_func(
+                q[0], k[0], v[0], torch.tensor([0, 8 * world], dtype=torch.int32), 8 * world, causal=True,
+                group=group, alibi_slopes=slopes))):
+        try:
+            with backends.force("reference"):
+                call()
+            store[label] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects the type and message
+            store[label] = (type(e).__name__, str(e))
+    with backends.force("reference"):  # equal slopes given in different forms ([h] and [b, h]) are the same
+        ring_attn.ring_attn_func(q, k, v, causal=True, group=group,
+                                 alibi_slopes=torch.tensor([0.5, 0.25]) if rank else torch.tensor([[0.5, 0.25]]))
 
     def attempt(label, fn):
         t1 = time.monotonic()

@@ -306,6 +306,11 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         assert etype == "ValueError" and "inconsistent inputs" in msg
         assert f"alibi_slopes=given, seqlen={8 * world}; rank 1:" in msg, msg
         assert "alibi_slopes=None" in msg.split("rank 1:")[1], msg
+        for label in ("raised_alibi_values", "raised_alibi_values_varlen"):
+            etype, msg = st[label]
+            assert etype == "ValueError" and "different alibi_slopes values" in msg, (label, msg)
+            assert f"ranks [{world - 1}] differ from rank 0, first at index (0, 1) (rank 0: 0.25, rank {world - 1}: " \
+                   "0.125)" in msg, msg
         assert st["after"] == world
         # one rank's own bad argument: that rank raises its error, every other rank a ValueError naming it
         for label, own in (("raised_local", "softmax_scale"), ("raised_local_varlen", "max_seqlen"),

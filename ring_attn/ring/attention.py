@@ -691,9 +691,10 @@ def ring_signature_kind(varlen: bool) -> tuple[list[int], int]:
     return [_SIG_MAGIC, int(varlen)], _SIG_LEN
 
 
-def _validate_or_raise(name, validate, group, q, kind, make_sig, failed):
+def _validate_or_raise(name, validate, group, q, kind, make_sig, failed, alibi=None):
     """The cross-rank check of a ring call whose local checks ran: ``make_sig()`` where they passed,
-    :func:`failed_signature` where they raised ``failed`` (which is raised after the exchange)."""
+    :func:`failed_signature` where they raised ``failed`` (which is raised after the exchange); then, once the
+    signatures agree, the ALiBi slopes' values (:func:`_validate_slopes`)."""
     if not validate:
         if failed is not None:
             raise failed
@@ -702,6 +703,31 @@ def _validate_or_raise(name, validate, group, q, kind, make_sig, failed):
         raise_with_the_group(failed, group, q, *ring_signature_kind(bool(kind)))
     pg, backend, device, sig = make_sig()
     validate_across_ranks(name, pg, backend, device, sig)
+    if alibi is not None and dist.get_world_size(pg) > 1:
+        _validate_slopes(name, pg, backend, alibi)
+
+
+def _validate_slopes(name, pg, backend, alibi: torch.Tensor) -> None:
+    """Every rank must pass the same ALiBi slopes (a rank's keys are scored with the slopes of the rank holding
+    the queries, so different values would be silently mixed). The signature says only "given"; the values
+    (validated fp32 ``[n_batch, h_q]``, the same shape on every rank once the signatures agree) are all-gathered
+    and compared bit for bit: on the host under gloo (ValueError naming the ranks and the first differing
+    slope), on the device under NCCL (a device-side assert, no host sync)."""
+    mine = alibi.contiguous()
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(parts, mine, group=pg)
+    bits = torch.stack(parts).view(torch.int32)
+    if backend == "nccl":
+        torch._assert_async(bits.eq(bits[0]).all(), f"{name}: the ranks of the process group passed different "
+                                                    "alibi_slopes values (every rank must pass the same slopes)")
+        return
+    differ = [r for r in range(len(parts)) if not torch.equal(bits[r], bits[0])]
+    if differ:
+        r = differ[0]
+        at = tuple(int(i) for i in (bits[r] != bits[0]).nonzero()[0])
+        raise ValueError(f"{name}: the ranks of the process group passed different alibi_slopes values (every rank "
+                         f"must pass the same slopes): ranks {differ} differ from rank 0, first at index {at} "
+                         f"(rank 0: {parts[0][at].item():g}, rank {r}: {parts[r][at].item():g})")
 
 
 def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
@@ -898,7 +924,8 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         alibi_slopes: ALiBi: None, or fp32 ``[heads_q]`` / ``[batch, heads_q]`` on q's device (varlen:
             ``[n_seqs, heads_q]``); adds ``-slope * |q - k|`` over *global* positions, exactly as single-device
             ``flash_attn_func`` on the whole sequence (each piece runs with its true offset; striped pieces with
-            slopes times ``W`` and a shifted LSE), for every layout.
+            slopes times ``W`` and a shifted LSE), for every layout. The same values on every rank: with
+            ``validate`` they are compared across ranks at every call (one small all-gather).
         deterministic: the ring's forward and backward are bitwise deterministic either way; True under the
             opt-in ``RING_ATTN_BWD=fused`` (unordered atomics) is refused with ValueError.
         return_attn_probs: return ``(out, lse, None)`` like flash-attn / ring-flash-attn (no probabilities).
@@ -938,6 +965,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         initialized.
     """
     name = "ring_attn_func"
+    alibi = None
     try:  # this rank's own checks; a failure still joins the signature exchange, so no other rank waits for it
         causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
                                                     deterministic, return_attn_probs, group)
@@ -955,7 +983,7 @@ def ring_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[floa
         failed = named_error(name, exc)
     _validate_or_raise(name, validate, group, q, 0, lambda: (
         pg, backend, q.device, _signature(0, q, k, v, causal, layout, scale, [real], window, softcap, alibi)),
-        failed)
+        failed, alibi)
     want_lse = return_lse or return_attn_probs
     if real < padded:
         # every batch element is one sequence of `real` tokens padded to `padded`: the packed schedule masks
@@ -1012,6 +1040,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
         below the longest sequence, or ``q`` whose token count is not the padded total / ``W``.
     """
     name = "ring_attn_varlen_func"
+    alibi = None
     try:  # this rank's own checks; a failure still joins the signature exchange, so no other rank waits for it
         causal, window, softcap = check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes,
                                                     deterministic, return_attn_probs, group)
@@ -1039,7 +1068,7 @@ def ring_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p: float = 0.
                                 "little", signed=True)
         return pg, backend, q.device, _signature(1, q, k, v, causal, layout, scale, [len(lens), digest], window,
                                                  softcap, alibi)
-    _validate_or_raise(name, validate, group, q, 1, varlen_signature, failed)
+    _validate_or_raise(name, validate, group, q, 1, varlen_signature, failed, alibi)
     want_lse = return_lse or return_attn_probs
     if world == 1 and pcu == cu:  # the whole sequence is local: the single-device op, no fp32 round trips
         res = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
