@@ -768,6 +768,14 @@ def _mismatch_case(rank, world, group, store):
         torch.tensor([0, 5, 8 * world], dtype=torch.int32), True, rank, world)
     attempt("raised_compat_llama3", lambda: compat.llama3_flash_attn_varlen_func(
         qz, kz, vz, cq, ck, mq, mk, 1, ks, 0.1 if rank == 0 else 0.0, None, True, group=group))
+    # the all-gather form's per-head slopes ([h_q]) are compared too; its per-local-sequence form is each rank's own
+    attempt("raised_llama3_slopes", lambda: compat.llama3_flash_attn_varlen_func(
+        qz, kz, vz, cq, ck, mq, mk, 1, ks, 0.0, None, True, alibi_slopes=torch.tensor(
+            [0.5, 0.25] if rank < world - 1 else [0.5, 0.375])))
+    rows = cq.numel() - 1
+    attempt("ok_llama3_slopes_mixed_forms", lambda: compat.llama3_flash_attn_varlen_func(
+        qz, kz, vz, cq, ck, mq, mk, 1, ks, 0.0, None, True, alibi_slopes=torch.tensor([0.5, 0.25]) if rank == 0
+        else torch.rand(rows, 2)))
     # unshard / unshard_varlen: shards of different shapes, one rank's bad seqlen, different cu_seqlens raise on
     # every rank (a small signature gather first) instead of hanging or aborting in the data gather
     attempt("raised_unshard_shape", lambda: ring_attn.unshard(torch.randn(1, 6 if rank == 0 else 4, 2), 1, group))

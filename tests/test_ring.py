@@ -306,10 +306,15 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         assert etype == "ValueError" and "inconsistent inputs" in msg
         assert f"alibi_slopes=given, seqlen={8 * world}; rank 1:" in msg, msg
         assert "alibi_slopes=None" in msg.split("rank 1:")[1], msg
+        etype, msg = st["raised_llama3_slopes"]
+        assert etype == "ValueError" and "different alibi_slopes values" in msg, msg
+        assert f"ranks [{world - 1}] differ from rank 0, first at flat index 1 (rank 0: 0.25, rank {world - 1}: " \
+               "0.375)" in msg, msg
+        assert st["ok_llama3_slopes_mixed_forms"] is None, st["ok_llama3_slopes_mixed_forms"]
         for label in ("raised_alibi_values", "raised_alibi_values_varlen"):
             etype, msg = st[label]
             assert etype == "ValueError" and "different alibi_slopes values" in msg, (label, msg)
-            assert f"ranks [{world - 1}] differ from rank 0, first at index (0, 1) (rank 0: 0.25, rank {world - 1}: " \
+            assert f"ranks [{world - 1}] differ from rank 0, first at flat index 1 (rank 0: 0.25, rank {world - 1}: " \
                    "0.125)" in msg, msg
         assert st["after"] == world
         # one rank's own bad argument: that rank raises its error, every other rank a ValueError naming it

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ring_attn._contracts import VarlenSeqs, check_alibi_slopes, check_cu_seqlens_form, check_qkv, check_scale
 from ring_attn.ops.attention_block import attention_block_backward, attention_block_forward, attention_delta
 from ring_attn.ring.attention import (FAILED, check_backend, check_flash_args, group_info, named_error,
-                                      raise_with_the_group, validate_across_ranks)
+                                      raise_with_the_group, validate_across_ranks, validate_same_slopes)
 
 __all__ = ["prepare_cu_seqlens", "allgather_attn_varlen_func"]
 
@@ -208,7 +208,9 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         causal: bottom-right causal within each sequence (global positions, see the module docstring).
         window_size: ``(left, right)`` sliding window, -1 unbounded; with ``causal`` only (non-causal windows:
             NotImplementedError).
-        alibi_slopes: fp32 ``[h_q]`` or ``[n_local_seqs, h_q]`` ALiBi slopes, with ``causal`` only.
+        alibi_slopes: fp32 ``[h_q]`` or ``[n_local_seqs, h_q]`` ALiBi slopes, with ``causal`` only. The
+            ``[h_q]`` form must be the same on every rank (compared at every call; ValueError on gloo, a
+            device-side assert on NCCL); the per-local-sequence form is this rank's own.
         deterministic: accepted; the result is always deterministic.
         return_attn_probs: return ``(out, lse, None)``.
         group: the process group (default: the world).
@@ -236,6 +238,8 @@ def allgather_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     validate_across_ranks(_NAME, pg, backend, device, sig, describe=_describe,
                           what="local token count, heads, head_dim, dtype, causal, heads_k_stride, window_size, "
                                "alibi_slopes or none, softmax_scale and softcap, all valid")
+    if local["alibi"] is not None and world > 1:  # per-head slopes ([h_q]) must be equal; per-sequence ones differ
+        validate_same_slopes(_NAME, pg, backend, alibi_slopes if alibi_slopes.dim() == 1 else None, q.shape[1])
     out, lse = _AllGatherVarlen.apply(q, k, v, local["seqs"], local["stride"], local["k_slice"], local["scale"],
                                       causal, window, softcap, local["alibi"], pg, backend, world)
     return (out, lse, None) if return_attn_probs else out

@@ -694,7 +694,7 @@ def ring_signature_kind(varlen: bool) -> tuple[list[int], int]:
 def _validate_or_raise(name, validate, group, q, kind, make_sig, failed, alibi=None):
     """The cross-rank check of a ring call whose local checks ran: ``make_sig()`` where they passed,
     :func:`failed_signature` where they raised ``failed`` (which is raised after the exchange); then, once the
-    signatures agree, the ALiBi slopes' values (:func:`_validate_slopes`)."""
+    signatures agree, the ALiBi slopes' values (:func:`validate_same_slopes`)."""
     if not validate:
         if failed is not None:
             raise failed
@@ -704,30 +704,41 @@ def _validate_or_raise(name, validate, group, q, kind, make_sig, failed, alibi=N
     pg, backend, device, sig = make_sig()
     validate_across_ranks(name, pg, backend, device, sig)
     if alibi is not None and dist.get_world_size(pg) > 1:
-        _validate_slopes(name, pg, backend, alibi)
+        validate_same_slopes(name, pg, backend, alibi, alibi.numel())
 
 
-def _validate_slopes(name, pg, backend, alibi: torch.Tensor) -> None:
+def validate_same_slopes(name, pg, backend, slopes: Optional[torch.Tensor], length: int) -> None:
     """Every rank must pass the same ALiBi slopes (a rank's keys are scored with the slopes of the rank holding
-    the queries, so different values would be silently mixed). The signature says only "given"; the values
-    (validated fp32 ``[n_batch, h_q]``, the same shape on every rank once the signatures agree) are all-gathered
-    and compared bit for bit: on the host under gloo (ValueError naming the ranks and the first differing
-    slope), on the device under NCCL (a device-side assert, no host sync)."""
-    mine = alibi.contiguous()
+    the queries, so different values would be silently mixed). Called on every rank of ``pg`` once the
+    signatures agree that slopes are given. ``slopes``: this rank's validated fp32 slopes, ``length`` values in
+    all (the same on every rank), or None for a rank whose slopes cannot be compared with the others' (the
+    all-gather ring's per-local-sequence form). The values, with a flag for "compared", are all-gathered and
+    compared bit for bit among the flagged ranks: on the host under gloo (ValueError naming the ranks and the
+    first differing slope), on the device under NCCL (a device-side assert, no host sync)."""
+    if slopes is not None:
+        device = slopes.device
+        mine = torch.cat([torch.ones(1, device=device), slopes.reshape(-1).float()])
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        mine = torch.zeros(1 + length, device=device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
     dist.all_gather(parts, mine, group=pg)
-    bits = torch.stack(parts).view(torch.int32)
+    table = torch.stack(parts)
+    flags, bits = table[:, 0].eq(1), table[:, 1:].contiguous().view(torch.int32)
     if backend == "nccl":
-        torch._assert_async(bits.eq(bits[0]).all(), f"{name}: the ranks of the process group passed different "
-                                                    "alibi_slopes values (every rank must pass the same slopes)")
+        ref = bits[flags.to(torch.int8).argmax()]
+        torch._assert_async((bits.eq(ref).all(1) | ~flags).all(),
+                            f"{name}: the ranks of the process group passed different alibi_slopes values (every "
+                            "rank must pass the same slopes)")
         return
-    differ = [r for r in range(len(parts)) if not torch.equal(bits[r], bits[0])]
+    ranks = [r for r in range(len(parts)) if bool(flags[r])]
+    differ = [r for r in ranks[1:] if not torch.equal(bits[r], bits[ranks[0]])]
     if differ:
-        r = differ[0]
-        at = tuple(int(i) for i in (bits[r] != bits[0]).nonzero()[0])
+        r0, r = ranks[0], differ[0]
+        at = int((bits[r] != bits[r0]).nonzero()[0, 0])
         raise ValueError(f"{name}: the ranks of the process group passed different alibi_slopes values (every rank "
-                         f"must pass the same slopes): ranks {differ} differ from rank 0, first at index {at} "
-                         f"(rank 0: {parts[0][at].item():g}, rank {r}: {parts[r][at].item():g})")
+                         f"must pass the same slopes): ranks {differ} differ from rank {r0}, first at flat index "
+                         f"{at} (rank {r0}: {table[r0, 1 + at].item():g}, rank {r}: {table[r, 1 + at].item():g})")
 
 
 def _check_common(name, q, k, v, softmax_scale, layout, group, packed):
