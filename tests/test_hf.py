@@ -813,6 +813,20 @@ def test_single_device_refusals():
     # attention dropout in training runs on one device (test_single_device_attention_dropout), not over a ring
 
 
+def test_models_without_the_attention_interface_are_refused():
+    """Bloom runs its own attention (no AttentionInterface): switching it to "ring_attn" would change nothing and
+    outputs would silently stay stock. patch_hf refuses it before patching anything (before 2026-12-07 only a
+    transformers warning said so, and `ring-attn kld` reported KL 0 for it)."""
+    import transformers
+
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4)
+    model = transformers.BloomForCausalLM(cfg)
+    with pytest.raises(NotImplementedError, match="BloomForCausalLM does not dispatch its attention"):
+        hf.patch_hf(model)
+    with hf.patch_hf(build("llama")):  # nothing was left active by the refusal
+        pass
+
+
 def test_patch_argument_errors():
     with pytest.raises(ValueError, match="layout"):
         hf.patch_hf(layout="diagonal")

@@ -890,6 +890,21 @@ def _unwrap(model):
     return model
 
 
+def _check_dispatches_attention(model) -> None:
+    """NotImplementedError, before anything is patched, for a model whose attention does not go through
+    transformers' ``AttentionInterface`` (Bloom, and on transformers 4.48 GPT-NeoX, Falcon, OPT): switching it
+    to ``"ring_attn"`` would change nothing, silently. transformers >= 4.50 says so by the class flag
+    ``_supports_attention_backend``; before it, the model's modeling modules use ``ALL_ATTENTION_FUNCTIONS``."""
+    flag = getattr(type(model), "_supports_attention_backend", None)
+    if flag is None:
+        flag = any(hasattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS") for m in model.modules())
+    if not flag:
+        raise NotImplementedError(
+            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so "
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} cannot replace it (the model would run its own attention "
+            f"unchanged); ring_attn patches models that do (MODEL_FAMILIES, and others such as Starcoder2)")
+
+
 def _set_attn_implementation(model, name: str) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -928,8 +943,10 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         :class:`HFPatch`; ``.undo()`` or ``with patch_hf(...):`` restores stock behaviour exactly.
 
     Raises:
-        ValueError: unknown layout; TypeError: ``model`` is not a transformers model; RuntimeError: a patch is
-        already active (undo it first), or ``group`` without an initialized process group.
+        ValueError: unknown layout; TypeError: ``model`` is not a transformers model; NotImplementedError:
+        ``model``'s attention does not dispatch through transformers' ``AttentionInterface`` (e.g. Bloom), so
+        nothing would change; RuntimeError: a patch is already active (undo it first), or ``group`` without an
+        initialized process group.
     """
     global _active
     import transformers
@@ -948,6 +965,8 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
         if model is None:
             raise ValueError("fused_loss=True needs the model: patch_hf(model, fused_loss=True)")
         _head_transforms(model)  # NotImplementedError for heads it cannot reproduce, before anything is patched
+    if model is not None:
+        _check_dispatches_attention(model)
     state = _State(group, layout, fused_rope)
     handle = HFPatch()
     try:
@@ -993,6 +1012,11 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             previous = model.config._attn_implementation
             _set_attn_implementation(model, ATTN_IMPLEMENTATION)
             handle._restore.append(lambda: _set_attn_implementation(model, previous))
+            if model.config._attn_implementation != ATTN_IMPLEMENTATION:  # transformers refused the switch
+                raise NotImplementedError(
+                    f"{type(model).__name__}: transformers did not switch it to attn_implementation="
+                    f"{ATTN_IMPLEMENTATION!r} (it stays {model.config._attn_implementation!r}); its attention "
+                    f"cannot be replaced")
             if fused_loss:
                 handle._setattr(model, "forward", _make_fused_loss_forward(model, model.forward))
             if state.world > 1 and getattr(model.config, "use_cache", False):

@@ -3,7 +3,9 @@
 After llama.cpp's ``perplexity --kl-divergence`` statistics: both models (the stock one with transformers'
 default attention, ``sdpa`` or, where the model has no sdpa path, ``eager``; then the same weights patched by
 :func:`ring_attn.integrations.hf.patch_hf`, one device) read the same tokens in windows of ``--ctx`` tokens;
-for every predicted token we compare ``p_stock`` and ``p_patched``:
+window by window (the stock model, then the same window patched), and for every predicted token we compare
+``p_stock`` and ``p_patched``, from the logits in float64 (a float32 log-softmax alone would add KL noise of
+about 1e-8 nats, larger than what it measures):
 
 * perplexity of each model, ``exp(mean NLL)``, with the standard error from the NLL's (``ppl * se(NLL)``);
 * ``KL(p_stock || p_patched)`` in nats: mean with its standard error; median and 99th percentile with a 95%
@@ -12,6 +14,7 @@ for every predicted token we compare ``p_stock`` and ``p_patched``:
 
 ``--model PATH`` reads a local transformers model directory (no hub access; ``--text FILE`` is tokenized with its
 tokenizer); by default a random tiny Llama reads random tokens, which checks the kernels rather than a model.
+Memory: one window's logits at a time, plus a few float64 numbers per predicted token.
 """
 from __future__ import annotations
 
@@ -24,7 +27,11 @@ import time
 
 import torch
 
-__all__ = ["add_arguments", "run", "kl_statistics", "order_statistic_interval"]
+__all__ = ["add_arguments", "check_args", "run", "kl_statistics", "token_statistics", "summarize",
+           "order_statistic_interval"]
+
+_SEED_LIMIT = 2 ** 63  # torch.manual_seed's range
+_BYTES_PER_TOKEN = 80  # host memory per evaluated token: its id, the per-token float64 statistics, their sorts
 
 
 def _positive_int(text: str) -> int:
@@ -76,14 +83,106 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local transformers model directory (default: a random tiny Llama)")
     parser.add_argument("--text", type=_text_file, default=None,
                         help="text file to evaluate, tokenized with --model's tokenizer (default: random tokens)")
-    parser.add_argument("--tokens", type=_positive_int, default=512, help="tokens to evaluate (default 512)")
+    parser.add_argument("--tokens", type=_positive_int, default=512,
+                        help="tokens to evaluate, at least 3 (default 512)")
     parser.add_argument("--ctx", type=_ctx, default=128, help="window length per forward pass (default 128)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="model dtype (default float32)")
     parser.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random model and tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random model and tokens (0 <= seed < 2^63)")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress on stderr (neither ours nor transformers' loading bar)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks (the parent process, before any model runs)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not reported on this platform
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _is_rope(config) -> bool:
+    """Whether positions enter through RoPE (then a window past the trained length extrapolates) rather than a
+    learned table of ``n_positions`` / ``max_position_embeddings`` rows (then it is out of range)."""
+    return any(getattr(config, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag, before a model is built: ranges (``--tokens`` >= 3 and within host memory, ``--seed``),
+    ``--text`` only with ``--model``; the model directory's config (readable, a causal-LM ``model_type``) and, with
+    ``--text``, its tokenizer and the text (UTF-8, at least 3 tokens, ids below the model's vocabulary); ``--ctx``
+    within a learned position table. A ``--ctx`` past a RoPE model's ``max_position_embeddings`` is allowed (that
+    is extrapolation, which the tool can measure) with a note on stderr. Stores the config as ``args.config`` and
+    the text's token ids as ``args.token_ids`` (None for random tokens).
+
+    Raises:
+        ValueError naming the flag, the value and what is expected (``ring-attn`` prints it as one line, exit 2).
+    """
+    if args.tokens < 3:
+        raise ValueError(f"--tokens {args.tokens}: expected an int >= 3 (at least two predicted tokens)")
+    if not 0 <= args.seed < _SEED_LIMIT:
+        raise ValueError(f"--seed {args.seed}: expected an int in [0, 2^63)")
+    if args.text is not None and args.model is None:
+        raise ValueError(f"--text {args.text}: needs --model (the text is tokenized with the model's tokenizer)")
+    physical = _physical_memory()
+    if physical is not None and args.tokens * _BYTES_PER_TOKEN > physical:
+        raise ValueError(f"--tokens {args.tokens}: the per-token statistics alone need "
+                         f"{args.tokens * _BYTES_PER_TOKEN / 2**30:.3g} GiB, more than this machine's "
+                         f"{physical / 2**30:.3g} GiB")
+    import transformers
+
+    if args.model is None:
+        args.config, args.token_ids = _tiny_llama_config(), None
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any reason transformers cannot read it, as one line
+            raise ValueError(f"--model {args.model}: transformers cannot read its config.json ({_first_line(exc)})")
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"--model {args.model}: model_type {config.model_type!r} has no causal-LM head in "
+                             f"transformers (AutoModelForCausalLM); kld compares next-token distributions")
+        args.config, args.token_ids = config, None
+    config = args.config
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions and args.ctx > positions:
+        if not _is_rope(config):
+            raise ValueError(f"--ctx {args.ctx}: the model has {positions} learned positions "
+                             f"({'n_positions' if getattr(config, 'n_positions', None) else 'max_position_embeddings'}"
+                             f"); expected --ctx <= {positions}")
+        print(f"ring-attn kld: note: --ctx {args.ctx} is past the model's max_position_embeddings {positions} "
+              f"(RoPE extrapolation)", file=sys.stderr)
+    if args.text is None:
+        return
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reason transformers cannot load it, as one line
+        raise ValueError(f"--text needs --model {args.model}'s tokenizer, which transformers cannot load "
+                         f"({_first_line(exc)})")
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--text {args.text}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    ids = tok(text, return_tensors="pt").input_ids[0][: args.tokens]
+    if ids.numel() < 3:
+        raise ValueError(f"--text {args.text}: {ids.numel()} tokens after tokenization; expected at least 3")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise ValueError(f"--text {args.text}: its tokenizer gives token id {int(ids.max())}, past --model "
+                         f"{args.model}'s vocab_size {vocab} (a tokenizer of another model?)")
+    args.token_ids = ids
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,32 +199,69 @@ def order_statistic_interval(sorted_values: torch.Tensor, q: float, z: float = 1
     return float(sorted_values[lo]), float(sorted_values[hi])
 
 
-def kl_statistics(logp_stock: torch.Tensor, logp_patched: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Statistics of two models' next-token log-probabilities ``[n, vocab]`` (float) for targets ``[n]``.
+def token_statistics(logits_stock: torch.Tensor, logits_patched: torch.Tensor, targets: torch.Tensor,
+                     rows: int = 256) -> dict:
+    """Per predicted token, in float64 on the CPU: ``kl`` (``KL(p_stock || p_patched)``, nats), ``nll_stock``,
+    ``nll_patched``, ``agree`` (1.0 where the argmaxes are equal) and ``finite_stock`` / ``finite_patched`` (the
+    token's logits are all finite).
 
-    Returns a dict: ``n``; ``ppl_stock``/``ppl_patched`` each ``{"value", "se"}``; ``kl`` with ``mean``, ``se``
-    (standard error of the mean), ``median``/``p99`` with 95% ``*_ci`` intervals, ``max``; ``top1_agreement``
-    ``{"value", "se"}``.
-    """
-    lp_s, lp_p = logp_stock.double(), logp_patched.double()
+    ``logits_*``: ``[n, vocab]`` logits (or log-probabilities) of any float dtype, on any device; ``targets``:
+    ``[n]`` int. The log-softmax runs in float64, ``rows`` tokens at a time (memory: a few ``rows x vocab``
+    float64 buffers)."""
     n = targets.numel()
+    out = {k: torch.empty(n, dtype=torch.float64) for k in ("kl", "nll_stock", "nll_patched", "agree")}
+    out.update(finite_stock=torch.empty(n, dtype=torch.bool), finite_patched=torch.empty(n, dtype=torch.bool))
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        ls, lp = logits_stock[a:b].double(), logits_patched[a:b].double()
+        out["finite_stock"][a:b] = torch.isfinite(ls).all(-1).cpu()
+        out["finite_patched"][a:b] = torch.isfinite(lp).all(-1).cpu()
+        ls, lp = torch.log_softmax(ls, -1), torch.log_softmax(lp, -1)
+        t = targets[a:b].to(ls.device)[:, None]
+        out["kl"][a:b] = (ls.exp() * (ls - lp)).sum(-1).cpu()
+        out["nll_stock"][a:b] = -ls.gather(1, t).squeeze(1).cpu()
+        out["nll_patched"][a:b] = -lp.gather(1, t).squeeze(1).cpu()
+        out["agree"][a:b] = (ls.argmax(-1) == lp.argmax(-1)).double().cpu()
+    return out
+
+
+def _ppl(nll: torch.Tensor) -> dict:
+    mean = nll.mean().item()
+    ppl = math.exp(mean) if mean < 709.0 else math.inf  # past ~709 nats exp overflows a double
+    return {"value": ppl, "se": ppl * nll.std().item() / math.sqrt(nll.numel())}
+
+
+def summarize(per_token: dict) -> dict:
+    """The statistics of :func:`token_statistics`' per-token values (all windows concatenated).
+
+    Returns a dict: ``n``; ``ppl_stock``/``ppl_patched`` each ``{"value", "se"}`` (``inf`` past the double range);
+    ``kl`` with ``mean``, ``se`` (standard error of the mean), ``median``/``p99`` with 95% ``*_ci`` intervals
+    (widened, at small ``n``, to contain the interpolated estimate), ``max``, ``negative_fraction`` (tokens whose
+    float64 KL rounds below 0, clamped to 0 in every other number); ``top1_agreement`` ``{"value", "se"}``."""
+    raw = per_token["kl"]
+    n = raw.numel()
     if n < 2:
         raise ValueError(f"need at least 2 predicted tokens, got {n}")
-    kl = (lp_s.exp() * (lp_s - lp_p)).sum(-1).clamp_min(0)  # >= 0 up to rounding
-    out = {"n": n}
-    for name, lp in (("ppl_stock", lp_s), ("ppl_patched", lp_p)):
-        nll = -lp.gather(1, targets[:, None]).squeeze(1)
-        ppl = math.exp(nll.mean().item())
-        out[name] = {"value": ppl, "se": ppl * nll.std().item() / math.sqrt(n)}
+    kl = raw.clamp_min(0)  # >= 0 up to float64 rounding
+    out = {"n": n, "ppl_stock": _ppl(per_token["nll_stock"]), "ppl_patched": _ppl(per_token["nll_patched"])}
     srt = kl.sort().values
-    out["kl"] = {"mean": kl.mean().item(), "se": kl.std().item() / math.sqrt(n),
-                 "median": srt.quantile(0.5).item(), "median_ci": order_statistic_interval(srt, 0.5),
-                 "p99": srt.quantile(0.99).item(), "p99_ci": order_statistic_interval(srt, 0.99),
-                 "max": srt[-1].item()}
-    agree = (lp_s.argmax(-1) == lp_p.argmax(-1)).double()
-    p = agree.mean().item()
+    k = {"mean": kl.mean().item(), "se": kl.std().item() / math.sqrt(n)}
+    for name, q in (("median", 0.5), ("p99", 0.99)):
+        est = srt.quantile(q).item()
+        lo, hi = order_statistic_interval(srt, q)
+        k[name], k[name + "_ci"] = est, (min(lo, est), max(hi, est))
+    k["max"] = srt[-1].item()
+    k["negative_fraction"] = (raw < 0).double().mean().item()
+    out["kl"] = k
+    p = per_token["agree"].mean().item()
     out["top1_agreement"] = {"value": p, "se": math.sqrt(max(p * (1 - p), 0.0) / n)}
     return out
+
+
+def kl_statistics(logp_stock: torch.Tensor, logp_patched: torch.Tensor, targets: torch.Tensor) -> dict:
+    """:func:`summarize` of :func:`token_statistics` for two models' next-token logits or log-probabilities
+    ``[n, vocab]`` (any float dtype; computed in float64) and targets ``[n]``."""
+    return summarize(token_statistics(logp_stock, logp_patched, targets))
 
 
 def format_statistics(s: dict, title: str) -> str:
@@ -149,55 +285,58 @@ def format_statistics(s: dict, title: str) -> str:
 
 
 class Progress:
-    """A one-line progress bar on stderr (``done/total``, rate, an optional note)."""
+    """Progress on stderr (``done/total``, rate, an optional note): one line redrawn in place on a terminal;
+    elsewhere (a log file, a pipe) a plain line at most every ``every_s`` seconds and at the end."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, unit: str = "tok"):
-        self.total, self.label, self.enabled, self.unit = total, label, enabled, unit
-        self.done, self.t0 = 0, time.monotonic()
+    def __init__(self, total: int, label: str, enabled: bool = True, unit: str = "tok", every_s: float = 5.0):
+        self.total, self.label, self.enabled, self.unit, self.every_s = total, label, enabled, unit, every_s
+        self.done, self.t0, self.last = 0, time.monotonic(), -math.inf
+        self.tty = enabled and sys.stderr.isatty()
+
+    def _line(self, note: str) -> str:
+        frac = min(1.0, self.done / max(1, self.total))
+        rate = self.done / max(1e-9, time.monotonic() - self.t0)
+        return (f"{self.label} [{'#' * int(24 * frac):<24}] {self.done}/{self.total} {self.unit} "
+                f"{rate:,.0f} {self.unit}/s {note}")
 
     def update(self, n: int, note: str = "") -> None:
         self.done += n
         if not self.enabled:
             return
-        frac = min(1.0, self.done / max(1, self.total))
-        rate = self.done / max(1e-9, time.monotonic() - self.t0)
-        bar = "#" * int(24 * frac)
-        sys.stderr.write(f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {self.unit} "
-                         f"{rate:,.0f} {self.unit}/s {note}   ")
+        if self.tty:
+            sys.stderr.write(f"\r{self._line(note)}   ")
+        elif time.monotonic() - self.last >= self.every_s or self.done >= self.total:
+            self.last = time.monotonic()
+            sys.stderr.write(self._line(note).rstrip() + "\n")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.tty:
             sys.stderr.write("\n")
             sys.stderr.flush()
 
 
-def _tiny_llama(seed: int):
+def _tiny_llama_config():
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg)
+    return transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 
 
 def _load(args, device, dtype):
     import transformers
 
     if args.model is None:
-        model = _tiny_llama(args.seed)
+        torch.manual_seed(args.seed)
+        model = transformers.LlamaForCausalLM(args.config)
         title = "random tiny Llama (2 layers, hidden 64, vocab 256)"
     else:
         # transformers' default attention: sdpa where the model supports it, else eager (Gemma 2's soft-capping)
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
         title = args.model
     model = model.to(device=device, dtype=dtype).eval()
-    if args.text is not None:
-        if args.model is None:
-            raise SystemExit("ring-attn kld: error: --text needs --model (a tokenizer)")
-        tok = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        with open(args.text, encoding="utf-8") as f:
-            ids = tok(f.read(), return_tensors="pt").input_ids[0][: args.tokens]
+    if args.token_ids is not None:
+        ids = args.token_ids
     else:
         g = torch.Generator().manual_seed(args.seed + 1)
         ids = torch.randint(0, model.config.vocab_size, (args.tokens,), generator=g)
@@ -205,42 +344,75 @@ def _load(args, device, dtype):
 
 
 @torch.no_grad()
-def _logprobs(model, ids: torch.Tensor, ctx: int, device, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token log-probabilities (float32, on CPU) of every window of ``ctx`` tokens, and their targets."""
-    lps, tgts = [], []
+def _compare(model, ids: torch.Tensor, ctx: int, device, progress: Progress) -> dict:
+    """:func:`token_statistics` of every window of ``ctx`` tokens: the stock model, then the same window patched
+    (patch and undo per window, so only one window's logits are ever held)."""
+    from ring_attn.integrations import hf
+
+    parts = []
     for start in range(0, ids.numel() - 1, ctx):
         window = ids[start:start + ctx + 1]
         if window.numel() < 2:
             break
-        logits = model(window[:-1][None].to(device), use_cache=False).logits[0]
-        lps.append(torch.log_softmax(logits.float(), -1).cpu())
-        tgts.append(window[1:])
+        x = window[:-1][None].to(device)
+        stock = model(x, use_cache=False).logits[0]
+        with hf.patch_hf(model):
+            patched = model(x, use_cache=False).logits[0]
+        parts.append(token_statistics(stock, patched, window[1:]))
+        del stock, patched
         progress.update(window.numel() - 1)
-    return torch.cat(lps), torch.cat(tgts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _json_safe(x):
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def run(args: argparse.Namespace) -> int:
-    from ring_attn.integrations import hf
+    """Exit status 0 with the statistics; 1 with a one-line error when the model cannot be compared (its attention
+    cannot be patched, or its logits are not finite)."""
+    import transformers
 
+    if not hasattr(args, "config"):  # called without the CLI's check_args
+        check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    model, ids, title = _load(args, device, dtype)
-    if ids.numel() < 3:
-        raise SystemExit(f"ring-attn kld: error: only {ids.numel()} tokens to evaluate; need at least 3")
-    n_pred = ids.numel() - 1
-    stock = model.config._attn_implementation
     show = not args.no_progress
-    bar = Progress(n_pred, "stock  ", show)
-    lp_stock, targets = _logprobs(model, ids, args.ctx, device, bar)
-    bar.close()
-    with hf.patch_hf(model):
-        bar = Progress(n_pred, "patched", show)
-        lp_patched, _ = _logprobs(model, ids, args.ctx, device, bar)
-        bar.close()
-    stats = kl_statistics(lp_stock, lp_patched, targets)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not show:
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
+    try:
+        model, ids, title = _load(args, device, dtype)
+        stock = model.config._attn_implementation
+        bar = Progress(ids.numel() - 1, "stock+patched", show)
+        try:
+            per_token = _compare(model, ids, args.ctx, device, bar)
+        except (NotImplementedError, ValueError) as exc:  # e.g. attention the patch cannot replace
+            print(f"ring-attn kld: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        finally:
+            bar.close()
+    finally:
+        if bars and not show:
+            transformers.utils.logging.enable_progress_bar()
+    n = per_token["kl"].numel()
+    for who in ("stock", "patched"):
+        bad = int((~per_token[f"finite_{who}"]).sum())
+        if bad:
+            other = "" if who == "stock" else " (the stock model's are finite there: a ring-attn bug, please report)"
+            hint = f"; in {args.dtype} the model may overflow: try --dtype float32" if who == "stock" else ""
+            print(f"ring-attn kld: error: the {who} model's logits are not finite at {bad} of {n} predicted tokens"
+                  f"{other}{hint}", file=sys.stderr)
+            return 1
+    stats = summarize(per_token)
     stats.update(model=title, stock_attention=stock, dtype=args.dtype, device=str(device), ctx=args.ctx)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(_json_safe(stats), indent=2, allow_nan=False))
     else:
         print(format_statistics(stats, f"KL divergence, stock ({stock}) vs ring_attn: {title}, {args.dtype}, "
                                        f"{device}, windows of {args.ctx}"))
