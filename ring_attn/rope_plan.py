@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope
     Raises:
         ValueError: naming the flag, the value and the accepted range: ``rope_type`` not in ``SCHEMES``;
             ``theta`` not a finite number > 1 (the theta rules take its log); ``trained`` not an int > 2pi
-            (the rules take ``ln(trained / 2pi)``); ``target`` not an int >= 1; ``partial_rotary_factor``
+            (the rules take ``ln(trained / 2pi)``); ``target`` not an int > 2pi; ``partial_rotary_factor``
             outside (0, 1]; a rotary dim that is odd or < 4; ``beta_fast``/``beta_slow`` not finite numbers
             with ``beta_fast > beta_slow > 0``.
     """
@@ -72,8 +73,9 @@ def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope
     if isinstance(trained, bool) or not isinstance(trained, int) or trained <= 2 * math.pi:
         raise ValueError(f"--trained {trained!r}: expected an int > 2pi, i.e. >= 7 (the rules take "
                          "ln(trained / 2pi))")
-    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-        raise ValueError(f"--target {target!r}: expected an int >= 1")
+    if isinstance(target, bool) or not isinstance(target, int) or target <= 2 * math.pi:
+        raise ValueError(f"--target {target!r}: expected an int > 2pi, i.e. >= 7 (the critical-dimension rule "
+                         "takes ln(target / 2pi); below it the rule's theta falls under 1)")
     if not _is_number(partial_rotary_factor) or not 0 < partial_rotary_factor <= 1:
         raise ValueError(f"--partial-rotary-factor {partial_rotary_factor!r}: expected a number in (0, 1]")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
@@ -165,7 +167,12 @@ def _scheme_inv_freq(scheme: str, dim: int, theta: float, trained: int, target: 
                    "original_max_position_embeddings": trained},
     }[scheme]
     inv, scale = rope_scaling.rope_parameters(scheme, dim, theta, **params)
-    eff = ntk_theta(theta, s, dim) if scheme == "ntk" else theta
+    if scheme == "ntk":
+        eff = ntk_theta(theta, s, dim)
+    elif scheme == "dynamic" and target > trained:  # transformers' dynamic NTK base at seq_len = target
+        eff = theta * (s * target / trained - (s - 1)) ** (dim / (dim - 2))
+    else:
+        eff = theta
     return inv, scale, eff
 
 
@@ -234,7 +241,7 @@ def plan(head_dim: int, theta: float, trained: int, target: int, rope_type: str 
         wavelength = 2 * math.pi / f if f > 0 else math.inf
         row = {"pair": i, "dims": [i, i + dim // 2], "inv_freq": f, "wavelength": wavelength,
                "rotations_trained": trained / wavelength, "rotations_target": target / wavelength,
-               "original_wavelength": 2 * math.pi / float(base_inv[i])}
+               "original_wavelength": 2 * math.pi / float(base_inv[i]) if float(base_inv[i]) > 0 else math.inf}
         if rope_type == "yarn":
             row["yarn_extrapolation"] = 1.0 - min(max((i - low) / ((high - low) or 0.001), 0.0), 1.0)
         pairs.append(row)
@@ -334,8 +341,9 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_plan(p: dict, path: str) -> None:
-    """Wavelength per pair (log scale) of the original theta and the chosen scheme, with both lengths marked."""
+def plot_plan(p: dict, path: str) -> str:
+    """Wavelength per pair (log scale) of the original theta and the chosen scheme, with both lengths marked.
+    Returns the file written: ``path``, with ``.png`` added when it has no extension (as matplotlib does)."""
     try:
         import matplotlib
 
@@ -356,8 +364,11 @@ def plot_plan(p: dict, path: str) -> None:
     ax.set_title(f"RoPE wavelengths, rotary dim {p['rotary_dim']}")
     ax.legend()
     fig.tight_layout()
+    if not os.path.splitext(path)[1]:
+        path += ".png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def _finite(x):
@@ -372,12 +383,11 @@ def _finite(x):
 def run(args: argparse.Namespace) -> int:
     p = plan(args.head_dim, args.theta, args.trained, args.target, args.rope_type, args.partial_rotary_factor,
              args.beta_fast, args.beta_slow)
-    if args.plot:
-        plot_plan(p, args.plot)
+    written = plot_plan(p, args.plot) if args.plot else None
     if args.json:
         print(json.dumps(_finite(p), indent=2))
     else:
         print(format_plan(p))
         if args.plot:
-            print(f"\nplot written to {args.plot}")
+            print(f"\nplot written to {written}")
     return 0

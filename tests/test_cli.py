@@ -81,7 +81,7 @@ def test_demo_cuda_without_gpu(capsys):
     (["--theta", "-3"], ["--theta -3.0", "> 1"]),
     (["--theta", "nan"], ["--theta nan", "finite"]),
     (["--trained", "0"], ["--trained 0", "2pi"]),
-    (["--target", "0"], ["--target 0", ">= 1"]),
+    (["--target", "0"], ["--target 0", "> 2pi"]),
     (["--head-dim", "0"], ["--head-dim 0"]),
     (["--head-dim", "7"], ["--head-dim 7", "even"]),
     (["--partial-rotary-factor", "0"], ["--partial-rotary-factor 0.0", "(0, 1]"]),

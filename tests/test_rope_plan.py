@@ -123,3 +123,22 @@ def test_target_below_trained_warns(capsys):
                         capsys))
     assert len(p["warnings"]) == 1 and "factor s = 0.5 < 1" in p["warnings"][0]
     assert json.loads(_run(LLAMA3 + ["--json"], capsys))["warnings"] == []
+
+
+def test_dynamic_reports_its_changed_base_and_huge_theta_runs():
+    """dynamic NTK changes the base (theta * (s*L/L0 - (s - 1))^(d/(d-2)), transformers' formula): the plan used to
+    print the unchanged theta as its effective theta. A theta so large that inv_freq underflows to 0 (1e100) used
+    to raise ZeroDivisionError."""
+    p = rope_plan.plan(128, 5e5, 8192, 262144, "dynamic")
+    s = 262144 / 8192
+    assert p["effective_theta"] == pytest.approx(5e5 * (s * s - (s - 1)) ** (128 / 126), rel=1e-6)
+    huge = rope_plan.plan(128, 1e100, 8192, 262144)
+    assert math.isinf(huge["pairs"][-1]["original_wavelength"])
+    with pytest.raises(ValueError, match=r"--target 6: expected an int > 2pi"):
+        rope_plan.plan(128, 5e5, 8192, 6, "critical")  # the rule's theta would fall under 1
+
+
+def test_plot_without_an_extension_says_which_file_it_wrote(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'ring-attn[bench]')")
+    out = _run(LLAMA3 + ["--plot", str(tmp_path / "plan")], capsys)
+    assert f"plot written to {tmp_path / 'plan.png'}" in out and (tmp_path / "plan.png").is_file()
