@@ -212,3 +212,14 @@ def test_reference_backend_rope_against_the_oracle(interleaved):
         want = reference.rope_cos_sin(qt, kt, cos, sin, compute_dtype=torch.float64)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("var,value", [("RING_ATTN_BWD", "fusedd"), ("RING_ATTN_FWD", "tmaa")])
+def test_misspelt_kernel_switches_raise_on_every_backend(var, value, monkeypatch):
+    """The switches select Triton kernels, but a misspelt value is an error whichever backend runs the call (the
+    CPU backends used to ignore it silently, so the typo surfaced only on a GPU)."""
+    q = torch.randn(1, 4, 2, 8)
+    monkeypatch.setenv(var, value)
+    for name in ("native", "reference"):
+        with backends.force(name), pytest.raises(ValueError, match=f"{var}='{value}'"):
+            ring_attn.flash_attn_func(q, q, q, causal=True)

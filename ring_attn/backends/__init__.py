@@ -37,6 +37,7 @@ __all__ = [
     "triton_available",
     "interpreter_enabled",
     "backward_mode",
+    "forward_variant_mode",
     "check_deterministic",
     "native_available",
     "not_supported_reasons",
@@ -229,11 +230,25 @@ def backward_mode() -> str:
     return _BACKWARD_MODES[mode]
 
 
+def forward_variant_mode() -> str:
+    """The forward asked for by ``RING_ATTN_FWD``: ``"tma"`` (the tensor-descriptor, warp-specialised
+    forward wherever it applies; anything else falls back to the pointer kernel), ``"pointer"`` (never
+    the TMA variant), or ``""`` (default: the pointer kernel until a GPU has measured the TMA variant;
+    see ``benchmarks/NOTES.md``). Unknown values raise ValueError."""
+    mode = os.environ.get("RING_ATTN_FWD", "")
+    if mode not in ("", "tma", "pointer"):
+        raise ValueError(f"RING_ATTN_FWD={mode!r}: expected 'tma', 'pointer' or unset")
+    return mode
+
+
 def check_deterministic(deterministic: bool, name: str = "") -> None:
     """flash-attn's ``deterministic``: every backward here is bitwise deterministic except the opt-in
     ``RING_ATTN_BWD=fused``; asking for ``deterministic=True`` under it is a contradiction, refused (ValueError
-    naming both) before anything runs, instead of silently giving run-to-run different gradients."""
-    if deterministic and backward_mode() == "atomic":
+    naming both) before anything runs, instead of silently giving run-to-run different gradients. Also checks
+    the values of the kernel switches ``RING_ATTN_BWD`` / ``RING_ATTN_FWD`` at every call, whichever backend
+    runs it (a misspelt switch is an error on the CPU too, not only where the Triton kernels read it)."""
+    forward_variant_mode()
+    if backward_mode() == "atomic" and deterministic:
         raise ValueError(f"{name + ': ' if name else ''}deterministic=True, but RING_ATTN_BWD=fused selects the Triton backward with "
                          f"unordered fp32 atomics (not bitwise reproducible); unset RING_ATTN_BWD or use "
                          f"RING_ATTN_BWD=fused-ordered (the same 5-matmul backward, deterministic)")

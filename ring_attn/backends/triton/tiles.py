@@ -17,7 +17,7 @@ import json
 import os
 from typing import NamedTuple, Optional
 
-from ring_attn.backends import interpreter_enabled
+from ring_attn.backends import forward_variant_mode, interpreter_enabled  # noqa: F401 - re-exported
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
            "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
@@ -273,17 +273,6 @@ def current_arch() -> int:
         major, minor = torch.cuda.get_device_capability()
         return major * 10 + minor
     return 90
-
-
-def forward_variant_mode() -> str:
-    """The forward asked for by ``RING_ATTN_FWD``: ``"tma"`` (the tensor-descriptor, warp-specialised
-    forward wherever it applies; anything else falls back to the pointer kernel), ``"pointer"`` (never
-    the TMA variant), or ``""`` (default: the pointer kernel until a GPU has measured the TMA variant;
-    see ``benchmarks/NOTES.md``). Unknown values raise ValueError."""
-    mode = os.environ.get("RING_ATTN_FWD", "")
-    if mode not in ("", "tma", "pointer"):
-        raise ValueError(f"RING_ATTN_FWD={mode!r}: expected 'tma', 'pointer' or unset")
-    return mode
 
 
 def fwd_tma_tile(key: FwdKey) -> dict:
