@@ -827,6 +827,48 @@ def test_models_without_the_attention_interface_are_refused():
         pass
 
 
+def test_negative_positions_on_padding_use_the_tables():
+    """``position_ids = attention_mask.cumsum(-1) - 1`` puts -1 on left padding; stock rotates those tokens by a
+    negative angle and the mask hides them. The fused kernel refuses negative positions, so the patch now runs such
+    a forward on the model's own cos/sin tables (before 2026-12-07: ValueError "positions must be >= 0")."""
+    model = build("llama").eval()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    pos = mask.cumsum(-1) - 1
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        with hf.patch_hf(model):
+            got = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert (got - ref)[mask.bool()].abs().max() < 1e-5
+
+
+def test_mask_shorter_than_the_input_names_the_mask():
+    model = build("llama").eval()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with hf.patch_hf(model), torch.no_grad(), pytest.raises(ValueError, match="attention_mask covers 8 tokens, but "
+                                                                             "the input has 9"):
+        model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=False)
+
+
+def test_packed_keys_follow_cu_seq_lens_k():
+    """transformers passes cu_seq_lens_k / max_length_k next to the queries' (flash_attention_2 honours them);
+    they were ignored (the queries' boundaries used for the keys)."""
+    model = build("llama").eval()
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 8, 8, generator=g)
+    k, v = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(2))
+    cu_q = torch.tensor([0, 2, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 8], dtype=torch.int32)
+    with hf.patch_hf(model):
+        out, _ = hf.ring_attn_attention_forward(attn, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu_q,
+                                                cu_seq_lens_k=cu_k, max_length_q=6, max_length_k=5)
+    want = ring_attn.flash_attn_varlen_func(*(x[0].transpose(0, 1) for x in (q, k, v)), cu_q, cu_k, 6, 5,
+                                            causal=True, softmax_scale=0.3)
+    assert torch.equal(out[0], want)
+
+
 def test_patch_argument_errors():
     with pytest.raises(ValueError, match="layout"):
         hf.patch_hf(layout="diagonal")

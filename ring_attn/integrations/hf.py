@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 import ring_attn
 from ring_attn.ops.padding import tensor_cache
+from ring_attn.ops.rope import MAX_POSITION
 from ring_attn.ring import layout as ring_layout
 from ring_attn.ring.attention import raise_with_the_group, ring_signature_kind
 from ring_attn.ring.comm import all_gather_ints, weak_group
@@ -344,6 +345,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     position_ids = kwargs.get("position_ids")
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
+    cu_k, max_len_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")
 
     if cu is None and s_q == s_k and position_ids is not None and position_ids.dim() == 2:
         if torch.compiler.is_compiling():  # finding the boundaries needs a host read: check instead
@@ -353,10 +355,13 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
             if found is not None:
                 cu, max_len = found
     if cu is not None:
-        window = sliding_window_size(sliding_window, int(max_len), causal)
+        if cu_k is None:  # self-attention over packed sequences: the keys' boundaries are the queries'
+            cu_k, max_len_k = cu, max_len
+        max_len_k = int(max_len if max_len_k is None else max_len_k)
+        window = sliding_window_size(sliding_window, max(int(max_len), max_len_k), causal)
         out = ring_attn.flash_attn_varlen_func(
             q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
-            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=int(max_len), max_seqlen_k=int(max_len),
+            cu_seqlens_q=cu, cu_seqlens_k=cu_k, max_seqlen_q=int(max_len), max_seqlen_k=max_len_k,
             dropout_p=dropout, causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap)
         return out.reshape(b, s_q, h_q, d), None
     window = sliding_window_size(sliding_window, s_k, causal)
@@ -396,6 +401,11 @@ def _ring_attention(state: _State, module, query, key, value, attention_mask, dr
                 "(position_ids restarting at 0, see shard_batch), or drop the attention_mask (padding at the end "
                 "with ignored labels needs no mask under causal attention)")
         if cu is not None:
+            cu_k = kwargs.get("cu_seq_lens_k")
+            if cu_k is not None and cu_k is not cu and not torch.equal(cu_k.cpu(), cu.cpu()):
+                raise NotImplementedError(
+                    f"cu_seq_lens_k {cu_k.tolist()[:6]} differs from cu_seq_lens_q {cu.tolist()[:6]}: over the ring "
+                    f"packed sequences attend within themselves (shard_batch gives both the same boundaries)")
             max_len = int(kwargs.get("max_length_q"))
             window = sliding_window_size(sliding_window, max_len, causal)
             if b != 1:
@@ -541,6 +551,9 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     if int(kv_offset) == 0 and q_start + q_length < kv_end and q_start >= 0:
         return _static_cache_mask(attention_mask, batch_size, q_start + q_length, int(kv_length),
                                   kwargs.get("device", cache_position.device if cache_position is not None else None))
+    if attention_mask is not None and q_start == 0 and int(kv_offset) == 0 and q_length > kv_end:
+        raise ValueError(f"attention_mask covers {int(kv_length)} tokens, but the input has {q_length} and no cache "
+                         f"holds earlier ones: expected an attention_mask of {q_length} columns")
     if not (q_start + q_length == kv_end or (q_length == 1 and q_start >= kv_end - 1)):
         raise NotImplementedError(
             f"queries at offset {q_start} (+{q_length}) are not the last of {int(kv_length)} keys at offset "
@@ -611,7 +624,7 @@ def _make_rotary_forward(original):
         # the frequencies this call used, for the fused kernel: inv_freq, or (Gemma 3: one argument, the layer
         # type) <layer_type>_inv_freq; with any other extra argument the tables are used as they are
         extra = list(args) + list(kwargs.values())
-        if state.fused_rope and len(extra) <= 1 and set(kwargs) <= {"layer_type"}:
+        if state.fused_rope and len(extra) <= 1 and set(kwargs) <= {"layer_type"} and _fused_positions(position_ids):
             prefix = "" if not extra else f"{extra[0]}_" if isinstance(extra[0], str) else None
             inv_freq = None if prefix is None else getattr(self, f"{prefix}inv_freq", None)
             if isinstance(inv_freq, torch.Tensor):
@@ -621,6 +634,19 @@ def _make_rotary_forward(original):
 
     forward._ring_attn_original = original
     return forward
+
+
+def _fused_positions(position_ids) -> bool:
+    """Whether the fused kernel takes these positions (``0 <= p < ring_attn.ops.rope.MAX_POSITION``). Others run
+    on the model's own cos/sin tables, as stock: e.g. the ``attention_mask.cumsum(-1) - 1`` idiom puts -1 on left
+    padding, which stock rotates by a negative angle (and the mask then hides). One host read per forward, in
+    eager mode; under torch.compile not checked here (the op itself refuses such positions with ValueError)."""
+    if not isinstance(position_ids, torch.Tensor) or torch.compiler.is_compiling():
+        return True
+    if position_ids.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(position_ids.detach())
+    return bool((lo >= 0) & (hi < MAX_POSITION))  # one host read
 
 
 def _make_apply_rotary(original):
@@ -940,7 +966,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             Needs ``model``, of a :data:`MODEL_FAMILIES` type; without labels, or in eval mode, nothing changes.
 
     Returns:
-        :class:`HFPatch`; ``.undo()`` or ``with patch_hf(...):`` restores stock behaviour exactly.
+        :class:`HFPatch`; ``.undo()`` or ``with patch_hf(...):`` restores stock behaviour exactly. Run
+        ``backward()`` before ``undo()``: under gradient checkpointing the backward recomputes layers, which after
+        ``undo()`` would run stock attention on ring_attn's masks (wrong gradients for packed batches).
 
     Raises:
         ValueError: unknown layout; TypeError: ``model`` is not a transformers model; NotImplementedError:
