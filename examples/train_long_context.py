@@ -33,11 +33,37 @@ from ring_attn.integrations import hf
 from ring_attn.integrations.kld import Progress
 
 
+def _stages(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sequence lengths (ints >= 2), got {text!r}") \
+            from None
+    if not lengths or min(lengths) < 2:
+        raise argparse.ArgumentTypeError(f"expected sequence lengths >= 2 (a token and the one it predicts), "
+                                         f"got {text!r}")
+    return lengths
+
+
+def _plan_file(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            plan = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{path!r} is not a readable `ring-attn rope-plan --json` file ({exc})") \
+            from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("target"), int):
+        raise argparse.ArgumentTypeError(f"{path!r} has no integer 'target': not a `ring-attn rope-plan --json` "
+                                         f"output")
+    return plan
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="local transformers model dir (default: random tiny Llama)")
-    p.add_argument("--stages", default="32,64", help="comma-separated sequence lengths, one per stage")
-    p.add_argument("--plan", action="append", default=[], help="a `ring-attn rope-plan --json` file per stage")
+    p.add_argument("--stages", type=_stages, default="32,64", help="comma-separated sequence lengths, one per stage")
+    p.add_argument("--plan", type=_plan_file, action="append", default=[],
+                   help="a `ring-attn rope-plan --json` file per stage")
     p.add_argument("--rope", choices=("ntk", "critical", "yarn", "none"), default="ntk",
                    help="how each stage sets RoPE for its length (default ntk)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per stage")
@@ -52,8 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("steps", "batch"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("ckpt_every", "max_steps_this_run"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.resume and not args.ckpt:
         p.error("--resume needs --ckpt")
     return args
@@ -87,11 +117,9 @@ def stage_plans(args, config):
     theta = _rope_base(config)
     plans = []
     if args.plan:
-        for f in args.plan:
-            with open(f) as fh:
-                plans.append(json.load(fh))
+        plans = list(args.plan)
     else:
-        for length in (int(x) for x in args.stages.split(",")):
+        for length in args.stages:
             plans.append(rope_plan.plan(head_dim, theta, trained, max(length, trained + 1)) if length > trained
                          else {"target": length})
     stages = []

@@ -53,3 +53,15 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_argument_errors():
     p = subprocess.run([sys.executable, SCRIPT, "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert p.returncode == 2 and "--resume needs --ckpt" in p.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--stages", "abc"], "--stages: expected comma-separated sequence lengths"),
+    (["--stages", "0"], "--stages: expected sequence lengths >= 2"),
+    (["--plan", "/nonexistent/plan.json"], "--plan: '/nonexistent/plan.json' is not a readable"),
+    (["--batch", "0"], "--batch must be >= 1"),
+])
+def test_bad_flags_are_one_line_usage_errors(argv, needle):
+    """Each used to pass argparse and end in a traceback (on every rank under torchrun)."""
+    p = subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
