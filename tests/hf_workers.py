@@ -382,6 +382,20 @@ def _errors_case(case, rank, world, store):
             buf.copy_(torch.arange(n_local)[None] + (1 if rank == 0 else 0))  # rank 0: not the others' offset
             attempt("position buffer rewritten in place", lambda: model(input_ids=inputs["input_ids"],
                                                                         position_ids=buf))
+            # packed batches: their position_ids are checked against cu_seq_lens too (before 2026-12-07 they were
+            # not: each of these ran with wrong positions or boundaries, silently)
+            unit = 2 * world if layout == "zigzag" else world
+            half = 2 * unit  # two sequences of 2 units each
+            two = dict(input_ids=torch.randint(3, 60, (1, 2 * half), generator=torch.Generator().manual_seed(5)),
+                       position_ids=torch.cat([torch.arange(half), torch.arange(half)])[None])
+            pk = hf.shard_batch(two, layout=layout)
+            kw = {k: pk[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+            model(input_ids=pk["input_ids"], position_ids=pk["position_ids"], **kw)  # the control runs
+            attempt("packed without position_ids", lambda: model(input_ids=pk["input_ids"], **kw))
+            stale = torch.tensor([0, unit, 2 * half], dtype=torch.int32)  # another packing of the same tokens
+            attempt("packed with another packing's boundaries", lambda: model(
+                input_ids=pk["input_ids"], position_ids=pk["position_ids"], cu_seq_lens_q=stale, cu_seq_lens_k=stale,
+                max_length_q=2 * half - unit, max_length_k=2 * half - unit))
         model.train()
         # one rank refuses at its second layer only (the forward's agreement ran at the first): it joins the ring
         # call's own signature exchange as failed, so the others raise there instead of waiting for it

@@ -101,6 +101,8 @@ def test_ring_refusals(worlds, world):
     }
     everywhere = {  # the same error on every rank, though only some ranks' own inputs are bad
         "position buffer rewritten in place": ("ValueError", "offsets from the global positions"),
+        "packed without position_ids": ("ValueError", "shard of the packed sequences"),
+        "packed with another packing's boundaries": ("ValueError", "shard of the packed sequences"),
         "contiguous shards without position_ids": ("ValueError", "offsets from the global positions"),
         "packed on one rank": ("ValueError", f"packed sequences (cu_seq_lens_q) on rank(s) [{world - 1}]"),
         "fused loss without shift_labels": ("ValueError", "shift_labels"),
@@ -258,6 +260,7 @@ def test_rotary_of_a_model_outside_transformers_is_wrapped_while_patched():
     rotary_cls = type("RemoteRotaryEmbedding", (torch.nn.Module,), {
         "__module__": remote.__name__, "forward": lambda self, x, position_ids: (x, x)})
     remote.RemoteRotaryEmbedding = rotary_cls
+    remote.ALL_ATTENTION_FUNCTIONS = {}  # remote code that dispatches attention through the interface imports it
     stock_forward = rotary_cls.forward
     model = torch.nn.Sequential(rotary_cls())
     model.config = types.SimpleNamespace(_attn_implementation="sdpa", use_cache=False)

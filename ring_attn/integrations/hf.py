@@ -240,8 +240,23 @@ def _padding(attention_mask, kv_len: int) -> tuple[Optional[torch.Tensor], int]:
 _AGREE_FIELDS = 6  # failed, packed, positions not a shard, then the per-row offsets' max, min and weighted sum
 
 
+def _position_stats(position_ids: torch.Tensor, expected: torch.Tensor, starts: torch.Tensor) -> list[int]:
+    """``[not a shard, max, min, weighted sum of the offsets]`` of ``position_ids`` against the ``expected``
+    shard of the global positions counted from 0 (``-1``: padding the layout added, not checked), both
+    ``[rows, n]``: within each run (a row, or a packed sequence: ``starts`` marks each run's first element) the
+    positions must be the expected ones plus one offset, and the offsets must agree across ranks."""
+    diff = position_ids.long() - expected
+    run = torch.cumsum(starts.reshape(-1).long(), 0) - 1  # the run of each element
+    offsets = diff.reshape(-1)[starts.reshape(-1).nonzero().reshape(-1)]
+    real = expected.reshape(-1) >= 0
+    bad = ((diff.reshape(-1) != offsets[run]) & real).any().long()
+    weights = torch.arange(1, offsets.numel() + 1, device=offsets.device)
+    return torch.stack([bad, offsets.max(), offsets.min(), (offsets * weights).sum()]).tolist()
+
+
 def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                     s_local: int, packed: bool, failure: Optional[BaseException], device: torch.device) -> None:
+                     s_local: int, packed: bool, failure: Optional[BaseException], device: torch.device,
+                     cu: Optional[torch.Tensor] = None) -> None:
     """Ring mode, before any K/V moves: one small all-gather in which every rank says whether its own checks of
     this call failed, whether it runs packed sequences, and (dense calls) whether its ``position_ids`` are its
     layout shard of one sequence, each row's offset from the global positions (the same on every rank, else
@@ -260,13 +275,25 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
     sig = [int(failure is not None), int(packed)] + [0] * (_AGREE_FIELDS - 2)
     if failure is None and not packed and position_ids is not None:
         expected = ring_layout.shard_positions(s_local * state.world, state.rank, state.world, state.layout,
-                                               device=position_ids.device)
-        diff = position_ids.reshape(-1, s_local).long() - expected  # [1, s] or [b, s]
-        offsets = diff[:, 0]
-        weights = torch.arange(1, offsets.numel() + 1, device=offsets.device)
-        stats = torch.stack([(diff != diff[:, :1]).any().long(), offsets.max(), offsets.min(),
-                             (offsets * weights).sum()])
-        sig[2:] = stats.tolist()
+                                               device=position_ids.device).expand(-1 if position_ids.dim() < 2
+                                                                                  else position_ids.shape[0], -1)
+        starts = torch.zeros_like(expected, dtype=torch.bool)
+        starts[:, 0] = True  # one run per row
+        sig[2:] = _position_stats(position_ids.reshape(-1, s_local), expected, starts)
+    elif failure is None and packed and position_ids is not None and cu is not None:
+        # packed: each sequence a run of positions (any start), sharded by the layout; padding unchecked
+        vals = [int(c) for c in cu.tolist()]
+        counted = torch.cat([torch.arange(b - a, device=position_ids.device) for a, b in zip(vals[:-1], vals[1:])]
+                            + [torch.zeros(0, dtype=torch.long, device=position_ids.device)])
+        expected = ring_layout.varlen_shard_for_rank(counted, vals, state.rank, state.world, 0, state.layout,
+                                                     pad_value=-1)
+        local = ring_layout.varlen_local_cu_seqlens(cu.cpu(), state.world, state.layout).tolist()
+        starts = torch.zeros(expected.numel(), dtype=torch.bool, device=position_ids.device)
+        starts[[a for a, b in zip(local[:-1], local[1:]) if b > a]] = True  # each sequence's local piece
+        if position_ids.numel() != expected.numel() or not bool(starts.any()):
+            sig[2:] = [1, 0, 0, 0]
+        else:
+            sig[2:] = _position_stats(position_ids.reshape(1, -1), expected[None], starts[None])
     sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig, failure)
     failed = [r for r, g in enumerate(sigs) if g[0]]
     if failed:
@@ -286,10 +313,11 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
                     "upgrade transformers")
         shards = [r for r, g in enumerate(sigs) if g[2]]
         offsets = {r: (g[4], g[3]) for r, g in enumerate(sigs) if not g[2]}
+        what = (f"the packed sequences of cu_seq_lens_q {[int(c) for c in cu.tolist()][:6]}" if packed and cu is not
+                None else f"one sequence of {s_global} tokens")
         raise ValueError(
             f"position_ids {None if position_ids is None else tuple(position_ids.shape)} are not a "
-            f"{state.layout!r} shard of one sequence of "
-            f"{s_global} tokens over {state.world} ranks (not a shard on rank(s) {shards}; offsets from the global "
+            f"{state.layout!r} shard of {what} over {state.world} ranks (not a shard on rank(s) {shards}; offsets from the global "
             f"positions, (lowest, highest) per rank, must agree: {offsets}): shard the batch with "
             f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) and pass its "
             f"position_ids (packed sequences need the cu_seq_lens_q it returns){hint}")
@@ -415,8 +443,8 @@ def _ring_attention(state: _State, module, query, key, value, attention_mask, dr
             window = sliding_window_size(sliding_window, s_q * state.world, causal)
     except (NotImplementedError, ValueError, TypeError) as e:
         failure = e
-    state.agree(state, position_ids if position_ids is not None else cu, position_ids if cu is None else None,
-                s_q, cu is not None, failure, query.device)
+    state.agree(state, position_ids if position_ids is not None else cu, position_ids, s_q, cu is not None,
+                failure, query.device, cu)
     if cu is not None:
         out = state.ring_varlen_func(
             q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=max_len, causal=causal, softmax_scale=scaling,
