@@ -292,6 +292,13 @@ def _adapter_errors_case(case, rank, world, store):
             for layer in model.model.layers:
                 layer.self_attn.attention_dropout = 0.1
             attempt("dropout", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            # the last rank refuses at its last layer only (after the batch was agreed at the first): it joins the
+            # all-gather's signature exchange as failed, so the others raise instead of waiting in the K/V gather
+            for layer in model.model.layers:
+                layer.self_attn.attention_dropout = 0.0
+            model.model.layers[-1].self_attn.attention_dropout = 0.1 if rank == world - 1 else 0.0
+            attempt("later layer on one rank", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            model.model.layers[-1].self_attn.attention_dropout = 0.0
             model.eval()
             ok = model(input_ids=ids[:, mine], position_ids=pos[:, mine]).logits  # the same model now runs
             compat.use_ring_attn(False)

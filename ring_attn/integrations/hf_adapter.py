@@ -49,8 +49,8 @@ import torch
 
 from ring_attn.integrations.hf import refuse_unsupported, sliding_window_size, to_compute_dtype
 from ring_attn.ops.padding import tensor_cache
-from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens
-from ring_attn.ring.attention import check_backend, group_info
+from ring_attn.ring.allgather import allgather_attn_varlen_func, prepare_cu_seqlens, signature_kind
+from ring_attn.ring.attention import check_backend, group_info, raise_with_the_group
 from ring_attn.ring.comm import all_gather_ints, weak_group
 from ring_attn.rope_scaling import LENGTH_DEPENDENT_ROPE_TYPES, hf_rope_types
 
@@ -290,8 +290,11 @@ def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Param
     except (TypeError, ValueError, NotImplementedError) as exc:
         failed = exc
     if not fresh:
-        if failed is not None:  # this batch was agreed on: a later failure is the same module on every rank
-            raise failed
+        if failed is not None:
+            # a later layer of an agreed batch, refused on this rank only (layers that differ between ranks): the
+            # others are in the all-gather's own signature exchange, which this rank joins as failed, so they
+            # raise too instead of waiting for it in the K/V all-gather
+            raise_with_the_group(failed, sub.group(), query, *signature_kind())
         return
     pg, _rank, _world = group_info(sub.group())
     device = query.device
@@ -347,8 +350,12 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
         return previous(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             sliding_window=sliding_window, softcap=softcap, **kwargs)
     if params is None:
-        raise RuntimeError(f"{_NAME}: call update_ring_flash_attn_params(cu_seqlens, group) with the packed "
-                           f"batch's boundaries before the forward")
+        missing = RuntimeError(f"{_NAME}: call update_ring_flash_attn_params(cu_seqlens, group) with the packed "
+                               f"batch's boundaries before the forward")
+        # the ranks that did call it are in the batch agreement's exchange: join it as failed, so that they raise
+        # too instead of waiting for this rank
+        pg, _rank, _world = group_info(sub.group())
+        all_gather_ints(pg, check_backend(pg, query.device), query.device, [1, 0, 0, 0], missing)
     sub.prepare(module, query, key, attention_mask, dropout, kwargs, params, sub)
     q, k, v = to_compute_dtype(*(x.transpose(1, 2)[0] for x in (query, key, value)))  # [t, h, d] views
     window = sliding_window_size(sliding_window, params.longest, True)
