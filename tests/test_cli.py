@@ -241,6 +241,33 @@ def test_spawned_ranks_die_with_the_demo_process():
         pytest.fail(f"rank-like child {child} outlived the killed parent")
 
 
+def test_ctrl_c_stops_the_demo_and_its_ranks():
+    """Ctrl-C (SIGINT to the whole process group) mid-run: one line on stderr, status 130, no rank left; it used to
+    print a KeyboardInterrupt traceback per process, and the ranks ran on for 20-30 s."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("process groups and /proc: Linux only")
+    proc = subprocess.Popen([sys.executable, "-m", "ring_attn", "demo", "-n", "2", "-s", "131072", "--no-check"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True,  # its own group, as a terminal gives a job; SIGINT not ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:  # wait until the ranks compute
+            if "ring forward+backward:" in line:
+                break
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True,
+                                                text=True).stdout.split() if int(p) != proc.pid]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ring-attn demo: interrupted; the rank processes were stopped", err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert ranks and all(_ends_within(r, 10.0) for r in ranks), ranks
+
+
 def test_demo_prints_configuration_and_progress():
     """A 2-rank gloo run: the configuration comes first, then one timed line per phase, then PASS."""
     proc = _run_demo(["-n", "2", "-s", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"])
@@ -270,3 +297,17 @@ def test_a_closed_stdout_is_not_a_traceback():
         os.close(write)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == 1
+
+
+def test_demo_under_a_launcher_refuses_another_world_size(capsys, monkeypatch):
+    """Under torchrun the job's WORLD_SIZE decides; a different --world-size was silently ignored."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _one_line_error(["demo", "-n", "3", "-s", "64"], capsys, "--world-size 3", "WORLD_SIZE=2")
+
+
+def test_demo_per_rank_count_includes_the_layout_padding():
+    from ring_attn.ring import demo
+
+    assert demo._per_rank(1000, 3, "zigzag") == "334 per rank, padded to 1002"  # was "333 per rank"
+    assert demo._per_rank(64, 2, "zigzag") == "32 per rank"

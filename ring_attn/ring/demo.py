@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from ring_attn.ring import layout as ring_layout
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DEFAULTS = dict(heads=2, kv_heads=1, head_dim=64, dtype="float32")
 GPU_DEFAULTS = dict(heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -159,6 +161,10 @@ def check_args(args) -> None:
             raise ValueError(f"{flag} {value}: expected an int >= 1")
     if args.head_dim is not None and not 1 <= args.head_dim <= 256:
         raise ValueError(f"--head-dim {args.head_dim}: expected an int in [1, 256]")
+    if _under_torchrun() and args.world_size is not None and args.world_size != int(os.environ["WORLD_SIZE"]):
+        raise ValueError(f"--world-size {args.world_size}: this is a rank of a launched job of "
+                         f"WORLD_SIZE={os.environ['WORLD_SIZE']} processes; drop --world-size (the launcher decides) "
+                         f"or launch {args.world_size} processes")
     use_cuda = _use_cuda(args)
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible (use --device cpu for gloo ranks on the CPU)")
@@ -230,12 +236,18 @@ def _progress(cfg: dict, message: str) -> None:
     print(f"[{time.monotonic() - cfg['t0']:7.1f} s] {message}", flush=True)
 
 
+def _per_rank(s: int, world: int, layout: str) -> str:
+    """``"N per rank"``: each rank's token count, after ``shard`` pads what the layout cannot split."""
+    padded = ring_layout.padded_length(s, world, layout)
+    return f"{padded // world} per rank" + (f", padded to {padded}" if padded != s else "")
+
+
 def _describe(cfg: dict) -> str:
     s, world = cfg["seqlen"], cfg["world"]
     where = f"{world} NCCL rank(s) on GPUs" if cfg["cuda"] else f"{world} gloo rank(s) on CPU"
     passes = "forward+backward" if cfg["backward"] else "forward"
     return (f"ring-attn demo: {where}, {'causal' if cfg['causal'] else 'full'} {cfg['layout']}, batch "
-            f"{cfg['batch']} x {s} tokens ({s // world} per rank), heads {cfg['heads']}/{cfg['kv_heads']}, "
+            f"{cfg['batch']} x {s} tokens ({_per_rank(s, world, cfg['layout'])}), heads {cfg['heads']}/{cfg['kv_heads']}, "
             f"head_dim {cfg['head_dim']}, {cfg['dtype']}; {cfg['iters']} timed {passes} iteration(s); "
             f"single-device check {'on' if cfg['check'] else 'off (--no-check)'}")
 
@@ -263,6 +275,7 @@ def _worker(rank: int, cfg: dict, init: str, result_path: str) -> None:
 
     if init != "env://":
         _die_with_parent(cfg["parent"])
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
 
     if not cfg["cuda"]:
         # the Triton interpreter is far too slow here: the native C++ backend when built, else the reference
@@ -361,11 +374,12 @@ def _run_rank(rank, cfg, result_path):
     _progress(cfg, f"ring {passes} done")
     line = (f"result: {world} rank(s), {'NCCL on ' + torch.cuda.get_device_name() if cfg['cuda'] else 'gloo on CPU'}"
             f" ({stats['backend']} backend), {'causal' if cfg['causal'] else 'full'} {layout}, batch {b} x {s} "
-            f"tokens ({s // world} per rank), heads {hq}/{hkv}, head_dim {d}, {cfg['dtype']}")
+            f"tokens ({_per_rank(s, world, layout)}), heads {hq}/{hkv}, head_dim {d}, {cfg['dtype']}")
     print(line)
     print(f"{'rank':>4} {'s_local':>8} {'fwd ms':>10} {'bwd ms':>10} {'peak tensor MB':>15} {'max RSS MB':>11}")
     for st in all_stats:
-        print(f"{st['rank']:>4} {st['s_local']:>8} {st['fwd_ms']:>10.1f} {st['bwd_ms']:>10.1f} "
+        bwd = f"{st['bwd_ms']:>10.1f}" if cfg["backward"] else f"{'-':>10}"  # --forward-only: no backward ran
+        print(f"{st['rank']:>4} {st['s_local']:>8} {st['fwd_ms']:>10.1f} {bwd} "
               f"{st['peak_mb']:>15.1f} {st['rss_mb']:>11.0f}")
     ring_ms = max(st["fwd_ms"] + st["bwd_ms"] for st in all_stats)
     print(f"ring {passes}: {ring_ms:.1f} ms (slowest rank) -> {b * s / (ring_ms / 1e3):,.0f} tokens/s")
@@ -422,9 +436,22 @@ def run(args) -> int:
 
             _progress(cfg, f"spawning {cfg['world']} rank process(es) ({'NCCL' if cfg['cuda'] else 'gloo'}); each "
                            "starts Python and imports torch ...")
-            mp.start_processes(_worker, args=(cfg, f"file://{os.path.join(tmp, 'store')}", result_path),
-                               nprocs=cfg["world"], join=True, start_method="spawn")
+            ctx = mp.start_processes(_worker, args=(cfg, f"file://{os.path.join(tmp, 'store')}", result_path),
+                                     nprocs=cfg["world"], join=False, start_method="spawn")
+            try:
+                while not ctx.join():
+                    pass
+            except KeyboardInterrupt:  # Ctrl-C: the ranks ignore SIGINT; stop them here, one line, status 130
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                for p in ctx.processes:
+                    p.join(10)
+                print("ring-attn demo: interrupted; the rank processes were stopped", file=sys.stderr)
+                return 130
         with open(result_path) as f:
             result = json.load(f)
-        print(f"total wall time {time.perf_counter() - t0:.1f} s (including process start-up)")
+        where = ("this rank, after the launcher started the processes" if under_torchrun
+                 else "including process start-up")
+        print(f"total wall time {time.perf_counter() - t0:.1f} s ({where})")
     return 0 if result.get("ok", True) else 1
