@@ -877,6 +877,34 @@ def test_packed_keys_follow_cu_seq_lens_k():
     assert torch.equal(out[0], want)
 
 
+@pytest.mark.parametrize("backward_inside", [True, False])
+def test_undo_before_a_checkpointed_backward_warns(backward_inside):
+    """Reentrant gradient checkpointing recomputes each layer in backward(); after undo() that recompute runs stock
+    attention on ring_attn's masks (none for packed rows), and the gradients are wrong (0.48 off here). undo()
+    warns when such recomputes are still to come; a backward inside the block gives no warning."""
+    import warnings
+
+    model = build("llama").train()
+    kw = dict(gradient_checkpointing_kwargs=dict(use_reentrant=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 5.25 renamed gradient_checkpointing_enable
+        model.gradient_checkpointing_enable(**kw)
+    ids = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(5), torch.arange(6)])[None]  # two packed sequences
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with hf.patch_hf(model):
+            loss = model(ids, position_ids=pos, use_cache=False).logits.pow(2).mean()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+    ours = [w for w in seen if "undo() while" in str(w.message)]
+    assert len(ours) == (0 if backward_inside else 1), [str(w.message) for w in seen]
+    if ours:
+        assert "2 attention call(s)" in str(ours[0].message) and ours[0].category is RuntimeWarning
+
+
 def test_patch_argument_errors():
     with pytest.raises(ValueError, match="layout"):
         hf.patch_hf(layout="diagonal")

@@ -22,6 +22,7 @@ import importlib
 import inspect
 import sys
 import threading
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -72,6 +73,9 @@ class _State:
         self.agree = torch.compiler.disable(_agree_over_ring)
         self.global_max = torch.compiler.disable(_global_max)
         self.forwards = 0  # ring mode: model forwards begun (counted by the rotary embedding, once per forward)
+        # attention calls of a reentrant-checkpointed forward (training, grad off) whose recompute in the backward
+        # has not run yet: undo() with any pending warns (the recompute would run stock attention)
+        self.pending_recompute = 0
         self.pending_failure: Optional[BaseException] = None  # raised by the next ring attention call
         self.next_forward = torch.compiler.disable(self._next_forward)
 
@@ -325,6 +329,19 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
         cache[key] = True
 
 
+def _track_recompute(state: _State, module, query) -> None:
+    """Count attention calls whose layer will be recomputed in the backward (reentrant gradient checkpointing
+    runs the forward in training mode with grad off and the layer's parameters requiring grad), and their
+    recomputes (a call made by the autograd engine), so that ``undo()`` can warn when a recompute is still to
+    come: it would run stock attention on the masks prepared for ring_attn. Eager mode only."""
+    if torch.compiler.is_compiling() or not getattr(module, "training", False):
+        return
+    if torch._C._current_graph_task_id() != -1:  # inside a backward: a recompute
+        state.pending_recompute = max(0, state.pending_recompute - 1)
+    elif not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        state.pending_recompute += 1
+
+
 def ring_attn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                 scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                                 is_causal: Optional[bool] = None, **kwargs):
@@ -357,6 +374,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     if state is None:
         raise RuntimeError("attn_implementation='ring_attn' is used but the ring_attn patch was undone; call "
                            "ring_attn.integrations.hf.patch_hf() again or switch the model back")
+    _track_recompute(state, module, query)
     if state.world > 1:
         return _ring_attention(state, module, query, key, value, attention_mask, dropout, scaling, sliding_window,
                                is_causal, kwargs)
@@ -897,6 +915,7 @@ class HFPatch:
     def __init__(self):
         self._restore: list = []  # callables run in reverse order
         self.active = True
+        self._checkpointing = lambda: False  # whether the patched model has gradient checkpointing on
 
     def _setattr(self, obj, name, value):
         had = name in vars(obj)
@@ -916,6 +935,12 @@ class HFPatch:
         global _active
         if not self.active:
             return
+        if _active is not None and _active.pending_recompute and self._checkpointing():
+            warnings.warn(
+                f"ring_attn: undo() while {_active.pending_recompute} attention call(s) of a checkpointed forward "
+                f"await their recompute in backward(); that recompute will run stock attention on the masks "
+                f"prepared for ring_attn (wrong gradients for packed batches). Call backward() before undo(), "
+                f"i.e. inside the `with patch_hf(...)` block", RuntimeWarning, stacklevel=2)
         while self._restore:
             self._restore.pop()()
         _active = None
@@ -957,6 +982,14 @@ def _check_dispatches_attention(model) -> None:
             f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so "
             f"attn_implementation={ATTN_IMPLEMENTATION!r} cannot replace it (the model would run its own attention "
             f"unchanged); ring_attn patches models that do (MODEL_FAMILIES, and others such as Starcoder2)")
+
+
+def _checkpointing_on(model) -> bool:
+    """Whether ``model`` has gradient (activation) checkpointing on (transformers 5.25 renamed the property)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def _set_attn_implementation(model, name: str) -> None:
@@ -1065,6 +1098,7 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
                             base._update_causal_mask, padding_2d=mod.__name__ not in _MASK_4D_LAYERS))
         _active = state
         if model is not None:
+            handle._checkpointing = lambda: _checkpointing_on(model)
             previous = model.config._attn_implementation
             _set_attn_implementation(model, ATTN_IMPLEMENTATION)
             handle._restore.append(lambda: _set_attn_implementation(model, previous))
