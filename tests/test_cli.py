@@ -251,7 +251,7 @@ def test_ctrl_c_stops_the_demo_and_its_ranks():
                             start_new_session=True,  # its own group, as a terminal gives a job; SIGINT not ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        for line in proc.stdout:  # wait until the ranks compute
+        for line in proc.stderr:  # wait until the ranks compute (the progress lines)
             if "ring forward+backward:" in line:
                 break
         ranks = [int(p) for p in subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True,
@@ -269,12 +269,13 @@ def test_ctrl_c_stops_the_demo_and_its_ranks():
 
 
 def test_demo_prints_configuration_and_progress():
-    """A 2-rank gloo run: the configuration comes first, then one timed line per phase, then PASS."""
+    """A 2-rank gloo run: the configuration comes first, then one timed line per phase (on stderr), then PASS."""
     proc = _run_demo(["-n", "2", "-s", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("ring-attn demo: 2 gloo rank(s) on CPU, causal zigzag, batch 1 x 64 tokens"), lines[0]
-    progress = [line for line in lines if re.match(r"\[\s*\d+\.\d s\] ", line)]
+    assert not any(re.match(r"\[\s*\d+\.\d s\] ", line) for line in lines)  # progress goes to stderr
+    progress = [line for line in proc.stderr.splitlines() if re.match(r"\[\s*\d+\.\d s\] ", line)]
     phases = ["spawning 2 rank process(es)", "process group up", "ring forward+backward: 1 timed",
               "ring forward+backward done", "single-device check: flash_attn_func", "single-device check done"]
     assert len(progress) == len(phases), progress

@@ -230,10 +230,11 @@ def _trial_call(cfg: dict) -> None:
 
 
 def _progress(cfg: dict, message: str) -> None:
-    """One progress line, ``[elapsed s] message``, flushed at once (elapsed since the command started). The
+    """One progress line on stderr (stdout holds the configuration and the results), ``[elapsed s] message``,
+    flushed at once (elapsed since the command started). The
     spawned ranks stamp their lines against the parent's ``t0``: ``time.monotonic`` (CLOCK_MONOTONIC on Linux)
     is one clock for every process of the machine and, unlike the wall clock, never steps back."""
-    print(f"[{time.monotonic() - cfg['t0']:7.1f} s] {message}", flush=True)
+    print(f"[{time.monotonic() - cfg['t0']:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _per_rank(s: int, world: int, layout: str) -> str:
