@@ -426,6 +426,11 @@ def _errors_case(case, rank, world, store):
         attempt("rotary imported after the patch", lambda: hf.ring_attn_attention_forward(
             late.LateAttention(), q, q, q, None, position_ids=local["position_ids"]))
         del sys.modules[late.__name__]
+    # the last rank's model picks its RoPE frequencies from the global length (dynamic), the others' do not: its
+    # extra exchange pairs with their agreement and every rank raises (this hung until the group timeout)
+    mixed = build("llama-dynamic" if rank == world - 1 else "llama")
+    with hf.patch_hf(mixed, group=dist.group.WORLD, layout=layout), torch.no_grad():
+        attempt("rope type on one rank", lambda: mixed(**inputs))
     # shards numbered from 0 on every rank (no position_ids): contiguous shards are each a run of positions,
     # off from the global ones by a different constant per rank
     contiguous = hf.shard_batch(batch, layout="contiguous")

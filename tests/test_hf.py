@@ -105,6 +105,8 @@ def test_ring_refusals(worlds, world):
         "packed with another packing's boundaries": ("ValueError", "shard of the packed sequences"),
         "contiguous shards without position_ids": ("ValueError", "offsets from the global positions"),
         "packed on one rank": ("ValueError", f"packed sequences (cu_seq_lens_q) on rank(s) [{world - 1}]"),
+        "rope type on one rank": ("ValueError", f"rank(s) [{world - 1}] of {world} run a rotary embedding that "
+                                                "recomputes its frequencies"),
         "fused loss without shift_labels": ("ValueError", "shift_labels"),
     }
     one_rank = {  # the last rank's own refusal there, and on every other rank an error naming that rank

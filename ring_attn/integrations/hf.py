@@ -299,6 +299,8 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
         else:
             sig[2:] = _position_stats(position_ids.reshape(1, -1), expected[None], starts[None])
     sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig, failure)
+    if any(g[0] == _GLOBAL_MAX_CODE for g in sigs):  # those ranks are in their rotary embedding's exchange
+        raise _rotary_mismatch([r for r, g in enumerate(sigs) if g[0] == _GLOBAL_MAX_CODE], state.world)
     failed = [r for r, g in enumerate(sigs) if g[0]]
     if failed:
         raise ValueError(f"attn_implementation='ring_attn': rank(s) {failed} of {state.world} raised on this call "
@@ -634,14 +636,27 @@ def _static_cache_mask(attention_mask, batch_size: int, filled: int, kv_length: 
 # RoPE: rotary embedding (global sequence length) and the fused rotary application
 
 
-def _global_max(position_ids: torch.Tensor, state: _State) -> torch.Tensor:
-    import torch.distributed as dist
+_GLOBAL_MAX_CODE = -7  # first field of the global-length exchange; the agreement's is 0 or 1
 
-    m = position_ids.max().reshape(1).to(torch.int64)
-    if str(dist.get_backend(state.group)).lower() == "gloo":
-        m = m.cpu()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=state.group)
-    return m.to(position_ids.device)
+
+def _rotary_mismatch(ranks: list[int], world: int) -> ValueError:
+    return ValueError(f"attn_implementation='ring_attn': rank(s) {ranks} of {world} run a rotary embedding that "
+                      f"recomputes its frequencies from the sequence length (rope type dynamic / longrope) and the "
+                      f"other ranks do not: every rank of the ring must run the same model configuration")
+
+
+def _global_max(position_ids: torch.Tensor, state: _State) -> torch.Tensor:
+    """The largest position over the ring (the global length - 1), for rope types that pick their frequencies
+    from it. Exchanged in a gather of the agreement's size, so that a rank whose model has no such rope type (its
+    first collective of the forward is the agreement) pairs with it and both raise, instead of hanging."""
+    backend = str(dist.get_backend(state.group)).lower()
+    device = position_ids.device if backend == "nccl" else torch.device("cpu")
+    mine = [_GLOBAL_MAX_CODE, int(position_ids.max())] + [0] * (_AGREE_FIELDS - 2)
+    every = all_gather_ints(state.group, backend, device, mine)
+    other = [r for r, g in enumerate(every) if g[0] != _GLOBAL_MAX_CODE]
+    if other:
+        raise _rotary_mismatch([r for r in range(len(every)) if r not in other], len(every))
+    return torch.tensor([max(g[1] for g in every)], dtype=torch.int64, device=position_ids.device)
 
 
 def _seq_len_dependent(rope_type) -> bool:
