@@ -256,6 +256,11 @@ def _adapter_errors_case(case, rank, world, store):
         handle = compat.substitute_hf_flash_attn(group, case["stride"])
         with torch.no_grad():
             attempt("no params", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
+            # only the last rank skips update_ring_flash_attn_params: it raises its error, the others (in the batch
+            # agreement) raise too instead of waiting for it (they hung until the group timeout)
+            if rank != world - 1:
+                compat.update_ring_flash_attn_params(cu, group)
+            attempt("no params on one rank", lambda: model(input_ids=ids[:, mine], position_ids=pos[:, mine]))
             compat.update_ring_flash_attn_params(cu, group)
             # every rank passes arange(n): right on rank 0 (it counts through the batch), wrong on the others
             attempt("positions on some ranks", lambda: model(input_ids=ids[:, mine],

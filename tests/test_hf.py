@@ -169,6 +169,11 @@ def test_adapter_refusals(worlds, world):
             assert got is not None and got[0] == typ and word in got[1], f"rank {rank}: {label}: {got}"
         for label in ("positions on some ranks", "positions rewritten in place"):
             _assert_some_ranks_positions(st["raised"][label], rank)
+        got = st["raised"]["no params on one rank"]
+        if rank == world - 1:
+            assert got is not None and got[0] == "RuntimeError" and "update_ring_flash_attn_params" in got[1], got
+        else:
+            assert got is not None and got[0] == "ValueError" and f"rank(s) [{world - 1}] raised" in got[1], got
         got = st["raised"]["later layer on one rank"]  # (before 2026-12-07 the other ranks waited: a hang)
         if rank == world - 1:
             assert got is not None and got[0] == "NotImplementedError" and "dropout" in got[1], got
