@@ -856,6 +856,12 @@ def test_negative_positions_on_padding_use_the_tables():
         with hf.patch_hf(model):
             got = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     assert (got - ref)[mask.bool()].abs().max() < 1e-5
+    floats = torch.arange(8.0).expand(2, 8) + 3  # float position_ids (stock takes them): the tables (was TypeError)
+    with torch.no_grad():
+        ref = model(ids, position_ids=floats, use_cache=False).logits
+        with hf.patch_hf(model):
+            got = model(ids, position_ids=floats, use_cache=False).logits
+    assert (got - ref).abs().max() < 1e-5
 
 
 def test_mask_shorter_than_the_input_names_the_mask():

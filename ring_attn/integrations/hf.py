@@ -698,13 +698,16 @@ def _make_rotary_forward(original):
 
 
 def _fused_positions(position_ids) -> bool:
-    """Whether the fused kernel takes these positions (``0 <= p < ring_attn.ops.rope.MAX_POSITION``). Others run
+    """Whether the fused kernel takes these positions (integers, ``0 <= p < ring_attn.ops.rope.MAX_POSITION``).
+    Others (float positions included) run
     on the model's own cos/sin tables, as stock: e.g. the ``attention_mask.cumsum(-1) - 1`` idiom puts -1 on left
     padding, which stock rotates by a negative angle (and the mask then hides). One host read per forward, in
     eager mode; under torch.compile not checked here (the op itself refuses such positions with ValueError)."""
-    if not isinstance(position_ids, torch.Tensor) or torch.compiler.is_compiling():
+    if not isinstance(position_ids, torch.Tensor):
         return True
-    if position_ids.numel() == 0:
+    if position_ids.is_floating_point():  # stock takes float positions too; the kernel takes ints
+        return False
+    if torch.compiler.is_compiling() or position_ids.numel() == 0:
         return True
     lo, hi = torch.aminmax(position_ids.detach())
     return bool((lo >= 0) & (hi < MAX_POSITION))  # one host read
