@@ -404,6 +404,11 @@ def _errors_case(case, rank, world, store):
             kw = {k: pk[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
             model(input_ids=pk["input_ids"], position_ids=pk["position_ids"], **kw)  # the control runs
             attempt("packed without position_ids", lambda: model(input_ids=pk["input_ids"], **kw))
+            # contiguous shards of an odd length fed to the zigzag patch: the documented ValueError (was a shape
+            # RuntimeError from inside the check)
+            odd = hf.shard_batch(dict(input_ids=batch["input_ids"][:1, :3 * world]), layout="contiguous")
+            attempt("another layout's odd shards", lambda: model(input_ids=odd["input_ids"],
+                                                                 position_ids=odd["position_ids"]))
             stale = torch.tensor([0, unit, 2 * half], dtype=torch.int32)  # another packing of the same tokens
             attempt("packed with another packing's boundaries", lambda: model(
                 input_ids=pk["input_ids"], position_ids=pk["position_ids"], cu_seq_lens_q=stale, cu_seq_lens_k=stale,

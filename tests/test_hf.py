@@ -105,6 +105,7 @@ def test_ring_refusals(worlds, world):
         "packed with another packing's boundaries": ("ValueError", "shard of the packed sequences"),
         "contiguous shards without position_ids": ("ValueError", "offsets from the global positions"),
         "packed on one rank": ("ValueError", f"packed sequences (cu_seq_lens_q) on rank(s) [{world - 1}]"),
+        "another layout's odd shards": ("ValueError", "are not a 'zigzag' shard"),
         "rope type on one rank": ("ValueError", f"rank(s) [{world - 1}] of {world} run a rotary embedding that "
                                                 "recomputes its frequencies"),
         "fused loss without shift_labels": ("ValueError", "shift_labels"),
@@ -915,6 +916,8 @@ def test_undo_before_a_checkpointed_backward_warns(backward_inside):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with hf.patch_hf(model):
+            with torch.no_grad():  # a forward that records nothing is never recomputed: not counted
+                model(ids, position_ids=pos, use_cache=False)
             loss = model(ids, position_ids=pos, use_cache=False).logits.pow(2).mean()
             if backward_inside:
                 loss.backward()

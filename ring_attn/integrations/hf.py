@@ -76,6 +76,9 @@ class _State:
         # attention calls of a reentrant-checkpointed forward (training, grad off) whose recompute in the backward
         # has not run yet: undo() with any pending warns (the recompute would run stock attention)
         self.pending_recompute = 0
+        # whether the current model forward records a graph (set by the rotary embedding, which runs outside the
+        # checkpointed layers): a forward under torch.no_grad() is never recomputed, so its calls do not count
+        self.forward_records = True
         self.pending_failure: Optional[BaseException] = None  # raised by the next ring attention call
         self.next_forward = torch.compiler.disable(self._next_forward)
 
@@ -279,11 +282,15 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
     sig = [int(failure is not None), int(packed)] + [0] * (_AGREE_FIELDS - 2)
     if failure is None and not packed and position_ids is not None:
         expected = ring_layout.shard_positions(s_local * state.world, state.rank, state.world, state.layout,
-                                               device=position_ids.device).expand(-1 if position_ids.dim() < 2
-                                                                                  else position_ids.shape[0], -1)
-        starts = torch.zeros_like(expected, dtype=torch.bool)
-        starts[:, 0] = True  # one run per row
-        sig[2:] = _position_stats(position_ids.reshape(-1, s_local), expected, starts)
+                                               device=position_ids.device).reshape(1, -1)
+        if expected.shape[-1] != s_local or position_ids.numel() % s_local:
+            sig[2:] = [1, 0, 0, 0]  # not this layout's shard length (e.g. another layout's odd shards)
+        else:
+            rows = position_ids.reshape(-1, s_local)
+            expected = expected.expand(rows.shape[0], -1)
+            starts = torch.zeros_like(expected, dtype=torch.bool)
+            starts[:, 0] = True  # one run per row
+            sig[2:] = _position_stats(rows, expected, starts)
     elif failure is None and packed and position_ids is not None and cu is not None:
         # packed: each sequence a run of positions (any start), sharded by the layout; padding unchecked
         vals = [int(c) for c in cu.tolist()]
@@ -336,7 +343,7 @@ def _track_recompute(state: _State, module, query) -> None:
     runs the forward in training mode with grad off and the layer's parameters requiring grad), and their
     recomputes (a call made by the autograd engine), so that ``undo()`` can warn when a recompute is still to
     come: it would run stock attention on the masks prepared for ring_attn. Eager mode only."""
-    if torch.compiler.is_compiling() or not getattr(module, "training", False):
+    if torch.compiler.is_compiling() or not getattr(module, "training", False) or not state.forward_records:
         return
     if torch._C._current_graph_task_id() != -1:  # inside a backward: a recompute
         state.pending_recompute = max(0, state.pending_recompute - 1)
@@ -671,6 +678,8 @@ def _make_rotary_forward(original):
         state = _active
         if state is None:
             return original(self, x, position_ids, *args, **kwargs)
+        if not torch.compiler.is_compiling():
+            state.forward_records = torch.is_grad_enabled()
         if state.world > 1:
             state.next_forward()
         if state.world > 1 and _seq_len_dependent(getattr(self, "rope_type", "default")):
