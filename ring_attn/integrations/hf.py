@@ -330,7 +330,8 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
                 None else f"one sequence of {s_global} tokens")
         raise ValueError(
             f"position_ids {None if position_ids is None else tuple(position_ids.shape)} are not a "
-            f"{state.layout!r} shard of {what} over {state.world} ranks (not a shard on rank(s) {shards}; offsets from the global "
+            f"{state.layout!r} shard of {what} over {state.world} ranks (not a shard on rank(s) {shards}; offsets "
+            f"from the global "
             f"positions, (lowest, highest) per rank, must agree: {offsets}): shard the batch with "
             f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) and pass its "
             f"position_ids (packed sequences need the cu_seq_lens_q it returns){hint}")

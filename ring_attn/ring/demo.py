@@ -248,7 +248,8 @@ def _describe(cfg: dict) -> str:
     where = f"{world} NCCL rank(s) on GPUs" if cfg["cuda"] else f"{world} gloo rank(s) on CPU"
     passes = "forward+backward" if cfg["backward"] else "forward"
     return (f"ring-attn demo: {where}, {'causal' if cfg['causal'] else 'full'} {cfg['layout']}, batch "
-            f"{cfg['batch']} x {s} tokens ({_per_rank(s, world, cfg['layout'])}), heads {cfg['heads']}/{cfg['kv_heads']}, "
+            f"{cfg['batch']} x {s} tokens ({_per_rank(s, world, cfg['layout'])}), heads "
+            f"{cfg['heads']}/{cfg['kv_heads']}, "
             f"head_dim {cfg['head_dim']}, {cfg['dtype']}; {cfg['iters']} timed {passes} iteration(s); "
             f"single-device check {'on' if cfg['check'] else 'off (--no-check)'}")
 
