@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import ring_attn
 from ring_attn.ops.padding import tensor_cache
-from ring_attn.ops.rope import MAX_POSITION
+from ring_attn.ops.rope import positions_in_range
 from ring_attn.ring import layout as ring_layout
 from ring_attn.ring.attention import raise_with_the_group, ring_signature_kind
 from ring_attn.ring.comm import all_gather_ints, weak_group
@@ -708,19 +708,17 @@ def _make_rotary_forward(original):
 
 
 def _fused_positions(position_ids) -> bool:
-    """Whether the fused kernel takes these positions (integers, ``0 <= p < ring_attn.ops.rope.MAX_POSITION``).
-    Others (float positions included) run
-    on the model's own cos/sin tables, as stock: e.g. the ``attention_mask.cumsum(-1) - 1`` idiom puts -1 on left
-    padding, which stock rotates by a negative angle (and the mask then hides). One host read per forward, in
-    eager mode; under torch.compile not checked here (the op itself refuses such positions with ValueError)."""
+    """Whether the fused kernel takes these positions (integers in ``[0, MAX_POSITION)``,
+    :func:`ring_attn.ops.rope.positions_in_range`). Others, float positions included, run on the model's own
+    cos/sin tables, as stock: e.g. the ``attention_mask.cumsum(-1) - 1`` idiom puts -1 on left padding, which stock
+    rotates by a negative angle (and the mask then hides). The range check is the kernel's own, once per tensor
+    (one host read per forward, which the layers' fused calls then reuse); under torch.compile it is not made here
+    (the op itself refuses such positions with ValueError)."""
     if not isinstance(position_ids, torch.Tensor):
         return True
     if position_ids.is_floating_point():  # stock takes float positions too; the kernel takes ints
         return False
-    if torch.compiler.is_compiling() or position_ids.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(position_ids.detach())
-    return bool((lo >= 0) & (hi < MAX_POSITION))  # one host read
+    return torch.compiler.is_compiling() or positions_in_range(position_ids)
 
 
 def _make_apply_rotary(original):

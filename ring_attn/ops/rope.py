@@ -33,7 +33,7 @@ from ring_attn import backends, reference
 from ring_attn.ops._dispatch import traced
 
 __all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "check_rotary_x", "rotate_by_tables",
-           "rotate_parts_", "MAX_POSITION"]
+           "rotate_parts_", "MAX_POSITION", "positions_in_range"]
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -62,24 +62,35 @@ MAX_POSITION = 2**29
 _CHECKED_POSITIONS: dict[int, tuple[weakref.ref, int]] = {}
 
 
-def _check_position_range(positions: torch.Tensor) -> None:
+def positions_in_range(positions: torch.Tensor) -> bool:
+    """Whether every position of the integer tensor ``positions`` lies in ``[0, MAX_POSITION)``, what
+    :func:`apply_rope` accepts. One host read (a device sync on CUDA) per tensor and in-place version: a tensor
+    found in range is remembered, so ``apply_rope``'s own check of it costs nothing afterwards."""
     key = id(positions)
     seen = _CHECKED_POSITIONS.get(key)
     if seen is not None and seen[0]() is positions and seen[1] == positions._version:
-        return
+        return True
     if positions.numel():
         low, high = (int(x) for x in torch.stack(torch.aminmax(positions)).tolist())
-        if low < 0:
-            raise ValueError(f"positions must be >= 0 (global token positions), got a minimum of {low}")
-        if high >= MAX_POSITION:
-            raise ValueError(f"positions must be < 2^29 = {MAX_POSITION} (the angle's float64 product is exact "
-                             f"only below it), got a maximum of {high}")
+        if low < 0 or high >= MAX_POSITION:
+            return False
     if len(_CHECKED_POSITIONS) > 64:
         _CHECKED_POSITIONS.clear()
     try:
         _CHECKED_POSITIONS[key] = (weakref.ref(positions), positions._version)
     except TypeError:  # not weak-referenceable: just check every time
         pass
+    return True
+
+
+def _check_position_range(positions: torch.Tensor) -> None:
+    if positions_in_range(positions):
+        return
+    low, high = (int(x) for x in torch.stack(torch.aminmax(positions)).tolist())  # (the error path only)
+    if low < 0:
+        raise ValueError(f"positions must be >= 0 (global token positions), got a minimum of {low}")
+    raise ValueError(f"positions must be < 2^29 = {MAX_POSITION} (the angle's float64 product is exact only "
+                     f"below it), got a maximum of {high}")
 
 
 def _check_qk(q, k, name_q="q", name_k="k"):
