@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ring_attn import rope_scaling
+from ring_attn._cli_support import json_safe
 
 SCHEMES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3", "critical")
 # Positions evaluated for the table-error estimate: all of them up to this many, else a sample (see _positions).
@@ -371,21 +372,12 @@ def plot_plan(p: dict, path: str) -> str:
     return path
 
 
-def _finite(x):
-    """JSON has no infinity: an infinite wavelength (a pair with inv_freq 0) becomes null."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and math.isinf(x) else x
-
-
 def run(args: argparse.Namespace) -> int:
     p = plan(args.head_dim, args.theta, args.trained, args.target, args.rope_type, args.partial_rotary_factor,
              args.beta_fast, args.beta_slow)
     written = plot_plan(p, args.plot) if args.plot else None
     if args.json:
-        print(json.dumps(_finite(p), indent=2))
+        print(json.dumps(json_safe(p), indent=2))  # an infinite wavelength (inv_freq 0) becomes null
     else:
         print(format_plan(p))
         if args.plot:

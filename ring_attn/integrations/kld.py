@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from ring_attn._cli_support import json_safe, physical_memory
+
 __all__ = ["add_arguments", "check_args", "run", "kl_statistics", "token_statistics", "summarize",
            "order_statistic_interval"]
 
@@ -99,13 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Argument checks (the parent process, before any model runs)
 
 
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not reported on this platform
-        return None
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -134,7 +129,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed {args.seed}: expected an int in [0, 2^63)")
     if args.text is not None and args.model is None:
         raise ValueError(f"--text {args.text}: needs --model (the text is tokenized with the model's tokenizer)")
-    physical = _physical_memory()
+    physical = physical_memory()
     if physical is not None and args.tokens * _BYTES_PER_TOKEN > physical:
         raise ValueError(f"--tokens {args.tokens}: the per-token statistics alone need "
                          f"{args.tokens * _BYTES_PER_TOKEN / 2**30:.3g} GiB, more than this machine's "
@@ -364,15 +359,6 @@ def _compare(model, ids: torch.Tensor, ctx: int, device, progress: Progress) -> 
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _json_safe(x):
-    """JSON has no NaN or infinity: they become null."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def run(args: argparse.Namespace) -> int:
     """Exit status 0 with the statistics; 1 with a one-line error when the model cannot be compared (its attention
     cannot be patched, or its logits are not finite)."""
@@ -412,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     stats = summarize(per_token)
     stats.update(model=title, stock_attention=stock, dtype=args.dtype, device=str(device), ctx=args.ctx)
     if args.json:
-        print(json.dumps(_json_safe(stats), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(stats), indent=2, allow_nan=False))
     else:
         print(format_statistics(stats, f"KL divergence, stock ({stock}) vs ring_attn: {title}, {args.dtype}, "
                                        f"{device}, windows of {args.ctx}"))

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ring_attn._cli_support import physical_memory
 from ring_attn.ring import layout as ring_layout
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -190,9 +191,8 @@ def _check_host_memory(cfg: dict) -> None:
     agree) before keeping its shard: refuse up front a run whose processes on this machine together need more
     than its physical memory (a typo such as --seqlen 99999999999 otherwise fails in every rank with a
     traceback)."""
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not reported on this platform: nothing to compare with
+    physical = physical_memory()
+    if physical is None:  # not reported on this platform: nothing to compare with
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg["world"]))
     per_rank = 4 * cfg["batch"] * cfg["seqlen"] * cfg["head_dim"] * 2 * (cfg["heads"] + cfg["kv_heads"])
