@@ -298,7 +298,7 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
                             + [torch.zeros(0, dtype=torch.long, device=position_ids.device)])
         expected = ring_layout.varlen_shard_for_rank(counted, vals, state.rank, state.world, 0, state.layout,
                                                      pad_value=-1)
-        local = ring_layout.varlen_local_cu_seqlens(cu.cpu(), state.world, state.layout).tolist()
+        local = [c // state.world for c in ring_layout.varlen_padded_cu_seqlens(vals, state.world, state.layout)]
         starts = torch.zeros(expected.numel(), dtype=torch.bool, device=position_ids.device)
         starts[[a for a, b in zip(local[:-1], local[1:]) if b > a]] = True  # each sequence's local piece
         if position_ids.numel() != expected.numel() or not bool(starts.any()):
@@ -661,9 +661,9 @@ def _global_max(position_ids: torch.Tensor, state: _State) -> torch.Tensor:
     device = position_ids.device if backend == "nccl" else torch.device("cpu")
     mine = [_GLOBAL_MAX_CODE, int(position_ids.max())] + [0] * (_AGREE_FIELDS - 2)
     every = all_gather_ints(state.group, backend, device, mine)
-    other = [r for r, g in enumerate(every) if g[0] != _GLOBAL_MAX_CODE]
-    if other:
-        raise _rotary_mismatch([r for r in range(len(every)) if r not in other], len(every))
+    here = [r for r, g in enumerate(every) if g[0] == _GLOBAL_MAX_CODE]  # the ranks in this exchange
+    if len(here) < len(every):
+        raise _rotary_mismatch(here, len(every))
     return torch.tensor([max(g[1] for g in every)], dtype=torch.int64, device=position_ids.device)
 
 
