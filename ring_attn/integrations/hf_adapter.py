@@ -275,6 +275,15 @@ def _batch_checks(module, pos, params: _Params) -> None:
                 f"would see")
 
 
+def _exchange_batch(sub: _Substitution, device, params: Optional[_Params], failed: Optional[BaseException]):
+    """The batch agreement's all-gather: every rank's ``[failed, total tokens, sequences, cu_seqlens digest]``
+    (a rank without ``params`` sends a failed record). A rank whose ``failed`` is set raises it after the
+    exchange, so the others learn of it instead of waiting."""
+    pg, _rank, _world = group_info(sub.group())
+    mine = [1, 0, 0, 0] if params is None else [int(failed is not None), params.total, params.n_seqs, params.digest]
+    return all_gather_ints(pg, check_backend(pg, device), device, mine, failed)
+
+
 def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Params, sub: _Substitution) -> None:
     """Every call's checks; for a new batch (first call after update_ring_flash_attn_params, or position_ids not
     seen before: a new forward) also the batch checks and the ranks' agreement, so that a rank whose input is
@@ -296,10 +305,7 @@ def _prepare(module, query, key, attention_mask, dropout, kwargs, params: _Param
             # raise too instead of waiting for it in the K/V all-gather
             raise_with_the_group(failed, sub.group(), query, *signature_kind())
         return
-    pg, _rank, _world = group_info(sub.group())
-    device = query.device
-    mine = [int(failed is not None), params.total, params.n_seqs, params.digest]
-    every = all_gather_ints(pg, check_backend(pg, device), device, mine, failed)
+    every = _exchange_batch(sub, query.device, params, failed)
     bad = [r for r, s in enumerate(every) if s[0]]
     if bad:
         raise ValueError(f"{_NAME}: rank(s) {bad} raised for this batch (see their errors); every rank stops here, "
@@ -354,8 +360,7 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
                                f"batch's boundaries before the forward")
         # the ranks that did call it are in the batch agreement's exchange: join it as failed, so that they raise
         # too instead of waiting for this rank
-        pg, _rank, _world = group_info(sub.group())
-        all_gather_ints(pg, check_backend(pg, query.device), query.device, [1, 0, 0, 0], missing)
+        _exchange_batch(sub, query.device, None, missing)
     sub.prepare(module, query, key, attention_mask, dropout, kwargs, params, sub)
     q, k, v = to_compute_dtype(*(x.transpose(1, 2)[0] for x in (query, key, value)))  # [t, h, d] views
     window = sliding_window_size(sliding_window, params.longest, True)
