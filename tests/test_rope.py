@@ -573,3 +573,20 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(ops.rope_backward.default, (q, k, pos, inv, q, k, 1.0, True, 8))
     torch.library.opcheck(ops.rope_table_forward.default, (q, k, cos, sin, torch.float32))
     torch.library.opcheck(ops.rope_table_backward.default, (q, k, cos, sin, torch.float32))
+
+
+def test_positions_in_range_is_the_check_apply_rope_makes():
+    """ops.rope.positions_in_range answers what apply_rope accepts ([0, 2^29)); the HF patch asks it before
+    choosing the fused kernel. A tensor rewritten in place is checked again (its in-place version changes)."""
+    from ring_attn.ops.rope import MAX_POSITION, positions_in_range
+
+    pos = torch.arange(8)
+    assert positions_in_range(pos) and positions_in_range(torch.zeros(0, dtype=torch.long))
+    assert not positions_in_range(torch.tensor([-1, 0, 1]))
+    assert not positions_in_range(torch.tensor([0, MAX_POSITION]))
+    assert positions_in_range(torch.tensor([0, MAX_POSITION - 1]))
+    pos[3] = -2  # after a positive answer: in place, so asked again
+    assert not positions_in_range(pos)
+    q = torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        apply_rope(q, q, pos, torch.ones(4))
