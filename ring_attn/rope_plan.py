@@ -261,7 +261,7 @@ def plan(head_dim: int, theta: float, trained: int, target: int, rope_type: str 
         "critical_dimension": critical_dimension(theta, trained, dim),
         "critical_dimension_at_critical_theta": critical_dimension(critical_theta(theta, trained, target), target, dim),
         "yarn": {"factor": max(s, 1.0), "original_max_position_embeddings": trained, "beta_fast": beta_fast,
-                 "beta_slow": beta_slow, "correction_range_dims": [low, high],
+                 "beta_slow": beta_slow, "correction_range_pairs": [low, high],
                  "attention_factor": yarn_scale, "inv_freq": yarn_inv.tolist()},
         "pairs": pairs,
         "pairs_never_rotating_in_trained": never_trained,
@@ -296,7 +296,7 @@ def format_plan(p: dict) -> str:
         "",
     ]
     y = p["yarn"]
-    lo, hi = y["correction_range_dims"]
+    lo, hi = y["correction_range_pairs"]
     lines += [
         f"YaRN for factor {y['factor']:.6g} (original_max_position_embeddings {y['original_max_position_embeddings']:,}, "
         f"beta_fast {y['beta_fast']:g}, beta_slow {y['beta_slow']:g})",

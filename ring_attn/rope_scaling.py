@@ -214,11 +214,13 @@ def yarn_attention_factor(factor: float, mscale: float | None = None, mscale_all
 
 def yarn_correction_range(dim: int, theta: float, original_max_position_embeddings: int,
                           beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True) -> tuple[float, float]:
-    """YaRN's correction range ``(low, high)`` in units of dimension index (0 .. dim-1).
+    """YaRN's correction range ``(low, high)`` as rotation-pair indices (pair ``i`` rotates at ``theta^(-2i/dim)``).
 
-    Pair ``i`` (dimension ``2i``) is extrapolated (kept) when ``i < low``, interpolated (divided by ``factor``)
-    when ``i > high`` and blended linearly between. ``low`` is the dimension that completes ``beta_fast``
-    rotations within the original length, ``high`` the one that completes ``beta_slow``.
+    Pair ``i`` is extrapolated (kept) when ``i < low``, interpolated (divided by ``factor``) when ``i > high`` and
+    blended linearly between. ``low`` is the (fractional) pair that completes ``beta_fast`` rotations within the
+    original length, ``high`` the one that completes ``beta_slow``. As transformers' ``find_correction_range``, the
+    bounds are clamped to ``[0, dim - 1]``: its upper clamp is wider than the ``dim // 2`` pairs, and the blend then
+    ends past the last pair.
     """
 
     def correction_dim(num_rotations):

@@ -28,7 +28,7 @@ def test_llama3_8b_to_262k_numbers():
     assert p["critical_dimension"] == 70  # 2 * ceil(64 * log_5e5(8192 / 2pi)) = 2 * ceil(34.98)
     y = p["yarn"]
     assert y["attention_factor"] == pytest.approx(0.1 * math.log(32) + 1)
-    assert tuple(y["correction_range_dims"]) == rope_scaling.yarn_correction_range(128, 5e5, 8192, 32, 1)
+    assert tuple(y["correction_range_pairs"]) == rope_scaling.yarn_correction_range(128, 5e5, 8192, 32, 1)
     assert p["attention_scaling"] == pytest.approx(y["attention_factor"])
 
 
