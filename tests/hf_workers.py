@@ -30,6 +30,9 @@ CASES_2 = [
     dict(kind="equiv", model="mistral-swa", layout="zigzag", b=2, s=13),
     dict(kind="equiv", model="qwen2-swa", layout="contiguous", b=1, s=12),
     dict(kind="equiv", model="mistral-swa", layout="striped", packed=[9, 3, 6]),
+    # the user's own sharding with the unpadded boundaries, a 1-token sequence among them: some ranks hold only the
+    # padding the layout adds to it (refused as "not a shard" before 2026-12-07)
+    dict(kind="equiv", model="llama-gqa", layout="zigzag", packed=[1, 8, 3], own_cu=True),
     # the Triton kernels (ring blocks and fused RoPE) through the interpreter, when it is on
     dict(kind="equiv", model="llama-gqa", layout="zigzag", b=1, s=8, backend="triton"),
     dict(kind="equiv", model="mistral-swa", layout="zigzag", b=1, s=8, backend="triton"),  # window 4 over shards
@@ -69,6 +72,7 @@ CASES_3 = [
     dict(kind="equiv", model="llama", layout="zigzag", b=2, s=13),
     dict(kind="equiv", model="llama-dynamic", layout="zigzag", b=1, s=18),
     dict(kind="equiv", model="qwen2", layout="striped", packed=[7, 4, 6]),
+    dict(kind="equiv", model="llama", layout="contiguous", packed=[2, 7, 1, 4], own_cu=True),
     dict(kind="equiv", model="mistral-swa", layout="striped", b=1, s=17),
     dict(kind="equiv", model="qwen2-swa", layout="zigzag", packed=[10, 4, 7]),
     dict(kind="equiv", model="llama", layout="zigzag", packed=[9, 5, 4], checkpointing="non-reentrant"),
@@ -90,7 +94,7 @@ def cases_for(world: int) -> list[dict]:
                      + ("-tablerope" if c.get("fused_rope") is False else "") + ("-triton" if c.get("backend") else "")
                      + (f"-ckpt-{c['checkpointing']}" if c.get("checkpointing") else "")
                      + ("-compiled" if c.get("compile") else "") + (f"-{c['positions']}" if c.get("positions") else "")
-                     + ("-hubkernel" if c.get("attn") == "hub-kernel" else ""))
+                     + ("-hubkernel" if c.get("attn") == "hub-kernel" else "") + ("-owncu" if c.get("own_cu") else ""))
     return cases
 
 
@@ -112,6 +116,8 @@ def _equiv_case(case, rank, world, store):
     layout = case["layout"]
     batch = batch_for(case)
     local = hf.shard_batch(batch, layout=layout)
+    if case.get("own_cu"):
+        local = _own_packed_shard(batch, case["packed"], rank, world, layout, local["num_items_in_batch"])
     with hf.patch_hf(model, group=None if world == 1 else dist.group.WORLD, layout=layout,
                      fused_rope=case.get("fused_rope", True)):
         attn_calls = _count_attention_calls()
@@ -130,7 +136,9 @@ def _equiv_case(case, rank, world, store):
     dist.all_reduce(rep)
     # gather logits in global order and drop the padding shard_batch added
     lg = logits.detach().contiguous()
-    if case.get("packed"):
+    if case.get("own_cu"):  # unpadded boundaries: unshard_varlen drops the padding itself
+        full = ring_attn.unshard_varlen(lg[0], local["cu_seq_lens_q"], dim=0, layout=layout)[None]
+    elif case.get("packed"):
         cu = local["cu_seq_lens_q"]
         full = ring_attn.unshard_varlen(lg[0], cu, dim=0, layout=layout)
         keep = torch.cat([torch.arange(int(a), int(a) + n) for a, n in zip(cu[:-1], case["packed"])])
@@ -139,6 +147,26 @@ def _equiv_case(case, rank, world, store):
         full = ring_attn.unshard(lg, dim=1, layout=layout)[:, :case["s"]]
     store.update(logits=full, loss=rep / world, grads=grads, attn_calls=len(attn_calls),
                  layers=model.config.num_hidden_layers)
+
+
+def _own_packed_shard(batch, lens, rank, world, layout, num_items):
+    """A packed batch sharded as a user may do it without shard_batch: each tensor through
+    ``varlen_shard_for_rank`` (the layout pads sequences it cannot split; pad id 0, position 0, label -100) and the
+    *unpadded* global boundaries as ``cu_seq_lens_q`` / ``cu_seq_lens_k``."""
+    from ring_attn.ring.layout import varlen_shard_for_rank
+
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    targets = torch.full_like(batch["labels"][0], -100)
+    targets[:-1] = batch["labels"][0, 1:]
+    targets[cu[1:].long() - 1] = -100  # a sequence's last token predicts nothing
+
+    def mine(x, pad):
+        return varlen_shard_for_rank(x, cu, rank, world, 0, layout, pad_value=pad)[None]
+
+    assert int((targets != -100).sum()) == int(num_items)
+    return dict(input_ids=mine(batch["input_ids"][0], 0), position_ids=mine(batch["position_ids"][0], 0),
+                shift_labels=mine(targets, -100), num_items_in_batch=num_items, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                max_length_q=max(lens), max_length_k=max(lens))
 
 
 def hub_kernel_fallback():

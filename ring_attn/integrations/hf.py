@@ -247,18 +247,34 @@ def _padding(attention_mask, kv_len: int) -> tuple[Optional[torch.Tensor], int]:
 _AGREE_FIELDS = 6  # failed, packed, positions not a shard, then the per-row offsets' max, min and weighted sum
 
 
-def _position_stats(position_ids: torch.Tensor, expected: torch.Tensor, starts: torch.Tensor) -> list[int]:
+def _position_stats(position_ids: torch.Tensor, expected: torch.Tensor, starts: torch.Tensor,
+                    compared: Optional[list[bool]] = None) -> list[int]:
     """``[not a shard, max, min, weighted sum of the offsets]`` of ``position_ids`` against the ``expected``
     shard of the global positions counted from 0 (``-1``: padding the layout added, not checked), both
     ``[rows, n]``: within each run (a row, or a packed sequence: ``starts`` marks each run's first element) the
-    positions must be the expected ones plus one offset, and the offsets must agree across ranks."""
+    positions must be the expected ones plus one offset, and the offsets must agree across ranks. ``compared``
+    (one flag per run, the same on every rank): the runs whose offsets enter the cross-rank statistics, the others
+    count as 0 there (a run that is only padding on some rank has no offset there)."""
     diff = position_ids.long() - expected
     run = torch.cumsum(starts.reshape(-1).long(), 0) - 1  # the run of each element
     offsets = diff.reshape(-1)[starts.reshape(-1).nonzero().reshape(-1)]
+    if compared is not None:
+        offsets = offsets * torch.tensor(compared, device=offsets.device)
     real = expected.reshape(-1) >= 0
     bad = ((diff.reshape(-1) != offsets[run]) & real).any().long()
     weights = torch.arange(1, offsets.numel() + 1, device=offsets.device)
     return torch.stack([bad, offsets.max(), offsets.min(), (offsets * weights).sum()]).tolist()
+
+
+def _pieces_real_everywhere(counted: torch.Tensor, cu: list[int], firsts: list[int], state: _State) -> list[bool]:
+    """For each packed sequence with a local piece (its first local element at ``firsts``, the same on every rank):
+    whether every rank's piece starts with a real token, not only the padding the layout adds to a sequence it
+    cannot split (e.g. a 1-token sequence over 2 ranks); computed alike on every rank, on the host."""
+    real, counted = torch.ones(len(firsts), dtype=torch.bool), counted.cpu()
+    for r in range(state.world):
+        shard = ring_layout.varlen_shard_for_rank(counted, cu, r, state.world, 0, state.layout, pad_value=-1)
+        real &= shard[firsts] >= 0
+    return real.tolist()
 
 
 def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
@@ -299,12 +315,14 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
         expected = ring_layout.varlen_shard_for_rank(counted, vals, state.rank, state.world, 0, state.layout,
                                                      pad_value=-1)
         local = [c // state.world for c in ring_layout.varlen_padded_cu_seqlens(vals, state.world, state.layout)]
+        firsts = [a for a, b in zip(local[:-1], local[1:]) if b > a]  # each sequence's local piece
         starts = torch.zeros(expected.numel(), dtype=torch.bool, device=position_ids.device)
-        starts[[a for a, b in zip(local[:-1], local[1:]) if b > a]] = True  # each sequence's local piece
-        if position_ids.numel() != expected.numel() or not bool(starts.any()):
+        starts[firsts] = True
+        if position_ids.numel() != expected.numel() or not firsts:
             sig[2:] = [1, 0, 0, 0]
         else:
-            sig[2:] = _position_stats(position_ids.reshape(1, -1), expected[None], starts[None])
+            sig[2:] = _position_stats(position_ids.reshape(1, -1), expected[None], starts[None],
+                                      _pieces_real_everywhere(counted, vals, firsts, state))
     sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig, failure)
     if any(g[0] == _GLOBAL_MAX_CODE for g in sigs):  # those ranks are in their rotary embedding's exchange
         raise _rotary_mismatch([r for r, g in enumerate(sigs) if g[0] == _GLOBAL_MAX_CODE], state.world)
