@@ -148,6 +148,16 @@ class Dropout(NamedTuple):
         return 1.0 / (1.0 - self.p)
 
 
+def check_inplace_target(name: str, x: torch.Tensor) -> None:
+    """RuntimeError (autograd's own type for it) when an in-place write into ``x`` could not be recorded: ``x``
+    requires grad and is a leaf or a view of one, with grad mode on. Autograd itself refuses only after the
+    kernel has written, so the caller asks first, before any launch."""
+    if torch.is_grad_enabled() and x.requires_grad and (x.is_leaf or (x._base is not None and x._base.is_leaf)):
+        raise RuntimeError(f"{name} {tuple(x.shape)} is a leaf tensor that requires grad (or a view of one): autograd "
+                           "cannot record an in-place write into it; pass inplace=False, or rotate a tensor computed "
+                           "from the leaf (e.g. a projection's output)")
+
+
 def check_tensor(name: str, x) -> None:
     """Raise TypeError unless ``x`` is a ``torch.Tensor``."""
     if not isinstance(x, torch.Tensor):

@@ -196,7 +196,8 @@ def _large_position_angle_error(dtype, device="cpu"):
     range reduction, not the oracle's float64 rounding (~6e-8 rad at 5e8 rad)."""
     d = 128
     inv, _ = rope_scaling.rope_parameters("default", d, 1e4)
-    inv = torch.cat([inv[:-2], torch.tensor([1.0, 0.7853981852531433])])  # inv_freq = 1 and ~pi/4
+    # inv_freq = 1, ~pi/4 and the largest float32 below 2*pi (the documented bound: 2^29 turns at 2^29 - 1)
+    inv = torch.cat([inv[:-3], torch.tensor([1.0, 0.7853981852531433, 6.2831850051879883])])
     pos = torch.tensor([2**29 - 1, 2**29 - 2, 2**28 + 3, 2**24 + 1, 123_456_789, 7, 0], dtype=torch.int64)
     q = torch.zeros(1, pos.numel(), 1, d, dtype=dtype)
     q[..., : d // 2] = 1.0  # x1 = 1, x2 = 0 for every pair
@@ -290,6 +291,39 @@ def test_inplace_leaves_no_stale_data(interleaved):
     assert torch.equal(qkv[:, :, hq + hk :], before[:, :, hq + hk :])  # v untouched
     assert torch.equal(qkv[..., 12:], before[..., 12:])  # pass-through dims untouched
     assert not torch.equal(qkv[:, :, :hq, :12], before[:, :, :hq, :12])  # and the rotation really happened
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_inplace_into_a_leaf_that_requires_grad_is_refused_before_any_write(view):
+    # autograd refuses such a write only after the kernel has run (the leaf already rotated): ask first
+    g = torch.Generator().manual_seed(9)
+    leaf = torch.randn(1, 4, 3, 8, generator=g, requires_grad=True)
+    q, k = (leaf[:, :, :2], leaf[:, :, 2:]) if view else (leaf, torch.randn(1, 4, 1, 8, generator=g))
+    before = leaf.detach().clone()
+    inv = rope_scaling.rope_parameters("default", 8, 1e4)[0]
+    with pytest.raises(RuntimeError, match=r"q \(1, 4, \d, 8\) is a leaf tensor that requires grad"):
+        apply_rope(q, k, torch.arange(4) + 7, inv, inplace=True)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():  # as torch allows: an in-place write into a leaf outside autograd
+        out, _ = apply_rope(q, k, torch.arange(4) + 7, inv, inplace=True)
+    assert out.data_ptr() == q.data_ptr() and not torch.equal(leaf.detach(), before)
+
+
+def test_a_strided_inv_freq_is_read_by_its_strides():
+    # a column of a [rotary_dim / 2, 2] parameter: before 2026-12-07 the Triton kernel read it as contiguous
+    g = torch.Generator().manual_seed(10)
+    q, k = torch.randn(1, 6, 2, 16, generator=g), torch.randn(1, 6, 1, 16, generator=g)
+    inv = rope_scaling.rope_parameters("default", 16, 1e4)[0]
+    table = torch.stack([inv, torch.zeros_like(inv)], 1).requires_grad_()
+    view = table[:, 0]
+    assert not view.is_contiguous()
+    leaf = inv.clone().requires_grad_()
+    got, want = apply_rope(q, k, torch.arange(6) + 100, view), apply_rope(q, k, torch.arange(6) + 100, leaf)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    (got[0].sum() + got[1].square().sum()).backward()
+    (want[0].sum() + want[1].square().sum()).backward()
+    assert torch.equal(table.grad[:, 0], leaf.grad) and not table.grad[:, 1].any()
 
 
 def test_inplace_autograd_matches_out_of_place():

@@ -243,8 +243,17 @@ def test_in_place_gradients(cpu_backend):
     if cpu_backend == "reference":  # finite differences once (slow under the Triton interpreter)
         x5 = torch.randn(2, 3, 3, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
         torch.autograd.gradcheck(lambda t: apply_rotary_emb_qkv_(t * 1.0, cos, sin, cos_k, sin_k, True, 2), (x5,))
+    # a leaf that requires grad: refused before the kernel writes into it (autograd's own refusal came after)
+    leaf = torch.randn(1, 2, 3, 1, 6, requires_grad=True)
+    before = leaf.detach().clone()
     with pytest.raises(RuntimeError, match="leaf"):
-        apply_rotary_emb_qkv_(torch.randn(1, 2, 3, 1, 6, requires_grad=True), cos, sin)
+        apply_rotary_emb_qkv_(leaf, cos, sin)
+    assert torch.equal(leaf.detach(), before)
+    x = torch.randn(1, 2, 1, 6, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match=r"x \(1, 2, 1, 6\) is a leaf tensor that requires grad"):
+        apply_rotary_emb(x, cos, sin, inplace=True)
+    assert torch.equal(x.detach(), before)
 
 
 def _flash_tables(dim, base, n, scale_base=None):
@@ -357,6 +366,9 @@ def test_in_place_refusals(cpu_backend):
         RotaryEmbedding(32)(torch.randn(1, 2, 3, 1, 16))
     with pytest.raises(NotImplementedError, match="pos_idx_in_fp32=False"):
         RotaryEmbedding(8, pos_idx_in_fp32=False)
+    # flash-attn 2.0-2.7's positional order (dim, base, interleaved, scale_base, pos_idx_in_fp32, device)
+    with pytest.raises(TypeError, match="device=True.*pos_idx_in_fp32"):
+        RotaryEmbedding(8, 10000.0, False, None, True)
 
 
 @pytest.mark.gpu

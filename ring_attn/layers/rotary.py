@@ -127,6 +127,9 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
             raise ValueError(f"dim must be an even int >= 2 (the rotary dims), got {dim!r}")
+        if isinstance(device, bool):
+            raise TypeError(f"device={device!r}: a bool where the device goes (flash-attn 2.0-2.7 took "
+                            "pos_idx_in_fp32 in this position); pass pos_idx_in_fp32= by keyword")
         if not pos_idx_in_fp32:
             raise NotImplementedError("pos_idx_in_fp32=False is not supported: positions are float32 here")
         if scale_base is not None and not float(scale_base) > 0:

@@ -6,8 +6,9 @@ Public API (re-exported from ``ring_attn``):
   inplace=False) -> (q_rot, k_rot)``: the angle ``position * inv_freq[i]`` is formed in-kernel in float64 (exact
   for integer positions below 2^29 and float32 ``inv_freq``), reduced modulo 2π with a three-piece Cody-Waite
   constant, and only then rounded to float32 for ``sin``/``cos``: accurate to <= 2e-7 rad at every position up
-  to 2^29 - 1 (tested), where at 2^24 a float32 product is already off by up to 0.5 rad. No cos/sin table is
-  read. Differentiable with respect to q, k and (when it requires grad) ``inv_freq``.
+  to 2^29 - 1 (tested) while the angle stays below 2^29 turns (``inv_freq <= 2π``; every RoPE scaling gives
+  ``inv_freq <= 1``, and a frequency above π rad per token aliases anyway), where at 2^24 a float32 product is
+  already off by up to 0.5 rad. No cos/sin table is read. Differentiable with respect to q, k and (when it requires grad) ``inv_freq``.
 * :func:`apply_rope_cos_sin` ``(q, k, cos, sin, unsqueeze_dim=1)``: HF's ``apply_rotary_pos_emb`` signature,
   reading the given tables, for drop-in use.
 * :func:`apply_rotary_emb` ``(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
@@ -30,6 +31,7 @@ from typing import Optional
 import torch
 
 from ring_attn import backends, reference
+from ring_attn._contracts import check_inplace_target
 from ring_attn.ops._dispatch import traced
 
 __all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "check_rotary_x", "rotate_by_tables",
@@ -53,7 +55,9 @@ def _select(q: torch.Tensor, rotary_dim: int):
 # Validation (everything is checked before any launch)
 
 #: positions must lie in [0, MAX_POSITION): below 2^29 a position times a float32 inv_freq is exact in float64,
-#: which the in-kernel angle's accuracy (<= 2e-7 rad) rests on; past it the error grows (5e-5 rad at 2^40)
+#: which the in-kernel angle's accuracy (<= 2e-7 rad) rests on; past it the error grows (5e-5 rad at 2^40). The
+#: mod-2π reduction is exact for angles below 2^29 turns, i.e. inv_freq <= 2π at every allowed position (larger
+#: frequencies, which alias, lose accuracy: 3e-5 rad at inv_freq 850 and position 2^29 - 1)
 MAX_POSITION = 2**29
 
 # Positions already checked to lie in [0, MAX_POSITION): id(tensor) -> (weakref, version). A model calls
@@ -171,7 +175,8 @@ def _rope_launch(q, k, qo, ko, positions, inv_freq, scaling, interleaved, rotary
                  dtheta=None, copy_pass=True):
     _select(q, rotary_dim).rope(_as4d(q), _as4d(k), _as4d(qo), _as4d(ko), rotary_dim=rotary_dim,
                                 interleaved=interleaved, backward=backward, copy_pass=copy_pass,
-                                pos2=_positions_2d(positions, q), inv_freq=inv_freq, scaling=scaling, cos3=None,
+                                pos2=_positions_2d(positions, q), inv_freq=inv_freq.contiguous(), scaling=scaling,
+                                cos3=None,
                                 sin3=None, qy4=None if qy is None else _as4d(qy),
                                 ky4=None if ky is None else _as4d(ky), dtheta=dtheta)
 
@@ -351,7 +356,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
     Returns:
         ``(q_rot, k_rot)``, same shapes and dtypes as q and k (new contiguous tensors unless ``inplace``).
         Pair ``i`` at position ``p`` rotates by ``p * inv_freq[i]``, computed in float64 and reduced mod 2π in
-        the kernel (accurate to <= 2e-7 rad for every position below 2^29 = ``MAX_POSITION``).
+        the kernel (accurate to <= 2e-7 rad for every position below 2^29 = ``MAX_POSITION`` while
+        ``inv_freq <= 2π``, as every RoPE scaling's is).
 
     Raises:
         TypeError: wrong dtypes (q/k not floating, q and k differ, positions not int32/int64, inv_freq not float).
@@ -363,6 +369,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
     if not torch.compiler.is_compiling():
         _select(q, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if inplace:
+        check_inplace_target("q", q)
+        check_inplace_target("k", k)
         _check_position_range(positions)
         return _RopeInplaceFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
                                           rotary_dim)
@@ -414,8 +422,8 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
         b, s, _, d = q4.shape
         r = cos.shape[-1]
         if cos.shape[1] != s or cos.shape[0] not in (1, b):
-            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [{b}, {s}, r] or [1, {s}, r] "
-                             f"for q {tuple(q.shape)} with unsqueeze_dim={unsqueeze_dim}")
+            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [{b}, {s}, r]"
+                             f"{f' or [1, {s}, r]' if b != 1 else ''} for q {tuple(q.shape)} with unsqueeze_dim={unsqueeze_dim}")
         if r % 2 or r <= 0 or r > d:
             raise ValueError(f"cos/sin last dim {r} must be even, positive and <= head dim {d}")
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
@@ -637,6 +645,8 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     rotary_dim = _check_rotary_tables(x, cos, sin)
     interleaved, inplace = bool(interleaved), bool(inplace)
     pos, inside = _rotary_rows(x, (cos,), seqlen_offsets, cu_seqlens, max_seqlen, "apply_rotary_emb")
+    if inplace:
+        check_inplace_target("x", x)
     _select(x, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if torch.is_grad_enabled() and x.requires_grad:
         return _RotaryEmb.apply(x, *_rotary_tables(cos, sin, pos, interleaved, inside), interleaved, inplace)
@@ -703,6 +713,7 @@ def rotate_parts_(x: torch.Tensor, split, head_dim: int, cos, sin, cos_k=None, s
         tables = (cos, cos_k)
     interleaved = bool(interleaved)
     pos, _ = _rotary_rows(x, tables, seqlen_offsets, None, None, name)
+    check_inplace_target(f"{name}: the rotated tensor", x)
     q4, _ = split(x)
     _select(q4, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     tq = _rotary_tables(cos, sin, pos, interleaved)
