@@ -274,6 +274,14 @@ def test_kvcache_refusals_before_anything_is_written():
     with pytest.raises(ValueError, match="must follow each other"):
         ring_attn.flash_attn_with_kvcache(q, strided, strided.clone(), block_table=torch.zeros(2, 1,
                                                                                                dtype=torch.int32))
+    # an empty page pool / an empty cache picked by cache_batch_idx: said so (was "k_cache batch size 0 != q batch
+    # size 1", from the one-row check of dtypes and heads)
+    empty = torch.empty(0, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"k_cache \(0, 4, 2, 16\) holds no pages, but q's batch of 2"):
+        ring_attn.flash_attn_with_kvcache(q, empty, empty.clone(), block_table=torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="holds no rows, but q's batch of 2 needs the rows cache_batch_idx picks"):
+        ring_attn.flash_attn_with_kvcache(q, empty, empty.clone(), cache_batch_idx=torch.tensor([0, 1],
+                                                                                                  dtype=torch.int32))
 
 
 def test_varlen_block_table_refusals():

@@ -156,6 +156,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     elif cache_batch_idx is None and k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{_NAME}: k_cache holds {k_cache.shape[0]} rows but q's batch is {q.shape[0]}; pass "
                          f"cache_batch_idx to pick the cache row of each batch row")
+    if k_cache.shape[0] == 0 and q.shape[0] > 0:
+        held = "pages" if paged else "rows"
+        raise ValueError(f"{_NAME}: k_cache {tuple(k_cache.shape)} holds no {held}, but q's batch of {q.shape[0]} "
+                         f"needs {'the pages its block_table lists' if paged else 'the rows cache_batch_idx picks'}")
     # dtypes, devices, head dims, GQA ratio (on one row: the cache may hold more rows than q)
     h_q, h_kv, d = check_qkv(q[:1], k_cache[:1], v_cache[:1], packed=False, names=("q", "k_cache", "v_cache"))
     b, s_q = q.shape[0], q.shape[1]
