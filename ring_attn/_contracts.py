@@ -28,6 +28,7 @@ __all__ = [
     "check_cu_seqlens_form",
     "check_cu_seqlens",
     "check_window",
+    "flash_attn_window",
     "check_softcap",
     "check_max_seqlen",
     "check_dropout",
@@ -286,6 +287,15 @@ def check_window(window) -> tuple[int, int]:
         raise TypeError(f"window_size must be a pair (left, right) of ints (-1: unbounded), got {window!r}")
     left, right = (_as_int(f"window_size[{i}]", w, "an int (-1: unbounded)") for i, w in enumerate(window))
     return (max(left, -1), max(right, -1))
+
+
+def flash_attn_window(window: tuple[int, int], seqlen_k: int) -> tuple[int, int]:
+    """flash-attn's own normalisation of a checked window in its entry points: a side ``>= seqlen_k`` (the keys'
+    length; varlen: ``max_seqlen_k`` as passed; a KV cache: its capacity) becomes -1, unbounded. It changes which
+    keys a query sees only when ``seqlen_q > seqlen_k + 1`` and the right side is that wide (bottom-right alignment
+    puts the first queries' windows before the first key); applied so that results are flash-attn's."""
+    left, right = window
+    return (-1 if left >= seqlen_k else left, -1 if right >= seqlen_k else right)
 
 
 def check_softcap(softcap) -> float:

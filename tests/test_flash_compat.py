@@ -181,6 +181,31 @@ def test_varlen_window_and_softcap_match_oracle(lens_q, lens_k, causal, window, 
     _assert_matches(got, q, k, v, dout, causal=causal, window=window, softcap=softcap, cu_q=cu_q, cu_k=cu_k)
 
 
+def test_a_window_side_as_wide_as_the_keys_is_unbounded_as_in_flash_attn():
+    # flash-attn's entry points turn a side >= seqlen_k (varlen: max_seqlen_k; a KV cache: its capacity) into -1;
+    # with seqlen_q > seqlen_k + 1 that shows: bottom-right alignment puts the first queries' windows before the
+    # first key (before 2026-12-07 those rows were zeros here, full attention in flash-attn)
+    q, k, v = _qkv(1, 9, 3, 2, 1, 16, torch.float32, seed=3)
+    full = ring_attn.flash_attn_func(q, k, v)
+    assert torch.equal(ring_attn.flash_attn_func(q, k, v, window_size=(-1, 3)), full)
+    assert torch.equal(ring_attn.flash_attn_func(q, k, v, window_size=(5, 7)), full)
+    narrow = ring_attn.flash_attn_func(q, k, v, window_size=(-1, 2))  # 2 < seqlen_k: bottom-right, rows 0-3 see none
+    assert not narrow[0, :4].any() and narrow[0, 4:].abs().sum() > 0
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3], dtype=torch.int32)
+    var = ring_attn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 9, 3, window_size=(-1, 3))
+    assert torch.equal(var, full[0])
+    var = ring_attn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 9, 4, window_size=(-1, 3))  # 3 < max_k 4
+    assert not var[:3].any()
+    # a KV cache: against its capacity (8 rows), not the filled length (3)
+    cache_k, cache_v = torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 1, 16)
+    cache_k[:, :3], cache_v[:, :3] = k, v
+    got = ring_attn.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=3, window_size=(-1, 8))
+    assert torch.equal(got, full)
+    got = ring_attn.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=3, window_size=(-1, 4))  # 4 < 8
+    assert not got[0, :2].any() and got[0, 2:].abs().sum() > 0
+
+
 def test_reference_backend_windows_and_softcap():
     q, k, v = _qkv(2, 30, 41, 4, 2, 16, torch.float32, seed=5)
     dout = _rand(q.shape, torch.float32, torch.Generator().manual_seed(2))

@@ -56,6 +56,7 @@ from ring_attn._contracts import (
     check_softcap,
     check_tensor,
     check_window,
+    flash_attn_window,
 )
 from ring_attn.backends import check_deterministic
 from ring_attn.ops._dispatch import traced
@@ -294,7 +295,9 @@ _COMMON_DOC = """
             >= 2.1). A query that sees no key gets output 0 and ``lse = -inf``.
         window_size: ``(left, right)`` sliding window (Mistral, Qwen2): query ``i`` sees keys
             ``i + seqlen_k - seqlen_q - left ..= i + seqlen_k - seqlen_q + right``; -1 (any negative) is
-            unbounded; with ``causal`` the right side is 0. Key blocks outside the window are never visited.
+            unbounded; with ``causal`` the right side is 0. As in flash-attn's code, a side ``>= seqlen_k``
+            (varlen: ``max_seqlen_k``) is unbounded too (this shows only when ``seqlen_q > seqlen_k + 1``). Key
+            blocks outside the window are never visited.
         softcap: ``> 0``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2); 0.0 is off.
         alibi_slopes: ALiBi: None, or float32 ``[heads_q]`` or ``[batch, heads_q]`` (varlen: ``[n_seqs, heads_q]``)
             on q's device; adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query ``i`` and key
@@ -332,6 +335,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
                                                    deterministic, return_attn_probs, return_lse)
     check_alibi_slopes(alibi_slopes, q.device, q.shape[0], h_q, "batch")
+    window = flash_attn_window(window, k.shape[1])
     out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal, window[0], window[1], cap,
                           alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
@@ -383,6 +387,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # 2^40 made the native backend loop for minutes over 7 tokens)
     max_q = min(check_max_seqlen("max_seqlen_q", max_seqlen_q), q.shape[0])
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    window = flash_attn_window(window, max_k)
     if not paged:
         max_k = min(max_k, k.shape[0])
     check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")

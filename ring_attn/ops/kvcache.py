@@ -16,7 +16,7 @@ import torch
 
 from ring_attn._contracts import KVPages, VarlenSeqs, check_alibi_slopes, check_block_table, check_flag, \
     check_pages, check_pages_used, check_qkv, check_scale, check_softcap, check_tensor, check_window, \
-    last_dim_contiguous
+    flash_attn_window, last_dim_contiguous
 from ring_attn.ops._dispatch import traced
 from ring_attn.ops.attention_block import attention_block_forward, forward_backend
 from ring_attn.ops.rope import rotate_by_tables
@@ -119,7 +119,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             256). ``seqlen_cache = max_num_blocks_per_seq · page_block_size``. Pages may be shared between rows;
             entries past a row's last page are not read.
         softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`ring_attn.flash_attn_func`, with
-            ``seqlen_k = cache_seqlens[i] + seqlen_new - cache_leftpad[i]`` per row (bottom-right alignment).
+            ``seqlen_k = cache_seqlens[i] + seqlen_new - cache_leftpad[i]`` per row (bottom-right alignment);
+            as in flash-attn's code, a window side ``>= seqlen_cache`` (the capacity) counts as -1 (unbounded;
+            a window of two such sides is no window, also for the rotary rule above).
         rotary_interleaved: True: rotate dims pairs (0, 1), (2, 3), ...; False: (i, i + rotary_dim / 2).
         num_splits: flash-attn's split-KV: 0 = the kernels decide (on a GPU, the keys of each row are split
             into ranges computed in parallel when batch x heads alone would leave SMs idle), 1 = no split,
@@ -182,7 +184,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     causal = check_flag("causal", causal)
     interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     return_softmax_lse = check_flag("return_softmax_lse", return_softmax_lse)
-    window = check_window(window_size)
+    window = flash_attn_window(check_window(window_size), s_cache)  # flash-attn's: against the cache's capacity
     cap = check_softcap(softcap)
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"{_NAME}: num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")
