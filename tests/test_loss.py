@@ -4,6 +4,8 @@ Accuracy rule (tests/accuracy.py): the oracle is ``reference.cross_entropy_sum``
 training code does without these functions (``F.cross_entropy(logits.float(), reduction="sum")`` on logits in the
 low precision, the logits formed by a matmul in that precision for the linear form).
 """
+import math
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -135,6 +137,22 @@ def test_ignore_index_may_be_any_int(ignore_index):
         torch.testing.assert_close(a, b)
 
 
+def test_shapes_at_the_edges():
+    # [b, s] rows with flat or shaped targets agree; hidden size 0 (every logit 0): N log V, as F.cross_entropy
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 5, (2, 3), generator=g)
+    want = F.cross_entropy(x.reshape(6, 5), t.reshape(6), reduction="sum")
+    for tt in (t, t.reshape(6)):
+        torch.testing.assert_close(ring_attn.cross_entropy_sum(x, tt), want, rtol=1e-14, atol=0)
+    h = torch.zeros(2, 3, 0, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(5, 0, dtype=torch.float64, requires_grad=True)
+    got = ring_attn.linear_cross_entropy_sum(h, w, t)
+    torch.testing.assert_close(got, torch.tensor(6 * math.log(5), dtype=torch.float64), rtol=1e-14, atol=0)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    assert gh.shape == h.shape and gw.shape == w.shape
+
+
 def _saved_sizes(fn):
     """numel and storage pointer of every tensor autograd saves while ``fn`` runs."""
     saved = []
@@ -168,8 +186,22 @@ def test_autograd_keeps_no_logits_sized_float32_tensor():
 @pytest.mark.parametrize("call,exc,word", [
     (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0.0, 1.0, 2.0])), TypeError, "targets"),
     (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 1])), ValueError, "targets"),
-    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, -3, 1])), RuntimeError, "target"),
-    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 5, 1])), RuntimeError, "target"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, -3, 1])), RuntimeError,
+     r"targets\[1\] = -3 is outside \[0, 5\)"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 5, 9])), RuntimeError,
+     r"targets\[1\] = 5 is outside \[0, 5\) and is not ignore_index \(2 such row"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 7])),
+     RuntimeError, r"targets\[2\] = 7"),
+    # targets of the rows' size but another shape would pair targets with the wrong rows (accepted before
+    # 2026-12-07: [s, b] targets for [b, s] logits gave a wrong loss)
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(2, 3, 5), torch.zeros(3, 2, dtype=torch.long)), ValueError,
+     r"targets have shape \(3, 2\); expected \[2, 3\] or \[6\]"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.zeros(1, 3, dtype=torch.long)), ValueError,
+     r"targets have shape \(1, 3\); expected \[3\]"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(2, 3, 4), torch.randn(5, 4),
+                                                torch.zeros(3, 2, dtype=torch.long)), ValueError, "targets"),
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5), torch.tensor([0, 1, 2]), ignore_index=2**70),
+     ValueError, "ignore_index must fit in int64"),
     (lambda: ring_attn.cross_entropy_sum(torch.arange(6).reshape(2, 3), torch.tensor([0, 1])), TypeError, "logits"),
     (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 3), torch.tensor([0, 1, 2])),
      ValueError, "weight"),

@@ -8,10 +8,12 @@ block of rows at a time:
 * :func:`cross_entropy_sum` ``(logits [N, V], targets [N])``: autograd keeps the logits (a reference, not a
   copy) and two float32 numbers per row (its log-sum-exp as max and shifted log-sum); the backward writes the
   gradient straight in the logits' dtype.
-  Extra memory: one block of rows in float32 (``block_bytes``, 256 MB by default) instead of ~50 GB above.
+  Extra memory: one block of rows in float32 (``block_bytes``, 256 MB by default) for float32 logits, two for
+  16-bit ones (the block's float32 copy and its shifted exponentials), instead of ~50 GB above.
 * :func:`linear_cross_entropy_sum` ``(hidden [N, H], weight [V, H], targets [N])``: the logits
   ``hidden @ weight.T`` (optionally scaled and soft-capped, as Granite and Gemma 2 do) are formed one block at a
-  time and never exist whole; the backward recomputes each block. No logits-sized tensor at all.
+  time and never exist whole; the backward recomputes each block. No logits-sized tensor at all: a few
+  block-sized temporaries (the block in the matmul dtype, its float32 copy, the exponentials).
 
 Both return the float32 *sum* over rows whose target is not ``ignore_index`` (divide by the count you want to
 average over), are deterministic (a fixed block order, no atomics) and run on any device (plain torch ops).
@@ -34,13 +36,25 @@ def _rows_per_block(vocab: int, block_bytes: int) -> int:
     return max(1, int(block_bytes) // (4 * vocab))
 
 
-def _check_targets(targets: torch.Tensor, n: int, device) -> torch.Tensor:
+def _check_targets(targets, lead: torch.Size, device) -> torch.Tensor:
+    """``targets`` shaped as the rows ``lead`` (the logits' or hidden states' leading dims), or flat ``[N]``,
+    as a flat int64 tensor on ``device``. Another shape of the same size (``[s, b]`` for ``[b, s]`` rows) would
+    pair targets with the wrong rows: refused, as F.cross_entropy refuses it."""
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"targets must be an int32/int64 tensor, got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)}")
-    if targets.shape != (n,):
-        raise ValueError(f"targets have shape {tuple(targets.shape)}; expected [{n}] (one per row)")
-    return targets.to(device=device, dtype=torch.int64)
+    n = math.prod(lead)
+    if targets.shape != lead and targets.shape != (n,):
+        expected = f"[{n}]" if len(lead) == 1 else f"{list(lead)} or [{n}]"
+        raise ValueError(f"targets have shape {tuple(targets.shape)}; expected {expected} (one per row)")
+    return targets.reshape(-1).to(device=device, dtype=torch.int64)
+
+
+def _check_ignore_index(value) -> int:
+    ignore_index = check_int("ignore_index", value)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index}")
+    return ignore_index
 
 
 def _check_logit_scale(value) -> float:
@@ -57,10 +71,19 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_target_values(targets: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
-    # a device-side check (no host read): a target outside [0, vocab) on a row that is not ignored fails loudly,
-    # as F.cross_entropy does, instead of reading another class's logit
-    torch._assert_async(((targets >= 0) & (targets < vocab) | ~valid).all(),
-                        f"cross entropy: a target outside [0, {vocab}) that is not ignore_index")
+    # a target outside [0, vocab) on a row that is not ignored fails loudly, as F.cross_entropy does, instead of
+    # reading another class's logit: on the host in eager CPU calls (naming the row and value), else a device-side
+    # assert (no host read)
+    bad = ((targets < 0) | (targets >= vocab)) & valid
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        rows = bad.nonzero()
+        if rows.numel():
+            i = int(rows[0, 0])
+            raise RuntimeError(f"cross entropy: targets[{i}] = {int(targets[i])} is outside [0, {vocab}) and is not "
+                               f"ignore_index ({int(rows.shape[0])} such row(s))")
+        return
+    torch._assert_async(~bad.any(), f"cross entropy: targets hold a class outside [0, {vocab}) on a row that is "
+                                    f"not ignore_index")
 
 
 def _block_loss(x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +95,7 @@ def _block_loss(x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[
     (5e-4) into every probability, where ``x - max`` is exact (F.cross_entropy's log_softmax does the same)."""
     m = x.amax(dim=-1)
     m = torch.where(torch.isfinite(m), m, 0.0)  # a row of -inf: log(0) = -inf below, as logsumexp
-    log_sum = torch.exp(x - m[:, None]).sum(dim=-1).log()
+    log_sum = (x - m[:, None]).exp_().sum(dim=-1).log()  # one block-sized temporary
     picked = x.gather(1, _gather_index(t, valid))[:, 0]
     return torch.stack((m, log_sum)), torch.where(valid, (m - picked) + log_sum, 0.0).sum(dtype=torch.float64)
 
@@ -85,7 +108,7 @@ def _gather_index(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def _block_grad(x: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, g) -> torch.Tensor:
     """d(sum NLL)/dx for the float32 block ``x``, times the upstream gradient ``g``: softmax - one-hot.
     ``lse``: :func:`_block_loss`'s ``[2, R]`` (row max, log of the shifted sum)."""
-    p = torch.exp((x - lse[0][:, None]) - lse[1][:, None])
+    p = (x - lse[0][:, None]).sub_(lse[1][:, None]).exp_()  # one block-sized temporary
     p.scatter_add_(1, _gather_index(t, valid), torch.full_like(lse[1], -1.0)[:, None])
     return p.mul_(torch.where(valid, g, 0.0)[:, None])
 
@@ -136,8 +159,9 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 
     Raises:
         TypeError / ValueError naming the argument (dtypes, shapes, an empty vocabulary, a non-int
-        ``ignore_index``); a target outside ``[0, V)`` that is not ignored fails a device-side assert
-        (RuntimeError), as in F.cross_entropy.
+        ``ignore_index``, one outside int64, targets of another shape than the rows); a target outside ``[0, V)``
+        that is not ignored raises RuntimeError, as in F.cross_entropy (eager CPU calls name the row and value;
+        elsewhere a device-side assert, without a host read).
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
@@ -146,11 +170,10 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError(f"logits have shape {tuple(logits.shape)}: a vocabulary of 0 classes")
-    ignore_index = check_int("ignore_index", ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     block_bytes = check_int("block_bytes", block_bytes, minimum=1)
     logits2 = logits.reshape(-1, vocab)
-    t = _check_targets(targets.reshape(-1) if isinstance(targets, torch.Tensor) else targets, logits2.shape[0],
-                       logits.device)
+    t = _check_targets(targets, logits.shape[:-1], logits.device)
     return _CrossEntropySum.apply(logits2, t, ignore_index, _rows_per_block(vocab, block_bytes))
 
 
@@ -247,12 +270,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) "
                         f"must share dtype and device (dtypes may differ under autocast)")
     mm_dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-    ignore_index = check_int("ignore_index", ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     block_bytes = check_int("block_bytes", block_bytes, minimum=1)
     logit_scale = _check_logit_scale(logit_scale)
     softcap = check_softcap(softcap)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    t = _check_targets(targets.reshape(-1) if isinstance(targets, torch.Tensor) else targets, h2.shape[0],
-                       hidden.device)
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])  # (-1 is ambiguous for hidden size 0)
+    t = _check_targets(targets, hidden.shape[:-1], hidden.device)
     return _LinearCrossEntropySum.apply(h2, weight, t, ignore_index, _rows_per_block(weight.shape[0], block_bytes),
                                         logit_scale, softcap, mm_dtype)
