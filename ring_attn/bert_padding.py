@@ -23,8 +23,8 @@ __all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "pad_input
 
 
 def _check_indices(indices, rows: int, name: str = "indices") -> None:
-    """1-D int row indices in ``[0, rows)``: checked on the host for CPU indices (ValueError naming the first bad
-    one), by a device-side assert otherwise (no host sync). torch would wrap a negative index to the last rows."""
+    """1-D int row indices in ``[0, rows)``: checked on the host for CPU indices in eager mode (ValueError naming
+    the first bad one), by a device-side assert otherwise (no host sync; under torch.compile no graph break). torch would wrap a negative index to the last rows."""
     check_tensor(name, indices)
     if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int64 (or int32) tensor of row indices, got {indices.dtype} "
@@ -32,7 +32,7 @@ def _check_indices(indices, rows: int, name: str = "indices") -> None:
     if not indices.numel():
         return
     bad = (indices < 0) | (indices >= rows)
-    if indices.device.type == "cpu":
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling():  # (compiled: the assert, no branch)
         if bad.any():
             i = int(bad.nonzero()[0])
             raise ValueError(f"{name}[{i}] = {int(indices[i])} is not a row index in [0, {rows})")
@@ -122,7 +122,10 @@ def _index_put(name: str, values, indices, rows: int):
 def _check_batch(hidden_states, mask, name: str) -> None:
     check_tensor("hidden_states", hidden_states)
     check_tensor(name, mask)
-    if hidden_states.dim() < 2 or mask.dim() != 2 or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+    if hidden_states.dim() < 3:
+        raise ValueError(f"hidden_states must be at least 3-D [batch, seqlen, ...] (the packed tokens [total, ...] "
+                         f"at least 2-D, as pad_input takes them), got shape {tuple(hidden_states.shape)}")
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
         raise ValueError(f"{name} must be [batch, seqlen] matching hidden_states [batch, seqlen, ...]; got "
                          f"{tuple(mask.shape)} and {tuple(hidden_states.shape)}")
     if mask.device != hidden_states.device:
@@ -133,7 +136,8 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     """The tokens a 2-D mask keeps, packed (flash-attn's ``unpad_input``).
 
     Args:
-        hidden_states: ``[batch, seqlen, ...]``.
+        hidden_states: ``[batch, seqlen, ...]``, at least 3-D (the packed result is at least 2-D, as
+            :func:`pad_input` and flash-attn take it).
         attention_mask: ``[batch, seqlen]``, bool or int, nonzero = a real token.
         unused_mask: None, or ``[batch, seqlen]``: tokens allocated but unused (kept in the packed tensor and in
             ``cu_seqlens``, not in ``seqused``).

@@ -130,6 +130,21 @@ def test_refusals():
         bp.pad_input(torch.randn(3), torch.tensor([0, 1, 2]), 1, 3)
     with pytest.raises(ValueError, match="seqlen must be an int >= 0, got 2.5"):
         bp.pad_input(torch.randn(3, 4), torch.tensor([0, 1, 2]), 2, 2.5)
+    # 2-D hidden states would unpad to 1-D tokens, which pad_input (and flash-attn's unpad_input) refuse
+    with pytest.raises(ValueError, match=r"hidden_states must be at least 3-D .* got shape \(2, 4\)"):
+        bp.unpad_input(torch.randn(2, 4), torch.ones(2, 4))
     # sizes as numpy / tensor ints still work (shapes often come from there)
     out = bp.pad_input(torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.tensor(1), np.int64(3))
     assert out.shape == (1, 3, 4)
+
+
+def test_the_index_helpers_compile_into_one_graph():
+    # the index check is a device-side assert when traced (it was a host-side branch: a graph break on CPU)
+    v = torch.randn(3, 2, requires_grad=True)
+    i = torch.tensor([0, 3, 5])
+    torch._dynamo.reset()
+    out = torch.compile(lambda v, i: bp.pad_input(v, i, 2, 3), fullgraph=True)(v, i)
+    assert torch.equal(out, bp.pad_input(v, i, 2, 3))
+    x = torch.randn(6, 2)
+    got = torch.compile(lambda x, i: bp.index_first_axis(x, i), fullgraph=True)(x, i)
+    assert torch.equal(got, x[i])
