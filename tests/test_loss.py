@@ -153,6 +153,23 @@ def test_shapes_at_the_edges():
     assert gh.shape == h.shape and gw.shape == w.shape
 
 
+def test_ignored_rows_get_exactly_zero_gradient_whatever_they_hold():
+    # F.cross_entropy gives NaN there (softmax of a NaN / inf row times 0); the docstring promises zero
+    x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [float("inf"), 1.0], [-float("inf"), -float("inf")]],
+                     requires_grad=True)
+    t = torch.tensor([0, -100, -100, -100])
+    loss = ring_attn.cross_entropy_sum(x, t)
+    (g,) = torch.autograd.grad(loss * 3.0, x)
+    assert torch.isfinite(loss) and not g[1:].any()
+    torch.testing.assert_close(g[0], 3.0 * (torch.softmax(x[0].detach(), 0) - torch.tensor([1.0, 0.0])))
+
+
+def test_logit_scale_takes_a_one_element_tensor_as_softcap_does():
+    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    assert torch.equal(ring_attn.linear_cross_entropy_sum(h, w, t, logit_scale=torch.tensor(0.5)),
+                       ring_attn.linear_cross_entropy_sum(h, w, t, logit_scale=0.5))
+
+
 def _saved_sizes(fn):
     """numel and storage pointer of every tensor autograd saves while ``fn`` runs."""
     saved = []

@@ -58,6 +58,8 @@ def _check_ignore_index(value) -> int:
 
 
 def _check_logit_scale(value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()  # as softcap takes one
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"logit_scale must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
@@ -110,7 +112,8 @@ def _block_grad(x: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, valid: torc
     ``lse``: :func:`_block_loss`'s ``[2, R]`` (row max, log of the shifted sum)."""
     p = (x - lse[0][:, None]).sub_(lse[1][:, None]).exp_()  # one block-sized temporary
     p.scatter_add_(1, _gather_index(t, valid), torch.full_like(lse[1], -1.0)[:, None])
-    return p.mul_(torch.where(valid, g, 0.0)[:, None])
+    # ignored rows: exactly 0, also where their logits hold a NaN or an inf (F.cross_entropy gives NaN there)
+    return p.mul_(torch.where(valid, g, 0.0)[:, None]).masked_fill_(~valid[:, None], 0.0)
 
 
 class _CrossEntropySum(torch.autograd.Function):
