@@ -332,6 +332,56 @@ def test_torch_compile_one_graph_forward_and_backward(model_name, case):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), label
 
 
+def test_the_fused_apply_rotary_takes_every_call_form_stock_takes():
+    # its arguments are bound in plain Python (for torch.compile); every form means what it means to stock, and
+    # calls stock refuses raise stock's TypeError
+    from transformers.models.llama import modeling_llama
+
+    stock = modeling_llama.apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)
+    ang = torch.arange(5.0)[:, None] * torch.tensor([1.0, 0.1, 0.01, 0.001])
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[None], torch.cat([ang.sin()] * 2, -1)[None]
+    want = stock(q, k, cos, sin)
+    with hf.patch_hf(build("llama")):
+        fused = modeling_llama.apply_rotary_pos_emb
+        assert fused is not stock
+        for got in (fused(q, k, cos, sin), fused(q, k, cos=cos, sin=sin), fused(q=q, k=k, cos=cos, sin=sin),
+                    fused(q, k, cos, sin, unsqueeze_dim=1)):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        q2, k2 = q.transpose(1, 2), k.transpose(1, 2)  # [b, s, h, d] with unsqueeze_dim=2, by keyword
+        for a, b in zip(fused(q2, k2, cos, sin, unsqueeze_dim=2), stock(q2, k2, cos, sin, unsqueeze_dim=2)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for bad in (lambda: fused(q, k, cos), lambda: fused(q, k, cos, sin, bogus=1),
+                    lambda: fused(q, k, cos, sin, q=q)):
+            with pytest.raises(TypeError):
+                bad()
+
+
+@pytest.mark.parametrize("model_name", ["gemma3", "gemma2-swa"])
+def test_torch_compile_one_graph_as_generate_calls_the_model(model_name):
+    """``model(ids, return_dict=True)`` (generate's call) compiles as one graph: the fused-RoPE wrapper binds its
+    arguments in plain Python (``inspect.Signature.bind`` there broke fullgraph tracing for Gemma 2/3 once the trace
+    had changed a dict: "mapping proxy affected by dictionary mutation"), with the eager values."""
+    if not available(model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name} model")
+    model = build(model_name).eval()
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend="eager", fullgraph=True)(ids, return_dict=True)
+    except torch._dynamo.exc.Unsupported as e:
+        pytest.skip(f"transformers {transformers.__version__}'s own {model_name} model does not compile as one "
+                    f"graph: {str(e).splitlines()[0]}")
+    torch._dynamo.reset()
+    with hf.patch_hf(model), torch.no_grad():
+        ref = model(ids, return_dict=True).logits
+        got = torch.compile(model, backend="eager", fullgraph=True)(ids, return_dict=True).logits
+    assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.parametrize("model_name", ["llama", "mistral-swa"])
 def test_torch_compile_one_graph_with_a_padding_mask(model_name):
     """A padded batch compiles as one graph (``fullgraph=True``): whether and where the 2-D mask pads is found

@@ -739,21 +739,48 @@ def _fused_positions(position_ids) -> bool:
     return torch.compiler.is_compiling() or positions_in_range(position_ids)
 
 
+def _binder(signature: inspect.Signature):
+    """``bind(args, kwargs) -> {name: value}`` for ``signature`` (defaults applied), as ``signature.bind`` but in
+    plain Python that torch.compile traces: ``Signature.bind`` reads a mapping proxy, which fullgraph tracing refuses
+    once the trace has changed any dict (Gemma 2/3 and Phi-3 calls). Calls it cannot map plainly (too many or
+    unknown arguments, a name given twice, a missing one) go to ``signature.bind``, which raises stock's TypeError."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = list(signature.parameters.values())
+    plain = all(p.kind in kinds for p in params)
+    names = [p.name for p in params]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    def bind(args, kwargs) -> dict:
+        arguments = dict(zip(names, args))
+        if plain and len(args) <= len(names) and all(n in names and n not in arguments for n in kwargs):
+            arguments.update(kwargs)
+            for n in names:
+                if n not in arguments and n in defaults:
+                    arguments[n] = defaults[n]
+            if len(arguments) == len(names):
+                return arguments
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    return bind
+
+
 def _make_apply_rotary(original):
     # the stock signature: (q, k, cos, sin, position_ids=None, unsqueeze_dim=1) up to 4.x, (q, k, cos, sin,
     # unsqueeze_dim=1) in 5.x; arguments are bound to it, so positional calls mean what they meant. With the
     # `kernels` package installed, transformers >= 5.25 turns the function into an nn.Module (a hub-kernel
     # extension point) whose forward is the function and whose own signature is (*args, **kwargs)
     signature = inspect.signature(original.forward if isinstance(original, torch.nn.Module) else original)
+    bind = _binder(signature)
 
     def apply_rotary_pos_emb(*args, **kwargs):
         state = _active
         if state is None or not state.fused_rope:
             return original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        q, k, cos, sin = list(bound.arguments.values())[:4]
-        unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
+        arguments = bind(args, kwargs)
+        q, k, cos, sin = list(arguments.values())[:4]
+        unsqueeze_dim = arguments.get("unsqueeze_dim", 1)
         tag = getattr(cos, _ROPE_TAG, None)
         if tag is None or unsqueeze_dim != 1 or q.dim() != 4:
             # still the fused kernel, reading HF's tables (dims past cos.shape[-1] pass through, as in Phi-3)
