@@ -83,7 +83,30 @@ RA_INLINE void transpose(const float* src, int64_t rows, int64_t ld, int64_t d, 
         for (int64_t c = 0; c < d; ++c) dst[c * rows + r] = src[r * ld + c];
 }
 
-RA_INLINE float softcap_fn(float x, float cap) { return cap * std::tanh(x / cap); }
+// A value the compiler must materialise, rounded: no FMA contraction across it. The forward and the backward form
+// every score with the same roundings through these helpers, so the backward's exp(score - lse) is the forward's
+// probability at any magnitude (a contracted s·scale - lse skipped the product's rounding: at scores near 1e4 a
+// one-hot row's probability was not 1, and near ±1e30 it overflowed to inf).
+template <class T> RA_INLINE T rounded(T x) {
+#if defined(__x86_64__)
+    if constexpr (sizeof(T) <= 16) {
+        __asm__("" : "+x"(x));  // in its register (one float)
+    } else {
+        __asm__("" : "+m"(x));  // (8 floats: two registers in the SSE2 clone)
+    }
+#else
+    __asm__("" : "+m"(x));
+#endif
+    return x;
+}
+RA_INLINE float scaled(float s, float scale) { return rounded(s * scale); }
+RA_INLINE v8f scaled(v8f s, float scale) { return rounded(s * scale); }
+// softcap: cap·tanh(s·scale / cap); t is tanh(...) (the backward's derivative needs it)
+RA_INLINE float softcap_t(float s, float scale, float cap) { return std::tanh(scaled(s, scale) / cap); }
+RA_INLINE float softcap_of(float t, float cap) { return rounded(cap * t); }
+RA_INLINE float softcap_fn(float s, float scale, float cap) { return softcap_of(softcap_t(s, scale, cap), cap); }
+// ALiBi: score - slope·dist, the product rounded first
+template <class T> RA_INLINE T minus_bias(T x, float slope, T dist) { return rounded(x - rounded(slope * dist)); }
 
 // Philox-4x32-10 (Triton's tl.randint4x): counter (ctr_lo, ctr_hi, 0, 0), key (seed_lo, seed_hi).
 RA_INLINE void philox4x32(uint64_t seed, uint64_t ctr, uint32_t w[4]) {
@@ -142,14 +165,14 @@ static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* h
             continue;
         }
         if (cap > 0.f)
-            for (int64_t c = a; c <= z; ++c) srow[c] = softcap_fn(srow[c] * scale, cap);
+            for (int64_t c = a; c <= z; ++c) srow[c] = softcap_fn(srow[c], scale, cap);
         const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
         v8f vmax = ninf;
         if (slope == 0.f) {
             for (int64_t c = 0; c < BN; c += 8) {
                 const v8i idx = iota8() + int32_t(c);
                 v8f x = loadu8(srow + c);
-                if (cap <= 0.f) x *= scale;
+                if (cap <= 0.f) x = scaled(x, scale);
                 x = (idx >= va && idx <= vz) ? x : ninf;
                 storeu8(srow + c, x);
                 vmax = vmax > x ? vmax : x;
@@ -159,8 +182,8 @@ static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* h
             for (int64_t c = 0; c < BN; c += 8) {
                 const v8i idx = iota8() + int32_t(c);
                 v8f x = loadu8(srow + c);
-                if (cap <= 0.f) x *= scale;
-                x -= slope * alibi_dist8(base, c);
+                if (cap <= 0.f) x = scaled(x, scale);
+                x = minus_bias(x, slope, alibi_dist8(base, c));
                 x = (idx >= va && idx <= vz) ? x : ninf;
                 storeu8(srow + c, x);
                 vmax = vmax > x ? vmax : x;
@@ -260,8 +283,10 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
                     const int64_t row = sq.start_q + i0 + r;
                     const float mr = m[g * BM + r], lr = l[g * BM + r];
                     float* lp = lse_addr(lse, s, h, row);
-                    const float lse_blk = lr > 0.f ? mr + std::log(lr) : NEG_INF;
-                    const float inv = lr > 0.f ? (a.dropout ? a.drop_scale : 1.f) / lr : 0.f;
+                    // lr == 0: no visible key (lse -inf, output 0); a NaN or inf score carries NaN/inf on
+                    // (a NaN lr once read as "no key": lse -inf, which a merge then dropped)
+                    const float lse_blk = lr == 0.f ? NEG_INF : mr + std::log(lr);
+                    const float inv = lr == 0.f ? 0.f : (a.dropout ? a.drop_scale : 1.f) / lr;
                     const float* o = O.data() + (g * BM + r) * dp;
                     if (!merge) {
                         for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
@@ -329,17 +354,17 @@ static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, cons
         }
         if (cap > 0.f && slope == 0.f) {
             for (int64_t r = 0; r < BM; ++r) {
-                const float t = std::tanh(srow[r] * scale / cap);
-                const float p = (r >= a && r <= z) ? exp_f32(cap * t - lse[r]) : 0.f;
+                const float t = softcap_t(srow[r], scale, cap);
+                const float p = (r >= a && r <= z) ? exp_f32(softcap_of(t, cap) - lse[r]) : 0.f;
                 srow[r] = p;
                 drow[r] = p * (drow[r] - delta[r]) * (1.f - t * t);
             }
         } else if (cap > 0.f) {
             const float nb0 = float(cbase - c);  // |cbase - c + r| = |nb0 + r|
             for (int64_t r = 0; r < BM; ++r) {
-                const float t = std::tanh(srow[r] * scale / cap);
-                const float bias = -slope * std::fabs(nb0 + float(r));
-                const float p = (r >= a && r <= z) ? exp_f32(cap * t + bias - lse[r]) : 0.f;
+                const float t = softcap_t(srow[r], scale, cap);
+                const float x = minus_bias(softcap_of(t, cap), slope, std::fabs(nb0 + float(r)));
+                const float p = (r >= a && r <= z) ? exp_f32(x - lse[r]) : 0.f;
                 srow[r] = p;
                 drow[r] = p * (drow[r] - delta[r]) * (1.f - t * t);
             }
@@ -348,7 +373,8 @@ static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, cons
             const float base = -float(cbase - c);  // |cbase - c + r| = |base - r|
             for (int64_t r = 0; r < BM; r += 8) {
                 const v8i idx = iota8() + int32_t(r);
-                v8f p = exp_v8(loadu8(srow + r) * scale - slope * alibi_dist8(base, r) - loadu8(lse + r));
+                v8f p = exp_v8(minus_bias(scaled(loadu8(srow + r), scale), slope, alibi_dist8(base, r)) -
+                               loadu8(lse + r));
                 p = (idx >= va && idx <= vz) ? p : v8f{};
                 storeu8(srow + r, p);
                 storeu8(drow + r, p * (loadu8(drow + r) - loadu8(delta + r)));
@@ -357,7 +383,7 @@ static void bwd_elems(float* St, float* dPt, int64_t nb, const int64_t* ra, cons
             const v8i va = v8i{} + int32_t(a), vz = v8i{} + int32_t(z);
             for (int64_t r = 0; r < BM; r += 8) {
                 const v8i idx = iota8() + int32_t(r);
-                v8f p = exp_v8(loadu8(srow + r) * scale - loadu8(lse + r));
+                v8f p = exp_v8(scaled(loadu8(srow + r), scale) - loadu8(lse + r));
                 p = (idx >= va && idx <= vz) ? p : v8f{};
                 storeu8(srow + r, p);
                 storeu8(drow + r, p * (loadu8(drow + r) - loadu8(delta + r)));

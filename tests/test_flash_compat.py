@@ -7,6 +7,8 @@ Cases follow flash-attn's tests/test_flash_attn.py (test_flash_attn_output / _va
 _kvpacked with local windows and softcap, seqlen_q != seqlen_k, MQA/GQA), shrunk for the interpreter (blocks of
 16 there, so lengths of 20..70 cross several blocks, the ragged ends and the window edges).
 """
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,10 @@ def _cu(lens):
 def _oracle(q, k, v, dout, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, cu_q=None, cu_k=None,
             alibi=None, compute=torch.float64):
     """``(out, lse, dq, dk, dv)`` of the plain-torch reference in ``compute`` (float64: the oracle); ``alibi``:
-    flash-attn's ``alibi_slopes`` (used in ``compute`` too)."""
+    flash-attn's ``alibi_slopes`` (used in ``compute`` too). ``window`` as flash-attn's entry points take it: a side
+    at least the keys' length (varlen: the longest key sequence) is unbounded."""
+    seqlen_k = k.shape[1] if cu_q is None else int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
+    window = tuple(-1 if w >= seqlen_k else w for w in window)
     qr, kr, vr = (x.detach().to(compute).requires_grad_() for x in (q, k, v))
     sl = None if alibi is None else alibi.to(compute)
     if cu_q is None:
@@ -204,6 +209,75 @@ def test_a_window_side_as_wide_as_the_keys_is_unbounded_as_in_flash_attn():
     assert torch.equal(got, full)
     got = ring_attn.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=3, window_size=(-1, 4))  # 4 < 8
     assert not got[0, :2].any() and got[0, 2:].abs().sum() > 0
+
+
+_NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    importlib.util.find_spec("ring_attn._C") is None, reason="ring_attn._C is not built"))
+
+
+@pytest.mark.parametrize("backend", [_NATIVE, "reference"])
+@pytest.mark.parametrize("extreme", ["one-hot", "near -1e30", "softcap+alibi"])
+def test_cpu_backward_rebuilds_the_forward_probabilities_at_extreme_scores(backend, extreme):
+    # the backward forms each score with the forward's roundings (no FMA contraction of s * scale - lse), so
+    # exp(score - lse) is the forward's probability: one-hot rows give exactly 1, scores near -1e30 stay finite
+    # (before 2026-12-07 native: dv off by 3.5e-3 at softmax_scale 1e3, and inf gradients near -1e30). The Triton
+    # kernels, like flash-attn's, rebuild p from a log2-scaled LSE: docs/design.md says where that limits them.
+    g = torch.Generator().manual_seed(11)
+    d, kw = 128, {}
+    if extreme == "one-hot":
+        q, k, v = (torch.randn(1, n, 1, d, generator=g) for n in (16, 40, 40))
+        kw = dict(softmax_scale=1e3)
+    elif extreme == "near -1e30":
+        d = 24
+        u = torch.randn(d, generator=g, dtype=torch.float64)
+        u = u / u.norm()
+        q = (1e15 * u * (1 + 0.01 * torch.randn(1, 8, 1, d, generator=g, dtype=torch.float64))).float()
+        k = (-1e15 * u * (1 + 0.01 * torch.randn(1, 16, 1, d, generator=g, dtype=torch.float64))).float()
+        v = torch.randn(1, 16, 1, d, generator=g)
+    else:
+        q, k, v = (torch.randn(1, n, 2, d, generator=g) for n in (16, 40, 40))
+        kw = dict(softmax_scale=1e3, softcap=5e4, alibi_slopes=torch.tensor([0.5, 2.0]), causal=True)
+    dout = torch.randn(q.shape, generator=g)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    want = torch.autograd.grad(_options_oracle(q64, k64, v64, kw), (q64, k64, v64), dout.double())
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    with backends.force(backend):
+        got = torch.autograd.grad(ring_attn.flash_attn_func(q, k, v, **kw), (q, k, v), dout)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), name
+        if name != "v":
+            continue  # dq, dk: float32's cancellation in dP - delta, times softmax_scale (1e3) or K (1e15), any
+            # backend; dv = Pᵀ·dO shows whether P is the forward's
+        err = (a.double() - b).abs().max().item()
+        assert err <= 1e-5 * max(1.0, b.abs().max().item()), (name, err)
+
+
+def _options_oracle(q, k, v, kw):
+    """float64 attention of [b, s, h, d] tensors with flash-attn's options (causal bottom-right, softcap, ALiBi)."""
+    scale = kw.get("softmax_scale", q.shape[-1] ** -0.5)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if kw.get("softcap"):
+        s = kw["softcap"] * torch.tanh(s / kw["softcap"])
+    sq, sk = q.shape[1], k.shape[1]
+    i = torch.arange(sq)[:, None] + sk - sq
+    j = torch.arange(sk)[None]
+    if kw.get("alibi_slopes") is not None:
+        s = s - kw["alibi_slopes"].double()[:, None, None] * (i - j).abs()
+    if kw.get("causal"):
+        s = s.masked_fill(j > i, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("backend", [None, _NATIVE, "reference"])
+def test_a_nan_score_gives_a_nan_lse_not_an_empty_row(backend):
+    # -inf is the LSE of a row that sees no key: a merge then drops the block. A NaN (or inf) score must carry
+    # NaN on (before 2026-12-07 native returned -inf, and merging into a running result hid the NaN)
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, n, 1, 16, generator=g) for n in (4, 6, 6))
+    k[0, 2] = float("nan")
+    with backends.force(backend):
+        out, lse = ring_attn.flash_attn_func(q, k, v, return_lse=True)
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
 
 
 def test_reference_backend_windows_and_softcap():
