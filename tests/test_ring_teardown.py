@@ -58,7 +58,6 @@ def _rank(rank, outdir):
 
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(outdir, 'store')}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    during = _thread_names()
     g = torch.Generator().manual_seed(0)
     q, k, v = (ring_attn.shard(torch.randn(1, 8 * WORLD, 2, 16, generator=g), layout="zigzag").requires_grad_()
                for _ in range(3))
@@ -77,6 +76,9 @@ def _rank(rank, outdir):
         with torch.no_grad():
             model(input_ids=local["input_ids"], position_ids=local["position_ids"])
     dist.barrier()
+    # sampled after a collective: gloo names its run-loop threads (pt_gloo_runloop) on their first work item,
+    # and torch < 2.12's gloo leaves its TCP loop thread unnamed, so right after init nothing is named there
+    during = _thread_names()
     dist.destroy_process_group()
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
         f.write(" ".join(during) + "\n" + " ".join(_thread_names()) + "\n")
