@@ -16,6 +16,10 @@
 # `python scripts/gpu_report.py gpu_check_tests.tgz gpu_check_bench.tgz` prints the markdown for
 # benchmarks/RESULTS.md from them, issue 9's targets checked.
 #
+# The native CPU extension (ring_attn/_C*.so, git-ignored) is not built on the image: without it the tests that
+# compare it with the GPU skip. It links no torch library (pybind11, libgomp, libstdc++ only), so a build from
+# another machine with the same Python can travel with the tree (the device tool's `carry`).
+#
 # Each stage has its own time limit so one slow stage cannot eat the others' time; a failing stage is
 # reported and the script goes on, exiting non-zero at the end if any stage failed.
 set -uo pipefail
