@@ -24,7 +24,8 @@ __all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "pad_input
 
 def _check_indices(indices, rows: int, name: str = "indices") -> None:
     """1-D int row indices in ``[0, rows)``: checked on the host for CPU indices in eager mode (ValueError naming
-    the first bad one), by a device-side assert otherwise (no host sync; under torch.compile no graph break). torch would wrap a negative index to the last rows."""
+    the first bad one), by a device-side assert otherwise (no host sync; under torch.compile no graph break).
+    torch would wrap a negative index to the last rows."""
     check_tensor(name, indices)
     if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int64 (or int32) tensor of row indices, got {indices.dtype} "

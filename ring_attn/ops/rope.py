@@ -8,7 +8,8 @@ Public API (re-exported from ``ring_attn``):
   constant, and only then rounded to float32 for ``sin``/``cos``: accurate to <= 2e-7 rad at every position up
   to 2^29 - 1 (tested) while the angle stays below 2^29 turns (``inv_freq <= 2π``; every RoPE scaling gives
   ``inv_freq <= 1``, and a frequency above π rad per token aliases anyway), where at 2^24 a float32 product is
-  already off by up to 0.5 rad. No cos/sin table is read. Differentiable with respect to q, k and (when it requires grad) ``inv_freq``.
+  already off by up to 0.5 rad. No cos/sin table is read. Differentiable with respect to q, k and (when it
+  requires grad) ``inv_freq``.
 * :func:`apply_rope_cos_sin` ``(q, k, cos, sin, unsqueeze_dim=1)``: HF's ``apply_rotary_pos_emb`` signature,
   reading the given tables, for drop-in use.
 * :func:`apply_rotary_emb` ``(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
@@ -422,8 +423,9 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
         b, s, _, d = q4.shape
         r = cos.shape[-1]
         if cos.shape[1] != s or cos.shape[0] not in (1, b):
-            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [{b}, {s}, r]"
-                             f"{f' or [1, {s}, r]' if b != 1 else ''} for q {tuple(q.shape)} with unsqueeze_dim={unsqueeze_dim}")
+            also = f" or [1, {s}, r]" if b != 1 else ""
+            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [{b}, {s}, r]{also} for q "
+                             f"{tuple(q.shape)} with unsqueeze_dim={unsqueeze_dim}")
         if r % 2 or r <= 0 or r > d:
             raise ValueError(f"cos/sin last dim {r} must be even, positive and <= head dim {d}")
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
