@@ -347,6 +347,7 @@ def test_the_fused_apply_rotary_takes_every_call_form_stock_takes():
         fused = modeling_llama.apply_rotary_pos_emb
         assert fused is not stock
         for got in (fused(q, k, cos, sin), fused(q, k, cos=cos, sin=sin), fused(q=q, k=k, cos=cos, sin=sin),
+                    fused(q, k, sin=sin, cos=cos), fused(sin=sin, k=k, cos=cos, q=q),
                     fused(q, k, cos, sin, unsqueeze_dim=1)):
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

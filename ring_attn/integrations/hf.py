@@ -758,7 +758,7 @@ def _binder(signature: inspect.Signature):
                 if n not in arguments and n in defaults:
                     arguments[n] = defaults[n]
             if len(arguments) == len(names):
-                return arguments
+                return {n: arguments[n] for n in names}  # the signature's order, as Signature.bind gives it
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
