@@ -314,15 +314,17 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
                             + [torch.zeros(0, dtype=torch.long, device=position_ids.device)])
         expected = ring_layout.varlen_shard_for_rank(counted, vals, state.rank, state.world, 0, state.layout,
                                                      pad_value=-1)
-        local = [c // state.world for c in ring_layout.varlen_padded_cu_seqlens(vals, state.world, state.layout)]
+        padded = ring_layout.varlen_padded_cu_seqlens(vals, state.world, state.layout)
+        local = [c // state.world for c in padded]
         firsts = [a for a, b in zip(local[:-1], local[1:]) if b > a]  # each sequence's local piece
         starts = torch.zeros(expected.numel(), dtype=torch.bool, device=position_ids.device)
         starts[firsts] = True
         if position_ids.numel() != expected.numel() or not firsts:
             sig[2:] = [1, 0, 0, 0]
         else:
-            sig[2:] = _position_stats(position_ids.reshape(1, -1), expected[None], starts[None],
-                                      _pieces_real_everywhere(counted, vals, firsts, state))
+            # boundaries the layout did not pad (shard_batch's): every piece is real on every rank
+            compared = None if padded == vals else _pieces_real_everywhere(counted, vals, firsts, state)
+            sig[2:] = _position_stats(position_ids.reshape(1, -1), expected[None], starts[None], compared)
     sigs = all_gather_ints(state.group, str(dist.get_backend(state.group)).lower(), device, sig, failure)
     if any(g[0] == _GLOBAL_MAX_CODE for g in sigs):  # those ranks are in their rotary embedding's exchange
         raise _rotary_mismatch([r for r, g in enumerate(sigs) if g[0] == _GLOBAL_MAX_CODE], state.world)

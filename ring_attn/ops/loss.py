@@ -113,7 +113,7 @@ def _block_grad(x: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, valid: torc
     p = (x - lse[0][:, None]).sub_(lse[1][:, None]).exp_()  # one block-sized temporary
     p.scatter_add_(1, _gather_index(t, valid), torch.full_like(lse[1], -1.0)[:, None])
     # ignored rows: exactly 0, also where their logits hold a NaN or an inf (F.cross_entropy gives NaN there)
-    return p.mul_(torch.where(valid, g, 0.0)[:, None]).masked_fill_(~valid[:, None], 0.0)
+    return p.mul_(g).masked_fill_(~valid[:, None], 0.0)
 
 
 class _CrossEntropySum(torch.autograd.Function):
