@@ -1,6 +1,7 @@
 """ring-attn: Triton flash attention, ring attention over torch.distributed, and fused RoPE.
 
-Public API (import from here; nothing else should import from deep paths):
+Public API (import from here; the other public modules are the drop-ins for the peers, ``ring_attn.compat``,
+``ring_attn.bert_padding``, ``ring_attn.layers.rotary``, and the HF patch, ``ring_attn.integrations.hf``):
 
 * attention: ``flash_attn_func``, ``flash_attn_varlen_func`` and their qkv-/kv-packed forms, and
   ``flash_attn_with_kvcache`` (decoding over a KV cache) (flash-attn's signatures); ``padded_attention``

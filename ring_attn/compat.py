@@ -13,7 +13,7 @@ ring-flash-attn function           local shard (rank ``r`` of ``W``; ring-attn l
 ``stripe_flash_attn_*``            tokens ``t`` with ``t % W == r`` (``layout="striped"``)
 ================================  ==========================================================================
 
-``ring_attn.shard_for_rank(x, r, W, dim=1, layout=...)`` makes exactly these shards (it is what the
+``ring_attn.ring.layout.shard_for_rank(x, r, W, dim=1, layout=...)`` makes exactly these shards (it is what the
 ``extract_local`` helpers of ring-flash-attn's tests compute) and ``ring_attn.shard`` / ``shard_varlen`` do it
 for the calling rank, padding lengths the layout cannot split. The dense forms have no ``seqlen`` (like
 ring-flash-attn, they take every token as real): causal attention over such padding is right as it is, and a
@@ -22,14 +22,16 @@ non-causal call on shards ``ring_attn.shard`` padded raises ValueError; call
 
 Varlen forms take *local* ``cu_seqlens`` / ``max_seqlen`` like ring-flash-attn (every sequence's
 boundaries divided by ``W``: ``varlen_local_cu_seqlens``), where :func:`ring_attn.ring_attn_varlen_func`
-takes the global ones. ring-flash-attn has no ``stripe`` varlen form, so neither has this module. LSE
-shapes are flash-attn >= 2.6's: ``[b, h_q, s_local]`` (dense) and ``[h_q, t_local]`` (varlen).
+takes the global ones. ring-flash-attn's releases (through 0.1.7) have no ``stripe`` varlen form, so
+neither has this module. LSE shapes are flash-attn >= 2.6's: ``[b, h_q, s_local]`` (dense) and
+``[h_q, t_local]`` (varlen).
 
 Differences, all in the direction of doing more: zigzag and stripe also compute non-causal attention
 (ring-flash-attn asserts ``causal``); ``deterministic`` is accepted and the result is always deterministic;
 GQA/MQA K/V circulate with their own head count; ``window_size`` is a sliding window over global positions
 (see :func:`ring_attn.ring_attn_func`); ``alibi_slopes`` biases by *global* distances (ring-flash-attn's
-steps use the distances within each block pair). Unsupported arguments raise, before any communication:
+steps use the distances within each block pair). Unsupported arguments raise before any K/V is exchanged
+(after the one small signature all-gather, so every rank raises):
 ``dropout_p != 0`` (NotImplementedError naming the value).
 ``llama3_flash_attn_*`` (K/V all-gathered over contiguous pieces of a packed batch) are
 :mod:`ring_attn.ring.allgather`. ring-flash-attn's HF adapter (``substitute_hf_flash_attn``,

@@ -264,7 +264,8 @@ def forced() -> Optional[str]:
 
 @contextlib.contextmanager
 def force(name: Optional[str]) -> Iterator[None]:
-    """Pin the backend inside a ``with`` block (``None`` restores automatic selection). It is read when an op
+    """Pin the backend inside a ``with`` block (``None`` lifts an enclosing ``force``'s pin; a
+    ``RING_ATTN_BACKEND`` pin still applies). It is read when an op
     runs: around a ``torch.compile``'d call, not inside the compiled function (the graph runs after such a
     block has exited)."""
     global _forced

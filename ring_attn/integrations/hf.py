@@ -1359,7 +1359,7 @@ def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_i
         grad_average_world: the number of ranks whose gradients are averaged (see above).
 
     Returns:
-        float32 scalar.
+        float32 scalar (float64 for float64 inputs).
     """
     if logits.shape[:-1] != shift_labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)} must agree "
@@ -1394,7 +1394,7 @@ def causal_lm_loss_from_hidden(model, hidden_states: torch.Tensor, shift_labels:
         shift_labels, num_items_in_batch, grad_average_world, ignore_index: as :func:`causal_lm_loss`.
 
     Returns:
-        float32 scalar.
+        float32 scalar (float64 for float64 inputs).
     """
     model = _unwrap(model)
     if not hasattr(model, "config"):

@@ -50,11 +50,12 @@ World size 1: after the same checks, the call is the single-device op (``flash_a
 ``flash_attn_varlen_func``): no communication and no fp32 round trips, so a one-rank ring costs what the
 plain kernel costs.
 
-Consistency: the first time a rank sees a call signature (shapes, dtypes, causal, layout, scale, varlen
-boundaries, window, softcap, ALiBi or none) on a group, every rank exchanges a fixed-size signature with one
-``all_gather``; if any rank differs, every rank raises ``ValueError`` listing each rank's inputs (no
-mismatched P2P, no hang). A rank that switches to a signature its peers have not switched to can't be
-detected without a collective on every call: it surfaces as the process group's timeout error.
+Consistency: at every call the ranks exchange a fixed-size signature (shapes, dtypes, causal, layout, scale,
+varlen boundaries, window, softcap, ALiBi or none) with one small ``all_gather`` before any K/V moves; if any
+rank differs, every rank raises ``ValueError`` listing each rank's inputs (no mismatched P2P, no hang). On
+NCCL a signature already seen on the group is compared on the device (a device-side assert on a mismatch, no
+host sync) unless ``RING_ATTN_VALIDATE=every`` (:func:`validate_mode`). A rank whose own arguments fail
+its checks joins the exchange and raises; the others raise ``ValueError`` naming it.
 ``validate=False`` skips the check.
 """
 from __future__ import annotations
