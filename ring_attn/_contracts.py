@@ -118,7 +118,8 @@ class Dropout(NamedTuple):
     ``ring_attn.reference.philox4`` is the same in torch), with ``threshold = floor(p · 2^32)``. ``r`` is the
     row's index in the call's query rows (dense: ``batch · s_q + i``; packed: the packed row), ``j`` the key's
     index in its sequence; ``rows`` is the number of query rows (dense ``b · s_q``, packed ``t_q``) and ``keys``
-    the key extent (dense ``s_k``, packed ``max_seqlen_k``). Kept probabilities are scaled by ``1 / (1 - p)``;
+    the key extent (dense ``s_k``; packed: the call's ``max_seqlen_k``, capped at the number of key rows, as the
+    public functions cap it). Kept probabilities are scaled by ``1 / (1 - p)``;
     the LSE is that of the softmax before dropout (as flash-attn's). ``row0`` offsets ``r`` for a chunk of a
     larger call.
     """

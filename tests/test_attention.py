@@ -309,6 +309,53 @@ def test_block_backward_rejects_low_precision_accumulators():
                                  torch.zeros(v.shape), 0.25, False)
 
 
+def _block_misuse(case):
+    q, k, v = _qkv(2, 5, 7, 4, 2, 8, torch.float32)
+    out, lse = attention_block_forward(q, k, v, 0.3, False)
+    delta = attention_delta(torch.randn_like(q), out)
+    grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    return {
+        "k batch": lambda: attention_block_forward(q, k[:1], v[:1], 0.3, False),
+        "v keys": lambda: attention_block_forward(q, k, v[:, :3], 0.3, False),
+        "head dim": lambda: attention_block_forward(q, k[..., :4], v[..., :4], 0.3, False),
+        "dtype": lambda: attention_block_forward(q, k.half(), v.half(), 0.3, False),
+        "scale": lambda: attention_block_forward(q, k, v, "0.3", False),
+        "offset": lambda: attention_block_forward(q, k, v, 0.3, True, 1.5),
+        "delta dout": lambda: attention_delta(torch.randn(2, 2, 4, 8), out),
+        "delta dlse": lambda: attention_delta(torch.randn_like(q), out, torch.zeros(2, 4, 4)),
+        "bwd dout": lambda: attention_block_backward(torch.randn(2, 2, 4, 8), q, k, v, lse, delta, *grads, 0.3, False),
+        "bwd lse": lambda: attention_block_backward(torch.randn_like(q), q, k, v, lse[:, :, :1], delta, *grads, 0.3,
+                                                    False),
+        "bwd delta": lambda: attention_block_backward(torch.randn_like(q), q, k, v, lse, delta[:1], *grads, 0.3,
+                                                      False),
+        "bwd k batch": lambda: attention_block_backward(torch.randn_like(q), q, k[:1], v[:1], lse, delta, grads[0],
+                                                        grads[1][:1], grads[2][:1], 0.3, False),
+    }[case], grads
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("k batch", ValueError, "attention_block_forward: k batch size 1 != q batch size 2"),
+    ("v keys", ValueError, "k and v must have the same shape"),
+    ("head dim", ValueError, "k head_dim 4 != q head_dim 8"),
+    ("dtype", TypeError, "must share a dtype"),
+    ("scale", ValueError, "softmax_scale must be a finite float"),
+    ("offset", TypeError, "causal_offset must be an int, got 1.5"),
+    ("delta dout", ValueError, r"attention_delta: dout has shape \(2, 2, 4, 8\); expected \(2, 5, 4, 8\)"),
+    ("delta dlse", ValueError, r"attention_delta: dlse has shape \(2, 4, 4\); expected \(2, 4, 5\)"),
+    ("bwd dout", ValueError, r"attention_block_backward: dout has shape \(2, 2, 4, 8\)"),
+    ("bwd lse", ValueError, r"attention_block_backward: lse has shape \(2, 4, 1\); expected \(2, 4, 5\)"),
+    ("bwd delta", ValueError, r"attention_block_backward: delta has shape \(1, 4, 5\)"),
+    ("bwd k batch", ValueError, "attention_block_backward: k batch size 1 != q batch size 2"),
+])
+def test_block_api_refuses_misfitting_inputs_before_running(case, exc, match):
+    """The block functions index k/v, dout, lse and delta by q's shape: a misfit was read out of bounds (garbage or
+    inf, different on every run; found by a randomized run). Each raises before anything is written."""
+    call, grads = _block_misuse(case)
+    with pytest.raises(exc, match=match):
+        call()
+    assert all(int(g.count_nonzero()) == 0 for g in grads)
+
+
 # ------------------------------------------------------------------------------- backends, compile
 
 

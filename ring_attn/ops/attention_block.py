@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from ring_attn import backends
-from ring_attn._contracts import Dropout, KVPages, VarlenSeqs, check_alibi_slopes, check_softcap, check_window, \
-    last_dim_contiguous
+from ring_attn._contracts import Dropout, KVPages, VarlenSeqs, check_alibi_slopes, check_flag, check_int, \
+    check_qkv, check_scale, check_softcap, check_tensor, check_window, last_dim_contiguous
 
 __all__ = ["attention_block_forward", "attention_block_backward", "attention_delta", "lse_shape",
            "forward_backend"]
@@ -79,6 +79,29 @@ def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
     return check_window(window), check_softcap(softcap)
 
 
+def _check_block(name: str, q, k, v, packed: bool, softmax_scale, causal, causal_offset) -> float:
+    """The host-side checks every block call gets (shapes, dtypes, scalars; no data read): the kernels index k/v
+    by q's batch, heads and head dim, so a mismatch would read out of bounds. Returns the scale as a float."""
+    try:
+        check_qkv(q, k, v, packed)
+        scale = check_scale(softmax_scale, q.shape[-1])
+        check_flag("causal", causal)
+        if causal_offset is not None:
+            check_int("causal_offset", causal_offset)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+    return scale
+
+
+def _check_rows(fn: str, name: str, x, what: str, shape, dtype=None) -> None:
+    """``x`` (argument ``name`` of block function ``fn``) has ``shape`` (and ``dtype``): ValueError / TypeError."""
+    check_tensor(name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {tuple(shape)} ({what})")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{fn}: {name}.dtype is {x.dtype}; expected {dtype}")
+
+
 def lse_shape(q, packed: bool) -> tuple[int, ...]:
     """Shape of the fp32 LSE of q: ``[b, h, s]`` dense, ``[h, t]`` packed."""
     return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
@@ -137,9 +160,12 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         ``[h_q, t_q]``), natural log; rows that see no key: out 0, lse ``-inf``.
 
     Raises:
-        TypeError / ValueError for a running out/lse that does not fit, or bad ``alibi_slopes``.
+        TypeError / ValueError (before anything runs) for q/k/v that do not fit together (rank, dtype, device,
+        batch, heads, head dim), a non-numeric ``softmax_scale`` or non-int ``causal_offset``, a running out/lse
+        that does not fit, or bad ``alibi_slopes``. ``seqs`` is trusted to describe q's and k's rows.
     """
     packed = seqs is not None
+    softmax_scale = _check_block("attention_block_forward", q, k, v, packed, softmax_scale, causal, causal_offset)
     merge = out is not None or lse is not None
     if merge:
         if out is None or lse is None:
@@ -149,8 +175,10 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         if out.shape != q.shape or lse.shape != lse_shape(q, packed):
             raise ValueError(f"running out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q "
                              f"{tuple(q.shape)}; expected {tuple(q.shape)} / {lse_shape(q, packed)}")
-        if not (last_dim_contiguous(out) and last_dim_contiguous(lse)):
-            raise ValueError("running out and lse need a contiguous last dim to merge into")
+        for name, x in (("out", out), ("lse", lse)):
+            if not last_dim_contiguous(x):
+                raise ValueError(f"attention_block_forward: the running {name} needs a contiguous last dim to merge "
+                                 f"into, got strides {x.stride()}")
     if pages is not None and not packed:
         raise ValueError("attention_block_forward: pages (a paged KV cache) need packed seqs")
     window, softcap = _mask_mode(window, softcap)
@@ -186,7 +214,14 @@ def attention_delta(dout, out, dlse=None):
     ``[h, t]`` for packed ``[t, h, d]``. Compute it once from the *final* output and reuse it for every
     block pair of a ring backward. ``dlse`` (optional, fp32, shaped like the result) is the gradient
     flowing into the LSE output."""
+    check_tensor("out", out)
+    if out.dim() not in (3, 4):
+        raise ValueError(f"attention_delta: out must be [b, s, h, d] or packed [t, h, d], got shape "
+                         f"{tuple(out.shape)}")
     packed = out.dim() == 3
+    _check_rows("attention_delta", "dout", dout, "out's shape", out.shape)
+    if dlse is not None:
+        _check_rows("attention_delta", "dlse", dlse, "the LSE's shape", lse_shape(out, packed))
     delta = torch.empty(lse_shape(out, packed), dtype=torch.float32, device=out.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -214,7 +249,16 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
     as to the forward; so for ``alibi_slopes`` (keyword-only, as in :func:`attention_block_forward`; the
     slopes get no gradient); so for ``dropout`` (keyword-only: the forward's, so the same probabilities are
     dropped). Deterministic: no atomics, fixed block sizes (unless ``RING_ATTN_BWD=fused``).
+    The shapes and dtypes of q/k/v, dout, lse, delta and the gradient tensors are checked before anything runs
+    (TypeError / ValueError naming the argument); ``seqs`` is trusted to describe q's and k's rows.
     """
+    packed = seqs is not None
+    softmax_scale = _check_block("attention_block_backward", q, k, v, packed, softmax_scale, causal,
+                                 causal_offset)
+    _check_rows("attention_block_backward", "dout", dout, "q's shape", q.shape)
+    for name, x in (("lse", lse), ("delta", delta)):
+        _check_rows("attention_block_backward", name, x, "[b, h_q, s_q], packed [h_q, t_q]", lse_shape(q, packed),
+                    torch.float32)
     if accumulate:
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
             if g.dtype != torch.float32:
