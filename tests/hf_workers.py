@@ -416,6 +416,11 @@ def _errors_case(case, rank, world, store):
             cu = torch.tensor([0, n_local], dtype=torch.int32)
             packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n_local, max_length_k=n_local)
             attempt("packed on one rank", lambda: model(**inputs, **(packed if last else {})))
+            # the model's own loss given a shard's labels but not shard_batch's shift_labels: HF shifts them within
+            # each shard, wrong at every shard's edge (ran silently before 2026-12-07 without fused_loss)
+            attempt("labels without shift_labels", lambda: model(**inputs, labels=inputs["input_ids"]))
+            attempt("labels without shift_labels on one rank", lambda: model(
+                **inputs, labels=local["shift_labels"], **({} if last else {"shift_labels": local["shift_labels"]})))
             # a position_ids buffer checked once, then rewritten in place with positions numbered from 0
             buf = inputs["position_ids"].clone()
             model(input_ids=inputs["input_ids"], position_ids=buf)

@@ -109,10 +109,12 @@ def test_ring_refusals(worlds, world):
         "rope type on one rank": ("ValueError", f"rank(s) [{world - 1}] of {world} run a rotary embedding that "
                                                 "recomputes its frequencies"),
         "fused loss without shift_labels": ("ValueError", "shift_labels"),
+        "labels without shift_labels": ("ValueError", "labels without shift_labels"),
     }
     one_rank = {  # the last rank's own refusal there, and on every other rank an error naming that rank
         "padding mask on one rank": ("NotImplementedError", "padding"),
         "use_cache on one rank": ("NotImplementedError", "use_cache"),
+        "labels without shift_labels on one rank": ("ValueError", "labels without shift_labels"),
     }
     later = {"later layer on one rank": ("NotImplementedError", "dropout")}  # the others: the ring's own check
     for rank in range(world):  # every rank raises; nothing hangs

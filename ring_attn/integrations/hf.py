@@ -942,19 +942,10 @@ def _make_fused_loss_forward(model, original):
                                       "loss is not added; set output_router_logits=False or fused_loss=False")
         for name in _HEAD_ARGS:
             arguments.pop(name, None)
-        shift = extra.pop("shift_labels", None)
+        shift = extra.pop("shift_labels", None)  # (over a ring never None: _make_ring_labels_forward refuses it)
         num_items = extra.pop("num_items_in_batch", None)
-        refused = None
-        if shift is None and _active.world > 1:  # raised by the ring attention, after the ranks agree
-            refused = _active.pending_failure = ValueError(
-                "patch_hf(fused_loss=True) over a ring: labels without shift_labels would be shifted within each "
-                "rank's shard (every shard's last token would predict nothing, or the wrong token); pass "
-                "shard_batch's shift_labels and num_items_in_batch with the labels")
         outputs = model.get_decoder()(**arguments, **extra)  # the base model (base_model_prefix is
         # not its attribute name everywhere: 4.57 Gemma 3 says language_model)
-        if refused is not None:  # (no ring attention ran to raise it)
-            _active.pending_failure = None
-            raise refused
         hidden = outputs[0]
         if shift is None:  # transformers' ForCausalLMLoss: token t predicts label t + 1
             shift = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -972,6 +963,34 @@ def _make_fused_loss_forward(model, original):
                 out[name] = getattr(outputs, name, None)
         out = CausalLMOutputWithPast(**out)
         return out if return_dict else out.to_tuple()  # (the tuple skips logits=None: loss first, as stock's)
+
+    forward.__signature__ = signature
+    forward._ring_attn_original = original
+    return forward
+
+
+def _make_ring_labels_forward(original):
+    """``model.forward`` over a ring that refuses ``labels`` without ``shift_labels``: the causal-LM loss would shift
+    them within each rank's shard, silently wrong at every shard's edge. The refusal is raised through the ring
+    attention's agreement, so every rank raises (ValueError) and none waits. Plain Python, no ``Signature.bind``
+    (it runs under torch.compile too)."""
+    signature = inspect.signature(original)
+    names = list(signature.parameters)
+    at = names.index("labels") if "labels" in names else None
+
+    def forward(*args, **kwargs):
+        labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
+        if labels is None or kwargs.get("shift_labels") is not None or _active is None or _active.world == 1:
+            return original(*args, **kwargs)
+        refused = _active.pending_failure = ValueError(
+            "patch_hf over a ring: labels without shift_labels would be shifted within each rank's shard (every "
+            "shard's last token would predict nothing, or the wrong token); pass shard_batch's shift_labels and "
+            "num_items_in_batch with the labels, or compute the loss with causal_lm_loss")
+        try:
+            original(*args, **kwargs)  # its first ring attention call raises the refusal after the ranks agree
+        finally:
+            _active.pending_failure = None
+        raise refused  # (no ring attention ran to raise it)
 
     forward.__signature__ = signature
     forward._ring_attn_original = original
@@ -1180,8 +1199,11 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
                     f"{type(model).__name__}: transformers did not switch it to attn_implementation="
                     f"{ATTN_IMPLEMENTATION!r} (it stays {model.config._attn_implementation!r}); its attention "
                     f"cannot be replaced")
-            if fused_loss:
-                handle._setattr(model, "forward", _make_fused_loss_forward(model, model.forward))
+            forward = _make_fused_loss_forward(model, model.forward) if fused_loss else None
+            if state.world > 1 and type(model).__name__.endswith("ForCausalLM"):
+                forward = _make_ring_labels_forward(forward or model.forward)
+            if forward is not None:
+                handle._setattr(model, "forward", forward)
             if state.world > 1 and getattr(model.config, "use_cache", False):
                 model.config.use_cache = False
                 handle._restore.append(lambda: setattr(model.config, "use_cache", True))
