@@ -6,7 +6,8 @@
 
 Each stage trains at one sequence length with its own RoPE: ``--rope ntk`` / ``critical`` sets the base theta
 from ``ring-attn rope-plan``'s rules for that length (the model's trained length -> the stage's), ``--rope yarn``
-sets YaRN scaling, ``--rope none`` keeps the model's; ``--plan FILE`` (repeatable) takes a stage from a
+sets YaRN scaling, ``--rope none`` keeps the model's (as does a stage within the model's trained length, whatever
+the stage before it used); ``--plan FILE`` (repeatable) takes a stage from a
 ``ring-attn rope-plan --json`` output instead (length = its ``target``, theta = its ``ntk_theta`` or
 ``critical_theta`` per ``--rope``, or its ``yarn`` block). The sequence is sharded over all ranks (zigzag) by
 ``shard_batch``; the loss is :func:`causal_lm_loss_from_hidden` (the output embedding applied one block of tokens
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps-this-run", type=int, default=0,
                    help="stop (after checkpointing) once this many steps ran in this process, e.g. to test resume")
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order (the random tiny model's init is fixed)")
     args = p.parse_args(argv)
     for flag in ("steps", "batch"):
         if getattr(args, flag) < 1:
@@ -138,10 +139,18 @@ def stage_plans(args, config):
     return stages
 
 
+def model_rope(config):
+    """The model's own RoPE as :func:`set_rope` takes it (what a stage without a RoPE of its own trains with)."""
+    params = getattr(config, "rope_parameters", None)
+    if params:  # transformers 5.x
+        return dict(params)
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    return {"rope_type": scaling.pop("rope_type", scaling.pop("type", "default")), "rope_theta": _rope_base(config),
+            **scaling}
+
+
 def set_rope(model, rope):
     """Point the model's config at ``rope`` and rebuild its rotary embedding (transformers 4.48 and 5.x)."""
-    if rope is None:
-        return
     cfg = model.config
     if hasattr(cfg, "rope_parameters"):  # transformers 5.x
         cfg.rope_parameters = dict(rope)
@@ -187,6 +196,7 @@ def main(argv=None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     stages = stage_plans(args, model.config)
+    own_rope = model_rope(model.config)  # stages without a RoPE of their own (None) train with it, resumed or not
     start_stage, start_step = 0, 0
     latest = os.path.join(args.ckpt, "latest.pt") if args.ckpt else None
     if args.resume and latest and os.path.exists(latest):
@@ -214,13 +224,14 @@ def main(argv=None):
     ran = 0
     for si in range(start_stage, len(stages)):
         length, rope = stages[si]
+        rope = rope or own_rope
         set_rope(model, rope)
         data = batches(model.config.vocab_size, length, args.batch, args.seed + 1000 * si)
         first = start_step if si == start_stage else 0
         for _ in range(first):  # the same data order as an uninterrupted run
             next(data)
         bar = Progress((args.steps - first) * length * args.batch, f"stage {si} ({length} tok, "
-                       f"{(rope or {}).get('rope_type', 'model')} θ={(rope or {}).get('rope_theta', _rope_base(model.config)):.4g})",
+                       f"{rope['rope_type']} θ={rope['rope_theta']:.4g})",
                        enabled=rank == 0)
         for step in range(first, args.steps):
             t0 = time.monotonic()

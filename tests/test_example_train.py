@@ -50,6 +50,20 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert _final_loss(second.stdout) == whole
 
 
+def test_resume_at_a_stage_without_its_own_rope(tmp_path):
+    """Stage 1 (32 tokens, within the model's trained 32) has no RoPE of its own: it trains with the model's, in an
+    uninterrupted run as in a resumed one (the uninterrupted run kept stage 0's NTK theta, the resumed one the
+    model's: different losses; found by a randomized training run)."""
+    common = [sys.executable, SCRIPT, "--stages", "64,32", "--steps", "2"]
+    whole = _run(common + ["--ckpt", str(tmp_path / "a")])
+    assert "stage 0 (64 tok, default" in whole.stderr and "θ=1e+04" not in whole.stderr.split("stage 1")[0]
+    assert "stage 1 (32 tok, default θ=1e+04)" in whole.stderr
+    _run(common + ["--ckpt", str(tmp_path / "b"), "--max-steps-this-run", "2"])
+    second = _run(common + ["--ckpt", str(tmp_path / "b"), "--resume"])
+    assert "stage 1 (32 tok, default θ=1e+04)" in second.stderr
+    assert _final_loss(second.stdout) == _final_loss(whole.stdout)
+
+
 def test_argument_errors():
     p = subprocess.run([sys.executable, SCRIPT, "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert p.returncode == 2 and "--resume needs --ckpt" in p.stderr
