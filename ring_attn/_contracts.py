@@ -207,12 +207,18 @@ def check_qkv(q, k, v, packed: bool, names: tuple[str, str, str] = ("q", "k", "v
     return h_q, h_kv, d
 
 
+def finite(x) -> bool:
+    """``x`` (a real number) is finite: comparisons only, so a symbolic float under ``torch.compile(dynamic=True)``
+    is guarded on instead of breaking the graph (``math.isfinite`` does), and huge ints do not overflow."""
+    return bool(x == x and -math.inf < x < math.inf)
+
+
 def check_scale(softmax_scale, d: int) -> float:
     """``softmax_scale`` as a float (default ``1 / sqrt(d)`` for None); ValueError unless finite."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or \
-            not math.isfinite(softmax_scale):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, torch.SymFloat)) or \
+            not finite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     return float(softmax_scale)
 
@@ -254,6 +260,8 @@ def _as_int(name: str, val, what: str) -> int:
         return int(val.item())
     if isinstance(val, bool) or type(val).__name__ == "bool_":
         raise TypeError(f"{name} must be {what}, got {val!r}")
+    if isinstance(val, (int, torch.SymInt)):  # an int traced by torch.compile stays symbolic (operator.index would
+        return val  # specialize it: one graph per value, e.g. per batch's max_seqlen)
     try:
         return operator.index(val)
     except TypeError:
@@ -303,7 +311,7 @@ def check_softcap(softcap) -> float:
     """Gemma 2's logit ``softcap`` as a float: 0 (off) or a finite positive number."""
     if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and softcap.dtype.is_floating_point:
         softcap = softcap.item()
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or \
+    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)) or not finite(softcap) or \
             softcap < 0:
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     return float(softcap)

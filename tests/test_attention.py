@@ -402,6 +402,42 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_torch_compile_dynamic_true_is_one_graph():
+    """dynamic=True makes the float arguments symbolic: the finiteness checks compare instead of calling
+    math.isfinite, which broke the graph (fullgraph=True: an error; found by a randomized compile run)."""
+    from torch._dynamo.utils import counters
+
+    q, k, v = _qkv(2, 8, 8, 4, 2, 16, torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda q, k, v, c: ring_attn.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True,
+                                                                   softcap=c),
+                      backend="aot_eager", fullgraph=True, dynamic=True)
+    for c in (0.0, 5.0):
+        assert torch.equal(f(q, k, v, c), ring_attn.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True,
+                                                                    softcap=c))
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_torch_compile_varlen_max_seqlen_stays_symbolic():
+    """A packed batch's max_seqlen differs from step to step: once dynamo makes it symbolic it must stay so (the
+    int check's operator.index specialised it: one graph per value, and fullgraph=True failed at the recompile
+    limit, the 9th value; found by a randomized compile run)."""
+    from torch._dynamo.utils import counters
+
+    def f(q, k, v, cu, m):
+        return ring_attn.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for t in range(3, 15):
+        q, k, v = torch.randn(t, 4, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
+        cu = torch.tensor([0, 1, t], dtype=torch.int32)
+        assert torch.equal(compiled(q, k, v, cu, t - 1), f(q, k, v, cu, t - 1))
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 _q, _k, _v = _qkv(1, 8, 8, 4, 2, 16, torch.float32)

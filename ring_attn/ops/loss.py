@@ -25,7 +25,7 @@ import numbers
 
 import torch
 
-from ring_attn._contracts import check_int, check_softcap
+from ring_attn._contracts import check_int, check_softcap, finite
 
 __all__ = ["cross_entropy_sum", "linear_cross_entropy_sum", "BLOCK_BYTES"]
 
@@ -62,7 +62,7 @@ def _check_logit_scale(value) -> float:
         value = value.item()  # as softcap takes one
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"logit_scale must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
+    if not finite(value):
         raise ValueError(f"logit_scale must be a finite number, got {value!r}")
     return float(value)
 
