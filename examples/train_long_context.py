@@ -150,8 +150,11 @@ def model_rope(config):
 
 
 def set_rope(model, rope):
-    """Point the model's config at ``rope`` and rebuild its rotary embedding (transformers 4.48 and 5.x)."""
+    """Point the model's config at ``rope`` and rebuild its rotary embedding (transformers 4.48 and 5.x); nothing
+    to do when the config already says ``rope``."""
     cfg = model.config
+    if rope == model_rope(cfg):
+        return
     if hasattr(cfg, "rope_parameters"):  # transformers 5.x
         cfg.rope_parameters = dict(rope)
     else:
@@ -231,7 +234,7 @@ def main(argv=None):
         for _ in range(first):  # the same data order as an uninterrupted run
             next(data)
         bar = Progress((args.steps - first) * length * args.batch, f"stage {si} ({length} tok, "
-                       f"{rope['rope_type']} θ={rope['rope_theta']:.4g})",
+                       f"{rope.get('rope_type', 'model')} θ={rope.get('rope_theta', _rope_base(model.config)):.4g})",
                        enabled=rank == 0)
         for step in range(first, args.steps):
             t0 = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -166,10 +167,12 @@ def check_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def check_qkv(q, k, v, packed: bool, names: tuple[str, str, str] = ("q", "k", "v")) -> tuple[int, int, int]:
+def check_qkv(q, k, v, packed: bool, names: tuple[str, str, str] = ("q", "k", "v"),
+              max_head_dim: Optional[int] = MAX_HEAD_DIM) -> tuple[int, int, int]:
     """Validate attention q/k/v: ranks (4-D dense ``[b, s, h, d]`` or 3-D packed ``[t, h, d]``), dtypes
     (:data:`SUPPORTED_DTYPES`, shared), one device, k/v shapes, head dims and the GQA head ratio. ``names``: what
-    the caller calls the three tensors (e.g. ``q, k_cache, v_cache``), used in the messages.
+    the caller calls the three tensors (e.g. ``q, k_cache, v_cache``), used in the messages. ``max_head_dim``:
+    None leaves the head dim's upper bound to the backend's capability (the block API: native takes any).
 
     Returns:
         ``(h_q, h_kv, d)``.
@@ -199,8 +202,8 @@ def check_qkv(q, k, v, packed: bool, names: tuple[str, str, str] = ("q", "k", "v
     d = q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"{nk} head_dim {k.shape[-1]} != {nq} head_dim {d}")
-    if d % HEAD_DIM_MULTIPLE != 0 or not 0 < d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {d} is not supported; expected 1 .. {MAX_HEAD_DIM}")
+    if d % HEAD_DIM_MULTIPLE != 0 or d <= 0 or (max_head_dim is not None and d > max_head_dim):
+        raise ValueError(f"head_dim {d} is not supported; expected 1 .. {max_head_dim or 'any'}")
     h_q, h_kv = q.shape[-2], k.shape[-2]
     if h_kv == 0 or h_q % h_kv != 0:
         raise ValueError(f"{nq} heads ({h_q}) must be a positive multiple of {nk}/{nv} heads ({h_kv}) for GQA/MQA")
@@ -208,9 +211,10 @@ def check_qkv(q, k, v, packed: bool, names: tuple[str, str, str] = ("q", "k", "v
 
 
 def finite(x) -> bool:
-    """``x`` (a real number) is finite: comparisons only, so a symbolic float under ``torch.compile(dynamic=True)``
-    is guarded on instead of breaking the graph (``math.isfinite`` does), and huge ints do not overflow."""
-    return bool(x == x and -math.inf < x < math.inf)
+    """``x`` (a real number) is finite as a float: comparisons only, so a symbolic float under
+    ``torch.compile(dynamic=True)`` is guarded on instead of breaking the graph (``math.isfinite`` does); an int
+    past the float range (``float()`` would overflow) is not."""
+    return bool(x == x and -sys.float_info.max <= x <= sys.float_info.max)
 
 
 def check_scale(softmax_scale, d: int) -> float:
@@ -253,7 +257,8 @@ def check_cu_seqlens(name: str, cu, total: Optional[int], max_seqlen: int, max_n
 
 
 def _as_int(name: str, val, what: str) -> int:
-    """An integer argument given as an int, a numpy integer or a one-element integer tensor, as a Python int."""
+    """An integer argument given as an int, a numpy integer or a one-element integer tensor, as an int (an int, or
+    an int subclass, is returned as it is: under torch.compile it may be symbolic and must stay so)."""
     if isinstance(val, torch.Tensor):
         if val.numel() != 1 or val.dtype == torch.bool or val.dtype.is_floating_point or val.dtype.is_complex:
             raise TypeError(f"{name} must be {what}, got a tensor of shape {tuple(val.shape)} and dtype {val.dtype}")

@@ -114,8 +114,12 @@ def test_ring_refusals(worlds, world):
     one_rank = {  # the last rank's own refusal there, and on every other rank an error naming that rank
         "padding mask on one rank": ("NotImplementedError", "padding"),
         "use_cache on one rank": ("NotImplementedError", "use_cache"),
-        "labels without shift_labels on one rank": ("ValueError", "labels without shift_labels"),
+        "labels without shift_labels on one rank": ("ValueError", "shift_labels"),
     }
+    if not hf._stock_loss_takes_shift_labels():  # (4.48) any labels are refused, on every rank by its own check
+        del one_rank["labels without shift_labels on one rank"]
+        everywhere["labels without shift_labels on one rank"] = ("ValueError", "ignores shift_labels")
+        everywhere["labels without shift_labels"] = ("ValueError", "ignores shift_labels")
     later = {"later layer on one rank": ("NotImplementedError", "dropout")}  # the others: the ring's own check
     for rank in range(world):  # every rank raises; nothing hangs
         st = _result(worlds, world, name, rank)
@@ -1221,6 +1225,12 @@ def test_wrapped_models_are_unwrapped():
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(TypeError, match="Linear .inside Wrapper"):
         hf.patch_hf(Wrapper(torch.nn.Linear(2, 2)))
+    # torch.compile's wrapper forwards attribute reads (config) to the model: it is unwrapped too, so the model's
+    # own forward is the one patched (before, the wrapper was taken for the model: the ring's labels check skipped)
+    compiled = torch.compile(Wrapper(model))
+    with hf.patch_hf(compiled):
+        assert model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_causal_lm_loss_from_hidden_refuses_other_heads():

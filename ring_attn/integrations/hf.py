@@ -969,8 +969,19 @@ def _make_fused_loss_forward(model, original):
     return forward
 
 
-def _make_ring_labels_forward(original):
-    """``model.forward`` over a ring that refuses ``labels`` without ``shift_labels``: the causal-LM loss would shift
+def _stock_loss_takes_shift_labels() -> bool:
+    """Whether transformers' causal-LM loss reads ``shift_labels`` (4.48's ``ForCausalLMLoss`` ignores it and
+    shifts ``labels`` itself)."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
+        return False
+    return "shift_labels" in inspect.signature(ForCausalLMLoss).parameters
+
+
+def _make_ring_labels_forward(original, takes_shift_labels: bool):
+    """``model.forward`` over a ring that refuses ``labels`` without ``shift_labels`` (and any ``labels`` when the
+    loss behind ``original`` ignores ``shift_labels``: ``takes_shift_labels`` False): the causal-LM loss would shift
     them within each rank's shard, silently wrong at every shard's edge. The refusal is raised through the ring
     attention's agreement, so every rank raises (ValueError) and none waits. Plain Python, no ``Signature.bind``
     (it runs under torch.compile too)."""
@@ -980,12 +991,18 @@ def _make_ring_labels_forward(original):
 
     def forward(*args, **kwargs):
         labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
-        if labels is None or kwargs.get("shift_labels") is not None or _active is None or _active.world == 1:
+        if labels is None or _active is None or _active.world == 1 or \
+                (takes_shift_labels and kwargs.get("shift_labels") is not None):
             return original(*args, **kwargs)
-        refused = _active.pending_failure = ValueError(
-            "patch_hf over a ring: labels without shift_labels would be shifted within each rank's shard (every "
-            "shard's last token would predict nothing, or the wrong token); pass shard_batch's shift_labels and "
-            "num_items_in_batch with the labels, or compute the loss with causal_lm_loss")
+        if takes_shift_labels:
+            text = ("patch_hf over a ring: labels without shift_labels would be shifted within each rank's shard "
+                    "(every shard's last token would predict nothing, or the wrong token); pass shard_batch's "
+                    "shift_labels and num_items_in_batch with the labels, or compute the loss with causal_lm_loss")
+        else:
+            text = ("patch_hf over a ring: this transformers' causal-LM loss ignores shift_labels and shifts the "
+                    "labels within each rank's shard (wrong at every shard's edge); pass no labels and compute the "
+                    "loss with causal_lm_loss, or use patch_hf(model, group, fused_loss=True)")
+        refused = _active.pending_failure = ValueError(text)
         try:
             original(*args, **kwargs)  # its first ring attention call raises the refusal after the ranks agree
         finally:
@@ -1046,10 +1063,13 @@ class HFPatch:
 
 
 def _unwrap(model):
-    """The transformers model inside DistributedDataParallel / FSDP-style wrappers (their ``.module``) and PEFT
-    models (``get_base_model()``: the patched forward must be the causal LM's own, which PEFT calls)."""
+    """The transformers model inside DistributedDataParallel / FSDP-style wrappers (their ``.module``), PEFT
+    models (``get_base_model()``: the patched forward must be the causal LM's own, which PEFT calls) and
+    ``torch.compile``'s wrapper (its ``_orig_mod``, which forwards attribute reads such as ``config``)."""
     while model is not None:
-        if callable(getattr(model, "get_base_model", None)):
+        if isinstance(vars(model).get("_modules", {}).get("_orig_mod"), torch.nn.Module):
+            inner = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)):
             inner = model.get_base_model()
         elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
             inner = model.module
@@ -1200,8 +1220,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
                     f"{ATTN_IMPLEMENTATION!r} (it stays {model.config._attn_implementation!r}); its attention "
                     f"cannot be replaced")
             forward = _make_fused_loss_forward(model, model.forward) if fused_loss else None
-            if state.world > 1 and type(model).__name__.endswith("ForCausalLM"):
-                forward = _make_ring_labels_forward(forward or model.forward)
+            if state.world > 1 and type(model).__name__.endswith(("ForCausalLM", "ForConditionalGeneration")):
+                forward = _make_ring_labels_forward(forward or model.forward,
+                                                    fused_loss or _stock_loss_takes_shift_labels())
             if forward is not None:
                 handle._setattr(model, "forward", forward)
             if state.world > 1 and getattr(model.config, "use_cache", False):

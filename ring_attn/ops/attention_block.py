@@ -83,7 +83,7 @@ def _check_block(name: str, q, k, v, packed: bool, softmax_scale, causal, causal
     """The host-side checks every block call gets (shapes, dtypes, scalars; no data read): the kernels index k/v
     by q's batch, heads and head dim, so a mismatch would read out of bounds. Returns the scale as a float."""
     try:
-        check_qkv(q, k, v, packed)
+        check_qkv(q, k, v, packed, max_head_dim=None)  # (head dims: each backend's capability)
         scale = check_scale(softmax_scale, q.shape[-1])
         check_flag("causal", causal)
         if causal_offset is not None:

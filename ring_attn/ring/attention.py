@@ -608,8 +608,8 @@ def validate_mode() -> str:
     inputs). On gloo (CPU tensors) the host read costs nothing and every call is compared as under ``every``."""
     mode = os.environ.get("RING_ATTN_VALIDATE", "first") or "first"
     if mode not in ("first", "every"):
-        raise ValueError(f"RING_ATTN_VALIDATE={mode!r}: expected 'first' (compare each call signature once) or "
-                         f"'every' (compare at every call)")
+        raise ValueError(f"RING_ATTN_VALIDATE={mode!r}: expected 'first' (read each signature on the host once, "
+                         f"then compare on the device) or 'every' (read on the host at every call)")
     return mode
 
 
