@@ -159,9 +159,9 @@ def _check_values(rope_type: str, p: dict[str, Any]) -> None:
         # transformers reads 0 or None as the default (``beta_fast or 32``); anything else must be a number > 0
         beta_fast = 32 if not p["beta_fast"] else _positive(rope_type, "beta_fast", p["beta_fast"])
         beta_slow = 1 if not p["beta_slow"] else _positive(rope_type, "beta_slow", p["beta_slow"])
-        if beta_fast <= beta_slow:
+        if beta_fast < beta_slow:  # (equal: one-pair ramp, which transformers widens by 0.001 as done below)
             raise ValueError(f"rope_type='yarn': beta_fast={p['beta_fast']!r}, beta_slow={p['beta_slow']!r}; "
-                             "expected beta_fast > beta_slow > 0 (defaults 32 and 1)")
+                             "expected beta_fast >= beta_slow > 0 (defaults 32 and 1)")
         if p["attention_factor"] is not None:
             _positive(rope_type, "attention_factor", p["attention_factor"])
         for key in ("mscale", "mscale_all_dim"):
@@ -254,7 +254,7 @@ def rope_parameters(rope_type: str, head_dim: int, theta: float, **params: Any) 
     Raises:
         ValueError: unknown ``rope_type``; missing or unknown parameters (the message lists what the type needs);
             a rotary dim that is odd or < 2; a value out of range (the message names the parameter, the value and
-            the range): ``theta``, ``factor``, ``attention_factor`` <= 0, ``beta_fast <= beta_slow``,
+            the range): ``theta``, ``factor``, ``attention_factor`` <= 0, ``beta_fast < beta_slow``,
             ``high_freq_factor <= low_freq_factor``, ``original_max_position_embeddings`` / ``seq_len`` /
             ``max_position_embeddings`` < 1, ``partial_rotary_factor`` outside (0, 1], LongRoPE factor lists of
             the wrong length or with entries <= 0, NaN or inf anywhere.
@@ -321,7 +321,7 @@ def rope_parameters(rope_type: str, head_dim: int, theta: float, **params: Any) 
                     "0.1 * m * ln(factor) + 1 > 0")
         beta_fast = p["beta_fast"] or 32  # transformers treats 0/None as the default
         beta_slow = p["beta_slow"] or 1
-        truncate = True if p["truncate"] is None else p["truncate"]
+        truncate = bool(p["truncate"])  # transformers: get("truncate", True), so an explicit None does not truncate
         pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
         inv_freq_extrapolation = 1.0 / pos_freqs
         inv_freq_interpolation = 1.0 / (factor * pos_freqs)
