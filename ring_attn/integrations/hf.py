@@ -1067,7 +1067,7 @@ def _unwrap(model):
     models (``get_base_model()``: the patched forward must be the causal LM's own, which PEFT calls) and
     ``torch.compile``'s wrapper (its ``_orig_mod``, which forwards attribute reads such as ``config``)."""
     while model is not None:
-        if isinstance(vars(model).get("_modules", {}).get("_orig_mod"), torch.nn.Module):
+        if isinstance(model, torch.nn.Module) and isinstance(model._modules.get("_orig_mod"), torch.nn.Module):
             inner = model._orig_mod
         elif callable(getattr(model, "get_base_model", None)):
             inner = model.get_base_model()
