@@ -264,8 +264,7 @@ def attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scal
             if g.dtype != torch.float32:
                 raise TypeError(f"{name} accumulator must be float32 when accumulate=True, got {g.dtype}")
     for name, g, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        if g.shape != ref.shape:
-            raise ValueError(f"{name} has shape {tuple(g.shape)}; expected {tuple(ref.shape)}")
+        _check_rows("attention_block_backward", name, g, f"{name[1:]}'s shape", ref.shape)
         if not last_dim_contiguous(g):
             raise ValueError(f"{name} must have a contiguous last dim, got strides {g.stride()}")
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
