@@ -64,7 +64,8 @@ def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope
             ``theta`` not a finite number > 1 (the theta rules take its log); ``trained`` not an int > 2pi
             (the rules take ``ln(trained / 2pi)``); ``target`` not an int > 2pi; ``partial_rotary_factor``
             outside (0, 1]; a rotary dim that is odd or < 4; ``beta_fast``/``beta_slow`` not finite numbers
-            with ``beta_fast > beta_slow > 0``.
+            with ``beta_fast >= beta_slow > 0`` (equal: a one-pair ramp, as in transformers and
+            :mod:`ring_attn.rope_scaling`).
     """
     if rope_type not in SCHEMES:
         raise ValueError(f"--rope-type (rope_type) {rope_type!r}: expected one of {SCHEMES}")
@@ -85,9 +86,9 @@ def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope
     if dim < 4 or dim % 2:
         raise ValueError(f"--head-dim {head_dim} with --partial-rotary-factor {partial_rotary_factor}: rotary dim "
                          f"int(head_dim * partial_rotary_factor) = {dim}; expected an even number >= 4")
-    if not _is_number(beta_fast) or not _is_number(beta_slow) or not beta_fast > beta_slow > 0:
+    if not _is_number(beta_fast) or not _is_number(beta_slow) or not beta_fast >= beta_slow > 0:
         raise ValueError(f"--beta-fast {beta_fast!r} --beta-slow {beta_slow!r}: expected finite numbers with "
-                         "beta_fast > beta_slow > 0")
+                         "beta_fast >= beta_slow > 0")
     return dim
 
 
