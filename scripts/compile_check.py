@@ -53,9 +53,6 @@ from ring_attn.backends.triton import attention_kernels as K  # noqa: E402
 R = importlib.import_module("ring_attn.backends.triton.rope")  # the module: the package re-exports the function
 from ring_attn.backends.triton import tiles as T  # noqa: E402
 
-# Shared memory per block (opt-in maximum), bytes: sm_90 227 KB, sm_80 163 KB, sm_89/86 99 KB.
-SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
-
 # name -> (b, s, h_q, h_kv, d, causal, dtype); the benchmark anchors (benchmarks/bench_attention.py) plus
 # d=256 (the shared-memory edge). "merge" cases are the ring's later steps (fp32 running out/lse).
 CASES = {
@@ -263,7 +260,7 @@ def analyse(ck, arch: int) -> dict:
     # global memory instruction mix (a bandwidth-bound kernel wants few, wide ones: .v4.b32 = 16 bytes)
     gmem = Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx))
     return {**_resource_usage(ck.asm["cubin"]), "smem_bytes": smem,
-            "smem_over_limit": smem > SMEM_LIMIT.get(arch, 232448), "mma": mma,
+            "smem_over_limit": smem > T.smem_limit(arch), "mma": mma,
             "wgmma": dict(sorted(wgmma.items())),
             "mma_sync": len(re.findall(r"mma\.sync\.aligned", ptx)),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),

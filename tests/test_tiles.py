@@ -38,12 +38,43 @@ def test_every_shipped_forward_tile_passes_the_static_checks(gpu_tables):
         t = tiles.fwd_tile(key)
         assert t == tiles.fwd_tile(key), key  # a pure function of the key: same tile in every process
         assert tiles.fits(t, key.head_dim, key.dtype, key.arch), (key, t)
-        assert tiles.smem_estimate(t, key.head_dim, key.dtype) <= tiles.SMEM_LIMIT.get(key.arch // 10, 101376)
+        assert tiles.smem_estimate(t, key.head_dim, key.dtype) <= tiles.smem_limit(key.arch)
     # Hopper, bf16: 8-warp 128-row tiles (two warpgroups, no spill in the compile report) at d <= 128
     for d in (64, 128):
         t = tiles.fwd_tile(tiles.FwdKey(90, d, "bf16", True, False))
         assert (t["BLOCK_M"], t["num_warps"]) == (128, 8)
 
+
+
+def test_every_backward_tile_fits_its_gpu_and_dtype(gpu_tables):
+    """Both backward kernels' tiles fit the shared memory of every capability, in every dtype: the sm_90
+    16-bit table is used as it is, and elsewhere a tile over the limit is shrunk (the d=256 dQ tile needs
+    168 KB on sm_80/89 and 336 KB in fp32 on sm_90: it would fail at launch)."""
+    for arch in (75, 80, 86, 89, 90, 100, 120):
+        for d in (16, 32, 64, 80, 96, 128, 192, 256):
+            for dt in ("bf16", "fp16", "fp32"):
+                if arch == 75 and dt == "fp32" and d > 128:
+                    continue  # T4's 64 KB: even 16x16 tiles of d=256 fp32 are over it (a launch error there)
+                t = tiles.bwd_tiles(d, arch, dt)
+                assert t == tiles.bwd_tiles(d, arch, dt)  # a pure function of the key
+                for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
+                    tile = tiles.bwd_kernel_tile(t, which)
+                    assert tiles.smem_estimate(tile, d, dt, kernel) <= tiles.smem_limit(arch), (arch, d, dt, t)
+                    assert min(t[which]) >= 16
+    for d in (64, 128, 256):  # Hopper 16-bit: the compile report's tiles, unchanged
+        for dt in ("bf16", "fp16"):
+            assert tiles.bwd_tiles(d, 90, dt) == tiles.bwd_tiles(d, 100, dt)
+        assert tiles.bwd_tiles(d, 90, "bf16") == dict(
+            dkdv={64: (64, 128), 128: (32, 128), 256: (16, 64)}[d], dq={64: (128, 64), 128: (128, 64),
+                                                                      256: (128, 32)}[d], num_warps=8, num_stages=2)
+    assert tiles.bwd_tiles(256, 80, "bf16")["dq"] == (128, 16)  # the streamed keys halve first
+    assert tiles.bwd_tiles(256, 90, "fp32")["dq"] == (64, 16)
+
+
+def test_shared_memory_limits_per_capability():
+    assert tiles.smem_limit(90) == 232448 and tiles.smem_limit(80) == 166912
+    assert tiles.smem_limit(86) == tiles.smem_limit(89) == 101376  # not A100's 163 KB: same major, less memory
+    assert tiles.smem_limit(999) == 101376
 
 def test_prune_drops_configs_over_shared_memory_or_the_spill_edge():
     big = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}

@@ -43,11 +43,11 @@ def _mask_args(causal: bool, window, softcap: float, softmax_scale: float, dtype
     return args, flags
 
 
-def bwd_blocks(head_dim: int) -> dict:
-    """Block sizes for the backward kernels (``tiles.bwd_tiles`` for the current GPU): one fixed table, no
-    autotuning, so the reduction order, and hence every gradient bit, is the same in every process.
+def bwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes for the backward kernels (``tiles.bwd_tiles`` for the current GPU and ``dtype``): one fixed
+    table, no autotuning, so the reduction order, and hence every gradient bit, is the same in every process.
     dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream."""
-    return tiles.bwd_tiles(head_dim, tiles.current_arch())
+    return tiles.bwd_tiles(head_dim, tiles.current_arch(), _dtype_name(dtype))
 
 
 def _dtype_name(dtype) -> str:
@@ -399,7 +399,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if n_batch == 0 or h_q == 0:
         return
     cdiv = triton.cdiv
-    blocks = bwd_blocks(d)
+    blocks = bwd_blocks(d, q.dtype)
     mode = backward_mode() if max_q > 0 and max_k > 0 else ""
     mask_args, flags = _mask_args(causal, window, softcap, softmax_scale, q.dtype, dk.dtype)
     alibi_args, alibi_flag = _alibi_args(alibi, l3)

@@ -19,14 +19,21 @@ from typing import NamedTuple, Optional
 
 from ring_attn.backends import forward_variant_mode, interpreter_enabled  # noqa: F401 - re-exported
 
-__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "smem_estimate", "fits", "fwd_acc_regs",
-           "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
-           "dump_tuned", "SMEM_LIMIT", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count", "split_count",
+__all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "bwd_kernel_tile", "smem_estimate", "fits",
+           "fwd_acc_regs", "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
+           "dump_tuned", "SMEM_LIMIT", "smem_limit", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count", "split_count",
            "MAX_SPLITS"]
 
-# Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-SMEM_LIMIT = {9: 232448, 8: 166912}
-_SMEM_DEFAULT = 101376  # sm_86/89 and unknown: the smallest current limit
+# Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability
+# (90 = sm_90). Capabilities of one major differ: sm_80 A100 163 KB, sm_86/89 (RTX 30xx/40xx, L4, L40) 99 KB.
+SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
+              120: 101376}
+_SMEM_DEFAULT = 101376  # an unknown capability: the limit of the consumer GPUs
+
+
+def smem_limit(arch: int) -> int:
+    """Shared memory one block may use on compute capability ``arch`` (90 = sm_90), bytes."""
+    return SMEM_LIMIT.get(arch, _SMEM_DEFAULT)
 
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
@@ -84,7 +91,7 @@ FWD_MAX_ACC_REGS = 144
 def fits(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> bool:
     """Whether ``tile`` passes the static checks made before compiling: its estimated shared memory fits
     the per-block limit of ``arch``, and (forward) its live accumulators stay under the spill edge."""
-    if smem_estimate(tile, head_dim, dtype, kernel) > SMEM_LIMIT.get(arch // 10, _SMEM_DEFAULT):
+    if smem_estimate(tile, head_dim, dtype, kernel) > smem_limit(arch):
         return False
     return not kernel.startswith("fwd") or fwd_acc_regs(tile, head_dim) <= FWD_MAX_ACC_REGS
 
@@ -241,6 +248,7 @@ def split_count(programs: int, key_blocks: int, sms: int) -> int:
 
 def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     """Backward tiles ``{"dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``
+    for a GPU of capability ``arch`` (90 = sm_90) and storage ``dtype`` ("bf16" | "fp16" | "fp32")
     (``RING_ATTN_TILES`` may override them per capability and head-dim bucket).
     dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream.
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
@@ -256,12 +264,40 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     over = _overrides().get(("bwd", arch // 10, _bucket(head_dim)))
     if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
         return dict(over)
-    del dtype  # one table for now: only sm_90 has been examined
     if head_dim <= 64:
-        return dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
-    if head_dim <= 128:
-        return dict(dkdv=(32, 128), dq=(128, 64), num_warps=8, num_stages=2)
-    return dict(dkdv=(16, 64), dq=(128, 32), num_warps=8, num_stages=2)
+        t = dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
+    elif head_dim <= 128:
+        t = dict(dkdv=(32, 128), dq=(128, 64), num_warps=8, num_stages=2)
+    else:
+        t = dict(dkdv=(16, 64), dq=(128, 32), num_warps=8, num_stages=2)
+    # Only sm_90 16-bit has been examined, and there every tile above fits. Elsewhere (smaller shared memory:
+    # sm_80 163 KB, sm_86/89 99 KB; fp32's 4-byte tiles) a tile over the limit would fail at launch (e.g. the
+    # d=256 dQ tile needs 168 KB on sm_80/89, 336 KB in fp32 on sm_90), so it is shrunk until the static estimate
+    # fits: the streamed side halves first, then the stationary side. Still a pure function of the key.
+    return dict(t, dkdv=_shrink_to_fit(t, "dkdv", head_dim, dtype, arch), dq=_shrink_to_fit(t, "dq", head_dim,
+                                                                                              dtype, arch))
+
+
+def bwd_kernel_tile(tiles_: dict, which: str) -> dict:
+    """The tile of one backward kernel (``which``: "dkdv" | "dq") as a forward-style tile dict, the form
+    :func:`smem_estimate` and :func:`fits` take."""
+    bm, bn = tiles_[which]
+    return _tile(bm, bn, tiles_["num_warps"], tiles_["num_stages"])
+
+
+def _shrink_to_fit(t: dict, which: str, head_dim: int, dtype: str, arch: int) -> tuple:
+    kernel = "bwd_dkdv_kernel" if which == "dkdv" else "bwd_dq_kernel"
+    bm, bn = t[which]
+    stream_first = ("m", "n") if which == "dkdv" else ("n", "m")  # dK/dV streams query rows, dQ keys
+    for side in stream_first:
+        while not fits(_tile(bm, bn, t["num_warps"], t["num_stages"]), head_dim, dtype, arch, kernel):
+            if side == "m" and bm > 16:
+                bm //= 2
+            elif side == "n" and bn > 16:
+                bn //= 2
+            else:
+                break
+    return bm, bn
 
 
 def current_arch() -> int:
