@@ -166,3 +166,57 @@ def test_before_table_in_benchmarks_parses(gpu_tables, monkeypatch):
     monkeypatch.setenv("RING_ATTN_TILES", str(path))
     assert tiles.bwd_tiles(128)["dkdv"] == (32, 64)
     assert tiles.fwd_tile(tiles.FwdKey(90, 128, "bf16", True, False))["BLOCK_N"] == 64
+
+
+_GOOD_FWD = {"arch": 90, "head_dim": 128, "dtype": "bf16", "causal": True, "merge": False, "BLOCK_M": 64,
+             "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "cannot read it as a JSON tile table (FileNotFoundError"),
+    ("{not json", "cannot read it as a JSON tile table (JSONDecodeError"),
+    (json.dumps({"arch": 90}), "expected a JSON list of tile records"),
+    (json.dumps([[90, 128]]), "record 0: expected a JSON object"),
+    (json.dumps([_GOOD_FWD, dict(_GOOD_FWD, BLOCK_M=100)]), "record 1: BLOCK_M=100; expected a power of two"),
+    (json.dumps([{k: v for k, v in _GOOD_FWD.items() if k != "dtype"}]), "the field 'dtype' is missing"),
+    (json.dumps([dict(_GOOD_FWD, dtype="float16")]), "dtype='float16'; expected one of"),
+    (json.dumps([dict(_GOOD_FWD, num_warps=3)]), "num_warps=3; expected 1, 2, 4, 8 or 16"),
+    (json.dumps([dict(_GOOD_FWD, causal="yes")]), "causal='yes'; expected true or false"),
+    (json.dumps([dict(_GOOD_FWD, op="both")]), "op='both'; expected 'fwd' or 'bwd'"),
+    (json.dumps([dict(_GOOD_FWD, head_dim=256, BLOCK_M=128, BLOCK_N=128, num_stages=3)]),
+     "needs 458752 B of shared memory at head dim 256 bf16, over the 232448 B of sm_90"),
+    (json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "dkdv": [32, 128], "dq": [128], "num_warps": 8,
+                  "num_stages": 2}]), "dq=[128]; expected [BLOCK_M, BLOCK_N]"),
+])
+def test_a_bad_tile_file_is_refused_naming_the_variable_and_record(gpu_tables, tmp_path, monkeypatch, content,
+                                                                     needle):
+    path = tmp_path / "tiles.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    for _ in range(2):  # refused on every call, not only the first
+        with pytest.raises(ValueError, match="RING_ATTN_TILES=") as e:
+            tiles.fwd_tile(tiles.FwdKey(90, 128, "bf16", True, False))
+        assert needle in str(e.value)
+
+
+def test_a_backward_tile_file_entry_over_shared_memory_is_refused_for_that_dtype(gpu_tables, tmp_path,
+                                                                                  monkeypatch):
+    path = tmp_path / "bwd.json"
+    path.write_text(json.dumps([{"op": "bwd", "arch": 90, "head_dim": 256, "dkdv": [16, 64], "dq": [128, 32],
+                                 "num_warps": 8, "num_stages": 2}]))
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.bwd_tiles(256, 90, "bf16")["dq"] == (128, 32)  # 192 KB: fits sm_90 in 16 bits
+    with pytest.raises(ValueError, match=r"record 0: the dq tile \(128, 32\) needs 393216 B .* fp32, over the "
+                                         r"232448 B of sm_90"):
+        tiles.bwd_tiles(256, 90, "fp32")
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", " 1"])
+def test_autotune_takes_only_0_or_1(monkeypatch, value):
+    monkeypatch.setenv("RING_ATTN_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=f"RING_ATTN_AUTOTUNE={value!r}: expected '1'"):
+        tiles.autotune_enabled()
+    for ok in ("0", ""):
+        monkeypatch.setenv("RING_ATTN_AUTOTUNE", ok)
+        assert tiles.autotune_enabled() is False

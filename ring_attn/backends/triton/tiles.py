@@ -136,23 +136,69 @@ def _overrides() -> dict:
     """Tiles loaded from ``RING_ATTN_TILES``: a JSON list of forward records (as :func:`dump_tuned` writes:
     arch, head_dim, dtype, causal, merge, BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by FwdKey, and
     backward records (``"op": "bwd"``, arch, head_dim, dkdv, dq, num_warps, num_stages) keyed by
-    (capability major, head-dim bucket)."""
+    (capability major, head-dim bucket). A file that cannot be read, a malformed record, or a forward tile
+    over its GPU's shared memory raises ValueError naming the variable, the record and what was expected
+    (before any launch; the next call reads the file again)."""
     global _loaded
     path = os.environ.get("RING_ATTN_TILES", "")
     if _loaded is None or _loaded.get("__path__") != path:
-        _loaded = {"__path__": path}
+        loaded = {"__path__": path}
         if path:
-            with open(path) as f:
-                for rec in json.load(f):
-                    if rec.get("op", "fwd") == "bwd":  # {"op": "bwd", "arch", "head_dim", "dkdv", "dq", ...}
-                        _loaded[("bwd", int(rec["arch"]) // 10, _bucket(int(rec["head_dim"])))] = dict(
-                            dkdv=tuple(rec["dkdv"]), dq=tuple(rec["dq"]), num_warps=int(rec["num_warps"]),
-                            num_stages=int(rec["num_stages"]))
-                        continue
-                    key = FwdKey(int(rec["arch"]), int(rec["head_dim"]), rec["dtype"], bool(rec["causal"]),
-                                 bool(rec["merge"]))
-                    _loaded[key] = {k: int(rec[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+            loaded.update(_read_tile_file(path))
+        _loaded = loaded
     return _loaded
+
+
+_TILE_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _read_tile_file(path: str) -> dict:
+    where = f"RING_ATTN_TILES={path!r}"
+    try:
+        with open(path) as f:
+            recs = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot read it as a JSON tile table ({type(exc).__name__}: {exc})") from None
+    if not isinstance(recs, list):
+        raise ValueError(f"{where}: expected a JSON list of tile records (as tiles.dump_tuned writes), got a "
+                         f"{type(recs).__name__}")
+    out = {}
+    for i, rec in enumerate(recs):
+        here = f"{where}, record {i}"
+        if not isinstance(rec, dict):
+            raise ValueError(f"{here}: expected a JSON object, got {rec!r}")
+
+        def field(name, ok, expected, rec=rec, here=here):
+            if name not in rec:
+                raise ValueError(f"{here}: the field {name!r} is missing ({expected})")
+            value = rec[name]
+            if not ok(value):
+                raise ValueError(f"{here}: {name}={value!r}; expected {expected}")
+            return value
+
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        block = lambda v: is_int(v) and 16 <= v <= 256 and v & (v - 1) == 0  # noqa: E731
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(block(x) for x in v)  # noqa: E731
+        arch = field("arch", lambda v: is_int(v) and v > 0, "a compute capability as an int, e.g. 90")
+        head_dim = field("head_dim", lambda v: is_int(v) and 1 <= v <= 256, "an int in [1, 256]")
+        warps = field("num_warps", lambda v: v in (1, 2, 4, 8, 16) and is_int(v), "1, 2, 4, 8 or 16")
+        stages = field("num_stages", lambda v: is_int(v) and 1 <= v <= 8, "an int in [1, 8]")
+        op = field("op", lambda v: v in ("fwd", "bwd"), "'fwd' or 'bwd'") if "op" in rec else "fwd"
+        if op == "bwd":  # {"op": "bwd", "arch", "head_dim", "dkdv", "dq", ...}
+            dkdv, dq = (field(n, pair, "[BLOCK_M, BLOCK_N], powers of two in [16, 256]") for n in ("dkdv", "dq"))
+            out[("bwd", arch // 10, _bucket(head_dim))] = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps,
+                                                                num_stages=stages, where=here)
+            continue
+        dtype = field("dtype", lambda v: v in _TILE_DTYPES, f"one of {_TILE_DTYPES}")
+        causal, merge = (field(n, lambda v: isinstance(v, bool), "true or false") for n in ("causal", "merge"))
+        tile = _tile(*(field(n, block, "a power of two in [16, 256]") for n in ("BLOCK_M", "BLOCK_N")), warps,
+                     stages)
+        need, limit = smem_estimate(tile, head_dim, dtype), smem_limit(arch)
+        if need > limit:
+            raise ValueError(f"{here}: the tile {tile} needs {need} B of shared memory at head dim {head_dim} "
+                             f"{dtype}, over the {limit} B of sm_{arch}")
+        out[FwdKey(arch, head_dim, dtype, causal, merge)] = tile
+    return out
 
 
 def fwd_tile(key: FwdKey) -> dict:
@@ -263,7 +309,14 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     # keeps 64 keys (104 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
     over = _overrides().get(("bwd", arch // 10, _bucket(head_dim)))
     if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
-        return dict(over)
+        over = dict(over)
+        where = over.pop("where")
+        for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
+            need, limit = smem_estimate(bwd_kernel_tile(over, which), head_dim, dtype, kernel), smem_limit(arch)
+            if need > limit:
+                raise ValueError(f"{where}: the {which} tile {over[which]} needs {need} B of shared memory at head "
+                                 f"dim {head_dim} {dtype}, over the {limit} B of sm_{arch}")
+        return over
     if head_dim <= 64:
         t = dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
     elif head_dim <= 128:
@@ -331,8 +384,13 @@ _FWD_TMA_TABLE = {64: _tile(128, 128, 4, 2), 128: _tile(128, 128, 4, 2)}
 
 
 def autotune_enabled() -> bool:
-    """True when ``RING_ATTN_AUTOTUNE=1``: the forward times its candidates instead of using the table."""
-    return os.environ.get("RING_ATTN_AUTOTUNE", "0") == "1" and not interpreter_enabled()
+    """True when ``RING_ATTN_AUTOTUNE=1``: the forward times its candidates instead of using the table (never
+    under the interpreter). ``0`` or unset: the table. Anything else raises ValueError."""
+    value = os.environ.get("RING_ATTN_AUTOTUNE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"RING_ATTN_AUTOTUNE={value!r}: expected '1' (pick the forward's tile by timing), '0' or "
+                         "unset (the fixed tile table)")
+    return value == "1" and not interpreter_enabled()
 
 
 def dump_tuned(autotuner, path: str, arch: int) -> list:
