@@ -123,10 +123,14 @@ def test_autotune_key_separates_merge_and_length():
     assert {"MERGE", "seqlen_q", "HEAD_DIM", "CAUSAL"} <= set(fwd_kernel.keys)
 
 
-@pytest.mark.parametrize("d,s_q,s_k,causal", [(64, 200, 200, True), (128, 150, 190, True), (64, 90, 140, False)])
-def test_shipped_sm90_tiles_are_correct_in_the_interpreter(gpu_tables, d, s_q, s_k, causal):
-    """The GPU tiles (fwd 128×64; bwd dK/dV 64×128 / 32×128, dQ 128×64) with heaviest-first order, ragged
-    ends and GQA, fp32, against the float64 oracle."""
+@pytest.mark.parametrize("arch,d,s_q,s_k,causal", [(90, 64, 200, 200, True), (90, 128, 150, 190, True),
+                                                    (90, 64, 90, 140, False), (90, 256, 70, 90, True),
+                                                    (80, 256, 70, 90, True), (89, 256, 40, 70, False)])
+def test_shipped_gpu_tiles_are_correct_in_the_interpreter(gpu_tables, monkeypatch, arch, d, s_q, s_k, causal):
+    """The GPU tiles of fp32 storage (sm_90: fwd 64×32; bwd dK/dV 64×128 / 32×128 / 16×64, dQ 128×64 / 128×32
+    / 64×16 — the last two shrunk to fit shared memory; sm_80 and sm_89 at d=256: dQ shrunk too) with
+    heaviest-first order, ragged ends and GQA, against the float64 oracle."""
+    monkeypatch.setattr(tiles, "current_arch", lambda: arch)
     g = torch.Generator().manual_seed(d + s_q)
     q = torch.randn(1, s_q, 4, d, generator=g)
     k = torch.randn(1, s_k, 2, d, generator=g)
