@@ -68,7 +68,7 @@ def test_every_backward_tile_fits_its_gpu_and_dtype(gpu_tables):
             dkdv={64: (64, 128), 128: (32, 128), 256: (16, 64)}[d], dq={64: (128, 64), 128: (128, 64),
                                                                       256: (128, 32)}[d], num_warps=8, num_stages=2)
     assert tiles.bwd_tiles(256, 80, "bf16")["dq"] == (128, 16)  # the streamed keys halve first
-    assert tiles.bwd_tiles(256, 90, "fp32")["dq"] == (64, 16)
+    assert tiles.bwd_tiles(256, 90, "fp32") == dict(dkdv=(16, 32), dq=(32, 16), num_warps=8, num_stages=2)
 
 
 def test_shared_memory_limits_per_capability():
@@ -127,8 +127,8 @@ def test_autotune_key_separates_merge_and_length():
                                                     (90, 64, 90, 140, False), (90, 256, 70, 90, True),
                                                     (80, 256, 70, 90, True), (89, 256, 40, 70, False)])
 def test_shipped_gpu_tiles_are_correct_in_the_interpreter(gpu_tables, monkeypatch, arch, d, s_q, s_k, causal):
-    """The GPU tiles of fp32 storage (sm_90: fwd 64×32; bwd dK/dV 64×128 / 32×128 / 16×64, dQ 128×64 / 128×32
-    / 64×16 — the last two shrunk to fit shared memory; sm_80 and sm_89 at d=256: dQ shrunk too) with
+    """The GPU tiles of fp32 storage (sm_90's fp32 table: fwd 64×32 w8 / 32×16 / 32×32 w8, bwd dK/dV 16×64 or
+    16×32, dQ 64×16 or 32×16; sm_80 and sm_89 at d=256: the 16-bit tiles shrunk to fit shared memory) with
     heaviest-first order, ragged ends and GQA, against the float64 oracle."""
     monkeypatch.setattr(tiles, "current_arch", lambda: arch)
     g = torch.Generator().manual_seed(d + s_q)
@@ -191,12 +191,22 @@ _GOOD_FWD = {"arch": 90, "head_dim": 128, "dtype": "bf16", "causal": True, "merg
      "needs 458752 B of shared memory at head dim 256 bf16, over the 232448 B of sm_90"),
     (json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "dkdv": [32, 128], "dq": [128], "num_warps": 8,
                   "num_stages": 2}]), "dq=[128]; expected [BLOCK_M, BLOCK_N]"),
+    ("nested", "cannot read it as a JSON tile table (RecursionError"),
+    (json.dumps([_GOOD_FWD, _GOOD_FWD]), "record 1: a second forward record for FwdKey(arch=90"),
+    (json.dumps([dict(_GOOD_FWD, BLOCK_K=64)]), "record 0: unknown field(s) ['BLOCK_K']"),
+    (json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "dtype": "fp32", "dkdv": [32, 128], "dq": [128, 64],
+                  "num_warps": 8, "num_stages": 2}]), "record 0: unknown field(s) ['dtype']; a backward record"),
+    (json.dumps([dict(_GOOD_FWD, arch=9)]), "arch=9; expected a compute capability as an int, e.g. 90"),
+    (json.dumps([{"op": "bwd", "arch": 80, "head_dim": 128, "dkdv": [32, 128], "dq": [128, 64], "num_warps": 8,
+                  "num_stages": 2}, {"op": "bwd", "arch": 80, "head_dim": 100, "dkdv": [16, 16], "dq": [16, 16],
+                                     "num_warps": 4, "num_stages": 2}]),
+     "record 1: a second backward record for sm_80, head dims of bucket 128 (record 0 is the first)"),
 ])
 def test_a_bad_tile_file_is_refused_naming_the_variable_and_record(gpu_tables, tmp_path, monkeypatch, content,
                                                                      needle):
     path = tmp_path / "tiles.json"
     if content is not None:
-        path.write_text(content)
+        path.write_text("[" * 100000 + "]" * 100000 if content == "nested" else content)
     monkeypatch.setenv("RING_ATTN_TILES", str(path))
     for _ in range(2):  # refused on every call, not only the first
         with pytest.raises(ValueError, match="RING_ATTN_TILES=") as e:
@@ -224,3 +234,50 @@ def test_autotune_takes_only_0_or_1(monkeypatch, value):
     for ok in ("0", ""):
         monkeypatch.setenv("RING_ATTN_AUTOTUNE", ok)
         assert tiles.autotune_enabled() is False
+
+
+def test_backward_tile_records_are_per_capability(gpu_tables, tmp_path, monkeypatch):
+    """A record for sm_86 is not used on sm_80 (they have different shared memory), and the file is read again
+    when it changes."""
+    path = tmp_path / "bwd.json"
+    rec = {"op": "bwd", "arch": 86, "head_dim": 128, "dkdv": [16, 16], "dq": [16, 16], "num_warps": 4,
+           "num_stages": 2}
+    path.write_text(json.dumps([rec]))
+    monkeypatch.setenv("RING_ATTN_TILES", str(path))
+    assert tiles.bwd_tiles(128, 86, "bf16")["dkdv"] == (16, 16)
+    assert tiles.bwd_tiles(128, 80, "bf16")["dkdv"] == (32, 128)  # the table's
+    path.write_text(json.dumps([dict(rec, dkdv=[32, 16])]) + "\n" * 3)  # rewritten (another size)
+    assert tiles.bwd_tiles(128, 86, "bf16")["dkdv"] == (32, 16)
+
+
+def test_backward_tiles_refuse_what_cannot_fit(gpu_tables):
+    with pytest.raises(ValueError, match="bwd_tiles: dtype 'float32'; expected one of"):
+        tiles.bwd_tiles(128, 90, "float32")
+    with pytest.raises(RuntimeError, match="needs 98560 B of shared memory per block at head dim 256 fp32 even "
+                                           "with 16x16 tiles; sm_75 has 65536 B"):
+        tiles.bwd_tiles(256, 75, "fp32")
+
+
+@pytest.mark.parametrize("s_q", [40, 1])  # a prefill-shaped and a decode-shaped launch (the decode tile)
+def test_bad_tile_settings_are_refused_on_every_launch_path(tmp_path, monkeypatch, s_q):
+    """Under the interpreter too (where the tables are not read): the Triton forward and backward check
+    RING_ATTN_TILES and RING_ATTN_AUTOTUNE before they launch anything."""
+    from ring_attn import backends
+    q = torch.randn(1, s_q, 2, 16, requires_grad=True)
+    k = torch.randn(1, 40, 2, 16, requires_grad=True)
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    with backends.force("triton"):
+        monkeypatch.setenv("RING_ATTN_TILES", str(path))
+        with pytest.raises(ValueError, match="RING_ATTN_TILES="):
+            ring_attn.flash_attn_func(q, k, k, causal=True)
+        monkeypatch.delenv("RING_ATTN_TILES")
+        monkeypatch.setenv("RING_ATTN_AUTOTUNE", "yes")
+        with pytest.raises(ValueError, match="RING_ATTN_AUTOTUNE='yes'"):
+            ring_attn.flash_attn_func(q, k, k, causal=True)
+        monkeypatch.delenv("RING_ATTN_AUTOTUNE")
+        out = ring_attn.flash_attn_func(q, k, k, causal=True)
+        path.write_text(json.dumps([_GOOD_FWD, _GOOD_FWD]))
+        monkeypatch.setenv("RING_ATTN_TILES", str(path))
+        with pytest.raises(ValueError, match="a second forward record"):
+            out.sum().backward()

@@ -21,8 +21,8 @@ from ring_attn.backends import forward_variant_mode, interpreter_enabled  # noqa
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "bwd_kernel_tile", "smem_estimate", "fits",
            "fwd_acc_regs", "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
-           "dump_tuned", "SMEM_LIMIT", "smem_limit", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count", "split_count",
-           "MAX_SPLITS"]
+           "dump_tuned", "SMEM_LIMIT", "smem_limit", "check_settings", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count",
+           "split_count", "MAX_SPLITS"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability
 # (90 = sm_90). Capabilities of one major differ: sm_80 A100 163 KB, sm_86/89 (RTX 30xx/40xx, L4, L40) 99 KB.
@@ -119,7 +119,12 @@ _FWD_TABLE = [
     ((9, 64, "16", None, None), _tile(128, 64, 8, 3)),
     ((9, 128, "16", None, None), _tile(128, 64, 8, 3)),
     ((9, 256, "16", None, None), _tile(64, 32, 4, 4)),
-    ((9, None, "32", None, None), _tile(64, 32, 4, 2)),
+    # Hopper fp32 (the exact path: `ieee` dots on FMA units, no tensor cores). The larger tiles (M64 N32 w4,
+    # the old entry) made ptxas fall to 32 registers and 7-17 KB of stack; these compile with no spill
+    # (97 / 210 / 209 registers; benchmarks/NOTES.md). Not measured.
+    ((9, 64, "32", None, None), _tile(64, 32, 8, 2)),
+    ((9, 128, "32", None, None), _tile(32, 16, 4, 2)),
+    ((9, 256, "32", None, None), _tile(32, 32, 8, 2)),
     # Ampere / Ada and anything else (not measured; FA2-like tiles that fit 99 KB)
     ((None, 64, "16", None, None), _tile(128, 64, 4, 2)),
     ((None, 128, "16", None, None), _tile(64, 64, 4, 2)),
@@ -136,20 +141,37 @@ def _overrides() -> dict:
     """Tiles loaded from ``RING_ATTN_TILES``: a JSON list of forward records (as :func:`dump_tuned` writes:
     arch, head_dim, dtype, causal, merge, BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by FwdKey, and
     backward records (``"op": "bwd"``, arch, head_dim, dkdv, dq, num_warps, num_stages) keyed by
-    (capability major, head-dim bucket). A file that cannot be read, a malformed record, or a forward tile
-    over its GPU's shared memory raises ValueError naming the variable, the record and what was expected
-    (before any launch; the next call reads the file again)."""
+    (capability, head-dim bucket). A file that cannot be read, a malformed or repeated record, an unknown
+    field, or a forward tile over its GPU's shared memory raises ValueError naming the variable, the record and
+    what was expected. Only shared memory is checked: a listed tile may spill. The file is read again when its
+    path, size or modification time changes."""
     global _loaded
     path = os.environ.get("RING_ATTN_TILES", "")
-    if _loaded is None or _loaded.get("__path__") != path:
-        loaded = {"__path__": path}
+    try:
+        st = os.stat(path) if path else None
+        stamp = (path, st.st_size, st.st_mtime_ns) if st else (path,)
+    except OSError:
+        stamp = (path, None)  # unreadable: _read_tile_file says why
+    if _loaded is None or _loaded.get("__stamp__") != stamp:
+        loaded = {"__stamp__": stamp}
         if path:
             loaded.update(_read_tile_file(path))
         _loaded = loaded
     return _loaded
 
 
+def check_settings() -> None:
+    """Check the tile settings of the environment (``RING_ATTN_TILES``, ``RING_ATTN_AUTOTUNE``): ValueError
+    naming the variable if either is malformed. The Triton launchers call it first, on every call and every
+    path (decode, split-KV, the interpreter), so a bad setting never goes unnoticed."""
+    _overrides()
+    autotune_enabled()
+
+
 _TILE_DTYPES = ("bf16", "fp16", "fp32")
+_FWD_FIELDS = frozenset({"op", "arch", "head_dim", "dtype", "causal", "merge", "BLOCK_M", "BLOCK_N", "num_warps",
+                         "num_stages"})
+_BWD_FIELDS = frozenset({"op", "arch", "head_dim", "dkdv", "dq", "num_warps", "num_stages"})
 
 
 def _read_tile_file(path: str) -> dict:
@@ -157,7 +179,7 @@ def _read_tile_file(path: str) -> dict:
     try:
         with open(path) as f:
             recs = json.load(f)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ValueError(f"{where}: cannot read it as a JSON tile table ({type(exc).__name__}: {exc})") from None
     if not isinstance(recs, list):
         raise ValueError(f"{where}: expected a JSON list of tile records (as tiles.dump_tuned writes), got a "
@@ -176,18 +198,27 @@ def _read_tile_file(path: str) -> dict:
                 raise ValueError(f"{here}: {name}={value!r}; expected {expected}")
             return value
 
+        fields = _BWD_FIELDS if rec.get("op") == "bwd" else _FWD_FIELDS
+        unknown = sorted(set(rec) - fields)
+        if unknown:
+            kind = "backward" if fields is _BWD_FIELDS else "forward"
+            raise ValueError(f"{here}: unknown field(s) {unknown}; a {kind} record has {sorted(fields)}")
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         block = lambda v: is_int(v) and 16 <= v <= 256 and v & (v - 1) == 0  # noqa: E731
         pair = lambda v: isinstance(v, list) and len(v) == 2 and all(block(x) for x in v)  # noqa: E731
-        arch = field("arch", lambda v: is_int(v) and v > 0, "a compute capability as an int, e.g. 90")
+        arch = field("arch", lambda v: is_int(v) and 50 <= v < 1000, "a compute capability as an int, e.g. 90 "
+                     "for sm_90")
         head_dim = field("head_dim", lambda v: is_int(v) and 1 <= v <= 256, "an int in [1, 256]")
         warps = field("num_warps", lambda v: v in (1, 2, 4, 8, 16) and is_int(v), "1, 2, 4, 8 or 16")
         stages = field("num_stages", lambda v: is_int(v) and 1 <= v <= 8, "an int in [1, 8]")
         op = field("op", lambda v: v in ("fwd", "bwd"), "'fwd' or 'bwd'") if "op" in rec else "fwd"
         if op == "bwd":  # {"op": "bwd", "arch", "head_dim", "dkdv", "dq", ...}
             dkdv, dq = (field(n, pair, "[BLOCK_M, BLOCK_N], powers of two in [16, 256]") for n in ("dkdv", "dq"))
-            out[("bwd", arch // 10, _bucket(head_dim))] = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps,
-                                                                num_stages=stages, where=here)
+            key = ("bwd", arch, _bucket(head_dim))
+            if key in out:
+                raise ValueError(f"{here}: a second backward record for sm_{arch}, head dims of bucket "
+                                 f"{_bucket(head_dim)} ({out[key]['where'].split(', ')[-1]} is the first)")
+            out[key] = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps, num_stages=stages, where=here)
             continue
         dtype = field("dtype", lambda v: v in _TILE_DTYPES, f"one of {_TILE_DTYPES}")
         causal, merge = (field(n, lambda v: isinstance(v, bool), "true or false") for n in ("causal", "merge"))
@@ -197,16 +228,19 @@ def _read_tile_file(path: str) -> dict:
         if need > limit:
             raise ValueError(f"{here}: the tile {tile} needs {need} B of shared memory at head dim {head_dim} "
                              f"{dtype}, over the {limit} B of sm_{arch}")
-        out[FwdKey(arch, head_dim, dtype, causal, merge)] = tile
+        key = FwdKey(arch, head_dim, dtype, causal, merge)
+        if key in out:
+            raise ValueError(f"{here}: a second forward record for {key}")
+        out[key] = tile
     return out
 
 
 def fwd_tile(key: FwdKey) -> dict:
     """The forward tile for ``key``: from ``RING_ATTN_TILES`` if it lists the key, else the fixed table.
     Under the interpreter: the small interpreter tile."""
+    over = _overrides().get(key)
     if interpreter_enabled():
         return dict(INTERPRETER_TILE)
-    over = _overrides().get(key)
     if over is not None:
         return dict(over)
     want = (key.arch // 10, _bucket(key.head_dim), "32" if key.dtype == "fp32" else "16", key.causal, key.merge)
@@ -214,7 +248,7 @@ def fwd_tile(key: FwdKey) -> dict:
         if all(p is None or p == w for p, w in zip(pattern, want)):
             if fits(tile, key.head_dim, key.dtype, key.arch):
                 return dict(tile)
-    return _tile(32, 32, 4, 1)  # unreachable for d <= 256; the smallest tile as a last resort
+    return _tile(32, 32, 4, 1)  # no entry fits (sm_75 fp32 at d > 128): the smallest tile as a last resort
 
 
 # Launches whose longest query sequence has at most this many rows (decoding: 1 new token, or a few with
@@ -228,6 +262,7 @@ _FWD_DECODE_TABLE = [
     ((9, 64, "16"), _tile(16, 128, 4, 3)),   # 128 regs, 72 KB
     ((9, 128, "16"), _tile(16, 64, 4, 3)),   # 123 regs, 72 KB
     ((9, 256, "16"), _tile(16, 32, 4, 3)),   # 138 regs, 75 KB
+    ((9, 256, "32"), _tile(16, 16, 4, 2)),   # fp32: 128 regs, no spill (16x32: 32 regs and 6.5 KB of stack)
     ((None, None, None), _tile(16, 32, 4, 2)),
 ]
 
@@ -298,6 +333,9 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     (``RING_ATTN_TILES`` may override them per capability and head-dim bucket).
     dK/dV: BLOCK_N keys stay, BLOCK_M query rows stream; dQ: BLOCK_M query rows stay, BLOCK_N keys stream.
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
+    if dtype not in _TILE_DTYPES:
+        raise ValueError(f"bwd_tiles: dtype {dtype!r}; expected one of {_TILE_DTYPES}")
+    over = _overrides().get(("bwd", arch, _bucket(head_dim)))
     if interpreter_enabled():
         return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
     # sm_90 compile report (benchmarks/NOTES.md). 8 warps = two warpgroups, and each wgmma covers 64 rows
@@ -307,7 +345,6 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     # m64n128 for dK/dV; 216 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
     # d=256: the 128-key dK/dV spills 1 KB (its fp32 dK+dV alone are 256 registers per thread), so dK/dV
     # keeps 64 keys (104 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
-    over = _overrides().get(("bwd", arch // 10, _bucket(head_dim)))
     if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
         over = dict(over)
         where = over.pop("where")
@@ -317,6 +354,11 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
                 raise ValueError(f"{where}: the {which} tile {over[which]} needs {need} B of shared memory at head "
                                  f"dim {head_dim} {dtype}, over the {limit} B of sm_{arch}")
         return over
+    if arch // 10 == 9 and dtype == "fp32":
+        # fp32 (`ieee` dots on FMA units): the 16-bit tiles made ptxas fall to 32 registers and 8-27 KB of
+        # stack; these compile with no spill (d=256 dK/dV: 24 B; benchmarks/NOTES.md). Not measured.
+        t = dict(dkdv=(16, 64), dq=(64, 16), num_warps=8, num_stages=2)
+        return t if head_dim <= 128 else dict(t, dkdv=(16, 32), dq=(32, 16))
     if head_dim <= 64:
         t = dict(dkdv=(64, 128), dq=(128, 64), num_warps=8, num_stages=2)
     elif head_dim <= 128:
@@ -350,6 +392,11 @@ def _shrink_to_fit(t: dict, which: str, head_dim: int, dtype: str, arch: int) ->
                 bn //= 2
             else:
                 break
+    need = smem_estimate(_tile(bm, bn, t["num_warps"], t["num_stages"]), head_dim, dtype, kernel)
+    if need > smem_limit(arch):
+        raise RuntimeError(f"the Triton backward needs {need} B of shared memory per block at head dim {head_dim} "
+                           f"{dtype} even with {bm}x{bn} tiles; sm_{arch} has {smem_limit(arch)} B: use a 16-bit "
+                           "dtype or another backend (ring_attn.backends.force)")
     return bm, bn
 
 
