@@ -223,3 +223,62 @@ def test_misspelt_kernel_switches_raise_on_every_backend(var, value, monkeypatch
     for name in ("native", "reference"):
         with backends.force(name), pytest.raises(ValueError, match=f"{var}='{value}'"):
             ring_attn.flash_attn_func(q, q, q, causal=True)
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (this machine may have no GPU): what the device guard reads."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current device: each protocol function of the triton backend makes its first tensor
+    argument's GPU current for the call (a model spread over GPUs, e.g. device_map="auto", calls on cuda:1 from a
+    process whose current device is cuda:0), and leaves CPU tensors and calls already on that device alone."""
+    pytest.importorskip("triton")
+    import ring_attn.backends.triton as tb
+
+    entered, seen = [], []
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(torch.device(device).index)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    current = {"index": 0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    fn = tb.on_tensor_device(lambda *a, **k: seen.append((len(entered), k.get("tag"))) or "result")
+    x = torch.zeros(2).as_subclass(_OnCuda1)
+    assert fn(None, x, tag="a") == "result" and entered == [1] and seen == [(1, "a")]  # first *tensor* argument
+    current["index"] = 1
+    fn(x, tag="b")  # already current: no switch
+    fn(torch.zeros(2), tag="c")  # CPU: no switch
+    assert entered == [1] and seen[1:] == [(1, "b"), (1, "c")]
+    for name in PROTOCOL_FUNCTIONS:  # every entry point the dispatcher calls goes through the guard
+        assert getattr(tb, name).__wrapped__ is getattr(tb.attention if name != "rope" else
+                                                        sys.modules["ring_attn.backends.triton.rope"], name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_flash_attn_on_the_second_gpu_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 4, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    want = ring_attn.flash_attn_func(*(t.cuda(0) for t in (q, k, v)), causal=True)
+    qs, ks, vs = (t.cuda(1).requires_grad_() for t in (q, k, v))
+    got = ring_attn.flash_attn_func(qs, ks, vs, causal=True)
+    got.float().sum().backward()
+    assert torch.equal(got.cpu(), want.cpu()) and torch.cuda.current_device() == 0
+    assert all(t.grad is not None and t.grad.device.index == 1 for t in (qs, ks, vs))
