@@ -32,13 +32,13 @@ def test_llama3_8b_to_262k_numbers():
     assert p["attention_scaling"] == pytest.approx(y["attention_factor"])
 
 
-
 def test_equal_yarn_betas_are_planned_as_the_rope_reader_computes_them():
     # transformers and rope_scaling accept beta_fast == beta_slow (a one-pair ramp); so does the plan
     p = rope_plan.plan(128, 5e5, 8192, 262144, "yarn", beta_fast=4.0, beta_slow=4.0)
     inv, _ = rope_scaling.rope_parameters("yarn", 128, 5e5, factor=32.0, original_max_position_embeddings=8192,
                                           beta_fast=4.0, beta_slow=4.0)
     assert [r["inv_freq"] for r in p["pairs"]] == pytest.approx(inv.tolist(), rel=1e-12)
+
 
 @given(theta=st.floats(1e3, 1e9), trained=st.integers(64, 1 << 20), ratio=st.floats(1.0, 256.0),
        d=st.sampled_from([32, 64, 128]))

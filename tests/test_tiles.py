@@ -14,8 +14,9 @@ from ring_attn.backends.triton.attention_kernels import fwd_kernel
 
 from accuracy import BACKWARD, FORWARD, assert_within_rule
 
-KEYS = [tiles.FwdKey(arch, d, dt, causal, merge) for arch in (80, 86, 89, 90) for d in (16, 32, 64, 80, 96, 128,
-        192, 256) for dt in ("bf16", "fp16", "fp32") for causal in (False, True) for merge in (False, True)]
+KEYS = [tiles.FwdKey(arch, d, dt, causal, merge) for arch in (75, 80, 86, 89, 90, 100, 120)
+        for d in (16, 32, 64, 80, 96, 128, 192, 256) for dt in ("bf16", "fp16", "fp32") for causal in (False, True)
+        for merge in (False, True)]
 
 
 @pytest.fixture
@@ -45,7 +46,6 @@ def test_every_shipped_forward_tile_passes_the_static_checks(gpu_tables):
         assert (t["BLOCK_M"], t["num_warps"]) == (128, 8)
 
 
-
 def test_every_backward_tile_fits_its_gpu_and_dtype(gpu_tables):
     """Both backward kernels' tiles fit the shared memory of every capability, in every dtype: the sm_90
     16-bit table is used as it is, and elsewhere a tile over the limit is shrunk (the d=256 dQ tile needs
@@ -54,7 +54,7 @@ def test_every_backward_tile_fits_its_gpu_and_dtype(gpu_tables):
         for d in (16, 32, 64, 80, 96, 128, 192, 256):
             for dt in ("bf16", "fp16", "fp32"):
                 if arch == 75 and dt == "fp32" and d > 128:
-                    continue  # T4's 64 KB: even 16x16 tiles of d=256 fp32 are over it (a launch error there)
+                    continue  # T4's 64 KB: even 16x16 tiles of d=256 fp32 are over it (RuntimeError, below)
                 t = tiles.bwd_tiles(d, arch, dt)
                 assert t == tiles.bwd_tiles(d, arch, dt)  # a pure function of the key
                 for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
@@ -75,6 +75,7 @@ def test_shared_memory_limits_per_capability():
     assert tiles.smem_limit(90) == 232448 and tiles.smem_limit(80) == 166912
     assert tiles.smem_limit(86) == tiles.smem_limit(89) == 101376  # not A100's 163 KB: same major, less memory
     assert tiles.smem_limit(999) == 101376
+
 
 def test_prune_drops_configs_over_shared_memory_or_the_spill_edge():
     big = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
@@ -100,21 +101,33 @@ def test_backward_tiles_have_one_row_block_per_warpgroup(gpu_tables):
 def test_tuned_table_round_trips(gpu_tables, tmp_path, monkeypatch):
     import triton
 
-    class FakeTuner:  # what triton.autotune keeps: key values (+ arg dtypes) -> winning Config
-        cache = {(128, True, False, "tf32", False, 4096, "torch.bfloat16", "torch.bfloat16"):
+    def cache_key(**vals):  # what triton.autotune keys its cache by: the key values, then the arg dtypes
+        return tuple(vals[n] for n in fwd_kernel.keys) + tuple(vals["dtypes"])
+
+    base = dict(HEAD_DIM=128, CAUSAL=True, VARLEN=False, DOT_PRECISION="tf32", MERGE=False, ALIBI=False)
+
+    class FakeTuner:
+        keys = fwd_kernel.keys
+        cache = {cache_key(**base, seqlen_q=4096, dtypes=["torch.bfloat16"] * 2):
+                 triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+                 cache_key(**base, seqlen_q=16384, dtypes=["torch.bfloat16"] * 2):  # the longer one wins
                  triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-                 (64, False, False, "tf32", True, 4096, "torch.float16", "torch.float32"):
+                 cache_key(**dict(base, HEAD_DIM=64, CAUSAL=False, MERGE=True), seqlen_q=4096,
+                           dtypes=["torch.float16", "torch.float32"]):
                  triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)}
 
+    assert {"ALIBI", "seqlen_q"} <= set(FakeTuner.keys)  # the real layout: Q's dtype comes after all of them
     path = tmp_path / "tuned.json"
     recs = tiles.dump_tuned(FakeTuner(), str(path), arch=90)
-    assert recs == json.loads(path.read_text())
+    assert recs == json.loads(path.read_text()) and len(recs) == 2
+    assert {r["dtype"] for r in recs} == {"bf16", "fp16"}
     key = tiles.FwdKey(90, 128, "bf16", True, False)
     shipped = tiles.fwd_tile(key)
     monkeypatch.setenv("RING_ATTN_TILES", str(path))
     assert tiles.fwd_tile(key) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert tiles.fwd_tile(key._replace(merge=True)) == shipped  # keys the file does not list: the table
     assert tiles.fwd_tile(tiles.FwdKey(90, 64, "fp16", False, True))["BLOCK_N"] == 32
+    assert tiles.fwd_tile(tiles.FwdKey(90, 64, "bf16", False, True)) != recs[0]  # fp16's record is fp16's only
     monkeypatch.setenv("RING_ATTN_TILES", "")
     assert tiles.fwd_tile(key) == shipped
 
@@ -194,13 +207,13 @@ _GOOD_FWD = {"arch": 90, "head_dim": 128, "dtype": "bf16", "causal": True, "merg
     ("nested", "cannot read it as a JSON tile table (RecursionError"),
     (json.dumps([_GOOD_FWD, _GOOD_FWD]), "record 1: a second forward record for FwdKey(arch=90"),
     (json.dumps([dict(_GOOD_FWD, BLOCK_K=64)]), "record 0: unknown field(s) ['BLOCK_K']"),
-    (json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "dtype": "fp32", "dkdv": [32, 128], "dq": [128, 64],
-                  "num_warps": 8, "num_stages": 2}]), "record 0: unknown field(s) ['dtype']; a backward record"),
+    (json.dumps([{"op": "bwd", "arch": 90, "head_dim": 128, "causal": True, "dkdv": [32, 128], "dq": [128, 64],
+                  "num_warps": 8, "num_stages": 2}]), "record 0: unknown field(s) ['causal']; a backward record"),
     (json.dumps([dict(_GOOD_FWD, arch=9)]), "arch=9; expected a compute capability as an int, e.g. 90"),
     (json.dumps([{"op": "bwd", "arch": 80, "head_dim": 128, "dkdv": [32, 128], "dq": [128, 64], "num_warps": 8,
                   "num_stages": 2}, {"op": "bwd", "arch": 80, "head_dim": 100, "dkdv": [16, 16], "dq": [16, 16],
                                      "num_warps": 4, "num_stages": 2}]),
-     "record 1: a second backward record for sm_80, head dims of bucket 128 (record 0 is the first)"),
+     "record 1: a second backward record for sm_80, head dims of bucket 128, fp16/bf16"),
 ])
 def test_a_bad_tile_file_is_refused_naming_the_variable_and_record(gpu_tables, tmp_path, monkeypatch, content,
                                                                      needle):
@@ -214,16 +227,25 @@ def test_a_bad_tile_file_is_refused_naming_the_variable_and_record(gpu_tables, t
         assert needle in str(e.value)
 
 
-def test_a_backward_tile_file_entry_over_shared_memory_is_refused_for_that_dtype(gpu_tables, tmp_path,
-                                                                                  monkeypatch):
+def test_backward_tile_records_serve_their_dtype_class(gpu_tables, tmp_path, monkeypatch):
+    """A backward record without a dtype serves fp16/bf16 (fp32 keeps its own table); one with "dtype": "fp32"
+    serves fp32 and is checked against shared memory in fp32 when the file is read."""
     path = tmp_path / "bwd.json"
-    path.write_text(json.dumps([{"op": "bwd", "arch": 90, "head_dim": 256, "dkdv": [16, 64], "dq": [128, 32],
-                                 "num_warps": 8, "num_stages": 2}]))
+    rec = {"op": "bwd", "arch": 90, "head_dim": 256, "dkdv": [16, 64], "dq": [128, 32], "num_warps": 8,
+           "num_stages": 2}
+    path.write_text(json.dumps([rec]))
     monkeypatch.setenv("RING_ATTN_TILES", str(path))
     assert tiles.bwd_tiles(256, 90, "bf16")["dq"] == (128, 32)  # 192 KB: fits sm_90 in 16 bits
-    with pytest.raises(ValueError, match=r"record 0: the dq tile \(128, 32\) needs 393216 B .* fp32, over the "
+    assert tiles.bwd_tiles(256, 90, "fp32")["dq"] == (32, 16)  # the fp32 table, not the 16-bit record
+    path2 = tmp_path / "bwd32.json"
+    path2.write_text(json.dumps([rec, dict(rec, dtype="fp32")]))
+    monkeypatch.setenv("RING_ATTN_TILES", str(path2))
+    with pytest.raises(ValueError, match=r"record 1: the dq tile \(128, 32\) needs 393216 B .* in fp32, over the "
                                          r"232448 B of sm_90"):
-        tiles.bwd_tiles(256, 90, "fp32")
+        tiles.bwd_tiles(256, 90, "bf16")
+    path2.write_text(json.dumps([rec, dict(rec, dtype="fp32", dkdv=[16, 32], dq=[32, 16])]))
+    monkeypatch.setenv("RING_ATTN_TILES", str(path2) + "")  # a failed read is retried
+    assert tiles.bwd_tiles(256, 90, "fp32") == dict(dkdv=(16, 32), dq=(32, 16), num_warps=8, num_stages=2)
 
 
 @pytest.mark.parametrize("value", ["yes", "true", "2", " 1"])
@@ -237,8 +259,8 @@ def test_autotune_takes_only_0_or_1(monkeypatch, value):
 
 
 def test_backward_tile_records_are_per_capability(gpu_tables, tmp_path, monkeypatch):
-    """A record for sm_86 is not used on sm_80 (they have different shared memory), and the file is read again
-    when it changes."""
+    """A record for sm_86 is not used on sm_80 (they have different shared memory); a file is read once per
+    value of RING_ATTN_TILES."""
     path = tmp_path / "bwd.json"
     rec = {"op": "bwd", "arch": 86, "head_dim": 128, "dkdv": [16, 16], "dq": [16, 16], "num_warps": 4,
            "num_stages": 2}
@@ -246,7 +268,11 @@ def test_backward_tile_records_are_per_capability(gpu_tables, tmp_path, monkeypa
     monkeypatch.setenv("RING_ATTN_TILES", str(path))
     assert tiles.bwd_tiles(128, 86, "bf16")["dkdv"] == (16, 16)
     assert tiles.bwd_tiles(128, 80, "bf16")["dkdv"] == (32, 128)  # the table's
-    path.write_text(json.dumps([dict(rec, dkdv=[32, 16])]) + "\n" * 3)  # rewritten (another size)
+    path.write_text(json.dumps([dict(rec, dkdv=[32, 16])]))  # edited during the run: read once per path
+    assert tiles.bwd_tiles(128, 86, "bf16")["dkdv"] == (16, 16)
+    other = tmp_path / "bwd2.json"
+    other.write_text(path.read_text())
+    monkeypatch.setenv("RING_ATTN_TILES", str(other))
     assert tiles.bwd_tiles(128, 86, "bf16")["dkdv"] == (32, 16)
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "interpreter_enabled",
     "backward_mode",
     "forward_variant_mode",
+    "autotune_mode",
+    "check_tile_file",
     "check_deterministic",
     "native_available",
     "not_supported_reasons",
@@ -241,13 +243,39 @@ def forward_variant_mode() -> str:
     return mode
 
 
+def autotune_mode() -> bool:
+    """``RING_ATTN_AUTOTUNE``: ``1`` picks the Triton forward's tile by timing; ``0`` or unset: the fixed tile
+    table. Raises ValueError for any other value."""
+    value = os.environ.get("RING_ATTN_AUTOTUNE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"RING_ATTN_AUTOTUNE={value!r}: expected '1' (pick the forward's tile by timing), '0' or "
+                         "unset (the fixed tile table)")
+    return value == "1"
+
+
+def check_tile_file() -> None:
+    """``RING_ATTN_TILES``, when set and Triton is installed: the tile table is read and checked now
+    (``ring_attn.backends.triton.tiles``; ValueError naming the variable and the record), not first inside a
+    kernel launch. Without Triton no kernel reads it."""
+    if not os.environ.get("RING_ATTN_TILES"):
+        return
+    try:
+        tiles = importlib.import_module("ring_attn.backends.triton.tiles")
+    except ImportError:
+        return
+    tiles.check_settings()
+
+
 def check_deterministic(deterministic: bool, name: str = "") -> None:
     """flash-attn's ``deterministic``: every backward here is bitwise deterministic except the opt-in
     ``RING_ATTN_BWD=fused``; asking for ``deterministic=True`` under it is a contradiction, refused (ValueError
     naming both) before anything runs, instead of silently giving run-to-run different gradients. Also checks
-    the values of the kernel switches ``RING_ATTN_BWD`` / ``RING_ATTN_FWD`` at every call, whichever backend
-    runs it (a misspelt switch is an error on the CPU too, not only where the Triton kernels read it)."""
+    the kernel settings ``RING_ATTN_BWD`` / ``RING_ATTN_FWD`` / ``RING_ATTN_AUTOTUNE`` / ``RING_ATTN_TILES`` at
+    every call, whichever backend runs it (a misspelt switch is an error on the CPU too, not only where the
+    Triton kernels read it; in the ring, before any collective)."""
     forward_variant_mode()
+    autotune_mode()
+    check_tile_file()
     if backward_mode() == "atomic" and deterministic:
         raise ValueError(f"{name + ': ' if name else ''}deterministic=True, but RING_ATTN_BWD=fused selects the Triton backward with "
                          f"unordered fp32 atomics (not bitwise reproducible); unset RING_ATTN_BWD or use "

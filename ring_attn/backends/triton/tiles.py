@@ -17,7 +17,7 @@ import json
 import os
 from typing import NamedTuple, Optional
 
-from ring_attn.backends import forward_variant_mode, interpreter_enabled  # noqa: F401 - re-exported
+from ring_attn.backends import autotune_mode, forward_variant_mode, interpreter_enabled  # noqa: F401 - re-exported
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "bwd_kernel_tile", "smem_estimate", "fits",
            "fwd_acc_regs", "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
@@ -26,8 +26,8 @@ __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "bwd_kernel_tile
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability
 # (90 = sm_90). Capabilities of one major differ: sm_80 A100 163 KB, sm_86/89 (RTX 30xx/40xx, L4, L40) 99 KB.
-SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
-              120: 101376}
+SMEM_LIMIT = {70: 98304, 72: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+              100: 232448, 103: 232448, 120: 101376}
 _SMEM_DEFAULT = 101376  # an unknown capability: the limit of the consumer GPUs
 
 
@@ -54,6 +54,10 @@ def _tile(bm, bn, w, s):
 
 def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _dtype_class(dtype: str) -> str:
+    return "32" if dtype == "fp32" else "16"
 
 
 def _elt(dtype: str) -> int:
@@ -140,20 +144,16 @@ def _bucket(head_dim: int) -> int:
 def _overrides() -> dict:
     """Tiles loaded from ``RING_ATTN_TILES``: a JSON list of forward records (as :func:`dump_tuned` writes:
     arch, head_dim, dtype, causal, merge, BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by FwdKey, and
-    backward records (``"op": "bwd"``, arch, head_dim, dkdv, dq, num_warps, num_stages) keyed by
-    (capability, head-dim bucket). A file that cannot be read, a malformed or repeated record, an unknown
-    field, or a forward tile over its GPU's shared memory raises ValueError naming the variable, the record and
-    what was expected. Only shared memory is checked: a listed tile may spill. The file is read again when its
-    path, size or modification time changes."""
+    backward records (``"op": "bwd"``, arch, head_dim, dkdv, dq, num_warps, num_stages and an optional dtype:
+    absent, the record serves fp16/bf16; ``"fp32"``, fp32), keyed by (capability, head-dim bucket, dtype
+    class). A file that cannot be read, a malformed or repeated record, an unknown field, or a tile over its
+    GPU's shared memory raises ValueError naming the variable, the record and what was expected. Only shared
+    memory is checked: a listed tile may spill. The file is read once per value of the variable (a file edited
+    during a run does not change the tiles, and so the bits, half way); a failed read is retried at every call."""
     global _loaded
     path = os.environ.get("RING_ATTN_TILES", "")
-    try:
-        st = os.stat(path) if path else None
-        stamp = (path, st.st_size, st.st_mtime_ns) if st else (path,)
-    except OSError:
-        stamp = (path, None)  # unreadable: _read_tile_file says why
-    if _loaded is None or _loaded.get("__stamp__") != stamp:
-        loaded = {"__stamp__": stamp}
+    if _loaded is None or _loaded.get("__path__") != path:
+        loaded = {"__path__": path}
         if path:
             loaded.update(_read_tile_file(path))
         _loaded = loaded
@@ -165,13 +165,13 @@ def check_settings() -> None:
     naming the variable if either is malformed. The Triton launchers call it first, on every call and every
     path (decode, split-KV, the interpreter), so a bad setting never goes unnoticed."""
     _overrides()
-    autotune_enabled()
+    autotune_mode()
 
 
 _TILE_DTYPES = ("bf16", "fp16", "fp32")
 _FWD_FIELDS = frozenset({"op", "arch", "head_dim", "dtype", "causal", "merge", "BLOCK_M", "BLOCK_N", "num_warps",
                          "num_stages"})
-_BWD_FIELDS = frozenset({"op", "arch", "head_dim", "dkdv", "dq", "num_warps", "num_stages"})
+_BWD_FIELDS = frozenset({"op", "arch", "head_dim", "dtype", "dkdv", "dq", "num_warps", "num_stages"})
 
 
 def _read_tile_file(path: str) -> dict:
@@ -214,11 +214,20 @@ def _read_tile_file(path: str) -> dict:
         op = field("op", lambda v: v in ("fwd", "bwd"), "'fwd' or 'bwd'") if "op" in rec else "fwd"
         if op == "bwd":  # {"op": "bwd", "arch", "head_dim", "dkdv", "dq", ...}
             dkdv, dq = (field(n, pair, "[BLOCK_M, BLOCK_N], powers of two in [16, 256]") for n in ("dkdv", "dq"))
-            key = ("bwd", arch, _bucket(head_dim))
+            dtype = field("dtype", lambda v: v in _TILE_DTYPES, f"one of {_TILE_DTYPES} (absent: fp16/bf16)") \
+                if "dtype" in rec else "bf16"
+            key = ("bwd", arch, _bucket(head_dim), _dtype_class(dtype))
             if key in out:
                 raise ValueError(f"{here}: a second backward record for sm_{arch}, head dims of bucket "
-                                 f"{_bucket(head_dim)} ({out[key]['where'].split(', ')[-1]} is the first)")
-            out[key] = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps, num_stages=stages, where=here)
+                                 f"{_bucket(head_dim)}, {'fp32' if key[3] == '32' else 'fp16/bf16'}")
+            over = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps, num_stages=stages)
+            for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
+                need = smem_estimate(bwd_kernel_tile(over, which), _bucket(head_dim), dtype, kernel)
+                if need > smem_limit(arch):
+                    raise ValueError(f"{here}: the {which} tile {over[which]} needs {need} B of shared memory at "
+                                     f"head dims up to {_bucket(head_dim)} in {dtype}, over the {smem_limit(arch)} "
+                                     f"B of sm_{arch}")
+            out[key] = over
             continue
         dtype = field("dtype", lambda v: v in _TILE_DTYPES, f"one of {_TILE_DTYPES}")
         causal, merge = (field(n, lambda v: isinstance(v, bool), "true or false") for n in ("causal", "merge"))
@@ -248,7 +257,7 @@ def fwd_tile(key: FwdKey) -> dict:
         if all(p is None or p == w for p, w in zip(pattern, want)):
             if fits(tile, key.head_dim, key.dtype, key.arch):
                 return dict(tile)
-    return _tile(32, 32, 4, 1)  # no entry fits (sm_75 fp32 at d > 128): the smallest tile as a last resort
+    return _tile(16, 16, 4, 1)  # no entry fits (sm_75 fp32 at d > 128): the smallest tile (48 KB at d=256 fp32)
 
 
 # Launches whose longest query sequence has at most this many rows (decoding: 1 new token, or a few with
@@ -262,7 +271,7 @@ _FWD_DECODE_TABLE = [
     ((9, 64, "16"), _tile(16, 128, 4, 3)),   # 128 regs, 72 KB
     ((9, 128, "16"), _tile(16, 64, 4, 3)),   # 123 regs, 72 KB
     ((9, 256, "16"), _tile(16, 32, 4, 3)),   # 138 regs, 75 KB
-    ((9, 256, "32"), _tile(16, 16, 4, 2)),   # fp32: 128 regs, no spill (16x32: 32 regs and 6.5 KB of stack)
+    ((9, 256, "32"), _tile(16, 16, 4, 2)),   # fp32: 192 regs, no spill (16x32: 32 regs and 6.5 KB of stack)
     ((None, None, None), _tile(16, 32, 4, 2)),
 ]
 
@@ -335,7 +344,7 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
     if dtype not in _TILE_DTYPES:
         raise ValueError(f"bwd_tiles: dtype {dtype!r}; expected one of {_TILE_DTYPES}")
-    over = _overrides().get(("bwd", arch, _bucket(head_dim)))
+    over = _overrides().get(("bwd", arch, _bucket(head_dim), _dtype_class(dtype)))
     if interpreter_enabled():
         return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
     # sm_90 compile report (benchmarks/NOTES.md). 8 warps = two warpgroups, and each wgmma covers 64 rows
@@ -345,15 +354,8 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     # m64n128 for dK/dV; 216 B stack, touched only between the inner loops), dQ m64n64/m64n128, no spill.
     # d=256: the 128-key dK/dV spills 1 KB (its fp32 dK+dV alone are 256 registers per thread), so dK/dV
     # keeps 64 keys (104 B); dQ takes 128 rows (no spill, m64n32 instead of m64n8).
-    if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability and head-dim bucket
-        over = dict(over)
-        where = over.pop("where")
-        for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
-            need, limit = smem_estimate(bwd_kernel_tile(over, which), head_dim, dtype, kernel), smem_limit(arch)
-            if need > limit:
-                raise ValueError(f"{where}: the {which} tile {over[which]} needs {need} B of shared memory at head "
-                                 f"dim {head_dim} {dtype}, over the {limit} B of sm_{arch}")
-        return over
+    if over is not None:  # RING_ATTN_TILES lists backward tiles for this capability, head dims and dtype class
+        return dict(over)  # (checked against shared memory when the file was read)
     if arch // 10 == 9 and dtype == "fp32":
         # fp32 (`ieee` dots on FMA units): the 16-bit tiles made ptxas fall to 32 registers and 8-27 KB of
         # stack; these compile with no spill (d=256 dK/dV: 24 B; benchmarks/NOTES.md). Not measured.
@@ -431,27 +433,31 @@ _FWD_TMA_TABLE = {64: _tile(128, 128, 4, 2), 128: _tile(128, 128, 4, 2)}
 
 
 def autotune_enabled() -> bool:
-    """True when ``RING_ATTN_AUTOTUNE=1``: the forward times its candidates instead of using the table (never
-    under the interpreter). ``0`` or unset: the table. Anything else raises ValueError."""
-    value = os.environ.get("RING_ATTN_AUTOTUNE", "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"RING_ATTN_AUTOTUNE={value!r}: expected '1' (pick the forward's tile by timing), '0' or "
-                         "unset (the fixed tile table)")
-    return value == "1" and not interpreter_enabled()
+    """True when ``RING_ATTN_AUTOTUNE=1`` (:func:`ring_attn.backends.autotune_mode`; other values raise): the
+    forward times its candidates instead of using the table (never under the interpreter)."""
+    return autotune_mode() and not interpreter_enabled()
 
 
 def dump_tuned(autotuner, path: str, arch: int) -> list:
     """Write the configs ``autotuner`` (the forward's ``triton.autotune`` object) has picked so far as a
     JSON tile table for ``RING_ATTN_TILES``; returns the records. Its cache keys are the values of the
-    autotune key ``(HEAD_DIM, CAUSAL, VARLEN, DOT_PRECISION, MERGE, seqlen_q)`` followed by dtypes."""
-    recs = []
+    autotune key (``autotuner.keys``: HEAD_DIM, CAUSAL, VARLEN, DOT_PRECISION, MERGE, ALIBI, seqlen_q) followed
+    by the dtypes of the tensor arguments, Q's first. Launches that differ only in what the table does not key
+    (sequence length, varlen, ALiBi) give one record: the longest ``seqlen_q``'s pick."""
+    names = list(autotuner.keys)
+    best = {}
     for key, cfg in autotuner.cache.items():
-        head_dim, causal, _varlen, _prec, merge = key[:5]
-        q_dtype = str(key[6]) if len(key) > 6 else "torch.bfloat16"  # the first tensor argument is Q
+        vals = dict(zip(names, key))
+        q_dtype = str(key[len(names)]) if len(key) > len(names) else "torch.bfloat16"
         dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(q_dtype, "bf16")
-        recs.append(dict(arch=arch, head_dim=int(head_dim), dtype=dtype, causal=bool(causal), merge=bool(merge),
-                         BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"],
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        fkey = (int(vals["HEAD_DIM"]), dtype, bool(vals["CAUSAL"]), bool(vals["MERGE"]))
+        length = int(vals.get("seqlen_q", 0))
+        if fkey not in best or length > best[fkey][0]:
+            best[fkey] = (length, cfg)
+    recs = [dict(arch=arch, head_dim=head_dim, dtype=dtype, causal=causal, merge=merge,
+                 BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)
+            for (head_dim, dtype, causal, merge), (_, cfg) in sorted(best.items())]
     with open(path, "w") as f:
         json.dump(recs, f, indent=1)
     return recs
