@@ -132,6 +132,24 @@ def test_tuned_table_round_trips(gpu_tables, tmp_path, monkeypatch):
     assert tiles.fwd_tile(key) == shipped
 
 
+def test_tune_tiles_script_dumps_the_autotuner(monkeypatch):
+    """scripts/tune_tiles.py (GPU only) hands dump_tuned the triton.autotune object, not the launcher's table
+    wrapper (which has no cache: the script would fail after tuning)."""
+    import importlib.util
+    from pathlib import Path
+
+    import triton
+
+    monkeypatch.setenv("RING_ATTN_AUTOTUNE", "1")  # the script sets it on import; monkeypatch restores it
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tune_tiles.py"
+    spec = importlib.util.spec_from_file_location("tune_tiles_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tuner = mod.autotuner()
+    assert isinstance(tuner, triton.runtime.Autotuner) and isinstance(tuner.cache, dict)
+    assert list(tuner.keys) == list(fwd_kernel.keys)
+
+
 def test_autotune_key_separates_merge_and_length():
     assert {"MERGE", "seqlen_q", "HEAD_DIM", "CAUSAL"} <= set(fwd_kernel.keys)
 
