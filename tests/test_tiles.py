@@ -304,8 +304,8 @@ def test_backward_tiles_refuse_what_cannot_fit(gpu_tables):
 
 @pytest.mark.parametrize("s_q", [40, 1])  # a prefill-shaped and a decode-shaped launch (the decode tile)
 def test_bad_tile_settings_are_refused_on_every_launch_path(tmp_path, monkeypatch, s_q):
-    """Under the interpreter too (where the tables are not read): the Triton forward and backward check
-    RING_ATTN_TILES and RING_ATTN_AUTOTUNE before they launch anything."""
+    """Under the interpreter too (where the tables are not read): every attention call, forward and backward,
+    checks RING_ATTN_TILES and RING_ATTN_AUTOTUNE before a backend launches anything (the block API's checks)."""
     from ring_attn import backends
     q = torch.randn(1, s_q, 2, 16, requires_grad=True)
     k = torch.randn(1, 40, 2, 16, requires_grad=True)

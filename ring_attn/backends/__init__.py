@@ -40,6 +40,7 @@ __all__ = [
     "forward_variant_mode",
     "autotune_mode",
     "check_tile_file",
+    "check_kernel_settings",
     "check_deterministic",
     "native_available",
     "not_supported_reasons",
@@ -266,16 +267,23 @@ def check_tile_file() -> None:
     tiles.check_settings()
 
 
+def check_kernel_settings() -> None:
+    """The kernel settings ``RING_ATTN_BWD`` / ``RING_ATTN_FWD`` / ``RING_ATTN_AUTOTUNE`` / ``RING_ATTN_TILES``:
+    ValueError for a malformed one, whichever backend runs the call (a misspelt switch is an error on the CPU
+    too, not only where the Triton kernels read it). The block API (every attention call's way into a backend)
+    and :func:`check_deterministic` call it."""
+    backward_mode()
+    forward_variant_mode()
+    autotune_mode()
+    check_tile_file()
+
+
 def check_deterministic(deterministic: bool, name: str = "") -> None:
     """flash-attn's ``deterministic``: every backward here is bitwise deterministic except the opt-in
     ``RING_ATTN_BWD=fused``; asking for ``deterministic=True`` under it is a contradiction, refused (ValueError
     naming both) before anything runs, instead of silently giving run-to-run different gradients. Also checks
-    the kernel settings ``RING_ATTN_BWD`` / ``RING_ATTN_FWD`` / ``RING_ATTN_AUTOTUNE`` / ``RING_ATTN_TILES`` at
-    every call, whichever backend runs it (a misspelt switch is an error on the CPU too, not only where the
-    Triton kernels read it; in the ring, before any collective)."""
-    forward_variant_mode()
-    autotune_mode()
-    check_tile_file()
+    the kernel settings at every call (:func:`check_kernel_settings`; in the ring, before any collective)."""
+    check_kernel_settings()
     if backward_mode() == "atomic" and deterministic:
         raise ValueError(f"{name + ': ' if name else ''}deterministic=True, but RING_ATTN_BWD=fused selects the Triton backward with "
                          f"unordered fp32 atomics (not bitwise reproducible); unset RING_ATTN_BWD or use "

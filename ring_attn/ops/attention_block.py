@@ -81,7 +81,9 @@ def _mask_mode(window, softcap) -> tuple[tuple[int, int], float]:
 
 def _check_block(name: str, q, k, v, packed: bool, softmax_scale, causal, causal_offset) -> float:
     """The host-side checks every block call gets (shapes, dtypes, scalars; no data read): the kernels index k/v
-    by q's batch, heads and head dim, so a mismatch would read out of bounds. Returns the scale as a float."""
+    by q's batch, heads and head dim, so a mismatch would read out of bounds. Also the kernel settings of the
+    environment (``backends.check_kernel_settings``). Returns the scale as a float."""
+    backends.check_kernel_settings()
     try:
         check_qkv(q, k, v, packed, max_head_dim=None)  # (head dims: each backend's capability)
         scale = check_scale(softmax_scale, q.shape[-1])

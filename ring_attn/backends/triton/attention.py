@@ -246,7 +246,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     decoding-shaped grids that would leave SMs idle), 1 = one pass over the keys, n > 1 = n key ranges (at
     most one per key block and ``tiles.MAX_SPLITS``) run in parallel and combined by LSE; equal up to rounding,
     and the same split count always gives the same bits."""
-    tiles.check_settings()  # RING_ATTN_TILES / RING_ATTN_AUTOTUNE, whichever path this launch takes
     q4, k4, v4, o4, l3 = _as4d(q), _as4d(k), _as4d(v), _as4d(out), _as3d_lse(lse)
     b, s_q, h_q, d = q4.shape
     s_k, h_kv = k4.shape[1], k4.shape[2]
@@ -387,7 +386,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ``fused-ordered``, a zeroed counter per (head, query block). What each mode costs in time on a GPU is
     measured by ``scripts/gpu_check.sh`` (benchmarks/NOTES.md, "the 5-matmul backward"). ``alibi``: fp32
     slopes ``[n_batch, h_q]`` or None, in every mode."""
-    tiles.check_settings()
     q4, k4, v4, do4 = _as4d(q), _as4d(k), _as4d(v), _as4d(dout)
     dq4, dk4, dv4 = _as4d(dq), _as4d(dk), _as4d(dv)
     l3, d3 = _as3d_lse(lse), _as3d_lse(delta)

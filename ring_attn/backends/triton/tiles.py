@@ -162,8 +162,9 @@ def _overrides() -> dict:
 
 def check_settings() -> None:
     """Check the tile settings of the environment (``RING_ATTN_TILES``, ``RING_ATTN_AUTOTUNE``): ValueError
-    naming the variable if either is malformed. The Triton launchers call it first, on every call and every
-    path (decode, split-KV, the interpreter), so a bad setting never goes unnoticed."""
+    naming the variable if either is malformed. ``ring_attn.backends.check_kernel_settings`` calls it (through
+    ``check_tile_file``) before every attention call reaches a backend, on every path (decode, split-KV, the
+    interpreter, the CPU backends)."""
     _overrides()
     autotune_mode()
 
@@ -247,9 +248,9 @@ def _read_tile_file(path: str) -> dict:
 def fwd_tile(key: FwdKey) -> dict:
     """The forward tile for ``key``: from ``RING_ATTN_TILES`` if it lists the key, else the fixed table.
     Under the interpreter: the small interpreter tile."""
-    over = _overrides().get(key)
     if interpreter_enabled():
         return dict(INTERPRETER_TILE)
+    over = _overrides().get(key)
     if over is not None:
         return dict(over)
     want = (key.arch // 10, _bucket(key.head_dim), "32" if key.dtype == "fp32" else "16", key.causal, key.merge)
@@ -344,9 +345,9 @@ def bwd_tiles(head_dim: int, arch: int = 90, dtype: str = "bf16") -> dict:
     Fixed (never autotuned) so the reduction order, and hence every gradient bit, is the same everywhere."""
     if dtype not in _TILE_DTYPES:
         raise ValueError(f"bwd_tiles: dtype {dtype!r}; expected one of {_TILE_DTYPES}")
-    over = _overrides().get(("bwd", arch, _bucket(head_dim), _dtype_class(dtype)))
     if interpreter_enabled():
         return dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
+    over = _overrides().get(("bwd", arch, _bucket(head_dim), _dtype_class(dtype)))
     # sm_90 compile report (benchmarks/NOTES.md). 8 warps = two warpgroups, and each wgmma covers 64 rows
     # of its output, so the stationary side must be 128 rows (keys for dK/dV, queries for dQ): with 64 rows
     # both warpgroups computed the same Kᵀ·Q and dPᵀ tiles (the old 64-key dK/dV: 96 of 108 wgmma m64n16).
