@@ -258,8 +258,8 @@ def test_backward_tile_records_serve_their_dtype_class(gpu_tables, tmp_path, mon
     path2 = tmp_path / "bwd32.json"
     path2.write_text(json.dumps([rec, dict(rec, dtype="fp32")]))
     monkeypatch.setenv("RING_ATTN_TILES", str(path2))
-    with pytest.raises(ValueError, match=r"record 1: the dq tile \(128, 32\) needs 393216 B .* in fp32, over the "
-                                         r"232448 B of sm_90"):
+    with pytest.raises(ValueError, match=r"record 1: the dq tile \(128, 32\) needs 393216 B of shared memory at head "
+                                         r"dim 256 fp32, over the 232448 B of sm_90$"):
         tiles.bwd_tiles(256, 90, "bf16")
     path2.write_text(json.dumps([rec, dict(rec, dtype="fp32", dkdv=[16, 32], dq=[32, 16])]))
     monkeypatch.setenv("RING_ATTN_TILES", str(path2) + "")  # a failed read is retried
@@ -297,8 +297,8 @@ def test_backward_tile_records_are_per_capability(gpu_tables, tmp_path, monkeypa
 def test_backward_tiles_refuse_what_cannot_fit(gpu_tables):
     with pytest.raises(ValueError, match="bwd_tiles: dtype 'float32'; expected one of"):
         tiles.bwd_tiles(128, 90, "float32")
-    with pytest.raises(RuntimeError, match="needs 98560 B of shared memory per block at head dim 256 fp32 even "
-                                           "with 16x16 tiles; sm_75 has 65536 B"):
+    with pytest.raises(RuntimeError, match="the Triton backward's dkdv kernel needs 98560 B of shared memory at "
+                                           "head dim 256 fp32, over the 65536 B of sm_75 even with 16x16 tiles"):
         tiles.bwd_tiles(256, 75, "fp32")
 
 

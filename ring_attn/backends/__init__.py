@@ -264,7 +264,7 @@ def check_tile_file() -> None:
         tiles = importlib.import_module("ring_attn.backends.triton.tiles")
     except ImportError:
         return
-    tiles.check_settings()
+    tiles.check_tile_file()
 
 
 def check_kernel_settings() -> None:

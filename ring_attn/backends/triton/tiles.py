@@ -21,7 +21,7 @@ from ring_attn.backends import autotune_mode, forward_variant_mode, interpreter_
 
 __all__ = ["FwdKey", "fwd_tile", "fwd_candidates", "bwd_tiles", "bwd_kernel_tile", "smem_estimate", "fits",
            "fwd_acc_regs", "current_arch", "autotune_enabled", "forward_variant_mode", "fwd_tma_tile",
-           "dump_tuned", "SMEM_LIMIT", "smem_limit", "check_settings", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count",
+           "dump_tuned", "SMEM_LIMIT", "smem_limit", "check_tile_file", "DECODE_MAX_Q", "fwd_decode_tile", "sm_count",
            "split_count", "MAX_SPLITS"]
 
 # Opt-in shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability
@@ -92,10 +92,19 @@ def fwd_acc_regs(tile: dict, head_dim: int) -> float:
 FWD_MAX_ACC_REGS = 144
 
 
+def _smem_shortfall(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> str:
+    """'' when ``tile``'s static shared-memory estimate fits sm_``arch``, else the words of every error that
+    says it does not: "needs N B of shared memory at head dim D <dtype>, over the L B of sm_A"."""
+    need, limit = smem_estimate(tile, head_dim, dtype, kernel), smem_limit(arch)
+    if need <= limit:
+        return ""
+    return f"needs {need} B of shared memory at head dim {head_dim} {dtype}, over the {limit} B of sm_{arch}"
+
+
 def fits(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> bool:
     """Whether ``tile`` passes the static checks made before compiling: its estimated shared memory fits
     the per-block limit of ``arch``, and (forward) its live accumulators stay under the spill edge."""
-    if smem_estimate(tile, head_dim, dtype, kernel) > smem_limit(arch):
+    if _smem_shortfall(tile, head_dim, dtype, arch, kernel):
         return False
     return not kernel.startswith("fwd") or fwd_acc_regs(tile, head_dim) <= FWD_MAX_ACC_REGS
 
@@ -160,13 +169,12 @@ def _overrides() -> dict:
     return _loaded
 
 
-def check_settings() -> None:
-    """Check the tile settings of the environment (``RING_ATTN_TILES``, ``RING_ATTN_AUTOTUNE``): ValueError
-    naming the variable if either is malformed. ``ring_attn.backends.check_kernel_settings`` calls it (through
-    ``check_tile_file``) before every attention call reaches a backend, on every path (decode, split-KV, the
-    interpreter, the CPU backends)."""
+def check_tile_file() -> None:
+    """Read and check ``RING_ATTN_TILES`` now (ValueError naming the variable and the record), not first inside a
+    kernel launch. ``ring_attn.backends.check_kernel_settings`` calls it, with the other kernel switches, before
+    every attention call reaches a backend, on every path (decode, split-KV, the interpreter, the CPU
+    backends)."""
     _overrides()
-    autotune_mode()
 
 
 _TILE_DTYPES = ("bf16", "fp16", "fp32")
@@ -223,21 +231,18 @@ def _read_tile_file(path: str) -> dict:
                                  f"{_bucket(head_dim)}, {'fp32' if key[3] == '32' else 'fp16/bf16'}")
             over = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps, num_stages=stages)
             for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
-                need = smem_estimate(bwd_kernel_tile(over, which), _bucket(head_dim), dtype, kernel)
-                if need > smem_limit(arch):
-                    raise ValueError(f"{here}: the {which} tile {over[which]} needs {need} B of shared memory at "
-                                     f"head dims up to {_bucket(head_dim)} in {dtype}, over the {smem_limit(arch)} "
-                                     f"B of sm_{arch}")
+                short = _smem_shortfall(bwd_kernel_tile(over, which), _bucket(head_dim), dtype, arch, kernel)
+                if short:  # (checked at the bucket's largest head dim: the record serves the whole bucket)
+                    raise ValueError(f"{here}: the {which} tile {over[which]} {short}")
             out[key] = over
             continue
         dtype = field("dtype", lambda v: v in _TILE_DTYPES, f"one of {_TILE_DTYPES}")
         causal, merge = (field(n, lambda v: isinstance(v, bool), "true or false") for n in ("causal", "merge"))
         tile = _tile(*(field(n, block, "a power of two in [16, 256]") for n in ("BLOCK_M", "BLOCK_N")), warps,
                      stages)
-        need, limit = smem_estimate(tile, head_dim, dtype), smem_limit(arch)
-        if need > limit:
-            raise ValueError(f"{here}: the tile {tile} needs {need} B of shared memory at head dim {head_dim} "
-                             f"{dtype}, over the {limit} B of sm_{arch}")
+        short = _smem_shortfall(tile, head_dim, dtype, arch)
+        if short:
+            raise ValueError(f"{here}: the tile {tile} {short}")
         key = FwdKey(arch, head_dim, dtype, causal, merge)
         if key in out:
             raise ValueError(f"{here}: a second forward record for {key}")
@@ -395,10 +400,9 @@ def _shrink_to_fit(t: dict, which: str, head_dim: int, dtype: str, arch: int) ->
                 bn //= 2
             else:
                 break
-    need = smem_estimate(_tile(bm, bn, t["num_warps"], t["num_stages"]), head_dim, dtype, kernel)
-    if need > smem_limit(arch):
-        raise RuntimeError(f"the Triton backward needs {need} B of shared memory per block at head dim {head_dim} "
-                           f"{dtype} even with {bm}x{bn} tiles; sm_{arch} has {smem_limit(arch)} B: use a 16-bit "
+    short = _smem_shortfall(_tile(bm, bn, t["num_warps"], t["num_stages"]), head_dim, dtype, arch, kernel)
+    if short:
+        raise RuntimeError(f"the Triton backward's {which} kernel {short} even with {bm}x{bn} tiles: use a 16-bit "
                            "dtype or another backend (ring_attn.backends.force)")
     return bm, bn
 
