@@ -316,8 +316,9 @@ def check_softcap(softcap) -> float:
     """Gemma 2's logit ``softcap`` as a float: 0 (off) or a finite positive number."""
     if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and softcap.dtype.is_floating_point:
         softcap = softcap.item()
-    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)) or not finite(softcap) or \
-            softcap < 0:
+    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r} ({type(softcap).__name__})")
+    if not finite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     return float(softcap)
 
@@ -332,8 +333,11 @@ def check_flag(name: str, val) -> bool:
 
 
 def check_dropout(dropout_p) -> float:
-    """``dropout_p`` as a float in [0, 1) (ValueError otherwise)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+    """``dropout_p`` as a float in [0, 1): TypeError when it is not a real number (a bool, a string, None),
+    ValueError when it is outside [0, 1) or NaN."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})")
+    if not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return float(dropout_p)
 

@@ -277,6 +277,7 @@ def _refusals(world):
         "window_type": lambda: ring_attn.ring_attn_func(x, x, x, window_size=5),
         "softcap_negative": lambda: ring_attn.ring_attn_func(x, x, x, softcap=-1.0),
         "softcap_inf": lambda: ring_attn.ring_attn_func(x, x, x, 0.0, None, True, (-1, -1), float("inf")),
+        "softcap_type": lambda: ring_attn.ring_attn_func(x, x, x, softcap="30"),
         "window_pair": lambda: ring_attn.ring_attn_func(x, x, x, window_size=(4, 0, 1)),
         "causal_type": lambda: ring_attn.ring_attn_func(x, x, x, causal="yes"),
         "deterministic_type": lambda: ring_attn.ring_attn_func(x, x, x, deterministic="no"),

@@ -169,6 +169,7 @@ REFUSALS = {  # call (tests/ring_workers.py::_refusals) -> (exception type, text
     "window_type": ("TypeError", "window_size must be a pair of ints"),
     "softcap_negative": ("ValueError", "softcap must be a finite float >= 0"),
     "softcap_inf": ("ValueError", "softcap must be a finite float >= 0 (0: off), got inf"),
+    "softcap_type": ("TypeError", "ring_attn_func: softcap must be a finite float >= 0 (0: off), got '30' (str)"),
     "window_pair": ("TypeError", "window_size must be a pair of ints"),
     "causal_type": ("TypeError", "causal must be a bool, got 'yes'"),
     "deterministic_type": ("TypeError", "deterministic must be a bool"),

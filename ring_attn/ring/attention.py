@@ -785,8 +785,8 @@ def check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes
         right = -1
     try:
         softcap = check_softcap(softcap)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
     for arg, val in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
         if not isinstance(val, (bool, int)) or val not in (0, 1):
             raise TypeError(f"{name}: {arg} must be a bool, got {val!r}; the positional order is {_ORDER}")
