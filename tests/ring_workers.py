@@ -797,6 +797,24 @@ def _mismatch_case(rank, world, group, store):
         attempt("raised_mode", lambda: ring_attn.ring_attn_func(q, k, v, causal=True, group=group))
     finally:
         os.environ.pop("RING_ATTN_VALIDATE", None)
+    # one rank's malformed switch (its own environment), or an infinite window: that rank raises its error, the
+    # others a ValueError naming it, at once (before 2026-12-08 the others waited for it until the group timeout:
+    # RING_ATTN_VALIDATE / RING_ATTN_BACKEND were read only inside the exchange or the ring, and window_size=inf
+    # raised an OverflowError the checks did not catch)
+    for var in ("RING_ATTN_VALIDATE", "RING_ATTN_BACKEND"):
+        t1 = time.monotonic()
+        try:  # (not attempt(): its force() pin would hide the environment's)
+            with mock.patch.dict(os.environ, {var: "bogus"} if rank == 0 else {}):
+                ring_attn.ring_attn_func(q, k, v, causal=True, group=group)
+            store[f"raised_env_{var}"] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects the type and message
+            store[f"raised_env_{var}"] = (type(e).__name__, str(e))
+        store[f"raised_env_{var}_seconds"] = time.monotonic() - t1
+    attempt("raised_inf_window", lambda: ring_attn.ring_attn_func(
+        q, k, v, causal=True, group=group, window_size=(float("inf") if rank == 0 else -1, -1)))
+    # a window wider than any sequence (past int64 too) is unbounded, on one rank as on all
+    attempt("ok_huge_window", lambda: ring_attn.ring_attn_func(
+        q, k, v, causal=True, group=group, window_size=(2**70 if rank == 0 else -1, -1)))
     # the group is still usable afterwards: one more collective succeeds
     t = torch.ones(1)
     torch.distributed.all_reduce(t, group=group)

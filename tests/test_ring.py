@@ -341,6 +341,14 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
         assert etype == "ValueError" and "inconsistent inputs" in msg and "rank 0:" in msg, msg
         assert st["ok_every"] is None
         assert st["raised_mode"][0] == "ValueError" and "RING_ATTN_VALIDATE='sometimes'" in st["raised_mode"][1]
+        for label, own in (("raised_env_RING_ATTN_VALIDATE", "RING_ATTN_VALIDATE='bogus'"),
+                           ("raised_env_RING_ATTN_BACKEND", "RING_ATTN_BACKEND='bogus' is not a backend"),
+                           ("raised_inf_window", "window_size must be a pair of ints")):
+            assert st[label] is not None, f"rank {rank}: {label} did not raise"
+            etype, msg = st[label]
+            assert (own in msg) if rank == 0 else "rank 0: invalid arguments (raised on that rank)" in msg, msg
+            assert st[label + "_seconds"] < 10.0, (label, st[label + "_seconds"])
+        assert st["ok_huge_window"] is None, st["ok_huge_window"]
 
 
 def test_peak_memory_does_not_grow_with_world_size(worlds):

@@ -72,7 +72,7 @@ import torch.distributed as dist
 
 from ring_attn._contracts import (VarlenSeqs, check_alibi_slopes, check_cu_seqlens_form, check_qkv, check_scale,
                                   check_softcap)
-from ring_attn.backends import check_deterministic
+from ring_attn.backends import check_deterministic, forced as forced_backend
 from ring_attn.ops.attention import (
     attention_block_backward,
     attention_block_forward,
@@ -630,7 +630,7 @@ def validate_across_ranks(name, pg, backend, device, sig: list[int], describe=No
     that into an error first. A rank whose own checks raised ``failed`` passes :func:`failed_signature` and
     raises ``failed`` after the exchange, so the others raise too instead of waiting for it."""
     describe = _describe if describe is None else describe
-    mode = validate_mode()
+    mode = validate_mode() if failed is None else "every"  # (a failed rank joins whatever its environment says)
     seen = _validated.setdefault(pg, {})
     mine = seen.get(tuple(sig)) if failed is None and mode == "first" and backend == "nccl" else None
     if mine is not None:  # seen before on this group: compared on the device, no host sync
@@ -777,10 +777,12 @@ def check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes
         left, right = (int(w) for w in window_size)
         if any(isinstance(w, bool) or int(w) != w for w in window_size):
             raise TypeError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: an infinite float)
         raise TypeError(f"{name}: window_size must be a pair of ints (left, right), -1 meaning unbounded; got "
                         f"{window_size!r}") from None
-    left, right = (-1 if left < 0 else left), (-1 if right < 0 else right)
+    # a side wider than any sequence (cu_seqlens are int32) is unbounded: -1, as is a negative one (it would not fit
+    # the int64 signature the ranks compare)
+    left, right = (-1 if not 0 <= left < 2**31 else left), (-1 if not 0 <= right < 2**31 else right)
     if causal and right >= 0:  # causal already hides every key to the right (flash-attn sets right = 0)
         right = -1
     try:
@@ -793,6 +795,10 @@ def check_flash_args(name, dropout_p, causal, window_size, softcap, alibi_slopes
     # the ring's forward and backward are bitwise deterministic, except under the opt-in RING_ATTN_BWD=fused,
     # which contradicts deterministic=True (refused here, before any collective)
     check_deterministic(bool(deterministic), name)
+    # the other switches read during the call, checked now: a rank whose environment is malformed joins the
+    # signature exchange as failed (it raised there, or inside the ring, with the other ranks waiting for it)
+    validate_mode()
+    forced_backend()
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name}: group must be a torch.distributed ProcessGroup or None, got {group!r}; the "
                         f"positional order is {_ORDER}")
