@@ -419,8 +419,18 @@ def _errors_case(case, rank, world, store):
             # the model's own loss given a shard's labels but not shard_batch's shift_labels: HF shifts them within
             # each shard, wrong at every shard's edge (ran silently before 2026-12-07 without fused_loss)
             attempt("labels without shift_labels", lambda: model(**inputs, labels=inputs["input_ids"]))
+            shifted = {k: local[k] for k in ("shift_labels", "num_items_in_batch")}
             attempt("labels without shift_labels on one rank", lambda: model(
-                **inputs, labels=local["shift_labels"], **({} if last else {"shift_labels": local["shift_labels"]})))
+                **inputs, labels=local["shift_labels"], **({} if last else shifted)))
+            # shift_labels without num_items_in_batch: the loss would be a mean over this rank's labelled tokens,
+            # not the whole batch's (ran silently before 2026-12-08)
+            attempt("shift_labels without num_items_in_batch", lambda: model(
+                **inputs, labels=local["shift_labels"], shift_labels=local["shift_labels"]))
+            # generate: refused at once on the calling rank, with no collective (it waited in the agreement for
+            # the other ranks until the group's timeout before 2026-12-08); only the last rank calls it
+            if last:
+                attempt("generate on one rank", lambda: model.generate(
+                    input_ids=inputs["input_ids"], max_new_tokens=2, do_sample=False, pad_token_id=0))
             # a position_ids buffer checked once, then rewritten in place with positions numbered from 0
             buf = inputs["position_ids"].clone()
             model(input_ids=inputs["input_ids"], position_ids=buf)
@@ -474,6 +484,22 @@ def _errors_case(case, rank, world, store):
     mixed = build("llama-dynamic" if rank == world - 1 else "llama")
     with hf.patch_hf(mixed, group=dist.group.WORLD, layout=layout), torch.no_grad():
         attempt("rope type on one rank", lambda: mixed(**inputs))
+    # a stock model (its own attention, not ring_attn) used while the ring patch is active, each rank on its own
+    # batch of its own length (a frozen teacher, an evaluation copy): stock bits, no exchange over the ring (it
+    # all-gathered its dynamic RoPE length, and was off or waited for the others, before 2026-12-08)
+    teacher = build("llama-dynamic")
+    mine = torch.randint(3, 60, (1, 6 + 5 * rank), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        unpatched = teacher(input_ids=mine, use_cache=False).logits
+        with hf.patch_hf(build("llama-dynamic"), group=dist.group.WORLD, layout=layout):
+            during = teacher(input_ids=mine, use_cache=False).logits
+        # group=None inside an initialized process group: one device per rank (a data-parallel job), not a ring
+        # over the world (which refused the unsharded positions before 2026-12-08)
+        with hf.patch_hf(teacher) as one_device:
+            alone = teacher(input_ids=mine, use_cache=False).logits
+            world_seen = hf._active.world
+    store.update(teacher_equal=torch.equal(unpatched, during), group_none_world=world_seen,
+                 group_none_err=float((alone - unpatched).abs().max()), group_none_undone=not one_device.active)
     # shards numbered from 0 on every rank (no position_ids): contiguous shards are each a run of positions,
     # off from the global ones by a different constant per rank
     contiguous = hf.shard_batch(batch, layout="contiguous")

@@ -110,6 +110,7 @@ def test_ring_refusals(worlds, world):
                                                 "recomputes its frequencies"),
         "fused loss without shift_labels": ("ValueError", "shift_labels"),
         "labels without shift_labels": ("ValueError", "labels without shift_labels"),
+        "shift_labels without num_items_in_batch": ("ValueError", "without num_items_in_batch"),
     }
     one_rank = {  # the last rank's own refusal there, and on every other rank an error naming that rank
         "padding mask on one rank": ("NotImplementedError", "padding"),
@@ -120,10 +121,19 @@ def test_ring_refusals(worlds, world):
         del one_rank["labels without shift_labels on one rank"]
         everywhere["labels without shift_labels on one rank"] = ("ValueError", "ignores shift_labels")
         everywhere["labels without shift_labels"] = ("ValueError", "ignores shift_labels")
+        everywhere["shift_labels without num_items_in_batch"] = ("ValueError", "ignores shift_labels")
     later = {"later layer on one rank": ("NotImplementedError", "dropout")}  # the others: the ring's own check
     for rank in range(world):  # every rank raises; nothing hangs
         st = _result(worlds, world, name, rank)
         assert st["after"] == world
+        # generate refused on the calling rank alone, at once (only the last rank called it)
+        generate = st["raised"].pop("generate on one rank", None)
+        assert (generate is not None) == (rank == world - 1)
+        if generate is not None:
+            assert generate[0] == "NotImplementedError" and "generate with ring attention" in generate[1], generate
+        # a stock model beside the ring patch keeps stock bits; group=None is one device per rank
+        assert st["teacher_equal"] and st["group_none_world"] == 1 and st["group_none_undone"], st
+        assert st["group_none_err"] < 1e-5, st
         # (a positive control of the fused loss over the ring: the ranks' shares sum to the one-process loss)
         assert abs(st["fused_loss_sum"] - st["stock_loss"]) <= 1e-5 * abs(st["stock_loss"]), st
         for label, (typ, word) in {**expected, **everywhere, **one_rank, **later}.items():
@@ -954,6 +964,91 @@ def test_packed_keys_follow_cu_seq_lens_k():
     want = ring_attn.flash_attn_varlen_func(*(x[0].transpose(0, 1) for x in (q, k, v)), cu_q, cu_k, 6, 5,
                                             causal=True, softmax_scale=0.3)
     assert torch.equal(out[0], want)
+
+
+def test_mask_longer_than_the_input_is_refused():
+    """A mask with more columns than the input and no cache: stock 5.x fails with a shape error and 4.48 uses its
+    first columns; the patch used its last ones, silently (before 2026-12-08). Now a ValueError naming the mask."""
+    model = build("llama").eval()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    long = torch.ones(2, 12, dtype=torch.long)
+    long[0, :5] = 0
+    with torch.no_grad(), hf.patch_hf(model), pytest.raises(ValueError, match="attention_mask covers 12 tokens"):
+        model(ids, attention_mask=long, use_cache=False)
+
+
+def test_padding_mask_wins_over_packing_kwargs():
+    """cu_seq_lens_q/k with an attention_mask that pads: the mask decides, as in transformers' flash_attention_2
+    (stock sdpa ignores the packing kwargs). The mask was dropped, so real tokens attended to padding (0.25 off on
+    logits of magnitude 0.34 before 2026-12-08)."""
+    model = build("llama").eval()
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cu = torch.tensor([0, 12], dtype=torch.int32)
+    packing = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        with hf.patch_hf(model):
+            got = model(ids, attention_mask=mask, position_ids=pos, use_cache=False, **packing).logits
+    real = mask[0].bool()
+    assert (got[0, real] - ref[0, real]).abs().max() < 1e-5
+
+
+def test_packing_kwargs_without_max_lengths():
+    """cu_seq_lens_q/k without max_length_q/k: the longest sequence of each is used (a TypeError from int(None)
+    before 2026-12-08; with only max_length_k missing, the queries' maximum was used for the keys)."""
+    model = build("llama").eval()
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    cu_q = torch.tensor([0, 2, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 8], dtype=torch.int32)
+    with hf.patch_hf(model):
+        out, _ = hf.ring_attn_attention_forward(attn, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu_q,
+                                                cu_seq_lens_k=cu_k)
+        with pytest.raises(ValueError, match="cu_seq_lens_q must be a 1-D int32 tensor"):
+            hf.ring_attn_attention_forward(attn, q, k, v, None, cu_seq_lens_q=torch.tensor(3, dtype=torch.int32))
+    want = ring_attn.flash_attn_varlen_func(*(x[0].transpose(0, 1) for x in (q, k, v)), cu_q, cu_k, 6, 7,
+                                            causal=True, softmax_scale=0.3)
+    assert torch.equal(out[0], want)
+
+
+def test_a_model_beside_the_patch_keeps_stock_rope():
+    """While a patch is active, a model that does not run ring_attn (a stock teacher, an evaluation copy) sharing
+    the patched rotary classes and apply_rotary_pos_emb gets transformers' own RoPE, bit for bit (it got the fused
+    kernel before 2026-12-08); the patched model and one loaded with attn_implementation='ring_attn' still do."""
+    stock = build("llama").eval()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = stock(ids, use_cache=False).logits
+        calls = []
+        with hf.patch_hf(build("llama")), _count_fused_rope(calls):
+            beside = stock(ids, use_cache=False).logits
+            assert not calls
+            loaded = build("llama", attn=hf.ATTN_IMPLEMENTATION)
+            loaded(ids, use_cache=False)
+            assert calls  # a model whose config names ring_attn: fused
+    assert torch.equal(beside, ref)
+
+
+@contextlib.contextmanager
+def _count_fused_rope(calls: list):
+    """Record every call of the fused RoPE kernels (apply_rope, apply_rope_cos_sin) made through ring_attn."""
+    saved = ring_attn.apply_rope, ring_attn.apply_rope_cos_sin
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return call
+
+    ring_attn.apply_rope, ring_attn.apply_rope_cos_sin = (counted(f) for f in saved)
+    try:
+        yield
+    finally:
+        ring_attn.apply_rope, ring_attn.apply_rope_cos_sin = saved
 
 
 @pytest.mark.parametrize("backward_inside", [True, False])

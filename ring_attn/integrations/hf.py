@@ -52,7 +52,11 @@ _FAMILY_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in MODEL_F
 # transformers < 4.53 modeling modules whose decoder layers slice the 4-D mask themselves (Gemma 2's sliding
 # layers): a 2-D padding mask cannot be handed on there
 _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
-_ROPE_TAG = "_ring_attn_rope"  # attribute on the cos table: (position_ids, inv_freq, attention_scaling)
+# attribute on the cos table of a model running ring_attn: (position_ids, inv_freq, attention_scaling), or _TABLES
+# (fuse with the tables as they are); tables without it are rotated by stock apply_rotary_pos_emb
+_ROPE_TAG = "_ring_attn_rope"
+_TABLES = "tables"
+_OWNED = "_ring_attn_model"  # set on the rotary modules of the model given to patch_hf (undone by undo)
 
 
 class _State:
@@ -61,7 +65,9 @@ class _State:
     def __init__(self, group, layout: str, fused_rope: bool):
         self.layout, self.fused_rope = layout, fused_rope
         self.rotary_checked: set = set()  # modeling modules whose rotary classes were found wrapped (ring mode)
-        self.rank, self.world = _rank_world(group)
+        # group=None is one device even inside an initialized process group (DDP/FSDP jobs: every rank its own
+        # batch); ring mode needs the group named, e.g. dist.group.WORLD
+        self.rank, self.world = (0, 1) if group is None else _rank_world(group)
         # held weakly: a patch left active until the script ends must not keep the group (and gloo's threads)
         # alive past destroy_process_group, into interpreter exit
         self._group = weak_group(group, "patch_hf")
@@ -201,6 +207,20 @@ def _assert_not_packed(position_ids: torch.Tensor, keep: Optional[torch.Tensor] 
     torch._assert_async(~restarts, "ring_attn under torch.compile: position_ids restart inside a row (packed "
                         "sequences) but no cu_seq_lens_q reached attention; pass the boundaries (e.g. "
                         "DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or run eagerly")
+
+
+def _longest(cu: torch.Tensor, given, which: str) -> int:
+    """``max_length_<which>`` as an int; when the caller passed ``cu_seq_lens_<which>`` without it, the longest
+    sequence of ``cu`` (a host read; under torch.compile a ValueError naming the missing argument instead)."""
+    if given is not None:
+        return int(given)
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"cu_seq_lens_{which} must be a 1-D int32 tensor of sequence boundaries, got "
+                         f"{type(cu).__name__ if not isinstance(cu, torch.Tensor) else tuple(cu.shape)}")
+    if torch.compiler.is_compiling():
+        raise ValueError(f"cu_seq_lens_{which} was passed without max_length_{which}: under torch.compile pass both "
+                         f"(e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True) does)")
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
 def _refuse_ring_cache(state: _State, detail: str = "") -> None:
@@ -415,6 +435,10 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
     q, k, v = to_compute_dtype(*(x.transpose(1, 2) for x in (query, key, value)))  # [b, s, h, d] views
     b, s_q, h_q, d = q.shape
+    slots = getattr(attention_mask, _SLOTS, None)
+    if slots is not None and slots != k.shape[1]:  # cut for a static cache, but the keys are not its slots
+        raise ValueError(f"attention_mask covers {slots} tokens, but the keys are {k.shape[1]} and no static cache "
+                         f"holds {slots} slots: expected an attention_mask of {k.shape[1]} columns")
     keep, s_k = _padding(attention_mask, k.shape[1])
     if s_k < k.shape[1]:  # a static cache: its first s_k slots are filled
         k, v = k[:, :s_k], v[:, :s_k]
@@ -422,7 +446,12 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     cu_k, max_len_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")
-
+    if cu is not None and keep is not None:
+        if torch.compiler.is_compiling():  # whether the mask pads needs a host read: checked on the device
+            torch._assert_async(keep.all(), "attn_implementation='ring_attn' under torch.compile: an attention_mask "
+                                "with padding together with cu_seq_lens_q; pass one or the other, or run eagerly")
+        else:
+            cu = None  # a mask that pads wins over the packing kwargs, as in transformers' flash_attention_2
     if cu is None and s_q == s_k and position_ids is not None and position_ids.dim() == 2:
         if torch.compiler.is_compiling():  # finding the boundaries needs a host read: check instead
             _assert_not_packed(position_ids, keep)
@@ -433,7 +462,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     if cu is not None:
         if cu_k is None:  # self-attention over packed sequences: the keys' boundaries are the queries'
             cu_k, max_len_k = cu, max_len
-        max_len_k = int(max_len if max_len_k is None else max_len_k)
+        max_len, max_len_k = _longest(cu, max_len, "q"), _longest(cu_k, max_len_k, "k")
         window = sliding_window_size(sliding_window, max(int(max_len), max_len_k), causal)
         out = ring_attn.flash_attn_varlen_func(
             q.reshape(b * s_q, h_q, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
@@ -482,7 +511,7 @@ def _ring_attention(state: _State, module, query, key, value, attention_mask, dr
                 raise NotImplementedError(
                     f"cu_seq_lens_k {cu_k.tolist()[:6]} differs from cu_seq_lens_q {cu.tolist()[:6]}: over the ring "
                     f"packed sequences attend within themselves (shard_batch gives both the same boundaries)")
-            max_len = int(kwargs.get("max_length_q"))
+            max_len = _longest(cu, kwargs.get("max_length_q"), "q")
             window = sliding_window_size(sliding_window, max_len, causal)
             if b != 1:
                 raise ValueError(f"packed sequences (cu_seq_lens_q) need batch size 1, got query "
@@ -609,6 +638,7 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
         q_length, q_start = cache_position.shape[0], cache_position[0]
     else:
         q_start = q_offset
+    columns = None if attention_mask is None else attention_mask.shape[1]
     if attention_mask is not None:
         attention_mask = attention_mask[:, -int(kv_length):].bool()
     if torch.compiler.is_compiling() and isinstance(q_start, torch.Tensor):
@@ -627,8 +657,10 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     if int(kv_offset) == 0 and q_start + q_length < kv_end and q_start >= 0:
         return _static_cache_mask(attention_mask, batch_size, q_start + q_length, int(kv_length),
                                   kwargs.get("device", cache_position.device if cache_position is not None else None))
-    if attention_mask is not None and q_start == 0 and int(kv_offset) == 0 and q_length > kv_end:
-        raise ValueError(f"attention_mask covers {int(kv_length)} tokens, but the input has {q_length} and no cache "
+    if attention_mask is not None and q_start == 0 and int(kv_offset) == 0 and (
+            q_length > kv_end or (q_length == kv_end and columns > kv_end)):
+        # (stock sdpa / eager raise a shape error for both; a longer mask must not lose its first columns silently)
+        raise ValueError(f"attention_mask covers {columns} tokens, but the input has {q_length} and no cache "
                          f"holds earlier ones: expected an attention_mask of {q_length} columns")
     if not (q_start + q_length == kv_end or (q_length == 1 and q_start >= kv_end - 1)):
         raise NotImplementedError(
@@ -639,6 +671,9 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     if attention_mask.shape[1] != kv_length:
         raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, but the queries see {kv_length}")
     return None if (attention_mask.shape[1] == kv_length and bool(attention_mask.all())) else attention_mask
+
+
+_SLOTS = "_ring_attn_slots"  # on a static cache's cut mask: the slots it covered (kv_length)
 
 
 def _static_cache_mask(attention_mask, batch_size: int, filled: int, kv_length: int, device) -> torch.Tensor:
@@ -652,7 +687,10 @@ def _static_cache_mask(attention_mask, batch_size: int, filled: int, kv_length: 
                                       "function's device argument: pass attention_mask")
         return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
     if attention_mask.shape[1] == kv_length:
-        return attention_mask[:, :filled]
+        cut = attention_mask[:, :filled]
+        if not torch.compiler.is_compiling():  # the attention checks that the keys are kv_length slots
+            setattr(cut, _SLOTS, kv_length)    # (no cache and a mask longer than the input: refused there)
+        return cut
     if attention_mask.shape[1] != filled:
         raise NotImplementedError(f"a static cache of {kv_length} slots holds {filled} keys, but the "
                                   f"attention_mask covers {attention_mask.shape[1]} (expected {filled} or "
@@ -694,10 +732,20 @@ def _seq_len_dependent(rope_type) -> bool:
     return any(isinstance(t, str) and any(d in t for d in LENGTH_DEPENDENT_ROPE_TYPES) for t in types)
 
 
+def _serves_ring_attn(rotary) -> bool:
+    """Whether a rotary embedding belongs to a model that runs ``attn_implementation="ring_attn"``: the model given
+    to :func:`patch_hf` (its rotary modules are marked), or one whose config names it (a model loaded with it while
+    the patch is active). Every other model in the process (a stock teacher, an eval copy) keeps stock RoPE, with
+    no collective, even though the rotary classes are shared."""
+    if getattr(rotary, _OWNED, False):
+        return True
+    return getattr(getattr(rotary, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
 def _make_rotary_forward(original):
     def forward(self, x, position_ids, *args, **kwargs):
         state = _active
-        if state is None:
+        if state is None or not _serves_ring_attn(self):
             return original(self, x, position_ids, *args, **kwargs)
         if not torch.compiler.is_compiling():
             state.forward_records = torch.is_grad_enabled()
@@ -715,12 +763,16 @@ def _make_rotary_forward(original):
         # the frequencies this call used, for the fused kernel: inv_freq, or (Gemma 3: one argument, the layer
         # type) <layer_type>_inv_freq; with any other extra argument the tables are used as they are
         extra = list(args) + list(kwargs.values())
-        if state.fused_rope and len(extra) <= 1 and set(kwargs) <= {"layer_type"} and _fused_positions(position_ids):
+        if not state.fused_rope:
+            return cos, sin
+        tag = _TABLES  # the fused kernel on these tables, unless the angles are known
+        if len(extra) <= 1 and set(kwargs) <= {"layer_type"} and _fused_positions(position_ids):
             prefix = "" if not extra else f"{extra[0]}_" if isinstance(extra[0], str) else None
             inv_freq = None if prefix is None else getattr(self, f"{prefix}inv_freq", None)
             if isinstance(inv_freq, torch.Tensor):
-                setattr(cos, _ROPE_TAG, (position_ids, inv_freq.detach().float().clone(),
-                                         float(getattr(self, f"{prefix}attention_scaling", 1.0))))
+                tag = (position_ids, inv_freq.detach().float().clone(),
+                       float(getattr(self, f"{prefix}attention_scaling", 1.0)))
+        setattr(cos, _ROPE_TAG, tag)
         return cos, sin
 
     forward._ring_attn_original = original
@@ -784,7 +836,9 @@ def _make_apply_rotary(original):
         q, k, cos, sin = list(arguments.values())[:4]
         unsqueeze_dim = arguments.get("unsqueeze_dim", 1)
         tag = getattr(cos, _ROPE_TAG, None)
-        if tag is None or unsqueeze_dim != 1 or q.dim() != 4:
+        if tag is None:  # tables from a model that does not run ring_attn (or not from its rotary embedding)
+            return original(*args, **kwargs)
+        if isinstance(tag, str) or unsqueeze_dim != 1 or q.dim() != 4:
             # still the fused kernel, reading HF's tables (dims past cos.shape[-1] pass through, as in Phi-3)
             return ring_attn.apply_rope_cos_sin(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         positions, inv_freq, scaling = tag
@@ -863,6 +917,20 @@ def _static_cache_2d(attention_mask, input_tensor=None, cache_position=None, pas
     return _static_cache_mask(attention_mask, input_tensor.shape[0], filled, size, input_tensor.device)
 
 
+def _check_mask_width(attention_mask, input_tensor=None, cache_position=None, past_key_values=None, *args,
+                      **kwargs) -> None:
+    """transformers < 4.53: a 2-D mask longer than the cached plus the new tokens (no fixed-size cache) is refused
+    (stock slices its first columns there, the attention its last: the same ValueError as on 5.x instead)."""
+    if attention_mask is None or attention_mask.dim() != 2 or input_tensor is None or \
+            isinstance(getattr(past_key_values, "get_max_cache_shape", lambda: None)(), int):
+        return
+    past = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
+    if attention_mask.shape[1] > past + input_tensor.shape[1]:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, but the input has "
+                         f"{input_tensor.shape[1]} and the cache {past}: expected an attention_mask of "
+                         f"{past + input_tensor.shape[1]} columns")
+
+
 def _make_update_causal_mask(original, padding_2d: bool):
     # transformers < 4.53 builds masks inside the model: for "ring_attn" behave like flash_attention_2 there
     # (the 2-D mask when it pads, else None), so no O(s^2) mask is built and padding still reaches the check.
@@ -870,6 +938,7 @@ def _make_update_causal_mask(original, padding_2d: bool):
     # builder, whose 4-D result the attention refuses with NotImplementedError.
     def _update_causal_mask(self, attention_mask, *args, **kwargs):
         if self.config._attn_implementation == ATTN_IMPLEMENTATION and _active is not None:
+            _check_mask_width(attention_mask, *args, **kwargs)
             static = _static_cache_2d(attention_mask, *args, **kwargs)
             if static is not None:
                 if not padding_2d:  # its layers slice a 4-D mask
@@ -982,19 +1051,25 @@ def _stock_loss_takes_shift_labels() -> bool:
 def _make_ring_labels_forward(original, takes_shift_labels: bool):
     """``model.forward`` over a ring that refuses ``labels`` without ``shift_labels`` (and any ``labels`` when the
     loss behind ``original`` ignores ``shift_labels``: ``takes_shift_labels`` False): the causal-LM loss would shift
-    them within each rank's shard, silently wrong at every shard's edge. The refusal is raised through the ring
-    attention's agreement, so every rank raises (ValueError) and none waits. Plain Python, no ``Signature.bind``
-    (it runs under torch.compile too)."""
+    them within each rank's shard, silently wrong at every shard's edge. ``shift_labels`` without
+    ``num_items_in_batch`` too: the loss would be a per-rank mean, not the whole batch's. The refusal is raised
+    through the ring attention's agreement, so every rank raises (ValueError) and none waits. Plain Python, no
+    ``Signature.bind`` (it runs under torch.compile too)."""
     signature = inspect.signature(original)
     names = list(signature.parameters)
     at = names.index("labels") if "labels" in names else None
 
     def forward(*args, **kwargs):
         labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
+        shifted = takes_shift_labels and kwargs.get("shift_labels") is not None
         if labels is None or _active is None or _active.world == 1 or \
-                (takes_shift_labels and kwargs.get("shift_labels") is not None):
+                (shifted and kwargs.get("num_items_in_batch") is not None):
             return original(*args, **kwargs)
-        if takes_shift_labels:
+        if shifted:
+            text = ("patch_hf over a ring: labels and shift_labels without num_items_in_batch: the loss would be the "
+                    "mean over this rank's labelled tokens, not over the whole batch's (the ranks hold different "
+                    "counts); pass shard_batch's num_items_in_batch too")
+        elif takes_shift_labels:
             text = ("patch_hf over a ring: labels without shift_labels would be shifted within each rank's shard "
                     "(every shard's last token would predict nothing, or the wrong token); pass shard_batch's "
                     "shift_labels and num_items_in_batch with the labels, or compute the loss with causal_lm_loss")
@@ -1012,6 +1087,18 @@ def _make_ring_labels_forward(original, takes_shift_labels: bool):
     forward.__signature__ = signature
     forward._ring_attn_original = original
     return forward
+
+
+def _make_ring_generate(world: int):
+    """``model.generate`` over a ring: refused at once, on the calling rank alone (sampling on rank 0 while the others
+    are elsewhere is the usual pattern; its first attention call would wait in the ring's agreement for them)."""
+    def generate(*args, **kwargs):
+        raise NotImplementedError(
+            f"generate with ring attention over {world} ranks: a KV cache would hold this rank's shard only. "
+            f"Generate on one device: undo the patch (handle.undo()) or patch with group=None, then patch_hf(model, "
+            f"group) again to train")
+
+    return generate
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1126,8 +1213,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             for it with ``from_pretrained(..., attn_implementation="ring_attn")``. With a multi-rank ``group``
             its ``config.use_cache`` is set to False (restored by ``undo``).
         group: None or a one-rank group: single-device flash attention (a faster drop-in for ``sdpa``, with
-            KV-cache generation). A larger ``torch.distributed`` group: ring attention over it; feed the model
-            batches from :func:`shard_batch` with the same group and layout.
+            KV-cache generation), also when torch.distributed is initialized (data parallelism: each rank runs
+            its own batch). A larger ``torch.distributed`` group (``dist.group.WORLD`` for every rank): ring
+            attention over it; feed the model batches from :func:`shard_batch` with the same group and layout.
         layout: how sequences are sharded over ``group``: ``"zigzag"`` (default), ``"contiguous"``, ``"striped"``.
         fused_rope: replace ``apply_rotary_pos_emb`` in the :data:`MODEL_FAMILIES` modeling modules by the fused
             kernel, angles from the model's own ``inv_freq`` (any rope type; Phi-3's partial rotary too) and global
@@ -1210,6 +1298,9 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
                             base._update_causal_mask, padding_2d=mod.__name__ not in _MASK_4D_LAYERS))
         _active = state
         if model is not None:
+            for sub in model.modules():
+                if type(sub).__name__.endswith("RotaryEmbedding"):
+                    handle._setattr(sub, _OWNED, True)
             handle._checkpointing = lambda: _checkpointing_on(model)
             previous = model.config._attn_implementation
             _set_attn_implementation(model, ATTN_IMPLEMENTATION)
@@ -1225,6 +1316,8 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
                                                     fused_loss or _stock_loss_takes_shift_labels())
             if forward is not None:
                 handle._setattr(model, "forward", forward)
+            if state.world > 1 and callable(getattr(model, "generate", None)):
+                handle._setattr(model, "generate", _make_ring_generate(state.world))
             if state.world > 1 and getattr(model.config, "use_cache", False):
                 model.config.use_cache = False
                 handle._restore.append(lambda: setattr(model.config, "use_cache", True))
