@@ -776,6 +776,12 @@ def _mismatch_case(rank, world, group, store):
 
     cu_u = [0, 2 * world, 6 * world] if rank == 0 else [0, 4 * world, 6 * world]
     attempt("raised_unshard_varlen", lambda: unshard_varlen(torch.randn(6, 2), torch.tensor(cu_u), 0, group))
+    # the same shards, another layout on rank 0: the gathered order would be wrong there, silently (before
+    # 2026-12-08 the layout was not compared; unshard_varlen raised on some ranks only)
+    other = "contiguous" if rank == 0 else "zigzag"
+    attempt("raised_unshard_layout", lambda: ring_attn.unshard(torch.randn(1, 4, 2), 1, group, layout=other))
+    cu_l = torch.tensor([0, 2 * world, 6 * world])
+    attempt("raised_unshard_varlen_layout", lambda: unshard_varlen(torch.randn(6, 2), cu_l, 0, group, layout=other))
     store["unshard_ok"] = ring_attn.unshard(torch.full((1, 2, 1), float(rank)), 1, group).flatten().tolist()
     # a signature every rank has validated, then rank 0 alone goes bad: every call is compared (on gloo on the
     # host, under the default mode too), so this raises everywhere (before 2026-12-07 the default skipped seen

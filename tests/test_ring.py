@@ -329,10 +329,14 @@ def test_mismatched_ranks_raise_on_every_rank(worlds, world):
             else:
                 assert etype == "ValueError" and "rank 0: invalid arguments (raised on that rank)" in msg, (label, msg)
             assert st[label + "_seconds"] < 10.0
-        for label in ("raised_unshard_shape", "raised_unshard_varlen"):
+        for label in ("raised_unshard_shape", "raised_unshard_varlen", "raised_unshard_layout",
+                      "raised_unshard_varlen_layout"):
             etype, msg = st[label]
             assert etype == "ValueError" and "every rank must pass a shard of the same shape" in msg, (label, msg)
             assert st[label + "_seconds"] < 10.0
+        for label in ("raised_unshard_layout", "raised_unshard_varlen_layout"):
+            assert "rank 0: shape" in st[label][1] and "layout='contiguous'" in st[label][1], st[label]
+            assert "rank 1: shape" in st[label][1] and "layout='zigzag'" in st[label][1], st[label]
         assert "rank 0: shape (1, 6, 2)" in st["raised_unshard_shape"][1]
         etype, msg = st["raised_unshard_seqlen"]
         assert ("seqlen" in msg) if rank == 0 else "rank 0: invalid arguments (raised on that rank)" in msg, msg

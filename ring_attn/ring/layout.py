@@ -352,23 +352,24 @@ def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", pad
     return shard_for_rank(x, rank, world, dim, layout, pad_value)
 
 
-_AGREE_LEN = 16  # int64 codes of an unshard call's signature: [failed?, dim, dtype, seqlen, cu digest, ndim, shape]
+_AGREE_LEN = 16  # int64 codes of an unshard call's signature: [failed?, dim, dtype, seqlen, cu digest, ndim, layout,
+#                  shape]
 _GATHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64,
                   torch.bool, torch.uint8, torch.int8, torch.int16)
 
 
-def _gather_signature(x: torch.Tensor, dim: int, seqlen, cu: Optional[list[int]]) -> list[int]:
+def _gather_signature(x: torch.Tensor, dim: int, seqlen, cu: Optional[list[int]], layout: str) -> list[int]:
     dtype = _GATHER_DTYPES.index(x.dtype) if x.dtype in _GATHER_DTYPES else 99
     digest = 0 if cu is None else (hash(tuple(cu)) & 0x7FFFFFFFFFFFFFFF)
-    shape = list(x.shape)[: _AGREE_LEN - 6] + [-1] * max(0, _AGREE_LEN - 6 - x.dim())
-    return [0, dim, dtype, -1 if seqlen is None else int(seqlen), digest, x.dim()] + shape
+    shape = list(x.shape)[: _AGREE_LEN - 7] + [-1] * max(0, _AGREE_LEN - 7 - x.dim())
+    return [0, dim, dtype, -1 if seqlen is None else int(seqlen), digest, x.dim(), LAYOUTS.index(layout)] + shape
 
 
 def _show_signature(sig: list[int]) -> str:
     if sig[0]:
         return "invalid arguments (raised on that rank)"
     dtype = _GATHER_DTYPES[sig[2]] if sig[2] < len(_GATHER_DTYPES) else "other"
-    text = f"shape {tuple(sig[6:6 + sig[5]])} {dtype} dim={sig[1]}"
+    text = f"shape {tuple(sig[7:7 + sig[5]])} {dtype} dim={sig[1]} layout={LAYOUTS[sig[6]]!r}"
     if sig[3] >= 0:
         text += f" seqlen={sig[3]}"
     if sig[4]:
@@ -389,7 +390,7 @@ def _agree_before_gather(name: str, group, x_local, make_sig, failed: Optional[B
     if any(s != sigs[0] for s in sigs):
         ranks = "; ".join(f"rank {i}: {_show_signature(s)}" for i, s in enumerate(sigs))
         raise ValueError(f"{name}: every rank must pass a shard of the same shape and dtype, with the same dim, "
-                         f"seqlen and cu_seqlens; {ranks}")
+                         f"layout, seqlen and cu_seqlens; {ranks}")
 
 
 def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag",
@@ -400,7 +401,7 @@ def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigz
     must call it). Not differentiable. Returns a tensor with ``seqlen`` tokens along ``dim`` (the real
     length, dropping the padding :func:`shard` added), or all ``W · x_local.shape[dim]`` when ``seqlen`` is
     None. Raises ``ValueError`` when ``seqlen`` cannot be the real length of these shards, and on every rank
-    when the ranks pass different shapes, dtypes, ``dim`` or ``seqlen`` (one small all_gather first).
+    when the ranks pass different shapes, dtypes, ``dim``, ``layout`` or ``seqlen`` (one small all_gather first).
     """
     import torch.distributed as dist
 
@@ -414,7 +415,8 @@ def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigz
         failed = None
     except (TypeError, ValueError) as exc:
         failed = exc
-    _agree_before_gather("unshard", group, x_local, lambda: _gather_signature(x_local, dim, seqlen, None), failed)
+    _agree_before_gather("unshard", group, x_local, lambda: _gather_signature(x_local, dim, seqlen, None, layout),
+                         failed)
     x_local = x_local.contiguous()
     parts = [torch.empty_like(x_local) for _ in range(world)]
     dist.all_gather(parts, x_local, group=group)
@@ -547,7 +549,8 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens, dim: int = 0, group=None,
                    layout: str = "zigzag") -> torch.Tensor:
     """Gather packed shards from every rank of ``group`` and restore global order, dropping padding
     (collective; not differentiable). Returns ``[cu_seqlens[-1], ...]`` along ``dim``. Raises on every rank
-    when the ranks pass different shapes, dtypes, ``dim`` or ``cu_seqlens`` (one small all_gather first)."""
+    when the ranks pass different shapes, dtypes, ``dim``, ``layout`` or ``cu_seqlens`` (one small all_gather
+    first)."""
     import torch.distributed as dist
 
     _rank, world = _group_rank_world(group)
@@ -555,12 +558,13 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens, dim: int = 0, group=None,
         if not isinstance(x_local, torch.Tensor):
             raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
         dim = _dim(x_local, dim)
+        check_layout(layout)
         cu = _cu_list(cu_seqlens)
         failed = None
     except (TypeError, ValueError) as exc:
         failed = exc
-    _agree_before_gather("unshard_varlen", group, x_local, lambda: _gather_signature(x_local, dim, None, cu),
-                         failed)
+    _agree_before_gather("unshard_varlen", group, x_local,
+                         lambda: _gather_signature(x_local, dim, None, cu, layout), failed)
     x_local = x_local.contiguous()
     parts = [torch.empty_like(x_local) for _ in range(world)]
     dist.all_gather(parts, x_local, group=group)
