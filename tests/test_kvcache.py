@@ -241,6 +241,23 @@ def _strided(t):
 
 
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_an_empty_cache_is_no_keys(backend):
+    """A cache of capacity 0 (``k_cache`` ``[b, 0, h, d]``) with batch >= 2: every row sees no key (output 0,
+    lse -inf), as with batch 1 or a paged cache of no pages (a RuntimeError from as_strided before 2026-12-08);
+    appending to it is refused before anything is written."""
+    if backend == "native" and not backends.native_available():
+        pytest.skip("native extension not built")
+    q = torch.randn(2, 1, 2, 8)
+    kc, vc = torch.zeros(2, 0, 2, 8), torch.zeros(2, 0, 2, 8)
+    with backends.force(backend):
+        out, lse = ring_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=0, return_softmax_lse=True)
+        assert torch.equal(out, torch.zeros_like(q)) and bool((lse == float("-inf")).all())
+        with pytest.raises(ValueError, match="cache_seqlens \\+ seqlen_new must fit the cache"):
+            ring_attn.flash_attn_with_kvcache(q, kc, vc, torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8),
+                                              cache_seqlens=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("paged", [False, True])
 def test_strided_index_tensors_equal_contiguous_ones(backend, paged):
     """cache_seqlens / cache_batch_idx / cache_leftpad and varlen cu_seqlens given as strided views: the Triton

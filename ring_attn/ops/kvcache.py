@@ -59,7 +59,7 @@ def _rows_view(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     heads and are never read). ValueError when ``stride(0)`` is not a multiple of ``stride(1)``."""
     b_c, s_c, h, d = x.shape
     st = x.stride()
-    if b_c == 1 or s_c == 1 or st[0] == s_c * st[1]:
+    if b_c == 1 or s_c <= 1 or st[0] == s_c * st[1]:  # (s_c = 0: an empty cache, no rows at all)
         return x.view(b_c * s_c, h, d), s_c
     if st[1] > 0 and st[0] % st[1] == 0 and st[0] // st[1] >= s_c:
         per = st[0] // st[1]
