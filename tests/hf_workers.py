@@ -493,13 +493,16 @@ def _errors_case(case, rank, world, store):
         unpatched = teacher(input_ids=mine, use_cache=False).logits
         with hf.patch_hf(build("llama-dynamic"), group=dist.group.WORLD, layout=layout):
             during = teacher(input_ids=mine, use_cache=False).logits
-        # group=None inside an initialized process group: one device per rank (a data-parallel job), not a ring
-        # over the world (which refused the unsharded positions before 2026-12-08)
-        with hf.patch_hf(teacher) as one_device:
+        # a data-parallel job (each rank its own batch): the one-device patch through a one-rank group, as docs/hf.md
+        # says; group=None is the default group there (a ring over every rank, as in shard_batch and ring_attn_func)
+        own = dist.new_subgroups(group_size=1)[0]
+        with hf.patch_hf(teacher, group=own) as one_device:
             alone = teacher(input_ids=mine, use_cache=False).logits
             world_seen = hf._active.world
-    store.update(teacher_equal=torch.equal(unpatched, during), group_none_world=world_seen,
-                 group_none_err=float((alone - unpatched).abs().max()), group_none_undone=not one_device.active)
+        with hf.patch_hf(build("llama")):
+            default_world = hf._active.world
+    store.update(teacher_equal=torch.equal(unpatched, during), one_rank_world=world_seen, default_world=default_world,
+                 one_rank_err=float((alone - unpatched).abs().max()), one_rank_undone=not one_device.active)
     # shards numbered from 0 on every rank (no position_ids): contiguous shards are each a run of positions,
     # off from the global ones by a different constant per rank
     contiguous = hf.shard_batch(batch, layout="contiguous")

@@ -131,9 +131,10 @@ def test_ring_refusals(worlds, world):
         assert (generate is not None) == (rank == world - 1)
         if generate is not None:
             assert generate[0] == "NotImplementedError" and "generate with ring attention" in generate[1], generate
-        # a stock model beside the ring patch keeps stock bits; group=None is one device per rank
-        assert st["teacher_equal"] and st["group_none_world"] == 1 and st["group_none_undone"], st
-        assert st["group_none_err"] < 1e-5, st
+        # a stock model beside the ring patch keeps stock bits; a one-rank group is one device per rank, None the
+        # default group
+        assert st["teacher_equal"] and st["one_rank_world"] == 1 and st["one_rank_undone"], st
+        assert st["default_world"] == world and st["one_rank_err"] < 1e-5, st
         # (a positive control of the fused loss over the ring: the ranks' shares sum to the one-process loss)
         assert abs(st["fused_loss_sum"] - st["stock_loss"]) <= 1e-5 * abs(st["stock_loss"]), st
         for label, (typ, word) in {**expected, **everywhere, **one_rank, **later}.items():
@@ -803,7 +804,7 @@ def test_mask_function_alignment_both_signatures():
         assert torch.equal(hf.ring_attn_mask(1, attention_mask=pad, **kw), pad[:, :7].bool())
         with pytest.raises(NotImplementedError, match="covers 5"):
             hf.ring_attn_mask(1, attention_mask=pad[:, :5], **kw)
-        with pytest.raises(ValueError, match="covers 6 keys, but the queries see 8"):  # no static cache: too short
+        with pytest.raises(ValueError, match="covers 6 tokens, but the queries see 8"):  # no static cache: too short
             hf.ring_attn_mask(1, attention_mask=pad[:, :6], q_length=3, q_offset=5, kv_length=8)
         torch._dynamo.reset()
         compiled = torch.compile(lambda pos, n, m=None: (hf.ring_attn_mask(1, kv_length=n, cache_position=pos,

@@ -5,11 +5,12 @@
   application of the :data:`MODEL_FAMILIES` modeling modules with :func:`ring_attn.apply_rope`, whose angles are
   formed in float64 from the global ``position_ids``. Every rotary embedding class of transformers' imported
   modeling modules (and of ``model``) is wrapped so that, over a ring, rope types whose frequencies depend on the
-  sequence length see the global length on every rank. ``group=None`` (or a one-rank group): the single-device
-  kernel, a faster drop-in for ``sdpa``. A larger group: ring attention over it, the sequence sharded by
-  :func:`shard_batch`. The returned :class:`HFPatch` undoes everything (``.undo()`` or ``with``). Sliding
-  windows (Mistral's, Qwen2's per layer) and a ``softcap`` passed by a module run in the kernels in every mode
-  (:func:`sliding_window_size` gives the width).
+  sequence length see the global length on every rank. Without torch.distributed, or with a one-rank group: the
+  single-device kernel, a faster drop-in for ``sdpa``. A larger group (``group=None``: the default group, as for
+  :func:`shard_batch`): ring attention over it, the sequence sharded by :func:`shard_batch`. The returned
+  :class:`HFPatch` undoes everything (``.undo()`` or ``with``). Sliding windows (Mistral's, Qwen2's per layer) and
+  a ``softcap`` passed by a module run in the kernels in every mode (:func:`sliding_window_size` gives the
+  width). The wrapped rotary classes act only for models running ``"ring_attn"``; other models keep stock RoPE.
 * :func:`shard_batch` shards a training batch (shifting labels over the whole sequence first, padding lengths
   the layout cannot split, recognising packed sequences), and :func:`causal_lm_loss` turns it into a loss whose
   value and gradients, after data-parallel averaging, equal single-process training on the whole batch.
@@ -57,6 +58,9 @@ _MASK_4D_LAYERS = ("transformers.models.gemma2.modeling_gemma2",)
 _ROPE_TAG = "_ring_attn_rope"
 _TABLES = "tables"
 _OWNED = "_ring_attn_model"  # set on the rotary modules of the model given to patch_hf (undone by undo)
+# how to run the patch on one device inside a distributed job (every rank its own batch, or sampling on one rank)
+_ONE_DEVICE = ("undo the patch, or patch with a one-rank group: patch_hf(model, "
+               "torch.distributed.new_subgroups(group_size=1)[0])")
 
 
 class _State:
@@ -65,9 +69,7 @@ class _State:
     def __init__(self, group, layout: str, fused_rope: bool):
         self.layout, self.fused_rope = layout, fused_rope
         self.rotary_checked: set = set()  # modeling modules whose rotary classes were found wrapped (ring mode)
-        # group=None is one device even inside an initialized process group (DDP/FSDP jobs: every rank its own
-        # batch); ring mode needs the group named, e.g. dist.group.WORLD
-        self.rank, self.world = (0, 1) if group is None else _rank_world(group)
+        self.rank, self.world = _rank_world(group)
         # held weakly: a patch left active until the script ends must not keep the group (and gloo's threads)
         # alive past destroy_process_group, into interpreter exit
         self._group = weak_group(group, "patch_hf")
@@ -223,6 +225,12 @@ def _longest(cu: torch.Tensor, given, which: str) -> int:
     return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
+def _mask_width_error(columns: int, keys: int) -> ValueError:
+    """A 2-D attention_mask whose width is not the number of keys (cached and new) the queries see."""
+    return ValueError(f"attention_mask covers {columns} tokens, but the queries see {keys} (the cached and the new "
+                      f"ones): expected an attention_mask of {keys} columns")
+
+
 def _refuse_ring_cache(state: _State, detail: str = "") -> None:
     raise _ring_cache_error(state, detail)
 
@@ -231,7 +239,7 @@ def _ring_cache_error(state: _State, detail: str = "") -> NotImplementedError:
     return NotImplementedError(
         f"a KV cache (use_cache=True{detail}) with ring attention over {state.world} ranks: the cache would hold "
         f"this rank's shard only; pass use_cache=False (patch_hf(model, group) sets config.use_cache=False), and "
-        f"generate with group=None")
+        f"generate on one device ({_ONE_DEVICE})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,7 +382,8 @@ def _agree_over_ring(state: _State, anchor: Optional[torch.Tensor], position_ids
             f"from the global "
             f"positions, (lowest, highest) per rank, must agree: {offsets}): shard the batch with "
             f"ring_attn.integrations.hf.shard_batch(batch, group, layout={state.layout!r}) and pass its "
-            f"position_ids (packed sequences need the cu_seq_lens_q it returns){hint}")
+            f"position_ids (packed sequences need the cu_seq_lens_q it returns){hint}. If every rank runs its own "
+            f"batch (data parallelism), this is not a ring: {_ONE_DEVICE}")
     if cache is not None:
         cache[key] = True
 
@@ -437,8 +446,7 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     b, s_q, h_q, d = q.shape
     slots = getattr(attention_mask, _SLOTS, None)
     if slots is not None and slots != k.shape[1]:  # cut for a static cache, but the keys are not its slots
-        raise ValueError(f"attention_mask covers {slots} tokens, but the keys are {k.shape[1]} and no static cache "
-                         f"holds {slots} slots: expected an attention_mask of {k.shape[1]} columns")
+        raise _mask_width_error(slots, k.shape[1])
     keep, s_k = _padding(attention_mask, k.shape[1])
     if s_k < k.shape[1]:  # a static cache: its first s_k slots are filled
         k, v = k[:, :s_k], v[:, :s_k]
@@ -572,6 +580,8 @@ def _make_mask_creator(original):
     extra = [(params.index(n), n) for n in _EXTRA_MASK_ARGS if n in params]
     config_at = (params.index("config"), "config")
     cache_args = [(params.index(n), n) for n in ("cache", "past_key_values") if n in params]  # 5.24 says cache
+    embeds_at = next(((params.index(n), n) for n in ("inputs_embeds", "input_embeds") if n in params), None)
+    mask_at = (params.index("attention_mask"), "attention_mask") if "attention_mask" in params else None
 
     def create(*args, **kwargs):
         def arg(i, name):
@@ -586,6 +596,17 @@ def _make_mask_creator(original):
                 and getattr(config, "_attn_implementation", None) == "ring_attn"):
             # raised by the first attention call, after the ranks' agreement, so that the others raise too
             state.pending_failure = _ring_cache_error(state)
+        if state is not None and embeds_at and mask_at and getattr(config, "_attn_implementation", None) == \
+                "ring_attn" and all(arg(*c) is None for c in cache_args):
+            # no cache: a 2-D mask must cover exactly the input (stock fails with a shape error on a longer one, the
+            # mask function would keep its last columns)
+            mask, embeds = arg(*mask_at), arg(*embeds_at)
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(embeds, torch.Tensor) and \
+                    embeds.dim() >= 2 and mask.shape[1] > embeds.shape[1]:
+                error = _mask_width_error(mask.shape[1], embeds.shape[1])
+                if state.world == 1:
+                    raise error
+                state.pending_failure = error  # (a ring: raised after the ranks' agreement, on every rank)
         previous = getattr(_mask_creation, "plain", False)
         _mask_creation.plain = plain
         try:
@@ -638,7 +659,6 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
         q_length, q_start = cache_position.shape[0], cache_position[0]
     else:
         q_start = q_offset
-    columns = None if attention_mask is None else attention_mask.shape[1]
     if attention_mask is not None:
         attention_mask = attention_mask[:, -int(kv_length):].bool()
     if torch.compiler.is_compiling() and isinstance(q_start, torch.Tensor):
@@ -657,11 +677,8 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     if int(kv_offset) == 0 and q_start + q_length < kv_end and q_start >= 0:
         return _static_cache_mask(attention_mask, batch_size, q_start + q_length, int(kv_length),
                                   kwargs.get("device", cache_position.device if cache_position is not None else None))
-    if attention_mask is not None and q_start == 0 and int(kv_offset) == 0 and (
-            q_length > kv_end or (q_length == kv_end and columns > kv_end)):
-        # (stock sdpa / eager raise a shape error for both; a longer mask must not lose its first columns silently)
-        raise ValueError(f"attention_mask covers {columns} tokens, but the input has {q_length} and no cache "
-                         f"holds earlier ones: expected an attention_mask of {q_length} columns")
+    if attention_mask is not None and q_start == 0 and int(kv_offset) == 0 and q_length > kv_end:
+        raise _mask_width_error(int(kv_length), q_length)
     if not (q_start + q_length == kv_end or (q_length == 1 and q_start >= kv_end - 1)):
         raise NotImplementedError(
             f"queries at offset {q_start} (+{q_length}) are not the last of {int(kv_length)} keys at offset "
@@ -669,7 +686,7 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     if attention_mask is None or torch.compiler.is_compiling():  # (whether it pads needs a host read)
         return attention_mask
     if attention_mask.shape[1] != kv_length:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, but the queries see {kv_length}")
+        raise _mask_width_error(attention_mask.shape[1], int(kv_length))
     return None if (attention_mask.shape[1] == kv_length and bool(attention_mask.all())) else attention_mask
 
 
@@ -743,10 +760,13 @@ def _serves_ring_attn(rotary) -> bool:
 
 
 def _make_rotary_forward(original):
-    def forward(self, x, position_ids, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         state = _active
-        if state is None or not _serves_ring_attn(self):
-            return original(self, x, position_ids, *args, **kwargs)
+        if state is None or not _serves_ring_attn(self):  # (any signature: e.g. Llama 4's vision rotary)
+            return original(self, *args, **kwargs)
+        return served(self, state, *args, **kwargs)
+
+    def served(self, state, x, position_ids, *args, **kwargs):  # (no rotary takes an argument named state)
         if not torch.compiler.is_compiling():
             state.forward_records = torch.is_grad_enabled()
         if state.world > 1:
@@ -926,9 +946,7 @@ def _check_mask_width(attention_mask, input_tensor=None, cache_position=None, pa
         return
     past = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
     if attention_mask.shape[1] > past + input_tensor.shape[1]:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, but the input has "
-                         f"{input_tensor.shape[1]} and the cache {past}: expected an attention_mask of "
-                         f"{past + input_tensor.shape[1]} columns")
+        raise _mask_width_error(attention_mask.shape[1], past + input_tensor.shape[1])
 
 
 def _make_update_causal_mask(original, padding_2d: bool):
@@ -1095,8 +1113,7 @@ def _make_ring_generate(world: int):
     def generate(*args, **kwargs):
         raise NotImplementedError(
             f"generate with ring attention over {world} ranks: a KV cache would hold this rank's shard only. "
-            f"Generate on one device: undo the patch (handle.undo()) or patch with group=None, then patch_hf(model, "
-            f"group) again to train")
+            f"Generate on one device ({_ONE_DEVICE}), then patch_hf(model, group) again to train")
 
     return generate
 
@@ -1212,10 +1229,12 @@ def patch_hf(model=None, group=None, layout: str = "zigzag", fused_rope: bool = 
             (its ``.module``) or a PEFT model (its ``get_base_model()``). Optional: models loaded later can ask
             for it with ``from_pretrained(..., attn_implementation="ring_attn")``. With a multi-rank ``group``
             its ``config.use_cache`` is set to False (restored by ``undo``).
-        group: None or a one-rank group: single-device flash attention (a faster drop-in for ``sdpa``, with
-            KV-cache generation), also when torch.distributed is initialized (data parallelism: each rank runs
-            its own batch). A larger ``torch.distributed`` group (``dist.group.WORLD`` for every rank): ring
-            attention over it; feed the model batches from :func:`shard_batch` with the same group and layout.
+        group: the ring's process group. None: the default group when torch.distributed is initialized (as
+            :func:`shard_batch` and :func:`ring_attn.ring_attn_func` take None), else one device. A group of more
+            than one rank: ring attention over it; feed the model batches from :func:`shard_batch` with the same
+            group and layout. A one-rank group, or no torch.distributed: single-device flash attention (a faster
+            drop-in for ``sdpa``, with KV-cache generation); in a data-parallel job, where every rank runs its
+            own batch, pass ``torch.distributed.new_subgroups(group_size=1)[0]`` (each rank's own group).
         layout: how sequences are sharded over ``group``: ``"zigzag"`` (default), ``"contiguous"``, ``"striped"``.
         fused_rope: replace ``apply_rotary_pos_emb`` in the :data:`MODEL_FAMILIES` modeling modules by the fused
             kernel, angles from the model's own ``inv_freq`` (any rope type; Phi-3's partial rotary too) and global

@@ -352,7 +352,7 @@ def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", pad
     return shard_for_rank(x, rank, world, dim, layout, pad_value)
 
 
-_AGREE_LEN = 16  # int64 codes of an unshard call's signature: [failed?, dim, dtype, seqlen, cu digest, ndim, layout,
+_AGREE_LEN = 17  # int64 codes of an unshard call's signature: [failed?, dim, dtype, seqlen, cu digest, ndim, layout,
 #                  shape]
 _GATHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64,
                   torch.bool, torch.uint8, torch.int8, torch.int16)

@@ -92,13 +92,14 @@ def fwd_acc_regs(tile: dict, head_dim: int) -> float:
 FWD_MAX_ACC_REGS = 144
 
 
-def _smem_shortfall(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> str:
+def _smem_shortfall(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel",
+                    dims: str = "head dim") -> str:
     """'' when ``tile``'s static shared-memory estimate fits sm_``arch``, else the words of every error that
-    says it does not: "needs N B of shared memory at head dim D <dtype>, over the L B of sm_A"."""
+    says it does not: "needs N B of shared memory at <dims> D <dtype>, over the L B of sm_A"."""
     need, limit = smem_estimate(tile, head_dim, dtype, kernel), smem_limit(arch)
     if need <= limit:
         return ""
-    return f"needs {need} B of shared memory at head dim {head_dim} {dtype}, over the {limit} B of sm_{arch}"
+    return f"needs {need} B of shared memory at {dims} {head_dim} {dtype}, over the {limit} B of sm_{arch}"
 
 
 def fits(tile: dict, head_dim: int, dtype: str, arch: int, kernel: str = "fwd_kernel") -> bool:
@@ -231,8 +232,9 @@ def _read_tile_file(path: str) -> dict:
                                  f"{_bucket(head_dim)}, {'fp32' if key[3] == '32' else 'fp16/bf16'}")
             over = dict(dkdv=tuple(dkdv), dq=tuple(dq), num_warps=warps, num_stages=stages)
             for which, kernel in (("dkdv", "bwd_dkdv_kernel"), ("dq", "bwd_dq_kernel")):
-                short = _smem_shortfall(bwd_kernel_tile(over, which), _bucket(head_dim), dtype, arch, kernel)
-                if short:  # (checked at the bucket's largest head dim: the record serves the whole bucket)
+                short = _smem_shortfall(bwd_kernel_tile(over, which), _bucket(head_dim), dtype, arch, kernel,
+                                        "head dims up to")  # (the record serves its whole bucket)
+                if short:
                     raise ValueError(f"{here}: the {which} tile {over[which]} {short}")
             out[key] = over
             continue
