@@ -956,7 +956,12 @@ def _make_update_causal_mask(original, padding_2d: bool):
     # builder, whose 4-D result the attention refuses with NotImplementedError.
     def _update_causal_mask(self, attention_mask, *args, **kwargs):
         if self.config._attn_implementation == ATTN_IMPLEMENTATION and _active is not None:
-            _check_mask_width(attention_mask, *args, **kwargs)
+            try:
+                _check_mask_width(attention_mask, *args, **kwargs)
+            except ValueError as error:
+                if _active.world == 1:
+                    raise
+                _active.pending_failure = error  # (a ring: raised after the ranks' agreement, on every rank)
             static = _static_cache_2d(attention_mask, *args, **kwargs)
             if static is not None:
                 if not padding_2d:  # its layers slice a 4-D mask
