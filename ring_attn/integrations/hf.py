@@ -231,6 +231,15 @@ def _mask_width_error(columns: int, keys: int) -> ValueError:
                       f"ones): expected an attention_mask of {keys} columns")
 
 
+def _refuse(state: _State, error: BaseException) -> None:
+    """Refuse the current forward: at once on one device; in ring mode through the ranks' agreement (the next ring
+    attention call raises it after the exchange, on every rank), so that no rank raises alone while the others
+    wait for it."""
+    if state.world == 1:
+        raise error
+    state.pending_failure = error
+
+
 def _refuse_ring_cache(state: _State, detail: str = "") -> None:
     raise _ring_cache_error(state, detail)
 
@@ -444,9 +453,6 @@ def ring_attn_attention_forward(module, query, key, value, attention_mask, dropo
     softcap = 0.0 if softcap is None else softcap  # the kernels validate it (ValueError naming softcap)
     q, k, v = to_compute_dtype(*(x.transpose(1, 2) for x in (query, key, value)))  # [b, s, h, d] views
     b, s_q, h_q, d = q.shape
-    slots = getattr(attention_mask, _SLOTS, None)
-    if slots is not None and slots != k.shape[1]:  # cut for a static cache, but the keys are not its slots
-        raise _mask_width_error(slots, k.shape[1])
     keep, s_k = _padding(attention_mask, k.shape[1])
     if s_k < k.shape[1]:  # a static cache: its first s_k slots are filled
         k, v = k[:, :s_k], v[:, :s_k]
@@ -603,10 +609,7 @@ def _make_mask_creator(original):
             mask, embeds = arg(*mask_at), arg(*embeds_at)
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(embeds, torch.Tensor) and \
                     embeds.dim() >= 2 and mask.shape[1] > embeds.shape[1]:
-                error = _mask_width_error(mask.shape[1], embeds.shape[1])
-                if state.world == 1:
-                    raise error
-                state.pending_failure = error  # (a ring: raised after the ranks' agreement, on every rank)
+                _refuse(state, _mask_width_error(mask.shape[1], embeds.shape[1]))
         previous = getattr(_mask_creation, "plain", False)
         _mask_creation.plain = plain
         try:
@@ -690,9 +693,6 @@ def ring_attn_mask(batch_size: int, q_length: Optional[int] = None, kv_length: O
     return None if (attention_mask.shape[1] == kv_length and bool(attention_mask.all())) else attention_mask
 
 
-_SLOTS = "_ring_attn_slots"  # on a static cache's cut mask: the slots it covered (kv_length)
-
-
 def _static_cache_mask(attention_mask, batch_size: int, filled: int, kv_length: int, device) -> torch.Tensor:
     """The 2-D keep-mask ``[batch, filled]`` of a static cache whose first ``filled`` of ``kv_length`` slots hold
     keys (the rest are empty slots no query may see): the caller's mask when it covers exactly the filled keys
@@ -704,10 +704,7 @@ def _static_cache_mask(attention_mask, batch_size: int, filled: int, kv_length: 
                                       "function's device argument: pass attention_mask")
         return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
     if attention_mask.shape[1] == kv_length:
-        cut = attention_mask[:, :filled]
-        if not torch.compiler.is_compiling():  # the attention checks that the keys are kv_length slots
-            setattr(cut, _SLOTS, kv_length)    # (no cache and a mask longer than the input: refused there)
-        return cut
+        return attention_mask[:, :filled]
     if attention_mask.shape[1] != filled:
         raise NotImplementedError(f"a static cache of {kv_length} slots holds {filled} keys, but the "
                                   f"attention_mask covers {attention_mask.shape[1]} (expected {filled} or "
@@ -959,9 +956,7 @@ def _make_update_causal_mask(original, padding_2d: bool):
             try:
                 _check_mask_width(attention_mask, *args, **kwargs)
             except ValueError as error:
-                if _active.world == 1:
-                    raise
-                _active.pending_failure = error  # (a ring: raised after the ranks' agreement, on every rank)
+                _refuse(_active, error)
             static = _static_cache_2d(attention_mask, *args, **kwargs)
             if static is not None:
                 if not padding_2d:  # its layers slice a 4-D mask
