@@ -58,6 +58,9 @@ RA_INLINE char* addr(const Ten& t, int64_t b, int64_t row, int64_t h) {
     return t.p + (b * t.sb + row * t.ss + h * t.sh) * dtype_size(t.dt);
 }
 RA_INLINE float* lse_addr(const Lse& t, int64_t b, int64_t h, int64_t row) { return t.p + b * t.sb + h * t.sh + row; }
+RA_INLINE double* lse_addr64(const Lse& t, int64_t b, int64_t h, int64_t row) {
+    return reinterpret_cast<double*>(t.p) + b * t.sb + h * t.sh + row;
+}
 // ALiBi slope of (batch or packed sequence b, query head h); 0 without ALiBi (a zero slope adds nothing).
 RA_INLINE float alibi_slope(const AttnArgs& a, int64_t b, int64_t h) {
     return a.alibi ? a.alibi[b * a.alibi_sb + h * a.alibi_sh] : 0.f;
@@ -211,6 +214,39 @@ static void fwd_rows(float* S, int64_t rows, const int64_t* lo, const int64_t* h
     }
 }
 
+// One query row's epilogue: out = o * inv; lse = m + log l (lr == 0: no visible key, lse -inf, output 0; a
+// NaN or inf score carries NaN/inf on: a NaN lr once read as "no key", lse -inf, which a merge then dropped).
+// merge: fold the row into the running (out, lse) by LSE weighting. T = double (the ring's running LSE) adds
+// m and log l, and merges, without rounding a large LSE to fp32 (an ulp of 650 is 6e-5, which the weights
+// would carry); the exponentials stay fp32, their arguments are small.
+template <typename T>
+void finish_row(T* lp, float mr, float lr, const float* o, float inv, char* op, int dt, int64_t d, float* orow,
+                bool merge) {
+    const T lse_blk = lr == 0.f ? T(NEG_INF) : T(mr) + T(std::log(lr));
+    if (!merge) {
+        for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
+        store_row(op, dt, d, orow);
+        *lp = lse_blk;
+        return;
+    }
+    if (lse_blk == T(NEG_INF)) return;
+    const T lse_acc = *lp;
+    float w_acc, w_blk;
+    T lse_new;
+    if (lse_acc == T(NEG_INF)) {
+        w_acc = 0.f; w_blk = 1.f; lse_new = lse_blk;
+    } else {
+        const T mx = std::max(lse_acc, lse_blk);
+        lse_new = mx + T(std::log1p(std::exp(-float(std::fabs(lse_acc - lse_blk)))));
+        w_acc = std::exp(float(lse_acc - lse_new));
+        w_blk = std::exp(float(lse_blk - lse_new));
+    }
+    load_row(op, dt, d, orow);
+    for (int64_t c = 0; c < d; ++c) orow[c] = orow[c] * w_acc + o[c] * inv * w_blk;
+    store_row(op, dt, d, orow);
+    *lp = lse_new;
+}
+
 }  // namespace
 
 void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten& v, const Ten& out, const Lse& lse,
@@ -282,33 +318,13 @@ void attention_forward(const AttnArgs& a, const Ten& q, const Ten& k, const Ten&
                 for (int64_t r = 0; r < mq; ++r) {
                     const int64_t row = sq.start_q + i0 + r;
                     const float mr = m[g * BM + r], lr = l[g * BM + r];
-                    float* lp = lse_addr(lse, s, h, row);
-                    // lr == 0: no visible key (lse -inf, output 0); a NaN or inf score carries NaN/inf on
-                    // (a NaN lr once read as "no key": lse -inf, which a merge then dropped)
-                    const float lse_blk = lr == 0.f ? NEG_INF : mr + std::log(lr);
                     const float inv = lr == 0.f ? 0.f : (a.dropout ? a.drop_scale : 1.f) / lr;
                     const float* o = O.data() + (g * BM + r) * dp;
-                    if (!merge) {
-                        for (int64_t c = 0; c < d; ++c) orow[c] = o[c] * inv;
-                        store_row(addr(out, s, row, h), out.dt, d, orow.data());
-                        *lp = lse_blk;
-                    } else if (lse_blk != NEG_INF) {
-                        const float lse_acc = *lp;
-                        float w_acc, w_blk, lse_new;
-                        if (lse_acc == NEG_INF) {
-                            w_acc = 0.f; w_blk = 1.f; lse_new = lse_blk;
-                        } else {
-                            const float mx = std::max(lse_acc, lse_blk);
-                            lse_new = mx + std::log1p(std::exp(-std::fabs(lse_acc - lse_blk)));
-                            w_acc = std::exp(lse_acc - lse_new);
-                            w_blk = std::exp(lse_blk - lse_new);
-                        }
-                        char* op = addr(out, s, row, h);
-                        load_row(op, out.dt, d, orow.data());
-                        for (int64_t c = 0; c < d; ++c) orow[c] = orow[c] * w_acc + o[c] * inv * w_blk;
-                        store_row(op, out.dt, d, orow.data());
-                        *lp = lse_new;
-                    }
+                    char* op = addr(out, s, row, h);
+                    if (lse.f64)
+                        finish_row(lse_addr64(lse, s, h, row), mr, lr, o, inv, op, out.dt, d, orow.data(), merge);
+                    else
+                        finish_row(lse_addr(lse, s, h, row), mr, lr, o, inv, op, out.dt, d, orow.data(), merge);
                 }
             }
         }

@@ -12,10 +12,12 @@ struct Ten {
     int64_t sb, ss, sh;
 };
 
-// An fp32 LSE-layout tensor [b, h, s] (unit stride along s).
+// An LSE-layout tensor [b, h, s] (unit stride along s): fp32, or fp64 (`f64`, only the running LSE that
+// attention_forward merges into; p then points at doubles).
 struct Lse {
     float* p;
     int64_t sb, sh;
+    bool f64 = false;
 };
 
 struct AttnArgs {

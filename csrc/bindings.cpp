@@ -49,15 +49,17 @@ static AttnArgs args(const A6& shape, const A6& seqs, bool packed, double scale,
 PYBIND11_MODULE(_C, m) {
     m.doc() = "ring_attn native CPU backend (C++17/OpenMP, no libtorch). Called only by ring_attn.backends.native.";
     // 2: attention_forward/backward take the ALiBi slopes (S3) after softcap; 3: and then the dropout (D5,
-    // threshold, scale)
-    m.attr("ABI_VERSION") = 3;
+    // threshold, scale); 4: attention_forward takes lse_f64 (an fp64 running LSE) after merge
+    m.attr("ABI_VERSION") = 4;
     m.def("attention_forward",
           [](T5 q, T5 k, T5 v, T5 out, L3 l, A6 shape, A6 seqs, bool packed, double scale, bool causal,
              bool bottom_right, int64_t offset, int64_t left, int64_t right, double softcap, S3 alibi, D5 drop,
-             int64_t drop_threshold, double drop_scale, bool merge, int threads) {
+             int64_t drop_threshold, double drop_scale, bool merge, bool lse_f64, int threads) {
+              Lse running = lse(l);
+              running.f64 = lse_f64;
               ra::attention_forward(args(shape, seqs, packed, scale, causal, bottom_right, offset, left, right, softcap,
                                          alibi, drop, drop_threshold, drop_scale),
-                                    ten(q), ten(k), ten(v), ten(out), lse(l), merge, threads);
+                                    ten(q), ten(k), ten(v), ten(out), running, merge, threads);
           },
           py::call_guard<py::gil_scoped_release>());
     m.def("attention_delta",

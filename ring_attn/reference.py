@@ -265,14 +265,15 @@ def _row_chunks(rows: int, s_k: int, heads: int, batch: int):
 
 @torch.no_grad()
 def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1), softcap=0.0, alibi=None,
-                 dropout=None, row_base=0):
-    """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``(out, lse)``.
+                 dropout=None, row_base=0, lse_dtype=torch.float32):
+    """Dense forward in fp32 math, chunked over query rows. Returns fp32 ``out`` and ``lse`` in ``lse_dtype``
+    (float64: ``max + log(sum)`` added without rounding to fp32, for a merge into a running fp64 LSE).
     ``window``/``softcap``/``dropout``/``row_base`` as in :func:`attention`; ``alibi``: slopes ``[h_q]`` or
     ``[b, h_q]`` (or None)."""
     b, s_q, h_q, d = q.shape
     s_k = k.shape[1]
     out = torch.empty((b, s_q, h_q, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, h_q, s_q), dtype=lse_dtype, device=q.device)
     offset = s_k - s_q if causal_offset is None else causal_offset
     if s_k == 0:  # no keys: every row sees nothing
         return out.zero_(), lse.fill_(float("-inf"))
@@ -288,19 +289,20 @@ def forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window=(-1, -1),
         if dropout is not None:  # the LSE is the softmax's before dropout
             e = e * _keep(dropout, b, h_q, s_q, r0, r1, s_k, row_base, q.device) * dropout.scale
         out[:, r0:r1] = (torch.matmul(e, vf) / torch.where(denom == 0, 1.0, denom)).transpose(1, 2)
-        lse[:, :, r0:r1] = (torch.log(denom) + m).squeeze(-1)
+        lse[:, :, r0:r1] = (torch.log(denom).to(lse_dtype) + m.to(lse_dtype)).squeeze(-1)
     return out, lse
 
 
 @torch.no_grad()
 def merge_partial(out_acc, lse_acc, out_blk, lse_blk) -> None:
-    """Fold a partial result into a running one, in place (fp32; views are fine):
-    ``lse' = log(e^lse_acc + e^lse_blk)``, ``out' = (e^lse_acc·out_acc + e^lse_blk·out_blk) / e^lse'``.
-    out: ``[..., s, h, d]``; lse: ``[..., h, s]``. Rows that have seen no key on either side stay 0 / -inf."""
+    """Fold a partial result into a running one, in place (out fp32, lse fp32 or fp64, both lse alike; views
+    are fine): ``lse' = log(e^lse_acc + e^lse_blk)``, ``out' = (e^lse_acc·out_acc + e^lse_blk·out_blk) / e^lse'``.
+    out: ``[..., s, h, d]``; lse: ``[..., h, s]``. Rows that have seen no key on either side stay 0 / -inf.
+    The weights are fp32 (their exponents are differences, small where they matter)."""
     new = torch.logaddexp(lse_acc, lse_blk)
     safe = new.masked_fill(torch.isneginf(new), 0.0)  # both -inf: weights exp(-inf) = 0, not NaN
-    w_acc = torch.exp(lse_acc - safe).transpose(-1, -2).unsqueeze(-1)
-    w_blk = torch.exp(lse_blk - safe).transpose(-1, -2).unsqueeze(-1)
+    w_acc = torch.exp((lse_acc - safe).float()).transpose(-1, -2).unsqueeze(-1)
+    w_blk = torch.exp((lse_blk - safe).float()).transpose(-1, -2).unsqueeze(-1)
     out_acc.mul_(w_acc).add_(out_blk * w_blk)
     lse_acc.copy_(new)
 

@@ -54,7 +54,7 @@ R = importlib.import_module("ring_attn.backends.triton.rope")  # the module: the
 from ring_attn.backends.triton import tiles as T  # noqa: E402
 
 # name -> (b, s, h_q, h_kv, d, causal, dtype); the benchmark anchors (benchmarks/bench_attention.py) plus
-# d=256 (the shared-memory edge). "merge" cases are the ring's later steps (fp32 running out/lse).
+# d=256 (the shared-memory edge). "merge" cases are the ring's steps (fp32 running out, fp64 running lse).
 CASES = {
     "fwd-d128": dict(op="fwd", shape=(1, 16384, 32, 8, 128), causal=True, merge=False),
     "fwd-d128-merge": dict(op="fwd", shape=(1, 16384, 32, 8, 128), causal=True, merge=True),
@@ -145,7 +145,7 @@ def record_launches(case: dict, dtype: torch.dtype, arch: int = 90):
     s_k = case.get("s_k", s)  # keys: as many as queries unless the case says (decoding)
     e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
     q, k, v = e(b, s, hq, d), e(b, s_k, hkv, d), e(b, s_k, hkv, d)
-    lse = e(b, hq, s, dt=torch.float32)
+    lse = e(b, hq, s, dt=torch.float64 if case.get("merge") else torch.float32)  # the ring merges into fp64
     alibi = e(b, hq, dt=torch.float32) if case.get("alibi") else None
     drop = Dropout(0.1, 2 ** 40 + 1, b * s, s_k) if case.get("dropout") else None
     log = []

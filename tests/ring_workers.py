@@ -39,6 +39,10 @@ def cases_for(world: int) -> list[dict]:
                               chunks=[3, 0, 1, 2]))
     cases.append(dict(kind="varlen", layout="zigzag", causal=True, dtype="float16", h_q=4, h_kv=2,
                       chunks=[2, 1, 3]))
+    if world >= 2:  # scores in the hundreds, keys on every rank near copies of rank 0's: every merge weighs
+        for causal in (False, True):  # two comparable blocks, where the running LSE's rounding would show
+            cases.append(dict(kind="large_scores", layout="contiguous", causal=causal, dtype="float32", b=1,
+                              s=16 * world, h_q=2, h_kv=1, lse_grad=False))
     cases.append(dict(kind="roundtrip"))
     cases.append(dict(kind="determinism", layout="zigzag", causal=True, dtype="float16", b=1, s=8 * 2 * world,
                       h_q=4, h_kv=2))
@@ -50,7 +54,8 @@ def cases_for(world: int) -> list[dict]:
     cases.append(dict(kind="compat"))
     cases.append(dict(kind="llama3"))
     if NATIVE_BUILT:  # the same ring cases on the native C++ backend
-        cases += [dict(c, backend="native") for c in cases if c["kind"] in ("dense", "varlen", "determinism")]
+        cases += [dict(c, backend="native") for c in cases
+                  if c["kind"] in ("dense", "varlen", "determinism", "large_scores")]
     if world >= 2:
         cases.append(dict(kind="mismatch"))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and world == 2:
@@ -89,6 +94,10 @@ def _inputs(case, seed=0):
         b, s = case["b"], case["s"]
         shapes = [(b, s, case["h_q"], HEAD_DIM), (b, s, case["h_kv"], HEAD_DIM), (b, s, case["h_kv"], HEAD_DIM)]
     q, k, v = (torch.randn(sh, generator=g).to(dtype) for sh in shapes)
+    if case["kind"] == "large_scores":  # |LSE| ~ 1e3; each rank's keys (contiguous) ~ rank 0's
+        q = q * 300
+        chunk = k.shape[1] // case["world"]
+        k = k[:, :chunk].repeat(1, case["world"], 1, 1) + 1e-3 * k
     dout = torch.randn(shapes[0], generator=g).to(dtype)
     lse_shape = (shapes[0][1], shapes[0][0]) if cu is not None else (shapes[0][0], shapes[0][2], shapes[0][1])
     dlse = torch.randn(lse_shape, generator=g) if case.get("lse_grad") else None
@@ -861,7 +870,7 @@ def _worker(rank, world, init_file, outdir):
             t0 = time.monotonic()
             try:
                 kind = case["kind"]
-                if kind in ("dense", "varlen", "triton"):
+                if kind in ("dense", "varlen", "triton", "large_scores"):
                     _attention_case(case, rank, world, None, store)
                 elif kind == "roundtrip":
                     _roundtrip_case(rank, world, None, store)

@@ -124,8 +124,8 @@ def interpreter_enabled() -> bool:
 
 
 # csrc/bindings.cpp's ABI_VERSION this package calls (2: attention entry points take the ALiBi slopes; 3: and
-# the dropout)
-_NATIVE_ABI = 3
+# the dropout; 4: attention_forward takes lse_f64, an fp64 running LSE to merge into)
+_NATIVE_ABI = 4
 
 
 @functools.lru_cache(maxsize=None)

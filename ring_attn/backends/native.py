@@ -45,10 +45,12 @@ def _t4(x: torch.Tensor) -> tuple:
     return (x.data_ptr(), _code(x), 0, x.stride(0), x.stride(1))
 
 
-def _l3(x: torch.Tensor) -> tuple:
-    """``(ptr, stride_b, stride_h)`` of an fp32 LSE-layout ``[b, h, s]`` (packed ``[h, t]``) tensor."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"native backend: LSE-layout tensors must be float32, got {x.dtype}")
+def _l3(x: torch.Tensor, f64_ok: bool = False) -> tuple:
+    """``(ptr, stride_b, stride_h)`` of an fp32 LSE-layout ``[b, h, s]`` (packed ``[h, t]``) tensor (fp64 too
+    with ``f64_ok``: the running LSE a forward merges into)."""
+    if x.dtype != torch.float32 and not (f64_ok and x.dtype == torch.float64):
+        raise TypeError(f"native backend: LSE-layout tensors must be float32{' or float64' if f64_ok else ''}, "
+                        f"got {x.dtype}")
     if not last_dim_contiguous(x):
         raise ValueError(f"native backend: LSE-layout tensors need unit stride along s, got {tuple(x.stride())}")
     if x.dim() == 3:
@@ -106,9 +108,9 @@ def attention_forward(q, k, v, out, lse, *, softmax_scale: float, causal: bool, 
     if pages is not None:
         raise NotImplementedError("native backend: reads no page table (the ops layer gathers the pages first)")
     shape, seq, packed, keep = _seq_args(seqs, q, k)
-    _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse), shape, seq, packed, float(softmax_scale),
-                         *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi),
-                         *_dropout_args(dropout), bool(merge), torch.get_num_threads())
+    _C.attention_forward(_t4(q), _t4(k), _t4(v), _t4(out), _l3(lse, f64_ok=merge), shape, seq, packed,
+                         float(softmax_scale), *_mask_args(causal, causal_offset, window, softcap), _alibi_args(alibi),
+                         *_dropout_args(dropout), bool(merge), lse.dtype == torch.float64, torch.get_num_threads())
     del keep
 
 

@@ -36,9 +36,11 @@ Functions
 ``attention_forward(q, k, v, out, lse, *, softmax_scale, causal, causal_offset, seqs, merge, window, softcap,
 alibi, num_splits, dropout, pages)``
     Writes ``out`` (shaped like q; q's dtype or fp32) and ``lse``. Packed: only rows inside a sequence are
-    written. ``merge=True``: ``out`` and ``lse`` are fp32 running results of earlier key blocks for the same
-    queries; this block is merged in place by LSE weighting (``new = logaddexp(lse, lse_blk)``,
+    written. ``merge=True``: ``out`` (fp32) and ``lse`` (fp32 or fp64) are running results of earlier key blocks
+    for the same queries; this block is merged in place by LSE weighting (``new = logaddexp(lse, lse_blk)``,
     ``out = out·exp(lse - new) + out_blk·exp(lse_blk - new)``); a row that sees no key here is left unchanged.
+    With an fp64 ``lse`` the block's ``lse_blk = max + log(sum)`` is added, and ``new`` formed, in fp64 (the
+    weights' exponents are small and may be fp32): the ring's merged result is then as precise as one pass.
     ``num_splits`` (never with ``merge``): a scheduling hint, flash-attn's split-KV: 0 = the backend decides,
     1 = one pass over the keys, n > 1 = up to n key ranges computed in parallel and combined by LSE. Results
     agree up to rounding; a backend may ignore it (the CPU backends do). ``dropout``: None, or a

@@ -47,14 +47,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             l_dst.copy_(l)
 
     if seqs is None:
-        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap, alibi, dropout)
+        o, l = _ref.forward_fp32(q, k, v, softmax_scale, causal, causal_offset, window, softcap, alibi, dropout,
+                                 lse_dtype=lse.dtype)
         put(out, lse, o, l)
         return
     for n, (a_q, n_q, a_k, n_k) in enumerate(_segments(seqs)):
         if n_q == 0:
             continue
         o, l = _ref.forward_fp32(q[None, a_q:a_q + n_q], k[None, a_k:a_k + n_k], v[None, a_k:a_k + n_k],
-                                 softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n), dropout, a_q)
+                                 softmax_scale, causal, causal_offset, window, softcap, _row(alibi, n), dropout, a_q,
+                                 lse_dtype=lse.dtype)
         put(out[a_q:a_q + n_q], lse[:, a_q:a_q + n_q], o[0], l[0])
 
 

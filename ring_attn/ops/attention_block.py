@@ -137,10 +137,12 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
         seqs: packed layout description (:class:`VarlenSeqs`), or None for dense.
         out_dtype: dtype of ``out`` (default: q's). The ring passes ``torch.float32`` so partial outputs are
             merged without rounding to 16 bits.
-        out, lse: a running fp32 result of earlier key blocks for the same queries (``out`` shaped like q,
-            ``lse`` as returned; views with any strides, unit stride along the sequence for ``lse``). When
-            given, this block is merged into them in place, in the kernel's epilogue, by LSE weighting, and
-            they are returned; rows outside ``seqs`` are left as they are.
+        out, lse: a running result of earlier key blocks for the same queries (``out`` fp32 shaped like q,
+            ``lse`` fp32 or fp64 shaped as returned; views with any strides, unit stride along the sequence for
+            ``lse``). When given, this block is merged into them in place, in the kernel's epilogue, by LSE
+            weighting, and they are returned; rows outside ``seqs`` are left as they are. An fp64 ``lse`` (the
+            ring's) keeps the merge as exact as one pass over all the keys: the block's LSE is formed and merged
+            in fp64, so the merge weights do not carry an fp32 LSE's rounding (an ulp of 650 is 6e-5).
         window: ``(left, right)`` sliding window, flash-attn's ``window_size`` (keyword-only): query ``i`` sees
             keys ``i + offset - left ..= i + offset + right``; a negative side is unbounded. With ``causal`` the
             right side is 0. Key blocks outside the window are never visited.
@@ -172,8 +174,9 @@ def attention_block_forward(q, k, v, softmax_scale: float, causal: bool, causal_
     if merge:
         if out is None or lse is None:
             raise ValueError("attention_block_forward: pass both out and lse to merge into, or neither")
-        if out.dtype != torch.float32 or lse.dtype != torch.float32:
-            raise TypeError(f"running out/lse must be float32 to merge into, got {out.dtype} and {lse.dtype}")
+        if out.dtype != torch.float32 or lse.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"running out/lse must be float32 / float32 or float64 to merge into, got {out.dtype} "
+                            f"and {lse.dtype}")
         if out.shape != q.shape or lse.shape != lse_shape(q, packed):
             raise ValueError(f"running out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q "
                              f"{tuple(q.shape)}; expected {tuple(q.shape)} / {lse_shape(q, packed)}")

@@ -8,14 +8,16 @@ once per call and alternate (step 0 computes on the caller's own K/V).
 
 Forward. Each (query shard, key shard) pair is classified once, per layout, into pieces that are fully
 visible, causal (a diagonal with an explicit offset), or skipped, so no step computes work the mask
-discards (``_plan``). Every piece after the first is merged into the fp32 running ``(out, lse)`` by LSE
-weighting, in the attention kernel's epilogue (``attention_block_forward(..., out=, lse=)``)::
+discards (``_plan``). Every piece is merged into the running ``(out, lse)`` (out fp32, lse fp64; zero and
+``-inf`` before the first) by LSE weighting, in the attention kernel's epilogue
+(``attention_block_forward(..., out=, lse=)``)::
 
     lse_new = log(exp(lse_acc) + exp(lse_blk))
     out_acc = out_acc · exp(lse_acc − lse_new) + out_blk · exp(lse_blk − lse_new)
 
 (rows that have seen nothing keep ``lse = −inf`` and weight 0), so nothing is rounded to 16 bits between
-steps. The output is cast to the input dtype once, at the end.
+steps, and the weights carry no fp32 rounding of a large LSE (the kernel forms ``lse_blk = max + log(sum)``
+in fp64). The output is cast to the input dtype once, at the end; the LSE to fp32.
 
 Backward. ``delta = rowsum(dout · out) − dlse`` is formed once from the final output; then the same ring
 runs again, recomputing each piece from q, the visiting K/V and the *final* lse (no per-step activations
@@ -425,11 +427,12 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
     opts = _kernel_options(softcap, alibi, layout, world)
     row_slopes = _alibi_row_slopes(addr, alibi, layout)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, world - 1))]
-    out_acc = lse_acc = None
-    if tuple(window) != _NO_WINDOW or alibi is not None:  # pieces may be halves at any step: merge into 0 / -inf
-        out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse_acc = torch.full((q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1]),
-                             float("-inf"), dtype=torch.float32, device=q.device)
+    # every piece merges into the running result (rows that see nothing stay 0 / -inf). Its LSE is fp64, so
+    # the merge weights carry no fp32 rounding of a large LSE: the merged result is as precise as one pass
+    # over all the keys (an fp32 LSE gave dq 4x the one-device error at |LSE| ~ 1e3, twin keys on two ranks)
+    out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse_acc = torch.full((q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1]),
+                         float("-inf"), dtype=torch.float64, device=q.device)
     cur = (k, v)
     for step in range(world):
         src = (rank - step) % world
@@ -440,24 +443,19 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
         kk, vv = cur
         for piece, grp in _pieces(layout, causal, rank, src, window, world, addr, alibi is not None):
             qs, ks = addr.q(piece.q_part), addr.k(piece.k_part)
-            if out_acc is None:  # step 0 is always the whole (diagonal or full) block
-                out_acc, lse_acc = attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal,
-                                                           piece.offset, addr.piece_seqs(piece, src, grp),
-                                                           out_dtype=torch.float32, window=piece.window, **opts)
-            else:  # merged into the running fp32 result in the kernel's epilogue
-                lse_v = lse_acc[addr.lse(piece.q_part)]
-                shift = _alibi_lse_shift(row_slopes, piece)
-                if shift is not None:  # merge(acc, blk - shift) = merge(acc + shift, blk) - shift
-                    lse_v.add_(shift)
-                attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
-                                        addr.piece_seqs(piece, src, grp), out=out_acc[qs], lse=lse_v,
-                                        window=piece.window, **opts)
-                if shift is not None:
-                    lse_v.sub_(shift)
+            lse_v = lse_acc[addr.lse(piece.q_part)]
+            shift = _alibi_lse_shift(row_slopes, piece)
+            if shift is not None:  # merge(acc, blk - shift) = merge(acc + shift, blk) - shift
+                lse_v.add_(shift)
+            attention_block_forward(q[qs], kk[ks], vv[ks], scale, piece.causal, piece.offset,
+                                    addr.piece_seqs(piece, src, grp), out=out_acc[qs], lse=lse_v,
+                                    window=piece.window, **opts)
+            if shift is not None:
+                lse_v.sub_(shift)
         if handle is not None:
             comm.wait(handle)
             cur = nxt
-    return out_acc, lse_acc
+    return out_acc, lse_acc.float()
 
 
 def _ring_backward(dout, q, k, v, out, lse, dlse, scale, causal, layout, comm: RingComm, addr, window=_NO_WINDOW,

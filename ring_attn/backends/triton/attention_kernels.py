@@ -204,20 +204,26 @@ def _fwd_finish(acc, l_i, m_i, o_ptrs, L_ptrs, row_ok, o_mask, MERGE: tl.constex
     """Normalise the online softmax (``acc / l``, ``lse = m + log l`` in natural log; a row that saw no key
     gets out 0 and lse -inf) and, with MERGE, fold it into the running fp32 (out, lse) of earlier blocks
     (the ring's steps): lse' = log(e^lse_old + e^lse), out' = (e^lse_old·out_old + e^lse·out) / e^lse'.
-    Returns ``(out, lse)`` in fp32."""
+    An fp64 LSE buffer (the ring's running LSE) gets ``m + log l`` added in fp64 and merged in fp64, so the
+    merge weights do not carry the fp32 rounding of a large LSE (an ulp of 650 is 6e-5); the exponentials
+    stay fp32 (their arguments are small). Returns ``(out, lse)``: out fp32, lse in the buffer's dtype."""
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    log_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+    if L_ptrs.dtype.element_ty == tl.float64:
+        lse = tl.where(empty, float("-inf"), (m_i.to(tl.float64) + log_l.to(tl.float64)) * 0.6931471805599453)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + log_l) * 0.6931471805599453)
     if MERGE:
         lse_old = tl.load(L_ptrs, mask=row_ok, other=float("-inf"))
         o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
         m = tl.maximum(lse_old, lse)
         m = tl.where(m == float("-inf"), 0.0, m)
-        w_old = tl.exp(lse_old - m)
-        w_new = tl.exp(lse - m)
+        w_old = tl.exp((lse_old - m).to(tl.float32))
+        w_new = tl.exp((lse - m).to(tl.float32))
         total = w_old + w_new
         acc = (o_old * w_old[:, None] + acc * w_new[:, None]) / tl.where(total == 0.0, 1.0, total)[:, None]
-        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)))
+        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(tl.where(total == 0.0, 1.0, total)).to(m.dtype))
     return acc, lse
 
 @triton.jit
