@@ -161,6 +161,60 @@ def check_inplace_target(name: str, x: torch.Tensor) -> None:
                            "from the leaf (e.g. a projection's output)")
 
 
+def _common_element(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether views ``a`` and ``b`` of one storage, with the same strides, share an element: is there a vector
+    ``t`` with ``-(b.shape[d] - 1) <= t[d] <= a.shape[d] - 1`` and ``sum(t[d] * stride[d]) == offset(b) -
+    offset(a)``? A depth-first search over the dims, largest stride first, keeping only the ``t[d]`` the
+    smaller dims can still make up (a few per dim for any strided view)."""
+    dims = sorted((st, na, nb) for st, na, nb in zip(a.stride(), a.shape, b.shape) if st > 0 and max(na, nb) > 1)
+    dims.reverse()
+    lo_rest = [0] * (len(dims) + 1)  # the reach of dims i.. : sums of t[d] * stride over the bounds
+    hi_rest = [0] * (len(dims) + 1)
+    for i in range(len(dims) - 1, -1, -1):
+        st, na, nb = dims[i]
+        lo_rest[i], hi_rest[i] = lo_rest[i + 1] - (nb - 1) * st, hi_rest[i + 1] + (na - 1) * st
+    budget = [10_000]
+
+    def search(i: int, rest: int) -> bool:
+        if i == len(dims):
+            return rest == 0
+        st, na, nb = dims[i]
+        first = max(-(nb - 1), -((hi_rest[i + 1] - rest) // st))  # ceil((rest - hi) / st)
+        last = min(na - 1, (rest - lo_rest[i + 1]) // st)
+        for t in range(first, last + 1):
+            budget[0] -= 1
+            if budget[0] < 0 or search(i + 1, rest - t * st):
+                return True  # (out of budget: assume they share one)
+        return False
+
+    size = a.element_size()
+    delta = b.data_ptr() - a.data_ptr()
+    return delta % size != 0 or search(0, delta // size)
+
+
+def check_no_overlap(fn: str, *named: tuple[str, torch.Tensor]) -> None:
+    """ValueError when an in-place write would read or write one memory location twice (torch's in-place ops
+    refuse the same): a written tensor whose elements share memory (an expanded, stride-0 view), or two written
+    tensors that share an element (the same tensor twice, overlapping views of one buffer). Views of one buffer
+    that do not overlap (q and k of a fused projection) pass; strided views with different strides are not
+    compared (as torch, which calls that too hard to tell)."""
+    for name, x in named:
+        if x.numel() > 1 and torch._debug_has_internal_overlap(x) == 1:
+            raise ValueError(f"{fn}: {name} {tuple(x.shape)} (strides {tuple(x.stride())}) has elements that share "
+                             "memory (an expanded view?): an in-place write would write them twice; pass a "
+                             ".contiguous() copy, or inplace=False")
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if a.numel() == 0 or b.numel() == 0 or a.device != b.device or \
+                    a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+                continue
+            if a.data_ptr() == b.data_ptr() or (a.stride() == b.stride() and a.dim() == b.dim() and
+                                                 _common_element(a, b)):
+                raise ValueError(f"{fn}: {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} share memory: an "
+                                 "in-place write into both would write the shared elements twice; pass tensors that "
+                                 "do not overlap, or inplace=False")
+
+
 def check_tensor(name: str, x) -> None:
     """Raise TypeError unless ``x`` is a ``torch.Tensor``."""
     if not isinstance(x, torch.Tensor):

@@ -26,10 +26,13 @@ import torch
 
 from ring_attn import rope_scaling
 from ring_attn._cli_support import json_safe
+from ring_attn.ops.rope import MAX_POSITION
 
 SCHEMES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3", "critical")
 # Positions evaluated for the table-error estimate: all of them up to this many, else a sample (see _positions).
 _MAX_EVAL_POSITIONS = 1 << 16
+#: the largest head dim planned (real models use <= 512; the plan evaluates every pair at up to 2^16 positions)
+MAX_PLAN_HEAD_DIM = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,16 +75,17 @@ def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope
     if not _is_number(theta) or theta <= 1:
         raise ValueError(f"--theta {theta!r}: expected a finite number > 1 (the RoPE base; the theta rules take "
                          "its log)")
-    if isinstance(trained, bool) or not isinstance(trained, int) or trained <= 2 * math.pi:
+    if isinstance(trained, bool) or not isinstance(trained, int) or not 2 * math.pi < trained <= MAX_POSITION:
         raise ValueError(f"--trained {trained!r}: expected an int > 2pi, i.e. >= 7 (the rules take "
-                         "ln(trained / 2pi))")
-    if isinstance(target, bool) or not isinstance(target, int) or target <= 2 * math.pi:
+                         f"ln(trained / 2pi)), and <= 2^29 = {MAX_POSITION} (apply_rope's positions)")
+    if isinstance(target, bool) or not isinstance(target, int) or not 2 * math.pi < target <= MAX_POSITION:
         raise ValueError(f"--target {target!r}: expected an int > 2pi, i.e. >= 7 (the critical-dimension rule "
-                         "takes ln(target / 2pi); below it the rule's theta falls under 1)")
+                         "takes ln(target / 2pi); below it the rule's theta falls under 1), and <= 2^29 = "
+                         f"{MAX_POSITION} (apply_rope's positions)")
     if not _is_number(partial_rotary_factor) or not 0 < partial_rotary_factor <= 1:
         raise ValueError(f"--partial-rotary-factor {partial_rotary_factor!r}: expected a number in (0, 1]")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(f"--head-dim {head_dim!r}: expected an int >= 4")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_PLAN_HEAD_DIM:
+        raise ValueError(f"--head-dim {head_dim!r}: expected an int from 4 to {MAX_PLAN_HEAD_DIM}")
     dim = int(head_dim * partial_rotary_factor)
     if dim < 4 or dim % 2:
         raise ValueError(f"--head-dim {head_dim} with --partial-rotary-factor {partial_rotary_factor}: rotary dim "
@@ -89,6 +93,13 @@ def check_plan_args(head_dim: int, theta: float, trained: int, target: int, rope
     if not _is_number(beta_fast) or not _is_number(beta_slow) or not beta_fast >= beta_slow > 0:
         raise ValueError(f"--beta-fast {beta_fast!r} --beta-slow {beta_slow!r}: expected finite numbers with "
                          "beta_fast >= beta_slow > 0")
+    try:  # the theta rules must give finite float64 bases
+        rules = (critical_theta(theta, trained, target), ntk_theta(theta, target / trained, dim))
+    except OverflowError:
+        rules = (math.inf,)
+    if not all(math.isfinite(r) for r in rules):
+        raise ValueError(f"--theta {theta!r}: the theta rules for --trained {trained} --target {target} overflow a "
+                         "float64; expected a smaller theta")
     return dim
 
 

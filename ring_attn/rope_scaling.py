@@ -262,6 +262,29 @@ def rope_parameters(rope_type: str, head_dim: int, theta: float, **params: Any) 
             int is expected).
     """
     p = _check_params(rope_type, params)
+    if not isinstance(head_dim, (bool, int)) and isinstance(head_dim, numbers.Integral):
+        head_dim = operator.index(head_dim)  # numpy ints, as every other int parameter
+    try:
+        inv_freq, scaling = _compute(rope_type, head_dim, theta, p)
+    except (OverflowError, ZeroDivisionError) as e:
+        raise ValueError(f"rope_type={rope_type!r}: theta={theta!r}, {_shown(params)} overflow a float64 ({e}); "
+                         "expected parameters whose frequencies are finite") from None
+    if not bool(torch.isfinite(inv_freq).all()) or not math.isfinite(scaling) or bool((inv_freq < 0).any()):
+        raise ValueError(f"rope_type={rope_type!r}: theta={theta!r}, {_shown(params)} give inverse frequencies "
+                         f"from {inv_freq.min().item():.3g} to {inv_freq.max().item():.3g} and attention scaling "
+                         f"{scaling!r}; expected finite values (a factor or theta too far from 1?)")
+    return inv_freq, scaling
+
+
+def _shown(params: Mapping[str, Any]) -> str:
+    """The caller's parameters for a message (long factor lists shortened)."""
+    def short(v):
+        return f"[{len(v)} values]" if isinstance(v, (list, tuple)) and len(v) > 4 else repr(v)
+    return ", ".join(f"{k}={short(v)}" for k, v in params.items()) or "no parameters"
+
+
+def _compute(rope_type: str, head_dim: int, theta: float, p: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """:func:`rope_parameters` on checked names (``p``: the parameters with defaults filled)."""
     theta = _positive(rope_type, "theta", theta)
     if rope_type == "yarn" and theta == 1:
         raise _bad(rope_type, "theta", theta, "a finite number > 0 and != 1 (YaRN divides by ln(theta))")
@@ -269,6 +292,8 @@ def rope_parameters(rope_type: str, head_dim: int, theta: float, **params: Any) 
     prf = 1.0 if prf is None else prf
     if _real(rope_type, "partial_rotary_factor", prf, "a number in (0, 1]") <= 0 or prf > 1:
         raise _bad(rope_type, "partial_rotary_factor", prf, "a number in (0, 1]")
+    if rope_type == "proportional" and p["factor"] is None:
+        raise _bad(rope_type, "factor", None, "a finite number > 0 (default 1.0)")
     _check_values(rope_type, p)
     base = theta
 

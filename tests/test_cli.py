@@ -91,6 +91,11 @@ def test_demo_cuda_without_gpu(capsys):
     (["--plot", "/nonexistent/x.png"], ["--plot /nonexistent/x.png", "does not exist"]),
     (["--theta", "abc"], ["--theta", "invalid float value: 'abc'"]),
     (["--rope-type", "nope"], ["--rope-type", "invalid choice"]),
+    # past the plan's range (they raised OverflowError / "int too big" tracebacks, or ran for minutes)
+    (["--theta", "1e300"], ["--theta 1e+300", "overflow a float64"]),
+    (["--target", "99999999999999999999999"], ["--target 99999999999999999999999", "<= 2^29"]),
+    (["--trained", "1073741824"], ["--trained 1073741824", "<= 2^29"]),
+    (["--head-dim", "1000000000"], ["--head-dim 1000000000", "from 4 to 1024"]),
 ])
 def test_rope_plan_bad_arguments(flags, pieces, capsys):
     argv = list(PLAN)

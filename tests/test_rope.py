@@ -309,6 +309,87 @@ def test_inplace_into_a_leaf_that_requires_grad_is_refused_before_any_write(view
     assert out.data_ptr() == q.data_ptr() and not torch.equal(leaf.detach(), before)
 
 
+def test_inplace_writes_that_would_overlap_are_refused_before_any_write():
+    # before 2026-12-08 these rotated the shared elements twice, silently (max error 2 to 4 on unit inputs)
+    from ring_attn.ops.rope import apply_rotary_emb
+    from ring_attn.layers.rotary import apply_rotary_emb_qkv_
+
+    g = torch.Generator().manual_seed(11)
+    inv = rope_scaling.rope_parameters("default", 8, 1e4)[0]
+    pos = torch.arange(4)
+    buf = torch.randn(2, 4, 5, 8, generator=g)
+    before = buf.clone()
+    cases = {
+        "q is k": (buf[:, :, :2], buf[:, :, :2]),
+        "overlapping heads": (buf[:, :, 0:3], buf[:, :, 2:4]),
+        "interleaved pairs": (buf[:, :, 0:4:2], buf[:, :, 2:5:2]),  # heads 0, 2 and 2, 4
+        "expanded q": (buf[:1, :, :1].expand(2, 4, 3, 8), buf[:, :, 4:]),
+    }
+    for name, (q, k) in cases.items():
+        with pytest.raises(ValueError, match="share memory"):
+            apply_rope(q, k, pos, inv, inplace=True)
+        assert torch.equal(buf, before), name
+    # disjoint views of one buffer (q and k of a fused projection; every other head) still work in place
+    for q, k in ((buf[:, :, :3], buf[:, :, 3:]), (buf[:, :, 0::2], buf[:, :, 1::2])):
+        want = apply_rope(q, k, pos, inv)
+        apply_rope(q, k, pos, inv, inplace=True)
+        assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+    cos, sin = torch.cos(pos[:, None] * inv), torch.sin(pos[:, None] * inv)
+    with pytest.raises(ValueError, match=r"apply_rotary_emb: x \(2, 4, 3, 8\) .* has elements that share memory"):
+        apply_rotary_emb(buf[:1, :, :1].expand(2, 4, 3, 8), cos, sin, inplace=True)
+    with pytest.raises(ValueError, match="has elements that share memory"):
+        apply_rotary_emb_qkv_(torch.randn(1, 4, 1, 2, 8, generator=g).expand(2, 4, 3, 2, 8), cos, sin)
+
+
+def test_the_overlap_check_agrees_with_a_brute_force_one():
+    # random strided views of one buffer with equal strides: shared elements found exactly as by listing them
+    import random
+
+    from ring_attn._contracts import _common_element
+
+    rng = random.Random(0)
+
+    def offsets(x):
+        idx = torch.full(x.shape, x.storage_offset(), dtype=torch.long)
+        for d in range(x.dim()):
+            shape = [1] * x.dim()
+            shape[d] = x.shape[d]
+            idx = idx + (torch.arange(x.shape[d]) * x.stride(d)).reshape(shape)
+        return set(idx.flatten().tolist())
+
+    compared = shared = 0
+    while compared < 300:
+        base = torch.zeros(*[rng.randint(1, 6) for _ in range(rng.randint(1, 4))])
+
+        def view():
+            return base[tuple(slice(a, rng.randint(a + 1, n), rng.randint(1, 2))
+                              for n in base.shape for a in [rng.randint(0, n - 1)])]
+        a, b = view(), view()
+        if a.stride() != b.stride():
+            continue
+        truth = bool(offsets(a) & offsets(b))
+        assert _common_element(a, b) == truth, (tuple(base.shape), a.shape, a.storage_offset(), b.shape,
+                                                b.storage_offset(), a.stride())
+        compared, shared = compared + 1, shared + truth
+    assert 50 < shared < 250
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(inplace="False"), TypeError, r"inplace must be a bool, got 'False' \(str\)"),
+    (dict(interleaved="no"), TypeError, r"interleaved must be a bool, got 'no' \(str\)"),
+    (dict(attention_scaling="2"), TypeError, r"attention_scaling must be a finite float, got '2' \(str\)"),
+    (dict(attention_scaling=None), TypeError, r"attention_scaling must be a finite float, got None"),
+    (dict(attention_scaling=float("nan")), ValueError, r"attention_scaling must be a finite float, got nan"),
+])
+def test_wrong_typed_options_are_refused(kw, exc, match):
+    # they were coerced with bool() / float(): inplace="False" wrote into q, interleaved="no" interleaved
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    before = q.clone()
+    with pytest.raises(exc, match=match):
+        apply_rope(q, k, torch.arange(4), rope_scaling.rope_parameters("default", 8, 1e4)[0], **kw)
+    assert torch.equal(q, before)
+
+
 def test_a_strided_inv_freq_is_read_by_its_strides():
     # a column of a [rotary_dim / 2, 2] parameter: before 2026-12-07 the Triton kernel read it as contiguous
     g = torch.Generator().manual_seed(10)
@@ -503,6 +584,20 @@ def test_cos_sin_bad_tables():
         apply_rope_cos_sin(q, k, cos, cos)
     with pytest.raises(ValueError, match="same shape"):
         apply_rope_cos_sin(q, k, torch.ones(1, 4, 8), torch.ones(1, 4, 6))
+    # the shapes the caller passed, in HF's layout (they were shown transposed)
+    with pytest.raises(ValueError, match=r"q \(1, 6, 4, 8\) and k \(1, 6, 5, 8\) must agree on \[b, \*, s, d\]"):
+        apply_rope_cos_sin(torch.randn(1, 6, 4, 8), torch.randn(1, 6, 5, 8), torch.ones(1, 4, 8), torch.ones(1, 4, 8))
+
+
+def test_cos_sin_2d_tables_broadcast_as_in_hf():
+    # [s, r] tables with unsqueeze_dim=1 broadcast against [b, s, h, d] q/k in HF; the fused path's [b, h, s, d]
+    # shape check refused GQA there, though the fall-back computes HF's formula
+    g = torch.Generator().manual_seed(12)
+    q, k = torch.randn(1, 6, 4, 8, generator=g), torch.randn(1, 6, 2, 8, generator=g)
+    ang = torch.arange(6)[:, None].float() * torch.rand(4, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    for got, want in zip(apply_rope_cos_sin(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -470,3 +470,25 @@ def test_hf_rope_types():
     assert set(rope_scaling.LENGTH_DEPENDENT_ROPE_TYPES) <= set(rope_scaling.ROPE_TYPES)
     with pytest.raises(TypeError, match="expected a dict"):
         rope_scaling.hf_rope_types({"rope_scaling": "yarn"})
+
+
+@pytest.mark.parametrize("rope_type, kw, match", [
+    ("proportional", dict(factor=None), r"factor=None; expected a finite number > 0"),
+    ("ntk", dict(factor=1e300), r"overflow a float64"),
+    ("linear", dict(factor=1e-300), r"give inverse frequencies from inf to inf"),
+    ("longrope", dict(short_factor=[1e-300] * 4, long_factor=[1.0] * 4, original_max_position_embeddings=4096,
+                      factor=4.0), r"short_factor=\[1e-300, .*give inverse frequencies"),
+])
+def test_parameters_that_overflow_are_named_errors(rope_type, kw, match):
+    # they raised bare TypeError / OverflowError, or returned inf frequencies (the docs promise no NaN or inf)
+    with pytest.raises(ValueError, match=match):
+        rope_scaling.rope_parameters(rope_type, 8 if rope_type == "longrope" else 64, 1e4, **kw)
+
+
+def test_numpy_ints_are_head_dims():
+    import numpy as np
+
+    want = rope_scaling.rope_parameters("yarn", 64, 1e4, factor=4.0, original_max_position_embeddings=2048)
+    got = rope_scaling.rope_parameters("yarn", np.int64(64), 1e4, factor=4.0,
+                                       original_max_position_embeddings=np.int64(2048))
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]

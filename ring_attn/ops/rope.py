@@ -26,13 +26,14 @@ with every tensor viewed 4-D (a packed ``[t, h, d]`` tensor as ``[1, t, h, d]``)
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Optional
 
 import torch
 
 from ring_attn import backends, reference
-from ring_attn._contracts import check_inplace_target
+from ring_attn._contracts import check_flag, check_inplace_target, check_no_overlap, finite
 from ring_attn.ops._dispatch import traced
 
 __all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "check_rotary_x", "rotate_by_tables",
@@ -98,7 +99,9 @@ def _check_position_range(positions: torch.Tensor) -> None:
                      f"below it), got a maximum of {high}")
 
 
-def _check_qk(q, k, name_q="q", name_k="k"):
+def _check_qk(q, k, name_q="q", name_k="k", hf_layout=False):
+    """q and k as the kernel reads them, ``[b, s, h, d]`` / ``[t, h, d]``; ``hf_layout``: they are views of the
+    caller's ``[b, h, s, d]`` tensors, whose shapes the messages then show."""
     for name, t in ((name_q, q), (name_k, k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -111,8 +114,23 @@ def _check_qk(q, k, name_q="q", name_k="k"):
     if q.device != k.device:
         raise ValueError(f"q and k are on different devices: q {q.device}, k {k.device}")
     if q.dim() != k.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        if hf_layout:
+            raise ValueError(f"q {tuple(q.transpose(1, 2).shape)} and k {tuple(k.transpose(1, 2).shape)} must "
+                             "agree on [b, *, s, d] (HF's layout, unsqueeze_dim=1; head counts may differ)")
         lead = "[b, s, *, d]" if q.dim() == 4 else "[t, *, d]"
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on {lead} (head counts may differ)")
+
+
+def _check_attention_scaling(value) -> float:
+    """``attention_scaling`` as a float: TypeError unless a real number, ValueError unless finite (a 0-d
+    tensor, as a rotary module may hold it, is read once)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"attention_scaling must be a finite float, got {value!r} ({type(value).__name__})")
+    if not finite(value):
+        raise ValueError(f"attention_scaling must be a finite float, got {value!r}")
+    return float(value)
 
 
 def _validate(q, k, positions, inv_freq, rotary_dim):
@@ -367,20 +385,21 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
             different devices. All raised before any launch.
     """
     rotary_dim = _validate(q, k, positions, inv_freq, rotary_dim)
+    scaling = _check_attention_scaling(attention_scaling)
+    interleaved, inplace = check_flag("interleaved", interleaved), check_flag("inplace", inplace)
     if not torch.compiler.is_compiling():
         _select(q, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if inplace:
         check_inplace_target("q", q)
         check_inplace_target("k", k)
+        check_no_overlap("apply_rope", ("q", q), ("k", k))
         _check_position_range(positions)
-        return _RopeInplaceFunction.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved),
-                                          rotary_dim)
+        return _RopeInplaceFunction.apply(q, k, positions, inv_freq, scaling, interleaved, rotary_dim)
     if traced(q, k, positions, inv_freq):
-        return torch.ops.ring_attn.rope_forward(q, k, positions, inv_freq, float(attention_scaling),
-                                                bool(interleaved), rotary_dim)
+        return torch.ops.ring_attn.rope_forward(q, k, positions, inv_freq, scaling, interleaved, rotary_dim)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or inv_freq.requires_grad):
-        return _EagerRope.apply(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved), rotary_dim)
-    return _rope_forward_impl(q, k, positions, inv_freq, float(attention_scaling), bool(interleaved), rotary_dim)
+        return _EagerRope.apply(q, k, positions, inv_freq, scaling, interleaved, rotary_dim)
+    return _rope_forward_impl(q, k, positions, inv_freq, scaling, interleaved, rotary_dim)
 
 
 def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -403,19 +422,26 @@ def apply_rope_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     Raises:
         TypeError / ValueError: as :func:`apply_rope` for q/k; tables of the wrong shape or device.
     """
-    hf_layout = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4 \
-        and unsqueeze_dim == 1
-    # check q/k in the kernel's [b, s, h, d] view (HF's [b, h, s, d] transposed)
-    _check_qk(q.transpose(1, 2) if hf_layout else q, k.transpose(1, 2) if hf_layout else k)
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point torch.Tensor")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if cos.shape != sin.shape:
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
-    fused = (q.dim() == 4 and unsqueeze_dim in (1, 2) and cos.dim() == 3
-             and not (cos.requires_grad or sin.requires_grad))
+    fused = (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
+             and unsqueeze_dim in (1, 2) and cos.dim() == 3 and not (cos.requires_grad or sin.requires_grad))
+    if fused:  # check q/k in the kernel's [b, s, h, d] view (HF's [b, h, s, d] transposed)
+        hf_layout = unsqueeze_dim == 1
+        _check_qk(q.transpose(1, 2) if hf_layout else q, k.transpose(1, 2) if hf_layout else k, hf_layout=hf_layout)
+    else:  # HF's formula, with its broadcasting: the layout is whatever it broadcasts to
+        for name, t in (("q", q), ("k", k)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if q.device != k.device:
+            raise ValueError(f"q and k are on different devices: q {q.device}, k {k.device}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if fused:
         # kernel view: [b, s, h, d]
         q4 = q.transpose(1, 2) if unsqueeze_dim == 1 else q
@@ -645,10 +671,11 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     check_rotary_x("x", x, 3 if cu_seqlens is not None else 4,
                    "[batch, seqlen, heads, head_dim] (or packed [total, heads, head_dim] with cu_seqlens)")
     rotary_dim = _check_rotary_tables(x, cos, sin)
-    interleaved, inplace = bool(interleaved), bool(inplace)
+    interleaved, inplace = check_flag("interleaved", interleaved), check_flag("inplace", inplace)
     pos, inside = _rotary_rows(x, (cos,), seqlen_offsets, cu_seqlens, max_seqlen, "apply_rotary_emb")
     if inplace:
         check_inplace_target("x", x)
+        check_no_overlap("apply_rotary_emb", ("x", x))
     _select(x, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     if torch.is_grad_enabled() and x.requires_grad:
         return _RotaryEmb.apply(x, *_rotary_tables(cos, sin, pos, interleaved, inside), interleaved, inplace)
@@ -713,9 +740,10 @@ def rotate_parts_(x: torch.Tensor, split, head_dim: int, cos, sin, cos_k=None, s
             raise ValueError(f"{name}: cos_k {tuple(cos_k.shape)} must cover the rotary dims of cos "
                              f"{tuple(cos.shape)}")
         tables = (cos, cos_k)
-    interleaved = bool(interleaved)
+    interleaved = check_flag("interleaved", interleaved)
     pos, _ = _rotary_rows(x, tables, seqlen_offsets, None, None, name)
     check_inplace_target(f"{name}: the rotated tensor", x)
+    check_no_overlap(name, ("the rotated tensor", x))
     q4, _ = split(x)
     _select(q4, rotary_dim)  # no backend for this device/dtype: the error, before anything runs
     tq = _rotary_tables(cos, sin, pos, interleaved)
