@@ -268,15 +268,20 @@ def finite(x) -> bool:
     """``x`` (a real number) is finite as a float: comparisons only, so a symbolic float under
     ``torch.compile(dynamic=True)`` is guarded on instead of breaking the graph (``math.isfinite`` does); an int
     past the float range (``float()`` would overflow) is not."""
+    if type(x).__module__ == "numpy":  # a numpy float32 compared with the float64 bounds warns of overflow
+        x = float(x)
     return bool(x == x and -sys.float_info.max <= x <= sys.float_info.max)
 
 
 def check_scale(softmax_scale, d: int) -> float:
-    """``softmax_scale`` as a float (default ``1 / sqrt(d)`` for None); ValueError unless finite."""
+    """``softmax_scale`` as a float (default ``1 / sqrt(d)`` for None): TypeError unless a real number (numpy's
+    too), ValueError unless finite."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, torch.SymFloat)) or \
-            not finite(softmax_scale):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r} "
+                        f"({type(softmax_scale).__name__})")
+    if not finite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     return float(softmax_scale)
 
@@ -359,16 +364,21 @@ def check_window(window) -> tuple[int, int]:
 
 def flash_attn_window(window: tuple[int, int], seqlen_k: int) -> tuple[int, int]:
     """flash-attn's own normalisation of a checked window in its entry points: a side ``>= seqlen_k`` (the keys'
-    length; varlen: ``max_seqlen_k`` as passed; a KV cache: its capacity) becomes -1, unbounded. It changes which
-    keys a query sees only when ``seqlen_q > seqlen_k + 1`` and the right side is that wide (bottom-right alignment
-    puts the first queries' windows before the first key); applied so that results are flash-attn's."""
+    length; varlen: ``max_seqlen_k`` as passed; a KV cache: its capacity) becomes -1, unbounded; then a window
+    bounded on the left only gets ``seqlen_k`` as its right side (``set_params_fprop``). Both change which keys a
+    query sees only when ``seqlen_q > seqlen_k + 1`` (bottom-right alignment puts the first queries' windows
+    before the first key, so they see fewer keys, or none); applied so that results are flash-attn's."""
     left, right = window
-    return (-1 if left >= seqlen_k else left, -1 if right >= seqlen_k else right)
+    left, right = (-1 if left >= seqlen_k else left, -1 if right >= seqlen_k else right)
+    return (left, seqlen_k if left >= 0 and right < 0 else right)
 
 
 def check_softcap(softcap) -> float:
     """Gemma 2's logit ``softcap`` as a float: 0 (off) or a finite positive number."""
     if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and softcap.dtype.is_floating_point:
+        if softcap.requires_grad and torch.is_grad_enabled():
+            raise ValueError("softcap is a tensor that requires grad: it is read as a constant (no gradient would "
+                             "reach it); pass softcap.detach() or a float")
         softcap = softcap.item()
     if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r} ({type(softcap).__name__})")

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: status 2 with a one-line ``ring-attn <command>: error: ...`` on stderr for a bad flag
             (argparse's own errors and those of the subcommand's ``check_args``); status 0 for ``--help``.
+            (Ctrl-C while a subcommand runs: one line, status 130.)
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.subcommand_parsers[args.command].error(str(exc))  # exits with status 2
     try:
         return int(module.run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, as the demo does
+        print(f"ring-attn {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader of stdout went away (``ring-attn rope-plan ... | head``): no traceback. Python's own recipe:
         # point stdout at /dev/null so the interpreter's final flush does not raise again

@@ -5,6 +5,7 @@ block sizes there are 16, so lengths up to ~70 cross several blocks, ragged ends
 bf16 is covered by the GPU tests at the bottom and, under the interpreter (fp32 dots), by tests/test_flash_compat.py.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -338,7 +339,7 @@ def _block_misuse(case):
     ("v keys", ValueError, "k and v must have the same shape"),
     ("head dim", ValueError, "k head_dim 4 != q head_dim 8"),
     ("dtype", TypeError, "must share a dtype"),
-    ("scale", ValueError, "softmax_scale must be a finite float"),
+    ("scale", TypeError, r"softmax_scale must be a finite float or None, got '0.3' \(str\)"),
     ("offset", TypeError, "causal_offset must be an int, got 1.5"),
     ("delta dout", ValueError, r"attention_delta: dout has shape \(2, 2, 4, 8\); expected \(2, 5, 4, 8\)"),
     ("delta dlse", ValueError, r"attention_delta: dlse has shape \(2, 4, 4\); expected \(2, 4, 5\)"),
@@ -434,6 +435,9 @@ def test_block_api_takes_the_backends_head_dims():
         ring_attn.flash_attn_func(q, k, v)
     with pytest.raises(ValueError, match="softmax_scale must be a finite float"):  # float() would overflow
         ring_attn.flash_attn_func(q[..., :16], k[..., :16], v[..., :16], softmax_scale=10 ** 400)
+    # numpy scalars are real numbers (np.float32 is not a float subclass; it was refused)
+    got = ring_attn.flash_attn_func(q[..., :16], k[..., :16], v[..., :16], softmax_scale=np.float32(0.25))
+    assert torch.equal(got, ring_attn.flash_attn_func(q[..., :16], k[..., :16], v[..., :16], softmax_scale=0.25))
 
 
 def test_torch_compile_varlen_max_seqlen_stays_symbolic():

@@ -317,3 +317,15 @@ def test_demo_per_rank_count_includes_the_layout_padding():
 
     assert demo._per_rank(1000, 3, "zigzag") == "334 per rank, padded to 1002"  # was "333 per rank"
     assert demo._per_rank(64, 2, "zigzag") == "32 per rank"
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    # a KeyboardInterrupt inside a subcommand printed a traceback (kld, rope-plan); the demo already did this
+    from ring_attn import rope_plan
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rope_plan, "run", interrupted)
+    assert cli.main(PLAN) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "ring-attn rope-plan: interrupted\n" and captured.out == ""

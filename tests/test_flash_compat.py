@@ -38,6 +38,8 @@ def _oracle(q, k, v, dout, *, scale=None, causal=False, window=(-1, -1), softcap
     at least the keys' length (varlen: the longest key sequence) is unbounded."""
     seqlen_k = k.shape[1] if cu_q is None else int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
     window = tuple(-1 if w >= seqlen_k else w for w in window)
+    if window[0] >= 0 and window[1] < 0:  # flash-attn's set_params_fprop: then the right side is seqlen_k
+        window = (window[0], seqlen_k)
     qr, kr, vr = (x.detach().to(compute).requires_grad_() for x in (q, k, v))
     sl = None if alibi is None else alibi.to(compute)
     if cu_q is None:
@@ -209,6 +211,58 @@ def test_a_window_side_as_wide_as_the_keys_is_unbounded_as_in_flash_attn():
     assert torch.equal(got, full)
     got = ring_attn.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=3, window_size=(-1, 4))  # 4 < 8
     assert not got[0, :2].any() and got[0, 2:].abs().sum() > 0
+
+
+def test_a_window_bounded_on_the_left_only_gets_seqlen_k_on_the_right_as_in_flash_attn():
+    # flash-attn's set_params_fprop: (left >= 0, right < 0) becomes (left, seqlen_k), not unbounded on the right;
+    # with seqlen_q > seqlen_k + 1 the first queries then see fewer keys (before 2026-12-08: all of their window)
+    q, k, v = _qkv(1, 9, 3, 2, 1, 16, torch.float32, seed=4)
+    expect = ring_attn.flash_attn_func(q, k, v, window_size=(1, 3))
+    # bottom-right: query i sees keys i - 7 ..= i - 3, so [0, 0, 0, 1, 2, 3, 3, 3, 2] keys per row
+    assert [int((expect[0, i] != 0).any()) for i in range(9)] == [0, 0, 0, 1, 1, 1, 1, 1, 1]
+    for window in ((1, -1), (1, 5)):  # (1, 5): 5 >= seqlen_k becomes -1 first
+        assert torch.equal(ring_attn.flash_attn_func(q, k, v, window_size=window), expect)
+    cu, cu_k = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    var = ring_attn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 9, 4, window_size=(1, -1))  # max_k 4
+    assert torch.equal(var, ring_attn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 9, 4, window_size=(1, 4)))
+    assert not var[:2].any() and var[2:].abs().sum() > 0
+    # a KV cache: against its capacity (4 rows)
+    cache_k, cache_v = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16)
+    cache_k[:, :3], cache_v[:, :3] = k, v
+    got = ring_attn.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=3, window_size=(1, -1))
+    assert torch.equal(got, ring_attn.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=3,
+                                                              window_size=(1, 4)))
+    assert not got[0, :2].any()
+    # causal: the right side is 0 anyway
+    assert torch.equal(ring_attn.flash_attn_func(q, k, v, causal=True, window_size=(1, -1)),
+                       ring_attn.flash_attn_func(q, k, v, causal=True, window_size=(1, 0)))
+
+
+@pytest.mark.parametrize("fn", ["func", "varlen", "qkvpacked"])
+def test_inputs_with_a_strided_last_dim_get_gradients_as_flash_attn_does(fn):
+    # flash-attn makes such inputs contiguous, so its gradients are; the backward here once allocated them like
+    # the inputs and refused its own gradient buffers (ValueError after the forward had run)
+    g = torch.Generator().manual_seed(5)
+
+    def strided(*shape):  # last dim stride 2 (a transposed copy viewed back)
+        return torch.randn(*shape, generator=g).transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+
+    if fn == "qkvpacked":
+        x = strided(1, 6, 3, 2, 8)
+        args, call = (x,), lambda a: ring_attn.flash_attn_qkvpacked_func(*a, causal=True)
+    elif fn == "varlen":
+        x = [strided(6, 2, 8) for _ in range(3)]
+        cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+        args, call = x, lambda a: ring_attn.flash_attn_varlen_func(*a, cu, cu, 4, 4, causal=True)
+    else:
+        args, call = [strided(1, 6, 2, 8) for _ in range(3)], lambda a: ring_attn.flash_attn_func(*a, causal=True)
+    assert all(a.stride(-1) != 1 for a in args)
+    dout = torch.randn(call(args).shape, generator=g)
+    call(args).backward(dout)
+    dense = [a.detach().contiguous().requires_grad_() for a in args]
+    call(dense).backward(dout)
+    for a, b in zip(args, dense):  # (autograd gives a leaf's .grad the leaf's strides)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
 _NATIVE = pytest.param("native", marks=pytest.mark.skipif(

@@ -180,6 +180,11 @@ def test_cli_checks_the_model_the_text_and_the_window_up_front(tmp_path, capsys)
     captured = capsys.readouterr()
     assert "past the model's max_position_embeddings 64" in captured.err
     assert json.loads(captured.out)["kl"]["mean"] < 1e-5
+    # a text shorter than --tokens is evaluated whole, with a note (the count showed only in the output's n)
+    assert main(["kld", "--model", llama, "--text", str(text), "--tokens", "1000", "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    n = json.loads(captured.out)["n"]
+    assert f"has {n + 1} tokens, fewer than --tokens 1000: evaluating {n} predictions" in captured.err
 
 
 def test_cli_refuses_models_the_patch_cannot_change(tmp_path, capsys):
@@ -196,6 +201,24 @@ def _error_status(argv, capsys):
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and "Traceback" not in captured.err
     return lines[-1]
+
+
+def test_cli_missing_or_corrupt_weights_are_one_line(tmp_path, capsys):
+    # the config passes the up-front check; loading the weights raised OSError / SafetensorError tracebacks
+    import os
+
+    model = _save_tiny(tmp_path / "llama")
+    weights = [f for f in os.listdir(model) if f.endswith((".safetensors", ".bin"))]
+    assert weights
+    for f in weights:
+        with open(os.path.join(model, f), "wb") as fh:
+            fh.write(b"garbage")
+    line = _error_status(["--model", model, "--tokens", "20", "--ctx", "8", "--no-progress"], capsys)
+    assert line.startswith(f"ring-attn kld: error: --model {model}: transformers cannot load its weights ("), line
+    for f in weights:
+        os.remove(os.path.join(model, f))
+    line = _error_status(["--model", model, "--tokens", "20", "--ctx", "8", "--no-progress"], capsys)
+    assert "transformers cannot load its weights (OSError" in line, line
 
 
 def test_cli_non_finite_logits_are_an_error(tmp_path, capsys, monkeypatch):

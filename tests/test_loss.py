@@ -234,6 +234,16 @@ def test_autograd_keeps_no_logits_sized_float32_tensor():
                                                 logit_scale="2"), TypeError, "logit_scale"),
     (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(4), torch.randn(5, 4), torch.tensor([0])),
      ValueError, "hidden"),
+    # a learnable scale or cap would get no gradient (they were read with .item(), silently)
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                logit_scale=torch.tensor(0.5, requires_grad=True)), ValueError,
+     "logit_scale is a tensor that requires grad"),
+    (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                softcap=torch.tensor(30.0, requires_grad=True)), ValueError,
+     "softcap is a tensor that requires grad"),
+    # a numpy array is named as such (its dtype read as if float32 were refused)
+    (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 5).numpy(), torch.tensor([0, 1, 2])), TypeError,
+     "logits must be a floating-point torch.Tensor, got ndarray"),
     (lambda: ring_attn.linear_cross_entropy_sum(torch.randn(3, 4), torch.randn(0, 4), torch.tensor([0, 1, 2])),
      ValueError, "vocab"),
     (lambda: ring_attn.cross_entropy_sum(torch.randn(3, 0), torch.tensor([0, 1, 2])), ValueError, "vocabulary"),
@@ -302,3 +312,16 @@ def test_gpu_memory_and_values():
         assert abs(got[0].item() - plain[0].item()) <= 1e-3 * abs(plain[0].item())
         for a, b in zip(got[2:], plain[2:]):
             assert (a.float() - b.float()).abs().max().item() <= 2e-2 * max(1.0, b.float().abs().max().item())
+
+
+def test_numpy_float32_options_are_taken_without_warnings():
+    # np.float32 compared with float64's bounds warned "overflow encountered in cast"
+    import warnings
+
+    import numpy as np
+
+    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ring_attn.linear_cross_entropy_sum(h, w, t, logit_scale=np.float32(0.5), softcap=np.float32(30.0))
+    assert torch.equal(got, ring_attn.linear_cross_entropy_sum(h, w, t, logit_scale=0.5, softcap=30.0))

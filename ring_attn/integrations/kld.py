@@ -177,6 +177,9 @@ def check_args(args: argparse.Namespace) -> None:
     if vocab is not None and int(ids.max()) >= vocab:
         raise ValueError(f"--text {args.text}: its tokenizer gives token id {int(ids.max())}, past --model "
                          f"{args.model}'s vocab_size {vocab} (a tokenizer of another model?)")
+    if ids.numel() < args.tokens:
+        print(f"ring-attn kld: note: --text {args.text} has {ids.numel()} tokens, fewer than --tokens "
+              f"{args.tokens}: evaluating {ids.numel() - 1} predictions", file=sys.stderr)
     args.token_ids = ids
 
 
@@ -318,6 +321,10 @@ def _tiny_llama_config():
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 
 
+class _LoadError(Exception):
+    """The model's weights could not be loaded (checked only by loading them, in :func:`run`)."""
+
+
 def _load(args, device, dtype):
     import transformers
 
@@ -327,7 +334,11 @@ def _load(args, device, dtype):
         title = "random tiny Llama (2 layers, hidden 64, vocab 256)"
     else:
         # transformers' default attention: sdpa where the model supports it, else eager (Gemma 2's soft-capping)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - missing or corrupt weights, any reason: as one line
+            raise _LoadError(f"--model {args.model}: transformers cannot load its weights ({_first_line(exc)})") \
+                from None
         title = args.model
     model = model.to(device=device, dtype=dtype).eval()
     if args.token_ids is not None:
@@ -373,7 +384,11 @@ def run(args: argparse.Namespace) -> int:
     if not show:
         transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
     try:
-        model, ids, title = _load(args, device, dtype)
+        try:
+            model, ids, title = _load(args, device, dtype)
+        except _LoadError as exc:
+            print(f"ring-attn kld: error: {exc}", file=sys.stderr)
+            return 1
         stock = model.config._attn_implementation
         bar = Progress(ids.numel() - 1, "stock+patched", show)
         try:

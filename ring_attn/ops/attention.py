@@ -118,13 +118,20 @@ def attention_forward_seqs(q, k, v, seqs: Optional[VarlenSeqs], softmax_scale: f
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
+def _grad_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient for ``x``: ``x``'s layout (a permuted view's too), except that the last dim is
+    contiguous, as the kernels write it (flash-attn makes such inputs contiguous, so its gradients are)."""
+    return torch.empty_like(x) if x.stride(-1) == 1 or x.shape[-1] == 1 else \
+        torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def attention_backward_seqs(dout, q, k, v, out, lse, dlse, seqs: Optional[VarlenSeqs], softmax_scale: float,
                             causal: bool, window: tuple[int, int], softcap: float, alibi_slopes, dropout_p: float,
                             seed: torch.Tensor):
     """``(dq, dk, dv)`` of :func:`attention_forward_seqs` (``dlse``: the gradient into the LSE output, or
     None; ``seed``: the forward's)."""
     delta = attention_delta(dout, out, dlse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     attention_block_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal, None, seqs,
                              accumulate=False, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                              dropout=_call_dropout(q, k, seqs, dropout_p, int(seed[0])))
@@ -187,7 +194,7 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 @_flash_attn_backward_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
       causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _grad_like(q), _grad_like(k), _grad_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -296,8 +303,9 @@ _COMMON_DOC = """
         window_size: ``(left, right)`` sliding window (Mistral, Qwen2): query ``i`` sees keys
             ``i + seqlen_k - seqlen_q - left ..= i + seqlen_k - seqlen_q + right``; -1 (any negative) is
             unbounded; with ``causal`` the right side is 0. As in flash-attn's code, a side ``>= seqlen_k``
-            (varlen: ``max_seqlen_k``) is unbounded too (this shows only when ``seqlen_q > seqlen_k + 1``). Key
-            blocks outside the window are never visited.
+            (varlen: ``max_seqlen_k``) is unbounded too, and a window bounded on the left only has ``seqlen_k``
+            as its right side (both show only when ``seqlen_q > seqlen_k + 1``). Key blocks outside the window
+            are never visited.
         softcap: ``> 0``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2); 0.0 is off.
         alibi_slopes: ALiBi: None, or float32 ``[heads_q]`` or ``[batch, heads_q]`` (varlen: ``[n_seqs, heads_q]``)
             on q's device; adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query ``i`` and key

@@ -121,7 +121,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`ring_attn.flash_attn_func`, with
             ``seqlen_k = cache_seqlens[i] + seqlen_new - cache_leftpad[i]`` per row (bottom-right alignment);
             as in flash-attn's code, a window side ``>= seqlen_cache`` (the capacity) counts as -1 (unbounded;
-            a window of two such sides is no window, also for the rotary rule above).
+            a window of two such sides is no window, also for the rotary rule above), and a window bounded on
+            the left only has ``seqlen_cache`` as its right side.
         rotary_interleaved: True: rotate dims pairs (0, 1), (2, 3), ...; False: (i, i + rotary_dim / 2).
         num_splits: flash-attn's split-KV: 0 = the kernels decide (on a GPU, the keys of each row are split
             into ranges computed in parallel when batch x heads alone would leave SMs idle), 1 = no split,

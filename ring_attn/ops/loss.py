@@ -59,6 +59,9 @@ def _check_ignore_index(value) -> int:
 
 def _check_logit_scale(value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        if value.requires_grad and torch.is_grad_enabled():
+            raise ValueError("logit_scale is a tensor that requires grad: it is read as a constant here (no "
+                             "gradient would reach it); pass logit_scale.detach() or a float")
         value = value.item()  # as softcap takes one
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"logit_scale must be a number, got {value!r} ({type(value).__name__})")
@@ -167,7 +170,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
         elsewhere a device-side assert, without a host read).
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+        raise TypeError(f"logits must be a floating-point torch.Tensor, got "
+                        f"{logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__}")
     if logits.dim() < 2:
         raise ValueError(f"logits have shape {tuple(logits.shape)}; expected [N, vocab] (or [b, s, vocab])")
     vocab = logits.shape[-1]
@@ -262,7 +266,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected [N, hidden] (or [b, s, hidden])")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
