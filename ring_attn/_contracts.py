@@ -362,15 +362,17 @@ def check_window(window) -> tuple[int, int]:
     return (max(left, -1), max(right, -1))
 
 
-def flash_attn_window(window: tuple[int, int], seqlen_k: int) -> tuple[int, int]:
+def flash_attn_window(window: tuple[int, int], seqlen_k: int, seqlen_q: int) -> tuple[int, int]:
     """flash-attn's own normalisation of a checked window in its entry points: a side ``>= seqlen_k`` (the keys'
     length; varlen: ``max_seqlen_k`` as passed; a KV cache: its capacity) becomes -1, unbounded; then a window
     bounded on the left only gets ``seqlen_k`` as its right side (``set_params_fprop``). Both change which keys a
     query sees only when ``seqlen_q > seqlen_k + 1`` (bottom-right alignment puts the first queries' windows
-    before the first key, so they see fewer keys, or none); applied so that results are flash-attn's."""
+    before the first key, so they see fewer keys, or none); applied so that results are flash-attn's. The right
+    side is added only then (``seqlen_q``: the longest query sequence, or a bound on it), so other calls keep
+    the kernels' unbounded-right variant."""
     left, right = window
     left, right = (-1 if left >= seqlen_k else left, -1 if right >= seqlen_k else right)
-    return (left, seqlen_k if left >= 0 and right < 0 else right)
+    return (left, seqlen_k if left >= 0 and right < 0 and seqlen_q > seqlen_k + 1 else right)
 
 
 def check_softcap(softcap) -> float:

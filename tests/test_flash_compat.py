@@ -236,6 +236,13 @@ def test_a_window_bounded_on_the_left_only_gets_seqlen_k_on_the_right_as_in_flas
     # causal: the right side is 0 anyway
     assert torch.equal(ring_attn.flash_attn_func(q, k, v, causal=True, window_size=(1, -1)),
                        ring_attn.flash_attn_func(q, k, v, causal=True, window_size=(1, 0)))
+    # the right side is added only where it changes the result (seqlen_q > seqlen_k + 1): other calls keep the
+    # kernels' unbounded-right variant
+    from ring_attn._contracts import flash_attn_window
+
+    assert flash_attn_window((1, -1), 3, 9) == (1, 3)
+    assert flash_attn_window((1, -1), 3, 4) == (1, -1) and flash_attn_window((1, -1), 8, 8) == (1, -1)
+    assert flash_attn_window((1, 5), 3, 4) == (1, -1) and flash_attn_window((4, 5), 3, 9) == (-1, -1)
 
 
 @pytest.mark.parametrize("fn", ["func", "varlen", "qkvpacked"])

@@ -380,6 +380,8 @@ def test_the_overlap_check_agrees_with_a_brute_force_one():
     (dict(attention_scaling="2"), TypeError, r"attention_scaling must be a finite float, got '2' \(str\)"),
     (dict(attention_scaling=None), TypeError, r"attention_scaling must be a finite float, got None"),
     (dict(attention_scaling=float("nan")), ValueError, r"attention_scaling must be a finite float, got nan"),
+    (dict(attention_scaling=torch.tensor(2.0, requires_grad=True)), ValueError,
+     r"attention_scaling is a tensor that requires grad"),
 ])
 def test_wrong_typed_options_are_refused(kw, exc, match):
     # they were coerced with bool() / float(): inplace="False" wrote into q, interleaved="no" interleaved
@@ -388,6 +390,11 @@ def test_wrong_typed_options_are_refused(kw, exc, match):
     with pytest.raises(exc, match=match):
         apply_rope(q, k, torch.arange(4), rope_scaling.rope_parameters("default", 8, 1e4)[0], **kw)
     assert torch.equal(q, before)
+    # one-element tensors of any real dtype are numbers (an int tensor was taken by float() before)
+    q0, k0 = apply_rope(q, k, torch.arange(4), rope_scaling.rope_parameters("default", 8, 1e4)[0], 2.0)
+    for t in (torch.tensor(2), torch.tensor([2.0]), torch.tensor(2.0, dtype=torch.float64)):
+        got = apply_rope(q, k, torch.arange(4), rope_scaling.rope_parameters("default", 8, 1e4)[0], t)
+        assert torch.equal(got[0], q0) and torch.equal(got[1], k0)
 
 
 def test_a_strided_inv_freq_is_read_by_its_strides():

@@ -343,7 +343,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale, causal, window, cap, p = _check_options(d, dropout_p, softmax_scale, causal, window_size, softcap,
                                                    deterministic, return_attn_probs, return_lse)
     check_alibi_slopes(alibi_slopes, q.device, q.shape[0], h_q, "batch")
-    window = flash_attn_window(window, k.shape[1])
+    window = flash_attn_window(window, k.shape[1], q.shape[1])
     out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal, window[0], window[1], cap,
                           alibi_slopes, p)
     return _result(out, lse, return_attn_probs, return_lse)
@@ -395,7 +395,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # 2^40 made the native backend loop for minutes over 7 tokens)
     max_q = min(check_max_seqlen("max_seqlen_q", max_seqlen_q), q.shape[0])
     max_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    window = flash_attn_window(window, max_k)
+    window = flash_attn_window(window, max_k, max_q)
     if not paged:
         max_k = min(max_k, k.shape[0])
     check_alibi_slopes(alibi_slopes, q.device, cu_seqlens_q.shape[0] - 1, h_q, "n_seqs")

@@ -185,7 +185,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     causal = check_flag("causal", causal)
     interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     return_softmax_lse = check_flag("return_softmax_lse", return_softmax_lse)
-    window = flash_attn_window(check_window(window_size), s_cache)  # flash-attn's: against the cache's capacity
+    window = flash_attn_window(check_window(window_size), s_cache, s_q)  # flash-attn's: against the capacity
     cap = check_softcap(softcap)
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"{_NAME}: num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")

@@ -122,9 +122,14 @@ def _check_qk(q, k, name_q="q", name_k="k", hf_layout=False):
 
 
 def _check_attention_scaling(value) -> float:
-    """``attention_scaling`` as a float: TypeError unless a real number, ValueError unless finite (a 0-d
-    tensor, as a rotary module may hold it, is read once)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+    """``attention_scaling`` as a float: TypeError unless a real number, ValueError unless finite (a
+    one-element real tensor, as a rotary module may hold it, is read once; one that requires grad is refused:
+    no gradient would reach it)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and \
+            value.dtype != torch.bool:
+        if value.requires_grad and torch.is_grad_enabled():
+            raise ValueError("attention_scaling is a tensor that requires grad: it is read as a constant (no "
+                             "gradient would reach it); pass attention_scaling.detach() or a float")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"attention_scaling must be a finite float, got {value!r} ({type(value).__name__})")
