@@ -113,6 +113,8 @@ def check_plot_path(path: str) -> None:
     import importlib.util
     import os
 
+    if not path.strip():  # an empty --plot "" wrote nothing and said nothing
+        raise ValueError(f"--plot {path!r}: expected a file name such as plan.png")
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError(f"--plot {path}: needs matplotlib, which is not installed: pip install 'ring-attn[bench]' "
                          "(or pip install matplotlib)")

@@ -96,6 +96,7 @@ def test_demo_cuda_without_gpu(capsys):
     (["--target", "99999999999999999999999"], ["--target 99999999999999999999999", "<= 2^29"]),
     (["--trained", "1073741824"], ["--trained 1073741824", "<= 2^29"]),
     (["--head-dim", "1000000000"], ["--head-dim 1000000000", "from 4 to 1024"]),
+    (["--plot", ""], ["--plot ''", "expected a file name"]),  # exited 0 and wrote nothing
 ])
 def test_rope_plan_bad_arguments(flags, pieces, capsys):
     argv = list(PLAN)
