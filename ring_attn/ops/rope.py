@@ -384,10 +384,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
         ``inv_freq <= 2π``, as every RoPE scaling's is).
 
     Raises:
-        TypeError: wrong dtypes (q/k not floating, q and k differ, positions not int32/int64, inv_freq not float).
+        TypeError: wrong dtypes (q/k not floating, q and k differ, positions not int32/int64, inv_freq not float);
+            ``interleaved`` / ``inplace`` not bools, ``attention_scaling`` not a real number.
         ValueError: bad shapes (q/k disagree, positions not ``[s]``/``[b, s]``/``[t]``), odd, non-positive or
             too-large ``rotary_dim``, ``len(inv_freq) != rotary_dim / 2``, positions < 0 or >= 2^29, tensors on
-            different devices. All raised before any launch.
+            different devices, a non-finite ``attention_scaling`` (or a tensor one that requires grad); with
+            ``inplace``, q and k that share memory or a tensor whose elements do (an expanded view). All raised
+            before any launch.
     """
     rotary_dim = _validate(q, k, positions, inv_freq, rotary_dim)
     scaling = _check_attention_scaling(attention_scaling)
