@@ -26,6 +26,8 @@ __all__ = [
     "check_tensor",
     "check_qkv",
     "check_scale",
+    "scalar_option",
+    "check_real",
     "check_cu_seqlens_form",
     "check_cu_seqlens",
     "check_window",
@@ -273,17 +275,35 @@ def finite(x) -> bool:
     return bool(x == x and -sys.float_info.max <= x <= sys.float_info.max)
 
 
+def scalar_option(name: str, value, int_tensors: bool = False):
+    """A one-element tensor given for a scalar option, read once as a Python number (a floating tensor; any real
+    dtype with ``int_tensors``); ValueError for one that requires grad (the option is a constant: no gradient
+    would reach it). Anything else is returned as it is, for :func:`check_real`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and (
+            value.dtype.is_floating_point or (int_tensors and not value.is_complex() and value.dtype != torch.bool)):
+        if value.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} is a tensor that requires grad: it is read as a constant (no gradient would "
+                             f"reach it); pass {name}.detach() or a float")
+        return value.item()
+    return value
+
+
+def check_real(name: str, value, expected: str) -> float:
+    """``value`` as a float: TypeError unless a real number (numpy's and symbolic floats too; not a bool),
+    ValueError unless finite; both say ``{name} must be {expected}``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if not finite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
 def check_scale(softmax_scale, d: int) -> float:
     """``softmax_scale`` as a float (default ``1 / sqrt(d)`` for None): TypeError unless a real number (numpy's
     too), ValueError unless finite."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (numbers.Real, torch.SymFloat)):
-        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r} "
-                        f"({type(softmax_scale).__name__})")
-    if not finite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return check_real("softmax_scale", softmax_scale, "a finite float or None")
 
 
 def check_cu_seqlens_form(name: str, cu) -> None:
@@ -377,15 +397,10 @@ def flash_attn_window(window: tuple[int, int], seqlen_k: int, seqlen_q: int) -> 
 
 def check_softcap(softcap) -> float:
     """Gemma 2's logit ``softcap`` as a float: 0 (off) or a finite positive number."""
-    if isinstance(softcap, torch.Tensor) and softcap.numel() == 1 and softcap.dtype.is_floating_point:
-        if softcap.requires_grad and torch.is_grad_enabled():
-            raise ValueError("softcap is a tensor that requires grad: it is read as a constant (no gradient would "
-                             "reach it); pass softcap.detach() or a float")
-        softcap = softcap.item()
-    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)):
-        raise TypeError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r} ({type(softcap).__name__})")
-    if not finite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    softcap = scalar_option("softcap", softcap)
+    expected = "a finite float >= 0 (0: off)"
+    if check_real("softcap", softcap, expected) < 0:
+        raise ValueError(f"softcap must be {expected}, got {softcap!r}")
     return float(softcap)
 
 

@@ -21,11 +21,10 @@ average over), are deterministic (a fixed block order, no atomics) and run on an
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from ring_attn._contracts import check_int, check_softcap, finite
+from ring_attn._contracts import check_int, check_real, check_softcap, scalar_option
 
 __all__ = ["cross_entropy_sum", "linear_cross_entropy_sum", "BLOCK_BYTES"]
 
@@ -58,16 +57,7 @@ def _check_ignore_index(value) -> int:
 
 
 def _check_logit_scale(value) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        if value.requires_grad and torch.is_grad_enabled():
-            raise ValueError("logit_scale is a tensor that requires grad: it is read as a constant here (no "
-                             "gradient would reach it); pass logit_scale.detach() or a float")
-        value = value.item()  # as softcap takes one
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"logit_scale must be a number, got {value!r} ({type(value).__name__})")
-    if not finite(value):
-        raise ValueError(f"logit_scale must be a finite number, got {value!r}")
-    return float(value)
+    return check_real("logit_scale", scalar_option("logit_scale", value), "a finite number")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

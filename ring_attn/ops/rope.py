@@ -26,14 +26,13 @@ with every tensor viewed 4-D (a packed ``[t, h, d]`` tensor as ``[1, t, h, d]``)
 """
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Optional
 
 import torch
 
 from ring_attn import backends, reference
-from ring_attn._contracts import check_flag, check_inplace_target, check_no_overlap, finite
+from ring_attn._contracts import check_flag, check_inplace_target, check_no_overlap, check_real, scalar_option
 from ring_attn.ops._dispatch import traced
 
 __all__ = ["apply_rope", "apply_rope_cos_sin", "apply_rotary_emb", "check_rotary_x", "rotate_by_tables",
@@ -125,17 +124,8 @@ def _check_attention_scaling(value) -> float:
     """``attention_scaling`` as a float: TypeError unless a real number, ValueError unless finite (a
     one-element real tensor, as a rotary module may hold it, is read once; one that requires grad is refused:
     no gradient would reach it)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and \
-            value.dtype != torch.bool:
-        if value.requires_grad and torch.is_grad_enabled():
-            raise ValueError("attention_scaling is a tensor that requires grad: it is read as a constant (no "
-                             "gradient would reach it); pass attention_scaling.detach() or a float")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
-        raise TypeError(f"attention_scaling must be a finite float, got {value!r} ({type(value).__name__})")
-    if not finite(value):
-        raise ValueError(f"attention_scaling must be a finite float, got {value!r}")
-    return float(value)
+    return check_real("attention_scaling", scalar_option("attention_scaling", value, int_tensors=True),
+                      "a finite float")
 
 
 def _validate(q, k, positions, inv_freq, rotary_dim):
