@@ -81,6 +81,7 @@ from ring_attn.ops.attention import (
     attention_delta,
     flash_attn_func,
     flash_attn_varlen_func,
+    lse_shape,
 )
 from ring_attn.ring.comm import RingComm, all_gather_ints
 from ring_attn.ring.layout import (
@@ -431,8 +432,7 @@ def _ring_forward(q, k, v, scale, causal, layout, comm: RingComm, addr, window=_
     # the merge weights carry no fp32 rounding of a large LSE: the merged result is as precise as one pass
     # over all the keys (an fp32 LSE gave dq 4x the one-device error at |LSE| ~ 1e3, twin keys on two ranks)
     out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse_acc = torch.full((q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1]),
-                         float("-inf"), dtype=torch.float64, device=q.device)
+    lse_acc = torch.full(lse_shape(q, q.dim() == 3), float("-inf"), dtype=torch.float64, device=q.device)
     cur = (k, v)
     for step in range(world):
         src = (rank - step) % world
